@@ -1,0 +1,171 @@
+package main
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"runtime"
+	"syscall"
+	"time"
+
+	"github.com/urfave/cli/v2"
+	"github.com/vishvananda/netlink"
+	"github.com/vishvananda/netns"
+
+	"github.com/egress-snat/egress-snat/selector"
+	"github.com/egress-snat/egress-snat/snat"
+)
+
+// Exit statuses. check has its own: 0 in sync, 1 drift, 2 error.
+const (
+	exitOK      = 0
+	exitFailure = 1 // the host refused or failed: iptables, netlink, lock, permissions
+	exitUsage   = 2 // bad input: flags, addresses, prefixes, interfaces, files
+)
+
+var version = "dev"
+
+const exitStatusHelp = `EXIT STATUS:
+   0  success (including "nothing to do")
+   1  runtime failure: not root, iptables or netlink failed, lock timeout;
+      the host is left as it was
+   2  bad input: a flag, address, prefix, interface or file that cannot work;
+      nothing was changed
+   check uses 0 in sync, 1 drift, 2 error.`
+
+func newApp() *cli.App {
+	return &cli.App{
+		Name:    "egress-snat",
+		Version: version,
+		Usage:   "choose the source address outgoing connections leave with",
+		Description: `A host with several addresses picks the source of an outgoing connection
+itself: the address the application bound, else the matching route's src
+attribute, else an address of the outgoing interface (on the gateway's or
+destination's subnet if there is one, else the primary address; IPv6 has its
+own selection rules). egress-snat shows that choice and overrides it with
+SNAT rules in its own nat chain (EGRESS-SNAT, jumped to first from
+POSTROUTING), for IPv4 and IPv6. Rules match the natural source, so
+applications that bind an address themselves keep it. All state is in the
+kernel; "egress-snat clear" removes every trace.
+
+` + exitStatusHelp,
+		Flags: []cli.Flag{
+			&cli.StringFlag{Name: "netns", Usage: "run inside the named network namespace (as `ip netns exec NAME`)"},
+			&cli.StringFlag{Name: "iptables-backend", Value: "auto", EnvVars: []string{"EGRESS_SNAT_IPTABLES"}, Usage: "iptables backend: auto (what the host's iptables uses), nft or legacy"},
+			&cli.DurationFlag{Name: "lock-timeout", Value: 10 * time.Second, Usage: "how long to wait for another egress-snat run, and for the xtables lock, before giving up with nothing changed"},
+		},
+		Before: enterNetns,
+		Commands: []*cli.Command{
+			explainCommand,
+			setCommand,
+			unsetCommand,
+			listCommand,
+			clearCommand,
+		},
+		OnUsageError: func(c *cli.Context, err error, _ bool) error {
+			return cli.Exit(fmt.Sprintf("%v (see egress-snat --help)", err), exitUsage)
+		},
+		ExitErrHandler: func(*cli.Context, error) {}, // main prints and exits
+	}
+}
+
+func run(args []string) error {
+	for _, c := range newApp().Commands {
+		if c.OnUsageError == nil {
+			c.OnUsageError = func(c *cli.Context, err error, _ bool) error {
+				return cli.Exit(fmt.Sprintf("%v (see egress-snat %s --help)", err, c.Command.Name), exitUsage)
+			}
+		}
+	}
+	return newApp().Run(args)
+}
+
+func exitCode(err error) int {
+	var ec cli.ExitCoder
+	var inv *snat.InvalidError
+	switch {
+	case errors.As(err, &ec):
+		return ec.ExitCode()
+	case errors.As(err, &inv):
+		return exitUsage
+	}
+	return exitFailure
+}
+
+// usageError is bad input found by the CLI itself.
+func usageError(format string, args ...any) error {
+	return cli.Exit(fmt.Sprintf(format, args...), exitUsage)
+}
+
+// enterNetns re-executes the program inside the named namespace. Setting the
+// namespace of one locked thread and then exec'ing from it moves the whole
+// new process, netlink sockets and iptables children alike; switching a
+// thread in a running Go program would not cover the others.
+func enterNetns(c *cli.Context) error {
+	name := c.String("netns")
+	if name == "" {
+		return nil
+	}
+	ns, err := netns.GetFromName(name)
+	if err != nil {
+		return usageError("--netns %s: %v", name, err)
+	}
+	runtime.LockOSThread()
+	if err := netns.Set(ns); err != nil {
+		return fmt.Errorf("entering network namespace %s: %w", name, err)
+	}
+	var args []string
+	skip := false
+	for _, a := range os.Args {
+		switch {
+		case skip:
+			skip = false
+			continue
+		case a == "--netns" || a == "-netns":
+			skip = true
+			continue
+		case len(a) > 8 && (a[:8] == "--netns=" || a[:7] == "-netns="):
+			continue
+		}
+		args = append(args, a)
+	}
+	exe, err := os.Executable()
+	if err != nil {
+		return err
+	}
+	return syscall.Exec(exe, args, os.Environ())
+}
+
+// env is what commands need from the host, built once per run.
+type env struct {
+	sel         *selector.Selector
+	mgr         *snat.Manager
+	backend     snat.Backend
+	lockTimeout time.Duration
+	out         io.Writer
+}
+
+// hostEnv builds the env; it checks privileges first so that an unprivileged
+// run says exactly what it lacks instead of an iptables error.
+func hostEnv(c *cli.Context) (*env, error) {
+	if !snat.HaveCapNetAdmin() {
+		return nil, errors.New("this needs root or CAP_NET_ADMIN (it reads and writes iptables rules and routes); run it with sudo")
+	}
+	backend, err := snat.DetectBackend(c.String("iptables-backend"))
+	if err != nil {
+		return nil, err
+	}
+	h, err := netlink.NewHandle()
+	if err != nil {
+		return nil, fmt.Errorf("opening netlink: %w", err)
+	}
+	wait := c.Duration("lock-timeout")
+	return &env{
+		sel:         selector.New(h),
+		mgr:         &snat.Manager{Tables: snat.ExecTables{Backend: backend, Wait: wait}, Sets: snat.ExecIPSets{}},
+		backend:     backend,
+		lockTimeout: wait,
+		out:         c.App.Writer,
+	}, nil
+}

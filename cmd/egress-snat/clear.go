@@ -1,0 +1,36 @@
+package main
+
+import (
+	"github.com/urfave/cli/v2"
+
+	"github.com/egress-snat/egress-snat/snat"
+)
+
+var clearCommand = &cli.Command{
+	Name:      "clear",
+	Usage:     "remove everything egress-snat installed: rules, chain, jump and sets",
+	UsageText: "egress-snat clear [--dry-run]",
+	Description: `Removes the EGRESS-SNAT chain and its jump from the nat table of both
+iptables and ip6tables, and every egress-snat ipset, in one transaction per
+family. Nothing else is touched: iptables-save and ip6tables-save afterwards
+print what they printed before egress-snat first ran. Clearing a host with
+nothing of egress-snat on it changes nothing and succeeds.
+
+Existing connections keep the source they started with until they end
+(conntrack holds their NAT binding).`,
+	Flags: []cli.Flag{dryRunFlag},
+	Action: func(c *cli.Context) error {
+		e, err := hostEnv(c)
+		if err != nil {
+			return err
+		}
+		_, plan, err := e.mgr.Update(e.lockTimeout, c.Bool("dry-run"), func(*snat.State) ([]snat.Entry, error) {
+			return nil, nil
+		})
+		if err != nil {
+			return err
+		}
+		printPlan(e.out, plan, c.Bool("dry-run"))
+		return nil
+	},
+}

@@ -1,0 +1,133 @@
+package main
+
+import (
+	"encoding/json"
+	"fmt"
+	"io"
+	"net/netip"
+	"strings"
+
+	"github.com/urfave/cli/v2"
+
+	"github.com/egress-snat/egress-snat/snat"
+)
+
+// parseDsts reads --dst values: a prefix, or an address meaning that host.
+func parseDsts(vals []string) ([]netip.Prefix, error) {
+	var out []netip.Prefix
+	for _, v := range vals {
+		for _, s := range strings.Split(v, ",") {
+			s = strings.TrimSpace(s)
+			p, err := parseDst(s)
+			if err != nil {
+				return nil, err
+			}
+			out = append(out, p)
+		}
+	}
+	return out, nil
+}
+
+func parseDst(s string) (netip.Prefix, error) {
+	if strings.Contains(s, "/") {
+		p, err := netip.ParsePrefix(s)
+		if err != nil {
+			return p, usageError("--dst %q is not a valid prefix (want an address like 198.51.100.4 or a prefix like 198.51.100.0/24)", s)
+		}
+		if p.Masked() != p {
+			return p, usageError("--dst %s has host bits set; did you mean %s?", s, p.Masked())
+		}
+		return p, nil
+	}
+	a, err := netip.ParseAddr(s)
+	if err != nil || a.Zone() != "" {
+		return netip.Prefix{}, usageError("--dst %q is not a valid address or prefix", s)
+	}
+	return netip.PrefixFrom(a, a.BitLen()), nil
+}
+
+// parseAddrs reads a comma-separated address list such as --to or --pool,
+// all of one family.
+func parseAddrs(flag string, vals []string) ([]netip.Addr, error) {
+	var out []netip.Addr
+	for _, v := range vals {
+		for _, s := range strings.Split(v, ",") {
+			s = strings.TrimSpace(s)
+			a, err := netip.ParseAddr(s)
+			if err != nil || a.Zone() != "" || a.Is4In6() {
+				return nil, usageError("--%s %q is not a valid IP address", flag, s)
+			}
+			if a.IsUnspecified() || a.IsLoopback() || a.IsMulticast() {
+				return nil, usageError("--%s %s cannot be a source address", flag, s)
+			}
+			if len(out) > 0 && a.Is4() != out[0].Is4() {
+				return nil, usageError("--%s mixes address families: %s and %s", flag, out[0], a)
+			}
+			out = append(out, a)
+		}
+	}
+	if len(out) == 0 {
+		return nil, usageError("--%s is required", flag)
+	}
+	return out, nil
+}
+
+// sameFamily checks every destination against the family of the source.
+func sameFamily(src netip.Addr, dsts []netip.Prefix) error {
+	for _, d := range dsts {
+		if d.Addr().Is4() != src.Is4() {
+			return usageError("--dst %s and source %s are of different address families", d, src)
+		}
+	}
+	return nil
+}
+
+// everything is the prefix meaning every destination of a's family.
+func everything(a netip.Addr) netip.Prefix {
+	if a.Is4() {
+		return netip.PrefixFrom(netip.IPv4Unspecified(), 0)
+	}
+	return netip.PrefixFrom(netip.IPv6Unspecified(), 0)
+}
+
+var jsonFlag = &cli.BoolFlag{Name: "json", Usage: "print JSON for scripts instead of text"}
+
+var dryRunFlag = &cli.BoolFlag{Name: "dry-run", Usage: "print the plan and the exact iptables-restore and ipset payloads, change nothing"}
+
+func writeJSON(w io.Writer, v any) error {
+	enc := json.NewEncoder(w)
+	enc.SetIndent("", "  ")
+	return enc.Encode(v)
+}
+
+// printPlan tells what a write did, or would do with --dry-run.
+func printPlan(w io.Writer, p snat.Plan, dryRun bool) {
+	if p.Empty() {
+		fmt.Fprintln(w, "nothing to change: the kernel already has this state")
+		return
+	}
+	verb := ""
+	if dryRun {
+		verb = "would "
+	}
+	for _, c := range p.Changes {
+		fmt.Fprintf(w, "%s%s\n", verb, c)
+	}
+	if len(p.Changes) == 0 {
+		fmt.Fprintf(w, "%srepair the chain (jump position, foreign or missing rules, sets)\n", verb)
+	}
+	if !dryRun {
+		return
+	}
+	if s := p.SetPayload(); s != "" {
+		fmt.Fprintf(w, "\n# ipset restore\n%s", s)
+	}
+	for _, n := range p.DestroySets {
+		fmt.Fprintf(w, "# then: ipset destroy %s\n", n)
+	}
+	for _, f := range snat.Families {
+		if p.Write[f] {
+			fmt.Fprintf(w, "\n# %s-restore --noflush\n%s", map[snat.Family]string{snat.IPv4: "iptables", snat.IPv6: "ip6tables"}[f], p.Payloads[f])
+		}
+	}
+}

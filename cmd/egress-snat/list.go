@@ -1,0 +1,106 @@
+package main
+
+import (
+	"fmt"
+	"net/netip"
+	"text/tabwriter"
+
+	"github.com/urfave/cli/v2"
+
+	"github.com/egress-snat/egress-snat/snat"
+)
+
+var listCommand = &cli.Command{
+	Name:      "list",
+	Usage:     "show every rule egress-snat manages",
+	UsageText: "egress-snat list [--json]",
+	Description: `Shows each managed destination: the source new connections get, the
+outgoing interface, the natural source the rule matches, whether the source
+is still an address of this host, and the ipset holding the destination if
+it is in one. Warns when the chain also exists in the other iptables backend
+(iptables-nft vs iptables-legacy), where the host's iptables does not show it.`,
+	Flags: []cli.Flag{jsonFlag},
+	Action: func(c *cli.Context) error {
+		e, err := hostEnv(c)
+		if err != nil {
+			return err
+		}
+		st, err := e.mgr.Read()
+		if err != nil {
+			return err
+		}
+		rows := listRows(e, st)
+		warnings := otherBackendWarnings(e)
+		if c.Bool("json") {
+			return writeJSON(e.out, struct {
+				Backend  snat.Backend `json:"backend"`
+				Rules    []listRow    `json:"rules"`
+				Warnings []string     `json:"warnings"`
+			}{e.backend, rows, warnings})
+		}
+		for _, w := range warnings {
+			fmt.Fprintln(c.App.ErrWriter, "warning:", w)
+		}
+		if len(rows) == 0 {
+			fmt.Fprintln(e.out, "no egress-snat rules")
+			return nil
+		}
+		tw := tabwriter.NewWriter(e.out, 0, 4, 2, ' ', 0)
+		fmt.Fprintln(tw, "DESTINATION\tSOURCE\tOUT\tNATURAL\tSOURCE ON HOST\tSET")
+		for _, r := range rows {
+			present := "yes"
+			if !r.ToPresent {
+				present = "NO: traffic leaves from an address the host lacks"
+			}
+			set := r.Set
+			if set == "" {
+				set = "-"
+			}
+			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", r.Dst, r.Entry.ToString(), r.Out, r.Natural, present, set)
+		}
+		return tw.Flush()
+	},
+}
+
+type listRow struct {
+	snat.Entry
+	Family    string `json:"family"`
+	Spread    bool   `json:"spread"`
+	ToPresent bool   `json:"to_present"`
+	Set       string `json:"set,omitempty"`
+}
+
+func listRows(e *env, st *snat.State) []listRow {
+	setOf := map[netip.Prefix]string{}
+	for _, f := range snat.Families {
+		for _, name := range st.Installed[f].SetNames {
+			for _, m := range st.Sets[name].Members {
+				setOf[m] = name
+			}
+		}
+	}
+	rows := []listRow{}
+	for _, en := range st.Entries() {
+		present := true
+		for _, a := range en.To {
+			if _, err := e.sel.Owner(a); err != nil {
+				present = false
+			}
+		}
+		rows = append(rows, listRow{Entry: en, Family: en.Family().String(), Spread: len(en.To) > 1, ToPresent: present, Set: setOf[en.Dst]})
+	}
+	return rows
+}
+
+// otherBackendWarnings says when our chain also lives in the backend the
+// host's iptables does not use: rules there still act on packets but are
+// invisible to operators looking with the usual commands.
+func otherBackendWarnings(e *env) []string {
+	warnings := []string{}
+	for _, f := range snat.Families {
+		if ok, err := snat.ChainIn(e.backend.Other(), f, e.lockTimeout); err == nil && ok {
+			warnings = append(warnings, fmt.Sprintf("the %s chain %s also exists in the iptables-%s backend, which this host's iptables (%s) does not show; remove it with: egress-snat --iptables-backend %s clear", f, snat.ChainName, e.backend.Other(), e.backend, e.backend.Other()))
+		}
+	}
+	return warnings
+}

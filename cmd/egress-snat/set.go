@@ -1,0 +1,102 @@
+package main
+
+import (
+	"fmt"
+	"net/netip"
+
+	"github.com/urfave/cli/v2"
+
+	"github.com/egress-snat/egress-snat/snat"
+)
+
+var setCommand = &cli.Command{
+	Name:      "set",
+	Usage:     "make new connections to destinations leave with a chosen source address",
+	UsageText: "egress-snat set --to ADDR [--dst ADDR|CIDR]... [--out IFACE] [--dry-run]\n   egress-snat set --to ADDR,ADDR[,...] --spread [--dst CIDR]...",
+	Description: `Installs SNAT rules so that new connections to each --dst leave with --to
+instead of the kernel's natural source. Without --dst, it applies to every
+destination of --to's family (0.0.0.0/0 or ::/0: whatever uses the default
+route).
+
+The most specific --dst wins, as in routing: "set --to A" for everything and
+"set --to B --dst 198.51.100.0/24" send that /24 from B and the rest from A.
+Setting the same --dst again replaces its source; repeating an identical set
+changes nothing. When the natural source already is --to, no rule is needed
+and none is installed, unless a broader rule would otherwise rewrite it.
+
+Checked before anything changes: --to must be an address of this host on
+the interface the traffic leaves by, of the same family as --dst, and --out
+must exist. A refused set changes nothing.
+
+Rules only rewrite traffic that would leave with the natural source, so an
+application that binds an address itself keeps it, and forwarded traffic is
+untouched. Connections that already exist keep their source: conntrack holds
+their NAT binding until they end.
+
+With --spread and several --to addresses, new connections are spread over
+them in turn (round-robin, per connection).
+
+Examples:
+   egress-snat set --to 192.0.2.22 --dst 198.51.100.4
+   egress-snat set --to 192.0.2.23                      # everything else
+   egress-snat set --to 2001:db8::22 --dst 2001:db8:ffff::/48
+   egress-snat set --to 192.0.2.22,192.0.2.23 --spread --dst 203.0.113.0/24`,
+	Flags: []cli.Flag{
+		&cli.StringSliceFlag{Name: "to", Required: true, Usage: "source `ADDR` new connections should leave with (several, comma-separated, with --spread)"},
+		&cli.StringSliceFlag{Name: "dst", Usage: "destination `ADDR|CIDR` (repeatable; default: every destination of --to's family)"},
+		&cli.StringFlag{Name: "out", Usage: "outgoing `IFACE` (default: the interface the kernel routes the destination by)"},
+		&cli.BoolFlag{Name: "spread", Usage: "spread new connections over all --to addresses in turn"},
+		dryRunFlag,
+	},
+	Action: func(c *cli.Context) error {
+		to, err := parseAddrs("to", c.StringSlice("to"))
+		if err != nil {
+			return err
+		}
+		if len(to) > 1 && !c.Bool("spread") {
+			return usageError("--to %s names %d addresses: add --spread to spread connections over them, or give one", c.StringSlice("to"), len(to))
+		}
+		dsts, err := parseDsts(c.StringSlice("dst"))
+		if err != nil {
+			return err
+		}
+		if len(dsts) == 0 {
+			dsts = []netip.Prefix{everything(to[0])}
+		}
+		if err := sameFamily(to[0], dsts); err != nil {
+			return err
+		}
+		var intents []snat.Intent
+		for _, d := range dsts {
+			intents = append(intents, snat.Intent{Dst: d, To: to, Out: c.String("out")})
+		}
+		return setIntents(c, intents)
+	},
+}
+
+// setIntents adds or replaces the intents' destinations, keeping every other
+// installed entry, and reports what changed.
+func setIntents(c *cli.Context, intents []snat.Intent) error {
+	e, err := hostEnv(c)
+	if err != nil {
+		return err
+	}
+	var resolved []snat.Entry
+	_, plan, err := e.mgr.Update(e.lockTimeout, c.Bool("dry-run"), func(st *snat.State) ([]snat.Entry, error) {
+		resolved, err = snat.Resolve(e.sel, intents)
+		if err != nil {
+			return nil, err
+		}
+		return snat.Merge(st.Entries(), resolved), nil
+	})
+	if err != nil {
+		return err
+	}
+	printPlan(e.out, plan, c.Bool("dry-run"))
+	for _, r := range resolved {
+		if len(r.To) == 1 && r.To[0] == r.Natural && !plan.Has(r.Dst) {
+			fmt.Fprintf(e.out, "%s already leaves with %s, its natural source via %s: no rule needed\n", r.Dst, r.Natural, r.Out)
+		}
+	}
+	return nil
+}

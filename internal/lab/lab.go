@@ -1,0 +1,333 @@
+// Package lab builds a throwaway two-namespace network for integration tests,
+// so that SNAT rules can be installed for real and the source address that
+// connections arrive from can be observed on the far side.
+//
+// Topology (documentation ranges only; the root namespace is never touched):
+//
+//	H (Host) eth0                      G (Gateway) eth0
+//	  192.0.2.250/24 (primary)           192.0.2.1/24
+//	  192.0.2.22/24, 192.0.2.23/24       198.18.0.1/15
+//	  198.18.0.10/15                     2001:db8::1/64
+//	  2001:db8::250/64, ::22, ::23     G lo (the "far hosts")
+//	  default via 192.0.2.1              198.51.100.4, 198.51.100.5,
+//	  default via 2001:db8::1            203.0.113.7, 2001:db8:ffff::4
+//
+// The far hosts live on G itself, so G needs no forwarding and whatever G's
+// probe servers see as the peer address is exactly what left H.
+package lab
+
+import (
+	"bytes"
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"regexp"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// Lab is one instance of the topology. Host and Gateway are netns names
+// usable with `ip netns exec`.
+type Lab struct {
+	Host, Gateway string
+
+	mu      sync.Mutex
+	seen    map[string]int
+	probing bool
+}
+
+// Option changes the topology built by New.
+type Option func(*config)
+
+type config struct {
+	secondNIC bool
+}
+
+// WithSecondNIC adds a second veth pair H eth1 <-> G eth1 for tests of
+// multi-interface hosts. H eth1 gets 203.0.113.130/25 (primary) and
+// 203.0.113.131/25, G eth1 gets 203.0.113.129/25. The /25 keeps the link
+// clear of the far host 203.0.113.7, which stays reachable only through
+// H's default route on eth0. No route points at eth1.
+func WithSecondNIC() Option { return func(c *config) { c.secondNIC = true } }
+
+// New builds a fresh lab and registers t.Cleanup to tear it down, so no
+// namespace outlives the test even when it fails. It calls Require first.
+func New(t testing.TB, opts ...Option) *Lab {
+	t.Helper()
+	Require(t)
+	var cfg config
+	for _, o := range opts {
+		o(&cfg)
+	}
+
+	sweepStale()
+	base := uniqueName()
+	l := &Lab{Host: base + "-h", Gateway: base + "-g", seen: map[string]int{}}
+	// Register before creating anything so a half-built lab is removed too.
+	// Deleting a name that was never created is harmless.
+	t.Cleanup(func() {
+		for _, ns := range []string{l.Host, l.Gateway} {
+			if out, err := exec.Command("ip", "netns", "delete", ns).CombinedOutput(); err != nil &&
+				!strings.Contains(string(out), "No such file") {
+				t.Errorf("lab: delete netns %s: %v: %s", ns, err, out)
+			}
+		}
+	})
+
+	ip(t, "netns", "add", l.Host)
+	ip(t, "netns", "add", l.Gateway)
+	// Set before any interface exists, since interfaces copy "default".
+	// No DAD at all: nodad alone would leave the link-local address
+	// tentative for a second or two. promote_secondaries is what systemd-based hosts
+	// run with: deleting 192.0.2.250 promotes .22 instead of silently
+	// flushing every secondary of the subnet.
+	sysctl(t, l.Gateway, "net.ipv6.conf.all.accept_dad=0", "net.ipv6.conf.default.accept_dad=0")
+	sysctl(t, l.Host, "net.ipv6.conf.all.accept_dad=0", "net.ipv6.conf.default.accept_dad=0",
+		"net.ipv4.conf.all.promote_secondaries=1", "net.ipv4.conf.default.promote_secondaries=1")
+
+	// Both veth ends are created directly inside the namespaces, so no
+	// interface ever appears in the root namespace. The explicit, distinct
+	// ifindexes matter: in two fresh namespaces both ends would get index 2,
+	// the kernel then treats their carrier change as non-urgent and delays
+	// it (and with it IPv6 setup) by up to a second.
+	ip(t, "-n", l.Host, "link", "add", "eth0", "index", "10", "type", "veth",
+		"peer", "name", "eth0", "index", "20", "netns", l.Gateway)
+	host := []string{
+		"addr add 192.0.2.250/24 dev eth0",
+		"addr add 192.0.2.22/24 dev eth0",
+		"addr add 192.0.2.23/24 dev eth0",
+		"addr add 198.18.0.10/15 dev eth0",
+		// When RFC 6724 source selection ties, Linux picks the most
+		// recently added IPv6 address, so ::250 goes last to be the
+		// default source like 192.0.2.250 (the first, primary) is for IPv4.
+		"addr add 2001:db8::23/64 dev eth0 nodad",
+		"addr add 2001:db8::22/64 dev eth0 nodad",
+		"addr add 2001:db8::250/64 dev eth0 nodad",
+		"link set lo up",
+		"link set eth0 up",
+	}
+	gw := []string{
+		"addr add 192.0.2.1/24 dev eth0",
+		"addr add 198.18.0.1/15 dev eth0",
+		"addr add 2001:db8::1/64 dev eth0 nodad",
+		"addr add 198.51.100.4/32 dev lo",
+		"addr add 198.51.100.5/32 dev lo",
+		"addr add 203.0.113.7/32 dev lo",
+		"addr add 2001:db8:ffff::4/128 dev lo",
+		"link set lo up",
+		"link set eth0 up",
+	}
+	if cfg.secondNIC {
+		ip(t, "-n", l.Host, "link", "add", "eth1", "index", "11", "type", "veth",
+			"peer", "name", "eth1", "index", "21", "netns", l.Gateway)
+		host = append(host,
+			"addr add 203.0.113.130/25 dev eth1",
+			"addr add 203.0.113.131/25 dev eth1",
+			"link set eth1 up")
+		gw = append(gw,
+			"addr add 203.0.113.129/25 dev eth1",
+			"link set eth1 up")
+	}
+	ipBatch(t, l.Host, host)
+	ipBatch(t, l.Gateway, gw)
+
+	devs := []string{"eth0"}
+	if cfg.secondNIC {
+		devs = append(devs, "eth1")
+	}
+	waitIPv6Ready(t, l.Host, devs)
+	waitIPv6Ready(t, l.Gateway, devs)
+	ipBatch(t, l.Host, []string{
+		"route add default via 192.0.2.1",
+		"route add default via 2001:db8::1",
+	})
+	return l
+}
+
+// Run runs `ip netns exec Host name args...` and returns its stdout, failing
+// the test with stdout and stderr if the command fails.
+func (l *Lab) Run(t testing.TB, name string, args ...string) string {
+	t.Helper()
+	stdout, stderr, code := l.RunErr(name, args...)
+	if code != 0 {
+		t.Fatalf("in %s: %s %s: exit %d\nstdout:\n%s\nstderr:\n%s",
+			l.Host, name, strings.Join(args, " "), code, stdout, stderr)
+	}
+	return stdout
+}
+
+// RunErr runs `ip netns exec Host name args...` without judging the result.
+// exitCode is -1 when the command could not be run at all; the reason is
+// then in stderr.
+func (l *Lab) RunErr(name string, args ...string) (stdout, stderr string, exitCode int) {
+	return runIn(l.Host, name, args...)
+}
+
+func runIn(ns, name string, args ...string) (stdout, stderr string, exitCode int) {
+	cmd := exec.Command("ip", append([]string{"netns", "exec", ns, name}, args...)...)
+	var o, e bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &o, &e
+	err := cmd.Run()
+	var ee *exec.ExitError
+	switch {
+	case err == nil:
+		return o.String(), e.String(), 0
+	case errors.As(err, &ee) && ee.ExitCode() >= 0:
+		return o.String(), e.String(), ee.ExitCode()
+	default:
+		return o.String(), e.String() + err.Error(), -1
+	}
+}
+
+var counters = regexp.MustCompile(`\[\d+:\d+\]`)
+
+// Ruleset returns H's iptables and ip6tables rules plus the names of its
+// ipsets, normalised (no comments, zeroed counters) so tests can compare it
+// before and after an operation or against a golden text.
+//
+// EGRESS_SNAT_IPTABLES=legacy|nft selects the backend explicitly, because
+// the plain iptables-save only shows rules of its own backend and the tool
+// may be configured to use the other one.
+func (l *Lab) Ruleset(t testing.TB) string {
+	t.Helper()
+	save := []string{"iptables-save", "ip6tables-save"}
+	switch b := os.Getenv("EGRESS_SNAT_IPTABLES"); b {
+	case "":
+	case "legacy", "nft":
+		save = []string{"iptables-" + b + "-save", "ip6tables-" + b + "-save"}
+	default:
+		t.Fatalf("EGRESS_SNAT_IPTABLES=%q: want legacy or nft", b)
+	}
+	var b strings.Builder
+	for _, cmd := range save {
+		for line := range strings.Lines(l.Run(t, cmd)) {
+			if strings.HasPrefix(line, "#") {
+				continue
+			}
+			b.WriteString(counters.ReplaceAllString(line, "[0:0]"))
+		}
+	}
+	if _, err := exec.LookPath("ipset"); err == nil {
+		for line := range strings.Lines(l.Run(t, "ipset", "list", "-n")) {
+			b.WriteString("ipset " + line)
+		}
+	}
+	return b.String()
+}
+
+// HostAddrAdd adds cidr to dev in H (IPv6 with nodad, so it is usable at
+// once). Beware that, as on any Linux host, an IPv6 address added to an
+// existing prefix becomes that prefix's default source address, while an
+// IPv4 address added to an existing subnet is a secondary.
+func (l *Lab) HostAddrAdd(t testing.TB, cidr, dev string) {
+	t.Helper()
+	args := []string{"-n", l.Host, "addr", "add", cidr, "dev", dev}
+	if strings.Contains(cidr, ":") {
+		args = append(args, "nodad")
+	}
+	ip(t, args...)
+}
+
+// HostAddrDel removes cidr from dev in H.
+func (l *Lab) HostAddrDel(t testing.TB, cidr, dev string) {
+	t.Helper()
+	ip(t, "-n", l.Host, "addr", "del", cidr, "dev", dev)
+}
+
+// ip runs ip(8) in the root namespace (always with -n for lab changes) and
+// returns its output, failing the test on error.
+func ip(t testing.TB, args ...string) string {
+	t.Helper()
+	out, err := exec.Command("ip", args...).CombinedOutput()
+	if err != nil {
+		t.Fatalf("ip %s: %v\n%s", strings.Join(args, " "), err, out)
+	}
+	return string(out)
+}
+
+func sysctl(t testing.TB, ns string, settings ...string) {
+	t.Helper()
+	if stdout, stderr, code := runIn(ns, "sysctl", append([]string{"-q", "-w"}, settings...)...); code != 0 {
+		t.Fatalf("in %s: sysctl %v: exit %d\n%s%s", ns, settings, code, stdout, stderr)
+	}
+}
+
+// ipBatch runs several ip commands in ns with one process; ip stops at and
+// reports the first failing line.
+func ipBatch(t testing.TB, ns string, lines []string) {
+	t.Helper()
+	cmd := exec.Command("ip", "-n", ns, "-batch", "-")
+	cmd.Stdin = strings.NewReader(strings.Join(lines, "\n") + "\n")
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("ip -n %s -batch: %v\n%s\ninput:\n%s", ns, err, out, strings.Join(lines, "\n"))
+	}
+}
+
+// waitIPv6Ready waits until IPv6 is really configured on devs in ns.
+// A veth reports LOWER_UP at once, but the kernel's IPv6 setup for the
+// link (link-local address, the ff00::/8 route without which neighbour
+// solicitations are dropped) runs from the deferred carrier event, which
+// can lag (see the ifindex note in New). Starting before that costs the
+// first IPv6 connection a lost neighbour solicitation and a 1s SYN
+// retransmit.
+func waitIPv6Ready(t testing.TB, ns string, devs []string) {
+	t.Helper()
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		tentative := ip(t, "-n", ns, "-6", "addr", "show", "tentative")
+		mroutes := ip(t, "-n", ns, "-6", "route", "show", "table", "all", "type", "multicast")
+		ready := strings.TrimSpace(tentative) == ""
+		for _, d := range devs {
+			ready = ready && strings.Contains(mroutes, " dev "+d+" ")
+		}
+		if ready {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("netns %s: IPv6 on %v not ready after 5s\ntentative:\n%s\nmulticast routes:\n%s",
+				ns, devs, tentative, mroutes)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+// Namespace names are "es-<pid>-<random>-h|g". The random part keeps labs
+// of one process apart; the pid keeps parallel test processes apart and
+// lets sweepStale recognise labs whose process died without cleaning up
+// (a go test timeout panics without running t.Cleanup).
+const prefix = "es-"
+
+var staleName = regexp.MustCompile(`^es-(\d+)-[0-9a-f]+-[hg]$`)
+
+func uniqueName() string {
+	var b [4]byte
+	rand.Read(b[:])
+	return fmt.Sprintf("%s%d-%s", prefix, os.Getpid(), hex.EncodeToString(b[:]))
+}
+
+// sweepStale deletes lab namespaces left behind by processes that no longer
+// exist. Labs of live processes, including parallel test binaries, are left
+// alone. Best effort: errors are ignored.
+func sweepStale() {
+	entries, _ := os.ReadDir("/run/netns")
+	for _, e := range entries {
+		m := staleName.FindStringSubmatch(e.Name())
+		if m == nil {
+			continue
+		}
+		pid, err := strconv.Atoi(m[1])
+		if err != nil || pid == os.Getpid() {
+			continue
+		}
+		if err := syscall.Kill(pid, 0); errors.Is(err, syscall.ESRCH) {
+			exec.Command("ip", "netns", "delete", e.Name()).Run()
+		}
+	}
+}

@@ -1,0 +1,87 @@
+package lab
+
+import (
+	"os/exec"
+	"strings"
+	"testing"
+)
+
+func TestLab(t *testing.T) {
+	var host, gw string
+	t.Run("probe", func(t *testing.T) {
+		l := New(t, WithSecondNIC())
+		host, gw = l.Host, l.Gateway
+		l.StartProbe(t)
+
+		for _, c := range []struct{ dst, bind, want string }{
+			{"198.51.100.4", "", "192.0.2.250"},
+			{"203.0.113.7", "", "192.0.2.250"},
+			{"2001:db8:ffff::4", "", "2001:db8::250"},
+			{"198.51.100.4", "192.0.2.22", "192.0.2.22"},
+			{"2001:db8:ffff::4", "2001:db8::23", "2001:db8::23"},
+			{"203.0.113.129", "", "203.0.113.130"}, // second NIC
+		} {
+			if got := l.SourceSeenFrom(t, c.dst, c.bind); got != c.want {
+				t.Errorf("dst %s bind %q: far side saw %q, want %q", c.dst, c.bind, got, c.want)
+			}
+		}
+		l.Run(t, "ip", "route", "add", "unreachable", "198.51.100.99/32")
+		if got := l.SourceSeen(t, "198.51.100.99"); got != "" {
+			t.Errorf("unreachable dst: got %q, want \"\"", got)
+		}
+		if got := l.Seen()["192.0.2.250"]; got != 2 {
+			t.Errorf("Seen[192.0.2.250] = %d, want 2 (all: %v)", got, l.Seen())
+		}
+		l.ResetSeen()
+		if len(l.Seen()) != 0 {
+			t.Errorf("Seen after ResetSeen = %v", l.Seen())
+		}
+
+		for _, c := range []struct{ dst, want string }{
+			{"198.51.100.4", "192.0.2.250"},
+			{"2001:db8:ffff::4", "2001:db8::250"},
+		} {
+			f := l.UDPFlow(t, c.dst)
+			for range 2 {
+				if got, err := f.Ask(); err != nil || got != c.want {
+					t.Errorf("UDP %s: got %q, %v; want %q", c.dst, got, err, c.want)
+				}
+			}
+			f.Close()
+		}
+
+		l.HostAddrAdd(t, "2001:db8::99/64", "eth0")
+		if got := l.SourceSeenFrom(t, "2001:db8:ffff::4", "2001:db8::99"); got != "2001:db8::99" {
+			t.Errorf("added address: got %q", got)
+		}
+		l.HostAddrDel(t, "2001:db8::99/64", "eth0")
+
+		if _, _, code := l.RunErr("false"); code != 1 {
+			t.Errorf("RunErr(false) exit = %d, want 1", code)
+		}
+		if out := l.Run(t, "ip", "-o", "link", "show", "eth1"); !strings.Contains(out, "eth1") {
+			t.Errorf("eth1 missing: %s", out)
+		}
+		l.Run(t, "iptables", "-t", "nat", "-A", "POSTROUTING", "-p", "tcp", "-d", "203.0.113.7", "-j", "SNAT", "--to-source", "192.0.2.23")
+		if got := l.SourceSeen(t, "203.0.113.7"); got != "192.0.2.23" {
+			t.Errorf("after SNAT rule: far side saw %q, want 192.0.2.23", got)
+		}
+		rs := l.Ruleset(t)
+		if !strings.Contains(rs, "-A POSTROUTING -d 203.0.113.7/32 -p tcp -j SNAT --to-source 192.0.2.23") ||
+			!strings.Contains(rs, ":POSTROUTING ACCEPT [0:0]") || strings.Contains(rs, "\n#") {
+			t.Errorf("unexpected ruleset:\n%s", rs)
+		}
+	})
+	if host == "" {
+		return // skipped
+	}
+	out, err := exec.Command("ip", "netns", "list").CombinedOutput()
+	if err != nil {
+		t.Fatalf("ip netns list: %v\n%s", err, out)
+	}
+	for _, ns := range []string{host, gw} {
+		if strings.Contains(string(out), ns) {
+			t.Errorf("netns %s left behind:\n%s", ns, out)
+		}
+	}
+}

@@ -1,0 +1,290 @@
+// Package selector answers one question: for a destination, which route does
+// the kernel take and which source address does it naturally choose, and why?
+//
+// It asks the kernel itself (RTM_GETROUTE, the call behind `ip route get`)
+// instead of re-implementing source address selection, so its answer for a
+// host destination is by construction the one `ip route get` prints. The only
+// logic of its own is the explanation: which of the kernel's rules produced
+// that source.
+package selector
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
+)
+
+// ErrNoRoute means the kernel has no route for the destination.
+var ErrNoRoute = errors.New("no route")
+
+// Netlink is the part of *netlink.Handle the selector uses, so tests can give
+// it a handle inside a namespace (netlink.NewHandleAt) or a fake.
+type Netlink interface {
+	RouteGetWithOptions(dst net.IP, opts *netlink.RouteGetOptions) ([]netlink.Route, error)
+	LinkByIndex(index int) (netlink.Link, error)
+	LinkByName(name string) (netlink.Link, error)
+	AddrList(link netlink.Link, family int) ([]netlink.Addr, error)
+}
+
+// Reason says which of the kernel's rules picked the natural source, in the
+// terms of the three mechanisms Linux uses when the application did not bind.
+type Reason string
+
+const (
+	// ReasonRouteSrc: the matching route carries a `src` attribute.
+	ReasonRouteSrc Reason = "route-src"
+	// ReasonConnected: the destination is on a directly connected subnet; the
+	// kernel's own subnet route carries that subnet's primary address as src.
+	ReasonConnected Reason = "connected-subnet"
+	// ReasonSameSubnet: the interface's primary address on the gateway's subnet.
+	ReasonSameSubnet Reason = "same-subnet-as-gateway"
+	// ReasonPrimary: no address shares a subnet with the gateway, so the
+	// interface's first primary address is used.
+	ReasonPrimary Reason = "primary-address"
+	// ReasonIPv6: IPv6 default source address selection (RFC 6724).
+	ReasonIPv6 Reason = "ipv6-source-selection"
+)
+
+// Describe is a one-line explanation of the reason for operators.
+func (r Reason) Describe() string {
+	switch r {
+	case ReasonRouteSrc:
+		return "the route has a src attribute"
+	case ReasonConnected:
+		return "the destination is on a connected subnet; its kernel route carries the subnet's primary address as src"
+	case ReasonSameSubnet:
+		return "the interface's primary address on the same subnet as the gateway"
+	case ReasonPrimary:
+		return "no interface address shares the gateway's subnet, so the interface's primary address"
+	case ReasonIPv6:
+		return "IPv6 source address selection (RFC 6724): longest matching prefix among the interface's preferred addresses"
+	}
+	return string(r)
+}
+
+// Address is one address of the outgoing interface.
+type Address struct {
+	Prefix  netip.Prefix `json:"prefix"`
+	Primary bool         `json:"primary"`
+}
+
+// Choice is the kernel's answer for one destination.
+type Choice struct {
+	// Dst is what was asked about: a host or a prefix.
+	Dst netip.Prefix `json:"dst"`
+	// Probe is the host address actually looked up. For a host it is Dst's
+	// address; for a prefix it is an address inside it that takes the route
+	// covering the whole prefix.
+	Probe     netip.Addr   `json:"probe"`
+	Table     int          `json:"table"`
+	Route     netip.Prefix `json:"route"`
+	Gateway   netip.Addr   `json:"gateway,omitzero"`
+	Interface string       `json:"interface"`
+	Source    netip.Addr   `json:"source"`
+	Reason    Reason       `json:"reason"`
+	// Addresses are the outgoing interface's addresses of Dst's family.
+	Addresses []Address `json:"addresses"`
+}
+
+// Selector looks routes up through one netlink handle.
+type Selector struct {
+	nl Netlink
+}
+
+// New returns a Selector using nl, typically netlink.NewHandle() or a
+// handle made with netlink.NewHandleAt for another namespace.
+func New(nl Netlink) *Selector { return &Selector{nl: nl} }
+
+// Lookup returns the route and natural source for dst. When out is not
+// empty the lookup is made as if the traffic were sent out of that interface
+// (like `ip route get ... oif OUT`), and it fails if the kernel would not use
+// that interface.
+//
+// A prefix that is not a host (0.0.0.0/0, 198.51.100.0/24) means "the
+// destinations that use the route covering this prefix": the answer is that
+// route's, never the answer for the prefix's first address (0.0.0.0 is
+// looked up as the host itself by the kernel).
+func (s *Selector) Lookup(dst netip.Prefix, out string) (*Choice, error) {
+	dst = dst.Masked()
+	opts := &netlink.RouteGetOptions{}
+	if out != "" {
+		link, err := s.nl.LinkByName(out)
+		if err != nil {
+			return nil, fmt.Errorf("interface %q: %w", out, err)
+		}
+		opts.OifIndex = link.Attrs().Index
+	}
+	probe, fib, err := s.probe(dst, opts)
+	if err != nil {
+		return nil, err
+	}
+	routes, err := s.nl.RouteGetWithOptions(probe.AsSlice(), opts)
+	if err != nil {
+		return nil, fmt.Errorf("route lookup for %s: %w", probe, err)
+	}
+	if len(routes) == 0 {
+		return nil, fmt.Errorf("%s: %w", dst, ErrNoRoute)
+	}
+	r := routes[0]
+	c := &Choice{Dst: dst, Probe: probe, Table: r.Table, Route: fibPrefix(fib, dst.Addr().Is4())}
+	if r.Type != unix.RTN_UNICAST && r.Type != 0 {
+		return nil, fmt.Errorf("%s: route type %s is not unicast (local, broadcast or unreachable destinations are not sent out)", dst, routeType(r.Type))
+	}
+	if r.Src == nil {
+		return nil, fmt.Errorf("%s: the kernel chose no source address (interface without an address of this family?)", dst)
+	}
+	c.Source = addrFrom(r.Src)
+	if r.Gw != nil {
+		c.Gateway = addrFrom(r.Gw)
+	}
+	link, err := s.nl.LinkByIndex(r.LinkIndex)
+	if err != nil {
+		return nil, fmt.Errorf("outgoing interface of %s (index %d): %w", dst, r.LinkIndex, err)
+	}
+	c.Interface = link.Attrs().Name
+	if out != "" && c.Interface != out {
+		return nil, fmt.Errorf("traffic to %s leaves by %s, not %s", dst, c.Interface, out)
+	}
+	family := netlink.FAMILY_V4
+	if !dst.Addr().Is4() {
+		family = netlink.FAMILY_V6
+	}
+	addrs, err := s.nl.AddrList(link, family)
+	if err != nil {
+		return nil, fmt.Errorf("addresses of %s: %w", c.Interface, err)
+	}
+	for _, a := range addrs {
+		p, ok := prefixFrom(a.IPNet)
+		if !ok || p.Addr().IsLinkLocalUnicast() {
+			continue
+		}
+		c.Addresses = append(c.Addresses, Address{Prefix: p, Primary: a.Flags&unix.IFA_F_SECONDARY == 0})
+	}
+	c.Reason = explain(c, fib)
+	return c, nil
+}
+
+// explain names the kernel rule that produced c.Source. The kernel made the
+// choice; this only classifies it.
+func explain(c *Choice, fib netlink.Route) Reason {
+	if fib.Src != nil {
+		if fib.Protocol == unix.RTPROT_KERNEL && fib.Scope == netlink.SCOPE_LINK {
+			return ReasonConnected
+		}
+		return ReasonRouteSrc
+	}
+	if !c.Dst.Addr().Is4() {
+		return ReasonIPv6
+	}
+	if c.Gateway.IsValid() {
+		for _, a := range c.Addresses {
+			if a.Primary && a.Prefix.Contains(c.Gateway) && a.Prefix.Addr() == c.Source {
+				return ReasonSameSubnet
+			}
+		}
+	}
+	return ReasonPrimary
+}
+
+// probe finds a host address inside dst whose route covers all of dst, and
+// returns it with that route (the FIB entry, as `ip route get fibmatch`).
+func (s *Selector) probe(dst netip.Prefix, opts *netlink.RouteGetOptions) (netip.Addr, netlink.Route, error) {
+	fibOpts := *opts
+	fibOpts.FIBMatch = true
+	var last error
+	for _, cand := range candidates(dst) {
+		routes, err := s.nl.RouteGetWithOptions(cand.AsSlice(), &fibOpts)
+		if err != nil {
+			last = err
+			if errors.Is(err, unix.ENETUNREACH) || errors.Is(err, unix.EHOSTUNREACH) {
+				return netip.Addr{}, netlink.Route{}, fmt.Errorf("%s: %w", dst, ErrNoRoute)
+			}
+			continue
+		}
+		if len(routes) == 0 {
+			continue
+		}
+		if fibPrefix(routes[0], dst.Addr().Is4()).Bits() <= dst.Bits() {
+			return cand, routes[0], nil
+		}
+	}
+	if last != nil {
+		return netip.Addr{}, netlink.Route{}, fmt.Errorf("route lookup for %s: %w", dst, last)
+	}
+	return netip.Addr{}, netlink.Route{}, fmt.Errorf("no single route covers %s: its addresses take different routes; name the narrower prefixes instead", dst)
+}
+
+func fibPrefix(r netlink.Route, is4 bool) netip.Prefix {
+	if r.Dst == nil {
+		if is4 {
+			return netip.PrefixFrom(netip.IPv4Unspecified(), 0)
+		}
+		return netip.PrefixFrom(netip.IPv6Unspecified(), 0)
+	}
+	p, _ := prefixFrom(r.Dst)
+	return p
+}
+
+func addrFrom(ip net.IP) netip.Addr {
+	a, _ := netip.AddrFromSlice(ip)
+	return a.Unmap()
+}
+
+func prefixFrom(n *net.IPNet) (netip.Prefix, bool) {
+	if n == nil {
+		return netip.Prefix{}, false
+	}
+	a, ok := netip.AddrFromSlice(n.IP)
+	if !ok {
+		return netip.Prefix{}, false
+	}
+	ones, _ := n.Mask.Size()
+	return netip.PrefixFrom(a.Unmap(), ones), true
+}
+
+func routeType(t int) string {
+	switch t {
+	case unix.RTN_LOCAL:
+		return "local"
+	case unix.RTN_BROADCAST:
+		return "broadcast"
+	case unix.RTN_MULTICAST:
+		return "multicast"
+	case unix.RTN_UNREACHABLE:
+		return "unreachable"
+	case unix.RTN_PROHIBIT:
+		return "prohibit"
+	case unix.RTN_BLACKHOLE:
+		return "blackhole"
+	}
+	return fmt.Sprintf("%d", t)
+}
+
+// ErrNotLocal means an address is not assigned to any interface of the host.
+var ErrNotLocal = errors.New("not an address of this host")
+
+// Owner returns the name of the interface that holds a.
+func (s *Selector) Owner(a netip.Addr) (string, error) {
+	family := netlink.FAMILY_V4
+	if !a.Is4() {
+		family = netlink.FAMILY_V6
+	}
+	addrs, err := s.nl.AddrList(nil, family)
+	if err != nil {
+		return "", fmt.Errorf("listing addresses: %w", err)
+	}
+	for _, x := range addrs {
+		if p, ok := prefixFrom(x.IPNet); ok && p.Addr() == a {
+			link, err := s.nl.LinkByIndex(x.LinkIndex)
+			if err != nil {
+				return "", fmt.Errorf("interface of %s (index %d): %w", a, x.LinkIndex, err)
+			}
+			return link.Attrs().Name, nil
+		}
+	}
+	return "", ErrNotLocal
+}

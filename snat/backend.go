@@ -1,0 +1,259 @@
+package snat
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"strconv"
+	"strings"
+	"time"
+)
+
+// Tables reads and writes one family's tables. The exec implementation runs
+// iptables-save and iptables-restore of one backend; FakeTables stands in for
+// it in unit tests.
+type Tables interface {
+	// Save returns the iptables-save output of every table of the family.
+	Save(f Family) (string, error)
+	// Restore runs iptables-restore --noflush with payload: all of it, or
+	// nothing if any line fails.
+	Restore(f Family, payload string) error
+}
+
+// IPSets reads and writes ipsets.
+type IPSets interface {
+	// Save returns `ipset save` output.
+	Save() (string, error)
+	// Restore runs `ipset restore` with payload.
+	Restore(payload string) error
+}
+
+// ErrLockTimeout means another program held the xtables lock past the
+// configured bound. Nothing was changed.
+var ErrLockTimeout = errors.New("timed out waiting for the xtables lock")
+
+// Backend names an iptables implementation.
+type Backend string
+
+const (
+	BackendNFT    Backend = "nft"
+	BackendLegacy Backend = "legacy"
+)
+
+// Other is the backend that is not b.
+func (b Backend) Other() Backend {
+	if b == BackendNFT {
+		return BackendLegacy
+	}
+	return BackendNFT
+}
+
+// DetectBackend returns the backend the host's `iptables` command uses, the
+// one operators and other tools on the host see. "auto" detects; "nft" and
+// "legacy" are taken as given.
+func DetectBackend(want string) (Backend, error) {
+	switch want {
+	case "nft":
+		return BackendNFT, nil
+	case "legacy":
+		return BackendLegacy, nil
+	case "", "auto":
+	default:
+		return "", Invalid("--iptables-backend %q: want auto, nft or legacy", want)
+	}
+	path, err := exec.LookPath("iptables")
+	if err != nil {
+		return "", fmt.Errorf("iptables not found in PATH (install the iptables package): %w", err)
+	}
+	out, err := exec.Command(path, "--version").CombinedOutput()
+	if err != nil {
+		return "", fmt.Errorf("%s --version: %v: %s", path, err, bytes.TrimSpace(out))
+	}
+	if strings.Contains(string(out), "nf_tables") {
+		return BackendNFT, nil
+	}
+	return BackendLegacy, nil
+}
+
+// ExecTables runs the save and restore commands of one backend.
+type ExecTables struct {
+	Backend Backend
+	// Wait bounds the wait for the xtables lock; the tool never proceeds
+	// without it.
+	Wait time.Duration
+}
+
+// command returns the binary for family and role ("save", "restore", "") of
+// the backend: iptables-nft-restore, ip6tables-legacy-save, ...
+func (t ExecTables) command(f Family, role string) string {
+	base := "iptables"
+	if f == IPv6 {
+		base = "ip6tables"
+	}
+	name := base + "-" + string(t.Backend)
+	if role != "" {
+		name += "-" + role
+	}
+	if p, err := exec.LookPath(name); err == nil {
+		return p
+	}
+	// Distributions without the split names ship one backend under the
+	// plain name.
+	if role != "" {
+		return base + "-" + role
+	}
+	return base
+}
+
+func (t ExecTables) Save(f Family) (string, error) {
+	cmd := exec.Command(t.command(f, "save"))
+	var stdout, stderr bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &stdout, &stderr
+	if err := cmd.Run(); err != nil {
+		return "", fmt.Errorf("%s: %v: %s", cmd.Path, err, strings.TrimSpace(stderr.String()))
+	}
+	return stdout.String(), nil
+}
+
+func (t ExecTables) Restore(f Family, payload string) error {
+	secs := max(1, int(t.Wait.Round(time.Second)/time.Second))
+	cmd := exec.Command(t.command(f, "restore"), "--noflush", "--wait", strconv.Itoa(secs))
+	cmd.Stdin = strings.NewReader(payload)
+	var stderr bytes.Buffer
+	cmd.Stderr = &stderr
+	if err := cmd.Run(); err != nil {
+		msg := strings.TrimSpace(stderr.String())
+		if strings.Contains(msg, "xtables lock") || strings.Contains(msg, "holding the lock") {
+			return fmt.Errorf("%s: %w after %ds: %s", cmd.Path, ErrLockTimeout, secs, msg)
+		}
+		return fmt.Errorf("%s --noflush: %v: %s", cmd.Path, err, msg)
+	}
+	return nil
+}
+
+// ChainIn reports whether the managed chain exists in the nat table of
+// backend b, which may not be the one in use: rules there still act on
+// packets but the host's iptables does not show them. It reads with the
+// backend's iptables-save, not `iptables -t nat -S` (go-iptables'
+// ChainExists): with the legacy backend, naming a table loads it into the
+// namespace, and a probe must not change the host.
+func ChainIn(b Backend, f Family, wait time.Duration) (bool, error) {
+	t := ExecTables{Backend: b, Wait: wait}
+	name := map[Family]string{IPv4: "iptables", IPv6: "ip6tables"}[f] + "-" + string(b) + "-save"
+	if _, err := exec.LookPath(name); err != nil {
+		return false, nil // that backend is not installed, so it holds nothing of ours
+	}
+	text, err := t.Save(f)
+	if err != nil {
+		return false, err
+	}
+	in, err := ParseSave(f, text, nil)
+	return in.ChainExists || len(in.Jumps) > 0, err
+}
+
+// ExecIPSets runs the ipset command.
+type ExecIPSets struct{}
+
+func (ExecIPSets) Save() (string, error) {
+	if _, err := exec.LookPath("ipset"); err != nil {
+		return "", nil // no ipset: no sets of ours can exist
+	}
+	cmd := exec.Command("ipset", "save")
+	var stdout, stderr bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &stdout, &stderr
+	if err := cmd.Run(); err != nil {
+		return "", fmt.Errorf("ipset save: %v: %s", err, strings.TrimSpace(stderr.String()))
+	}
+	return stdout.String(), nil
+}
+
+func (ExecIPSets) Restore(payload string) error {
+	if payload == "" {
+		return nil
+	}
+	cmd := exec.Command("ipset", "restore")
+	cmd.Stdin = strings.NewReader(payload)
+	var stderr bytes.Buffer
+	cmd.Stderr = &stderr
+	if err := cmd.Run(); err != nil {
+		return fmt.Errorf("ipset restore: %v: %s", err, strings.TrimSpace(stderr.String()))
+	}
+	return nil
+}
+
+// DropEmptyNFTTable deletes the family's nat table in the nft backend when
+// it holds nothing at all, so that clear leaves iptables-save exactly as it
+// was on a host where the tool created the table. It needs the nft command
+// and silently does nothing without it; the table is left when any chain
+// other than the four empty built-ins, or any policy other than ACCEPT, is
+// there.
+func DropEmptyNFTTable(t Tables, f Family) error {
+	et, ok := t.(ExecTables)
+	if !ok || et.Backend != BackendNFT {
+		return nil
+	}
+	nft, err := exec.LookPath("nft")
+	if err != nil {
+		return nil
+	}
+	text, err := t.Save(f)
+	if err != nil {
+		return err
+	}
+	if !natTableEmpty(text) {
+		return nil
+	}
+	fam := "ip"
+	if f == IPv6 {
+		fam = "ip6"
+	}
+	if out, err := exec.Command(nft, "delete", "table", fam, table).CombinedOutput(); err != nil {
+		return fmt.Errorf("nft delete table %s %s: %v: %s", fam, table, err, bytes.TrimSpace(out))
+	}
+	return nil
+}
+
+func natTableEmpty(saveText string) bool {
+	in := false
+	seen := false
+	for _, line := range strings.Split(saveText, "\n") {
+		line = strings.TrimSpace(line)
+		switch {
+		case strings.HasPrefix(line, "*"):
+			in = line == "*"+table
+			seen = seen || in
+		case !in || line == "" || line == "COMMIT" || strings.HasPrefix(line, "#"):
+		case strings.HasPrefix(line, ":"):
+			f := strings.Fields(line)
+			builtin := f[0] == ":PREROUTING" || f[0] == ":INPUT" || f[0] == ":OUTPUT" || f[0] == ":POSTROUTING"
+			if !builtin || len(f) < 2 || f[1] != "ACCEPT" {
+				return false
+			}
+		default:
+			return false
+		}
+	}
+	return seen
+}
+
+// haveCapNetAdmin reports whether the process has CAP_NET_ADMIN in its
+// effective set, read from /proc so it works in user namespaces too.
+func HaveCapNetAdmin() bool {
+	b, err := os.ReadFile("/proc/self/status")
+	if err != nil {
+		return os.Geteuid() == 0
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if hex, ok := strings.CutPrefix(line, "CapEff:"); ok {
+			v, err := strconv.ParseUint(strings.TrimSpace(hex), 16, 64)
+			if err != nil {
+				return os.Geteuid() == 0
+			}
+			const capNetAdmin = 12
+			return v&(1<<capNetAdmin) != 0
+		}
+	}
+	return os.Geteuid() == 0
+}

@@ -1,0 +1,260 @@
+package snat
+
+import (
+	"crypto/sha256"
+	"encoding/hex"
+	"fmt"
+	"net/netip"
+	"slices"
+	"strconv"
+	"strings"
+)
+
+// SetThreshold is the number of destinations sharing interface, natural
+// source and target from which they go into one ipset instead of one rule
+// each. Below it, single rules are easier to read in iptables -S.
+const SetThreshold = 8
+
+// Set is one ipset hash:net of destinations.
+type Set struct {
+	Name    string         `json:"name"`
+	Family  Family         `json:"family"`
+	Members []netip.Prefix `json:"members"`
+	// NoMatch holds more specific destinations of other entries inside
+	// Members: exceptions, so the longest prefix wins across sets and rules.
+	NoMatch []netip.Prefix `json:"nomatch,omitempty"`
+}
+
+// Chain is the rendered content of one family's managed chain.
+type Chain struct {
+	Family Family
+	// Rules are the rule specifications, without "-A EGRESS-SNAT".
+	Rules [][]string
+	Sets  []Set
+}
+
+// Render turns one family's normalized entries into chain rules and sets.
+// It is pure: the same entries always give the same text and set names.
+func Render(f Family, entries []Entry) Chain {
+	c := Chain{Family: f}
+	var mine []Entry
+	for _, e := range entries {
+		if e.Family() == f {
+			mine = append(mine, e)
+		}
+	}
+	SortEntries(mine)
+
+	groups := map[groupKey][]Entry{}
+	var order []groupKey
+	for _, e := range mine {
+		k := e.group()
+		if _, ok := groups[k]; !ok {
+			order = append(order, k)
+		}
+		groups[k] = append(groups[k], e)
+	}
+	inSet := map[groupKey]bool{}
+	for _, k := range order {
+		if len(groups[k]) >= SetThreshold {
+			inSet[k] = true
+		}
+	}
+	nomatch := exceptions(mine, inSet)
+
+	var singles []Entry
+	var sets []Set
+	var setRules [][]string
+	for _, k := range order {
+		g := groups[k]
+		if !inSet[k] {
+			singles = append(singles, g...)
+			continue
+		}
+		s := Set{Family: f, NoMatch: nomatch[k]}
+		for _, e := range g {
+			s.Members = append(s.Members, e.Dst)
+		}
+		slices.SortFunc(s.Members, comparePrefix)
+		slices.SortFunc(s.NoMatch, comparePrefix)
+		s.Name = setName(s)
+		sets = append(sets, s)
+		setRules = append(setRules, ruleSpecs(g[0], []string{"-m", "set", "--match-set", s.Name, "dst"})...)
+	}
+	c.Sets = sets
+	c.Rules = append(c.Rules, setRules...)
+	SortEntries(singles)
+	for _, e := range singles {
+		var dst []string
+		if e.Dst.Bits() > 0 {
+			dst = []string{"-d", e.Dst.String()}
+		}
+		c.Rules = append(c.Rules, ruleSpecs(e, dst)...)
+	}
+	return c
+}
+
+// exceptions finds, for every set group, the destinations of other entries
+// that lie strictly inside one of its members. Walking up each prefix's
+// supernets keeps this O(entries × address bits).
+func exceptions(entries []Entry, inSet map[groupKey]bool) map[groupKey][]netip.Prefix {
+	owner := make(map[netip.Prefix]groupKey, len(entries))
+	for _, e := range entries {
+		owner[e.Dst] = e.group()
+	}
+	out := map[groupKey][]netip.Prefix{}
+	for _, e := range entries {
+		mine := e.group()
+		added := map[groupKey]bool{}
+		for bits := e.Dst.Bits() - 1; bits >= 0; bits-- {
+			super, _ := e.Dst.Addr().Prefix(bits)
+			k, ok := owner[super]
+			if !ok || k == mine || !inSet[k] || added[k] {
+				continue
+			}
+			added[k] = true
+			out[k] = append(out[k], e.Dst)
+		}
+	}
+	return out
+}
+
+// ruleSpecs renders the rules of one entry with the given destination match.
+// Spreading over n addresses uses n rules with the statistic match in nth
+// mode: rule i takes every (n-i)th of the connections still unclaimed, so
+// new connections go round-robin. A --to-source range would not do: the
+// kernel picks an address of a range by hashing source and destination, so
+// one client talking to one server would always get the same address.
+func ruleSpecs(e Entry, dstMatch []string) [][]string {
+	base := []string{}
+	base = append(base, "-s", hostPrefix(e.Natural).String())
+	base = append(base, dstMatch...)
+	base = append(base, "-o", e.Out)
+	base = append(base, "-m", "comment", "--comment", Comment)
+	if e.Keep() {
+		return [][]string{append(slices.Clone(base), "-j", "RETURN")}
+	}
+	var out [][]string
+	n := len(e.To)
+	for i, to := range e.To {
+		r := slices.Clone(base)
+		if i < n-1 {
+			r = append(r, "-m", "statistic", "--mode", "nth", "--every", strconv.Itoa(n-i), "--packet", "0")
+		}
+		r = append(r, "-j", "SNAT", "--to-source", to.String())
+		out = append(out, r)
+	}
+	return out
+}
+
+func hostPrefix(a netip.Addr) netip.Prefix { return netip.PrefixFrom(a, a.BitLen()) }
+
+func comparePrefix(a, b netip.Prefix) int {
+	if c := a.Addr().Compare(b.Addr()); c != 0 {
+		return c
+	}
+	return a.Bits() - b.Bits()
+}
+
+// setName derives the name from the content, so a set is never modified in
+// place: new content means a new set, swapped in by the chain's atomic write,
+// and an unchanged set keeps its name, so re-applying writes nothing.
+func setName(s Set) string {
+	h := sha256.New()
+	for _, p := range s.Members {
+		h.Write([]byte(p.String() + "\n"))
+	}
+	h.Write([]byte("nomatch\n"))
+	for _, p := range s.NoMatch {
+		h.Write([]byte(p.String() + "\n"))
+	}
+	return fmt.Sprintf("%s%d-%s", SetPrefix, s.Family, hex.EncodeToString(h.Sum(nil))[:12])
+}
+
+// RestorePayload renders the iptables-restore --noflush input that makes the
+// managed chain exactly c and puts one jump first in POSTROUTING. existingJumps
+// are the jump rules found in POSTROUTING (as iptables-save prints them, minus
+// "-A POSTROUTING"); each is deleted in the same transaction, so if another
+// writer changed POSTROUTING meanwhile the whole transaction fails instead of
+// leaving two jumps.
+//
+// Declaring ":EGRESS-SNAT - [0:0]" creates the chain or flushes it inside the
+// same commit, so no reader ever sees it half written.
+func RestorePayload(c Chain, existingJumps [][]string) string {
+	var b strings.Builder
+	b.WriteString("*" + table + "\n")
+	b.WriteString(":" + ChainName + " - [0:0]\n")
+	for _, j := range existingJumps {
+		writeRule(&b, "-D", hookChain, j)
+	}
+	writeRule(&b, "-I", hookChain+" 1", JumpSpec())
+	for _, r := range c.Rules {
+		writeRule(&b, "-A", ChainName, r)
+	}
+	b.WriteString("COMMIT\n")
+	return b.String()
+}
+
+// ClearPayload removes every jump and the chain.
+func ClearPayload(existingJumps [][]string) string {
+	var b strings.Builder
+	b.WriteString("*" + table + "\n")
+	b.WriteString(":" + ChainName + " - [0:0]\n")
+	for _, j := range existingJumps {
+		writeRule(&b, "-D", hookChain, j)
+	}
+	b.WriteString("-X " + ChainName + "\n")
+	b.WriteString("COMMIT\n")
+	return b.String()
+}
+
+// JumpSpec is the rule in POSTROUTING that sends traffic to the chain.
+func JumpSpec() []string {
+	return []string{"-m", "comment", "--comment", Comment, "-j", ChainName}
+}
+
+func writeRule(b *strings.Builder, op, chain string, spec []string) {
+	b.WriteString(op + " " + chain)
+	for _, w := range spec {
+		b.WriteString(" " + quote(w))
+	}
+	b.WriteString("\n")
+}
+
+// quote makes a word safe for iptables-restore, which splits on blanks and
+// understands double quotes.
+func quote(w string) string {
+	if w != "" && !strings.ContainsAny(w, " \t\"'\\") {
+		return w
+	}
+	return strconv.Quote(w)
+}
+
+// SetRestorePayload renders `ipset restore` input creating sets.
+func SetRestorePayload(sets []Set) string {
+	var b strings.Builder
+	for _, s := range sets {
+		fam := "inet"
+		if s.Family == IPv6 {
+			fam = "inet6"
+		}
+		n := len(s.Members) + len(s.NoMatch)
+		maxelem := max(65536, 2*n)
+		fmt.Fprintf(&b, "create %s hash:net family %s hashsize %d maxelem %d\n", s.Name, fam, hashSize(n), maxelem)
+		for _, p := range s.Members {
+			fmt.Fprintf(&b, "add %s %s\n", s.Name, p)
+		}
+		for _, p := range s.NoMatch {
+			fmt.Fprintf(&b, "add %s %s nomatch\n", s.Name, p)
+		}
+	}
+	return b.String()
+}
+
+func hashSize(n int) int {
+	h := 1024
+	for h < n/2 {
+		h *= 2
+	}
+	return h
+}
