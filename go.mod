@@ -3,7 +3,7 @@ module github.com/egress-snat/egress-snat
 go 1.26.8
 
 require (
-	github.com/coreos/go-iptables v0.8.0
+	github.com/google/go-cmp v0.7.0
 	github.com/urfave/cli/v2 v2.27.7
 	github.com/vishvananda/netlink v1.3.1
 	github.com/vishvananda/netns v0.0.5

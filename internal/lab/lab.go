@@ -85,9 +85,10 @@ func New(t testing.TB, opts ...Option) *Lab {
 	ip(t, "netns", "add", l.Gateway)
 	// Set before any interface exists, since interfaces copy "default".
 	// No DAD at all: nodad alone would leave the link-local address
-	// tentative for a second or two. promote_secondaries is what systemd-based hosts
-	// run with: deleting 192.0.2.250 promotes .22 instead of silently
-	// flushing every secondary of the subnet.
+	// tentative for a second or two. promote_secondaries is what
+	// systemd-based hosts run with (the kernel default is off): deleting
+	// 192.0.2.250 then promotes .22 instead of silently flushing every
+	// secondary of the subnet.
 	sysctl(t, l.Gateway, "net.ipv6.conf.all.accept_dad=0", "net.ipv6.conf.default.accept_dad=0")
 	sysctl(t, l.Host, "net.ipv6.conf.all.accept_dad=0", "net.ipv6.conf.default.accept_dad=0",
 		"net.ipv4.conf.all.promote_secondaries=1", "net.ipv4.conf.default.promote_secondaries=1")

@@ -1,6 +1,7 @@
 package lab
 
 import (
+	"os"
 	"os/exec"
 	"strings"
 	"testing"
@@ -62,7 +63,11 @@ func TestLab(t *testing.T) {
 		if out := l.Run(t, "ip", "-o", "link", "show", "eth1"); !strings.Contains(out, "eth1") {
 			t.Errorf("eth1 missing: %s", out)
 		}
-		l.Run(t, "iptables", "-t", "nat", "-A", "POSTROUTING", "-p", "tcp", "-d", "203.0.113.7", "-j", "SNAT", "--to-source", "192.0.2.23")
+		iptables := "iptables" // the backend Ruleset reads
+		if b := os.Getenv("EGRESS_SNAT_IPTABLES"); b != "" {
+			iptables += "-" + b
+		}
+		l.Run(t, iptables, "-t", "nat", "-A", "POSTROUTING", "-p", "tcp", "-d", "203.0.113.7", "-j", "SNAT", "--to-source", "192.0.2.23")
 		if got := l.SourceSeen(t, "203.0.113.7"); got != "192.0.2.23" {
 			t.Errorf("after SNAT rule: far side saw %q, want 192.0.2.23", got)
 		}

@@ -1,0 +1,399 @@
+package snat
+
+import (
+	"fmt"
+	"math/rand/v2"
+	"net/netip"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/google/go-cmp/cmp"
+)
+
+func pfx(s string) netip.Prefix {
+	p, err := parsePrefix(s)
+	if err != nil {
+		panic(err)
+	}
+	return p
+}
+
+func addr(s string) netip.Addr { return netip.MustParseAddr(s) }
+
+func entry(dst, natural string, to ...string) Entry {
+	e := Entry{Dst: pfx(dst), Out: "eth0", Natural: addr(natural)}
+	for _, t := range to {
+		e.To = append(e.To, addr(t))
+	}
+	return e
+}
+
+func TestRestorePayloadGolden(t *testing.T) {
+	entries := Normalize([]Entry{
+		entry("0.0.0.0/0", "192.0.2.250", "192.0.2.23"),
+		entry("198.51.100.4", "192.0.2.250", "192.0.2.22"),
+		entry("198.51.100.5", "192.0.2.250", "192.0.2.250"), // natural under a broader rule: keep
+		entry("203.0.113.0/24", "192.0.2.250", "192.0.2.22", "192.0.2.23"),
+	})
+	jump := [][]string{{"-m", "comment", "--comment", "egress-snat", "-j", "EGRESS-SNAT"}}
+	got := RestorePayload(Render(IPv4, entries), jump)
+	want := `*nat
+:EGRESS-SNAT - [0:0]
+-D POSTROUTING -m comment --comment egress-snat -j EGRESS-SNAT
+-I POSTROUTING 1 -m comment --comment egress-snat -j EGRESS-SNAT
+-A EGRESS-SNAT -s 192.0.2.250/32 -d 198.51.100.4/32 -o eth0 -m comment --comment egress-snat -j SNAT --to-source 192.0.2.22
+-A EGRESS-SNAT -s 192.0.2.250/32 -d 198.51.100.5/32 -o eth0 -m comment --comment egress-snat -j RETURN
+-A EGRESS-SNAT -s 192.0.2.250/32 -d 203.0.113.0/24 -o eth0 -m comment --comment egress-snat -m statistic --mode nth --every 2 --packet 0 -j SNAT --to-source 192.0.2.22
+-A EGRESS-SNAT -s 192.0.2.250/32 -d 203.0.113.0/24 -o eth0 -m comment --comment egress-snat -j SNAT --to-source 192.0.2.23
+-A EGRESS-SNAT -s 192.0.2.250/32 -o eth0 -m comment --comment egress-snat -j SNAT --to-source 192.0.2.23
+COMMIT
+`
+	if diff := cmp.Diff(want, got); diff != "" {
+		t.Errorf("restore payload (-want +got):\n%s", diff)
+	}
+}
+
+func TestNormalize(t *testing.T) {
+	tests := []struct {
+		name string
+		in   []Entry
+		want []Entry
+	}{
+		{"natural alone needs no rule",
+			[]Entry{entry("198.51.100.4", "192.0.2.250", "192.0.2.250")}, []Entry{}},
+		{"natural under a broader rule is kept",
+			[]Entry{entry("0.0.0.0/0", "192.0.2.250", "192.0.2.23"), entry("198.51.100.4", "192.0.2.250", "192.0.2.250")},
+			[]Entry{entry("198.51.100.4", "192.0.2.250"), entry("0.0.0.0/0", "192.0.2.250", "192.0.2.23")}},
+		{"keep without a broader rule is dropped",
+			[]Entry{entry("198.51.100.4", "192.0.2.250")}, []Entry{}},
+		{"a broader rule for another natural source does not cover",
+			[]Entry{entry("0.0.0.0/0", "198.18.0.10", "198.18.0.11"), entry("198.51.100.4", "192.0.2.250", "192.0.2.250")}, []Entry{entry("0.0.0.0/0", "198.18.0.10", "198.18.0.11")}},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			got := Normalize(tc.in)
+			if diff := cmp.Diff(tc.want, got, cmp.Comparer(func(a, b netip.Addr) bool { return a == b }), cmp.Comparer(func(a, b netip.Prefix) bool { return a == b })); diff != "" {
+				t.Errorf("Normalize (-want +got):\n%s", diff)
+			}
+		})
+	}
+}
+
+func newFakeManager() (*Manager, *FakeTables, *FakeIPSets) {
+	ft, fs := NewFakeTables(), NewFakeIPSets()
+	return &Manager{Tables: ft, Sets: fs}, ft, fs
+}
+
+// update runs one write through the same path the CLI uses, with the lock
+// replaced by the test's serial execution.
+func update(t *testing.T, m *Manager, desired func(*State) []Entry) Plan {
+	t.Helper()
+	st, err := m.Read()
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := MakePlan(st, desired(st))
+	if !p.Empty() {
+		if err := m.Apply(st, p); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return p
+}
+
+func TestSetIsIdempotentAndKeepsForeignRules(t *testing.T) {
+	m, ft, _ := newFakeManager()
+	foreign := "*nat\n-A POSTROUTING -s 10.66.0.0/16 -j MASQUERADE\nCOMMIT\n*filter\n-A INPUT -p tcp --dport 22 -j ACCEPT\nCOMMIT\n"
+	if err := ft.Restore(IPv4, foreign); err != nil {
+		t.Fatal(err)
+	}
+	before, _ := ft.Save(IPv4)
+
+	want := []Entry{entry("198.51.100.4", "192.0.2.250", "192.0.2.23")}
+	p := update(t, m, func(*State) []Entry { return want })
+	if p.Empty() || ft.Restores[IPv4] != 2 {
+		t.Fatalf("first set wrote nothing (plan %+v)", p.Changes)
+	}
+	if ft.Restores[IPv6] != 0 {
+		t.Errorf("an IPv4-only change wrote the IPv6 table")
+	}
+	st, _ := m.Read()
+	if diff := cmp.Diff(want, st.Entries(), cmp.Comparer(func(a, b netip.Addr) bool { return a == b }), cmp.Comparer(func(a, b netip.Prefix) bool { return a == b })); diff != "" {
+		t.Errorf("read back (-want +got):\n%s", diff)
+	}
+	if in := st.Installed[IPv4]; !in.JumpFirst || len(in.Jumps) != 1 {
+		t.Errorf("jump first=%v count=%d, want first and one", in.JumpFirst, len(in.Jumps))
+	}
+
+	// Same desired state again: nothing is written.
+	if p := update(t, m, func(*State) []Entry { return want }); !p.Empty() {
+		t.Errorf("second identical set planned %v", p.Changes)
+	}
+	if ft.Restores[IPv4] != 2 {
+		t.Errorf("second identical set ran iptables-restore")
+	}
+
+	// Another tool inserts ahead of our jump: the next write puts it first.
+	if err := ft.Restore(IPv4, "*nat\n-I POSTROUTING 1 -o eth0 -j MASQUERADE\nCOMMIT\n"); err != nil {
+		t.Fatal(err)
+	}
+	st, _ = m.Read()
+	if st.Installed[IPv4].JumpFirst {
+		t.Fatal("jump still first after a foreign insert")
+	}
+	update(t, m, func(*State) []Entry { return want })
+	st, _ = m.Read()
+	if in := st.Installed[IPv4]; !in.JumpFirst || len(in.Jumps) != 1 {
+		t.Errorf("after repair jump first=%v count=%d", in.JumpFirst, len(in.Jumps))
+	}
+
+	// Clear: only the foreign insert we made above differs from before.
+	if err := ft.Restore(IPv4, "*nat\n-D POSTROUTING -o eth0 -j MASQUERADE\nCOMMIT\n"); err != nil {
+		t.Fatal(err)
+	}
+	update(t, m, func(*State) []Entry { return nil })
+	after, _ := ft.Save(IPv4)
+	if diff := cmp.Diff(before, after); diff != "" {
+		t.Errorf("clear did not restore the ruleset (-before +after):\n%s", diff)
+	}
+	if p := update(t, m, func(*State) []Entry { return nil }); !p.Empty() {
+		t.Errorf("clearing a clean host planned %v", p.Changes)
+	}
+}
+
+func TestFailedWriteChangesNothing(t *testing.T) {
+	m, ft, fs := newFakeManager()
+	update(t, m, func(*State) []Entry {
+		return []Entry{entry("198.51.100.4", "192.0.2.250", "192.0.2.23"), entry("2001:db8:ffff::4", "2001:db8::250", "2001:db8::22")}
+	})
+	v4, _ := ft.Save(IPv4)
+	v6, _ := ft.Save(IPv6)
+	sets, _ := fs.Save()
+	ft.FailRestore[IPv6] = fmt.Errorf("injected failure")
+	st, _ := m.Read()
+	var many []Entry
+	for i := range 20 {
+		many = append(many, entry(fmt.Sprintf("203.0.113.%d", i), "192.0.2.250", "192.0.2.22"))
+	}
+	many = append(many, entry("2001:db8:ffff::5", "2001:db8::250", "2001:db8::23"))
+	p := MakePlan(st, many)
+	if err := m.Apply(st, p); err == nil {
+		t.Fatal("apply with a failing IPv6 write succeeded")
+	}
+	v4After, _ := ft.Save(IPv4)
+	v6After, _ := ft.Save(IPv6)
+	setsAfter, _ := fs.Save()
+	if v4 != v4After || v6 != v6After || sets != setsAfter {
+		t.Errorf("a failed apply left changes:\nv4 %s\nv6 %s\nsets %s", cmp.Diff(v4, v4After), cmp.Diff(v6, v6After), cmp.Diff(sets, setsAfter))
+	}
+}
+
+// evaluate walks a rendered chain the way the kernel does for the first
+// packet of a connection and returns the source it leaves with.
+func evaluate(c Chain, sets map[string]Set, natural netip.Addr, out string, dst netip.Addr, nth map[int]int) netip.Addr {
+	for i, r := range c.Rules {
+		pr, ok := parseRule(c.Family, r)
+		if !ok {
+			panic(fmt.Sprintf("rendered rule does not parse: %v", r))
+		}
+		if pr.natural != natural || pr.out != out {
+			continue
+		}
+		if pr.set != "" {
+			if !setMatches(sets[pr.set], dst) {
+				continue
+			}
+		} else if !pr.dst.Contains(dst) {
+			continue
+		}
+		if pr.nth {
+			every := 0
+			for j, w := range r {
+				if w == "--every" {
+					fmt.Sscan(r[j+1], &every)
+				}
+			}
+			n := nth[i]
+			nth[i]++
+			if n%every != 0 {
+				continue
+			}
+		}
+		if len(pr.to) == 0 {
+			return natural
+		}
+		return pr.to[0]
+	}
+	return natural
+}
+
+// setMatches is hash:net semantics: the most specific element decides, and
+// a nomatch element means no match.
+func setMatches(s Set, a netip.Addr) bool {
+	best, match := -1, false
+	for _, p := range s.Members {
+		if p.Contains(a) && p.Bits() > best {
+			best, match = p.Bits(), true
+		}
+	}
+	for _, p := range s.NoMatch {
+		if p.Contains(a) && p.Bits() > best {
+			best, match = p.Bits(), false
+		}
+	}
+	return match
+}
+
+// TestLongestPrefixWinsAcrossSetsAndRules renders random overlapping entries,
+// some grouped into sets and some single rules, and checks that for random
+// destinations the chain picks the source of the longest matching entry.
+func TestLongestPrefixWinsAcrossSetsAndRules(t *testing.T) {
+	rng := rand.New(rand.NewPCG(1, 2))
+	natural := addr("192.0.2.250")
+	pool := []netip.Addr{addr("192.0.2.22"), addr("192.0.2.23"), addr("192.0.2.24"), natural}
+	for round := range 30 {
+		seen := map[netip.Prefix]bool{}
+		var es []Entry
+		for range 10 + rng.IntN(60) {
+			bits := 8 + rng.IntN(25)
+			a := netip.AddrFrom4([4]byte{198, byte(rng.IntN(4)), byte(rng.IntN(256)), byte(rng.IntN(256))})
+			p, _ := a.Prefix(bits)
+			if seen[p] {
+				continue
+			}
+			seen[p] = true
+			// Skew towards one source so that sets form.
+			to := pool[0]
+			if rng.IntN(3) == 0 {
+				to = pool[rng.IntN(len(pool))]
+			}
+			es = append(es, Entry{Dst: p, Out: "eth0", Natural: natural, To: []netip.Addr{to}})
+		}
+		norm := Normalize(es)
+		c := Render(IPv4, norm)
+		sets := map[string]Set{}
+		for _, s := range c.Sets {
+			sets[s.Name] = s
+		}
+		for range 500 {
+			dst := netip.AddrFrom4([4]byte{198, byte(rng.IntN(4)), byte(rng.IntN(256)), byte(rng.IntN(256))})
+			want := natural
+			if e := Effective(es, dst, "eth0", natural); e != nil {
+				want = e.To[0]
+			}
+			if got := evaluate(c, sets, natural, "eth0", dst, map[int]int{}); got != want {
+				t.Fatalf("round %d: %s leaves with %s, want %s (sets %d, rules %d)", round, dst, got, want, len(c.Sets), len(c.Rules))
+			}
+		}
+	}
+}
+
+func TestSpreadIsRoundRobin(t *testing.T) {
+	e := entry("203.0.113.0/24", "192.0.2.250", "192.0.2.21", "192.0.2.22", "192.0.2.23")
+	c := Render(IPv4, []Entry{e})
+	nth := map[int]int{}
+	count := map[netip.Addr]int{}
+	for range 300 {
+		count[evaluate(c, nil, e.Natural, "eth0", addr("203.0.113.7"), nth)]++
+	}
+	for _, a := range e.To {
+		if count[a] != 100 {
+			t.Errorf("%s got %d of 300 connections, want 100 (%v)", a, count[a], count)
+		}
+	}
+}
+
+func TestParseSaveReadsBackWhatRenderWrites(t *testing.T) {
+	m, _, _ := newFakeManager()
+	var want []Entry
+	for i := range 12 {
+		want = append(want, entry(fmt.Sprintf("198.51.100.%d", i), "192.0.2.250", "192.0.2.22"))
+	}
+	want = append(want,
+		entry("198.51.100.0/24", "192.0.2.250", "192.0.2.23"),
+		entry("2001:db8:ffff::/48", "2001:db8::250", "2001:db8::22", "2001:db8::23"),
+	)
+	update(t, m, func(*State) []Entry { return want })
+	st, err := m.Read()
+	if err != nil {
+		t.Fatal(err)
+	}
+	SortEntries(want)
+	if diff := cmp.Diff(want, st.Entries(), cmp.Comparer(func(a, b netip.Addr) bool { return a == b }), cmp.Comparer(func(a, b netip.Prefix) bool { return a == b })); diff != "" {
+		t.Errorf("read back (-want +got):\n%s", diff)
+	}
+	if n := len(st.Installed[IPv4].SetNames); n != 1 {
+		t.Errorf("12 destinations of one source made %d sets, want 1", n)
+	}
+	if p := MakePlan(st, want); !p.Empty() {
+		t.Errorf("re-plan of the installed state is not empty: %v", p.Changes)
+	}
+}
+
+func TestEditedSetIsRepaired(t *testing.T) {
+	m, _, fs := newFakeManager()
+	var want []Entry
+	for i := range 10 {
+		want = append(want, entry(fmt.Sprintf("198.51.100.%d", i), "192.0.2.250", "192.0.2.22"))
+	}
+	update(t, m, func(*State) []Entry { return want })
+	st, _ := m.Read()
+	name := st.Installed[IPv4].SetNames[0]
+	fs.Put(Set{Name: name, Family: IPv4, Members: []netip.Prefix{pfx("198.51.100.1")}})
+	st, _ = m.Read()
+	if p := MakePlan(st, want); p.Empty() {
+		t.Fatal("a hand-edited set was not noticed")
+	}
+	update(t, m, func(*State) []Entry { return want })
+	st, _ = m.Read()
+	if got := len(st.Sets[name].Members); got != 10 {
+		t.Errorf("repaired set has %d members, want 10", got)
+	}
+}
+
+func TestParseSaveReportsForeignRulesInOurChain(t *testing.T) {
+	text := "*nat\n:POSTROUTING ACCEPT [0:0]\n:EGRESS-SNAT - [0:0]\n-A POSTROUTING -j MASQUERADE\n-A POSTROUTING -m comment --comment egress-snat -j EGRESS-SNAT\n-A EGRESS-SNAT -j ACCEPT\nCOMMIT\n"
+	in, err := ParseSave(IPv4, text, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if in.JumpFirst || len(in.Jumps) != 1 || len(in.Foreign) != 1 {
+		t.Errorf("got first=%v jumps=%d foreign=%v", in.JumpFirst, len(in.Jumps), in.Foreign)
+	}
+}
+
+func TestSplitWords(t *testing.T) {
+	got, err := splitWords(`-A POSTROUTING -m comment --comment "two words" -j X`)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := []string{"-A", "POSTROUTING", "-m", "comment", "--comment", "two words", "-j", "X"}
+	if diff := cmp.Diff(want, got); diff != "" {
+		t.Error(diff)
+	}
+	if _, err := splitWords(`-A X "open`); err == nil {
+		t.Error("unterminated quote accepted")
+	}
+}
+
+func TestLockTimesOut(t *testing.T) {
+	if !HaveCapNetAdmin() {
+		t.Skip("the lock lives in /run")
+	}
+	unlock, err := Lock(time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer unlock()
+	// flock locks are per open file description, so a second Lock in the
+	// same process contends like another process would.
+	start := time.Now()
+	_, err = Lock(100 * time.Millisecond)
+	if err == nil || !strings.Contains(err.Error(), "another egress-snat run") {
+		t.Fatalf("second lock: %v", err)
+	}
+	if time.Since(start) > 2*time.Second {
+		t.Errorf("bounded wait took %s", time.Since(start))
+	}
+}
