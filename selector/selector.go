@@ -90,14 +90,66 @@ type Choice struct {
 	Addresses []Address `json:"addresses"`
 }
 
-// Selector looks routes up through one netlink handle.
+// Selector looks routes up through one netlink handle. It remembers
+// interface names and the host's addresses between lookups, because
+// resolving thousands of destinations would otherwise list them thousands of
+// times; call Forget when the host may have changed.
 type Selector struct {
-	nl Netlink
+	nl    Netlink
+	links map[int]netlink.Link
+	addrs map[int][]netlink.Addr // by family, all interfaces
 }
 
 // New returns a Selector using nl, typically netlink.NewHandle() or a
 // handle made with netlink.NewHandleAt for another namespace.
 func New(nl Netlink) *Selector { return &Selector{nl: nl} }
+
+// Forget drops what the selector remembers of interfaces and addresses.
+func (s *Selector) Forget() {
+	s.links = nil
+	s.addrs = nil
+}
+
+func (s *Selector) link(index int) (netlink.Link, error) {
+	if l, ok := s.links[index]; ok {
+		return l, nil
+	}
+	l, err := s.nl.LinkByIndex(index)
+	if err != nil {
+		return nil, err
+	}
+	if s.links == nil {
+		s.links = map[int]netlink.Link{}
+	}
+	s.links[index] = l
+	return l, nil
+}
+
+func (s *Selector) hostAddrs(family int) ([]netlink.Addr, error) {
+	if a, ok := s.addrs[family]; ok {
+		return a, nil
+	}
+	a, err := s.nl.AddrList(nil, family)
+	if err != nil {
+		return nil, fmt.Errorf("listing addresses: %w", err)
+	}
+	if s.addrs == nil {
+		s.addrs = map[int][]netlink.Addr{}
+	}
+	s.addrs[family] = a
+	return a, nil
+}
+
+// Natural is Lookup without the explanation: the outgoing interface and
+// natural source only, for resolving many destinations. A host destination
+// costs one route lookup.
+func (s *Selector) Natural(dst netip.Prefix, out string) (iface string, src netip.Addr, err error) {
+	c, err := s.lookup(dst, out, false)
+	if err != nil {
+		return "", netip.Addr{}, err
+	}
+	return c.Interface, c.Source, nil
+}
 
 // Lookup returns the route and natural source for dst. When out is not
 // empty the lookup is made as if the traffic were sent out of that interface
@@ -109,6 +161,10 @@ func New(nl Netlink) *Selector { return &Selector{nl: nl} }
 // route's, never the answer for the prefix's first address (0.0.0.0 is
 // looked up as the host itself by the kernel).
 func (s *Selector) Lookup(dst netip.Prefix, out string) (*Choice, error) {
+	return s.lookup(dst, out, true)
+}
+
+func (s *Selector) lookup(dst netip.Prefix, out string, explain bool) (*Choice, error) {
 	dst = dst.Masked()
 	opts := &netlink.RouteGetOptions{}
 	if out != "" {
@@ -118,9 +174,15 @@ func (s *Selector) Lookup(dst netip.Prefix, out string) (*Choice, error) {
 		}
 		opts.OifIndex = link.Attrs().Index
 	}
-	probe, fib, err := s.probe(dst, opts)
-	if err != nil {
-		return nil, err
+	var probe netip.Addr
+	var fib netlink.Route
+	if explain || !dst.IsSingleIP() {
+		var err error
+		if probe, fib, err = s.probe(dst, opts); err != nil {
+			return nil, err
+		}
+	} else {
+		probe = dst.Addr()
 	}
 	routes, err := s.nl.RouteGetWithOptions(probe.AsSlice(), opts)
 	if err != nil {
@@ -141,13 +203,16 @@ func (s *Selector) Lookup(dst netip.Prefix, out string) (*Choice, error) {
 	if r.Gw != nil {
 		c.Gateway = addrFrom(r.Gw)
 	}
-	link, err := s.nl.LinkByIndex(r.LinkIndex)
+	link, err := s.link(r.LinkIndex)
 	if err != nil {
 		return nil, fmt.Errorf("outgoing interface of %s (index %d): %w", dst, r.LinkIndex, err)
 	}
 	c.Interface = link.Attrs().Name
 	if out != "" && c.Interface != out {
 		return nil, fmt.Errorf("traffic to %s leaves by %s, not %s", dst, c.Interface, out)
+	}
+	if !explain {
+		return c, nil
 	}
 	family := netlink.FAMILY_V4
 	if !dst.Addr().Is4() {
@@ -164,13 +229,13 @@ func (s *Selector) Lookup(dst netip.Prefix, out string) (*Choice, error) {
 		}
 		c.Addresses = append(c.Addresses, Address{Prefix: p, Primary: a.Flags&unix.IFA_F_SECONDARY == 0})
 	}
-	c.Reason = explain(c, fib)
+	c.Reason = reasonFor(c, fib)
 	return c, nil
 }
 
-// explain names the kernel rule that produced c.Source. The kernel made the
+// reasonFor names the kernel rule that produced c.Source. The kernel made the
 // choice; this only classifies it.
-func explain(c *Choice, fib netlink.Route) Reason {
+func reasonFor(c *Choice, fib netlink.Route) Reason {
 	if fib.Src != nil {
 		if fib.Protocol == unix.RTPROT_KERNEL && fib.Scope == netlink.SCOPE_LINK {
 			return ReasonConnected
@@ -273,13 +338,13 @@ func (s *Selector) Owner(a netip.Addr) (string, error) {
 	if !a.Is4() {
 		family = netlink.FAMILY_V6
 	}
-	addrs, err := s.nl.AddrList(nil, family)
+	addrs, err := s.hostAddrs(family)
 	if err != nil {
-		return "", fmt.Errorf("listing addresses: %w", err)
+		return "", err
 	}
 	for _, x := range addrs {
 		if p, ok := prefixFrom(x.IPNet); ok && p.Addr() == a {
-			link, err := s.nl.LinkByIndex(x.LinkIndex)
+			link, err := s.link(x.LinkIndex)
 			if err != nil {
 				return "", fmt.Errorf("interface of %s (index %d): %w", a, x.LinkIndex, err)
 			}

@@ -337,3 +337,21 @@ func (p Plan) Has(dst netip.Prefix) bool {
 	}
 	return false
 }
+
+// Summary counts the plan's changes and the resulting chains in one line.
+func (p Plan) Summary() string {
+	n := map[string]int{}
+	for _, c := range p.Changes {
+		n[c.Op]++
+	}
+	rules, sets, members := 0, 0, 0
+	for _, c := range p.Chains {
+		rules += len(c.Rules)
+		sets += len(c.Sets)
+		for _, s := range c.Sets {
+			members += len(s.Members)
+		}
+	}
+	return fmt.Sprintf("%d added, %d changed, %d removed; the chains hold %d rules and %d sets with %d destinations",
+		n["add"], n["change"], n["remove"], rules, sets, members)
+}

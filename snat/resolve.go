@@ -24,9 +24,11 @@ func Invalid(format string, args ...any) error {
 // Router is what resolving needs from the host: the kernel's route choice
 // and which interface holds an address. *selector.Selector implements it.
 type Router interface {
-	Lookup(dst netip.Prefix, out string) (*selector.Choice, error)
+	Natural(dst netip.Prefix, out string) (iface string, natural netip.Addr, err error)
 	Owner(a netip.Addr) (iface string, err error)
 }
+
+var _ Router = (*selector.Selector)(nil)
 
 // Intent is what the operator asks for: new connections to Dst (leaving by
 // Out, or as routed when Out is empty) get source To, spread over To in turn
@@ -76,20 +78,20 @@ func resolveOne(r Router, in Intent) (Entry, error) {
 			return Entry{}, Invalid("source %s and destination %s are of different address families", to, dst)
 		}
 	}
-	choice, err := r.Lookup(dst, in.Out)
+	iface, natural, err := r.Natural(dst, in.Out)
 	if err != nil {
 		return Entry{}, Invalid("destination %s: %w", dst, err)
 	}
 	for _, to := range in.To {
-		iface, err := r.Owner(to)
+		owner, err := r.Owner(to)
 		if err != nil {
 			return Entry{}, Invalid("source %s: %w", to, err)
 		}
-		if iface != choice.Interface {
-			return Entry{}, Invalid("source %s is on %s, but traffic to %s leaves by %s: the source must be an address of the outgoing interface", to, iface, dst, choice.Interface)
+		if owner != iface {
+			return Entry{}, Invalid("source %s is on %s, but traffic to %s leaves by %s: the source must be an address of the outgoing interface", to, owner, dst, iface)
 		}
 	}
-	return Entry{Dst: dst, Out: choice.Interface, Natural: choice.Source, To: slices.Clone(in.To)}, nil
+	return Entry{Dst: dst, Out: iface, Natural: natural, To: slices.Clone(in.To)}, nil
 }
 
 func addrList(as []netip.Addr) string {

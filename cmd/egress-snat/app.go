@@ -62,6 +62,7 @@ kernel; "egress-snat clear" removes every trace.
 			unsetCommand,
 			listCommand,
 			clearCommand,
+			applyCommand,
 		},
 		OnUsageError: func(c *cli.Context, err error, _ bool) error {
 			return cli.Exit(fmt.Sprintf("%v (see egress-snat --help)", err), exitUsage)

@@ -9,6 +9,7 @@ import (
 
 	"github.com/urfave/cli/v2"
 
+	"github.com/egress-snat/egress-snat/config"
 	"github.com/egress-snat/egress-snat/snat"
 )
 
@@ -29,21 +30,11 @@ func parseDsts(vals []string) ([]netip.Prefix, error) {
 }
 
 func parseDst(s string) (netip.Prefix, error) {
-	if strings.Contains(s, "/") {
-		p, err := netip.ParsePrefix(s)
-		if err != nil {
-			return p, usageError("--dst %q is not a valid prefix (want an address like 198.51.100.4 or a prefix like 198.51.100.0/24)", s)
-		}
-		if p.Masked() != p {
-			return p, usageError("--dst %s has host bits set; did you mean %s?", s, p.Masked())
-		}
-		return p, nil
+	p, err := config.ParseDst(s)
+	if err != nil {
+		return p, usageError("--dst %v (want an address like 198.51.100.4 or a prefix like 198.51.100.0/24)", err)
 	}
-	a, err := netip.ParseAddr(s)
-	if err != nil || a.Zone() != "" {
-		return netip.Prefix{}, usageError("--dst %q is not a valid address or prefix", s)
-	}
-	return netip.PrefixFrom(a, a.BitLen()), nil
+	return p, nil
 }
 
 // parseAddrs reads a comma-separated address list such as --to or --pool,
@@ -100,6 +91,10 @@ func writeJSON(w io.Writer, v any) error {
 	return enc.Encode(v)
 }
 
+// maxPlanLines bounds the changes printed by a real run; a 10,000-entry
+// apply would otherwise flood the terminal.
+const maxPlanLines = 20
+
 // printPlan tells what a write did, or would do with --dry-run.
 func printPlan(w io.Writer, p snat.Plan, dryRun bool) {
 	if p.Empty() {
@@ -110,9 +105,14 @@ func printPlan(w io.Writer, p snat.Plan, dryRun bool) {
 	if dryRun {
 		verb = "would "
 	}
-	for _, c := range p.Changes {
+	for i, c := range p.Changes {
+		if i == maxPlanLines && !dryRun {
+			fmt.Fprintf(w, "... and %d more changes (--dry-run lists them all)\n", len(p.Changes)-i)
+			break
+		}
 		fmt.Fprintf(w, "%s%s\n", verb, c)
 	}
+	fmt.Fprintf(w, "%s\n", p.Summary())
 	if len(p.Changes) == 0 {
 		fmt.Fprintf(w, "%srepair the chain (jump position, foreign or missing rules, sets)\n", verb)
 	}

@@ -1,0 +1,77 @@
+package main
+
+import (
+	"github.com/urfave/cli/v2"
+
+	"github.com/egress-snat/egress-snat/config"
+	"github.com/egress-snat/egress-snat/snat"
+)
+
+var applyCommand = &cli.Command{
+	Name:      "apply",
+	Usage:     "make the host's rules exactly those of a desired-state file",
+	UsageText: "egress-snat apply -f FILE [--dry-run]",
+	Description: `Reads a YAML file stating every rule the host should have, checks all of it
+against the host, then converges in one atomic write per address family:
+
+   rules:
+     - to: 192.0.2.22
+       dst: [198.51.100.0/24, 203.0.113.7]
+       out: eth0                 # optional: the interface traffic leaves by
+     - to: 2001:db8::23
+       dst: [2001:db8:ffff::/48]
+     - to: 192.0.2.23
+       dst-file: partners.txt    # one address or CIDR a line, '#' comments,
+                                 # relative to FILE
+     - to: [192.0.2.22, 192.0.2.23]
+       spread: true              # new connections round-robin over them
+       dst: [203.0.113.0/24]
+
+The file is the whole truth: rules made by "set" that the file does not name
+are removed, and the plan says so. Semantics are those of set: the most
+specific destination wins, only traffic leaving with the natural source is
+rewritten, and no rule is installed where the natural source already is the
+one asked for. Many destinations of one source go into one ipset (hash:net),
+so the chain stays a handful of rules however long the list.
+
+Unknown keys, bad addresses, addresses not on the host, mixed families and a
+destination given twice with different sources are errors naming the rule
+and value; a bad file changes nothing. Applying the same file again writes
+nothing. --dry-run prints the plan and the exact iptables-restore and ipset
+payloads without changing anything.`,
+	Flags: []cli.Flag{
+		&cli.StringFlag{Name: "file", Aliases: []string{"f"}, Required: true, Usage: "desired-state YAML `FILE`"},
+		dryRunFlag,
+	},
+	Action: func(c *cli.Context) error {
+		intents, err := loadIntents(c.String("file"))
+		if err != nil {
+			return err
+		}
+		e, err := hostEnv(c)
+		if err != nil {
+			return err
+		}
+		_, plan, err := e.mgr.Update(e.lockTimeout, c.Bool("dry-run"), func(*snat.State) ([]snat.Entry, error) {
+			return snat.Resolve(e.sel, intents)
+		})
+		if err != nil {
+			return err
+		}
+		printPlan(e.out, plan, c.Bool("dry-run"))
+		return nil
+	},
+}
+
+// loadIntents reads a desired-state file; any problem is bad input.
+func loadIntents(path string) ([]snat.Intent, error) {
+	f, err := config.Load(path)
+	if err != nil {
+		return nil, &snat.InvalidError{Err: err}
+	}
+	intents, err := f.Intents()
+	if err != nil {
+		return nil, &snat.InvalidError{Err: err}
+	}
+	return intents, nil
+}

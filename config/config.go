@@ -1,0 +1,260 @@
+// Package config reads the desired-state file of `egress-snat apply`:
+//
+//	rules:
+//	  - to: 192.0.2.22
+//	    dst: [198.51.100.0/24, 203.0.113.7]
+//	    out: eth0                 # optional
+//	  - to: [192.0.2.22, 192.0.2.23]
+//	    spread: true              # new connections round-robin over to
+//	    dst: [203.0.113.0/24]
+//	  - to: 192.0.2.23
+//	    dst-file: partners.txt    # one address or CIDR a line, '#' comments
+//
+// Decoding is strict: an unknown key, a bad address or a bad prefix is an
+// error naming the file and line. The package only parses; whether the
+// addresses exist on the host is checked by snat.Resolve.
+package config
+
+import (
+	"bufio"
+	"bytes"
+	"errors"
+	"fmt"
+	"io"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"strings"
+
+	"go.yaml.in/yaml/v3"
+
+	"github.com/egress-snat/egress-snat/snat"
+)
+
+// File is the whole desired state.
+type File struct {
+	Rules []Rule `yaml:"rules"`
+}
+
+// Rule gives destinations one source, or several to spread over.
+type Rule struct {
+	To      Addrs    `yaml:"to"`
+	Dst     Prefixes `yaml:"dst"`
+	DstFile string   `yaml:"dst-file"`
+	Out     string   `yaml:"out"`
+	Spread  bool     `yaml:"spread"`
+
+	line int
+	// dstFile holds the destinations read from DstFile.
+	dstFile []netip.Prefix
+}
+
+// Addrs is one address or a list of them.
+type Addrs []netip.Addr
+
+// Prefixes is one destination or a list; a bare address is a host.
+type Prefixes []netip.Prefix
+
+func (a *Addrs) UnmarshalYAML(n *yaml.Node) error {
+	var words []string
+	if err := scalarOrList(n, &words); err != nil {
+		return err
+	}
+	for _, w := range words {
+		ad, err := netip.ParseAddr(w)
+		if err != nil || ad.Zone() != "" {
+			return fmt.Errorf("line %d: %q is not an IP address", n.Line, w)
+		}
+		*a = append(*a, ad)
+	}
+	return nil
+}
+
+func (p *Prefixes) UnmarshalYAML(n *yaml.Node) error {
+	var words []string
+	if err := scalarOrList(n, &words); err != nil {
+		return err
+	}
+	for _, w := range words {
+		pr, err := ParseDst(w)
+		if err != nil {
+			return fmt.Errorf("line %d: %w", n.Line, err)
+		}
+		*p = append(*p, pr)
+	}
+	return nil
+}
+
+func (r *Rule) UnmarshalYAML(n *yaml.Node) error {
+	type plain Rule // without this method, so Decode does not recurse
+	var p plain
+	if err := n.Decode(&p); err != nil {
+		return err
+	}
+	*r = Rule(p)
+	r.line = n.Line
+	return nil
+}
+
+func scalarOrList(n *yaml.Node, out *[]string) error {
+	switch n.Kind {
+	case yaml.ScalarNode:
+		*out = []string{n.Value}
+		return nil
+	case yaml.SequenceNode:
+		for _, c := range n.Content {
+			if c.Kind != yaml.ScalarNode {
+				return fmt.Errorf("line %d: want an address, got a %s", c.Line, kindName(c.Kind))
+			}
+			*out = append(*out, c.Value)
+		}
+		return nil
+	}
+	return fmt.Errorf("line %d: want an address or a list of them, got a %s", n.Line, kindName(n.Kind))
+}
+
+func kindName(k yaml.Kind) string {
+	switch k {
+	case yaml.MappingNode:
+		return "mapping"
+	case yaml.SequenceNode:
+		return "list"
+	case yaml.AliasNode:
+		return "alias"
+	}
+	return "scalar"
+}
+
+// ParseDst reads a destination: a prefix without host bits, or an address.
+func ParseDst(s string) (netip.Prefix, error) {
+	s = strings.TrimSpace(s)
+	if strings.Contains(s, "/") {
+		p, err := netip.ParsePrefix(s)
+		if err != nil {
+			return p, fmt.Errorf("%q is not a valid prefix", s)
+		}
+		if p.Masked() != p {
+			return p, fmt.Errorf("%s has host bits set; did you mean %s?", s, p.Masked())
+		}
+		return p, nil
+	}
+	a, err := netip.ParseAddr(s)
+	if err != nil || a.Zone() != "" {
+		return netip.Prefix{}, fmt.Errorf("%q is not a valid address or prefix", s)
+	}
+	return netip.PrefixFrom(a, a.BitLen()), nil
+}
+
+// Load reads path and the dst-files it names (relative to its folder).
+func Load(path string) (*File, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return nil, err
+	}
+	f, err := Decode(bytes.NewReader(b))
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", path, err)
+	}
+	for i := range f.Rules {
+		r := &f.Rules[i]
+		if r.DstFile == "" {
+			continue
+		}
+		name := r.DstFile
+		if !filepath.IsAbs(name) {
+			name = filepath.Join(filepath.Dir(path), name)
+		}
+		r.dstFile, err = readDstFile(name)
+		if err != nil {
+			return nil, fmt.Errorf("%s: rule %d (line %d): dst-file: %w", path, i+1, r.line, err)
+		}
+	}
+	return f, nil
+}
+
+// Decode parses a desired-state document strictly and checks each rule on
+// its own (families, at least one source and destination). It reads no
+// dst-file.
+func Decode(r io.Reader) (*File, error) {
+	dec := yaml.NewDecoder(r)
+	dec.KnownFields(true)
+	var f File
+	if err := dec.Decode(&f); err != nil {
+		if errors.Is(err, io.EOF) {
+			return nil, errors.New("empty file: want a 'rules:' list (an empty list, 'rules: []', removes every rule)")
+		}
+		return nil, err
+	}
+	var more yaml.Node
+	if err := dec.Decode(&more); !errors.Is(err, io.EOF) {
+		return nil, errors.New("more than one YAML document; want exactly one")
+	}
+	var errs []error
+	for i, r := range f.Rules {
+		if err := r.check(); err != nil {
+			errs = append(errs, fmt.Errorf("rule %d (line %d): %w", i+1, r.line, err))
+		}
+	}
+	return &f, errors.Join(errs...)
+}
+
+func (r Rule) check() error {
+	if len(r.To) == 0 {
+		return errors.New("'to' is required")
+	}
+	if len(r.Dst) == 0 && r.DstFile == "" {
+		return errors.New("'dst' or 'dst-file' is required")
+	}
+	if len(r.To) > 1 && !r.Spread {
+		return fmt.Errorf("'to' lists %d addresses: add 'spread: true' to spread connections over them, or give one", len(r.To))
+	}
+	for _, a := range r.To[1:] {
+		if a.Is4() != r.To[0].Is4() {
+			return fmt.Errorf("'to' mixes address families: %s and %s", r.To[0], a)
+		}
+	}
+	for _, d := range r.Dst {
+		if d.Addr().Is4() != r.To[0].Is4() {
+			return fmt.Errorf("destination %s and source %s are of different address families", d, r.To[0])
+		}
+	}
+	return nil
+}
+
+func readDstFile(path string) ([]netip.Prefix, error) {
+	fh, err := os.Open(path)
+	if err != nil {
+		return nil, err
+	}
+	defer fh.Close()
+	var out []netip.Prefix
+	sc := bufio.NewScanner(fh)
+	for n := 1; sc.Scan(); n++ {
+		line, _, _ := strings.Cut(sc.Text(), "#")
+		if line = strings.TrimSpace(line); line == "" {
+			continue
+		}
+		p, err := ParseDst(line)
+		if err != nil {
+			return nil, fmt.Errorf("%s:%d: %w", path, n, err)
+		}
+		out = append(out, p)
+	}
+	return out, sc.Err()
+}
+
+// Intents returns the file's rules as intents for snat.Resolve.
+func (f *File) Intents() ([]snat.Intent, error) {
+	var out []snat.Intent
+	var errs []error
+	for i, r := range f.Rules {
+		for _, d := range append(append([]netip.Prefix{}, r.Dst...), r.dstFile...) {
+			if d.Addr().Is4() != r.To[0].Is4() {
+				errs = append(errs, fmt.Errorf("rule %d (line %d): destination %s and source %s are of different address families", i+1, r.line, d, r.To[0]))
+				continue
+			}
+			out = append(out, snat.Intent{Dst: d, To: r.To, Out: r.Out})
+		}
+	}
+	return out, errors.Join(errs...)
+}
