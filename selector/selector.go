@@ -28,6 +28,8 @@ type Netlink interface {
 	LinkByIndex(index int) (netlink.Link, error)
 	LinkByName(name string) (netlink.Link, error)
 	AddrList(link netlink.Link, family int) ([]netlink.Addr, error)
+	RuleList(family int) ([]netlink.Rule, error)
+	RouteListFiltered(family int, filter *netlink.Route, filterMask uint64) ([]netlink.Route, error)
 }
 
 // Reason says which of the kernel's rules picked the natural source, in the
@@ -95,9 +97,11 @@ type Choice struct {
 // resolving thousands of destinations would otherwise list them thousands of
 // times; call Forget when the host may have changed.
 type Selector struct {
-	nl    Netlink
-	links map[int]netlink.Link
-	addrs map[int][]netlink.Addr // by family, all interfaces
+	nl      Netlink
+	links   map[int]netlink.Link
+	addrs   map[int][]netlink.Addr // by family, all interfaces
+	fib     *fib4
+	byRoute map[routeKey]natural
 }
 
 // New returns a Selector using nl, typically netlink.NewHandle() or a
@@ -108,6 +112,8 @@ func New(nl Netlink) *Selector { return &Selector{nl: nl} }
 func (s *Selector) Forget() {
 	s.links = nil
 	s.addrs = nil
+	s.fib = nil
+	s.byRoute = nil
 }
 
 func (s *Selector) link(index int) (netlink.Link, error) {
@@ -143,7 +149,31 @@ func (s *Selector) hostAddrs(family int) ([]netlink.Addr, error) {
 // Natural is Lookup without the explanation: the outgoing interface and
 // natural source only, for resolving many destinations. A host destination
 // costs one route lookup.
+//
+// IPv4 destinations that take the same route share one kernel lookup (see
+// fib4); the first one of each route is looked up in full, and its answer is
+// kept only if the kernel confirms it matched that very route.
 func (s *Selector) Natural(dst netip.Prefix, out string) (iface string, src netip.Addr, err error) {
+	dst = dst.Masked()
+	if dst.Addr().Is4() {
+		if k, ok := s.loadFIB4().route(dst); ok {
+			k.out = out
+			if n, ok := s.byRoute[k]; ok {
+				return n.iface, n.source, nil
+			}
+			c, err := s.lookup(dst, out, true)
+			if err != nil {
+				return "", netip.Addr{}, err
+			}
+			if c.Table == k.table && c.Route == k.prefix {
+				if s.byRoute == nil {
+					s.byRoute = map[routeKey]natural{}
+				}
+				s.byRoute[k] = natural{c.Interface, c.Source}
+			}
+			return c.Interface, c.Source, nil
+		}
+	}
 	c, err := s.lookup(dst, out, false)
 	if err != nil {
 		return "", netip.Addr{}, err

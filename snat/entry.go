@@ -88,7 +88,9 @@ func (e Entry) group() groupKey {
 // rules: family, then longest prefix first, then address, so rendering is
 // deterministic.
 func SortEntries(es []Entry) {
-	slices.SortFunc(es, compareEntries)
+	if !slices.IsSortedFunc(es, compareEntries) {
+		slices.SortFunc(es, compareEntries)
+	}
 }
 
 func compareEntries(a, b Entry) int {

@@ -7,6 +7,7 @@ import (
 	"net/netip"
 	"slices"
 	"strings"
+	"sync"
 	"time"
 )
 
@@ -37,9 +38,26 @@ func (s *State) Entries() []Entry {
 
 // Read reads the kernel's current state.
 func (m *Manager) Read() (*State, error) {
-	setText, err := m.Sets.Save()
-	if err != nil {
-		return nil, err
+	// The three dumps are independent; running them at once saves most of
+	// a no-op apply's time.
+	var setText string
+	var setErr error
+	texts := map[Family]string{}
+	errs := map[Family]error{}
+	var wg sync.WaitGroup
+	var mu sync.Mutex
+	wg.Go(func() { setText, setErr = m.Sets.Save() })
+	for _, f := range Families {
+		wg.Go(func() {
+			t, err := m.Tables.Save(f)
+			mu.Lock()
+			texts[f], errs[f] = t, err
+			mu.Unlock()
+		})
+	}
+	wg.Wait()
+	if setErr != nil {
+		return nil, setErr
 	}
 	sets, err := ParseSets(setText)
 	if err != nil {
@@ -47,11 +65,10 @@ func (m *Manager) Read() (*State, error) {
 	}
 	st := &State{Installed: map[Family]Installed{}, Sets: sets}
 	for _, f := range Families {
-		text, err := m.Tables.Save(f)
-		if err != nil {
-			return nil, err
+		if errs[f] != nil {
+			return nil, errs[f]
 		}
-		in, err := ParseSave(f, text, sets)
+		in, err := ParseSave(f, texts[f], sets)
 		if err != nil {
 			return nil, err
 		}

@@ -98,21 +98,33 @@ func Render(f Family, entries []Entry) Chain {
 // that lie strictly inside one of its members. Walking up each prefix's
 // supernets keeps this O(entries × address bits).
 func exceptions(entries []Entry, inSet map[groupKey]bool) map[groupKey][]netip.Prefix {
+	out := map[groupKey][]netip.Prefix{}
+	if len(inSet) == 0 {
+		return out
+	}
 	owner := make(map[netip.Prefix]groupKey, len(entries))
+	var lengths []int // prefix lengths in use, longest first
 	for _, e := range entries {
 		owner[e.Dst] = e.group()
+		if !slices.Contains(lengths, e.Dst.Bits()) {
+			lengths = append(lengths, e.Dst.Bits())
+		}
 	}
-	out := map[groupKey][]netip.Prefix{}
+	slices.Sort(lengths)
+	slices.Reverse(lengths)
 	for _, e := range entries {
 		mine := e.group()
-		added := map[groupKey]bool{}
-		for bits := e.Dst.Bits() - 1; bits >= 0; bits-- {
-			super, _ := e.Dst.Addr().Prefix(bits)
-			k, ok := owner[super]
-			if !ok || k == mine || !inSet[k] || added[k] {
+		var added []groupKey
+		for _, bits := range lengths {
+			if bits >= e.Dst.Bits() {
 				continue
 			}
-			added[k] = true
+			super, _ := e.Dst.Addr().Prefix(bits)
+			k, ok := owner[super]
+			if !ok || k == mine || !inSet[k] || slices.Contains(added, k) {
+				continue
+			}
+			added = append(added, k)
 			out[k] = append(out[k], e.Dst)
 		}
 	}
