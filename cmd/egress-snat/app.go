@@ -63,6 +63,7 @@ kernel; "egress-snat clear" removes every trace.
 			listCommand,
 			clearCommand,
 			applyCommand,
+			rotateCommand,
 		},
 		OnUsageError: func(c *cli.Context, err error, _ bool) error {
 			return cli.Exit(fmt.Sprintf("%v (see egress-snat --help)", err), exitUsage)
@@ -141,6 +142,7 @@ func enterNetns(c *cli.Context) error {
 // env is what commands need from the host, built once per run.
 type env struct {
 	sel         *selector.Selector
+	nl          *netlink.Handle
 	mgr         *snat.Manager
 	backend     snat.Backend
 	lockTimeout time.Duration
@@ -164,6 +166,7 @@ func hostEnv(c *cli.Context) (*env, error) {
 	wait := c.Duration("lock-timeout")
 	return &env{
 		sel:         selector.New(h),
+		nl:          h,
 		mgr:         &snat.Manager{Tables: snat.ExecTables{Backend: backend, Wait: wait}, Sets: snat.ExecIPSets{}},
 		backend:     backend,
 		lockTimeout: wait,

@@ -1,0 +1,50 @@
+# egress-snat. `make` alone lists the targets.
+# Tests and the demo need root: they build network namespaces and never touch
+# the root namespace.
+
+export PATH := /usr/local/go/bin:$(PATH):/usr/sbin:/sbin
+
+GO      ?= go
+VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
+# Set to 0 to skip the second run of the namespace tests on iptables-legacy.
+EGRESS_SNAT_BOTH_BACKENDS ?= 1
+TESTFLAGS ?= -count=1 -p 1 -timeout 20m
+
+.DEFAULT_GOAL := help
+.PHONY: help build fmt vet test test-legacy demo bench fuzz clean
+
+help: ## list the targets
+	@awk -F':.*## ' '/^[a-z-]+:.*## / { printf "  %-12s %s\n", $$1, $$2 }' $(MAKEFILE_LIST)
+
+build: ## build bin/egress-snat, version from git describe
+	$(GO) build -trimpath -ldflags "-X main.version=$(VERSION)" -o bin/egress-snat ./cmd/egress-snat
+
+fmt: ## gofmt every Go file in place
+	$(GO) fmt ./...
+
+vet: ## go vet ./...
+	$(GO) vet ./...
+
+test: vet ## vet, all tests (root: namespace tests), then test-legacy unless EGRESS_SNAT_BOTH_BACKENDS=0
+	$(GO) test $(TESTFLAGS) ./...
+	@if [ "$(EGRESS_SNAT_BOTH_BACKENDS)" != "0" ]; then $(MAKE) --no-print-directory test-legacy; fi
+
+# The namespace tests are the packages whose tests use internal/lab.
+test-legacy: ## the namespace tests again with EGRESS_SNAT_IPTABLES=legacy
+	@list=$$($(GO) list -f '{{.ImportPath}} {{join .TestImports " "}} {{join .XTestImports " "}}' ./...) || exit 1; \
+	pkgs=$$(echo "$$list" | awk '$$0 ~ /\/internal\/lab( |$$)/ { print $$1 }'); \
+	if [ -z "$$pkgs" ]; then echo "test-legacy: no package uses internal/lab"; exit 0; fi; \
+	echo "EGRESS_SNAT_IPTABLES=legacy $(GO) test $(TESTFLAGS)" $$pkgs; \
+	EGRESS_SNAT_IPTABLES=legacy $(GO) test $(TESTFLAGS) $$pkgs
+
+demo: ## show the problem and the fix in a namespace lab (root)
+	bash scripts/demo.sh
+
+bench: ## benchmarks (scripts/bench.sh)
+	bash scripts/bench.sh
+
+fuzz: ## fuzz tests (scripts/fuzz.sh)
+	bash scripts/fuzz.sh
+
+clean: ## remove bin/
+	rm -rf bin

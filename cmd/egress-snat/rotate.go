@@ -1,0 +1,187 @@
+package main
+
+import (
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"net"
+	"net/netip"
+
+	"github.com/urfave/cli/v2"
+	"github.com/vishvananda/netlink"
+
+	"github.com/egress-snat/egress-snat/selector"
+	"github.com/egress-snat/egress-snat/snat"
+)
+
+var rotateCommand = &cli.Command{
+	Name:      "rotate",
+	Usage:     "move destinations to the next source address of a pool (for cron)",
+	UsageText: "egress-snat rotate --pool ADDR,ADDR[,...] [--dst ADDR|CIDR]... [--order next|random] [--flush-conntrack] [--dry-run]",
+	Description: `Moves each --dst (default: every destination of the pool's family) to the
+pool member after the one it uses now. The address in use is read from the
+installed rule itself, or is the natural source when there is none, so there
+is no state file: the first call moves to the first member, the next call to
+the second, and so on, wrapping around.
+
+Pool members must be addresses of the interface the traffic leaves by. A
+member no longer on the host is skipped with a warning; if none is left,
+rotate fails and changes nothing. --order random picks a member other than
+the current one at random.
+
+Make-before-break: the old rule is replaced by the new one in one atomic
+iptables-restore transaction, so every new connection leaves from the old
+address or the new one, never from the natural source in between.
+
+Existing connections keep the address they started with: conntrack holds
+their NAT binding until they end. --flush-conntrack deletes the conntrack
+entries of the old binding for these destinations (through netlink) and
+says how many. Their next packets are NATed afresh to the new address:
+UDP flows move over; established TCP connections break (the far side sees
+packets from an address it has no connection with, and answers with a
+reset), so use it when the old address must stop being used at once.
+
+Runs that overlap (cron and a manual set, or two rotations) wait for each
+other, up to --lock-timeout.
+
+Cron example (/etc/cron.d/egress-snat):
+   */10 * * * * root egress-snat rotate --pool 192.0.2.22,192.0.2.23 --dst 198.51.100.0/24`,
+	Flags: []cli.Flag{
+		&cli.StringSliceFlag{Name: "pool", Required: true, Usage: "source addresses to rotate over, in order (comma-separated)"},
+		&cli.StringSliceFlag{Name: "dst", Usage: "destination `ADDR|CIDR` to rotate (repeatable; default: every destination of the pool's family)"},
+		&cli.StringFlag{Name: "order", Value: "next", Usage: "next (pool order) or random"},
+		&cli.BoolFlag{Name: "flush-conntrack", Usage: "also delete the conntrack entries of the old address, so existing flows move too (breaks established TCP connections)"},
+		dryRunFlag,
+	},
+	Action: func(c *cli.Context) error {
+		pool, err := parseAddrs("pool", c.StringSlice("pool"))
+		if err != nil {
+			return err
+		}
+		order := snat.Order(c.String("order"))
+		if order != snat.OrderNext && order != snat.OrderRandom {
+			return usageError("--order %q: want next or random", c.String("order"))
+		}
+		dsts, err := parseDsts(c.StringSlice("dst"))
+		if err != nil {
+			return err
+		}
+		if len(dsts) == 0 {
+			dsts = []netip.Prefix{everything(pool[0])}
+		}
+		if err := sameFamily(pool[0], dsts); err != nil {
+			return err
+		}
+		e, err := hostEnv(c)
+		if err != nil {
+			return err
+		}
+		var moves []move
+		_, plan, err := e.mgr.Update(e.lockTimeout, c.Bool("dry-run"), func(st *snat.State) ([]snat.Entry, error) {
+			var intents []snat.Intent
+			moves, intents, err = planRotation(e, st, pool, dsts, order)
+			if err != nil {
+				return nil, err
+			}
+			resolved, err := snat.Resolve(e.sel, intents)
+			if err != nil {
+				return nil, err
+			}
+			return snat.Merge(st.Entries(), resolved), nil
+		})
+		if err != nil {
+			return err
+		}
+		for _, m := range moves {
+			for _, w := range m.skipped {
+				fmt.Fprintf(c.App.ErrWriter, "warning: pool member %s is not on this host any more: skipped\n", w)
+			}
+			fmt.Fprintf(e.out, "%s: %s -> %s\n", m.dst, m.from, m.to)
+		}
+		if plan.Empty() {
+			fmt.Fprintln(e.out, "nothing to change")
+		}
+		if !c.Bool("flush-conntrack") || c.Bool("dry-run") {
+			return nil
+		}
+		for _, m := range moves {
+			if m.from == m.to {
+				continue
+			}
+			n, err := flushBinding(e.nl, m.dst, m.from)
+			if err != nil {
+				return fmt.Errorf("rules rotated, but deleting conntrack entries of %s for %s failed: %w", m.from, m.dst, err)
+			}
+			fmt.Fprintf(e.out, "%s: deleted %d conntrack entries bound to %s\n", m.dst, n, m.from)
+		}
+		return nil
+	},
+}
+
+type move struct {
+	dst      netip.Prefix
+	from, to netip.Addr
+	skipped  []netip.Addr
+}
+
+// planRotation picks each destination's next pool member.
+func planRotation(e *env, st *snat.State, pool []netip.Addr, dsts []netip.Prefix, order snat.Order) ([]move, []snat.Intent, error) {
+	installed := st.Entries()
+	var moves []move
+	var intents []snat.Intent
+	for _, d := range dsts {
+		out := ""
+		for _, en := range installed {
+			if en.Dst == d {
+				out = en.Out
+			}
+		}
+		iface, natural, err := e.sel.Natural(d, out)
+		if err != nil {
+			return nil, nil, snat.Invalid("--dst %s: %w", d, err)
+		}
+		m := move{dst: d, from: snat.Current(installed, d, natural)}
+		usable := func(a netip.Addr) bool {
+			owner, err := e.sel.Owner(a)
+			return err == nil && owner == iface
+		}
+		for _, a := range pool {
+			owner, err := e.sel.Owner(a)
+			switch {
+			case errors.Is(err, selector.ErrNotLocal):
+				m.skipped = append(m.skipped, a)
+			case err != nil:
+				return nil, nil, err
+			case owner != iface:
+				return nil, nil, snat.Invalid("pool member %s is on %s, but traffic to %s leaves by %s", a, owner, d, iface)
+			}
+		}
+		next, ok := snat.NextSource(pool, m.from, usable, order, rand.New(rand.NewPCG(rand.Uint64(), rand.Uint64())))
+		if !ok {
+			return nil, nil, snat.Invalid("no pool member is an address of this host: %s; nothing changed", addrs(pool))
+		}
+		m.to = next
+		moves = append(moves, m)
+		intents = append(intents, snat.Intent{Dst: d, To: []netip.Addr{next}, Out: out})
+	}
+	return moves, intents, nil
+}
+
+func addrs(as []netip.Addr) string { return snat.Entry{To: as}.ToString() }
+
+// flushBinding deletes the conntrack entries of connections to dst whose
+// replies go to old, i.e. connections NATed to old, or leaving from it.
+func flushBinding(h *netlink.Handle, dst netip.Prefix, old netip.Addr) (uint, error) {
+	f := &netlink.ConntrackFilter{}
+	if err := f.AddIPNet(netlink.ConntrackOrigDstIP, &net.IPNet{IP: dst.Addr().AsSlice(), Mask: net.CIDRMask(dst.Bits(), dst.Addr().BitLen())}); err != nil {
+		return 0, err
+	}
+	if err := f.AddIP(netlink.ConntrackReplyDstIP, old.AsSlice()); err != nil {
+		return 0, err
+	}
+	family := netlink.InetFamily(netlink.FAMILY_V4)
+	if !old.Is4() {
+		family = netlink.InetFamily(netlink.FAMILY_V6)
+	}
+	return h.ConntrackDeleteFilters(netlink.ConntrackTable, family, f)
+}
