@@ -64,6 +64,7 @@ kernel; "egress-snat clear" removes every trace.
 			clearCommand,
 			applyCommand,
 			rotateCommand,
+			checkCommand,
 		},
 		OnUsageError: func(c *cli.Context, err error, _ bool) error {
 			return cli.Exit(fmt.Sprintf("%v (see egress-snat --help)", err), exitUsage)
@@ -94,6 +95,10 @@ func exitCode(err error) int {
 	}
 	return exitFailure
 }
+
+// quietExit ends with a status and no message; the command has already
+// said what it had to.
+func quietExit(code int) error { return cli.Exit("", code) }
 
 // usageError is bad input found by the CLI itself.
 func usageError(format string, args ...any) error {

@@ -9,7 +9,9 @@ import (
 
 func main() {
 	if err := run(os.Args); err != nil {
-		fmt.Fprintln(os.Stderr, "egress-snat:", err)
+		if msg := err.Error(); msg != "" {
+			fmt.Fprintln(os.Stderr, "egress-snat:", msg)
+		}
 		os.Exit(exitCode(err))
 	}
 }
