@@ -7,6 +7,8 @@
 //	  - to: [192.0.2.22, 192.0.2.23]
 //	    spread: true              # new connections round-robin over to
 //	    dst: [203.0.113.0/24]
+//	  - to: [192.0.2.24, 192.0.2.25] # failover: the first one on the host
+//	    dst: [198.51.100.0/24]
 //	  - to: 192.0.2.23
 //	    dst-file: partners.txt    # one address or CIDR a line, '#' comments
 //
@@ -36,7 +38,8 @@ type File struct {
 	Rules []Rule `yaml:"rules"`
 }
 
-// Rule gives destinations one source, or several to spread over.
+// Rule gives destinations one source; several to spread over (Spread); or
+// an ordered failover list, of which the first address on the host is used.
 type Rule struct {
 	To      Addrs    `yaml:"to"`
 	Dst     Prefixes `yaml:"dst"`
@@ -205,9 +208,6 @@ func (r Rule) check() error {
 	if len(r.Dst) == 0 && r.DstFile == "" {
 		return errors.New("'dst' or 'dst-file' is required")
 	}
-	if len(r.To) > 1 && !r.Spread {
-		return fmt.Errorf("'to' lists %d addresses: add 'spread: true' to spread connections over them, or give one", len(r.To))
-	}
 	for _, a := range r.To[1:] {
 		if a.Is4() != r.To[0].Is4() {
 			return fmt.Errorf("'to' mixes address families: %s and %s", r.To[0], a)
@@ -253,7 +253,7 @@ func (f *File) Intents() ([]snat.Intent, error) {
 				errs = append(errs, fmt.Errorf("rule %d (line %d): destination %s and source %s are of different address families", i+1, r.line, d, r.To[0]))
 				continue
 			}
-			out = append(out, snat.Intent{Dst: d, To: r.To, Out: r.Out})
+			out = append(out, snat.Intent{Dst: d, To: r.To, Out: r.Out, Spread: r.Spread})
 		}
 	}
 	return out, errors.Join(errs...)

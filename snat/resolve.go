@@ -31,12 +31,14 @@ type Router interface {
 var _ Router = (*selector.Selector)(nil)
 
 // Intent is what the operator asks for: new connections to Dst (leaving by
-// Out, or as routed when Out is empty) get source To, spread over To in turn
-// when it holds several addresses.
+// Out, or as routed when Out is empty) get source To. With Spread they are
+// spread over all of To in turn; without it, To is an ordered failover list
+// and the first address present on the host is used.
 type Intent struct {
-	Dst netip.Prefix
-	To  []netip.Addr
-	Out string
+	Dst    netip.Prefix
+	To     []netip.Addr
+	Out    string
+	Spread bool
 }
 
 // Resolve validates intents against the host and turns them into entries,
@@ -44,12 +46,30 @@ type Intent struct {
 // the kernel. It changes nothing. Every problem is reported, each naming the
 // value at fault, so the operator fixes a file in one pass.
 func Resolve(r Router, intents []Intent) ([]Entry, error) {
-	var errs []error
+	out, _, err := resolve(r, intents, false)
+	return out, err
+}
+
+// ResolveAvailable is Resolve for a host that changes under a long-running
+// reconciler: an intent none of whose sources is on the host any more, or
+// whose destination has no route, is left out and reported in skipped
+// instead of failing the whole state, so its traffic is not sent from an
+// address the host lacks. Spread intents keep the sources still present.
+func ResolveAvailable(r Router, intents []Intent) (entries []Entry, skipped []error, err error) {
+	return resolve(r, intents, true)
+}
+
+func resolve(r Router, intents []Intent, lenient bool) ([]Entry, []error, error) {
+	var errs, skipped []error
 	var out []Entry
 	seen := map[netip.Prefix]Intent{}
 	for _, in := range intents {
-		e, err := resolveOne(r, in)
+		e, err := resolveOne(r, in, lenient)
 		if err != nil {
+			if lenient && (errors.Is(err, selector.ErrNotLocal) || errors.Is(err, selector.ErrNoRoute)) {
+				skipped = append(skipped, err)
+				continue
+			}
 			errs = append(errs, err)
 			continue
 		}
@@ -62,10 +82,10 @@ func Resolve(r Router, intents []Intent) ([]Entry, error) {
 		seen[e.Dst] = in
 		out = append(out, e)
 	}
-	return out, errors.Join(errs...)
+	return out, skipped, errors.Join(errs...)
 }
 
-func resolveOne(r Router, in Intent) (Entry, error) {
+func resolveOne(r Router, in Intent, lenient bool) (Entry, error) {
 	dst := in.Dst.Masked()
 	if !dst.IsValid() {
 		return Entry{}, Invalid("destination %q is not a valid address or prefix", in.Dst)
@@ -82,16 +102,30 @@ func resolveOne(r Router, in Intent) (Entry, error) {
 	if err != nil {
 		return Entry{}, Invalid("destination %s: %w", dst, err)
 	}
-	for _, to := range in.To {
-		owner, err := r.Owner(to)
-		if err != nil {
-			return Entry{}, Invalid("source %s: %w", to, err)
+	var to []netip.Addr
+	var missing error
+	for _, a := range in.To {
+		owner, err := r.Owner(a)
+		switch {
+		case errors.Is(err, selector.ErrNotLocal):
+			if missing == nil {
+				missing = Invalid("source %s for %s: %w", a, dst, err)
+			}
+			continue
+		case err != nil:
+			return Entry{}, Invalid("source %s: %w", a, err)
+		case owner != iface:
+			return Entry{}, Invalid("source %s is on %s, but traffic to %s leaves by %s: the source must be an address of the outgoing interface", a, owner, dst, iface)
 		}
-		if owner != iface {
-			return Entry{}, Invalid("source %s is on %s, but traffic to %s leaves by %s: the source must be an address of the outgoing interface", to, owner, dst, iface)
+		to = append(to, a)
+		if !in.Spread {
+			break // failover list: the first present address
 		}
 	}
-	return Entry{Dst: dst, Out: iface, Natural: natural, To: slices.Clone(in.To)}, nil
+	if len(to) == 0 || (missing != nil && in.Spread && !lenient) {
+		return Entry{}, missing
+	}
+	return Entry{Dst: dst, Out: iface, Natural: natural, To: to}, nil
 }
 
 func addrList(as []netip.Addr) string {

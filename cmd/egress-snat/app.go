@@ -65,6 +65,7 @@ kernel; "egress-snat clear" removes every trace.
 			applyCommand,
 			rotateCommand,
 			checkCommand,
+			watchCommand,
 		},
 		OnUsageError: func(c *cli.Context, err error, _ bool) error {
 			return cli.Exit(fmt.Sprintf("%v (see egress-snat --help)", err), exitUsage)

@@ -26,6 +26,8 @@ against the host, then converges in one atomic write per address family:
      - to: [192.0.2.22, 192.0.2.23]
        spread: true              # new connections round-robin over them
        dst: [203.0.113.0/24]
+     - to: [192.0.2.24, 192.0.2.25]  # without spread: failover, the first
+       dst: [198.18.0.0/16]          # address present on the host is used
 
 The file is the whole truth: rules made by "set" that the file does not name
 are removed, and the plan says so. Semantics are those of set: the most

@@ -579,6 +579,8 @@ func TestBadInput(t *testing.T) {
 		{"--dst not an address", []string{"set", "--to", "192.0.2.22", "--dst", "nonsense"}, []string{"nonsense"}},
 		{"--dst host bits set", []string{"set", "--to", "192.0.2.22", "--dst", "198.51.100.1/24"}, []string{"198.51.100.1/24", "198.51.100.0/24"}},
 		{"unknown --out", []string{"set", "--to", "192.0.2.22", "--out", "nope0"}, []string{"nope0"}},
+		// The kernel has no route to it by eth1; the message names the
+		// destination ("no route") but not eth1 (reported to the lead).
 		{"--out not taken by the destination", []string{"set", "--to", "203.0.113.130", "--dst", "198.51.100.4", "--out", "eth1"}, []string{"198.51.100.4"}},
 		{"unknown flag", []string{"set", "--to", "192.0.2.22", "--bogus"}, []string{"bogus"}},
 		{"several --to without --spread", []string{"set", "--to", "192.0.2.22,192.0.2.23"}, []string{"192.0.2.22", "192.0.2.23", "--spread"}},
@@ -586,7 +588,7 @@ func TestBadInput(t *testing.T) {
 		{"--spread over both families", []string{"set", "--spread", "--to", "192.0.2.22,2001:db8::22"}, []string{"192.0.2.22", "2001:db8::22"}},
 		{"--to not an address", []string{"set", "--to", "192.0.2.300"}, []string{"192.0.2.300"}},
 		{"--to unspecified", []string{"set", "--to", "0.0.0.0"}, []string{"0.0.0.0"}},
-		{"--to missing", []string{"set", "--dst", "198.51.100.4"}, []string{"to"}},
+		{"--to missing", []string{"set", "--dst", "198.51.100.4"}, []string{`"to"`}},
 		{"unset invalid prefix", []string{"unset", "--dst", "198.51.100.0/33"}, []string{"198.51.100.0/33"}},
 		{"explain not an address", []string{"explain", "--dst", "nonsense"}, []string{"nonsense"}},
 		{"explain unknown --out", []string{"explain", "--dst", "198.51.100.4", "--out", "nope0"}, []string{"nope0"}},

@@ -68,7 +68,7 @@ Examples:
 		}
 		var intents []snat.Intent
 		for _, d := range dsts {
-			intents = append(intents, snat.Intent{Dst: d, To: to, Out: c.String("out")})
+			intents = append(intents, snat.Intent{Dst: d, To: to, Out: c.String("out"), Spread: c.Bool("spread")})
 		}
 		return setIntents(c, intents)
 	},

@@ -1,0 +1,285 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net/netip"
+	"os"
+	"os/signal"
+	"syscall"
+	"time"
+
+	"github.com/urfave/cli/v2"
+	"github.com/vishvananda/netlink"
+
+	"github.com/egress-snat/egress-snat/snat"
+)
+
+var watchCommand = &cli.Command{
+	Name:      "watch",
+	Usage:     "keep the host converged on a desired-state file (run by systemd)",
+	UsageText: "egress-snat watch -f FILE [--resync 1s] [--settle 100ms] [--log-format text|json]",
+	Description: `Applies FILE at start, then keeps the host converged:
+
+   - on netlink address, link and route events (subscribed, not polled):
+     routes and natural sources are looked up again;
+   - every --resync, a canary reads the chain, the jump and the sets and
+     re-applies when they differ (a firewalld reload or Docker restart that
+     flushed POSTROUTING, a deleted chain, a rule inserted ahead of ours);
+   - on SIGHUP, FILE is read again (a bad file is logged and the old one
+     kept).
+
+Bursts of events are coalesced (--settle) into one apply. When a rule's
+source address leaves the host, its rule is taken out (or moved to the next
+address of its failover list) and the conntrack entries bound to the old
+address are deleted, so no traffic keeps leaving from an address the host no
+longer has; when the address returns, the rule is restored.
+
+Logs go to stderr (the journal) with log/slog. SIGTERM or SIGINT stops it
+cleanly and leaves the rules in place. scripts/egress-snat.service runs it
+at boot, so the desired state survives reboots.`,
+	Flags: []cli.Flag{
+		&cli.StringFlag{Name: "file", Aliases: []string{"f"}, Required: true, Usage: "desired-state YAML `FILE`"},
+		&cli.DurationFlag{Name: "resync", Value: time.Second, Usage: "how often the canary compares the chain with the desired state"},
+		&cli.DurationFlag{Name: "settle", Value: 100 * time.Millisecond, Usage: "how long to wait for a burst of events to end before applying"},
+		&cli.StringFlag{Name: "log-format", Value: "text", Usage: "text or json"},
+	},
+	Action: func(c *cli.Context) error {
+		var handler slog.Handler
+		switch c.String("log-format") {
+		case "text":
+			handler = slog.NewTextHandler(c.App.ErrWriter, nil)
+		case "json":
+			handler = slog.NewJSONHandler(c.App.ErrWriter, nil)
+		default:
+			return usageError("--log-format %q: want text or json", c.String("log-format"))
+		}
+		if c.Duration("resync") <= 0 || c.Duration("settle") < 0 {
+			return usageError("--resync must be positive and --settle not negative")
+		}
+		intents, err := loadIntents(c.String("file"))
+		if err != nil {
+			return err
+		}
+		e, err := hostEnv(c)
+		if err != nil {
+			return err
+		}
+		w := &watcher{e: e, path: c.String("file"), intents: intents, log: slog.New(handler), settle: c.Duration("settle")}
+		ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
+		defer stop()
+		return w.run(ctx, c.Duration("resync"))
+	},
+}
+
+type watcher struct {
+	e       *env
+	path    string
+	intents []snat.Intent
+	log     *slog.Logger
+	settle  time.Duration
+	// desired is what the last reconcile installed, for the canary.
+	desired []snat.Entry
+	applies int
+}
+
+func (w *watcher) run(ctx context.Context, resync time.Duration) error {
+	trigger := make(chan string, 1)
+	kick := func(reason string) {
+		select {
+		case trigger <- reason:
+		default: // one pending reconcile covers every event until it runs
+		}
+	}
+	done := make(chan struct{})
+	defer close(done)
+	if err := w.subscribe(done, kick); err != nil {
+		return err
+	}
+	hup := make(chan os.Signal, 1)
+	signal.Notify(hup, syscall.SIGHUP)
+	defer signal.Stop(hup)
+
+	w.log.Info("watch started", "file", w.path, "backend", w.e.backend, "resync", resync)
+	if err := w.reconcile("start"); err != nil {
+		var inv *snat.InvalidError
+		if errors.As(err, &inv) {
+			return err
+		}
+		w.log.Error("initial apply failed; retrying on the next event or resync", "err", err)
+	}
+	tick := time.NewTicker(resync)
+	defer tick.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			w.log.Info("stopping; rules stay in place", "applies", w.applies)
+			return nil
+		case <-hup:
+			intents, err := loadIntents(w.path)
+			if err != nil {
+				w.log.Error("SIGHUP: keeping the previous desired state", "err", err)
+				continue
+			}
+			w.intents = intents
+			w.log.Info("SIGHUP: file re-read", "file", w.path, "destinations", len(intents))
+			kick("SIGHUP")
+		case <-tick.C:
+			if reason := w.canary(); reason != "" {
+				kick(reason)
+			}
+		case reason := <-trigger:
+			reason = w.coalesce(ctx, trigger, reason)
+			if err := w.reconcile(reason); err != nil {
+				w.log.Error("reconcile failed; retrying on the next event or resync", "reason", reason, "err", err)
+			}
+		}
+	}
+}
+
+// coalesce waits for a burst of triggers to end, so that the dozen route
+// and address events of one `ip addr del` cause one apply.
+func (w *watcher) coalesce(ctx context.Context, trigger <-chan string, first string) string {
+	if w.settle == 0 {
+		return first
+	}
+	n := 1
+	timer := time.NewTimer(w.settle)
+	defer timer.Stop()
+	for {
+		select {
+		case <-trigger:
+			n++
+		case <-timer.C:
+			if n > 1 {
+				return fmt.Sprintf("%s (+%d more events)", first, n-1)
+			}
+			return first
+		case <-ctx.Done():
+			return first
+		}
+	}
+}
+
+// subscribe turns netlink address, link and route changes into triggers.
+func (w *watcher) subscribe(done chan struct{}, kick func(string)) error {
+	onErr := func(err error) {
+		select {
+		case <-done: // shutting down: the sockets were closed on purpose
+		default:
+			w.log.Warn("netlink subscription error", "err", err)
+		}
+	}
+	addrs := make(chan netlink.AddrUpdate, 64)
+	if err := netlink.AddrSubscribeWithOptions(addrs, done, netlink.AddrSubscribeOptions{ErrorCallback: onErr}); err != nil {
+		return fmt.Errorf("subscribing to address changes: %w", err)
+	}
+	links := make(chan netlink.LinkUpdate, 64)
+	if err := netlink.LinkSubscribeWithOptions(links, done, netlink.LinkSubscribeOptions{ErrorCallback: onErr}); err != nil {
+		return fmt.Errorf("subscribing to link changes: %w", err)
+	}
+	routes := make(chan netlink.RouteUpdate, 64)
+	if err := netlink.RouteSubscribeWithOptions(routes, done, netlink.RouteSubscribeOptions{ErrorCallback: onErr}); err != nil {
+		return fmt.Errorf("subscribing to route changes: %w", err)
+	}
+	go func() {
+		for {
+			select {
+			case u, ok := <-addrs:
+				if !ok {
+					return
+				}
+				verb := "removed"
+				if u.NewAddr {
+					verb = "added"
+				}
+				kick(fmt.Sprintf("address %s %s", u.LinkAddress.IP, verb))
+			case _, ok := <-links:
+				if !ok {
+					return
+				}
+				kick("link change")
+			case _, ok := <-routes:
+				if !ok {
+					return
+				}
+				kick("route change")
+			}
+		}
+	}()
+	return nil
+}
+
+// canary is the cheap periodic check: does the kernel still hold what the
+// last reconcile wrote? It catches what netlink does not report: iptables
+// and ipset changes by other programs.
+func (w *watcher) canary() string {
+	st, err := w.e.mgr.Read()
+	if err != nil {
+		return "canary read failed: " + err.Error()
+	}
+	if p := snat.MakePlan(st, w.desired); !p.Empty() {
+		for _, f := range snat.Diagnose(st, w.desired) {
+			return "drift: " + f.Kind + ": " + f.Detail
+		}
+		return "drift"
+	}
+	return ""
+}
+
+// reconcile resolves the desired state against the host as it is now and
+// applies it through the one write path.
+func (w *watcher) reconcile(reason string) error {
+	w.e.sel.Forget() // addresses and routes may have changed
+	var skipped []error
+	var desired []snat.Entry
+	start := time.Now()
+	_, plan, err := w.e.mgr.Update(w.e.lockTimeout, false, func(*snat.State) ([]snat.Entry, error) {
+		var err error
+		desired, skipped, err = snat.ResolveAvailable(w.e.sel, w.intents)
+		return desired, err
+	})
+	if err != nil {
+		return err
+	}
+	for _, s := range skipped {
+		w.log.Warn("rule left out until its address or route returns", "why", s)
+	}
+	previous := w.desired
+	w.desired = desired
+	if plan.Empty() {
+		w.log.Debug("in sync", "reason", reason)
+		return nil
+	}
+	w.applies++
+	w.log.Info("converged", "reason", reason, "summary", plan.Summary(), "took", time.Since(start).Round(time.Millisecond))
+	w.flushVanished(previous, plan.Desired)
+	return nil
+}
+
+// flushVanished deletes the conntrack entries of flows NATed to a source
+// that left the host: they would otherwise keep using it until they end.
+func (w *watcher) flushVanished(previous, now []snat.Entry) {
+	current := map[netip.Prefix]snat.Entry{}
+	for _, e := range now {
+		current[e.Dst] = e
+	}
+	for _, old := range previous {
+		for _, a := range old.To {
+			if _, err := w.e.sel.Owner(a); err == nil {
+				continue // still on the host
+			}
+			if n, ok := current[old.Dst]; ok && len(n.To) > 0 && n.To[0] == a {
+				continue
+			}
+			n, err := flushBinding(w.e.nl, old.Dst, a)
+			if err != nil {
+				w.log.Warn("deleting conntrack entries of a vanished address failed", "dst", old.Dst, "address", a, "err", err)
+				continue
+			}
+			w.log.Info("deleted conntrack entries bound to a vanished address", "dst", old.Dst, "address", a, "entries", n)
+		}
+	}
+}
