@@ -195,6 +195,18 @@ func (s *Selector) Lookup(dst netip.Prefix, out string) (*Choice, error) {
 }
 
 func (s *Selector) lookup(dst netip.Prefix, out string, explain bool) (*Choice, error) {
+	c, err := s.lookupVia(dst, out, explain)
+	if err != nil && out != "" {
+		// Say where the traffic really goes, which is what the operator
+		// got wrong, rather than only that out has no route.
+		if routed, err2 := s.lookupVia(dst, "", false); err2 == nil && routed.Interface != out {
+			return nil, fmt.Errorf("traffic to %s leaves by %s, not %s", dst.Masked(), routed.Interface, out)
+		}
+	}
+	return c, err
+}
+
+func (s *Selector) lookupVia(dst netip.Prefix, out string, explain bool) (*Choice, error) {
 	dst = dst.Masked()
 	opts := &netlink.RouteGetOptions{}
 	if out != "" {

@@ -238,7 +238,7 @@ func natTableEmpty(saveText string) bool {
 	return seen
 }
 
-// haveCapNetAdmin reports whether the process has CAP_NET_ADMIN in its
+// HaveCapNetAdmin reports whether the process has CAP_NET_ADMIN in its
 // effective set, read from /proc so it works in user namespaces too.
 func HaveCapNetAdmin() bool {
 	b, err := os.ReadFile("/proc/self/status")

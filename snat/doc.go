@@ -23,7 +23,8 @@
 //
 // Why -s NATURAL: like the article's command, a rule rewrites only traffic
 // that would otherwise leave with the kernel's natural source. Applications
-// that bind() an address explicitly, and forwarded traffic, keep theirs.
+// that bind() another address explicitly, and forwarded traffic, keep theirs.
+// (Binding the natural source itself cannot be told apart in a packet.)
 //
 // Why longest prefix first: SNAT is a terminating target, so order decides,
 // and operators expect routing semantics: the most specific destination wins.

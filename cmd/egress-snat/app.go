@@ -6,6 +6,7 @@ import (
 	"io"
 	"os"
 	"runtime"
+	"strings"
 	"syscall"
 	"time"
 
@@ -35,6 +36,20 @@ const exitStatusHelp = `EXIT STATUS:
    check uses 0 in sync, 1 drift, 2 error.`
 
 func newApp() *cli.App {
+	commands := []*cli.Command{
+		explainCommand,
+		setCommand,
+		unsetCommand,
+		listCommand,
+		clearCommand,
+		applyCommand,
+		rotateCommand,
+		checkCommand,
+		watchCommand,
+	}
+	for _, c := range commands {
+		c.OnUsageError = commandUsageError
+	}
 	return &cli.App{
 		Name:    "egress-snat",
 		Version: version,
@@ -46,7 +61,7 @@ destination's subnet if there is one, else the primary address; IPv6 has its
 own selection rules). egress-snat shows that choice and overrides it with
 SNAT rules in its own nat chain (EGRESS-SNAT, jumped to first from
 POSTROUTING), for IPv4 and IPv6. Rules match the natural source, so
-applications that bind an address themselves keep it. All state is in the
+applications that bind another address keep it. All state is in the
 kernel; "egress-snat clear" removes every trace.
 
 ` + exitStatusHelp,
@@ -56,17 +71,14 @@ kernel; "egress-snat clear" removes every trace.
 			&cli.DurationFlag{Name: "lock-timeout", Value: 10 * time.Second, Usage: "how long to wait for another egress-snat run, and for the xtables lock, before giving up with nothing changed"},
 		},
 		Before: enterNetns,
-		Commands: []*cli.Command{
-			explainCommand,
-			setCommand,
-			unsetCommand,
-			listCommand,
-			clearCommand,
-			applyCommand,
-			rotateCommand,
-			checkCommand,
-			watchCommand,
+		Action: func(c *cli.Context) error {
+			if c.Args().Present() {
+				return usageError("unknown command %q (see egress-snat --help)", c.Args().First())
+			}
+			_ = cli.ShowAppHelp(c)
+			return quietExit(exitUsage)
 		},
+		Commands: commands,
 		OnUsageError: func(c *cli.Context, err error, _ bool) error {
 			return cli.Exit(fmt.Sprintf("%v (see egress-snat --help)", err), exitUsage)
 		},
@@ -75,14 +87,13 @@ kernel; "egress-snat clear" removes every trace.
 }
 
 func run(args []string) error {
-	for _, c := range newApp().Commands {
-		if c.OnUsageError == nil {
-			c.OnUsageError = func(c *cli.Context, err error, _ bool) error {
-				return cli.Exit(fmt.Sprintf("%v (see egress-snat %s --help)", err, c.Command.Name), exitUsage)
-			}
-		}
-	}
 	return newApp().Run(args)
+}
+
+// commandUsageError makes a flag error of a command exit with exitUsage
+// and point at that command's help.
+func commandUsageError(c *cli.Context, err error, _ bool) error {
+	return cli.Exit(fmt.Sprintf("%v (see egress-snat %s --help)", err, c.Command.Name), exitUsage)
 }
 
 func exitCode(err error) int {
@@ -133,7 +144,7 @@ func enterNetns(c *cli.Context) error {
 		case a == "--netns" || a == "-netns":
 			skip = true
 			continue
-		case len(a) > 8 && (a[:8] == "--netns=" || a[:7] == "-netns="):
+		case strings.HasPrefix(a, "--netns=") || strings.HasPrefix(a, "-netns="):
 			continue
 		}
 		args = append(args, a)

@@ -42,10 +42,13 @@ and value; a bad file changes nothing. Applying the same file again writes
 nothing. --dry-run prints the plan and the exact iptables-restore and ipset
 payloads without changing anything.`,
 	Flags: []cli.Flag{
-		&cli.StringFlag{Name: "file", Aliases: []string{"f"}, Required: true, Usage: "desired-state YAML `FILE`"},
+		&cli.StringFlag{Name: "file", Aliases: []string{"f"}, Usage: "(required) desired-state YAML `FILE`"},
 		dryRunFlag,
 	},
 	Action: func(c *cli.Context) error {
+		if err := required(c, "file"); err != nil {
+			return err
+		}
 		intents, err := loadIntents(c.String("file"))
 		if err != nil {
 			return err

@@ -17,7 +17,12 @@ print what they printed before egress-snat first ran. Clearing a host with
 nothing of egress-snat on it changes nothing and succeeds.
 
 Existing connections keep the source they started with until they end
-(conntrack holds their NAT binding).`,
+(conntrack holds their NAT binding).
+
+With iptables-nft, a nat table that only egress-snat used is deleted too
+(with the nft command, when installed). With iptables-legacy, a nat table
+that egress-snat caused to be loaded stays listed, empty: legacy tables
+cannot be unloaded from a namespace.`,
 	Flags: []cli.Flag{dryRunFlag},
 	Action: func(c *cli.Context) error {
 		e, err := hostEnv(c)

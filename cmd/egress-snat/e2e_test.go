@@ -588,7 +588,7 @@ func TestBadInput(t *testing.T) {
 		{"--spread over both families", []string{"set", "--spread", "--to", "192.0.2.22,2001:db8::22"}, []string{"192.0.2.22", "2001:db8::22"}},
 		{"--to not an address", []string{"set", "--to", "192.0.2.300"}, []string{"192.0.2.300"}},
 		{"--to unspecified", []string{"set", "--to", "0.0.0.0"}, []string{"0.0.0.0"}},
-		{"--to missing", []string{"set", "--dst", "198.51.100.4"}, []string{`"to"`}},
+		{"--to missing", []string{"set", "--dst", "198.51.100.4"}, []string{"--to is required"}},
 		{"unset invalid prefix", []string{"unset", "--dst", "198.51.100.0/33"}, []string{"198.51.100.0/33"}},
 		{"explain not an address", []string{"explain", "--dst", "nonsense"}, []string{"nonsense"}},
 		{"explain unknown --out", []string{"explain", "--dst", "198.51.100.4", "--out", "nope0"}, []string{"nope0"}},

@@ -27,11 +27,14 @@ covering it (here: the default route), not the prefix's first address.
 Example:
    egress-snat explain --dst 198.51.100.4`,
 	Flags: []cli.Flag{
-		&cli.StringFlag{Name: "dst", Required: true, Usage: "destination address or prefix"},
+		&cli.StringFlag{Name: "dst", Usage: "(required) destination address or prefix"},
 		&cli.StringFlag{Name: "out", Usage: "look up as if leaving by this interface"},
 		jsonFlag,
 	},
 	Action: func(c *cli.Context) error {
+		if err := required(c, "dst"); err != nil {
+			return err
+		}
 		dst, err := parseDst(c.String("dst"))
 		if err != nil {
 			return err

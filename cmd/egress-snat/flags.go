@@ -13,6 +13,18 @@ import (
 	"github.com/egress-snat/egress-snat/snat"
 )
 
+// required fails with a usage error naming the first missing flag. Flags
+// are not marked Required for urfave/cli: it would exit 1 and print the whole
+// help to stdout, where a script reads its output.
+func required(c *cli.Context, names ...string) error {
+	for _, n := range names {
+		if !c.IsSet(n) {
+			return usageError("--%s is required (see egress-snat %s --help)", n, c.Command.Name)
+		}
+	}
+	return nil
+}
+
 // parseDsts reads --dst values: a prefix, or an address meaning that host.
 func parseDsts(vals []string) ([]netip.Prefix, error) {
 	var out []netip.Prefix

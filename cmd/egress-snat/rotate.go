@@ -47,13 +47,16 @@ other, up to --lock-timeout.
 Cron example (/etc/cron.d/egress-snat):
    */10 * * * * root egress-snat rotate --pool 192.0.2.22,192.0.2.23 --dst 198.51.100.0/24`,
 	Flags: []cli.Flag{
-		&cli.StringSliceFlag{Name: "pool", Required: true, Usage: "source addresses to rotate over, in order (comma-separated)"},
+		&cli.StringSliceFlag{Name: "pool", Usage: "(required) source addresses to rotate over, in order (comma-separated)"},
 		&cli.StringSliceFlag{Name: "dst", Usage: "destination `ADDR|CIDR` to rotate (repeatable; default: every destination of the pool's family)"},
 		&cli.StringFlag{Name: "order", Value: "next", Usage: "next (pool order) or random"},
 		&cli.BoolFlag{Name: "flush-conntrack", Usage: "also delete the conntrack entries of the old address, so existing flows move too (breaks established TCP connections)"},
 		dryRunFlag,
 	},
 	Action: func(c *cli.Context) error {
+		if err := required(c, "pool"); err != nil {
+			return err
+		}
 		pool, err := parseAddrs("pool", c.StringSlice("pool"))
 		if err != nil {
 			return err

@@ -29,8 +29,9 @@ the interface the traffic leaves by, of the same family as --dst, and --out
 must exist. A refused set changes nothing.
 
 Rules only rewrite traffic that would leave with the natural source, so an
-application that binds an address itself keeps it, and forwarded traffic is
-untouched. Connections that already exist keep their source: conntrack holds
+application that binds another address keeps it, and forwarded traffic is
+untouched. (An application that binds the natural source itself cannot be
+told apart on the wire and is rewritten like the rest.) Connections that already exist keep their source: conntrack holds
 their NAT binding until they end.
 
 With --spread and several --to addresses, new connections are spread over
@@ -42,13 +43,16 @@ Examples:
    egress-snat set --to 2001:db8::22 --dst 2001:db8:ffff::/48
    egress-snat set --to 192.0.2.22,192.0.2.23 --spread --dst 203.0.113.0/24`,
 	Flags: []cli.Flag{
-		&cli.StringSliceFlag{Name: "to", Required: true, Usage: "source `ADDR` new connections should leave with (several, comma-separated, with --spread)"},
+		&cli.StringSliceFlag{Name: "to", Usage: "(required) source `ADDR` new connections should leave with (several, comma-separated, with --spread)"},
 		&cli.StringSliceFlag{Name: "dst", Usage: "destination `ADDR|CIDR` (repeatable; default: every destination of --to's family)"},
 		&cli.StringFlag{Name: "out", Usage: "outgoing `IFACE` (default: the interface the kernel routes the destination by)"},
 		&cli.BoolFlag{Name: "spread", Usage: "spread new connections over all --to addresses in turn"},
 		dryRunFlag,
 	},
 	Action: func(c *cli.Context) error {
+		if err := required(c, "to"); err != nil {
+			return err
+		}
 		to, err := parseAddrs("to", c.StringSlice("to"))
 		if err != nil {
 			return err

@@ -21,10 +21,13 @@ destination that has no rule changes nothing and succeeds.
 Example:
    egress-snat unset --dst 198.51.100.4`,
 	Flags: []cli.Flag{
-		&cli.StringSliceFlag{Name: "dst", Required: true, Usage: "destination `ADDR|CIDR` whose rule to remove (repeatable)"},
+		&cli.StringSliceFlag{Name: "dst", Usage: "(required) destination `ADDR|CIDR` whose rule to remove (repeatable)"},
 		dryRunFlag,
 	},
 	Action: func(c *cli.Context) error {
+		if err := required(c, "dst"); err != nil {
+			return err
+		}
 		dsts, err := parseDsts(c.StringSlice("dst"))
 		if err != nil {
 			return err

@@ -41,12 +41,15 @@ Logs go to stderr (the journal) with log/slog. SIGTERM or SIGINT stops it
 cleanly and leaves the rules in place. scripts/egress-snat.service runs it
 at boot, so the desired state survives reboots.`,
 	Flags: []cli.Flag{
-		&cli.StringFlag{Name: "file", Aliases: []string{"f"}, Required: true, Usage: "desired-state YAML `FILE`"},
+		&cli.StringFlag{Name: "file", Aliases: []string{"f"}, Usage: "(required) desired-state YAML `FILE`"},
 		&cli.DurationFlag{Name: "resync", Value: time.Second, Usage: "how often the canary compares the chain with the desired state"},
 		&cli.DurationFlag{Name: "settle", Value: 100 * time.Millisecond, Usage: "how long to wait for a burst of events to end before applying"},
 		&cli.StringFlag{Name: "log-format", Value: "text", Usage: "text or json"},
 	},
 	Action: func(c *cli.Context) error {
+		if err := required(c, "file"); err != nil {
+			return err
+		}
 		var handler slog.Handler
 		switch c.String("log-format") {
 		case "text":
