@@ -355,7 +355,8 @@ func (p Plan) Has(dst netip.Prefix) bool {
 	return false
 }
 
-// Summary counts the plan's changes and the resulting chains in one line.
+// Summary counts the plan's changes and the resulting chains in one line:
+// "1 added, 0 changed, 2 removed (chains now: 3 rules, 1 set of 10000 destinations)".
 func (p Plan) Summary() string {
 	n := map[string]int{}
 	for _, c := range p.Changes {
@@ -369,6 +370,16 @@ func (p Plan) Summary() string {
 			members += len(s.Members)
 		}
 	}
-	return fmt.Sprintf("%d added, %d changed, %d removed; the chains hold %d rules and %d sets with %d destinations",
-		n["add"], n["change"], n["remove"], rules, sets, members)
+	now := plural(rules, "rule")
+	if sets > 0 {
+		now += fmt.Sprintf(", %s of %s", plural(sets, "set"), plural(members, "destination"))
+	}
+	return fmt.Sprintf("%d added, %d changed, %d removed (chains now: %s)", n["add"], n["change"], n["remove"], now)
+}
+
+func plural(n int, word string) string {
+	if n == 1 {
+		return "1 " + word
+	}
+	return fmt.Sprintf("%d %ss", n, word)
 }
