@@ -78,7 +78,9 @@ up() {
   for a in 192.0.2.250/24 192.0.2.22/24 192.0.2.23/24 198.18.0.10/15; do
     ip -n "$HOST" addr add "$a" dev eth0
   done
-  for a in 2001:db8::250/64 2001:db8::22/64 2001:db8::23/64; do
+  # Added in reverse: when IPv6 source selection ties, Linux prefers the
+  # address added last, and ::250 should be the natural one, like .250.
+  for a in 2001:db8::23/64 2001:db8::22/64 2001:db8::250/64; do
     ip -n "$HOST" -6 addr add "$a" dev eth0 nodad
   done
   ip -n "$HOST" route add default via 192.0.2.1
