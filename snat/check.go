@@ -65,7 +65,7 @@ func Diagnose(st *State, desired []Entry) []Finding {
 				add(DriftSetOutOfDate, "set %s holds %d destinations and %d exceptions, want %d and %d", s.Name, len(have.Members), len(have.NoMatch), len(s.Members), len(s.NoMatch))
 			}
 		}
-		if in.ChainExists && len(in.Foreign) == 0 && !slices.EqualFunc(in.Rules, c.Rules, func(a, b []string) bool { return normalizeSpec(a) == normalizeSpec(b) }) && sameEntries(in.Entries, desired, f) {
+		if in.ChainExists && len(in.Foreign) == 0 && !sameRules(in.Rules, c.Rules) && sameEntries(in.Entries, desired, f) {
 			add(DriftChainAltered, "the rules of %s are not in the order or shape egress-snat writes", ChainName)
 		}
 	}

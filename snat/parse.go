@@ -39,9 +39,12 @@ func (in Installed) InSync(c Chain) bool {
 	if !in.ChainExists || len(in.Jumps) != 1 || !in.JumpFirst || len(in.Foreign) > 0 {
 		return false
 	}
-	return slices.EqualFunc(in.Rules, c.Rules, func(a, b []string) bool {
-		return normalizeSpec(a) == normalizeSpec(b)
-	})
+	return sameRules(in.Rules, c.Rules)
+}
+
+// sameRules compares rule specs as read back with rendered ones.
+func sameRules(a, b [][]string) bool {
+	return slices.EqualFunc(a, b, func(x, y []string) bool { return normalizeSpec(x) == normalizeSpec(y) })
 }
 
 // ParseSave reads `iptables-save -t nat` (or ip6tables-save) output.
