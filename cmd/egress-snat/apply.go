@@ -44,6 +44,7 @@ payloads without changing anything.`,
 	Flags: []cli.Flag{
 		&cli.StringFlag{Name: "file", Aliases: []string{"f"}, Usage: "(required) desired-state YAML `FILE`"},
 		dryRunFlag,
+		jsonFlag,
 	},
 	Action: func(c *cli.Context) error {
 		if err := required(c, "file"); err != nil {
@@ -63,8 +64,7 @@ payloads without changing anything.`,
 		if err != nil {
 			return err
 		}
-		printPlan(e.out, plan, c.Bool("dry-run"))
-		return nil
+		return reportPlan(c, e.out, plan, nil)
 	},
 }
 

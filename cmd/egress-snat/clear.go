@@ -23,7 +23,7 @@ With iptables-nft, a nat table that only egress-snat used is deleted too
 (with the nft command, when installed). With iptables-legacy, a nat table
 that egress-snat caused to be loaded stays listed, empty: legacy tables
 cannot be unloaded from a namespace.`,
-	Flags: []cli.Flag{dryRunFlag},
+	Flags: []cli.Flag{dryRunFlag, jsonFlag},
 	Action: func(c *cli.Context) error {
 		e, err := hostEnv(c)
 		if err != nil {
@@ -35,7 +35,6 @@ cannot be unloaded from a namespace.`,
 		if err != nil {
 			return err
 		}
-		printPlan(e.out, plan, c.Bool("dry-run"))
-		return nil
+		return reportPlan(c, e.out, plan, nil)
 	},
 }

@@ -107,7 +107,51 @@ func writeJSON(w io.Writer, v any) error {
 // apply would otherwise flood the terminal.
 const maxPlanLines = 20
 
-// printPlan tells what a write did, or would do with --dry-run.
+// planReport is the JSON form of what a write did, or would do.
+type planReport struct {
+	DryRun   bool              `json:"dry_run"`
+	Changed  bool              `json:"changed"`
+	Summary  string            `json:"summary"`
+	Changes  []snat.Change     `json:"changes"`
+	Notes    []string          `json:"notes"`
+	Payloads map[string]string `json:"payloads,omitempty"`
+}
+
+// reportPlan tells what a write did, or would do with --dry-run: as text, or
+// as JSON with --json. notes are extra lines for the operator.
+func reportPlan(c *cli.Context, w io.Writer, p snat.Plan, notes []string) error {
+	dryRun := c.Bool("dry-run")
+	if c.Bool("json") {
+		r := planReport{DryRun: dryRun, Changed: !p.Empty() && !dryRun, Summary: p.Summary(), Changes: p.Changes, Notes: notes}
+		if r.Changes == nil {
+			r.Changes = []snat.Change{}
+		}
+		if r.Notes == nil {
+			r.Notes = []string{}
+		}
+		if dryRun {
+			r.Payloads = map[string]string{}
+			if s := p.SetPayload(); s != "" {
+				r.Payloads["ipset"] = s
+			}
+			for _, f := range snat.Families {
+				if p.Write[f] {
+					r.Payloads[restoreCommand[f]] = p.Payloads[f]
+				}
+			}
+		}
+		return writeJSON(w, r)
+	}
+	printPlan(w, p, dryRun)
+	for _, n := range notes {
+		fmt.Fprintln(w, n)
+	}
+	return nil
+}
+
+var restoreCommand = map[snat.Family]string{snat.IPv4: "iptables-restore", snat.IPv6: "ip6tables-restore"}
+
+// printPlan tells, in words, what a write did or would do.
 func printPlan(w io.Writer, p snat.Plan, dryRun bool) {
 	if p.Empty() {
 		fmt.Fprintln(w, "nothing to change: the kernel already has this state")
@@ -139,7 +183,7 @@ func printPlan(w io.Writer, p snat.Plan, dryRun bool) {
 	}
 	for _, f := range snat.Families {
 		if p.Write[f] {
-			fmt.Fprintf(w, "\n# %s-restore --noflush\n%s", map[snat.Family]string{snat.IPv4: "iptables", snat.IPv6: "ip6tables"}[f], p.Payloads[f])
+			fmt.Fprintf(w, "\n# %s --noflush\n%s", restoreCommand[f], p.Payloads[f])
 		}
 	}
 }

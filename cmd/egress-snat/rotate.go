@@ -52,6 +52,7 @@ Cron example (/etc/cron.d/egress-snat):
 		&cli.StringFlag{Name: "order", Value: "next", Usage: "next (pool order) or random"},
 		&cli.BoolFlag{Name: "flush-conntrack", Usage: "also delete the conntrack entries of the old address, so existing flows move too (breaks established TCP connections)"},
 		dryRunFlag,
+		jsonFlag,
 	},
 	Action: func(c *cli.Context) error {
 		if err := required(c, "pool"); err != nil {
@@ -96,35 +97,49 @@ Cron example (/etc/cron.d/egress-snat):
 			return err
 		}
 		for _, m := range moves {
-			for _, w := range m.skipped {
+			for _, w := range m.Skipped {
 				fmt.Fprintf(c.App.ErrWriter, "warning: pool member %s is not on this host any more: skipped\n", w)
 			}
-			fmt.Fprintf(e.out, "%s: %s -> %s\n", m.dst, m.from, m.to)
+		}
+		if c.Bool("flush-conntrack") && !c.Bool("dry-run") {
+			for i, m := range moves {
+				if m.From == m.To {
+					continue
+				}
+				n, err := flushBinding(e.nl, m.Dst, m.From)
+				if err != nil {
+					return fmt.Errorf("rules rotated, but deleting conntrack entries of %s for %s failed: %w", m.From, m.Dst, err)
+				}
+				moves[i].ConntrackDeleted = &n
+			}
+		}
+		if c.Bool("json") {
+			return writeJSON(e.out, struct {
+				DryRun  bool   `json:"dry_run"`
+				Changed bool   `json:"changed"`
+				Moves   []move `json:"moves"`
+			}{c.Bool("dry-run"), !plan.Empty() && !c.Bool("dry-run"), moves})
+		}
+		for _, m := range moves {
+			fmt.Fprintf(e.out, "%s: %s -> %s\n", m.Dst, m.From, m.To)
+			if m.ConntrackDeleted != nil {
+				fmt.Fprintf(e.out, "%s: deleted %d conntrack entries bound to %s\n", m.Dst, *m.ConntrackDeleted, m.From)
+			}
 		}
 		if plan.Empty() {
 			fmt.Fprintln(e.out, "nothing to change")
-		}
-		if !c.Bool("flush-conntrack") || c.Bool("dry-run") {
-			return nil
-		}
-		for _, m := range moves {
-			if m.from == m.to {
-				continue
-			}
-			n, err := flushBinding(e.nl, m.dst, m.from)
-			if err != nil {
-				return fmt.Errorf("rules rotated, but deleting conntrack entries of %s for %s failed: %w", m.from, m.dst, err)
-			}
-			fmt.Fprintf(e.out, "%s: deleted %d conntrack entries bound to %s\n", m.dst, n, m.from)
 		}
 		return nil
 	},
 }
 
+// move is one destination's rotation.
 type move struct {
-	dst      netip.Prefix
-	from, to netip.Addr
-	skipped  []netip.Addr
+	Dst              netip.Prefix `json:"dst"`
+	From             netip.Addr   `json:"from"`
+	To               netip.Addr   `json:"to"`
+	Skipped          []netip.Addr `json:"skipped,omitempty"`
+	ConntrackDeleted *uint        `json:"conntrack_deleted,omitempty"`
 }
 
 // planRotation picks each destination's next pool member.
@@ -143,7 +158,7 @@ func planRotation(e *env, st *snat.State, pool []netip.Addr, dsts []netip.Prefix
 		if err != nil {
 			return nil, nil, snat.Invalid("--dst %s: %w", d, err)
 		}
-		m := move{dst: d, from: snat.Current(installed, d, natural)}
+		m := move{Dst: d, From: snat.Current(installed, d, natural)}
 		usable := func(a netip.Addr) bool {
 			owner, err := e.sel.Owner(a)
 			return err == nil && owner == iface
@@ -152,18 +167,18 @@ func planRotation(e *env, st *snat.State, pool []netip.Addr, dsts []netip.Prefix
 			owner, err := e.sel.Owner(a)
 			switch {
 			case errors.Is(err, selector.ErrNotLocal):
-				m.skipped = append(m.skipped, a)
+				m.Skipped = append(m.Skipped, a)
 			case err != nil:
 				return nil, nil, err
 			case owner != iface:
 				return nil, nil, snat.Invalid("pool member %s is on %s, but traffic to %s leaves by %s", a, owner, d, iface)
 			}
 		}
-		next, ok := snat.NextSource(pool, m.from, usable, order, rand.New(rand.NewPCG(rand.Uint64(), rand.Uint64())))
+		next, ok := snat.NextSource(pool, m.From, usable, order, rand.New(rand.NewPCG(rand.Uint64(), rand.Uint64())))
 		if !ok {
 			return nil, nil, snat.Invalid("no pool member is an address of this host: %s; nothing changed", addrs(pool))
 		}
-		m.to = next
+		m.To = next
 		moves = append(moves, m)
 		intents = append(intents, snat.Intent{Dst: d, To: []netip.Addr{next}, Out: out})
 	}

@@ -48,6 +48,7 @@ Examples:
 		&cli.StringFlag{Name: "out", Usage: "outgoing `IFACE` (default: the interface the kernel routes the destination by)"},
 		&cli.BoolFlag{Name: "spread", Usage: "spread new connections over all --to addresses in turn"},
 		dryRunFlag,
+		jsonFlag,
 	},
 	Action: func(c *cli.Context) error {
 		if err := required(c, "to"); err != nil {
@@ -96,11 +97,11 @@ func setIntents(c *cli.Context, intents []snat.Intent) error {
 	if err != nil {
 		return err
 	}
-	printPlan(e.out, plan, c.Bool("dry-run"))
+	var notes []string
 	for _, r := range resolved {
 		if len(r.To) == 1 && r.To[0] == r.Natural && !plan.Has(r.Dst) {
-			fmt.Fprintf(e.out, "%s already leaves with %s, its natural source via %s: no rule needed\n", r.Dst, r.Natural, r.Out)
+			notes = append(notes, fmt.Sprintf("%s already leaves with %s, its natural source via %s: no rule needed", r.Dst, r.Natural, r.Out))
 		}
 	}
-	return nil
+	return reportPlan(c, e.out, plan, notes)
 }

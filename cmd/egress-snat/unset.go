@@ -23,6 +23,7 @@ Example:
 	Flags: []cli.Flag{
 		&cli.StringSliceFlag{Name: "dst", Usage: "(required) destination `ADDR|CIDR` whose rule to remove (repeatable)"},
 		dryRunFlag,
+		jsonFlag,
 	},
 	Action: func(c *cli.Context) error {
 		if err := required(c, "dst"); err != nil {
@@ -61,10 +62,10 @@ Example:
 		if err != nil {
 			return err
 		}
+		var notes []string
 		for _, d := range missing {
-			fmt.Fprintf(e.out, "%s has no rule: nothing to remove\n", d)
+			notes = append(notes, fmt.Sprintf("%s has no rule: nothing to remove", d))
 		}
-		printPlan(e.out, plan, c.Bool("dry-run"))
-		return nil
+		return reportPlan(c, e.out, plan, notes)
 	},
 }
