@@ -6,9 +6,12 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"time"
+
+	"github.com/coreos/go-iptables/iptables"
 )
 
 // Tables reads and writes one family's tables. The exec implementation runs
@@ -67,6 +70,16 @@ func DetectBackend(want string) (Backend, error) {
 	if err != nil {
 		return "", fmt.Errorf("iptables not found in PATH (install the iptables package): %w", err)
 	}
+	// Debian, Ubuntu, Fedora and Alpine point iptables at
+	// xtables-{nft,legacy}-multi; reading the link costs no process.
+	if target, err := filepath.EvalSymlinks(path); err == nil {
+		switch base := filepath.Base(target); {
+		case strings.Contains(base, "nft"):
+			return BackendNFT, nil
+		case strings.Contains(base, "legacy"):
+			return BackendLegacy, nil
+		}
+	}
 	out, err := exec.Command(path, "--version").CombinedOutput()
 	if err != nil {
 		return "", fmt.Errorf("%s --version: %v: %s", path, err, bytes.TrimSpace(out))
@@ -83,28 +96,58 @@ type ExecTables struct {
 	// Wait bounds the wait for the xtables lock; the tool never proceeds
 	// without it.
 	Wait time.Duration
+	// bins are the save and restore commands per family.
+	bins map[Family]map[string]string
 }
 
-// command returns the binary for family and role ("save", "restore", "") of
-// the backend: iptables-nft-restore, ip6tables-legacy-save, ...
+// NewExecTables finds backend b's commands: iptables-nft-save,
+// ip6tables-legacy-restore and so on, or the plain names where a
+// distribution ships only the one backend under them. It checks, with
+// go-iptables, that the iptables there is new enough to bound its wait for
+// the xtables lock (1.6.2).
+func NewExecTables(b Backend, wait time.Duration) (ExecTables, error) {
+	t := ExecTables{Backend: b, Wait: wait, bins: map[Family]map[string]string{}}
+	for _, f := range Families {
+		base := map[Family]string{IPv4: "iptables", IPv6: "ip6tables"}[f]
+		t.bins[f] = map[string]string{}
+		for _, role := range []string{"", "save", "restore"} {
+			split := base + "-" + string(b)
+			plain := base
+			if role != "" {
+				split += "-" + role
+				plain += "-" + role
+			}
+			p, err := exec.LookPath(split)
+			if err != nil {
+				// Only the plain names, which are the host's backend.
+				if detected, derr := DetectBackend("auto"); derr != nil || detected != b {
+					return t, fmt.Errorf("%s not found: install the iptables package with the %s backend", split, b)
+				}
+				if p, err = exec.LookPath(plain); err != nil {
+					return t, fmt.Errorf("%s not found: install the iptables package", plain)
+				}
+			}
+			t.bins[f][role] = p
+		}
+	}
+	ipt, err := iptables.New(iptables.Path(t.bins[IPv4][""]), iptables.Timeout(max(1, int(wait/time.Second))))
+	if err != nil {
+		return t, fmt.Errorf("%s: %w", t.bins[IPv4][""], err)
+	}
+	if v1, v2, v3 := ipt.GetIptablesVersion(); v1 < 1 || v1 == 1 && (v2 < 6 || v2 == 6 && v3 < 2) {
+		return t, fmt.Errorf("%s is version %d.%d.%d; egress-snat needs 1.6.2 or later, whose iptables-restore can wait for the xtables lock with a bound", t.bins[IPv4][""], v1, v2, v3)
+	}
+	return t, nil
+}
+
+// command returns the binary for family and role ("save" or "restore").
 func (t ExecTables) command(f Family, role string) string {
-	base := "iptables"
-	if f == IPv6 {
-		base = "ip6tables"
-	}
-	name := base + "-" + string(t.Backend)
-	if role != "" {
-		name += "-" + role
-	}
-	if p, err := exec.LookPath(name); err == nil {
+	if p := t.bins[f][role]; p != "" {
 		return p
 	}
-	// Distributions without the split names ship one backend under the
-	// plain name.
-	if role != "" {
-		return base + "-" + role
-	}
-	return base
+	// Not built by NewExecTables (ChainIn's probe): the split name.
+	name := map[Family]string{IPv4: "iptables", IPv6: "ip6tables"}[f] + "-" + string(t.Backend) + "-" + role
+	return name
 }
 
 func (t ExecTables) Save(f Family) (string, error) {

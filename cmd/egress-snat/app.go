@@ -176,6 +176,10 @@ func hostEnv(c *cli.Context) (*env, error) {
 	if err != nil {
 		return nil, err
 	}
+	tables, err := snat.NewExecTables(backend, c.Duration("lock-timeout"))
+	if err != nil {
+		return nil, err
+	}
 	h, err := netlink.NewHandle()
 	if err != nil {
 		return nil, fmt.Errorf("opening netlink: %w", err)
@@ -184,7 +188,7 @@ func hostEnv(c *cli.Context) (*env, error) {
 	return &env{
 		sel:         selector.New(h),
 		nl:          h,
-		mgr:         &snat.Manager{Tables: snat.ExecTables{Backend: backend, Wait: wait}, Sets: snat.ExecIPSets{}},
+		mgr:         &snat.Manager{Tables: tables, Sets: snat.ExecIPSets{}},
 		backend:     backend,
 		lockTimeout: wait,
 		out:         c.App.Writer,
