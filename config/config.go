@@ -59,14 +59,14 @@ type Addrs []netip.Addr
 type Prefixes []netip.Prefix
 
 func (a *Addrs) UnmarshalYAML(n *yaml.Node) error {
-	var words []string
-	if err := scalarOrList(n, &words); err != nil {
+	items, err := scalarOrList(n)
+	if err != nil {
 		return err
 	}
-	for _, w := range words {
-		ad, err := netip.ParseAddr(w)
+	for _, it := range items {
+		ad, err := netip.ParseAddr(it.Value)
 		if err != nil || ad.Zone() != "" {
-			return fmt.Errorf("line %d: %q is not an IP address", n.Line, w)
+			return fmt.Errorf("line %d: %q is not an IP address", it.Line, it.Value)
 		}
 		*a = append(*a, ad)
 	}
@@ -74,21 +74,32 @@ func (a *Addrs) UnmarshalYAML(n *yaml.Node) error {
 }
 
 func (p *Prefixes) UnmarshalYAML(n *yaml.Node) error {
-	var words []string
-	if err := scalarOrList(n, &words); err != nil {
+	items, err := scalarOrList(n)
+	if err != nil {
 		return err
 	}
-	for _, w := range words {
-		pr, err := ParseDst(w)
+	for _, it := range items {
+		pr, err := ParseDst(it.Value)
 		if err != nil {
-			return fmt.Errorf("line %d: %w", n.Line, err)
+			return fmt.Errorf("line %d: %w", it.Line, err)
 		}
 		*p = append(*p, pr)
 	}
 	return nil
 }
 
+// ruleKeys are the keys a rule may have. Node.Decode does not inherit the
+// decoder's KnownFields, so a rule checks its own keys.
+var ruleKeys = map[string]bool{"to": true, "dst": true, "dst-file": true, "out": true, "spread": true}
+
 func (r *Rule) UnmarshalYAML(n *yaml.Node) error {
+	if n.Kind == yaml.MappingNode {
+		for i := 0; i+1 < len(n.Content); i += 2 {
+			if k := n.Content[i]; !ruleKeys[k.Value] {
+				return fmt.Errorf("line %d: unknown key %q in a rule (want to, dst, dst-file, out, spread)", k.Line, k.Value)
+			}
+		}
+	}
 	type plain Rule // without this method, so Decode does not recurse
 	var p plain
 	if err := n.Decode(&p); err != nil {
@@ -99,21 +110,21 @@ func (r *Rule) UnmarshalYAML(n *yaml.Node) error {
 	return nil
 }
 
-func scalarOrList(n *yaml.Node, out *[]string) error {
+// scalarOrList returns the scalar items of a value that is one scalar or a
+// list of them, each with its own line for error messages.
+func scalarOrList(n *yaml.Node) ([]*yaml.Node, error) {
 	switch n.Kind {
 	case yaml.ScalarNode:
-		*out = []string{n.Value}
-		return nil
+		return []*yaml.Node{n}, nil
 	case yaml.SequenceNode:
 		for _, c := range n.Content {
 			if c.Kind != yaml.ScalarNode {
-				return fmt.Errorf("line %d: want an address, got a %s", c.Line, kindName(c.Kind))
+				return nil, fmt.Errorf("line %d: want an address, got a %s", c.Line, kindName(c.Kind))
 			}
-			*out = append(*out, c.Value)
 		}
-		return nil
+		return n.Content, nil
 	}
-	return fmt.Errorf("line %d: want an address or a list of them, got a %s", n.Line, kindName(n.Kind))
+	return nil, fmt.Errorf("line %d: want an address or a list of them, got a %s", n.Line, kindName(n.Kind))
 }
 
 func kindName(k yaml.Kind) string {

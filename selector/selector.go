@@ -227,6 +227,9 @@ func (s *Selector) lookupVia(dst netip.Prefix, out string, explain bool) (*Choic
 		probe = dst.Addr()
 	}
 	routes, err := s.nl.RouteGetWithOptions(probe.AsSlice(), opts)
+	if errors.Is(err, unix.ENETUNREACH) || errors.Is(err, unix.EHOSTUNREACH) {
+		return nil, fmt.Errorf("%s: %w", dst, ErrNoRoute)
+	}
 	if err != nil {
 		return nil, fmt.Errorf("route lookup for %s: %w", probe, err)
 	}

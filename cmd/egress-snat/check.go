@@ -97,7 +97,7 @@ func runCheck(c *cli.Context) ([]snat.Finding, error) {
 	if c.String("file") == "" {
 		for _, en := range st.Entries() {
 			if !en.Keep() {
-				intents = append(intents, snat.Intent{Dst: en.Dst, To: en.To, Out: en.Out})
+				intents = append(intents, snat.Intent{Dst: en.Dst, To: en.To, Out: en.Out, Spread: len(en.To) > 1})
 			}
 		}
 	}
