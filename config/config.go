@@ -26,6 +26,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 
 	"go.yaml.in/yaml/v3"
@@ -256,10 +257,14 @@ func readDstFile(path string) ([]netip.Prefix, error) {
 
 // Intents returns the file's rules as intents for snat.Resolve.
 func (f *File) Intents() ([]snat.Intent, error) {
-	var out []snat.Intent
+	n := 0
+	for _, r := range f.Rules {
+		n += len(r.Dst) + len(r.dstFile)
+	}
+	out := make([]snat.Intent, 0, n)
 	var errs []error
 	for i, r := range f.Rules {
-		for _, d := range append(append([]netip.Prefix{}, r.Dst...), r.dstFile...) {
+		for _, d := range slices.Concat(r.Dst, r.dstFile) {
 			if d.Addr().Is4() != r.To[0].Is4() {
 				errs = append(errs, fmt.Errorf("rule %d (line %d): destination %s and source %s are of different address families", i+1, r.line, d, r.To[0]))
 				continue

@@ -9,6 +9,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/coreos/go-iptables/iptables"
@@ -97,7 +98,9 @@ type ExecTables struct {
 	// without it.
 	Wait time.Duration
 	// bins are the save and restore commands per family.
-	bins map[Family]map[string]string
+	bins     map[Family]map[string]string
+	checked  *sync.Once
+	checkErr *error
 }
 
 // NewExecTables finds backend b's commands: iptables-nft-save,
@@ -130,14 +133,31 @@ func NewExecTables(b Backend, wait time.Duration) (ExecTables, error) {
 			t.bins[f][role] = p
 		}
 	}
-	ipt, err := iptables.New(iptables.Path(t.bins[IPv4][""]), iptables.Timeout(max(1, int(wait/time.Second))))
-	if err != nil {
-		return t, fmt.Errorf("%s: %w", t.bins[IPv4][""], err)
-	}
-	if v1, v2, v3 := ipt.GetIptablesVersion(); v1 < 1 || v1 == 1 && (v2 < 6 || v2 == 6 && v3 < 2) {
-		return t, fmt.Errorf("%s is version %d.%d.%d; egress-snat needs 1.6.2 or later, whose iptables-restore can wait for the xtables lock with a bound", t.bins[IPv4][""], v1, v2, v3)
-	}
+	t.checked = new(sync.Once)
+	t.checkErr = new(error)
 	return t, nil
+}
+
+// checkVersion makes sure, once and only before the first write, that this
+// iptables is new enough (1.6.2) for iptables-restore to bound its wait for
+// the xtables lock. Reads do not need it, so a no-op run does not pay for
+// the extra process.
+func (t ExecTables) checkVersion() error {
+	if t.checked == nil {
+		return nil
+	}
+	t.checked.Do(func() {
+		bin := t.bins[IPv4][""]
+		ipt, err := iptables.New(iptables.Path(bin), iptables.Timeout(max(1, int(t.Wait/time.Second))))
+		if err != nil {
+			*t.checkErr = fmt.Errorf("%s: %w", bin, err)
+			return
+		}
+		if v1, v2, v3 := ipt.GetIptablesVersion(); v1 < 1 || v1 == 1 && (v2 < 6 || v2 == 6 && v3 < 2) {
+			*t.checkErr = fmt.Errorf("%s is version %d.%d.%d; egress-snat needs 1.6.2 or later, whose iptables-restore can wait for the xtables lock with a bound", bin, v1, v2, v3)
+		}
+	})
+	return *t.checkErr
 }
 
 // command returns the binary for family and role ("save" or "restore").
@@ -161,6 +181,9 @@ func (t ExecTables) Save(f Family) (string, error) {
 }
 
 func (t ExecTables) Restore(f Family, payload string) error {
+	if err := t.checkVersion(); err != nil {
+		return err
+	}
 	secs := max(1, int(t.Wait.Round(time.Second)/time.Second))
 	cmd := exec.Command(t.command(f, "restore"), "--noflush", "--wait", strconv.Itoa(secs))
 	cmd.Stdin = strings.NewReader(payload)

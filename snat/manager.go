@@ -126,8 +126,9 @@ func MakePlan(st *State, desired []Entry) Plan {
 	desired = Normalize(desired)
 	p := Plan{Desired: desired, Chains: map[Family]Chain{}, Write: map[Family]bool{}, Payloads: map[Family]string{}}
 
-	old := map[netip.Prefix]Entry{}
-	for _, e := range st.Entries() {
+	installed := st.Entries()
+	old := make(map[netip.Prefix]Entry, len(installed))
+	for _, e := range installed {
 		old[e.Dst] = e
 	}
 	for _, e := range desired {

@@ -115,6 +115,11 @@ func ParseSave(f Family, text string, sets map[string]Set) (Installed, error) {
 		return in, err
 	}
 	// A set rule stands for one entry per member.
+	n := 0
+	for _, f := range found {
+		n += max(1, len(sets[f.set].Members))
+	}
+	in.Entries = make([]Entry, 0, n)
 	for _, f := range found {
 		if f.set == "" {
 			in.Entries = append(in.Entries, f.Entry)
@@ -338,30 +343,33 @@ func splitWords(line string) ([]string, error) {
 }
 
 // ParseSets reads `ipset save` output and returns this tool's sets by name.
+// It is on the path of every run, with one line per destination, so it
+// avoids splitting lines it does not need.
 func ParseSets(text string) (map[string]Set, error) {
 	sets := map[string]Set{}
-	sc := bufio.NewScanner(strings.NewReader(text))
-	sc.Buffer(make([]byte, 1<<20), 1<<20)
-	for sc.Scan() {
-		f := strings.Fields(sc.Text())
-		if len(f) < 3 || !strings.HasPrefix(f[1], SetPrefix) {
+	for len(text) > 0 {
+		line, rest, _ := strings.Cut(text, "\n")
+		text = rest
+		op, args, _ := strings.Cut(line, " ")
+		name, args, _ := strings.Cut(args, " ")
+		if !strings.HasPrefix(name, SetPrefix) {
 			continue
 		}
-		name := f[1]
-		switch f[0] {
+		switch op {
 		case "create":
 			fam := IPv4
-			if i := slices.Index(f, "family"); i >= 0 && i+1 < len(f) && f[i+1] == "inet6" {
+			if strings.Contains(args, "family inet6") {
 				fam = IPv6
 			}
 			sets[name] = Set{Name: name, Family: fam}
 		case "add":
-			s := sets[name]
-			p, err := parsePrefix(f[2])
+			member, opts, _ := strings.Cut(args, " ")
+			p, err := parsePrefix(member)
 			if err != nil {
-				return nil, fmt.Errorf("set %s member %q: %w", name, f[2], err)
+				return nil, fmt.Errorf("set %s member %q: %w", name, member, err)
 			}
-			if slices.Contains(f[3:], "nomatch") {
+			s := sets[name]
+			if strings.Contains(opts, "nomatch") {
 				s.NoMatch = append(s.NoMatch, p)
 			} else {
 				s.Members = append(s.Members, p)
@@ -370,9 +378,11 @@ func ParseSets(text string) (map[string]Set, error) {
 		}
 	}
 	for n, s := range sets {
-		slices.SortFunc(s.Members, comparePrefix)
+		if !slices.IsSortedFunc(s.Members, comparePrefix) {
+			slices.SortFunc(s.Members, comparePrefix)
+		}
 		slices.SortFunc(s.NoMatch, comparePrefix)
 		sets[n] = s
 	}
-	return sets, sc.Err()
+	return sets, nil
 }

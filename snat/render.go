@@ -37,22 +37,23 @@ type Chain struct {
 // It is pure: the same entries always give the same text and set names.
 func Render(f Family, entries []Entry) Chain {
 	c := Chain{Family: f}
-	var mine []Entry
-	for _, e := range entries {
-		if e.Family() == f {
-			mine = append(mine, e)
-		}
-	}
-	SortEntries(mine)
+	mine := ofFamily(entries, f)
 
-	groups := map[groupKey][]Entry{}
+	// Group by position: entries are large, and a 100,000-entry group
+	// copied on every append costs more than the rest of planning.
+	groups := map[groupKey][]int{}
 	var order []groupKey
-	for _, e := range mine {
-		k := e.group()
+	var singles []Entry
+	for i := range mine {
+		if mine[i].Dst.Bits() == 0 {
+			singles = append(singles, mine[i]) // hash:net cannot hold /0
+			continue
+		}
+		k := mine[i].group()
 		if _, ok := groups[k]; !ok {
 			order = append(order, k)
 		}
-		groups[k] = append(groups[k], e)
+		groups[k] = append(groups[k], i)
 	}
 	inSet := map[groupKey]bool{}
 	for _, k := range order {
@@ -62,24 +63,25 @@ func Render(f Family, entries []Entry) Chain {
 	}
 	nomatch := exceptions(mine, inSet)
 
-	var singles []Entry
 	var sets []Set
 	var setRules [][]string
 	for _, k := range order {
 		g := groups[k]
 		if !inSet[k] {
-			singles = append(singles, g...)
+			for _, i := range g {
+				singles = append(singles, mine[i])
+			}
 			continue
 		}
-		s := Set{Family: f, NoMatch: nomatch[k]}
-		for _, e := range g {
-			s.Members = append(s.Members, e.Dst)
+		s := Set{Family: f, NoMatch: nomatch[k], Members: make([]netip.Prefix, 0, len(g))}
+		for _, i := range g {
+			s.Members = append(s.Members, mine[i].Dst)
 		}
 		slices.SortFunc(s.Members, comparePrefix)
 		slices.SortFunc(s.NoMatch, comparePrefix)
 		s.Name = setName(s)
 		sets = append(sets, s)
-		setRules = append(setRules, ruleSpecs(g[0], []string{"-m", "set", "--match-set", s.Name, "dst"})...)
+		setRules = append(setRules, ruleSpecs(mine[g[0]], []string{"-m", "set", "--match-set", s.Name, "dst"})...)
 	}
 	c.Sets = sets
 	c.Rules = append(c.Rules, setRules...)
@@ -92,6 +94,27 @@ func Render(f Family, entries []Entry) Chain {
 		c.Rules = append(c.Rules, ruleSpecs(e, dst)...)
 	}
 	return c
+}
+
+// ofFamily returns f's entries, sorted. Sorted input (entries are sorted by
+// family first) gives a subslice without copying.
+func ofFamily(entries []Entry, f Family) []Entry {
+	if slices.IsSortedFunc(entries, compareEntries) {
+		lo, _ := slices.BinarySearchFunc(entries, f, func(e Entry, f Family) int { return int(e.Family()) - int(f) })
+		hi := lo
+		for hi < len(entries) && entries[hi].Family() == f {
+			hi++
+		}
+		return entries[lo:hi]
+	}
+	var mine []Entry
+	for _, e := range entries {
+		if e.Family() == f {
+			mine = append(mine, e)
+		}
+	}
+	SortEntries(mine)
+	return mine
 }
 
 // exceptions finds, for every set group, the destinations of other entries

@@ -61,8 +61,8 @@ func ResolveAvailable(r Router, intents []Intent) (entries []Entry, skipped []er
 
 func resolve(r Router, intents []Intent, lenient bool) ([]Entry, []error, error) {
 	var errs, skipped []error
-	var out []Entry
-	seen := map[netip.Prefix]Intent{}
+	out := make([]Entry, 0, len(intents))
+	seen := make(map[netip.Prefix]Intent, len(intents))
 	for _, in := range intents {
 		e, err := resolveOne(r, in, lenient)
 		if err != nil {

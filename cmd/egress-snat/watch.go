@@ -8,6 +8,7 @@ import (
 	"net/netip"
 	"os"
 	"os/signal"
+	"runtime/debug"
 	"syscall"
 	"time"
 
@@ -62,6 +63,7 @@ at boot, so the desired state survives reboots.`,
 		if c.Duration("resync") <= 0 || c.Duration("settle") < 0 {
 			return usageError("--resync must be positive and --settle not negative")
 		}
+		debug.SetGCPercent(100) // long-running: the default suits it
 		intents, err := loadIntents(c.String("file"))
 		if err != nil {
 			return err
