@@ -1,0 +1,386 @@
+// Command benchconn is the helper of scripts/bench.sh (make bench). It has
+// four modes:
+//
+//	benchconn gen -n N [-seed S] [-last PREFIX] [-format list|linear] ...
+//
+// prints N unique, non-overlapping IPv4 destinations, /24 to /32 at random,
+// inside 10.0.0.0/8, in a random order; the same seed always gives the same
+// list. With -last, the list holds N-1 generated prefixes and then PREFIX,
+// so a linear chain built from it matches PREFIX with its last rule. Format
+// "list" is one prefix a line (a dst-file of `egress-snat apply`); format
+// "linear" is the iptables-restore rules of the same destinations as one
+// rule each:
+//
+//	-A CHAIN -s NATURAL/32 -d PREFIX -o OUT -j SNAT --to-source TO
+//
+//	benchconn loop IPTABLES RULES
+//
+// programs a chain the way a go-iptables user does: RULES holds lines
+// "-A CHAIN spec...", and for each one it calls go-iptables' Append, which
+// runs one IPTABLES process (the first rule of a chain also creates the chain
+// and inserts a jump to it first in POSTROUTING).
+//
+//	benchconn serve -ports 7100-7115
+//
+// runs the far side (in the far namespace): on every port of the range, on
+// all IPv4 addresses, it answers each TCP connection with the address the
+// connection came from and a newline, then closes it. It exits after
+// -max-time, or on SIGINT/SIGTERM.
+//
+//	benchconn load -addrs 203.0.113.1,... -ports 7100-7115 -duration 3s -want 192.0.2.22
+//
+// opens short TCP connections from this namespace for a fixed time with
+// -conc workers, over every address and port in turn (so that one SNAT
+// address never runs out of 5-tuples), reads the server's line, and closes
+// with SO_LINGER 0 so that no TIME_WAIT piles up. It prints one JSON object:
+// completed connections, the rate, errors, and the source addresses the far
+// side reported. It fails if nothing completed or if the far side saw any
+// source other than -want.
+package main
+
+import (
+	"bufio"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"math/rand/v2"
+	"net"
+	"net/netip"
+	"os"
+	"os/signal"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"github.com/coreos/go-iptables/iptables"
+)
+
+func main() {
+	if len(os.Args) < 2 {
+		usage()
+	}
+	var err error
+	switch os.Args[1] {
+	case "gen":
+		err = gen(os.Args[2:])
+	case "loop":
+		err = loop(os.Args[2:])
+	case "serve":
+		err = serve(os.Args[2:])
+	case "load":
+		err = load(os.Args[2:])
+	default:
+		usage()
+	}
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "benchconn:", err)
+		os.Exit(1)
+	}
+}
+
+func usage() {
+	fmt.Fprintln(os.Stderr, "usage: benchconn gen|loop|serve|load [flags] (see the package comment)")
+	os.Exit(2)
+}
+
+// ---- gen ----
+
+func gen(args []string) error {
+	fs := flag.NewFlagSet("gen", flag.ExitOnError)
+	n := fs.Int("n", 100, "number of destinations")
+	seed := fs.Uint64("seed", 1, "random seed")
+	last := fs.String("last", "", "make this `PREFIX` the last destination (N-1 generated ones before it)")
+	format := fs.String("format", "list", "list or linear")
+	chain := fs.String("chain", "BENCH-LINEAR", "linear: chain name")
+	natural := fs.String("natural", "192.0.2.250", "linear: the natural source (-s)")
+	to := fs.String("to", "192.0.2.22", "linear: the SNAT address (--to-source)")
+	out := fs.String("out", "eth0", "linear: the outgoing interface (-o)")
+	fs.Parse(args)
+
+	count := *n
+	var lastP netip.Prefix
+	if *last != "" {
+		p, err := netip.ParsePrefix(*last)
+		if err != nil {
+			return err
+		}
+		lastP = p
+		count--
+	}
+	if count < 0 {
+		return errors.New("-n must be at least 1 with -last")
+	}
+	ps, err := prefixes(count, *seed)
+	if err != nil {
+		return err
+	}
+	if lastP.IsValid() {
+		if lastP.Overlaps(netip.MustParsePrefix("10.0.0.0/8")) {
+			return errors.New("-last must lie outside 10.0.0.0/8")
+		}
+		ps = append(ps, lastP)
+	}
+	w := bufio.NewWriterSize(os.Stdout, 1<<16)
+	for _, p := range ps {
+		switch *format {
+		case "list":
+			fmt.Fprintln(w, p)
+		case "linear":
+			fmt.Fprintf(w, "-A %s -s %s/32 -d %s -o %s -j SNAT --to-source %s\n", *chain, *natural, p, *out, *to)
+		default:
+			return fmt.Errorf("-format %q: want list or linear", *format)
+		}
+	}
+	return w.Flush()
+}
+
+// prefixes allocates n aligned blocks of random length /24../32 one after
+// the other, with small random gaps, from 10.0.0.0, then shuffles them.
+// Blocks never overlap, so every destination is unique and no rule shadows
+// another.
+func prefixes(n int, seed uint64) ([]netip.Prefix, error) {
+	r := rand.New(rand.NewPCG(seed, 0x65677265737321))
+	const base, end = uint32(10) << 24, uint32(11) << 24
+	cur := base
+	out := make([]netip.Prefix, 0, n)
+	for range n {
+		bits := 24 + r.IntN(9)
+		size := uint32(1) << (32 - bits)
+		cur = (cur + size - 1) &^ (size - 1)
+		if cur+size > end || cur < base {
+			return nil, fmt.Errorf("%d destinations do not fit in 10.0.0.0/8", n)
+		}
+		var a [4]byte
+		a[0], a[1], a[2], a[3] = byte(cur>>24), byte(cur>>16), byte(cur>>8), byte(cur)
+		out = append(out, netip.PrefixFrom(netip.AddrFrom4(a), bits))
+		cur += size + uint32(r.IntN(32))
+	}
+	r.Shuffle(len(out), func(i, j int) { out[i], out[j] = out[j], out[i] })
+	return out, nil
+}
+
+// ---- loop ----
+
+func loop(args []string) error {
+	if len(args) != 2 {
+		return errors.New("usage: benchconn loop IPTABLES RULES")
+	}
+	ipt, err := iptables.New(iptables.Path(args[0]))
+	if err != nil {
+		return err
+	}
+	f, err := os.Open(args[1])
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	made := map[string]bool{}
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		w := strings.Fields(sc.Text())
+		if len(w) < 3 || w[0] != "-A" {
+			continue
+		}
+		if !made[w[1]] {
+			if err := ipt.NewChain("nat", w[1]); err != nil {
+				return err
+			}
+			if err := ipt.Insert("nat", "POSTROUTING", 1, "-j", w[1]); err != nil {
+				return err
+			}
+			made[w[1]] = true
+		}
+		if err := ipt.Append("nat", w[1], w[2:]...); err != nil {
+			return err
+		}
+	}
+	return sc.Err()
+}
+
+// ---- serve ----
+
+func parsePorts(s string) ([]int, error) {
+	lo, hi, found := strings.Cut(s, "-")
+	a, err := strconv.Atoi(lo)
+	if err != nil {
+		return nil, fmt.Errorf("ports %q: %w", s, err)
+	}
+	b := a
+	if found {
+		if b, err = strconv.Atoi(hi); err != nil {
+			return nil, fmt.Errorf("ports %q: %w", s, err)
+		}
+	}
+	if a < 1 || b > 65535 || b < a {
+		return nil, fmt.Errorf("ports %q: want LO-HI within 1-65535", s)
+	}
+	var out []int
+	for p := a; p <= b; p++ {
+		out = append(out, p)
+	}
+	return out, nil
+}
+
+func serve(args []string) error {
+	fs := flag.NewFlagSet("serve", flag.ExitOnError)
+	ports := fs.String("ports", "7100-7115", "TCP port range LO-HI")
+	maxTime := fs.Duration("max-time", 30*time.Minute, "exit after this long in any case")
+	fs.Parse(args)
+	ps, err := parsePorts(*ports)
+	if err != nil {
+		return err
+	}
+	var served atomic.Int64
+	for _, p := range ps {
+		ln, err := net.Listen("tcp4", "0.0.0.0:"+strconv.Itoa(p))
+		if err != nil {
+			return err
+		}
+		go func() {
+			for {
+				c, err := ln.Accept()
+				if err != nil {
+					if errors.Is(err, net.ErrClosed) {
+						return
+					}
+					continue // e.g. ECONNABORTED: the client reset first
+				}
+				peer := c.RemoteAddr().(*net.TCPAddr).AddrPort().Addr().Unmap()
+				c.SetWriteDeadline(time.Now().Add(2 * time.Second))
+				c.Write([]byte(peer.String() + "\n"))
+				c.Close()
+				served.Add(1)
+			}
+		}()
+	}
+	fmt.Println("ready")
+	sig := make(chan os.Signal, 1)
+	signal.Notify(sig, syscall.SIGINT, syscall.SIGTERM)
+	select {
+	case <-sig:
+	case <-time.After(*maxTime):
+	}
+	fmt.Fprintf(os.Stderr, "benchconn serve: answered %d connections\n", served.Load())
+	return nil
+}
+
+// ---- load ----
+
+type result struct {
+	Conns    int64            `json:"conns"`
+	Seconds  float64          `json:"seconds"`
+	Rate     float64          `json:"rate"`
+	Errors   int64            `json:"errors"`
+	FirstErr string           `json:"first_error,omitempty"`
+	Seen     map[string]int64 `json:"seen"`
+}
+
+func load(args []string) error {
+	fs := flag.NewFlagSet("load", flag.ExitOnError)
+	addrList := fs.String("addrs", "203.0.113.1", "server addresses, comma-separated")
+	ports := fs.String("ports", "7100-7115", "server TCP port range LO-HI")
+	dur := fs.Duration("duration", 3*time.Second, "how long to open connections")
+	conc := fs.Int("conc", 8, "concurrent workers")
+	want := fs.String("want", "", "fail unless the far side sees every connection from this address")
+	maxConns := fs.Int64("max", 2_000_000, "stop after this many connections in any case")
+	fs.Parse(args)
+	ps, err := parsePorts(*ports)
+	if err != nil {
+		return err
+	}
+	var targets []string
+	for _, a := range strings.Split(*addrList, ",") {
+		ad, err := netip.ParseAddr(strings.TrimSpace(a))
+		if err != nil {
+			return err
+		}
+		for _, p := range ps {
+			targets = append(targets, netip.AddrPortFrom(ad, uint16(p)).String())
+		}
+	}
+
+	var (
+		next     atomic.Int64
+		done     atomic.Int64
+		errs     atomic.Int64
+		mu       sync.Mutex
+		firstErr string
+		seen     = map[string]int64{}
+		wg       sync.WaitGroup
+	)
+	d := net.Dialer{Timeout: time.Second}
+	start := time.Now()
+	deadline := start.Add(*dur)
+	for w := 0; w < *conc; w++ {
+		wg.Go(func() {
+			local := map[string]int64{}
+			buf := make([]byte, 64)
+			for time.Now().Before(deadline) {
+				i := next.Add(1)
+				if i > *maxConns {
+					break
+				}
+				src, err := once(&d, targets[int(i)%len(targets)], buf)
+				if err != nil {
+					if errs.Add(1) == 1 {
+						mu.Lock()
+						firstErr = err.Error()
+						mu.Unlock()
+					}
+					continue
+				}
+				local[src]++
+				done.Add(1)
+			}
+			mu.Lock()
+			for k, v := range local {
+				seen[k] += v
+			}
+			mu.Unlock()
+		})
+	}
+	wg.Wait()
+	el := time.Since(start).Seconds()
+	res := result{Conns: done.Load(), Seconds: el, Rate: float64(done.Load()) / el, Errors: errs.Load(), FirstErr: firstErr, Seen: seen}
+	if err := json.NewEncoder(os.Stdout).Encode(res); err != nil {
+		return err
+	}
+	if res.Conns == 0 {
+		return fmt.Errorf("no connection completed (first error: %s)", firstErr)
+	}
+	if *want != "" && (len(seen) != 1 || seen[*want] != res.Conns) {
+		return fmt.Errorf("the far side saw sources %v, want all from %s", seen, *want)
+	}
+	return nil
+}
+
+// once opens one connection, reads the source address the server saw, and
+// closes with an RST (SO_LINGER 0): the client keeps no TIME_WAIT, so its
+// ephemeral ports never run out however fast it goes.
+func once(d *net.Dialer, target string, buf []byte) (string, error) {
+	c, err := d.Dial("tcp4", target)
+	if err != nil {
+		return "", err
+	}
+	tc := c.(*net.TCPConn)
+	defer func() {
+		tc.SetLinger(0)
+		tc.Close()
+	}()
+	tc.SetReadDeadline(time.Now().Add(time.Second))
+	n := 0
+	for {
+		m, err := tc.Read(buf[n:])
+		n += m
+		if i := strings.IndexByte(string(buf[:n]), '\n'); i >= 0 {
+			return string(buf[:i]), nil
+		}
+		if err != nil || n == len(buf) {
+			return "", fmt.Errorf("reading from %s: %v", target, err)
+		}
+	}
+}
