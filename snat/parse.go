@@ -61,7 +61,7 @@ func ParseSave(f Family, text string, sets map[string]Set) (Installed, error) {
 	var found []ruleEntry
 	byKey := map[string]int{} // match key -> index in found
 	sc := bufio.NewScanner(strings.NewReader(text))
-	sc.Buffer(make([]byte, 1<<20), 1<<20)
+	sc.Buffer(nil, 1<<20)
 	for sc.Scan() {
 		line := strings.TrimSpace(sc.Text())
 		switch {
@@ -218,7 +218,7 @@ func parseRule(f Family, spec []string) (parsedRule, bool) {
 			return r, false
 		}
 	}
-	if !ours || !r.natural.IsValid() || r.out == "" || FamilyOf(r.natural) != f {
+	if !ours || !r.natural.IsValid() || r.out == "" || FamilyOf(r.natural) != f || r.dst.IsValid() && FamilyOf(r.dst.Addr()) != f {
 		return r, false
 	}
 	switch {

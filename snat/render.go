@@ -262,7 +262,9 @@ func quote(w string) string {
 	if w != "" && !strings.ContainsAny(w, " \t\"'\\") {
 		return w
 	}
-	return strconv.Quote(w)
+	// iptables-restore knows only \" and \\ inside double quotes, not Go's
+	// \t or \x escapes: blanks stay literal.
+	return `"` + strings.NewReplacer(`\`, `\\`, `"`, `\"`).Replace(w) + `"`
 }
 
 // SetRestorePayload renders `ipset restore` input creating sets.

@@ -60,9 +60,12 @@ func ResolveAvailable(r Router, intents []Intent) (entries []Entry, skipped []er
 }
 
 func resolve(r Router, intents []Intent, lenient bool) ([]Entry, []error, error) {
+	intents, err := Dedup(intents)
+	if err != nil {
+		return nil, nil, err
+	}
 	var errs, skipped []error
 	out := make([]Entry, 0, len(intents))
-	seen := make(map[netip.Prefix]Intent, len(intents))
 	for _, in := range intents {
 		e, err := resolveOne(r, in, lenient)
 		if err != nil {
@@ -73,16 +76,29 @@ func resolve(r Router, intents []Intent, lenient bool) ([]Entry, []error, error)
 			errs = append(errs, err)
 			continue
 		}
-		if prev, dup := seen[e.Dst]; dup {
-			if !slices.Equal(prev.To, in.To) {
-				errs = append(errs, Invalid("destination %s is given twice, with sources %s and %s", e.Dst, addrList(prev.To), addrList(in.To)))
-			}
-			continue
-		}
-		seen[e.Dst] = in
 		out = append(out, e)
 	}
 	return out, skipped, errors.Join(errs...)
+}
+
+// Dedup drops repeated intents for the same destination and refuses one
+// destination given two different sources: which one wins would be a guess.
+func Dedup(intents []Intent) ([]Intent, error) {
+	var errs []error
+	out := make([]Intent, 0, len(intents))
+	seen := make(map[netip.Prefix]Intent, len(intents))
+	for _, in := range intents {
+		dst := in.Dst.Masked()
+		if prev, dup := seen[dst]; dup {
+			if !slices.Equal(prev.To, in.To) || prev.Spread != in.Spread {
+				errs = append(errs, Invalid("destination %s is given twice, with sources %s and %s", dst, addrList(prev.To), addrList(in.To)))
+			}
+			continue
+		}
+		seen[dst] = in
+		out = append(out, in)
+	}
+	return out, errors.Join(errs...)
 }
 
 func resolveOne(r Router, in Intent, lenient bool) (Entry, error) {

@@ -120,6 +120,10 @@ func desiredNow(e *env, st *snat.State, intents []snat.Intent) ([]snat.Entry, []
 	for _, en := range st.Entries() {
 		installed[en.Dst.String()] = en
 	}
+	intents, err := snat.Dedup(intents)
+	if err != nil {
+		return nil, nil, err
+	}
 	var desired []snat.Entry
 	var findings []snat.Finding
 	for _, in := range intents {

@@ -17,6 +17,7 @@ package main
 import (
 	"encoding/json"
 	"fmt"
+	"maps"
 	"math/rand/v2"
 	"os"
 	"os/exec"
@@ -387,11 +388,11 @@ func relRandomOp(rng *rand.Rand, files map[string]string) []string {
 	v6 := rng.IntN(3) == 0
 	dst := pick("198.51.100.4", "198.51.100.5", "198.51.100.0/24", "203.0.113.7", "")
 	to := pick("192.0.2.22", "192.0.2.23", "198.18.0.10", "192.0.2.250")
-	spread, pool := "192.0.2.22,192.0.2.23", "192.0.2.22,192.0.2.23"
+	pair := "192.0.2.22,192.0.2.23" // for --spread and --pool
 	if v6 {
 		dst = pick("2001:db8:ffff::4", "2001:db8:ffff::/48", "")
 		to = pick("2001:db8::22", "2001:db8::23", "2001:db8::250")
-		spread, pool = "2001:db8::22,2001:db8::23", "2001:db8::22,2001:db8::23"
+		pair = "2001:db8::22,2001:db8::23"
 	}
 	withDst := func(args ...string) []string {
 		if dst != "" {
@@ -403,22 +404,16 @@ func relRandomOp(rng *rand.Rand, files map[string]string) []string {
 	case n < 30:
 		return withDst("set", "--to", to)
 	case n < 38:
-		return withDst("set", "--spread", "--to", spread)
+		return withDst("set", "--spread", "--to", pair)
 	case n < 55:
 		if dst == "" {
 			dst = map[bool]string{false: "0.0.0.0/0", true: "::/0"}[v6]
 		}
 		return withDst("unset")
 	case n < 72:
-		return withDst("rotate", "--pool", pool, "--order", pick("next", "random"))
+		return withDst("rotate", "--pool", pair, "--order", pick("next", "random"))
 	case n < 90:
-		names := slices.Sorted(func(yield func(string) bool) {
-			for k := range files {
-				if !yield(k) {
-					return
-				}
-			}
-		})
+		names := slices.Sorted(maps.Keys(files))
 		return []string{"apply", "-f", files[pick(names...)]}
 	default:
 		return []string{"clear"}
@@ -509,4 +504,26 @@ func relDiff(want, got string) string {
 		return "(same lines, different order)\n-" + strings.Join(w, "-") + "+" + strings.Join(g, "+")
 	}
 	return b.String()
+}
+
+// TestReliabilityEverythingJoinsASet: "set --to A" for every destination
+// when 8 destinations already leave from A. The random sequences found that
+// the destination of every address then went into the ipset of the others,
+// which hash:net refuses (prefix length 0), so the write failed.
+func TestReliabilityEverythingJoinsASet(t *testing.T) {
+	t.Parallel()
+	l := newLab(t)
+	mustES(t, l, "set", "--to", "192.0.2.22", "--dst", "203.0.113.1,203.0.113.2,203.0.113.3,203.0.113.4,203.0.113.5,203.0.113.6,203.0.113.7,203.0.113.8")
+	mustES(t, l, "set", "--to", "2001:db8::22", "--dst", "2001:db8:ffff::4,2001:db8:aaaa::1,2001:db8:aaaa::2,2001:db8:aaaa::3,2001:db8:aaaa::4,2001:db8:aaaa::5,2001:db8:aaaa::6,2001:db8:aaaa::7")
+	mustES(t, l, "set", "--to", "192.0.2.22")
+	mustES(t, l, "set", "--to", "2001:db8::22")
+	if rs := l.Ruleset(t); !strings.Contains(rs, "ipset egress-snat4-") || !strings.Contains(rs, "ipset egress-snat6-") {
+		t.Errorf("want the eight destinations of each family in a set:\n%s", rs)
+	}
+	wantSeen(t, l, map[string]string{"203.0.113.7": "192.0.2.22", "198.51.100.4": "192.0.2.22", "2001:db8:ffff::4": "2001:db8::22"})
+	if code, kinds := relCheck(t, l, ""); code != checkInSync {
+		t.Errorf("check found drift %v", kinds)
+	}
+	mustES(t, l, "rotate", "--pool", "192.0.2.22,192.0.2.23")
+	wantSeen(t, l, map[string]string{"203.0.113.7": "192.0.2.22", "198.51.100.4": "192.0.2.23"})
 }

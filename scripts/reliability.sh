@@ -1,0 +1,155 @@
+#!/usr/bin/env bash
+# reliability.sh: the full-size reliability runs (issue 5) and their report.
+#
+# Runs, on each iptables backend, the namespace tests of the reliability
+# proofs at full size (1000 random sequences with foreign rules, 100 kills
+# during apply, 20 rounds of drift under watch, 10 rounds of 20 concurrent
+# writers, the bad-input corpus), then every fuzz target (scripts/fuzz.sh),
+# and writes the figures into docs/RELIABILITY.md, between the
+# "figures:begin" and "figures:end" markers (the prose around them is kept).
+#
+# As root (the tests build network namespaces; the root namespace is never
+# touched). Takes about 30 minutes. Environment:
+#   BACKENDS   iptables backends to run on (default "auto legacy"; auto is
+#              what the host's iptables uses)
+#   SEQUENCES KILLS DRIFT_ROUNDS CONCURRENCY_ROUNDS   sizes (1000 100 20 10)
+#   FUZZTIME   per fuzz target (default 2m)
+#   REPORT     the report to update (default docs/RELIABILITY.md)
+#   LOGDIR     where the full test and fuzz logs are kept (default
+#              /tmp/egress-snat-reliability)
+# Exits non-zero if any run failed; the report then says which.
+set -uo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$ROOT"
+export PATH=/usr/local/go/bin:$PATH:/usr/sbin:/sbin
+BACKENDS=${BACKENDS:-auto legacy}
+SEQUENCES=${SEQUENCES:-1000}
+KILLS=${KILLS:-100}
+DRIFT_ROUNDS=${DRIFT_ROUNDS:-20}
+CONCURRENCY_ROUNDS=${CONCURRENCY_ROUNDS:-10}
+FUZZTIME=${FUZZTIME:-2m}
+REPORT=${REPORT:-docs/RELIABILITY.md}
+LOGDIR=${LOGDIR:-/tmp/egress-snat-reliability}
+TESTS='^Test(DriftWatchRepairs|CrashDuringApply|ConcurrentWriters|Reliability.*|ForeignRulesRandomSequences|BadInputCorpus)$'
+
+[[ $(id -u) -eq 0 ]] || { echo "reliability: run as root (the tests build network namespaces)" >&2; exit 1; }
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+mkdir -p "$LOGDIR"
+figures=$work/figures
+fuzz=$work/fuzz
+: >"$figures"
+: >"$fuzz"
+failed=0
+declare -A status took
+
+for b in $BACKENDS; do
+  env=(EGRESS_SNAT_SEQUENCES="$SEQUENCES" EGRESS_SNAT_KILLS="$KILLS"
+       EGRESS_SNAT_DRIFT_ROUNDS="$DRIFT_ROUNDS" EGRESS_SNAT_CONCURRENCY_ROUNDS="$CONCURRENCY_ROUNDS"
+       EGRESS_SNAT_FIGURES="$figures")
+  [[ $b == auto ]] || env+=(EGRESS_SNAT_IPTABLES="$b")
+  echo "== reliability tests, backend $b =="
+  start=$SECONDS
+  if env "${env[@]}" go test -count=1 -timeout 120m ./cmd/egress-snat -run "$TESTS" -v >"$LOGDIR/test-$b.log" 2>&1; then
+    status[$b]=passed
+  else
+    status[$b]=FAILED
+    failed=1
+    grep -E -- '--- FAIL|_test.go:[0-9]+:' "$LOGDIR/test-$b.log" | grep -v 'figure \|random seed' | tail -40
+  fi
+  took[$b]=$(( SECONDS - start ))
+  grep -E '^(--- |ok|FAIL)|random seed' "$LOGDIR/test-$b.log"
+  echo "backend $b: ${status[$b]} in ${took[$b]}s (log: $LOGDIR/test-$b.log)"
+done
+
+echo "== fuzz, $FUZZTIME per target =="
+fuzzstart=$SECONDS
+FUZZTIME=$FUZZTIME FUZZ_SUMMARY=$fuzz bash scripts/fuzz.sh >"$LOGDIR/fuzz.log" 2>&1 || failed=1
+fuzztook=$(( SECONDS - fuzzstart ))
+grep 'fuzz summary' "$LOGDIR/fuzz.log"
+
+# fig BACKEND NAME: a figure the tests recorded ("-" if none).
+fig() { awk -v k="$1.$2" '$1 == k { v = $2 } END { print (v == "" ? "-" : v) }' "$figures"; }
+ms() { local v; v=$(fig "$1" "$2"); [[ $v == - ]] && echo - || awk -v v="$v" 'BEGIN { printf "%.2f s", v / 1000 }'; }
+
+block=$work/block
+{
+  echo "<!-- figures:begin (written by scripts/reliability.sh; do not edit by hand) -->"
+  echo
+  echo "Run on $(date -u '+%Y-%m-%d %H:%M UTC'): Linux $(uname -r), $(iptables --version 2>/dev/null), $(ipset --version 2>/dev/null | head -1), $(go version | awk '{print $3}')."
+  echo
+  cols="| figure |"
+  sep="|---|"
+  for b in $BACKENDS; do
+    name=$b
+    [[ $b == auto ]] && name="$(iptables --version | grep -q nf_tables && echo nft || echo legacy) (host default)"
+    cols+=" $name |"
+    sep+="---:|"
+  done
+  echo "$cols"
+  echo "$sep"
+  row() { # row LABEL CMD...: one cell per backend from "CMD key"
+    local label=$1; shift
+    local line="| $label |"
+    for b in $BACKENDS; do
+      local k=$b
+      [[ $b == auto ]] && k=$(iptables --version | grep -q nf_tables && echo nft || echo legacy)
+      line+=" $("$@" "$k") |"
+    done
+    echo "$line"
+  }
+  seqs() { echo "$(fig "$1" sequences) ($(fig "$1" sequence_steps) steps)"; }
+  kills() { echo "$(fig "$1" kills_during_run) of $(fig "$1" kills)"; }
+  apart() { echo "old $(fig "$1" kills_left_old), new $(fig "$1" kills_left_new), families apart $(fig "$1" kills_families_apart)"; }
+  events() { echo "$(fig "$1" drift_events) ($(fig "$1" watch_applies) applies)"; }
+  recon() { echo "$(ms "$1" reconverge_median_ms) / $(ms "$1" reconverge_max_ms)"; }
+  seen() { echo "$(ms "$1" reconverge_seen_median_ms) / $(ms "$1" reconverge_seen_max_ms)"; }
+  writers() { echo "$(fig "$1" concurrent_writers) ($(fig "$1" concurrent_lock_timeouts) lock timeouts)"; }
+  bad() { fig "$1" bad_inputs; }
+  row "random sequences with foreign rules, all ended by clear" seqs
+  row "kill -9 during apply: landed while it ran" kills
+  row "state after a kill: each family old or new, never a mixture" apart
+  row "drift events handled by watch" events
+  row "time to reconverge, median / max (drift to logged repair)" recon
+  row "... until check -f saw it, median / max" seen
+  row "concurrent writers, all linearizable" writers
+  row "bad-input runs: exit 2 naming the value, ruleset unchanged" bad
+  line="| result |"
+  for b in $BACKENDS; do line+=" ${status[$b]} in ${took[$b]} s |"; done
+  echo "$line"
+  echo
+  echo "Fuzzing, $FUZZTIME per target ($fuzztook s in all):"
+  echo
+  echo "| target | inputs tried | result |"
+  echo "|---|---:|---|"
+  while read -r name execs res; do
+    echo "| \`$name\` | $execs | $res |"
+  done <"$fuzz"
+  echo
+  echo "Produced by:"
+  echo
+  echo '    sudo bash scripts/reliability.sh'
+  echo
+  echo "which runs, for each backend (\`EGRESS_SNAT_IPTABLES=legacy\` for the second):"
+  echo
+  echo "    EGRESS_SNAT_SEQUENCES=$SEQUENCES EGRESS_SNAT_KILLS=$KILLS EGRESS_SNAT_DRIFT_ROUNDS=$DRIFT_ROUNDS \\"
+  echo "    EGRESS_SNAT_CONCURRENCY_ROUNDS=$CONCURRENCY_ROUNDS go test -count=1 -timeout 120m \\"
+  echo "        ./cmd/egress-snat -run '$TESTS' -v"
+  echo "    FUZZTIME=$FUZZTIME bash scripts/fuzz.sh"
+  echo
+  echo "<!-- figures:end -->"
+} >"$block"
+
+mkdir -p "$(dirname "$REPORT")"
+if [[ -f $REPORT ]] && grep -q '<!-- figures:begin' "$REPORT" && grep -q '<!-- figures:end' "$REPORT"; then
+  awk -v block="$block" '
+    /<!-- figures:begin/ { while ((getline line < block) > 0) print line; skip = 1; next }
+    /<!-- figures:end/   { skip = 0; next }
+    !skip { print }
+  ' "$REPORT" >"$work/report" && cp "$work/report" "$REPORT"
+else
+  { echo "# Reliability"; echo; cat "$block"; } >"$REPORT"
+fi
+echo "== wrote $REPORT =="
+exit "$failed"
