@@ -66,9 +66,9 @@ kernel; "egress-snat clear" removes every trace.
 
 ` + exitStatusHelp,
 		Flags: []cli.Flag{
-			&cli.StringFlag{Name: "netns", Usage: "run inside the named network namespace (as `ip netns exec NAME`)"},
-			&cli.StringFlag{Name: "iptables-backend", Value: "auto", EnvVars: []string{"EGRESS_SNAT_IPTABLES"}, Usage: "iptables backend: auto (what the host's iptables uses), nft or legacy"},
-			&cli.DurationFlag{Name: "lock-timeout", Value: 10 * time.Second, Usage: "how long to wait for another egress-snat run, and for the xtables lock, before giving up with nothing changed"},
+			&cli.StringFlag{Name: "netns", Usage: "run inside the network namespace `NAME` (as ip netns exec NAME would)"},
+			&cli.StringFlag{Name: "iptables-backend", Value: "auto", EnvVars: []string{"EGRESS_SNAT_IPTABLES"}, Usage: "iptables `BACKEND`: auto (what the host's iptables uses), nft or legacy"},
+			&cli.DurationFlag{Name: "lock-timeout", Value: 10 * time.Second, Usage: "how long (`DURATION`) to wait for another egress-snat run, and for the xtables lock, before giving up with nothing changed"},
 		},
 		Before: enterNetns,
 		Action: func(c *cli.Context) error {
