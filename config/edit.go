@@ -1,0 +1,458 @@
+package config
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"io/fs"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"slices"
+	"strconv"
+
+	"go.yaml.in/yaml/v3"
+)
+
+// Doc is a desired-state file opened for editing as a YAML node tree, so
+// that an edit keeps the operator's comments, key order and the rules it
+// does not touch. It is the permanent state of `--permanent` and `save`.
+//
+// A Doc only edits what the file says; it resolves nothing against the host.
+// Bytes and Write check the result with Decode, so an edit never produces a
+// file that `apply -f` would refuse.
+type Doc struct {
+	path   string
+	root   *yaml.Node // the document node
+	rules  *yaml.Node // the sequence under "rules"
+	mode   fs.FileMode
+	exists bool
+}
+
+// Match is what a rule selects besides its destinations. Two rules with the
+// same Match and a common destination describe the same traffic, so putting
+// one replaces the other for that destination: a rule's identity is its
+// destination plus its Match. Today that is the outgoing interface; the
+// source selectors (from, uid, cgroup) belong here too, and matchOf is the
+// one place that reads them from a rule.
+type Match struct {
+	Out string
+}
+
+// matchOf reads a rule node's Match.
+func matchOf(rule *yaml.Node) Match {
+	m := Match{}
+	if v := mapValue(rule, "out"); v != nil {
+		m.Out = v.Value
+	}
+	return m
+}
+
+// setMatch writes m's keys into a new rule node.
+func setMatch(rule *yaml.Node, m Match) {
+	if m.Out != "" {
+		mapSet(rule, "out", scalar(m.Out))
+	}
+}
+
+// Spec is one rule to put: its destinations, its Match and its source.
+type Spec struct {
+	Match
+	Dst    []netip.Prefix
+	To     []netip.Addr
+	Spread bool
+}
+
+// OpenDoc reads path for editing. A missing file is an empty document
+// ("rules: []"), written with mode 0644 on first Write. A file that does not
+// parse, or that Decode refuses, is an error: an edit must never throw away
+// a file it cannot read.
+func OpenDoc(path string) (*Doc, error) {
+	d := &Doc{path: path, mode: 0o644}
+	b, err := os.ReadFile(path)
+	switch {
+	case errors.Is(err, fs.ErrNotExist):
+		return d, d.parse([]byte("rules: []\n"))
+	case err != nil:
+		return nil, err
+	}
+	fi, err := os.Stat(path)
+	if err != nil {
+		return nil, err
+	}
+	d.mode, d.exists = fi.Mode().Perm(), true
+	if _, err := Decode(bytes.NewReader(b)); err != nil {
+		return nil, fmt.Errorf("%s: %w (the file was not changed)", path, err)
+	}
+	if err := d.parse(b); err != nil {
+		return nil, fmt.Errorf("%s: %w (the file was not changed)", path, err)
+	}
+	return d, nil
+}
+
+func (d *Doc) parse(b []byte) error {
+	var root yaml.Node
+	if err := yaml.Unmarshal(b, &root); err != nil {
+		return err
+	}
+	if root.Kind != yaml.DocumentNode || len(root.Content) != 1 || root.Content[0].Kind != yaml.MappingNode {
+		return errors.New("want a mapping with a 'rules:' list")
+	}
+	top := root.Content[0]
+	rules := mapValue(top, "rules")
+	if rules == nil {
+		return errors.New("no 'rules:' list")
+	}
+	if rules.Kind == yaml.ScalarNode && rules.Tag == "!!null" {
+		// "rules:" with nothing after it: an empty list to add to.
+		*rules = yaml.Node{Kind: yaml.SequenceNode, Tag: "!!seq", LineComment: rules.LineComment}
+	}
+	if rules.Kind != yaml.SequenceNode {
+		return fmt.Errorf("line %d: 'rules' is not a list", rules.Line)
+	}
+	d.root, d.rules = &root, rules
+	return nil
+}
+
+// Path is the file the Doc was read from and is written to.
+func (d *Doc) Path() string { return d.path }
+
+// Exists reports whether the file existed when it was opened.
+func (d *Doc) Exists() bool { return d.exists }
+
+// Put makes s the rule for each of its destinations: every rule with s's
+// Match loses those destinations (a rule left with none is deleted), and
+// they are added to a rule with s's Match and source, or to a new one at the
+// end. A rule that lists exactly s's destinations keeps its place and its
+// comments and only gets the new source. Putting the same Spec twice
+// changes nothing the second time.
+func (d *Doc) Put(s Spec) {
+	if len(s.Dst) == 0 {
+		return
+	}
+	for _, r := range d.rules.Content {
+		if matchOf(r) == s.Match && mapValue(r, "dst-file") == nil && slices.Equal(sortedDsts(r), sortedCopy(s.Dst)) {
+			setSource(r, s.To, s.Spread)
+			return
+		}
+	}
+	d.remove(s.Dst, func(m Match) bool { return m == s.Match })
+	for _, r := range d.rules.Content {
+		if matchOf(r) == s.Match && mapValue(r, "dst-file") == nil && sameSource(r, s.To, s.Spread) {
+			appendDsts(r, s.Dst)
+			return
+		}
+	}
+	d.rules.Style = 0 // "rules: []" grows into a block list
+	d.rules.Content = append(d.rules.Content, newRule(s))
+}
+
+// Remove deletes dsts from every rule with Match m, shrinking their dst
+// lists; a rule left with no destination is deleted. It returns the
+// destinations no such rule listed. Destinations read from a dst-file are
+// not the file's to edit and are left alone.
+func (d *Doc) Remove(m Match, dsts []netip.Prefix) (missing []netip.Prefix) {
+	found := d.remove(dsts, func(o Match) bool { return o == m })
+	for _, p := range dsts {
+		if !found[p] {
+			missing = append(missing, p)
+		}
+	}
+	return missing
+}
+
+// RemoveAny is Remove for rules of any Match.
+func (d *Doc) RemoveAny(dsts []netip.Prefix) (missing []netip.Prefix) {
+	found := d.remove(dsts, func(Match) bool { return true })
+	for _, p := range dsts {
+		if !found[p] {
+			missing = append(missing, p)
+		}
+	}
+	return missing
+}
+
+// ReplaceSource makes to the source of dst in every rule that lists dst,
+// whatever its Match, as rotate does: a rule that lists only dst gets the
+// new source in place; from a rule that lists more, dst is split off into a
+// new rule with the same Match. It reports whether any rule listed dst.
+func (d *Doc) ReplaceSource(dst netip.Prefix, to netip.Addr) bool {
+	found := false
+	var split []Match
+	for _, r := range d.rules.Content {
+		dsts := dstsOf(r)
+		if !slices.Contains(dsts, dst) {
+			continue
+		}
+		found = true
+		if len(dsts) == 1 && mapValue(r, "dst-file") == nil {
+			setSource(r, []netip.Addr{to}, false)
+			continue
+		}
+		split = append(split, matchOf(r))
+	}
+	for _, m := range split {
+		d.Put(Spec{Match: m, Dst: []netip.Prefix{dst}, To: []netip.Addr{to}})
+	}
+	return found
+}
+
+// Clear removes every rule; the file's other comments stay.
+func (d *Doc) Clear() {
+	d.rules.Content = nil
+	d.rules.Style = yaml.FlowStyle // "rules: []"
+}
+
+// remove deletes dsts from the rules whose Match passes match and reports
+// which destinations it found.
+func (d *Doc) remove(dsts []netip.Prefix, match func(Match) bool) map[netip.Prefix]bool {
+	found := map[netip.Prefix]bool{}
+	drop := map[netip.Prefix]bool{}
+	for _, p := range dsts {
+		drop[p] = true
+	}
+	kept := d.rules.Content[:0]
+	for _, r := range d.rules.Content {
+		if !match(matchOf(r)) {
+			kept = append(kept, r)
+			continue
+		}
+		v := mapValue(r, "dst")
+		if v == nil {
+			kept = append(kept, r)
+			continue
+		}
+		items := v.Content
+		if v.Kind == yaml.ScalarNode {
+			items = []*yaml.Node{v}
+		}
+		var left []*yaml.Node
+		for _, it := range items {
+			if p, err := ParseDst(it.Value); err == nil && drop[p] {
+				found[p] = true
+				continue
+			}
+			left = append(left, it)
+		}
+		switch {
+		case len(left) == len(items):
+			kept = append(kept, r)
+		case len(left) > 0: // only a list can keep some
+			v.Content = left
+			kept = append(kept, r)
+		case mapValue(r, "dst-file") != nil:
+			mapDelete(r, "dst")
+			kept = append(kept, r)
+		default:
+			// A rule with no destination left is gone, and so is its
+			// comment; the next rule keeps its own.
+		}
+	}
+	clear(d.rules.Content[len(kept):])
+	d.rules.Content = kept
+	return found
+}
+
+// Bytes renders the document, checked by Decode.
+func (d *Doc) Bytes() ([]byte, error) {
+	var b bytes.Buffer
+	enc := yaml.NewEncoder(&b)
+	enc.SetIndent(2)
+	if err := enc.Encode(d.root); err != nil {
+		return nil, fmt.Errorf("%s: rendering: %w", d.path, err)
+	}
+	if err := enc.Close(); err != nil {
+		return nil, fmt.Errorf("%s: rendering: %w", d.path, err)
+	}
+	if _, err := Decode(bytes.NewReader(b.Bytes())); err != nil {
+		return nil, fmt.Errorf("%s: the edited file would not be valid: %w", d.path, err)
+	}
+	return b.Bytes(), nil
+}
+
+// Write replaces the file with the document, atomically (see WriteFile).
+func (d *Doc) Write() error {
+	b, err := d.Bytes()
+	if err != nil {
+		return err
+	}
+	return WriteFile(d.path, b, d.mode)
+}
+
+// WriteFile replaces path with b so that a reader, or the next boot after a
+// crash, sees the old file or the new one, never a part: it writes a
+// temporary file in the same folder, syncs it, renames it over path and
+// syncs the folder. On error, path is unchanged and the temporary file is
+// removed.
+func WriteFile(path string, b []byte, mode fs.FileMode) (err error) {
+	dir := filepath.Dir(path)
+	tmp, err := os.CreateTemp(dir, "."+filepath.Base(path)+".tmp-*")
+	if err != nil {
+		return fmt.Errorf("writing %s: %w", path, err)
+	}
+	defer func() {
+		if err != nil {
+			tmp.Close()
+			os.Remove(tmp.Name())
+			err = fmt.Errorf("writing %s: %w (the file was not changed)", path, err)
+		}
+	}()
+	if err = tmp.Chmod(mode); err != nil {
+		return err
+	}
+	if _, err = tmp.Write(b); err != nil {
+		return err
+	}
+	if err = tmp.Sync(); err != nil {
+		return err
+	}
+	if err = tmp.Close(); err != nil {
+		return err
+	}
+	if err = os.Rename(tmp.Name(), path); err != nil {
+		return err
+	}
+	df, err := os.Open(dir)
+	if err != nil {
+		return nil // renamed; only the folder's sync is lost
+	}
+	defer df.Close()
+	_ = df.Sync()
+	return nil
+}
+
+// Node helpers. A rule is a mapping node; its keys are scalars.
+
+func mapValue(m *yaml.Node, key string) *yaml.Node {
+	if m.Kind != yaml.MappingNode {
+		return nil
+	}
+	for i := 0; i+1 < len(m.Content); i += 2 {
+		if m.Content[i].Value == key {
+			return m.Content[i+1]
+		}
+	}
+	return nil
+}
+
+// mapSet sets key to v, keeping the old value's comments, or appends it.
+func mapSet(m *yaml.Node, key string, v *yaml.Node) {
+	for i := 0; i+1 < len(m.Content); i += 2 {
+		if m.Content[i].Value == key {
+			old := m.Content[i+1]
+			v.HeadComment, v.LineComment, v.FootComment = old.HeadComment, old.LineComment, old.FootComment
+			m.Content[i+1] = v
+			return
+		}
+	}
+	m.Content = append(m.Content, scalar(key), v)
+}
+
+func mapDelete(m *yaml.Node, key string) {
+	for i := 0; i+1 < len(m.Content); i += 2 {
+		if m.Content[i].Value == key {
+			m.Content = slices.Delete(m.Content, i, i+2)
+			return
+		}
+	}
+}
+
+func scalar(s string) *yaml.Node {
+	return &yaml.Node{Kind: yaml.ScalarNode, Tag: "!!str", Value: s}
+}
+
+// addrsNode is one address as a scalar, several as a flow list.
+func addrsNode(as []netip.Addr) *yaml.Node {
+	if len(as) == 1 {
+		return scalar(as[0].String())
+	}
+	n := &yaml.Node{Kind: yaml.SequenceNode, Tag: "!!seq", Style: yaml.FlowStyle}
+	for _, a := range as {
+		n.Content = append(n.Content, scalar(a.String()))
+	}
+	return n
+}
+
+func dstsNode(ps []netip.Prefix) *yaml.Node {
+	n := &yaml.Node{Kind: yaml.SequenceNode, Tag: "!!seq", Style: yaml.FlowStyle}
+	for _, p := range ps {
+		n.Content = append(n.Content, scalar(dstString(p)))
+	}
+	return n
+}
+
+// dstString writes a host prefix as a bare address, as people write it.
+func dstString(p netip.Prefix) string {
+	if p.IsSingleIP() {
+		return p.Addr().String()
+	}
+	return p.String()
+}
+
+func newRule(s Spec) *yaml.Node {
+	r := &yaml.Node{Kind: yaml.MappingNode, Tag: "!!map"}
+	mapSet(r, "to", addrsNode(s.To))
+	if s.Spread {
+		mapSet(r, "spread", &yaml.Node{Kind: yaml.ScalarNode, Tag: "!!bool", Value: "true"})
+	}
+	mapSet(r, "dst", dstsNode(s.Dst))
+	setMatch(r, s.Match)
+	return r
+}
+
+// setSource gives a rule node a new source, in place.
+func setSource(r *yaml.Node, to []netip.Addr, spread bool) {
+	mapSet(r, "to", addrsNode(to))
+	if spread {
+		mapSet(r, "spread", &yaml.Node{Kind: yaml.ScalarNode, Tag: "!!bool", Value: "true"})
+	} else {
+		mapDelete(r, "spread")
+	}
+}
+
+func sameSource(r *yaml.Node, to []netip.Addr, spread bool) bool {
+	var have Addrs
+	if v := mapValue(r, "to"); v == nil || v.Decode(&have) != nil {
+		return false
+	}
+	s := false
+	if v := mapValue(r, "spread"); v != nil {
+		s, _ = strconv.ParseBool(v.Value)
+	}
+	return slices.Equal(have, to) && s == spread
+}
+
+func appendDsts(r *yaml.Node, ps []netip.Prefix) {
+	v := mapValue(r, "dst")
+	if v.Kind == yaml.ScalarNode {
+		mapSet(r, "dst", &yaml.Node{Kind: yaml.SequenceNode, Tag: "!!seq", Style: yaml.FlowStyle, Content: []*yaml.Node{scalar(v.Value)}})
+		v = mapValue(r, "dst")
+	}
+	for _, p := range ps {
+		if !slices.Contains(dstsOf(r), p) {
+			v.Content = append(v.Content, scalar(dstString(p)))
+		}
+	}
+}
+
+// dstsOf returns the destinations a rule node lists under dst.
+func dstsOf(r *yaml.Node) []netip.Prefix {
+	var ps Prefixes
+	if v := mapValue(r, "dst"); v != nil {
+		_ = v.Decode(&ps)
+	}
+	return ps
+}
+
+func sortedDsts(r *yaml.Node) []netip.Prefix { return sortedCopy(dstsOf(r)) }
+
+func sortedCopy(ps []netip.Prefix) []netip.Prefix {
+	out := slices.Clone(ps)
+	slices.SortFunc(out, func(a, b netip.Prefix) int {
+		if c := a.Addr().Compare(b.Addr()); c != 0 {
+			return c
+		}
+		return a.Bits() - b.Bits()
+	})
+	return slices.Compact(out)
+}
