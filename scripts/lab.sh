@@ -152,7 +152,10 @@ status() {
 # CMD=PKG pairs given. apt-get update runs once, and only if needed.
 deps() {
   local pair missing=()
-  for pair in iptables=iptables ipset=ipset ip=iproute2 nft=nftables conntrack=conntrack "$@"; do
+  # firewalld and dbus-daemon: the tests run a live firewalld inside a lab
+  # namespace, on a private bus (internal/lab/firewalld.go).
+  for pair in iptables=iptables ipset=ipset ip=iproute2 nft=nftables conntrack=conntrack \
+    firewalld=firewalld firewall-cmd=firewalld dbus-daemon=dbus "$@"; do
     command -v "${pair%%=*}" >/dev/null || missing+=("${pair#*=}")
   done
   if ((${#missing[@]} == 0)); then
@@ -164,8 +167,20 @@ deps() {
   export DEBIAN_FRONTEND=noninteractive
   say "+ apt-get update"
   apt-get update -qq
-  say "+ apt-get install ${missing[*]}"
-  apt-get install -y -qq --no-install-recommends "${missing[@]}"
+  # Packages that ship daemons (firewalld, dbus) must not start them here:
+  # a policy-rc.d that exits 101 forbids every service start during the
+  # install, and is removed afterwards unless it was already there.
+  local policy=/usr/sbin/policy-rc.d own_policy=0
+  if [[ ! -e $policy ]]; then
+    printf '#!/bin/sh\n# lab.sh deps: no service starts while packages install\nexit 101\n' >"$policy"
+    chmod 755 "$policy"
+    own_policy=1
+  fi
+  say "+ apt-get install ${missing[*]} (service starts forbidden by $policy)"
+  local rc=0
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" || rc=$?
+  ((own_policy)) && rm -f "$policy"
+  return "$rc"
 }
 
 cmd=${1:-}
