@@ -153,9 +153,15 @@ func desiredNow(e *env, st *snat.State, intents []snat.Intent) ([]snat.Entry, []
 			desired = append(desired, old)
 		}
 	}
-	// Keep-natural entries follow the SNAT entries they carve out of.
+	// Keep-natural entries follow the SNAT entries they carve out of,
+	// unless an intent (a file rule naming the natural source) already
+	// gave one for the destination.
+	wanted := map[string]bool{}
+	for _, en := range desired {
+		wanted[en.Dst.String()] = true
+	}
 	for _, en := range st.Entries() {
-		if en.Keep() {
+		if en.Keep() && !wanted[en.Dst.String()] {
 			desired = append(desired, en)
 		}
 	}
