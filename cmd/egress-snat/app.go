@@ -46,6 +46,7 @@ func newApp() *cli.App {
 		rotateCommand,
 		checkCommand,
 		watchCommand,
+		saveCommand,
 	}
 	for _, c := range commands {
 		c.OnUsageError = commandUsageError
@@ -68,6 +69,7 @@ kernel; "egress-snat clear" removes every trace.
 		Flags: []cli.Flag{
 			&cli.StringFlag{Name: "netns", Usage: "run inside the network namespace `NAME` (as ip netns exec NAME would)"},
 			&cli.StringFlag{Name: "iptables-backend", Value: "auto", EnvVars: []string{"EGRESS_SNAT_IPTABLES"}, Usage: "iptables `BACKEND`: auto (what the host's iptables uses), nft or legacy"},
+			configFlag,
 			&cli.DurationFlag{Name: "lock-timeout", Value: 10 * time.Second, Usage: "how long (`DURATION`) to wait for another egress-snat run, and for the xtables lock, before giving up with nothing changed"},
 		},
 		Before: enterNetns,
