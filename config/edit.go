@@ -272,11 +272,30 @@ func (d *Doc) Bytes() ([]byte, error) {
 
 // Write replaces the file with the document, atomically (see WriteFile).
 func (d *Doc) Write() error {
-	b, err := d.Bytes()
+	p, err := d.Prepare()
 	if err != nil {
 		return err
 	}
-	return WriteFile(d.path, b, d.mode)
+	return p.Commit()
+}
+
+// Prepare renders the document and writes it, synced, to a temporary file
+// next to the file, without replacing the file yet: Commit does that, Abort
+// throws it away. A change that must land in the kernel and the file
+// together prepares first, so that a file that cannot be written is known
+// before the kernel is touched.
+func (d *Doc) Prepare() (*Pending, error) {
+	b, err := d.Bytes()
+	if err != nil {
+		return nil, err
+	}
+	return prepareFile(d.path, b, d.mode)
+}
+
+// Pending is a prepared replacement of a file.
+type Pending struct {
+	path, tmp string
+	done      bool
 }
 
 // WriteFile replaces path with b so that a reader, or the next boot after a
@@ -284,11 +303,18 @@ func (d *Doc) Write() error {
 // temporary file in the same folder, syncs it, renames it over path and
 // syncs the folder. On error, path is unchanged and the temporary file is
 // removed.
-func WriteFile(path string, b []byte, mode fs.FileMode) (err error) {
-	dir := filepath.Dir(path)
-	tmp, err := os.CreateTemp(dir, "."+filepath.Base(path)+".tmp-*")
+func WriteFile(path string, b []byte, mode fs.FileMode) error {
+	p, err := prepareFile(path, b, mode)
 	if err != nil {
-		return fmt.Errorf("writing %s: %w", path, err)
+		return err
+	}
+	return p.Commit()
+}
+
+func prepareFile(path string, b []byte, mode fs.FileMode) (_ *Pending, err error) {
+	tmp, err := os.CreateTemp(filepath.Dir(path), "."+filepath.Base(path)+".tmp-*")
+	if err != nil {
+		return nil, fmt.Errorf("writing %s: %w", path, err)
 	}
 	defer func() {
 		if err != nil {
@@ -298,27 +324,46 @@ func WriteFile(path string, b []byte, mode fs.FileMode) (err error) {
 		}
 	}()
 	if err = tmp.Chmod(mode); err != nil {
-		return err
+		return nil, err
 	}
 	if _, err = tmp.Write(b); err != nil {
-		return err
+		return nil, err
 	}
 	if err = tmp.Sync(); err != nil {
-		return err
+		return nil, err
 	}
 	if err = tmp.Close(); err != nil {
-		return err
+		return nil, err
 	}
-	if err = os.Rename(tmp.Name(), path); err != nil {
-		return err
+	return &Pending{path: path, tmp: tmp.Name()}, nil
+}
+
+// Commit renames the prepared file over the file and syncs the folder.
+// After a failed Commit the file is unchanged.
+func (p *Pending) Commit() error {
+	if p.done {
+		return nil
 	}
-	df, err := os.Open(dir)
-	if err != nil {
-		return nil // renamed; only the folder's sync is lost
+	p.done = true
+	if err := os.Rename(p.tmp, p.path); err != nil {
+		os.Remove(p.tmp)
+		return fmt.Errorf("writing %s: %w (the file was not changed)", p.path, err)
 	}
-	defer df.Close()
-	_ = df.Sync()
+	if df, err := os.Open(filepath.Dir(p.path)); err == nil {
+		_ = df.Sync() // renamed; a failed sync only weakens crash safety
+		df.Close()
+	}
 	return nil
+}
+
+// Abort removes the prepared file, leaving the file as it was. It does
+// nothing after Commit, so it can be deferred.
+func (p *Pending) Abort() {
+	if p == nil || p.done {
+		return
+	}
+	p.done = true
+	os.Remove(p.tmp)
 }
 
 // Node helpers. A rule is a mapping node; its keys are scalars.

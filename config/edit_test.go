@@ -223,3 +223,27 @@ func TestWriteFileFailureLeavesFile(t *testing.T) {
 		t.Errorf("file changed to %q", got)
 	}
 }
+
+func TestPendingAbortLeavesFile(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "f.yaml")
+	if err := os.WriteFile(path, []byte("# mine\nrules: []\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	d, err := config.OpenDoc(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	d.Put(config.Spec{Dst: dsts(t, "198.51.100.4"), To: addrs(t, "192.0.2.22")})
+	p, err := d.Prepare()
+	if err != nil {
+		t.Fatal(err)
+	}
+	p.Abort()
+	p.Abort()
+	if got, _ := os.ReadFile(path); string(got) != "# mine\nrules: []\n" {
+		t.Errorf("file after Abort: %q", got)
+	}
+	if entries, _ := os.ReadDir(filepath.Dir(path)); len(entries) != 1 {
+		t.Errorf("folder after Abort holds %d files, want 1", len(entries))
+	}
+}

@@ -12,7 +12,7 @@ import (
 var setCommand = &cli.Command{
 	Name:      "set",
 	Usage:     "make new connections to destinations leave with a chosen source address",
-	UsageText: "egress-snat set --to ADDR [--dst ADDR|CIDR]... [--out IFACE] [--dry-run]\n   egress-snat set --to ADDR,ADDR[,...] --spread [--dst CIDR]...",
+	UsageText: "egress-snat set --to ADDR [--dst ADDR|CIDR]... [--out IFACE] [--permanent] [--dry-run]\n   egress-snat set --to ADDR,ADDR[,...] --spread [--dst CIDR]...",
 	Description: `Installs SNAT rules so that new connections to each --dst leave with --to
 instead of the kernel's natural source. Without --dst, it applies to every
 destination of --to's family (0.0.0.0/0 or ::/0: whatever uses the default
@@ -47,6 +47,7 @@ Examples:
 		&cli.StringSliceFlag{Name: "dst", Usage: "destination `ADDR|CIDR` (repeatable; default: every destination of --to's family)"},
 		&cli.StringFlag{Name: "out", Usage: "outgoing `IFACE` (default: the interface the kernel routes the destination by)"},
 		&cli.BoolFlag{Name: "spread", Usage: "spread new connections over all --to addresses in turn"},
+		permanentFlag,
 		dryRunFlag,
 		jsonFlag,
 	},
@@ -87,13 +88,13 @@ func setIntents(c *cli.Context, intents []snat.Intent) error {
 		return err
 	}
 	var resolved []snat.Entry
-	_, plan, err := e.mgr.Update(e.lockTimeout, c.Bool("dry-run"), func(st *snat.State) ([]snat.Entry, error) {
+	_, plan, err := update(c, e, func(st *snat.State) ([]snat.Entry, error) {
 		resolved, err = snat.Resolve(e.sel, intents)
 		if err != nil {
 			return nil, err
 		}
 		return snat.Merge(st.Entries(), resolved), nil
-	})
+	}, putIntents(intents))
 	if err != nil {
 		return err
 	}

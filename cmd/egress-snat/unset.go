@@ -12,7 +12,7 @@ import (
 var unsetCommand = &cli.Command{
 	Name:      "unset",
 	Usage:     "remove the rule of one or more destinations",
-	UsageText: "egress-snat unset --dst ADDR|CIDR [--dst ...] [--dry-run]",
+	UsageText: "egress-snat unset --dst ADDR|CIDR [--dst ...] [--permanent] [--dry-run]",
 	Description: `Removes the rule for exactly each --dst (as given to set or apply; a
 broader or narrower rule is not touched). New connections to it then leave
 with whatever the next broader rule says, or the natural source. Unsetting a
@@ -22,6 +22,7 @@ Example:
    egress-snat unset --dst 198.51.100.4`,
 	Flags: []cli.Flag{
 		&cli.StringSliceFlag{Name: "dst", Usage: "(required) destination `ADDR|CIDR` whose rule to remove (repeatable)"},
+		permanentFlag,
 		dryRunFlag,
 		jsonFlag,
 	},
@@ -42,7 +43,7 @@ Example:
 			drop[d] = true
 		}
 		var missing []netip.Prefix
-		_, plan, err := e.mgr.Update(e.lockTimeout, c.Bool("dry-run"), func(st *snat.State) ([]snat.Entry, error) {
+		_, plan, err := update(c, e, func(st *snat.State) ([]snat.Entry, error) {
 			var keep []snat.Entry
 			found := map[netip.Prefix]bool{}
 			for _, en := range st.Entries() {
@@ -58,7 +59,7 @@ Example:
 				}
 			}
 			return keep, nil
-		})
+		}, removeDsts(dsts))
 		if err != nil {
 			return err
 		}

@@ -21,16 +21,18 @@ import (
 var watchCommand = &cli.Command{
 	Name:      "watch",
 	Usage:     "keep the host converged on a desired-state file (run by systemd)",
-	UsageText: "egress-snat watch -f FILE [--resync 1s] [--settle 100ms] [--log-format text|json]",
-	Description: `Applies FILE at start, then keeps the host converged:
+	UsageText: "egress-snat [--config PATH] watch [-f FILE] [--resync 1s] [--settle 100ms] [--log-format text|json]",
+	Description: `Applies FILE (default: the permanent file, --config) at start, then keeps
+the host converged:
 
    - on netlink address, link and route events (subscribed, not polled):
      routes and natural sources are looked up again;
    - every --resync, a canary reads the chain, the jump and the sets and
      re-applies when they differ (a firewalld reload or Docker restart that
      flushed POSTROUTING, a deleted chain, a rule inserted ahead of ours);
-   - on SIGHUP, FILE is read again (a bad file is logged and the old one
-     kept).
+   - when FILE changes (a --permanent run or save replaced it, or it was
+     edited), and on SIGHUP, FILE is read again (a bad file is logged and
+     the old one kept).
 
 Bursts of events are coalesced (--settle) into one apply. When a rule's
 source address leaves the host, its rule is taken out (or moved to the next
@@ -42,13 +44,14 @@ Logs go to stderr (the journal) with log/slog. SIGTERM or SIGINT stops it
 cleanly and leaves the rules in place. scripts/egress-snat.service runs it
 at boot, so the desired state survives reboots.`,
 	Flags: []cli.Flag{
-		&cli.StringFlag{Name: "file", Aliases: []string{"f"}, Usage: "(required) desired-state YAML `FILE`"},
+		&cli.StringFlag{Name: "file", Aliases: []string{"f"}, Usage: "desired-state YAML `FILE` (default: the permanent file, --config)"},
 		&cli.DurationFlag{Name: "resync", Value: time.Second, Usage: "how often the canary compares the chain with the desired state"},
 		&cli.DurationFlag{Name: "settle", Value: 100 * time.Millisecond, Usage: "how long to wait for a burst of events to end before applying"},
 		&cli.StringFlag{Name: "log-format", Value: "text", Usage: "text or json"},
 	},
 	Action: func(c *cli.Context) error {
-		if err := required(c, "file"); err != nil {
+		path, err := watchFile(c)
+		if err != nil {
 			return err
 		}
 		var handler slog.Handler
@@ -64,7 +67,7 @@ at boot, so the desired state survives reboots.`,
 			return usageError("--resync must be positive and --settle not negative")
 		}
 		debug.SetGCPercent(100) // long-running: the default suits it
-		intents, err := loadIntents(c.String("file"))
+		intents, err := loadIntents(path)
 		if err != nil {
 			return err
 		}
@@ -72,7 +75,7 @@ at boot, so the desired state survives reboots.`,
 		if err != nil {
 			return err
 		}
-		w := &watcher{e: e, path: c.String("file"), intents: intents, log: slog.New(handler), settle: c.Duration("settle")}
+		w := &watcher{e: e, path: path, intents: intents, log: slog.New(handler), settle: c.Duration("settle")}
 		ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 		defer stop()
 		return w.run(ctx, c.Duration("resync"))
@@ -88,6 +91,8 @@ type watcher struct {
 	// desired is what the last reconcile installed, for the canary.
 	desired []snat.Entry
 	applies int
+	// stamp is the version of the file that intents were read from.
+	stamp fileStamp
 }
 
 func (w *watcher) run(ctx context.Context, resync time.Duration) error {
@@ -132,6 +137,9 @@ func (w *watcher) run(ctx context.Context, resync time.Duration) error {
 			w.log.Info("SIGHUP: file re-read", "file", w.path, "destinations", len(intents))
 			kick("SIGHUP")
 		case <-tick.C:
+			if w.reloadIfChanged() {
+				kick("file changed")
+			}
 			if reason := w.canary(); reason != "" {
 				kick(reason)
 			}
@@ -242,6 +250,7 @@ func (w *watcher) reconcile(reason string) error {
 	var desired []snat.Entry
 	start := time.Now()
 	_, plan, err := w.e.mgr.Update(w.e.lockTimeout, false, func(*snat.State) ([]snat.Entry, error) {
+		w.reloadIfChanged() // under the lock: a --permanent run's file and kernel agree here
 		var err error
 		desired, skipped, err = snat.ResolveAvailable(w.e.sel, w.intents)
 		return desired, err
