@@ -30,9 +30,10 @@ the host converged:
    - every --resync, a canary reads the chain, the jump and the sets and
      re-applies when they differ (a firewalld reload or Docker restart that
      flushed POSTROUTING, a deleted chain, a rule inserted ahead of ours);
-   - when FILE changes (a --permanent run or save replaced it, or it was
-     edited), and on SIGHUP, FILE is read again (a bad file is logged and
-     the old one kept).
+   - when FILE is replaced (--permanent and save, and most editors, write a
+     new file and rename it over the old one), and on SIGHUP (needed after
+     rewriting it in place), FILE is read again; a bad file is logged and
+     the old one kept.
 
 Bursts of events are coalesced (--settle) into one apply. When a rule's
 source address leaves the host, its rule is taken out (or moved to the next
@@ -138,7 +139,7 @@ func (w *watcher) run(ctx context.Context, resync time.Duration) error {
 			kick("SIGHUP")
 		case <-tick.C:
 			if w.reloadIfChanged() {
-				kick("file changed")
+				kick("file replaced")
 			}
 			if reason := w.canary(); reason != "" {
 				kick(reason)

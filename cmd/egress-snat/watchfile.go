@@ -5,7 +5,6 @@ import (
 	"io/fs"
 	"os"
 	"syscall"
-	"time"
 
 	"github.com/urfave/cli/v2"
 )
@@ -36,13 +35,13 @@ func checkFile(c *cli.Context) (string, error) {
 	return path, err
 }
 
-// fileStamp tells versions of a file apart: --permanent and save replace
-// it by rename (another inode), an editor may rewrite it in place (another
-// time or size).
+// fileStamp tells a replaced file from the one that was read: --permanent,
+// save and most editors write a new file and rename it over the old one,
+// which gives it another inode. A file rewritten in place keeps its inode
+// and is not followed: it may be seen half-written, and a truncated file can
+// still parse, with rules missing. SIGHUP re-reads it.
 type fileStamp struct {
-	ino   uint64
-	mtime time.Time
-	size  int64
+	dev, ino uint64
 }
 
 func stampOf(path string) fileStamp {
@@ -50,15 +49,14 @@ func stampOf(path string) fileStamp {
 	if err != nil {
 		return fileStamp{}
 	}
-	s := fileStamp{mtime: fi.ModTime(), size: fi.Size()}
 	if st, ok := fi.Sys().(*syscall.Stat_t); ok {
-		s.ino = st.Ino
+		return fileStamp{dev: st.Dev, ino: st.Ino}
 	}
-	return s
+	return fileStamp{}
 }
 
-// reloadIfChanged reads the watched file again when it changed since it was
-// last read, and reports whether the desired state was replaced. A file that
+// reloadIfChanged reads the watched file again when it was replaced since
+// it was last read, and reports whether the desired state was replaced. A file that
 // does not load is logged once and the previous desired state kept, as on
 // SIGHUP.
 func (w *watcher) reloadIfChanged() bool {
@@ -70,12 +68,12 @@ func (w *watcher) reloadIfChanged() bool {
 	w.stamp = now
 	intents, err := loadIntents(w.path)
 	if err != nil {
-		w.log.Error("file changed but does not load: keeping the previous desired state", "file", w.path, "err", err)
+		w.log.Error("file replaced but does not load: keeping the previous desired state", "file", w.path, "err", err)
 		return false
 	}
 	w.intents = intents
 	if !first {
-		w.log.Info("file changed: re-read", "file", w.path, "destinations", len(intents))
+		w.log.Info("file replaced: re-read", "file", w.path, "destinations", len(intents))
 	}
 	return true
 }
