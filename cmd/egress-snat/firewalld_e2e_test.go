@@ -10,6 +10,7 @@ import (
 	"io"
 	"net"
 	"os/exec"
+	"path/filepath"
 	"strings"
 	"sync"
 	"testing"
@@ -332,4 +333,55 @@ func TestFirewalldClearLeavesItsTables(t *testing.T) {
 		t.Errorf("firewall-cmd --query-masquerade after clear: %q, want yes", got)
 	}
 	wantSeen(t, l, map[string]string{"198.51.100.4": "192.0.2.250"})
+}
+
+// TestFirewalldPermanentSurvivesReboot: what --permanent and save wrote
+// comes back after a reboot, and only that: the lab host is built afresh
+// with firewalld, and what egress-snat.service runs (check, then watch,
+// both without -f) brings the far side back to the permanent state. Before
+// the reboot, check without -f (the permanent file given by --config)
+// reports the reload's wipe, as watch is not running.
+func TestFirewalldPermanentSurvivesReboot(t *testing.T) {
+	l, fw := fwLab(t)
+	path := filepath.Join(t.TempDir(), "egress-snat.yaml")
+	p := func(l *lab.Lab, args ...string) string {
+		t.Helper()
+		return mustES(t, l, append([]string{"--config", path}, args...)...)
+	}
+	p(l, "set", "--permanent", "--to", "192.0.2.22", "--dst", "198.51.100.4")
+	p(l, "rotate", "--permanent", "--pool", "192.0.2.22,192.0.2.23", "--dst", "198.51.100.4") // -> .23
+	p(l, "set", "--to", "2001:db8::22", "--dst", "2001:db8:ffff::4")                          // runtime only ...
+	p(l, "save")                                                                              // ... made permanent
+	p(l, "set", "--to", "192.0.2.22", "--dst", "198.51.100.5")                                // runtime only, stays so
+	permanent := map[string]string{"198.51.100.4": "192.0.2.23", "2001:db8:ffff::4": "2001:db8::22", "198.51.100.5": "192.0.2.250"}
+	wantSeen(t, l, map[string]string{"198.51.100.4": "192.0.2.23", "2001:db8:ffff::4": "2001:db8::22", "198.51.100.5": "192.0.2.22"})
+
+	fw.Reload(t)
+	r := es(t, l, "--config", path, "check")
+	switch {
+	case fwWipes(t) && r.code != checkDrift:
+		t.Errorf("check (permanent file) after a reload wiped our rules: exit %d, want %d\n%s%s", r.code, checkDrift, r.stdout, r.stderr)
+	case !fwWipes(t) && r.code != checkDrift:
+		// Not wiped (legacy): the runtime-only rule is still drift from the file.
+		t.Errorf("check (permanent file) with a runtime-only rule: exit %d, want %d\n%s", r.code, checkDrift, r.stdout)
+	}
+	if fwWipes(t) && !strings.Contains(r.stdout, "chain-missing") {
+		t.Errorf("check after the wipe does not name the missing chain:\n%s", r.stdout)
+	}
+
+	// Reboot: a fresh host with firewalld starting first, as at boot.
+	fw.Stop(t)
+	l2, fw2 := fwLab(t)
+	if r := es(t, l2, "--config", path, "check"); r.code != checkDrift {
+		t.Errorf("check at boot, before watch: exit %d, want %d (nothing installed yet)", r.code, checkDrift)
+	}
+	permWatch(t, l2, path)
+	wantSeen(t, l2, permanent)
+	// firewalld reloads once more after boot; watch repairs it.
+	fw2.Reload(t)
+	deadline := time.Now().Add(5 * time.Second)
+	for dialSeen(l2, "198.51.100.4", time.Second) != "192.0.2.23" && time.Now().Before(deadline) {
+		time.Sleep(50 * time.Millisecond)
+	}
+	wantSeen(t, l2, permanent)
 }
