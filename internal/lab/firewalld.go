@@ -213,7 +213,21 @@ func (f *Firewalld) Cmd(t testing.TB, args ...string) string {
 func (f *Firewalld) Reload(t testing.TB) {
 	t.Helper()
 	start := time.Now()
-	f.Cmd(t, "--reload")
+	out, errOut, code := f.run("firewall-cmd", "--reload")
+	if code != 0 && strings.Contains(errOut, "Did not receive a reply") {
+		// firewall-cmd gives up after D-Bus's 25s reply timeout, which a
+		// reload on a busy machine can exceed; firewalld goes on and
+		// answers again when it is done.
+		t.Logf("lab: firewall-cmd --reload: no reply after %s; waiting for firewalld", time.Since(start).Round(time.Millisecond))
+		waitFor(t, 60*time.Second, "firewalld to finish reloading", func() bool {
+			out, _, code := f.run("firewall-cmd", "--state")
+			return code == 0 && strings.TrimSpace(out) == "running"
+		}, f.fw)
+		code = 0
+	}
+	if code != 0 {
+		t.Fatalf("firewall-cmd --reload: exit %d\n%s%s\nfirewalld log:\n%s", code, out, errOut, f.fw.out.String())
+	}
 	t.Logf("lab: firewall-cmd --reload took %s", time.Since(start).Round(time.Millisecond))
 }
 
