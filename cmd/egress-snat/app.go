@@ -62,8 +62,10 @@ destination's subnet if there is one, else the primary address; IPv6 has its
 own selection rules). egress-snat shows that choice and overrides it with
 SNAT rules in its own nat chain (EGRESS-SNAT, jumped to first from
 POSTROUTING), for IPv4 and IPv6. Rules match the natural source, so
-applications that bind another address keep it. All state is in the
-kernel; "egress-snat clear" removes every trace.
+applications that bind another address keep it. The kernel's rules are the
+runtime state ("egress-snat clear" removes every trace); --permanent and
+"save" also write the permanent file (--config), which "watch" brings back
+at boot.
 
 ` + exitStatusHelp,
 		Flags: []cli.Flag{
