@@ -15,6 +15,7 @@ import (
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
 
+	"github.com/egress-snat/egress-snat/routes"
 	"github.com/egress-snat/egress-snat/selector"
 	"github.com/egress-snat/egress-snat/snat"
 )
@@ -204,7 +205,7 @@ func hostEnv(c *cli.Context) (*env, error) {
 	return &env{
 		sel:         selector.New(h),
 		nl:          h,
-		mgr:         &snat.Manager{Tables: tables, Sets: snat.ExecIPSets{}},
+		mgr:         &snat.Manager{Tables: tables, Sets: snat.ExecIPSets{}, Routing: routes.System{}},
 		backend:     backend,
 		lockTimeout: wait,
 		out:         c.App.Writer,
