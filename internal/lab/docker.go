@@ -137,7 +137,10 @@ func staticBusybox() (string, error) {
 //   - --storage-driver vfs, which needs no overlay mounts;
 //   - --experimental --ip6tables, so IPv6 networks get their MASQUERADE too
 //     (20.10 has no IPv6 NAT otherwise);
-//   - --bip (DockerBridge).
+//   - --bip (DockerBridge);
+//   - --cgroup-parent named like its directory, so its containers' cgroups
+//     are not left in a /docker cgroup of the host but in one that cleanup
+//     removes.
 //
 // dockerd keeps its defaults --iptables=true and --ip-forward=true: it
 // writes its rules into H's iptables (through the backend
@@ -182,6 +185,7 @@ func StartDocker(t testing.TB, l *Lab) *Docker {
 		"--storage-driver", "vfs",
 		"--experimental", "--ip6tables",
 		"--bip", netip.MustParsePrefix(DockerBridge).Addr().Next().String() + "/16",
+		"--cgroup-parent", "/" + filepath.Base(dir),
 	}
 	d.env = d.dockerEnv(t)
 	d.start(t)
@@ -456,6 +460,32 @@ func removeDockerDir(dir string) error {
 	if err := os.RemoveAll(dir); err != nil {
 		errs = append(errs, err)
 	}
+	if err := removeCgroupParent(filepath.Base(dir)); err != nil {
+		errs = append(errs, err)
+	}
+	return errors.Join(errs...)
+}
+
+// removeCgroupParent removes the cgroup /name, and any cgroup left below
+// it, from every cgroup hierarchy (v1 ones, one per controller, and v2).
+func removeCgroupParent(name string) error {
+	var errs []error
+	for _, mnt := range cgroupMounts() {
+		top := filepath.Join(mnt, name)
+		var dirs []string
+		filepath.WalkDir(top, func(p string, e os.DirEntry, err error) error {
+			if err == nil && e.IsDir() {
+				dirs = append(dirs, p)
+			}
+			return nil
+		})
+		slices.Reverse(dirs) // children before their parent
+		for _, d := range dirs {
+			if err := os.Remove(d); err != nil && !errors.Is(err, os.ErrNotExist) {
+				errs = append(errs, fmt.Errorf("remove cgroup %s: %w", d, err))
+			}
+		}
+	}
 	return errors.Join(errs...)
 }
 
@@ -492,24 +522,16 @@ func processesNaming(s string) []int {
 
 // mountsUnder lists the mount points at or below dir, deepest first.
 func mountsUnder(dir string) []string {
-	b, err := os.ReadFile("/proc/self/mountinfo")
-	if err != nil {
-		return nil
-	}
-	var mps []string
-	for line := range strings.Lines(string(b)) {
-		f := strings.Fields(line)
-		if len(f) < 5 {
-			continue
-		}
-		mp := unescapeMountinfo(f[4])
-		if mp == dir || strings.HasPrefix(mp, dir+"/") {
-			mps = append(mps, mp)
+	ms, _ := mounts()
+	var points []string
+	for _, m := range ms {
+		if m.point == dir || strings.HasPrefix(m.point, dir+"/") {
+			points = append(points, m.point)
 		}
 	}
-	// Deeper first; a later duplicate (a mount stacked on the same point)
-	// before an earlier one.
-	slices.Reverse(mps)
-	slices.SortStableFunc(mps, func(a, b string) int { return strings.Count(b, "/") - strings.Count(a, "/") })
-	return mps
+	// Later mounts first (one stacked on another goes before it), then
+	// deeper ones before their parents.
+	slices.Reverse(points)
+	slices.SortStableFunc(points, func(a, b string) int { return strings.Count(b, "/") - strings.Count(a, "/") })
+	return points
 }

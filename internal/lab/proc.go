@@ -200,29 +200,58 @@ func removeCgroup(dir string) error {
 	}
 }
 
-// cgroup2Mount returns where the cgroup v2 hierarchy is mounted and which of
-// its paths that mount shows ("/" unless the mount is a subtree, as inside
-// a cgroup namespace).
-func cgroup2Mount() (mountPoint, root string, err error) {
+// mount is one line of /proc/self/mountinfo.
+type mount struct {
+	root, point, fstype string
+}
+
+// mounts returns this process's mounts, in mount order.
+func mounts() ([]mount, error) {
 	f, err := os.Open("/proc/self/mountinfo")
 	if err != nil {
-		return "", "", fmt.Errorf("finding the cgroup2 mount: %w", err)
+		return nil, err
 	}
 	defer f.Close()
+	var ms []mount
 	sc := bufio.NewScanner(f)
 	for sc.Scan() {
 		// 41 31 0:38 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw
 		pre, post, ok := strings.Cut(sc.Text(), " - ")
 		fields, fs := strings.Fields(pre), strings.Fields(post)
-		if !ok || len(fields) < 5 || len(fs) < 1 || fs[0] != "cgroup2" {
+		if !ok || len(fields) < 5 || len(fs) < 1 {
 			continue
 		}
-		return unescapeMountinfo(fields[4]), unescapeMountinfo(fields[3]), nil
+		ms = append(ms, mount{root: unescapeMountinfo(fields[3]), point: unescapeMountinfo(fields[4]), fstype: fs[0]})
 	}
-	if err := sc.Err(); err != nil {
+	return ms, sc.Err()
+}
+
+// cgroup2Mount returns where the cgroup v2 hierarchy is mounted and which of
+// its paths that mount shows ("/" unless the mount is a subtree, as inside
+// a cgroup namespace).
+func cgroup2Mount() (mountPoint, root string, err error) {
+	ms, err := mounts()
+	if err != nil {
 		return "", "", fmt.Errorf("finding the cgroup2 mount: %w", err)
 	}
+	for _, m := range ms {
+		if m.fstype == "cgroup2" {
+			return m.point, m.root, nil
+		}
+	}
 	return "", "", errors.New("no cgroup2 file system is mounted (see /proc/self/mountinfo); -m cgroup --path needs cgroup v2")
+}
+
+// cgroupMounts returns the mount points of every cgroup hierarchy, v1 and v2.
+func cgroupMounts() []string {
+	ms, _ := mounts()
+	var points []string
+	for _, m := range ms {
+		if m.fstype == "cgroup" || m.fstype == "cgroup2" {
+			points = append(points, m.point)
+		}
+	}
+	return points
 }
 
 // cgroupDir turns a path relative to the cgroup2 root into a directory
