@@ -26,7 +26,9 @@ type Client struct {
 	// lan1 for the second, and so on. The client side is eth0.
 	Dev string
 	// Subnet4 and Subnet6 are the link's subnets: 10.88.N.0/24 and
-	// fd00:88:N::/64 for client N (counting from 0).
+	// fd00:88:N::/64 for client N (counting from 0; hexadecimal in the
+	// IPv6 one). Tests should give Docker networks subnets outside
+	// 10.88.0.0/16.
 	Subnet4, Subnet6 netip.Prefix
 	// Addr4 and Addr6 are the client's addresses (.2 and ::2); H has .1
 	// and ::1, the client's default gateways.

@@ -72,6 +72,10 @@ const (
 	dockerStopTimeout  = 20 * time.Second
 	dockerCmdTimeout   = 60 * time.Second
 	dockerDirPrefix    = "es-docker-"
+	// dockerTmp holds the instances' directories. Not t.TempDir() or
+	// $TMPDIR: the API and containerd sockets live there, and a unix
+	// socket path has at most 107 bytes.
+	dockerTmp = "/tmp"
 )
 
 var staleDockerDir = regexp.MustCompile(`^` + dockerDirPrefix + `(\d+)-\d+$`)
@@ -140,7 +144,9 @@ func staticBusybox() (string, error) {
 //   - --bip (DockerBridge);
 //   - --cgroup-parent named like its directory, so its containers' cgroups
 //     are not left in a /docker cgroup of the host but in one that cleanup
-//     removes.
+//     removes, and the cgroupfs driver: on cgroup v2 hosts run by systemd,
+//     dockerd 20.10 would otherwise ask the root namespace's systemd for a
+//     scope per container (and refuse a parent that is not a .slice);
 //
 // dockerd keeps its defaults --iptables=true and --ip-forward=true: it
 // writes its rules into H's iptables (through the backend
@@ -151,11 +157,9 @@ func staticBusybox() (string, error) {
 func StartDocker(t testing.TB, l *Lab) *Docker {
 	t.Helper()
 	RequireDocker(t)
-	sweepStaleDirs(os.TempDir(), staleDockerDir, func(dir string) { removeDockerDir(dir) })
+	sweepStaleDirs(dockerTmp, staleDockerDir, func(dir string) { removeDockerDir(dir) })
 
-	// A short directory: the API and containerd sockets live in it, and a
-	// unix socket path has at most 107 bytes, which t.TempDir() can exceed.
-	dir, err := os.MkdirTemp("", fmt.Sprintf("%s%d-", dockerDirPrefix, os.Getpid()))
+	dir, err := os.MkdirTemp(dockerTmp, fmt.Sprintf("%s%d-", dockerDirPrefix, os.Getpid()))
 	if err != nil {
 		t.Fatalf("lab: docker: %v", err)
 	}
@@ -185,6 +189,7 @@ func StartDocker(t testing.TB, l *Lab) *Docker {
 		"--storage-driver", "vfs",
 		"--experimental", "--ip6tables",
 		"--bip", netip.MustParsePrefix(DockerBridge).Addr().Next().String() + "/16",
+		"--exec-opt", "native.cgroupdriver=cgroupfs",
 		"--cgroup-parent", "/" + filepath.Base(dir),
 	}
 	d.env = d.dockerEnv(t)
@@ -307,9 +312,9 @@ func (d *Docker) Restart(t testing.TB) {
 	d.start(t)
 }
 
-// Docker runs `docker -H Host args...` and returns its stdout, failing the
+// Run runs `docker -H Host args...` and returns its stdout, failing the
 // test if it fails or takes more than a minute.
-func (d *Docker) Docker(t testing.TB, args ...string) string {
+func (d *Docker) Run(t testing.TB, args ...string) string {
 	t.Helper()
 	stdout, stderr, err := d.run(dockerCmdTimeout, nil, args...)
 	if err != nil {
@@ -351,7 +356,7 @@ func (d *Docker) NetworkCreate(t testing.TB, name string, subnets ...string) {
 		}
 		args = append(args, "--subnet", s)
 	}
-	d.Docker(t, append(args, name)...)
+	d.Run(t, append(args, name)...)
 }
 
 // SourceSeen runs a container on network that connects to dst:TCPPort with

@@ -2,18 +2,22 @@
 // so that SNAT rules can be installed for real and the source address that
 // connections arrive from can be observed on the far side.
 //
-// Topology (documentation ranges only, private ranges only inside the lab's
+// Topology (documentation ranges, and private ranges only inside the lab's
 // own namespaces; the root namespace is never touched):
 //
-//	C0 (Client, AddClient) eth0         H (Host) eth0                      G (Gateway) eth0
-//	  10.88.0.2/24                        192.0.2.250/24 (primary)           192.0.2.1/24
-//	  fd00:88:0::2/64                     192.0.2.22/24, 192.0.2.23/24       198.18.0.1/15
-//	  default via H lan0 ------ lan0 ---- 198.18.0.10/15                     2001:db8::1/64
-//	                                      2001:db8::250/64, ::22, ::23     G lo (the "far hosts")
-//	C1 ... lan1: 10.88.1.0/24, ...        default via 192.0.2.1              198.51.100.4, 198.51.100.5,
-//	                                      default via 2001:db8::1            203.0.113.7, 2001:db8:ffff::4
-//	                                    H docker0, br-* (StartDocker)
-//	                                      172.30.0.1/16, the test's networks
+//	H (Host) eth0                      G (Gateway) eth0
+//	  192.0.2.250/24 (primary)           192.0.2.1/24
+//	  192.0.2.22/24, 192.0.2.23/24       198.18.0.1/15
+//	  198.18.0.10/15                     2001:db8::1/64
+//	  2001:db8::250/64, ::22, ::23     G lo (the "far hosts")
+//	  default via 192.0.2.1              198.51.100.4, 198.51.100.5,
+//	  default via 2001:db8::1            203.0.113.7, 2001:db8:ffff::4
+//	H lanN (AddClient, client N = 0, 1, ...)
+//	  10.88.N.1/24, fd00:88:N::1/64 --- C<N> (Client) eth0
+//	  forwarding on                        10.88.N.2/24, fd00:88:N::2/64
+//	                                       default via H (both families)
+//	H docker0, br-* (StartDocker)
+//	  172.30.0.1/16 and the test's networks, containers behind them
 //
 // The far hosts live on G itself, so G needs no forwarding and whatever G's
 // probe servers see as the peer address is exactly what left H. G has no
