@@ -88,17 +88,9 @@ var staleDockerDir = regexp.MustCompile(`^` + dockerDirPrefix + `(\d+)-\d+$`)
 func RequireDocker(t testing.TB) {
 	t.Helper()
 	Require(t)
-	var missing []string
-	for _, bin := range []string{"dockerd", "docker", "nsenter"} {
-		if _, err := exec.LookPath(bin); err != nil {
-			missing = append(missing, bin)
-		}
-	}
+	requireCommands(t, "dockerd", "docker", "nsenter")
 	if _, err := staticBusybox(); err != nil {
-		missing = append(missing, err.Error())
-	}
-	if len(missing) > 0 {
-		skipOrFail(t, "Docker test needs "+strings.Join(missing, ", "))
+		skipOrFail(t, "Docker test needs "+err.Error())
 	}
 }
 

@@ -34,6 +34,7 @@ import (
 // matches. It returns "" and logs why if the connection failed.
 func (l *Lab) SourceSeenAsUID(t testing.TB, uid int, dst string) string {
 	t.Helper()
+	requireCommands(t, "setpriv")
 	id := strconv.Itoa(uid)
 	cmd := l.probeCmd(t, dst, "setpriv", "--reuid="+id, "--regid="+id, "--clear-groups")
 	return runProbe(t, cmd, fmt.Sprintf("as uid %d", uid))
@@ -68,11 +69,27 @@ func (l *Lab) SourceSeenInCgroup(t testing.TB, rel, dst string) string {
 // probeCmd returns `nsenter --net=H [wrapper...] probe -dial dst:TCPPort`.
 func (l *Lab) probeCmd(t testing.TB, dst string, wrapper ...string) *exec.Cmd {
 	t.Helper()
+	requireCommands(t, "nsenter")
 	args := []string{"--net=" + filepath.Join("/run/netns", l.Host)}
 	args = append(args, wrapper...)
 	args = append(args, probeBinary(t), "-dial", net.JoinHostPort(dst, strconv.Itoa(TCPPort)),
 		"-timeout", probeTimeout.String())
 	return exec.Command("nsenter", args...)
+}
+
+// requireCommands skips or fails t (see Require) unless every command is
+// in PATH. nsenter and setpriv come with util-linux.
+func requireCommands(t testing.TB, cmds ...string) {
+	t.Helper()
+	var missing []string
+	for _, c := range cmds {
+		if _, err := exec.LookPath(c); err != nil {
+			missing = append(missing, c)
+		}
+	}
+	if len(missing) > 0 {
+		skipOrFail(t, "test needs "+strings.Join(missing, ", "))
+	}
 }
 
 func runProbe(t testing.TB, cmd *exec.Cmd, who string) string {
