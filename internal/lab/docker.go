@@ -190,13 +190,24 @@ func StartDocker(t testing.TB, l *Lab) *Docker {
 	return d
 }
 
-// dockerEnv is dockerd's environment. dockerd runs whichever iptables is
-// first in PATH; under EGRESS_SNAT_IPTABLES it gets a directory of links to
-// that backend's commands in front, so its rules and egress-snat's land in
-// the same backend, as on a real host.
+// dockerEnv is dockerd's environment.
+//
+// TMPDIR is the instance's own: containerd writes stack dumps
+// (containerd.PID.stacks.log) there when dockerd finds it unresponsive
+// (three failed health checks, likely on a loaded machine) and kills it.
+//
+// dockerd runs whichever iptables is first in PATH; under
+// EGRESS_SNAT_IPTABLES it gets a directory of links to that backend's
+// commands in front, so its rules and egress-snat's land in the same
+// backend, as on a real host.
 func (d *Docker) dockerEnv(t testing.TB) []string {
 	t.Helper()
-	env := os.Environ()
+	tmp := filepath.Join(d.dir, "tmp")
+	if err := os.Mkdir(tmp, 0o700); err != nil {
+		t.Fatalf("lab: docker: %v", err)
+	}
+	env := append(slices.DeleteFunc(os.Environ(), func(s string) bool { return strings.HasPrefix(s, "TMPDIR=") }),
+		"TMPDIR="+tmp)
 	if os.Getenv("EGRESS_SNAT_IPTABLES") == "" {
 		return env
 	}
