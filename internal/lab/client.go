@@ -138,6 +138,18 @@ func (c *Client) Masquerade(t testing.TB) {
 	}
 }
 
+// Run runs `ip netns exec NS name args...` in the client and returns its
+// stdout, failing the test with stdout and stderr if the command fails.
+func (c *Client) Run(t testing.TB, name string, args ...string) string {
+	t.Helper()
+	stdout, stderr, code := runIn(c.NS, name, args...)
+	if code != 0 {
+		t.Fatalf("in %s: %s %s: exit %d\nstdout:\n%s\nstderr:\n%s",
+			c.NS, name, strings.Join(args, " "), code, stdout, stderr)
+	}
+	return stdout
+}
+
 // SourceSeen connects from the client to dst:TCPPort (G's probe, see
 // StartProbe) and returns the source address the far side saw, or "" if
 // the connection failed, which is what happens when H forwards the client's

@@ -14,6 +14,10 @@ func TestClient(t *testing.T) {
 		t.Fatalf("clients not distinct: %+v %+v", c0, c1)
 	}
 
+	if out := c1.Run(t, "ip", "-6", "route", "show", "default"); !strings.Contains(out, "via fd00:88:1::1 dev eth0") {
+		t.Errorf("client 1's IPv6 default route: %q", out)
+	}
+
 	// Without NAT in H the SYN reaches G, but G cannot answer 10.88/16.
 	if got := c0.SourceSeen(t, "198.51.100.4"); got != "" {
 		t.Errorf("client 0 without masquerade: far side answered %q, want no answer", got)
