@@ -56,7 +56,9 @@ func apply(s *State, w []string) error {
 	var dst string
 	for i := 0; i < len(args); i++ {
 		switch args[i] {
-		case "via", "dev", "src", "table", "proto", "pref", "from", "lookup", "suppress_prefixlength", "protocol":
+		case "not":
+			opts["not"] = "1"
+		case "via", "dev", "src", "table", "proto", "pref", "from", "lookup", "suppress_prefixlength", "protocol", "fwmark":
 			if i+1 >= len(args) {
 				return fmt.Errorf("%s without a value", args[i])
 			}
@@ -157,6 +159,13 @@ func parseRule(o map[string]string) (Rule, error) {
 		if r.From, err = netip.ParsePrefix(v); err != nil {
 			return r, err
 		}
+	}
+	if v := o["fwmark"]; v != "" && o["not"] != "" {
+		n, err := strconv.ParseUint(v, 0, 32)
+		if err != nil {
+			return r, err
+		}
+		r.NotMark = uint32(n)
 	}
 	if v, ok := o["suppress_prefixlength"]; ok {
 		if r.SuppressPrefixLen, err = strconv.Atoi(v); err != nil {

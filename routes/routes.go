@@ -8,7 +8,7 @@
 // Layout, per address family:
 //
 //	ip rule
-//	  7420: from all lookup 7420                       <- destinations
+//	  7420: not from all fwmark 0x7e5a7420 lookup 7420 <- destinations
 //	  7421: from all lookup main suppress_prefixlength 0  (only with 7422s)
 //	  7422: from ADDR lookup 7422+n                    <- replies, bound apps
 //	table 7420 (proto 83): DST [via GW] dev IF src ADDR   one per destination
@@ -19,6 +19,10 @@
 // from ADDR to the host's connected subnets and specific routes must still
 // take them; only what would take main's default route is sent by ADDR's
 // interface (wg-quick uses the same suppress_prefixlength rule).
+//
+// Why "not fwmark": egress-snat itself asks the kernel where a destination
+// goes without its own routes (selector.Excluding), with route lookups that
+// carry LookupMark. Real traffic never carries that exact mark.
 //
 // The numbers are this tool's identity on every host it ran on, chosen
 // clear of Tailscale (table 52, priorities 5210-5310), wg-quick (table
@@ -45,6 +49,9 @@ const (
 	LastReplyTable = 7499
 	// Protocol tags our routes and rules (rt_protos number).
 	Protocol = 83
+
+	// LookupMark is the fwmark that rule 7420 passes over.
+	LookupMark = 0x7e5a7420
 
 	PrioDestinations = 7420
 	PrioSuppress     = 7421
@@ -78,6 +85,8 @@ type Rule struct {
 	Table int
 	// SuppressPrefixLen is main's suppress rule (0); -1 when not set.
 	SuppressPrefixLen int
+	// NotMark: the rule passes over packets carrying this fwmark; 0: none.
+	NotMark uint32
 }
 
 // State is what one family holds of ours: rules and routes, sorted.
@@ -114,7 +123,7 @@ func Desired(paths []Path) State {
 		}
 	}
 	if len(paths) > 0 {
-		s.Rules = append(s.Rules, Rule{Priority: PrioDestinations, Table: Table, SuppressPrefixLen: -1})
+		s.Rules = append(s.Rules, Rule{Priority: PrioDestinations, Table: Table, SuppressPrefixLen: -1, NotMark: LookupMark})
 	}
 	if len(replies) > 0 {
 		s.Rules = append(s.Rules, Rule{Priority: PrioSuppress, Table: 254, SuppressPrefixLen: 0})
@@ -252,6 +261,9 @@ func (r Route) delArgs() string {
 
 func (r Rule) args() string {
 	s := fmt.Sprintf("pref %d", r.Priority)
+	if r.NotMark != 0 {
+		s += fmt.Sprintf(" not fwmark %#x", r.NotMark)
+	}
 	if r.From.IsValid() {
 		s += " from " + r.From.String()
 	}

@@ -31,6 +31,9 @@ func (System) Read(is4 bool) (State, error) {
 			continue
 		}
 		rule := Rule{Priority: r.Priority, Table: r.Table, SuppressPrefixLen: r.SuppressPrefixlen}
+		if r.Invert {
+			rule.NotMark = r.Mark
+		}
 		if r.Src != nil {
 			if p, ok := prefixOf(r.Src); ok {
 				rule.From = p
