@@ -12,6 +12,8 @@ import (
 	"strconv"
 
 	"go.yaml.in/yaml/v3"
+
+	"github.com/egress-snat/egress-snat/snat"
 )
 
 // Doc is a desired-state file opened for editing as a YAML node tree, so
@@ -29,38 +31,106 @@ type Doc struct {
 	exists bool
 }
 
-// Match is what a rule selects besides its destinations. Two rules with the
-// same Match and a common destination describe the same traffic, so putting
-// one replaces the other for that destination: a rule's identity is its
-// destination plus its Match. Today that is the outgoing interface; the
-// source selectors (from, uid, cgroup) belong here too, and matchOf is the
-// one place that reads them from a rule.
+// Match is what a rule selects besides its destinations: who sends (the
+// rule's from, uid or cgroup; none is the host's own traffic) and the
+// outgoing interface. A rule's identity is its destination plus its Match:
+// putting a Spec replaces, for its destinations, the rule with the same
+// Match, and leaves rules of other senders or interfaces alone. matchOf is
+// the one place that reads a Match from a rule.
 type Match struct {
-	Out string
+	Sender snat.Sender
+	Out    string
 }
 
-// matchOf reads a rule node's Match.
-func matchOf(rule *yaml.Node) Match {
-	m := Match{}
+// matchesOf reads the Matches of a rule node: one per sender (a from list
+// names several). A uid name or cgroup that no longer resolves matches
+// nothing.
+func matchesOf(rule *yaml.Node) []Match {
+	out := ""
 	if v := mapValue(rule, "out"); v != nil {
-		m.Out = v.Value
+		out = v.Value
 	}
-	return m
+	var r Rule
+	if err := rule.Decode(&r); err != nil {
+		return nil
+	}
+	senders, err := r.Senders()
+	if err != nil {
+		return nil
+	}
+	ms := make([]Match, len(senders))
+	for i, s := range senders {
+		ms[i] = Match{Sender: s, Out: out}
+	}
+	return ms
+}
+
+// matchOf is the rule's Match when it has one sender (split makes it so
+// before an edit); ok is false otherwise.
+func matchOf(rule *yaml.Node) (m Match, ok bool) {
+	ms := matchesOf(rule)
+	if len(ms) != 1 {
+		return Match{}, false
+	}
+	return ms[0], true
 }
 
 // setMatch writes m's keys into a new rule node.
 func setMatch(rule *yaml.Node, m Match) {
+	switch s := m.Sender; s.Kind {
+	case snat.SenderFrom:
+		mapSet(rule, "from", scalar(dstString(s.From)))
+	case snat.SenderUID:
+		mapSet(rule, "uid", scalar(strconv.FormatUint(uint64(s.UID), 10)))
+	case snat.SenderCgroup:
+		mapSet(rule, "cgroup", scalar(s.Cgroup))
+	}
 	if m.Out != "" {
 		mapSet(rule, "out", scalar(m.Out))
 	}
 }
 
-// Spec is one rule to put: its destinations, its Match and its source.
+// split gives each sender of a rule with a from list that includes m's
+// sender a rule of its own, so that editing m's rule leaves the other
+// senders' as they were.
+func (d *Doc) split(m Match) { d.splitWhere(func(o Match) bool { return o == m }) }
+
+// splitWhere is split for every Match that passes match.
+func (d *Doc) splitWhere(match func(Match) bool) {
+	var out []*yaml.Node
+	for _, r := range d.rules.Content {
+		ms := matchesOf(r)
+		if len(ms) < 2 || !slices.ContainsFunc(ms, match) {
+			out = append(out, r)
+			continue
+		}
+		for _, one := range ms {
+			c := cloneNode(r)
+			mapSet(c, "from", scalar(dstString(one.Sender.From)))
+			out = append(out, c)
+		}
+	}
+	d.rules.Content = out
+}
+
+func cloneNode(n *yaml.Node) *yaml.Node {
+	c := *n
+	c.Content = make([]*yaml.Node, len(n.Content))
+	for i, k := range n.Content {
+		c.Content[i] = cloneNode(k)
+	}
+	return &c
+}
+
+// Spec is one rule to put: its destinations, its Match and its source (to,
+// spread, and how: via, method).
 type Spec struct {
 	Match
 	Dst    []netip.Prefix
 	To     []netip.Addr
 	Spread bool
+	Via    netip.Addr
+	Method snat.Method
 }
 
 // OpenDoc reads path for editing. A missing file is an empty document
@@ -130,15 +200,16 @@ func (d *Doc) Put(s Spec) {
 	if len(s.Dst) == 0 {
 		return
 	}
+	d.split(s.Match)
 	for _, r := range d.rules.Content {
-		if matchOf(r) == s.Match && mapValue(r, "dst-file") == nil && slices.Equal(sortedDsts(r), sortedCopy(s.Dst)) {
-			setSource(r, s.To, s.Spread)
+		if m, ok := matchOf(r); ok && m == s.Match && mapValue(r, "dst-file") == nil && slices.Equal(sortedDsts(r), sortedCopy(s.Dst)) {
+			setSource(r, s)
 			return
 		}
 	}
 	d.remove(s.Dst, func(m Match) bool { return m == s.Match })
 	for _, r := range d.rules.Content {
-		if matchOf(r) == s.Match && mapValue(r, "dst-file") == nil && sameSource(r, s.To, s.Spread) {
+		if m, ok := matchOf(r); ok && m == s.Match && mapValue(r, "dst-file") == nil && mapValue(r, "dst") != nil && sameSource(r, s) {
 			appendDsts(r, s.Dst)
 			return
 		}
@@ -152,7 +223,22 @@ func (d *Doc) Put(s Spec) {
 // destinations no such rule listed. Destinations read from a dst-file are
 // not the file's to edit and are left alone.
 func (d *Doc) Remove(m Match, dsts []netip.Prefix) (missing []netip.Prefix) {
+	d.split(m)
 	found := d.remove(dsts, func(o Match) bool { return o == m })
+	for _, p := range dsts {
+		if !found[p] {
+			missing = append(missing, p)
+		}
+	}
+	return missing
+}
+
+// RemoveSender is Remove for the rules of sender s, whatever their
+// interface, as unset removes them.
+func (d *Doc) RemoveSender(s snat.Sender, dsts []netip.Prefix) (missing []netip.Prefix) {
+	match := func(m Match) bool { return m.Sender == s }
+	d.splitWhere(match)
+	found := d.remove(dsts, match)
 	for _, p := range dsts {
 		if !found[p] {
 			missing = append(missing, p)
@@ -172,24 +258,28 @@ func (d *Doc) RemoveAny(dsts []netip.Prefix) (missing []netip.Prefix) {
 	return missing
 }
 
-// ReplaceSource makes to the source of dst in every rule that lists dst,
-// whatever its Match, as rotate does: a rule that lists only dst gets the
-// new source in place; from a rule that lists more, dst is split off into a
-// new rule with the same Match. It reports whether any rule listed dst.
-func (d *Doc) ReplaceSource(dst netip.Prefix, to netip.Addr) bool {
+// ReplaceSource makes to the source of dst in every rule of sender s that
+// lists dst, whatever its interface, as rotate does: a rule that lists only
+// dst gets the new source in place; from a rule that lists more, dst is
+// split off into a new rule with the same Match. It reports whether any
+// rule listed dst.
+func (d *Doc) ReplaceSource(s snat.Sender, dst netip.Prefix, to netip.Addr) bool {
+	ofSender := func(m Match) bool { return m.Sender == s }
+	d.splitWhere(ofSender)
 	found := false
 	var split []Match
 	for _, r := range d.rules.Content {
 		dsts := dstsOf(r)
-		if !slices.Contains(dsts, dst) {
+		if m, ok := matchOf(r); !ok || !ofSender(m) || !slices.Contains(dsts, dst) {
 			continue
 		}
 		found = true
-		if len(dsts) == 1 && mapValue(r, "dst-file") == nil {
-			setSource(r, []netip.Addr{to}, false)
+		if len(dsts) == 1 && mapValue(r, "dst-file") == nil && len(matchesOf(r)) == 1 {
+			mapSet(r, "to", addrsNode([]netip.Addr{to}))
+			mapDelete(r, "spread")
 			continue
 		}
-		split = append(split, matchOf(r))
+		split = append(split, matchesOf(r)[0])
 	}
 	for _, m := range split {
 		d.Put(Spec{Match: m, Dst: []netip.Prefix{dst}, To: []netip.Addr{to}})
@@ -213,12 +303,18 @@ func (d *Doc) remove(dsts []netip.Prefix, match func(Match) bool) map[netip.Pref
 	}
 	kept := d.rules.Content[:0]
 	for _, r := range d.rules.Content {
-		if !match(matchOf(r)) {
+		m, ok := matchOf(r)
+		if !ok || !match(m) {
 			kept = append(kept, r)
 			continue
 		}
 		v := mapValue(r, "dst")
 		if v == nil {
+			// A from rule without dst is about every destination.
+			if all, ok := implicitDst(r); ok && drop[all] && mapValue(r, "dst-file") == nil {
+				found[all] = true
+				continue
+			}
 			kept = append(kept, r)
 			continue
 		}
@@ -437,34 +533,53 @@ func dstString(p netip.Prefix) string {
 func newRule(s Spec) *yaml.Node {
 	r := &yaml.Node{Kind: yaml.MappingNode, Tag: "!!map"}
 	mapSet(r, "to", addrsNode(s.To))
-	if s.Spread {
-		mapSet(r, "spread", &yaml.Node{Kind: yaml.ScalarNode, Tag: "!!bool", Value: "true"})
-	}
-	mapSet(r, "dst", dstsNode(s.Dst))
 	setMatch(r, s.Match)
+	mapSet(r, "dst", dstsNode(s.Dst))
+	setSource(r, s)
 	return r
 }
 
-// setSource gives a rule node a new source, in place.
-func setSource(r *yaml.Node, to []netip.Addr, spread bool) {
-	mapSet(r, "to", addrsNode(to))
-	if spread {
-		mapSet(r, "spread", &yaml.Node{Kind: yaml.ScalarNode, Tag: "!!bool", Value: "true"})
-	} else {
-		mapDelete(r, "spread")
+// setSource gives a rule node s's source and how, in place; keys s does
+// not need are removed.
+func setSource(r *yaml.Node, s Spec) {
+	mapSet(r, "to", addrsNode(s.To))
+	optional := func(key, value string, tag string) {
+		if value == "" {
+			mapDelete(r, key)
+			return
+		}
+		mapSet(r, key, &yaml.Node{Kind: yaml.ScalarNode, Tag: tag, Value: value})
 	}
+	spread, via, method := "", "", ""
+	if s.Spread {
+		spread = "true"
+	}
+	if s.Via.IsValid() {
+		via = s.Via.String()
+	}
+	if s.Method != "" && s.Method != snat.MethodSNAT {
+		method = string(s.Method)
+	}
+	optional("spread", spread, "!!bool")
+	optional("via", via, "!!str")
+	optional("method", method, "!!str")
 }
 
-func sameSource(r *yaml.Node, to []netip.Addr, spread bool) bool {
-	var have Addrs
-	if v := mapValue(r, "to"); v == nil || v.Decode(&have) != nil {
+func sameSource(r *yaml.Node, s Spec) bool {
+	var have Rule
+	if err := r.Decode(&have); err != nil {
 		return false
 	}
-	s := false
-	if v := mapValue(r, "spread"); v != nil {
-		s, _ = strconv.ParseBool(v.Value)
+	via := netip.Addr{}
+	if len(have.Via) == 1 {
+		via = have.Via[0]
 	}
-	return slices.Equal(have, to) && s == spread
+	m, _ := snat.ParseMethod(have.Method)
+	want := s.Method
+	if want == "" {
+		want = snat.MethodSNAT
+	}
+	return slices.Equal(have.To, s.To) && have.Spread == s.Spread && via == s.Via && m == want
 }
 
 func appendDsts(r *yaml.Node, ps []netip.Prefix) {
@@ -480,13 +595,26 @@ func appendDsts(r *yaml.Node, ps []netip.Prefix) {
 	}
 }
 
-// dstsOf returns the destinations a rule node lists under dst.
+// dstsOf returns the destinations a rule node lists under dst, or the
+// implicit every-destination of a from rule without dst.
 func dstsOf(r *yaml.Node) []netip.Prefix {
 	var ps Prefixes
 	if v := mapValue(r, "dst"); v != nil {
 		_ = v.Decode(&ps)
+	} else if all, ok := implicitDst(r); ok && mapValue(r, "dst-file") == nil {
+		ps = Prefixes{all}
 	}
 	return ps
+}
+
+// implicitDst is the destination of a from rule without dst: everything of
+// its family.
+func implicitDst(r *yaml.Node) (netip.Prefix, bool) {
+	var have Rule
+	if r.Decode(&have) != nil || len(have.From) == 0 || len(have.To) == 0 {
+		return netip.Prefix{}, false
+	}
+	return everything(have.To[0]), true
 }
 
 func sortedDsts(r *yaml.Node) []netip.Prefix { return sortedCopy(dstsOf(r)) }

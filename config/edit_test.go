@@ -11,6 +11,7 @@ import (
 	"github.com/google/go-cmp/cmp"
 
 	"github.com/egress-snat/egress-snat/config"
+	"github.com/egress-snat/egress-snat/snat"
 )
 
 var update = flag.Bool("update", false, "rewrite the golden files of TestDocEditGolden")
@@ -67,13 +68,13 @@ func TestDocEditGolden(t *testing.T) {
 			d.RemoveAny(dsts(t, "198.51.100.4", "198.51.100.5", "2001:db8:ffff::/48"))
 		}},
 		{"rotate", func(t *testing.T, d *config.Doc) {
-			if !d.ReplaceSource(dsts(t, "2001:db8:ffff::/48")[0], addrs(t, "2001:db8::23")[0]) {
+			if !d.ReplaceSource(snat.Host(), dsts(t, "2001:db8:ffff::/48")[0], addrs(t, "2001:db8::23")[0]) {
 				t.Error("ReplaceSource 2001:db8:ffff::/48: not found")
 			}
-			if !d.ReplaceSource(dsts(t, "198.51.100.4")[0], addrs(t, "192.0.2.23")[0]) {
+			if !d.ReplaceSource(snat.Host(), dsts(t, "198.51.100.4")[0], addrs(t, "192.0.2.23")[0]) {
 				t.Error("ReplaceSource 198.51.100.4: not found")
 			}
-			if d.ReplaceSource(dsts(t, "192.0.2.99")[0], addrs(t, "192.0.2.23")[0]) {
+			if d.ReplaceSource(snat.Host(), dsts(t, "192.0.2.99")[0], addrs(t, "192.0.2.23")[0]) {
 				t.Error("ReplaceSource 192.0.2.99: found, want not")
 			}
 		}},
@@ -82,6 +83,18 @@ func TestDocEditGolden(t *testing.T) {
 			d.Put(config.Spec{Dst: dsts(t, "198.51.100.4"), To: addrs(t, "192.0.2.22")})
 			d.Put(config.Spec{Dst: dsts(t, "203.0.113.7"), To: addrs(t, "192.0.2.22")}) // joins the rule
 			d.Put(config.Spec{Dst: dsts(t, "203.0.113.7"), To: addrs(t, "192.0.2.22")}) // no change
+		}},
+		{"senders", func(t *testing.T, d *config.Doc) {
+			from := snat.From(netip.MustParsePrefix("10.8.0.0/24"))
+			// The VPN moves to .22: its sender is split out of the from list.
+			d.Put(config.Spec{Match: config.Match{Sender: from}, Dst: dsts(t, "0.0.0.0/0"), To: addrs(t, "192.0.2.22")})
+			// root's rule only: the host's rule for the same destination stays.
+			d.Put(config.Spec{Match: config.Match{Sender: snat.UID(0)}, Dst: dsts(t, "198.51.100.0/24"), To: addrs(t, "192.0.2.23")})
+			// The containers' rule (every destination, implicitly) goes.
+			if miss := d.Remove(config.Match{Sender: snat.From(netip.MustParsePrefix("172.30.0.0/16"))}, dsts(t, "0.0.0.0/0")); len(miss) != 0 {
+				t.Errorf("Remove from 172.30.0.0/16: missing %v", miss)
+			}
+			d.Put(config.Spec{Match: config.Match{Sender: snat.Cgroup("system.slice/postfix.service")}, Dst: dsts(t, "203.0.113.7"), To: addrs(t, "192.0.2.22")})
 		}},
 		{"null-rules-put", func(t *testing.T, d *config.Doc) {
 			d.Put(config.Spec{Match: config.Match{Out: "eth1"}, Dst: dsts(t, "198.51.100.4"), To: addrs(t, "192.0.2.22")})
@@ -148,7 +161,7 @@ func TestDocIntentsAfterEdit(t *testing.T) {
 	d.Put(config.Spec{Dst: dsts(t, "198.51.100.4", "203.0.113.0/24"), To: addrs(t, "192.0.2.22")})
 	d.Put(config.Spec{Dst: dsts(t, "198.51.100.4"), To: addrs(t, "192.0.2.23")})
 	d.Put(config.Spec{Match: config.Match{Out: "eth0"}, Dst: dsts(t, "2001:db8:ffff::/48"), To: addrs(t, "2001:db8::22", "2001:db8::23"), Spread: true})
-	d.ReplaceSource(dsts(t, "203.0.113.0/24")[0], addrs(t, "192.0.2.24")[0])
+	d.ReplaceSource(snat.Host(), dsts(t, "203.0.113.0/24")[0], addrs(t, "192.0.2.24")[0])
 	if err := d.Write(); err != nil {
 		t.Fatal(err)
 	}

@@ -103,24 +103,36 @@ func update(c *cli.Context, e *env, desired func(*snat.State) ([]snat.Entry, err
 // apply -f: its destination, its match, and its sources (spread when there
 // are several: a failover list is installed as the one address in use). An
 // entry that keeps the natural source names it as its source, which apply
-// turns back into a kept natural source.
-func specOf(e snat.Entry) config.Spec {
+// turns back into a kept natural source. A routed entry is a rule with
+// method: route (and its via). ok is false for an entry the file cannot
+// state: one keeping the source of forwarded traffic, which has no natural
+// source to name.
+func specOf(e snat.Entry) (s config.Spec, ok bool) {
 	to := e.To
 	if e.Keep() {
+		if !e.Natural.IsValid() {
+			return s, false
+		}
 		to = []netip.Addr{e.Natural}
 	}
-	return config.Spec{
-		Match:  config.Match{Out: e.Out},
+	s = config.Spec{
+		Match:  config.Match{Sender: e.Sender, Out: e.Out},
 		Dst:    []netip.Prefix{e.Dst},
 		To:     to,
 		Spread: len(to) > 1,
+		Via:    e.Via,
 	}
+	if e.Routed {
+		s.Method = snat.MethodRoute
+	}
+	return s, true
 }
 
 // intentSpec is the file rule of an intent, as the operator gave it (no
 // resolved interface unless --out was given).
 func intentSpec(in snat.Intent) config.Spec {
-	return config.Spec{Match: config.Match{Out: in.Out}, Dst: []netip.Prefix{in.Dst}, To: in.To, Spread: in.Spread}
+	return config.Spec{Match: config.Match{Sender: in.Sender, Out: in.Out}, Dst: []netip.Prefix{in.Dst},
+		To: in.To, Spread: in.Spread, Via: in.Via, Method: in.Method}
 }
 
 // putIntents is set's edit of the permanent file.
@@ -132,23 +144,17 @@ func putIntents(intents []snat.Intent) func(*config.Doc) {
 	}
 }
 
-// removeDsts is unset's edit: unset removes a destination whatever its
-// interface, and so does the file edit.
-func removeDsts(dsts []netip.Prefix) func(*config.Doc) {
-	return func(d *config.Doc) { d.RemoveAny(dsts) }
-}
-
 // clearDoc is clear's edit.
 func clearDoc(d *config.Doc) { d.Clear() }
 
-// rotateDoc is rotate's edit: each destination's rules get the address it
-// moved to, so that a reboot does not undo the rotation; a destination the
-// file does not name yet gets a rule of its own.
-func rotateDoc(moves *[]move) func(*config.Doc) {
+// rotateDoc is rotate's edit: each rule of a moved sender and destination
+// gets the address it moved to, so that a reboot does not undo the
+// rotation; one the file does not name yet gets a rule of its own.
+func rotateDoc(moves *[]snat.Move) func(*config.Doc) {
 	return func(d *config.Doc) {
 		for _, m := range *moves {
-			if !d.ReplaceSource(m.Dst, m.To) {
-				d.Put(config.Spec{Dst: []netip.Prefix{m.Dst}, To: []netip.Addr{m.To}})
+			if !d.ReplaceSource(m.Match.Sender, m.Match.Dst, m.To) {
+				d.Put(config.Spec{Match: config.Match{Sender: m.Match.Sender}, Dst: []netip.Prefix{m.Match.Dst}, To: []netip.Addr{m.To}})
 			}
 		}
 	}

@@ -26,14 +26,18 @@ save fails with exit 2 and changes nothing. --dry-run prints the file
 instead of writing it.`,
 	Flags: []cli.Flag{dryRunFlag},
 	Action: func(c *cli.Context) error {
-		e, err := hostEnv(c)
+		e, err := envFor(c)
 		if err != nil {
 			return err
 		}
 		path := configPath(c)
 		// Under the lock, so that a concurrent --permanent change lands
 		// before or after this save, not in between.
-		unlock, err := snat.Lock(e.lockTimeout)
+		var locker snat.Locker = snat.FileLock{}
+		if e.mgr.Locker != nil {
+			locker = e.mgr.Locker
+		}
+		unlock, err := locker.Lock(e.lockTimeout)
 		if err != nil {
 			return err
 		}
@@ -49,7 +53,12 @@ instead of writing it.`,
 		doc.Clear()
 		entries := st.Entries()
 		for _, en := range entries {
-			doc.Put(specOf(en))
+			s, ok := specOf(en)
+			if !ok {
+				fmt.Fprintf(c.App.ErrWriter, "warning: %s keeps the source of forwarded traffic; the file cannot state that, so it is not saved\n", en.Match)
+				continue
+			}
+			doc.Put(s)
 		}
 		b, err := doc.Bytes()
 		if err != nil {
