@@ -190,7 +190,7 @@ func TestDocIntentsAfterEdit(t *testing.T) {
 func TestOpenDocRefusesBadFile(t *testing.T) {
 	for name, content := range map[string]string{
 		"not yaml":      "rules: [\n",
-		"unknown key":   "rules:\n  - to: 192.0.2.22\n    dst: 198.51.100.4\n    via: eth0\n",
+		"unknown key":   "rules:\n  - to: 192.0.2.22\n    dst: 198.51.100.4\n    gateway: eth0\n",
 		"not a list":    "rules: 3\n",
 		"bad address":   "rules:\n  - to: 192.0.2.300\n    dst: 198.51.100.4\n",
 		"empty":         "",

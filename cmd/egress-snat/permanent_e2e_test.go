@@ -66,6 +66,19 @@ func TestPermanentCommands(t *testing.T) {
 	inSyncWithFile(t, l, path)
 	wantSeen(t, l, map[string]string{"198.51.100.4": "192.0.2.22", "2001:db8:ffff::4": "2001:db8::22"})
 
+	// Another sender for the same destination is another rule, in the
+	// kernel and in the file; unset --permanent of it leaves the host's.
+	p("set", "--permanent", "--uid", "0", "--to", "192.0.2.23", "--dst", "198.51.100.4")
+	if got := permIntents(t, path); len(got) != 4 {
+		t.Errorf("file after a uid rule for the same destination: %v, want 4 intents", got)
+	}
+	inSyncWithFile(t, l, path)
+	p("unset", "--permanent", "--uid", "0", "--dst", "198.51.100.4")
+	if diff := cmp.Diff([]string{"198.51.100.4/32 -> 192.0.2.22", "198.51.100.5/32 -> 192.0.2.22", "2001:db8:ffff::/48 -> 2001:db8::22"}, permIntents(t, path)); diff != "" {
+		t.Errorf("file after unset --permanent --uid 0 (-want +got):\n%s", diff)
+	}
+	inSyncWithFile(t, l, path)
+
 	p("rotate", "--permanent", "--pool", "192.0.2.22,192.0.2.23", "--dst", "198.51.100.4")
 	if diff := cmp.Diff([]string{"198.51.100.5/32 -> 192.0.2.22", "2001:db8:ffff::/48 -> 2001:db8::22", "198.51.100.4/32 -> 192.0.2.23"}, permIntents(t, path)); diff != "" {
 		t.Errorf("file after rotate --permanent (-want +got):\n%s", diff)
@@ -117,7 +130,7 @@ func TestPermanentNothingChangesOnFailure(t *testing.T) {
 	mustES(t, l, "set", "--to", "192.0.2.22", "--dst", "198.51.100.4")
 	dir := t.TempDir()
 	bad := filepath.Join(dir, "bad.yaml")
-	badText := "rules:\n  - to: 192.0.2.22\n    dst: 198.51.100.4\n    via: eth0\n"
+	badText := "rules:\n  - to: 192.0.2.22\n    dst: 198.51.100.4\n    gateway: eth0\n"
 	if err := os.WriteFile(bad, []byte(badText), 0o644); err != nil {
 		t.Fatal(err)
 	}

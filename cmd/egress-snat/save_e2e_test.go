@@ -24,6 +24,9 @@ func TestSaveRoundTrip(t *testing.T) {
 		{"set", "--to", "198.18.0.10", "--dst", "198.18.7.0/24"},
 		{"set", "--to", "192.0.2.22", "--dst", "203.0.113.200", "--dst", "203.0.113.201", "--dst", "203.0.113.202"},
 		{"set", "--to", "2001:db8::22", "--dst", "2001:db8:ffff::/48"},
+		{"set", "--to", "192.0.2.23", "--uid", "0", "--dst", "203.0.113.7"}, // root's own traffic
+		{"set", "--to", "192.0.2.22", "--from", "10.66.0.0/16"},             // forwarded, every destination
+		{"set", "--to", "192.0.2.23", "--from", "10.67.0.0/16", "--dst", "198.51.100.0/24"},
 	} {
 		mustES(t, l, args...)
 	}
@@ -72,12 +75,12 @@ func TestSaveRefusesUnreadableFile(t *testing.T) {
 	l := newLab(t)
 	mustES(t, l, "set", "--to", "192.0.2.22", "--dst", "198.51.100.4")
 	path := filepath.Join(t.TempDir(), "egress-snat.yaml")
-	bad := "rules:\n  - to: 192.0.2.22\n    dst: 198.51.100.4\n    via: eth0 # not a key\n"
+	bad := "rules:\n  - to: 192.0.2.22\n    dst: 198.51.100.4\n    gateway: eth0 # not a key\n"
 	if err := os.WriteFile(path, []byte(bad), 0o644); err != nil {
 		t.Fatal(err)
 	}
 	r := es(t, l, "--config", path, "save")
-	if r.code != exitUsage || !strings.Contains(r.stderr, "via") {
+	if r.code != exitUsage || !strings.Contains(r.stderr, "gateway") {
 		t.Errorf("save over a bad file: exit %d, stderr %q; want %d naming the bad key", r.code, r.stderr, exitUsage)
 	}
 	if got, _ := os.ReadFile(path); string(got) != bad {
