@@ -11,13 +11,16 @@ EGRESS_SNAT_BOTH_BACKENDS ?= 1
 TESTFLAGS ?= -count=1 -p 1 -timeout 20m
 
 .DEFAULT_GOAL := help
-.PHONY: help build fmt vet test test-legacy demo bench fuzz clean
+.PHONY: help build docs fmt vet test test-legacy demo bench fuzz clean
 
 help: ## list the targets
 	@awk -F':.*## ' '/^[a-z-]+:.*## / { printf "  %-12s %s\n", $$1, $$2 }' $(MAKEFILE_LIST)
 
 build: ## build bin/egress-snat, version from git describe
 	$(GO) build -trimpath -ldflags "-X main.version=$(VERSION)" -o bin/egress-snat ./cmd/egress-snat
+
+docs: ## regenerate the man page and completions from the CLI (docs/man, contrib/completion)
+	$(GO) run ./cmd/egress-snat gen-docs .
 
 fmt: ## gofmt every Go file in place
 	$(GO) fmt ./...
