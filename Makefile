@@ -11,7 +11,7 @@ EGRESS_SNAT_BOTH_BACKENDS ?= 1
 TESTFLAGS ?= -count=1 -p 1 -timeout 20m
 
 .DEFAULT_GOAL := help
-.PHONY: help build docs fmt vet test test-legacy demo bench fuzz clean
+.PHONY: help build docs deb fmt vet test test-legacy demo bench fuzz clean
 
 help: ## list the targets
 	@awk -F':.*## ' '/^[a-z-]+:.*## / { printf "  %-12s %s\n", $$1, $$2 }' $(MAKEFILE_LIST)
@@ -21,6 +21,16 @@ build: ## build bin/egress-snat, version from git describe
 
 docs: ## regenerate the man page and completions from the CLI (docs/man, contrib/completion)
 	$(GO) run ./cmd/egress-snat gen-docs .
+
+# nfpm builds the .deb; installed from the Go module proxy on first use.
+NFPM ?= bin/tools/nfpm
+NFPM_VERSION ?= v2.45.2
+
+$(NFPM):
+	GOBIN=$(abspath $(dir $(NFPM))) $(GO) install github.com/goreleaser/nfpm/v2/cmd/nfpm@$(NFPM_VERSION)
+
+deb: $(NFPM) ## build the Debian package into build/deb/ (version from git describe)
+	NFPM=$(NFPM) GO=$(GO) bash scripts/deb.sh
 
 fmt: ## gofmt every Go file in place
 	$(GO) fmt ./...
@@ -49,5 +59,5 @@ bench: ## benchmarks (scripts/bench.sh)
 fuzz: ## fuzz tests (scripts/fuzz.sh)
 	bash scripts/fuzz.sh
 
-clean: ## remove bin/
-	rm -rf bin
+clean: ## remove bin/ and build/
+	rm -rf bin build
