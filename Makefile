@@ -11,7 +11,7 @@ EGRESS_SNAT_BOTH_BACKENDS ?= 1
 TESTFLAGS ?= -count=1 -p 1 -timeout 20m
 
 .DEFAULT_GOAL := help
-.PHONY: help build docs deb fmt vet test test-legacy demo bench fuzz clean
+.PHONY: help build docs deb lint fmt vet test test-legacy demo bench fuzz clean
 
 help: ## list the targets
 	@awk -F':.*## ' '/^[a-z-]+:.*## / { printf "  %-12s %s\n", $$1, $$2 }' $(MAKEFILE_LIST)
@@ -31,6 +31,15 @@ $(NFPM):
 
 deb: $(NFPM) ## build the Debian package into build/deb/ (version from git describe)
 	NFPM=$(NFPM) GO=$(GO) bash scripts/deb.sh
+
+STATICCHECK ?= bin/tools/staticcheck
+STATICCHECK_VERSION ?= v0.8.2
+
+$(STATICCHECK):
+	GOBIN=$(abspath $(dir $(STATICCHECK))) $(GO) install honnef.co/go/tools/cmd/staticcheck@$(STATICCHECK_VERSION)
+
+lint: $(STATICCHECK) ## shellcheck every shell script, gofmt, staticcheck (all must be clean)
+	STATICCHECK=$(STATICCHECK) bash scripts/lint.sh
 
 fmt: ## gofmt every Go file in place
 	$(GO) fmt ./...
