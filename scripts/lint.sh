@@ -3,7 +3,8 @@
 #   - shellcheck on every shell script of the repository (*.sh, *.bash, and
 #     files with an sh or bash #! line; zsh and fish files are not sh);
 #   - gofmt -l on every Go file;
-#   - staticcheck ./... (STATICCHECK, default bin/tools/staticcheck).
+#   - staticcheck ./... (STATICCHECK, default bin/tools/staticcheck);
+#   - ansible-lint on deploy/ansible (the egress_snat role).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -44,4 +45,7 @@ fi
 
 echo "== staticcheck $("$STATICCHECK" -version) =="
 "$STATICCHECK" ./...
+echo "== ansible-lint (deploy/ansible) =="
+(cd deploy/ansible && ansible-lint --profile production --nocolor)
+
 echo "lint: clean"
