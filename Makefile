@@ -44,11 +44,16 @@ lint: $(STATICCHECK) ## shellcheck every shell script, gofmt, staticcheck (all m
 fmt: ## gofmt every Go file in place
 	$(GO) fmt ./...
 
-vet: ## go vet ./...
+# deploy/kubernetes is a module of its own (k8s.io/api stays out of ours).
+SUBMODULES := deploy/kubernetes
+
+vet: ## go vet ./... (and the deploy/kubernetes module)
 	$(GO) vet ./...
+	@for m in $(SUBMODULES); do echo "cd $$m && $(GO) vet ./..."; (cd $$m && $(GO) vet ./...) || exit 1; done
 
 test: vet ## vet, all tests (root: namespace tests), then test-legacy unless EGRESS_SNAT_BOTH_BACKENDS=0
 	$(GO) test $(TESTFLAGS) ./...
+	@for m in $(SUBMODULES); do echo "cd $$m && $(GO) test $(TESTFLAGS) ./..."; (cd $$m && $(GO) test $(TESTFLAGS) ./...) || exit 1; done
 	@if [ "$(EGRESS_SNAT_BOTH_BACKENDS)" != "0" ]; then $(MAKE) --no-print-directory test-legacy; fi
 
 # The namespace tests are the packages whose tests use internal/lab.

@@ -11,6 +11,7 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
 export PATH=/usr/local/go/bin:$PATH
 STATICCHECK=${STATICCHECK:-bin/tools/staticcheck}
+case $STATICCHECK in /*) ;; */*) STATICCHECK=$ROOT/$STATICCHECK ;; esac # a relative path, from the root
 
 # files lists the repository's files: git's list in a clone, else a walk.
 files() {
@@ -45,6 +46,7 @@ fi
 
 echo "== staticcheck $("$STATICCHECK" -version) =="
 "$STATICCHECK" ./...
+(cd deploy/kubernetes && "$STATICCHECK" ./...) # a module of its own
 echo "== ansible-lint (deploy/ansible) =="
 (cd deploy/ansible && ansible-lint --profile production --nocolor)
 
