@@ -5,8 +5,10 @@
 #   2. a namespace lab (scripts/lab.sh, documentation addresses, a far-side
 #      TCP server that answers with the peer's address): the installed binary
 #      sets a source, the far side sees it, clear restores the rules exactly;
-#   3. dpkg --remove leaves the kernel's rules and the conffile alone;
-#   4. dpkg --purge; no file the package listed (dpkg -L) remains.
+#   3. the Ansible role (deploy/ansible) installs the same .deb and applies
+#      a desired state, twice: the second run reports changed=0;
+#   4. dpkg --remove leaves the kernel's rules and the conffile alone;
+#   5. dpkg --purge; no file the package listed (dpkg -L) remains.
 # As root, on a machine where egress-snat is not installed (CI). The root
 # namespace's network is never touched.
 set -euo pipefail
@@ -31,13 +33,15 @@ done
 
 list=$(mktemp)
 policy_rc=
+cleanup_play=
 cleanup() {
   local rc=$?
   ((rc == 0)) || echo "deb-check: failed (exit $rc); cleaning up" >&2
   lab down >/dev/null 2>&1 || true
   if dpkg-query -W egress-snat >/dev/null 2>&1; then dpkg --purge egress-snat >/dev/null 2>&1 || true; fi
   [[ -z $policy_rc ]] || rm -f "$policy_rc"
-  rm -f "$list"
+  rm -f "$list" /var/cache/egress-snat.deb
+  [[ -z $cleanup_play ]] || rm -rf "$cleanup_play"
   exit "$rc"
 }
 trap cleanup EXIT
@@ -68,8 +72,21 @@ fi
 say "namespace check with the installed binary"
 lab down >/dev/null 2>&1 || true
 lab up
-# The host's rules without comments and with zeroed counters.
-save() { lab exec host sh -c 'iptables-save; ip6tables-save' | sed '/^#/d; s/\[[0-9]*:[0-9]*\]/[0:0]/'; }
+# The host's rules without comments, with zeroed counters, and without
+# tables that hold nothing but built-in chains: iptables-legacy cannot
+# unload a nat table from a namespace, so after clear it stays listed, empty
+# (README, Safety).
+save() {
+  lab exec host sh -c 'iptables-save; ip6tables-save' | sed '/^#/d; s/\[[0-9]*:[0-9]*\]/[0:0]/' | awk '
+    /^\*/ { buf = $0 "\n"; keep = 0; next }
+    buf != "" {
+      buf = buf $0 "\n"
+      if ($0 == "COMMIT") { if (keep) printf "%s", buf; buf = "" }
+      else if ($0 !~ /^:[A-Z]+ (ACCEPT|DROP) /) keep = 1
+      next
+    }
+    { print }'
+}
 before=$(save)
 natural=$(lab seen 198.51.100.4)
 [[ $natural == 192.0.2.250 ]] || die "before set, the far side saw $natural, want the natural 192.0.2.250"
@@ -88,6 +105,40 @@ fi
 seen=$(lab seen 198.51.100.4)
 [[ $seen == 192.0.2.250 ]] || die "after clear, the far side saw $seen, want 192.0.2.250"
 say "clear restored the rules; far side sees 192.0.2.250 again"
+
+# The Ansible role, as a fleet would run it on this host: install the .deb
+# (already installed: no change), write a desired state (to a scratch path,
+# not /etc), apply it; twice, the second run changing nothing.
+if command -v ansible-playbook >/dev/null; then
+  say "the Ansible role with the package, twice"
+  play=$(mktemp -d)
+  cleanup_play=$play
+  printf '[defaults]\n' >"$play/ansible.cfg"
+  echo 'localhost ansible_connection=local ansible_python_interpreter=/usr/bin/python3' >"$play/inventory"
+  printf -- '---\n- name: Egress\n  hosts: localhost\n  gather_facts: false\n  roles:\n    - role: egress_snat\n' >"$play/site.yml"
+  cat >"$play/vars.json" <<JSON
+{"egress_snat_install": "deb", "egress_snat_deb": "$(realpath "$deb")",
+ "egress_snat_config": "$play/egress-snat.yaml", "egress_snat_service": false,
+ "egress_snat_rules": [{"to": "192.0.2.22", "dst": ["198.51.100.4"]}]}
+JSON
+  role() {
+    lab exec host env ANSIBLE_CONFIG="$play/ansible.cfg" ANSIBLE_ROLES_PATH="$ROOT/deploy/ansible/roles" \
+      ANSIBLE_HOME="$play/home" ANSIBLE_LOCAL_TEMP="$play/tmp" ANSIBLE_NOCOLOR=1 \
+      ansible-playbook -i "$play/inventory" "$play/site.yml" -e "@$play/vars.json" >"$play/out" 2>&1 ||
+      { cat "$play/out" >&2; die "ansible-playbook failed"; }
+    sed -n 's/^localhost *: .* changed=\([0-9]*\) .*/\1/p' "$play/out"
+  }
+  changed=$(role)
+  ((changed > 0)) || { cat "$play/out" >&2; die "first run of the role: changed=$changed, want changes"; }
+  seen=$(lab seen 198.51.100.4)
+  [[ $seen == 192.0.2.22 ]] || die "after the role, the far side saw $seen, want 192.0.2.22"
+  changed=$(role)
+  ((changed == 0)) || { cat "$play/out" >&2; die "second run of the role: changed=$changed, want 0"; }
+  say "role: first run changed the host (far side sees 192.0.2.22), second run changed=0"
+else
+  say "ansible-playbook not installed: skipping the role check"
+  [[ ${CI:-} != true ]] || die "CI must have ansible-core (.ci/run installs it)"
+fi
 
 # Removing the package must leave the kernel's state alone.
 lab exec host /usr/sbin/egress-snat set --to 192.0.2.23 --dst 198.51.100.4 >/dev/null

@@ -74,6 +74,6 @@ cp scripts/cron/egress-snat "$STAGE/cron"
 } | gzip -9n >"$STAGE/changelog.gz"
 
 deb=$OUT/egress-snat_${VERSION}_${ARCH}.deb
-rm -f "$deb"
+rm -f "$OUT"/egress-snat_*.deb # one package in build/deb: the one just built
 "$NFPM" package --config packaging/nfpm.yaml --packager deb --target "$deb" >&2
 echo "$deb"
