@@ -24,6 +24,19 @@ type Tables interface {
 	// Restore runs iptables-restore --noflush with payload: all of it, or
 	// nothing if any line fails.
 	Restore(f Family, payload string) error
+	// CanDropNATTable reports whether DropNATTable works: with
+	// iptables-nft and the nft command. Legacy tables cannot be unloaded
+	// from a namespace.
+	CanDropNATTable() bool
+	// Generation changes whenever the family's nat table may have
+	// changed; it costs no process (see ExecTables.Generation).
+	Generation(f Family) (uint64, error)
+	// SaveNAT is Save of the nat table alone.
+	SaveNAT(f Family) (string, error)
+	// DropNATTable deletes the family's nat table if it still holds
+	// nothing at all (checked right before deleting, so a rule another
+	// tool added meanwhile is never lost), and does nothing otherwise.
+	DropNATTable(f Family) error
 }
 
 // IPSets reads and writes ipsets.
@@ -32,6 +45,8 @@ type IPSets interface {
 	Save() (string, error)
 	// Restore runs `ipset restore` with payload.
 	Restore(payload string) error
+	// Headers returns our sets' entry counts without their members.
+	Headers() (map[string]int, error)
 }
 
 // ErrLockTimeout means another program held the xtables lock past the
@@ -170,8 +185,10 @@ func (t ExecTables) command(f Family, role string) string {
 	return name
 }
 
-func (t ExecTables) Save(f Family) (string, error) {
-	cmd := exec.Command(t.command(f, "save"))
+func (t ExecTables) Save(f Family) (string, error) { return t.save(f) }
+
+func (t ExecTables) save(f Family, args ...string) (string, error) {
+	cmd := exec.Command(t.command(f, "save"), args...)
 	var stdout, stderr bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &stdout, &stderr
 	if err := cmd.Run(); err != nil {
@@ -249,21 +266,20 @@ func (ExecIPSets) Restore(payload string) error {
 	return nil
 }
 
-// DropEmptyNFTTable deletes the family's nat table in the nft backend when
-// it holds nothing at all, so that clear leaves iptables-save exactly as it
-// was on a host where the tool created the table. It needs the nft command
-// and silently does nothing without it; the table is left when any chain
-// other than the four empty built-ins, or any policy other than ACCEPT, is
-// there.
-func DropEmptyNFTTable(t Tables, f Family) error {
-	et, ok := t.(ExecTables)
-	if !ok || et.Backend != BackendNFT {
-		return nil
+// CanDropNATTable is true for iptables-nft with the nft command installed.
+func (t ExecTables) CanDropNATTable() bool {
+	if t.Backend != BackendNFT {
+		return false
 	}
-	nft, err := exec.LookPath("nft")
-	if err != nil {
-		return nil
-	}
+	_, err := exec.LookPath("nft")
+	return err == nil
+}
+
+// DropNATTable deletes the family's nat table when it holds nothing at all,
+// so that clear leaves iptables-save exactly as it was on a host where the
+// tool created the table. The table is left when any chain other than the
+// four empty built-ins, or any policy other than ACCEPT, is there.
+func (t ExecTables) DropNATTable(f Family) error {
 	text, err := t.Save(f)
 	if err != nil {
 		return err
@@ -271,11 +287,8 @@ func DropEmptyNFTTable(t Tables, f Family) error {
 	if !natTableEmpty(text) {
 		return nil
 	}
-	fam := "ip"
-	if f == IPv6 {
-		fam = "ip6"
-	}
-	if out, err := exec.Command(nft, "delete", "table", fam, table).CombinedOutput(); err != nil {
+	fam := nftFamily(f)
+	if out, err := exec.Command("nft", "delete", "table", fam, table).CombinedOutput(); err != nil {
 		return fmt.Errorf("nft delete table %s %s: %v: %s", fam, table, err, bytes.TrimSpace(out))
 	}
 	return nil

@@ -6,6 +6,7 @@ import (
 	"net/netip"
 	"slices"
 
+	"github.com/egress-snat/egress-snat/routes"
 	"github.com/egress-snat/egress-snat/selector"
 )
 
@@ -26,20 +27,62 @@ func Invalid(format string, args ...any) error {
 type Router interface {
 	Natural(dst netip.Prefix, out string) (iface string, natural netip.Addr, err error)
 	Owner(a netip.Addr) (iface string, err error)
+	// Path is Natural plus the route's gateway (invalid when on-link).
+	Path(dst netip.Prefix, out string) (iface string, gw, natural netip.Addr, err error)
+	// Gateways lists the gateways of the host's routes leaving by iface,
+	// in tables exclude does not name.
+	Gateways(iface string, is4 bool, exclude func(table int) bool) ([]netip.Addr, error)
+	// OnLink reports whether a is directly reachable on iface.
+	OnLink(iface string, a netip.Addr) (bool, error)
 }
 
 var _ Router = (*selector.Selector)(nil)
 
-// Intent is what the operator asks for: new connections to Dst (leaving by
-// Out, or as routed when Out is empty) get source To. With Spread they are
-// spread over all of To in turn; without it, To is an ordered failover list
-// and the first address present on the host is used.
+// Intent is what the operator asks for: new connections of Sender to Dst
+// (leaving by Out, or as routed when Out is empty) get source To. With
+// Spread they are spread over all of To in turn; without it, To is an
+// ordered failover list and the first address present on the host is used.
 type Intent struct {
+	Sender Sender
 	Dst    netip.Prefix
 	To     []netip.Addr
 	Out    string
 	Spread bool
+	// Via is the gateway for a source on another interface than the
+	// destination's route; invalid: the one route the host has there.
+	Via netip.Addr
+	// Method is MethodSNAT (the default), MethodRoute or MethodAuto.
+	Method Method
 }
+
+// Method is how an intent is realized.
+type Method string
+
+const (
+	// MethodSNAT rewrites the source in the nat chain (method two).
+	MethodSNAT Method = "snat"
+	// MethodRoute installs a route with src (method one): no NAT, no
+	// conntrack binding, and the application's socket carries the address.
+	// Only for the host's own traffic, one source, not spread.
+	MethodRoute Method = "route"
+	// MethodAuto uses a route where it has the same effect, SNAT elsewhere.
+	MethodAuto Method = "auto"
+)
+
+// ParseMethod reads --method and method:.
+func ParseMethod(s string) (Method, error) {
+	switch m := Method(s); m {
+	case "", MethodSNAT:
+		return MethodSNAT, nil
+	case MethodRoute, MethodAuto:
+		return m, nil
+	}
+	return "", Invalid("method %q: want snat, route or auto", s)
+}
+
+// routable reports whether a route can do what in asks: the host's own
+// traffic by destination, to one source.
+func (in Intent) routable() bool { return in.Sender.IsHost() && !in.Spread }
 
 // Resolve validates intents against the host and turns them into entries,
 // learning each destination's outgoing interface and natural source from
@@ -81,24 +124,44 @@ func resolve(r Router, intents []Intent, lenient bool) ([]Entry, []error, error)
 	return out, skipped, errors.Join(errs...)
 }
 
-// Dedup drops repeated intents for the same destination and refuses one
-// destination given two different sources: which one wins would be a guess.
+// Dedup drops repeated intents for the same match and refuses one match
+// given two different sources: which one wins would be a guess.
 func Dedup(intents []Intent) ([]Intent, error) {
 	var errs []error
 	out := make([]Intent, 0, len(intents))
-	seen := make(map[netip.Prefix]Intent, len(intents))
+	seen := make(map[Match]Intent, len(intents))
 	for _, in := range intents {
-		dst := in.Dst.Masked()
-		if prev, dup := seen[dst]; dup {
+		m := Match{Sender: in.Sender, Dst: in.Dst.Masked(), Out: in.Out}
+		if prev, dup := seen[m]; dup {
 			if !slices.Equal(prev.To, in.To) || prev.Spread != in.Spread {
-				errs = append(errs, Invalid("destination %s is given twice, with sources %s and %s", dst, addrList(prev.To), addrList(in.To)))
+				errs = append(errs, Invalid("%s is given twice, with sources %s and %s", describe(m), addrList(prev.To), addrList(in.To)))
 			}
 			continue
 		}
-		seen[dst] = in
+		seen[m] = in
 		out = append(out, in)
 	}
 	return out, errors.Join(errs...)
+}
+
+// describe names a match in messages: "destination 198.51.100.4/32", or
+// "destination 198.51.100.4/32 from 10.77.0.0/24".
+func describe(m Match) string {
+	s := "destination " + m.Dst.String()
+	if !m.Sender.IsHost() {
+		s += " for " + m.Sender.String()
+	}
+	return s
+}
+
+// hostErr classifies an error of the host lookups: one that says the input
+// cannot work here is bad input; a netlink failure is a runtime failure.
+func hostErr(err error, format string, args ...any) error {
+	wrapped := fmt.Errorf(format+": %w", append(args, err)...)
+	if selector.IsInput(err) {
+		return &InvalidError{wrapped}
+	}
+	return wrapped
 }
 
 func resolveOne(r Router, in Intent, lenient bool) (Entry, error) {
@@ -107,16 +170,29 @@ func resolveOne(r Router, in Intent, lenient bool) (Entry, error) {
 		return Entry{}, Invalid("destination %q is not a valid address or prefix", in.Dst)
 	}
 	if len(in.To) == 0 {
-		return Entry{}, Invalid("destination %s: no source address given", dst)
+		return Entry{}, Invalid("%s: no source address given", describe(Match{Sender: in.Sender, Dst: dst}))
 	}
 	for _, to := range in.To {
 		if to.Is4() != dst.Addr().Is4() {
 			return Entry{}, Invalid("source %s and destination %s are of different address families", to, dst)
 		}
 	}
-	iface, natural, err := r.Natural(dst, in.Out)
+	if s := in.Sender; s.kind() == SenderFrom {
+		switch {
+		case !s.From.IsValid():
+			return Entry{}, Invalid("--from: not a valid prefix")
+		case s.From.Addr().Is4() != dst.Addr().Is4():
+			return Entry{}, Invalid("--from %s and destination %s are of different address families", s.From, dst)
+		case s.From.Masked() != s.From:
+			return Entry{}, Invalid("--from %s has host bits set; did you mean %s?", s.From, s.From.Masked())
+		}
+	}
+	if in.Method == MethodRoute && !in.routable() {
+		return Entry{}, Invalid("%s: --method route can only choose the host's own traffic by destination, to one source (forwarded, uid, cgroup and spread traffic need --method snat or auto)", describe(Match{Sender: in.Sender, Dst: dst}))
+	}
+	iface, gw, natural, err := r.Path(dst, in.Out)
 	if err != nil {
-		return Entry{}, Invalid("destination %s: %w", dst, err)
+		return Entry{}, hostErr(err, "destination %s", dst)
 	}
 	var to []netip.Addr
 	var missing error
@@ -129,9 +205,12 @@ func resolveOne(r Router, in Intent, lenient bool) (Entry, error) {
 			}
 			continue
 		case err != nil:
-			return Entry{}, Invalid("source %s: %w", a, err)
+			return Entry{}, hostErr(err, "source %s", a)
 		case owner != iface:
-			return Entry{}, Invalid("source %s is on %s, but traffic to %s leaves by %s: the source must be an address of the outgoing interface", a, owner, dst, iface)
+			if in.Out != "" || len(to) > 0 {
+				return Entry{}, Invalid("source %s is on %s, but traffic to %s leaves by %s: the source must be an address of the outgoing interface", a, owner, dst, iface)
+			}
+			return otherInterface(r, in, dst, a, owner, iface)
 		}
 		to = append(to, a)
 		if !in.Spread {
@@ -141,7 +220,65 @@ func resolveOne(r Router, in Intent, lenient bool) (Entry, error) {
 	if len(to) == 0 || (missing != nil && in.Spread && !lenient) {
 		return Entry{}, missing
 	}
-	return Entry{Dst: dst, Out: iface, Natural: natural, To: to}, nil
+	if in.Via.IsValid() && in.Via != gw {
+		return Entry{}, Invalid("--via %s: traffic to %s leaves by %s through %s already; --via is for a source on another interface", in.Via, dst, iface, gwName(gw))
+	}
+	e := Entry{Match: Match{Sender: in.Sender, Dst: dst, Out: iface}, To: to}
+	if in.Sender.Local() {
+		e.Natural = natural
+	}
+	if in.Method == MethodRoute || in.Method == MethodAuto && in.routable() {
+		e.Routed, e.Natural, e.Via = true, to[0], gw
+	}
+	return e, nil
+}
+
+func gwName(gw netip.Addr) string {
+	if gw.IsValid() {
+		return gw.String()
+	}
+	return "no gateway (on-link)"
+}
+
+// otherInterface resolves an intent whose source a lives on owner, not on
+// iface, the interface the host routes dst by: the destination is sent out
+// of owner through its gateway, from a, by a route of ours; and traffic
+// already leaving with a is sent that way too (replies to connections that
+// came in on owner, applications bound to a).
+func otherInterface(r Router, in Intent, dst netip.Prefix, a netip.Addr, owner, iface string) (Entry, error) {
+	switch {
+	case !in.Sender.IsHost():
+		return Entry{}, Invalid("source %s is on %s, but traffic to %s leaves by %s: choosing %s's traffic on another interface needs marks and is not supported yet; use an address of %s", a, owner, dst, iface, in.Sender, iface)
+	case in.Spread:
+		return Entry{}, Invalid("source %s is on %s, but traffic to %s leaves by %s: a --spread pool must be on the outgoing interface", a, owner, dst, iface)
+	}
+	gw := in.Via
+	if gw.IsValid() {
+		if gw.Is4() != a.Is4() {
+			return Entry{}, Invalid("--via %s and source %s are of different address families", gw, a)
+		}
+		onLink, err := r.OnLink(owner, gw)
+		if err != nil {
+			return Entry{}, hostErr(err, "--via %s", gw)
+		}
+		if !onLink {
+			return Entry{}, Invalid("--via %s is not on a subnet of %s, where %s is: the gateway must be directly reachable on %s", gw, owner, a, owner)
+		}
+	} else {
+		gws, err := r.Gateways(owner, a.Is4(), routes.OurTable)
+		if err != nil {
+			return Entry{}, hostErr(err, "gateways of %s", owner)
+		}
+		switch len(gws) {
+		case 0:
+			return Entry{}, Invalid("source %s is on %s, but traffic to %s leaves by %s, and the host has no route through %s to take its gateway from: give the gateway with --via", a, owner, dst, iface, owner)
+		case 1:
+			gw = gws[0]
+		default:
+			return Entry{}, Invalid("source %s is on %s, which has routes through %s gateways (%s): say which with --via", a, owner, fmt.Sprint(len(gws)), addrList(gws))
+		}
+	}
+	return Entry{Match: Match{Sender: in.Sender, Dst: dst, Out: owner}, Natural: a, To: []netip.Addr{a}, Routed: true, Via: gw, Replies: true}, nil
 }
 
 func addrList(as []netip.Addr) string {

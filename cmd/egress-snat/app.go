@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net/netip"
 	"os"
 	"runtime"
 	"strings"
@@ -14,6 +15,7 @@ import (
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
 
+	"github.com/egress-snat/egress-snat/routes"
 	"github.com/egress-snat/egress-snat/selector"
 	"github.com/egress-snat/egress-snat/snat"
 )
@@ -159,15 +161,39 @@ func enterNetns(c *cli.Context) error {
 	return syscall.Exec(exe, args, os.Environ())
 }
 
+// router is what commands ask of the host's routing: the kernel's route
+// choice and natural source, which interface holds an address, and the
+// full explanation. *selector.Selector is the real one.
+type router interface {
+	snat.Router
+	// Forget drops cached links and addresses after the host changed.
+	Forget()
+}
+
+// explainer tells the path packets really take, egress-snat's own routes
+// included, and why the kernel chose its source.
+type explainer interface {
+	Lookup(dst netip.Prefix, out string) (*selector.Choice, error)
+}
+
 // env is what commands need from the host, built once per run.
 type env struct {
-	sel         *selector.Selector
+	// sel resolves: it answers as the host routes without egress-snat's
+	// own routes, so they never decide where a destination "naturally"
+	// goes (see routes.LookupMark).
+	sel   router
+	paths explainer
+	// nl is the netlink handle for conntrack; nil in tests with fakes.
 	nl          *netlink.Handle
 	mgr         *snat.Manager
 	backend     snat.Backend
 	lockTimeout time.Duration
 	out         io.Writer
 }
+
+// envFor builds the env of a command. Tests replace it to run commands
+// against fakes; everything else uses hostEnv.
+var envFor = hostEnv
 
 // hostEnv builds the env; it checks privileges first so that an unprivileged
 // run says exactly what it lacks instead of an iptables error.
@@ -189,9 +215,10 @@ func hostEnv(c *cli.Context) (*env, error) {
 	}
 	wait := c.Duration("lock-timeout")
 	return &env{
-		sel:         selector.New(h),
+		sel:         selector.Excluding(h, routes.LookupMark, routes.Ours),
+		paths:       selector.New(h),
 		nl:          h,
-		mgr:         &snat.Manager{Tables: tables, Sets: snat.ExecIPSets{}},
+		mgr:         &snat.Manager{Tables: tables, Sets: snat.ExecIPSets{}, Routing: routes.System{}},
 		backend:     backend,
 		lockTimeout: wait,
 		out:         c.App.Writer,
