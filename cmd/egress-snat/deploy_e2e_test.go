@@ -36,6 +36,7 @@ func TestConfigMapPassesApplyDryRun(t *testing.T) {
 	l := newLab(t)
 	before := l.Ruleset(t)
 	out := mustES(t, l, "apply", "--dry-run", "-f", path)
+	t.Logf("apply --dry-run:\n%s", out)
 	if !strings.Contains(out, "would add") {
 		t.Errorf("apply --dry-run of the ConfigMap's file: want a rule to add, got:\n%s", out)
 	}
