@@ -37,8 +37,10 @@ var watchCommand = &cli.Command{
      ours, a deleted ip rule);
    - every --full-resync, a full read, set members included (a member
      deleted or swapped by hand);
-   - on SIGHUP, FILE is read again (a bad file is logged and the old one
-     kept).
+   - when FILE changes (its directory is watched with inotify, so an
+     editor's or Ansible's rename and a Kubernetes ConfigMap's ..data
+     symlink swap are seen), or on SIGHUP, FILE is read again (a bad file
+     is logged and the old one kept).
 
 Bursts of events are coalesced (--settle) into one apply. When a rule's
 source address leaves the host, its rule is taken out (or moved to the next
@@ -123,6 +125,7 @@ func (w *watcher) run(ctx context.Context, resync time.Duration) error {
 	hup := make(chan os.Signal, 1)
 	signal.Notify(hup, syscall.SIGHUP)
 	defer signal.Stop(hup)
+	watchFile(done, w.path, hup, w.log) // a changed file reloads like SIGHUP
 
 	w.log.Info("watch started", "file", w.path, "backend", w.e.backend, "resync", resync)
 	if err := w.reconcile("start"); err != nil {
@@ -139,15 +142,15 @@ func (w *watcher) run(ctx context.Context, resync time.Duration) error {
 		case <-ctx.Done():
 			w.log.Info("stopping; rules stay in place", "applies", w.applies)
 			return nil
-		case <-hup:
+		case sig := <-hup: // SIGHUP, or the file changed (watchfile.go)
 			intents, err := loadIntents(w.path)
 			if err != nil {
-				w.log.Error("SIGHUP: keeping the previous desired state", "err", err)
+				w.log.Error("reload: keeping the previous desired state", "trigger", sig.String(), "err", err)
 				continue
 			}
 			w.intents = intents
-			w.log.Info("SIGHUP: file re-read", "file", w.path, "destinations", len(intents))
-			kick("SIGHUP")
+			w.log.Info("reload: file re-read", "trigger", sig.String(), "file", w.path, "destinations", len(intents))
+			kick("reload (" + sig.String() + ")")
 		case <-tick.C:
 			if reason := w.canary(); reason != "" {
 				kick(reason)
