@@ -174,3 +174,9 @@ func parseRule(o map[string]string) (Rule, error) {
 	}
 	return r, nil
 }
+
+// Rules returns the fake's rules of the family.
+func (f *Fake) Rules(is4 bool) ([]Rule, error) {
+	s, err := f.Read(is4)
+	return s.Rules, err
+}

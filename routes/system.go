@@ -15,17 +15,17 @@ import (
 // `ip -batch`, so that what --dry-run prints is exactly what runs.
 type System struct{}
 
-// Read returns the family's rules and routes of ours (is4 selects IPv4).
-func (System) Read(is4 bool) (State, error) {
+// Rules returns the family's ip rules of ours, sorted.
+func (System) Rules(is4 bool) ([]Rule, error) {
 	fam := netlink.FAMILY_V6
 	if is4 {
 		fam = netlink.FAMILY_V4
 	}
-	var s State
 	rules, err := netlink.RuleList(fam)
 	if err != nil {
-		return s, fmt.Errorf("listing ip rules: %w", err)
+		return nil, fmt.Errorf("listing ip rules: %w", err)
 	}
+	var out []Rule
 	for _, r := range rules {
 		if !Ours(r.Priority) {
 			continue
@@ -39,7 +39,23 @@ func (System) Read(is4 bool) (State, error) {
 				rule.From = p
 			}
 		}
-		s.Rules = append(s.Rules, rule)
+		out = append(out, rule)
+	}
+	s := State{Rules: out}
+	s.sort()
+	return s.Rules, nil
+}
+
+// Read returns the family's rules and routes of ours (is4 selects IPv4).
+func (sys System) Read(is4 bool) (State, error) {
+	fam := netlink.FAMILY_V6
+	if is4 {
+		fam = netlink.FAMILY_V4
+	}
+	var s State
+	var err error
+	if s.Rules, err = sys.Rules(is4); err != nil {
+		return s, err
 	}
 	routes, err := netlink.RouteListFiltered(fam, &netlink.Route{Table: unix.RT_TABLE_UNSPEC}, netlink.RT_FILTER_TABLE)
 	if err != nil {

@@ -443,7 +443,10 @@ func (s *Selector) Owner(a netip.Addr) (string, error) {
 // Path returns the interface, gateway (invalid when on-link) and natural
 // source of the kernel's route for dst, as Natural would, plus the gateway.
 func (s *Selector) Path(dst netip.Prefix, out string) (iface string, gw, src netip.Addr, err error) {
-	c, err := s.lookup(dst, out, false)
+	// With out, the route itself must be matched (FIBMatch, as explain
+	// does): a plain lookup with an output interface would have the kernel
+	// assume any destination is on-link there.
+	c, err := s.lookup(dst, out, out != "")
 	if err != nil {
 		return "", netip.Addr{}, netip.Addr{}, err
 	}

@@ -24,6 +24,9 @@ type Manager struct {
 // routes.Fake in unit tests.
 type Routing interface {
 	Read(is4 bool) (routes.State, error)
+	// Rules reads our ip rules alone: cheap, whatever the size of the
+	// host's routing tables.
+	Rules(is4 bool) ([]routes.Rule, error)
 	Batch(is4 bool, input string) error
 }
 

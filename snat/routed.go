@@ -31,8 +31,10 @@ func routedEntries(s routes.State) []Entry {
 	return out
 }
 
-// routingOf renders the routed entries of f as the rules and routes they
-// need.
+// RoutingOf renders the routed entries of f as the rules and routes they
+// need: what the kernel holds of ours after a plan with these entries.
+func RoutingOf(f Family, entries []Entry) routes.State { return routingOf(f, entries) }
+
 func routingOf(f Family, entries []Entry) routes.State {
 	var paths []routes.Path
 	for _, e := range entries {
