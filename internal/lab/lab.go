@@ -16,6 +16,11 @@
 //	  10.88.N.1/24, fd00:88:N::1/64 --- C<N> (Client) eth0
 //	  forwarding on                        10.88.N.2/24, fd00:88:N::2/64
 //	                                       default via H (both families)
+//	H eth1 (WithSecondNIC)             G eth1
+//	  203.0.113.130/25, .131/25          203.0.113.129/25
+//	  WithSecondUplink adds:             2001:db8:1::129/64
+//	  2001:db8:1::130/64, ::131/64
+//	  default via 203.0.113.129, via 2001:db8:1::129, both metric 2048
 //	H docker0, br-* (StartDocker)
 //	  172.30.0.1/16 and the test's networks, containers behind them
 //
@@ -80,8 +85,8 @@ func WithSecondNIC() Option { return func(c *config) { c.secondNIC = true } }
 // host with two providers: eth1 has IPv6 too (H 2001:db8:1::130/64, the
 // default source of the prefix, and 2001:db8:1::131/64; G
 // 2001:db8:1::129/64), and H has backup default routes through it, via
-// 203.0.113.129 and 2001:db8:1::129 with metric 500, so that eth0's stay
-// the ones taken. The far hosts on G's lo are reachable either way, so
+// 203.0.113.129 and 2001:db8:1::129 with metric 2048, so that eth0's stay
+// the ones taken (IPv6's default metric is 1024, IPv4's 0). The far hosts on G's lo are reachable either way, so
 // Arrivals shows which way a connection came.
 func WithSecondUplink() Option {
 	return func(c *config) { c.secondNIC, c.uplink = true, true }
@@ -189,8 +194,8 @@ func New(t testing.TB, opts ...Option) *Lab {
 	}
 	if cfg.uplink {
 		defaults = append(defaults,
-			"route add default via 203.0.113.129 dev eth1 metric 500",
-			"route add default via 2001:db8:1::129 dev eth1 metric 500")
+			"route add default via 203.0.113.129 dev eth1 metric 2048",
+			"route add default via 2001:db8:1::129 dev eth1 metric 2048")
 	}
 	ipBatch(t, l.Host, defaults)
 	return l
