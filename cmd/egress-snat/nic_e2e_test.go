@@ -220,6 +220,9 @@ func TestNICEgress(t *testing.T) {
 	if got := explain(t, l, "198.51.100.4"); got.Interface != "eth1" || got.Effective != "203.0.113.130" {
 		t.Errorf("explain --json --dst 198.51.100.4: interface %q effective source %q, want eth1 and 203.0.113.130", got.Interface, got.Effective)
 	}
+	if out := mustES(t, l, "list"); !strings.Contains(out, "203.0.113.130") || !strings.Contains(out, "eth1") {
+		t.Errorf("list after the set: want it to show 198.51.100.4 leaving by eth1 from 203.0.113.130:\n%s", out)
+	}
 	if r := es(t, l, "check"); r.code != checkInSync {
 		t.Errorf("check right after the set: exit %d, want %d\n%s%s", r.code, checkInSync, r.stdout, r.stderr)
 	}
