@@ -75,3 +75,42 @@ func TestCheckInNamespace(t *testing.T) {
 		t.Errorf("as root the uid rule must not apply: %s", r)
 	}
 }
+
+func TestForwardedInNamespace(t *testing.T) {
+	l := lab.New(t)
+	a := netip.MustParseAddr
+	before := l.Run(t, "ip", "-o", "link") + l.Run(t, "ip", "route", "show", "table", "all")
+	promise := verify.Promise{Proto: conntrack.UDP, Dst: netip.MustParseAddrPort("198.51.100.4:33434"), Sources: []netip.Addr{a("192.0.2.23")}, By: "from rule"}
+	ns, err := netns.GetFromName(l.Host)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ns.Close()
+	h, err := netlink.NewHandleAt(ns)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer h.Close()
+	check := func(s verify.Starter) (verify.Result, error) {
+		var r verify.Result
+		err := lab.Do(l.Host, func() error {
+			var err error
+			r, err = verify.Check(s, conntrack.Netlink{Handle: h}, promise, nil)
+			return err
+		})
+		return r, err
+	}
+	if _, err := check(verify.Forwarded{From: a("10.77.0.9")}); err == nil || !strings.Contains(err.Error(), "does not forward") {
+		t.Errorf("with forwarding off: err = %v, want it to say the host does not forward", err)
+	}
+	l.Run(t, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+	l.Run(t, "iptables", "-t", "nat", "-A", "POSTROUTING", "-s", "10.77.0.0/24", "-o", "eth0", "-j", "SNAT", "--to-source", "192.0.2.23")
+	r, err := check(verify.Forwarded{From: a("10.77.0.9")})
+	if err != nil || !r.Agree || r.Sent.Addr() != a("10.77.0.9") {
+		t.Fatalf("forwarded from 10.77.0.9: %s, %v (sent from %s)", r, err, r.Sent)
+	}
+	l.Run(t, "sysctl", "-qw", "net.ipv4.ip_forward=0")
+	if after := l.Run(t, "ip", "-o", "link") + l.Run(t, "ip", "route", "show", "table", "all"); after != before {
+		t.Errorf("links or routes changed:\nbefore:\n%s\nafter:\n%s", before, after)
+	}
+}
