@@ -158,20 +158,23 @@ func TestScanChains(t *testing.T) {
 			{Family: "ip", Table: "nat", Name: "POSTROUTING", Priority: 100, Rules: []Rule{everything}},
 			{Family: "inet", Table: "fw", Name: "srcnat", Priority: 100, Rules: []Rule{bothFamilies}},
 			{Family: "ip", Table: "empty", Name: "post", Priority: -100},
+			// A base chain added by hand to iptables-nft's table is not iptables-nft's.
+			{Family: "ip", Table: "nat", Name: "early", Priority: 0, Rules: []Rule{steal}},
 		},
 	}
 	got := Scan(in)
 	want := []Finding{
+		{Kind: KindChainAhead, Family: "ip", Table: "nat", Chain: "early", Priority: 0, Rules: []string{steal.Text}, Shadows: []string{"198.51.100.4/32"}, To: []netip.Addr{addr("192.0.2.23")}},
 		{Kind: KindChainAhead, Family: "ip", Table: "thief", Chain: "post", Priority: 50, Rules: []string{steal.Text}, Shadows: []string{"198.51.100.4/32"}, To: []netip.Addr{addr("192.0.2.23")}},
 		{Kind: KindChainAhead, Family: "inet", Table: "fw", Chain: "srcnat", Priority: 100, SamePriority: true, Rules: []string{"inet masquerade"}, Shadows: []string{"198.51.100.4/32", "203.0.113.0/24", "2001:db8:ffff::/48"}},
 	}
 	if diff := cmp.Diff(want, got, addrEq); diff != "" {
 		t.Errorf("Scan (-want +got):\n%s", diff)
 	}
-	if d := got[0].Detail(); !strings.Contains(d, "priority 50, ahead of ours at 100") || !strings.Contains(d, "198.51.100.4/32") {
+	if d := got[1].Detail(); !strings.Contains(d, "priority 50, ahead of ours at 100") || !strings.Contains(d, "198.51.100.4/32") {
 		t.Errorf("Detail = %q", d)
 	}
-	if d := got[1].Detail(); !strings.Contains(d, "not defined") {
+	if d := got[2].Detail(); !strings.Contains(d, "not defined") {
 		t.Errorf("equal priority Detail = %q, want it to say the order is not defined", d)
 	}
 

@@ -23,13 +23,15 @@ type Chain struct {
 	Rules    []Rule
 }
 
-// IPTablesNFT reports whether a table is iptables-nft's own nat table, the
-// one egress-snat's chain is in when its backend is nft: iptables-nft
-// keeps the nat table of iptables under the name "nat" in family ip (and
-// ip6tables-nft in ip6). Its rules are read from iptables-save instead,
-// where the order relative to our jump is visible.
-func IPTablesNFT(family, table string) bool {
-	return table == "nat" && (family == "ip" || family == "ip6")
+// IPTablesNFT reports whether a chain is iptables-nft's own nat
+// POSTROUTING, the one egress-snat's jump is in when its backend is nft:
+// iptables-nft keeps the nat table of iptables as table "nat" of family ip
+// (ip6tables-nft: ip6), with its POSTROUTING at priority srcnat. Its rules
+// are read from iptables-save instead, where their order relative to our
+// jump is visible. Another base chain someone added to that table by hand
+// is judged like any other.
+func IPTablesNFT(c Chain) bool {
+	return c.Table == "nat" && (c.Family == "ip" || c.Family == "ip6") && c.Name == "POSTROUTING"
 }
 
 func familyName(f nftables.TableFamily) string {

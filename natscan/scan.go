@@ -1,6 +1,7 @@
 package natscan
 
 import (
+	"cmp"
 	"net/netip"
 	"slices"
 )
@@ -9,9 +10,9 @@ import (
 type Input struct {
 	// Chains are the nftables nat postrouting chains (ReadNFT).
 	Chains []Chain
-	// SkipIPTablesNFT leaves out iptables-nft's own nat tables: set when
-	// egress-snat's backend is nft, because then our chain is in them and
-	// their POSTROUTING rules are judged by order, in Ahead.
+	// SkipIPTablesNFT leaves out iptables-nft's own nat POSTROUTING chains:
+	// set when egress-snat's backend is nft, because then our jump is in
+	// them and their rules are judged by order, in Ahead.
 	SkipIPTablesNFT bool
 	// Ahead are, per family (4, 6), the iptables rules ahead of our jump
 	// (RulesAhead).
@@ -27,7 +28,7 @@ type Input struct {
 func Scan(in Input) []Finding {
 	var out []Finding
 	for _, c := range in.Chains {
-		if c.Priority > OurPriority || in.SkipIPTablesNFT && IPTablesNFT(c.Family, c.Table) {
+		if c.Priority > OurPriority || in.SkipIPTablesNFT && IPTablesNFT(c) {
 			continue
 		}
 		f := Finding{Kind: KindChainAhead, Family: c.Family, Table: c.Table, Chain: c.Name, Priority: c.Priority, SamePriority: c.Priority == OurPriority}
@@ -35,6 +36,8 @@ func Scan(in Input) []Finding {
 			out = append(out, f)
 		}
 	}
+	// Earliest first: the first binding wins.
+	slices.SortStableFunc(out, func(a, b Finding) int { return cmp.Compare(a.Priority, b.Priority) })
 	for _, fam := range []int{4, 6} {
 		f := Finding{Kind: KindRuleAhead, Family: map[int]string{4: "ipv4", 6: "ipv6"}[fam], Table: "nat", Chain: "POSTROUTING", Priority: OurPriority}
 		if judge(&f, in.Ahead[fam], in.Promises) {

@@ -47,6 +47,8 @@ func newApp() *cli.App {
 		rotateCommand,
 		checkCommand,
 		watchCommand,
+		verifyCommand,
+		verifyFlowCommand,
 	}
 	for _, c := range commands {
 		c.OnUsageError = commandUsageError
