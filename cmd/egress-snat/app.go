@@ -49,6 +49,8 @@ func newApp() *cli.App {
 		watchCommand,
 		verifyCommand,
 		verifyFlowCommand,
+		confirmCommand,
+		revertCommand,
 	}
 	for _, c := range commands {
 		c.OnUsageError = commandUsageError
