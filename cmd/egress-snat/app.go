@@ -51,6 +51,7 @@ func newApp() *cli.App {
 		verifyFlowCommand,
 		confirmCommand,
 		revertCommand,
+		statsCommand,
 	}
 	for _, c := range commands {
 		c.OnUsageError = commandUsageError
