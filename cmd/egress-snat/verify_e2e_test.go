@@ -4,7 +4,9 @@ import (
 	"encoding/json"
 	"os/exec"
 	"strings"
+	"syscall"
 	"testing"
+	"time"
 
 	"github.com/egress-snat/egress-snat/internal/lab"
 )
@@ -138,5 +140,42 @@ func TestVerifyEveryRuleAndSenders(t *testing.T) {
 		if r := es(t, l, append([]string{"verify"}, bad...)...); r.code != 2 {
 			t.Errorf("verify %v: exit %d, want 2\n%s%s", bad, r.code, r.stdout, r.stderr)
 		}
+	}
+}
+
+func TestWatchVerifyEvery(t *testing.T) {
+	l := newLab(t)
+	file := writeFile(t, "rules:\n  - to: 192.0.2.22\n    dst: [198.51.100.4]\n")
+	p := relStart(t, l, "watch", "-f", file, "--log-format", "json", "--verify-every", "200ms")
+	defer func() {
+		p.cmd.Process.Signal(syscall.SIGTERM)
+		if _, ok := p.wait(10 * time.Second); !ok {
+			p.cmd.Process.Kill()
+			<-p.done
+		}
+	}()
+	waitLog := func(what string) bool {
+		deadline := time.Now().Add(5 * time.Second)
+		for time.Now().Before(deadline) {
+			if strings.Contains(p.stderr.String(), what) {
+				return true
+			}
+			time.Sleep(50 * time.Millisecond)
+		}
+		return false
+	}
+	if !waitLog(`"msg":"converged"`) {
+		t.Fatalf("watch did not converge:\n%s", p.stderr.String())
+	}
+	time.Sleep(500 * time.Millisecond) // a few canaries in sync
+	if strings.Contains(p.stderr.String(), "verify: a flow left") {
+		t.Fatalf("a mismatch was logged with the rule working:\n%s", p.stderr.String())
+	}
+	nftIn(t, l, thief)
+	if !waitLog(`"level":"ERROR","msg":"verify: a flow left with another source than the rules promise"`) {
+		t.Fatalf("no mismatch logged with a thief ahead:\n%s", p.stderr.String())
+	}
+	if log := p.stderr.String(); !strings.Contains(log, `"left_with":"192.0.2.23"`) || !strings.Contains(log, "thief") {
+		t.Errorf("the mismatch does not name the address used and the cause:\n%s", log)
 	}
 }

@@ -45,6 +45,7 @@ at boot, so the desired state survives reboots.`,
 		&cli.DurationFlag{Name: "resync", Value: time.Second, Usage: "how often the canary compares the chain with the desired state"},
 		&cli.DurationFlag{Name: "settle", Value: 100 * time.Millisecond, Usage: "how long to wait for a burst of events to end before applying"},
 		&cli.StringFlag{Name: "log-format", Value: "text", Usage: "text or json"},
+		verifyEveryFlag,
 	},
 	Action: func(c *cli.Context) error {
 		if err := required(c, "file"); err != nil {
@@ -71,7 +72,7 @@ at boot, so the desired state survives reboots.`,
 		if err != nil {
 			return err
 		}
-		w := &watcher{e: e, path: c.String("file"), intents: intents, log: slog.New(handler), settle: c.Duration("settle")}
+		w := &watcher{e: e, path: c.String("file"), intents: intents, log: slog.New(handler), settle: c.Duration("settle"), verifyEvery: c.Duration("verify-every")}
 		ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 		defer stop()
 		return w.run(ctx, c.Duration("resync"))
@@ -84,6 +85,8 @@ type watcher struct {
 	intents []snat.Intent
 	log     *slog.Logger
 	settle  time.Duration
+	// verifyEvery is how often a real flow per rule is checked; 0: never.
+	verifyEvery time.Duration
 	// desired is what the last reconcile installed, for the canary.
 	desired []snat.Entry
 	applies int
@@ -116,6 +119,8 @@ func (w *watcher) run(ctx context.Context, resync time.Duration) error {
 	}
 	tick := time.NewTicker(resync)
 	defer tick.Stop()
+	verifyTick, stopVerify := w.verifyTicker()
+	defer stopVerify()
 	for {
 		select {
 		case <-ctx.Done():
@@ -134,6 +139,8 @@ func (w *watcher) run(ctx context.Context, resync time.Duration) error {
 			if reason := w.canary(); reason != "" {
 				kick(reason)
 			}
+		case <-verifyTick:
+			w.verifyCanary()
 		case reason := <-trigger:
 			reason = w.coalesce(ctx, trigger, reason)
 			if err := w.reconcile(reason); err != nil {
