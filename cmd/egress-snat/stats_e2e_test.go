@@ -3,6 +3,7 @@ package main
 import (
 	"bytes"
 	"encoding/json"
+	"fmt"
 	"net"
 	"os"
 	"path/filepath"
@@ -48,11 +49,14 @@ func TestStats(t *testing.T) {
 		t.Errorf("stats without rules:\n%s", out)
 	}
 	mustES(t, l, "set", "--to", "192.0.2.22", "--dst", "198.51.100.4")
-	// A small port range, written by hand: 85 flows to one tuple hold 85%.
+	// A small port range, written by hand. Flows to one tuple need a port
+	// each; near exhaustion the kernel's search for a free one may give up
+	// and drop a flow's first packet, so the test sends 88 and holds at
+	// least 80% with what conntrack really took.
 	foreign(t, l, 4, "-t", "nat", "-A", "POSTROUTING", "-d", "198.51.100.5", "-p", "udp", "-j", "SNAT", "--to-source", "192.0.2.23:40000-40099")
 	udpFlows(t, l, "198.51.100.4:7001", 5)
 	udpFlows(t, l, "198.51.100.4:9", 2)
-	udpFlows(t, l, "198.51.100.5:53", 85)
+	udpFlows(t, l, "198.51.100.5:53", 88)
 
 	prom := filepath.Join(t.TempDir(), "egress_snat.prom")
 	r := es(t, l, "stats", "--json", "--prometheus", prom)
@@ -84,16 +88,17 @@ func TestStats(t *testing.T) {
 	if want := conntrackCount(t, l, "192.0.2.22"); a22.Total != want || want != 7 || a22.Flows["udp"] != 7 {
 		t.Errorf("192.0.2.22: %d flows (%v), conntrack -L lists %d, the test made 7", a22.Total, a22.Flows, want)
 	}
-	if want := conntrackCount(t, l, "192.0.2.23"); a23.Total != want || want != 85 {
-		t.Errorf("192.0.2.23: %d flows, conntrack -L lists %d, the test made 85", a23.Total, want)
+	held := conntrackCount(t, l, "192.0.2.23")
+	if a23.Total != held || held < 80 || held > 88 {
+		t.Errorf("192.0.2.23: %d flows, conntrack -L lists %d, the test made 88", a23.Total, held)
 	}
 	if !a22.Managed || a22.Packets != 7 || a22.Top[0].Dst != "198.51.100.4:7001" || a22.Top[0].Flows != 5 {
 		t.Errorf("192.0.2.22: %+v", a22)
 	}
-	if a23.Managed || a23.RangeSize != 100 || a23.PortsInUse != 85 {
+	if a23.Managed || a23.RangeSize != 100 || a23.PortsInUse != held {
 		t.Errorf("192.0.2.23: %+v", a23)
 	}
-	if !strings.Contains(r.stderr, "WARNING") || !strings.Contains(r.stderr, "85 of 100") || strings.Contains(r.stderr, "192.0.2.22:") {
+	if !strings.Contains(r.stderr, "WARNING") || !strings.Contains(r.stderr, fmt.Sprintf("%d of 100", held)) || strings.Contains(r.stderr, "192.0.2.22:") {
 		t.Errorf("the exhaustion warning is missing or wrong:\n%s", r.stderr)
 	}
 
@@ -110,10 +115,10 @@ func TestStats(t *testing.T) {
 	for _, m := range families["egress_snat_flows"].GetMetric() {
 		flows += m.GetGauge().GetValue()
 	}
-	if flows != 92 {
-		t.Errorf("egress_snat_flows sums to %v, want 92\n%s", flows, b)
+	if flows != float64(7+held) {
+		t.Errorf("egress_snat_flows sums to %v, want %d\n%s", flows, 7+held, b)
 	}
-	if text := mustES(t, l, "stats"); !strings.Contains(text, "192.0.2.22 (egress-snat)") || !strings.Contains(text, "85 of 100") {
+	if text := mustES(t, l, "stats"); !strings.Contains(text, "192.0.2.22 (egress-snat)") || !strings.Contains(text, fmt.Sprintf("%d of 100", held)) {
 		t.Errorf("stats text:\n%s", text)
 	}
 }
