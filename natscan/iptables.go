@@ -53,19 +53,24 @@ func RulesAhead(family int, saveText, chain string) ([]Rule, error) {
 	var out []Rule
 	var walk func(specs [][]string, outer Rule, where string, depth int)
 	walk = func(specs [][]string, outer Rule, where string, depth int) {
+		unsure := outer.Unsure
 		for _, spec := range specs {
 			r := parseSpec(family, spec)
 			r = inherit(r, outer)
+			r.Unsure = r.Unsure || unsure
 			switch t := jumpTarget(spec); t {
-			case "SNAT", "MASQUERADE":
+			case "SNAT", "MASQUERADE", "NETMAP":
 				r.Text = "-A " + where + " " + strings.Join(spec, " ")
-				out = append(out, r)
-			case "", "ACCEPT", "RETURN", "DROP", "LOG", "NETMAP", "DNAT", "REDIRECT", "MARK", "CONNMARK":
 				if t == "NETMAP" {
 					r.Action = "NETMAP"
-					r.Text = "-A " + where + " " + strings.Join(spec, " ")
-					out = append(out, r)
 				}
+				out = append(out, r)
+			case "ACCEPT", "RETURN", "DROP":
+				if !conditional(spec) {
+					return // nothing after it runs
+				}
+				unsure = true // what it matches goes no further
+			case "", "LOG", "DNAT", "REDIRECT", "MARK", "CONNMARK":
 			default:
 				if depth < maxJumpDepth && t != chain {
 					walk(rules[t], r, t, depth+1)
@@ -87,6 +92,7 @@ func parseSpec(family int, spec []string) Rule {
 		w := spec[i]
 		if w == "!" {
 			neg = true
+			r.Unsure = true
 			continue
 		}
 		val := ""
@@ -114,6 +120,14 @@ func parseSpec(family int, spec []string) Rule {
 		case "-j":
 			i++
 			r.Action = strings.ToLower(val)
+		case "-m":
+			i++
+			if val != "comment" {
+				r.Unsure = true
+			}
+		case "-p", "-i":
+			i++
+			r.Unsure = true
 		case "--to-source":
 			i++
 			if a, ok := toSourceAddr(val); ok {
@@ -123,6 +137,26 @@ func parseSpec(family int, spec []string) Rule {
 		neg = false
 	}
 	return r
+}
+
+// conditional reports whether a rule matches on anything (beyond a
+// comment), that is whether some packets pass it.
+func conditional(spec []string) bool {
+	for i := 0; i < len(spec); i++ {
+		switch spec[i] {
+		case "-j", "-g", "--comment":
+			i++
+		case "-m":
+			if i+1 < len(spec) && spec[i+1] == "comment" {
+				i++
+				continue
+			}
+			return true
+		default:
+			return true
+		}
+	}
+	return false
 }
 
 func prefix(s string) (netip.Prefix, error) {

@@ -125,6 +125,10 @@ type Rule struct {
 	Action string
 	// Text is the rule as the operator would recognise it.
 	Text string
+	// Unsure is true when the rule, or a rule before it that may end the
+	// chain, matches on something the reader does not evaluate (a mark,
+	// conntrack state, a negation): it may take less than it seems.
+	Unsure bool
 }
 
 // Traffic is what one of our promises covers: new connections to Dst

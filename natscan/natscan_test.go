@@ -7,6 +7,7 @@ import (
 	"testing"
 
 	"github.com/google/go-cmp/cmp"
+	"github.com/google/go-cmp/cmp/cmpopts"
 	"github.com/google/nftables"
 	"github.com/google/nftables/expr"
 	"golang.org/x/sys/unix"
@@ -65,7 +66,7 @@ func TestDecode(t *testing.T) {
 			&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: 16, Len: 4},
 			&expr.Cmp{Op: expr.CmpOpNeq, Register: 1, Data: addr("198.51.100.4").AsSlice()},
 			&expr.Masq{},
-		}, Decoded{Rule: Rule{Family: 4, Action: "masquerade"}}},
+		}, Decoded{Rule: Rule{Family: 4, Action: "masquerade", Unsure: true}}},
 		{"inet with nfproto, anonymous set, oifname", nftables.TableFamilyINet, []expr.Any{
 			&expr.Meta{Key: expr.MetaKeyNFPROTO, Register: 1},
 			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{unix.NFPROTO_IPV4}},
@@ -79,17 +80,17 @@ func TestDecode(t *testing.T) {
 			&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: 16, Len: 4},
 			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: addr("198.51.100.4").AsSlice()},
 			&expr.Masq{},
-		}, Decoded{Rule: Rule{Action: "masquerade"}}},
+		}, Decoded{Rule: Rule{Action: "masquerade", Unsure: true}}},
 		{"wildcard oifname narrows nothing", nftables.TableFamilyIPv4, []expr.Any{
 			&expr.Meta{Key: expr.MetaKeyOIFNAME, Register: 1},
 			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte("eth")},
 			&expr.Masq{},
-		}, Decoded{Rule: Rule{Family: 4, Action: "masquerade"}}},
+		}, Decoded{Rule: Rule{Family: 4, Action: "masquerade", Unsure: true}}},
 		{"unreadable set narrows nothing", nftables.TableFamilyIPv6, []expr.Any{
 			&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: 24, Len: 16},
 			&expr.Lookup{SourceRegister: 1, SetName: "gone"},
 			&expr.Masq{},
-		}, Decoded{Rule: Rule{Family: 6, Action: "masquerade"}}},
+		}, Decoded{Rule: Rule{Family: 6, Action: "masquerade", Unsure: true}}},
 		{"range", nftables.TableFamilyIPv4, []expr.Any{
 			&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: 16, Len: 4},
 			&expr.Range{Op: expr.CmpOpEq, Register: 1, FromData: addr("198.51.100.1").AsSlice(), ToData: addr("198.51.100.9").AsSlice()},
@@ -97,12 +98,17 @@ func TestDecode(t *testing.T) {
 		}, Decoded{Rule: Rule{Family: 4, Dst: Match{{addr("198.51.100.1"), addr("198.51.100.9")}}, Action: "MASQUERADE (iptables-nft rule)"}}},
 		{"jump", nftables.TableFamilyIPv4, append(ip4Daddr("198.51.100.4"), &expr.Verdict{Kind: expr.VerdictJump, Chain: "steal"}),
 			Decoded{Rule: Rule{Family: 4, Dst: Match{{addr("198.51.100.4"), addr("198.51.100.4")}}}, Jump: "steal"}},
+		{"a mark is not evaluated", nftables.TableFamilyIPv4, []expr.Any{
+			&expr.Meta{Key: expr.MetaKeyMARK, Register: 1},
+			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{0, 0x40, 0, 0}},
+			&expr.Verdict{Kind: expr.VerdictReturn},
+		}, Decoded{Rule: Rule{Family: 4, Unsure: true}, Ends: true}},
 		{"dnat is not ours to judge", nftables.TableFamilyIPv4, []expr.Any{&expr.NAT{Type: expr.NATTypeDestNAT}},
 			Decoded{Rule: Rule{Family: 4}}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			got := Decode(tc.family, tc.exprs, sets)
-			if diff := cmp.Diff(tc.want, got, addrEq); diff != "" {
+			if diff := cmp.Diff(tc.want, got, addrEq, cmpopts.IgnoreFields(Decoded{}, "Conditional")); diff != "" {
 				t.Errorf("Decode (-want +got):\n%s", diff)
 			}
 		})
@@ -239,6 +245,13 @@ func TestRulesAhead(t *testing.T) {
 		t.Errorf("docker's masquerade of its own subnet must not count: %v", got[0].Rules)
 	}
 
+	if rules[0].Unsure || !rules[1].Unsure {
+		t.Errorf("unsure: %v %v, want only the negated -o to be", rules[0].Unsure, rules[1].Unsure)
+	}
+	stopped, err := RulesAhead(4, strings.Replace(saveAhead, "-A POSTROUTING -s 172.17", "-A POSTROUTING -j ACCEPT\n-A POSTROUTING -s 172.17", 1), "EGRESS-SNAT")
+	if err != nil || len(stopped) != 1 {
+		t.Errorf("an unconditional ACCEPT ends the chain: %+v, %v", stopped, err)
+	}
 	none, err := RulesAhead(4, strings.Replace(saveAhead, "-A POSTROUTING -j EGRESS-SNAT\n", "", 1), "EGRESS-SNAT")
 	if err != nil || none != nil {
 		t.Errorf("without our jump nothing is ahead of it: %v, %v", none, err)
@@ -261,3 +274,71 @@ func TestToSourceAddr(t *testing.T) {
 }
 
 var addrEq = cmp.Comparer(func(a, b netip.Addr) bool { return a == b })
+
+// fakeLister serves fixed chains and rules, the way the kernel lists them.
+type fakeLister struct {
+	chains []*nftables.Chain
+	rules  map[string][]*nftables.Rule // by table/chain
+}
+
+func (f fakeLister) ListChains() ([]*nftables.Chain, error) { return f.chains, nil }
+func (f fakeLister) GetRules(t *nftables.Table, c *nftables.Chain) ([]*nftables.Rule, error) {
+	return f.rules[t.Name+"/"+c.Name], nil
+}
+func (f fakeLister) GetSetByName(*nftables.Table, string) (*nftables.Set, error) {
+	return nil, unix.ENOENT
+}
+func (f fakeLister) GetSetElements(*nftables.Set) ([]nftables.SetElement, error) { return nil, nil }
+
+func TestReadNFTFollowsJumpsAndVerdicts(t *testing.T) {
+	kp := &nftables.Table{Name: "kube-proxy", Family: nftables.TableFamilyIPv4}
+	early := &nftables.Table{Name: "early", Family: nftables.TableFamilyIPv4}
+	filter := &nftables.Table{Name: "filter", Family: nftables.TableFamilyINet}
+	base := func(t *nftables.Table, name string, prio nftables.ChainPriority, typ nftables.ChainType) *nftables.Chain {
+		return &nftables.Chain{Table: t, Name: name, Type: typ, Hooknum: nftables.ChainHookPostrouting, Priority: &prio}
+	}
+	l := fakeLister{
+		chains: []*nftables.Chain{
+			base(kp, "nat-postrouting", 100, nftables.ChainTypeNAT),
+			{Table: kp, Name: "masquerading"},
+			base(early, "post", -50, nftables.ChainTypeNAT),
+			base(filter, "post", -50, nftables.ChainTypeFilter), // not a nat chain
+		},
+		rules: map[string][]*nftables.Rule{
+			"kube-proxy/nat-postrouting": {{Handle: 1, Exprs: []expr.Any{&expr.Verdict{Kind: expr.VerdictJump, Chain: "masquerading"}}}},
+			// kube-proxy masquerades only packets it marked: a conditional
+			// return first, then an unconditional masquerade.
+			"kube-proxy/masquerading": {
+				{Handle: 2, Exprs: []expr.Any{
+					&expr.Meta{Key: expr.MetaKeyMARK, Register: 1},
+					&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 4, Mask: []byte{0, 0x40, 0, 0}, Xor: []byte{0, 0, 0, 0}},
+					&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{0, 0, 0, 0}},
+					&expr.Verdict{Kind: expr.VerdictReturn},
+				}},
+				{Handle: 3, Exprs: []expr.Any{&expr.Masq{FullyRandom: true}}},
+			},
+			// An unconditional accept ends the chain: the masquerade after
+			// it never runs.
+			"early/post": {
+				{Handle: 4, Exprs: []expr.Any{&expr.Verdict{Kind: expr.VerdictAccept}}},
+				{Handle: 5, Exprs: []expr.Any{&expr.Masq{}}},
+			},
+			"filter/post": {{Handle: 6, Exprs: []expr.Any{&expr.Masq{}}}},
+		},
+	}
+	chains, err := ReadNFT(l)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(chains) != 2 || chains[0].Table != "early" || len(chains[0].Rules) != 0 {
+		t.Fatalf("chains %+v", chains)
+	}
+	kpc := chains[1]
+	if len(kpc.Rules) != 1 || !kpc.Rules[0].Unsure || !strings.Contains(kpc.Rules[0].Text, "in chain masquerading") {
+		t.Fatalf("kube-proxy's masquerade: %+v", kpc.Rules)
+	}
+	got := Scan(Input{Chains: chains, Promises: []Traffic{host(t, "198.51.100.4/32", "192.0.2.250", "eth0")}})
+	if len(got) != 1 || !strings.Contains(got[0].Detail(), "may take less") || !got[0].SamePriority {
+		t.Errorf("Scan = %+v", got)
+	}
+}

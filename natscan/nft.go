@@ -97,9 +97,19 @@ func ReadNFT(l Lister) ([]Chain, error) {
 				return nil, fmt.Errorf("reading nftables chain %s %s %s: %w", fam, ch.Table.Name, ch.Name, err)
 			}
 			var found []Rule
+			unsure := outer.Unsure
 			for _, r := range rules {
 				d := Decode(c.Table.Family, r.Exprs, sets)
 				d.Rule = inherit(d.Rule, outer)
+				d.Unsure = d.Unsure || unsure
+				if d.Ends {
+					if !d.Conditional {
+						break // nothing after it runs
+					}
+					// Packets it matches go no further: later rules may
+					// take less than they seem to.
+					unsure = true
+				}
 				switch {
 				case d.Jump != "":
 					target := byTable[tableKey{c.Table.Family, c.Table.Name}][d.Jump]
@@ -249,6 +259,10 @@ type Decoded struct {
 	Rule
 	// Jump is the chain the rule jumps or goes to, if it does.
 	Jump string
+	// Ends is true for a rule whose verdict ends the chain for the packets
+	// it matches (accept, return, drop); Conditional when it matches on
+	// anything at all.
+	Ends, Conditional bool
 }
 
 // What a register holds, as far as decoding cares.
@@ -354,6 +368,10 @@ func Decode(tf nftables.TableFamily, exprs []expr.Any, sets SetFunc) Decoded {
 			regs[e.Register] = register{kind: regImmediate, data: e.Data}
 		case *expr.Cmp:
 			r := regs[e.Register]
+			d.Conditional = true
+			if r.kind == regOther || r.kind == regImmediate {
+				d.Unsure = true
+			}
 			switch r.kind {
 			case regNFProto:
 				if e.Op == expr.CmpOpEq && len(e.Data) == 1 {
@@ -368,20 +386,27 @@ func Decode(tf nftables.TableFamily, exprs []expr.Any, sets SetFunc) Decoded {
 				// A name with its NUL is exact; without it, a wildcard.
 				if i := bytes.IndexByte(e.Data, 0); i > 0 && e.Op == expr.CmpOpEq {
 					d.Out = string(e.Data[:i])
+				} else {
+					d.Unsure = true
 				}
 			case regPayload:
 				src, ok := field(r)
 				if !ok || e.Op != expr.CmpOpEq {
+					d.Unsure = true
 					continue
 				}
 				if p, ok := prefixOf(e.Data, r, width()); ok {
 					narrow(src, Match{PrefixRange(p)})
+				} else {
+					d.Unsure = true
 				}
 			}
 		case *expr.Range:
 			r := regs[e.Register]
+			d.Conditional = true
 			src, ok := field(r)
 			if !ok || e.Op != expr.CmpOpEq || r.mask != nil {
+				d.Unsure = true
 				continue
 			}
 			from, ok1 := addrOf(e.FromData)
@@ -391,12 +416,16 @@ func Decode(tf nftables.TableFamily, exprs []expr.Any, sets SetFunc) Decoded {
 			}
 		case *expr.Lookup:
 			r := regs[e.SourceRegister]
+			d.Conditional = true
 			src, ok := field(r)
 			if !ok || e.Invert || e.IsDestRegSet || sets == nil {
+				d.Unsure = true
 				continue
 			}
 			if m, ok := sets(e.SetName); ok {
 				narrow(src, m)
+			} else {
+				d.Unsure = true
 			}
 		case *expr.NAT:
 			if e.Type != expr.NATTypeSourceNAT {
@@ -416,8 +445,11 @@ func Decode(tf nftables.TableFamily, exprs []expr.Any, sets SetFunc) Decoded {
 				d.Action = e.Name + " (iptables-nft rule)"
 			}
 		case *expr.Verdict:
-			if e.Kind == expr.VerdictJump || e.Kind == expr.VerdictGoto {
+			switch e.Kind {
+			case expr.VerdictJump, expr.VerdictGoto:
 				d.Jump = e.Chain
+			case expr.VerdictAccept, expr.VerdictReturn, expr.VerdictDrop:
+				d.Ends = true
 			}
 		}
 	}

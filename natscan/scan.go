@@ -65,7 +65,11 @@ func judge(f *Finding, rules []Rule, promises []Traffic) bool {
 		if !took {
 			continue
 		}
-		f.Rules = append(f.Rules, r.Text)
+		text := r.Text
+		if r.Unsure {
+			text += " [it also matches on what this check does not evaluate, so it may take less]"
+		}
+		f.Rules = append(f.Rules, text)
 		if a, ok := r.To(); ok && !slices.Contains(f.To, a) {
 			f.To = append(f.To, a)
 		}
