@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"net/netip"
 	"os"
-	"strings"
 	"time"
 
 	"github.com/urfave/cli/v2"
@@ -48,7 +47,7 @@ func applyConfirmed(c *cli.Context, e *env, intents []snat.Intent, timeout time.
 		if err != nil || snat.MakePlan(st, desired).Empty() {
 			return desired, err // nothing will change: nothing to revert
 		}
-		prev, err := json.Marshal(st.Entries())
+		prev, err := encodeEntries(st.Entries())
 		if err != nil {
 			return nil, err
 		}
@@ -224,16 +223,33 @@ func revertOnce(c *cli.Context, store pending.Store, token string) (done bool, e
 	return true, store.Remove()
 }
 
-// savedEntry is snat.Entry's JSON form, read back.
+// savedEntry is an snat.Entry as the pending record keeps it: every field,
+// so that the revert re-plans exactly the entries that were installed
+// (Entry's own JSON is for people and scripts and leaves some out).
 type savedEntry struct {
-	Sender  string       `json:"sender"`
-	From    string       `json:"from"`
-	UID     *uint32      `json:"uid"`
-	Cgroup  string       `json:"cgroup"`
-	Dst     netip.Prefix `json:"dst"`
-	Out     string       `json:"out"`
-	Natural string       `json:"natural"`
-	To      []netip.Addr `json:"to"`
+	Sender  snat.SenderKind `json:"sender"`
+	From    netip.Prefix    `json:"from,omitzero"`
+	UID     uint32          `json:"uid,omitempty"`
+	Cgroup  string          `json:"cgroup,omitempty"`
+	Dst     netip.Prefix    `json:"dst"`
+	Out     string          `json:"out"`
+	Natural netip.Addr      `json:"natural,omitzero"`
+	To      []netip.Addr    `json:"to,omitempty"`
+	Routed  bool            `json:"routed,omitempty"`
+	Via     netip.Addr      `json:"via,omitzero"`
+	Replies bool            `json:"replies,omitempty"`
+}
+
+func encodeEntries(es []snat.Entry) ([]byte, error) {
+	saved := make([]savedEntry, 0, len(es))
+	for _, e := range es {
+		saved = append(saved, savedEntry{
+			Sender: e.Sender.Kind, From: e.Sender.From, UID: e.Sender.UID, Cgroup: e.Sender.Cgroup,
+			Dst: e.Dst, Out: e.Out, Natural: e.Natural, To: e.To,
+			Routed: e.Routed, Via: e.Via, Replies: e.Replies,
+		})
+	}
+	return json.Marshal(saved)
 }
 
 func decodeEntries(b []byte) ([]snat.Entry, error) {
@@ -243,37 +259,11 @@ func decodeEntries(b []byte) ([]snat.Entry, error) {
 	}
 	out := make([]snat.Entry, 0, len(saved))
 	for _, s := range saved {
-		en := snat.Entry{Match: snat.Match{Dst: s.Dst, Out: s.Out}, To: s.To}
-		if len(en.To) == 0 {
-			en.To = nil
-		}
-		switch strings.ToLower(s.Sender) {
-		case "", "host":
-			en.Sender = snat.Host()
-		case "from":
-			p, err := netip.ParsePrefix(s.From)
-			if err != nil {
-				return nil, fmt.Errorf("pending record: from %q: %w", s.From, err)
-			}
-			en.Sender = snat.From(p)
-		case "uid":
-			if s.UID == nil {
-				return nil, fmt.Errorf("pending record: a uid entry without uid")
-			}
-			en.Sender = snat.UID(*s.UID)
-		case "cgroup":
-			en.Sender = snat.Cgroup(s.Cgroup)
-		default:
-			return nil, fmt.Errorf("pending record: unknown sender %q", s.Sender)
-		}
-		if s.Natural != "" {
-			a, err := netip.ParseAddr(s.Natural)
-			if err != nil {
-				return nil, fmt.Errorf("pending record: natural %q: %w", s.Natural, err)
-			}
-			en.Natural = a
-		}
-		out = append(out, en)
+		out = append(out, snat.Entry{
+			Match:   snat.Match{Sender: snat.Sender{Kind: s.Sender, From: s.From, UID: s.UID, Cgroup: s.Cgroup}, Dst: s.Dst, Out: s.Out},
+			Natural: s.Natural, To: s.To,
+			Routed: s.Routed, Via: s.Via, Replies: s.Replies,
+		})
 	}
 	return out, nil
 }

@@ -8,6 +8,7 @@ import (
 
 	"github.com/egress-snat/egress-snat/internal/who"
 	"github.com/egress-snat/egress-snat/natscan"
+	"github.com/egress-snat/egress-snat/routes"
 	"github.com/egress-snat/egress-snat/selector"
 	"github.com/egress-snat/egress-snat/snat"
 )
@@ -54,7 +55,7 @@ Examples:
 		if err != nil {
 			return err
 		}
-		choice, err := e.sel.Lookup(dst, c.String("out"))
+		choice, err := e.paths.Lookup(dst, c.String("out"))
 		if err != nil {
 			if selector.IsInput(err) {
 				return snat.Invalid("--dst %s: %w", dst, err)
@@ -190,6 +191,12 @@ func packetSender(p snat.Packet) string {
 }
 
 func tableName(t int) string {
+	switch {
+	case t == routes.Table:
+		return fmt.Sprintf("%d (egress-snat's routes for chosen destinations)", t)
+	case routes.OurTable(t):
+		return fmt.Sprintf("%d (egress-snat's reply table)", t)
+	}
 	switch t {
 	case 254:
 		return "main"

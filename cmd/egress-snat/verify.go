@@ -92,7 +92,7 @@ be checked, 2 bad input.`,
 			if err != nil {
 				return err
 			}
-			choice, err := e.sel.Lookup(dst, "")
+			choice, err := e.paths.Lookup(dst, "")
 			if err != nil {
 				if selector.IsInput(err) {
 					return snat.Invalid("--dst %s: %w", dst, err)
@@ -267,7 +267,7 @@ func ruleProbes(e *env, entries []snat.Entry) ([]snat.Packet, error) {
 			continue
 		}
 		seen[g] = true
-		choice, err := e.sel.Lookup(en.Dst, en.Out)
+		choice, err := e.paths.Lookup(en.Dst, en.Out)
 		if err != nil {
 			return nil, fmt.Errorf("rule for %s: %w", en.Match, err)
 		}
