@@ -54,18 +54,18 @@ func TestChildInCgroup(t *testing.T) {
 	}
 	t.Cleanup(func() { os.Remove(dir) })
 	l.Run(t, "iptables", "-t", "nat", "-A", "POSTROUTING", "-d", "203.0.113.7", "-m", "cgroup", "--path", name, "-j", "SNAT", "--to-source", "192.0.2.23")
-	child := verify.Child{Cmd: func(proto uint8, dst netip.AddrPort) *exec.Cmd {
+	child := verify.Child{Cmd: func(proto uint8, dst netip.AddrPort) (*exec.Cmd, error) {
 		// ip netns exec puts the child in the lab host, as the tool's own
 		// child inherits its namespace.
 		cmd := exec.Command("ip", "netns", "exec", l.Host, os.Args[0])
 		cmd.Env = append(os.Environ(), fmt.Sprintf("%s=%d %s", childEnv, proto, dst))
 		f, err := os.Open(dir)
 		if err != nil {
-			t.Fatal(err)
+			return nil, err
 		}
 		t.Cleanup(func() { f.Close() })
 		cmd.SysProcAttr = &syscall.SysProcAttr{UseCgroupFD: true, CgroupFD: int(f.Fd())}
-		return cmd
+		return cmd, nil
 	}}
 	promise := verify.Promise{Proto: conntrack.UDP, Dst: netip.MustParseAddrPort("203.0.113.7:33434"), Sources: []netip.Addr{netip.MustParseAddr("192.0.2.23")}, By: "cgroup rule"}
 	if r := checkIn(t, l, child, promise); !r.Agree {

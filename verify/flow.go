@@ -122,7 +122,7 @@ func addrPort(sa unix.Sockaddr) netip.AddrPort {
 // hidden mode of this very binary, with the flow's protocol and
 // destination on its command line.
 type Child struct {
-	Cmd func(proto uint8, dst netip.AddrPort) *exec.Cmd
+	Cmd func(proto uint8, dst netip.AddrPort) (*exec.Cmd, error)
 }
 
 // childTimeout bounds how long the child may take to report its flow.
@@ -131,7 +131,10 @@ const childTimeout = 5 * time.Second
 // Start runs the child and reads the original tuple it reports; done
 // closes its stdin, which ends it.
 func (c Child) Start(proto uint8, dst netip.AddrPort) (conntrack.Tuple, func(), error) {
-	cmd := c.Cmd(proto, dst)
+	cmd, err := c.Cmd(proto, dst)
+	if err != nil {
+		return conntrack.Tuple{}, nil, err
+	}
 	stdin, err := cmd.StdinPipe()
 	if err != nil {
 		return conntrack.Tuple{}, nil, err

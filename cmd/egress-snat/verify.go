@@ -6,7 +6,6 @@ import (
 	"net/netip"
 	"os"
 	"os/exec"
-	"path/filepath"
 	"strconv"
 	"strings"
 	"syscall"
@@ -199,13 +198,8 @@ func (v verifier) starter(p snat.Packet) (verify.Starter, error) {
 		}
 		return verify.Forwarded{From: p.Src}, nil
 	case p.Cgroup != "":
-		root, err := who.CgroupRoot()
-		if err != nil {
-			return nil, err
-		}
-		dir := filepath.Join(root, p.Cgroup)
-		return verify.Child{Cmd: func(proto uint8, dst netip.AddrPort) *exec.Cmd {
-			return flowChild(dir, proto, dst)
+		return verify.Child{Cmd: func(proto uint8, dst netip.AddrPort) (*exec.Cmd, error) {
+			return flowChild(p.Cgroup, proto, dst)
 		}}, nil
 	case p.HasUID:
 		uid := p.UID
@@ -214,20 +208,22 @@ func (v verifier) starter(p snat.Packet) (verify.Starter, error) {
 	return verify.Local{}, nil
 }
 
-// flowChild re-executes this binary in its hidden flow mode inside the
-// cgroup dir: a socket belongs to the cgroup of the process that creates it,
-// and only a whole process can be moved into a cgroup.
-func flowChild(dir string, proto uint8, dst netip.AddrPort) *exec.Cmd {
+// flowChild re-executes this binary in its hidden flow mode inside cgroup
+// path: a socket belongs to the cgroup of the process that creates it, and
+// only a whole process can be moved into a cgroup.
+func flowChild(path string, proto uint8, dst netip.AddrPort) (*exec.Cmd, error) {
 	exe, err := os.Executable()
 	if err != nil {
 		exe = "/proc/self/exe"
 	}
-	cmd := exec.Command(exe, verifyFlowCommand.Name, "--proto", strconv.Itoa(int(proto)), "--dst", dst.String())
-	if f, err := os.Open(dir); err == nil {
-		cmd.SysProcAttr = &syscall.SysProcAttr{UseCgroupFD: true, CgroupFD: int(f.Fd())}
-		cmd.ExtraFiles = []*os.File{f} // kept open until the child starts
+	dir, err := who.OpenCgroup(path)
+	if err != nil {
+		return nil, err
 	}
-	return cmd
+	cmd := exec.Command(exe, verifyFlowCommand.Name, "--proto", strconv.Itoa(int(proto)), "--dst", dst.String())
+	cmd.SysProcAttr = &syscall.SysProcAttr{UseCgroupFD: true, CgroupFD: int(dir.Fd())}
+	cmd.ExtraFiles = []*os.File{dir} // open until the child starts; it inherits it as fd 3, unused
+	return cmd, nil
 }
 
 // cause names the likely reason the flow for p left with got.

@@ -179,3 +179,25 @@ func TestWatchVerifyEvery(t *testing.T) {
 		t.Errorf("the mismatch does not name the address used and the cause:\n%s", log)
 	}
 }
+
+// TestVerifyCgroup: the flow of verify --cgroup is sent from a process in
+// the cgroup, whether the binary runs under nsenter --net or under ip netns
+// exec (which hides the host's cgroup2 mount).
+func TestVerifyCgroup(t *testing.T) {
+	l := newLab(t)
+	cg := lab.NewCgroup(t)
+	mustESNet(t, l, "set", "--to", "192.0.2.23", "--cgroup", cg, "--dst", "203.0.113.7")
+	for name, run := range map[string]func(t *testing.T, l *lab.Lab, args ...string) result{"nsenter --net": esNet, "ip netns exec": es} {
+		r := run(t, l, "verify", "--json", "--cgroup", cg, "--dst", "203.0.113.7")
+		var v verifyJSON
+		if err := json.Unmarshal([]byte(r.stdout), &v); r.code != 0 || err != nil || v.Results[0].Got != "192.0.2.23" {
+			t.Errorf("%s: verify --cgroup %s: exit %d %+v\n%s%s", name, cg, r.code, v, r.stdout, r.stderr)
+		}
+	}
+	if got := verifyOut(t, l, 0, "--dst", "203.0.113.7").Results[0]; got.Got != "192.0.2.250" {
+		t.Errorf("outside the cgroup: %+v", got)
+	}
+	if v := verifyOut(t, l, 0); len(v.Results) != 1 || v.Results[0].Got != "192.0.2.23" {
+		t.Errorf("verify of every rule sends the cgroup rule's flow from the cgroup: %+v", v)
+	}
+}
