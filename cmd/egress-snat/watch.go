@@ -57,6 +57,7 @@ at boot, so the desired state survives reboots.`,
 		&cli.DurationFlag{Name: "settle", Value: 100 * time.Millisecond, Usage: "how long to wait for a burst of events to end before applying"},
 		&cli.DurationFlag{Name: "full-resync", Value: 5 * time.Minute, Usage: "how often to compare everything, set members included"},
 		&cli.StringFlag{Name: "log-format", Value: "text", Usage: "text or json"},
+		verifyEveryFlag,
 	},
 	Action: func(c *cli.Context) error {
 		if err := required(c, "file"); err != nil {
@@ -84,7 +85,7 @@ at boot, so the desired state survives reboots.`,
 			return err
 		}
 		w := &watcher{e: e, path: c.String("file"), intents: intents, log: slog.New(handler), settle: c.Duration("settle"),
-			quickEvery: 10 * c.Duration("resync"), fullEvery: c.Duration("full-resync")}
+			quickEvery: 10 * c.Duration("resync"), fullEvery: c.Duration("full-resync"), verifyEvery: c.Duration("verify-every")}
 		ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 		defer stop()
 		return w.run(ctx, c.Duration("resync"))
@@ -97,6 +98,8 @@ type watcher struct {
 	intents []snat.Intent
 	log     *slog.Logger
 	settle  time.Duration
+	// verifyEvery is how often a real flow per rule is checked; 0: never.
+	verifyEvery time.Duration
 	// plan is the last reconcile's plan: its Desired entries and Chains
 	// are what the kernel should hold, and wantRules our ip rules, for the
 	// canary. Nothing else of a reconcile is kept.
@@ -137,6 +140,8 @@ func (w *watcher) run(ctx context.Context, resync time.Duration) error {
 	}
 	tick := time.NewTicker(resync)
 	defer tick.Stop()
+	verifyTick, stopVerify := w.verifyTicker()
+	defer stopVerify()
 	for {
 		select {
 		case <-ctx.Done():
@@ -155,6 +160,8 @@ func (w *watcher) run(ctx context.Context, resync time.Duration) error {
 			if reason := w.canary(); reason != "" {
 				kick(reason)
 			}
+		case <-verifyTick:
+			w.verifyCanary()
 		case reason := <-trigger:
 			reason = w.coalesce(ctx, trigger, reason)
 			if err := w.reconcile(reason); err != nil {
