@@ -105,22 +105,6 @@ func TestApplyConfirmKept(t *testing.T) {
 	wantSeen(t, l, map[string]string{"198.51.100.4": "192.0.2.23"})
 }
 
-// routing is H's policy rules and routes, without those the kernel makes
-// by itself for addresses and links.
-func routing(t *testing.T, l *lab.Lab) string {
-	t.Helper()
-	var b strings.Builder
-	for _, args := range [][]string{{"rule"}, {"-6", "rule"}, {"route", "show", "table", "all"}, {"-6", "route", "show", "table", "all"}} {
-		for line := range strings.Lines(l.Run(t, "ip", args...)) {
-			if strings.HasPrefix(line, "local ") || strings.HasPrefix(line, "broadcast ") || strings.HasPrefix(line, "multicast ") || strings.Contains(line, "fe80::") || strings.Contains(line, "ff00::") {
-				continue
-			}
-			b.WriteString(line)
-		}
-	}
-	return b.String()
-}
-
 func TestApplyConfirmRevertsRoutes(t *testing.T) {
 	l := newLab(t, lab.WithSecondNIC())
 	l.Run(t, "ip", "route", "add", "default", "via", "203.0.113.129", "dev", "eth1", "metric", "500")
