@@ -44,7 +44,7 @@ func TestRoutedEntriesRoundTrip(t *testing.T) {
 		t.Errorf("routed entries got chain rules:\n%s", chainText(c))
 	}
 	// A deleted rule is drift, and the plan repairs it.
-	m.Routing.(*routes.Fake).Batch(true, "rule del pref 7420 not fwmark 0x7e5a7420 lookup 7420 protocol 83\n")
+	m.Routing.(*routes.Fake).Batch(true, "rule del pref 7420 from 0.0.0.0/32 lookup 7420 protocol 83\n")
 	st, _ = m.Read()
 	found := false
 	for _, f := range Diagnose(st, want) {

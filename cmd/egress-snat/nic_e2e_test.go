@@ -49,14 +49,14 @@ func hostState(t *testing.T, l *lab.Lab) string {
 	return routing(t, l) + l.Ruleset(t)
 }
 
-// ourRouting returns egress-snat's ip rules (priorities 7420-7422) and
+// ourRouting returns egress-snat's ip rules (priorities 7419-7423) and
 // routes (proto 83) of both families.
 func ourRouting(t *testing.T, l *lab.Lab) string {
 	t.Helper()
 	var b strings.Builder
 	for _, fam := range []string{"-4", "-6"} {
 		for line := range strings.Lines(l.Run(t, "ip", fam, "rule")) {
-			if strings.HasPrefix(line, "7420:") || strings.HasPrefix(line, "7421:") || strings.HasPrefix(line, "7422:") {
+			if p, _, ok := strings.Cut(line, ":"); ok && p >= "7419" && p <= "7423" {
 				b.WriteString(line)
 			}
 		}
@@ -197,7 +197,9 @@ func TestNICEgress(t *testing.T) {
 
 	ours := ourRouting(t, l)
 	for _, w := range []string{
-		"7420:\tnot from all fwmark 0x7e5a7420 lookup 7420",
+		"7419:\tfrom all fwmark 0x7e5a7420 goto 7423",
+		"7420:\tfrom 0.0.0.0 lookup 7420",
+		"7423:\tfrom all nop",
 		"7421:\tfrom all lookup main suppress_prefixlength 0",
 		"7422:\tfrom 203.0.113.130 lookup 7422",
 		"198.51.100.4 via 203.0.113.129 dev eth1 table 7420 src 203.0.113.130",
@@ -282,6 +284,25 @@ func TestNICReplies(t *testing.T) {
 	}
 }
 
+// TestNICKeepsOtherSourcesPaths: a destination sent out of eth1 takes eth1
+// only for new connections that bound nothing. Traffic that already has an
+// eth0 address (replies to connections to it, applications bound to it)
+// keeps eth0, and traffic bound to eth1's address keeps eth1 even to a
+// destination that a route of ours sends out of eth0.
+func TestNICKeepsOtherSourcesPaths(t *testing.T) {
+	t.Parallel()
+	l := newLab(t, lab.WithSecondUplink())
+	hostServer(t, l, "192.0.2.250")
+	mustES(t, l, "set", "--to", "203.0.113.130", "--dst", "198.51.100.4")
+	mustES(t, l, "set", "--to", "192.0.2.22", "--dst", "203.0.113.7", "--method", "route")
+	wantWay(t, l, "198.51.100.4", "", "203.0.113.130", "eth1")
+	wantReplyWay(t, l, "198.51.100.4", "192.0.2.250", "eth0")
+	wantWay(t, l, "198.51.100.4", "192.0.2.22", "192.0.2.22", "eth0")
+	wantWay(t, l, "203.0.113.7", "", "192.0.2.22", "eth0")
+	wantWay(t, l, "203.0.113.7", "203.0.113.130", "203.0.113.130", "eth1")
+	mustES(t, l, "clear")
+}
+
 // runGateway runs a command in G.
 func runGateway(l *lab.Lab, name string, args ...string) (string, error) {
 	out, err := exec.Command("ip", append([]string{"netns", "exec", l.Gateway, name}, args...)...).CombinedOutput()
@@ -361,7 +382,7 @@ func TestNICIPv6(t *testing.T) {
 	wantReplyWay(t, l, "2001:db8:ffff::4", "2001:db8:1::130", "eth1")
 	ours := ourRouting(t, l)
 	for _, w := range []string{
-		"7420:\tnot from all fwmark 0x7e5a7420 lookup 7420",
+		"7420:\tfrom all lookup 7420",
 		"7422:\tfrom 2001:db8:1::130 lookup 7422",
 		"2001:db8:ffff::4 via 2001:db8:1::129 dev eth1 table 7420 src 2001:db8:1::130",
 	} {
