@@ -8,21 +8,29 @@
 // Layout, per address family:
 //
 //	ip rule
-//	  7420: not from all fwmark 0x7e5a7420 lookup 7420 <- destinations
+//	  7419: from all fwmark 0x7e5a7420 goto 7423       <- egress-snat's own lookups
+//	  7420: from 0.0.0.0 lookup 7420                   <- new connections (no source yet;
+//	                                                      IPv6: from all, see Desired)
 //	  7421: from all lookup main suppress_prefixlength 0  (only with 7422s)
 //	  7422: from ADDR lookup 7422+n                    <- replies, bound apps
+//	  7423: nop                                        <- 7419's target
 //	table 7420 (proto 83): DST [via GW] dev IF src ADDR   one per destination
 //	table 7422+n (proto 83): default via GW dev IF        one per ADDR
 //
-// Why 7420 comes first: a destination's route of ours must win over main's
-// routes, as the most specific choice the operator made. Why 7421: traffic
+// Why 7420 matches only lookups without a source: it is the lookup of a
+// new connection whose application bound nothing, the traffic egress-snat
+// chooses a source for. A packet that already has a source (a reply from
+// another address, an application bound to one) keeps the path of that
+// source: main's, or its reply table. Its route of ours must win over
+// main's routes, as the most specific choice the operator made. Why 7421: traffic
 // from ADDR to the host's connected subnets and specific routes must still
 // take them; only what would take main's default route is sent by ADDR's
 // interface (wg-quick uses the same suppress_prefixlength rule).
 //
-// Why "not fwmark": egress-snat itself asks the kernel where a destination
-// goes without its own routes (selector.Excluding), with route lookups that
-// carry LookupMark. Real traffic never carries that exact mark.
+// Why 7419: egress-snat itself asks the kernel where a destination goes
+// without its own routes (selector.Excluding), with route lookups that
+// carry LookupMark; 7419 sends them past 7420-7422 to the host's own rules.
+// Real traffic never carries that exact mark.
 //
 // The numbers are this tool's identity on every host it ran on, chosen
 // clear of Tailscale (table 52, priorities 5210-5310), wg-quick (table
@@ -50,16 +58,18 @@ const (
 	// Protocol tags our routes and rules (rt_protos number).
 	Protocol = 83
 
-	// LookupMark is the fwmark that rule 7420 passes over.
+	// LookupMark is the fwmark whose lookups skip our rules.
 	LookupMark = 0x7e5a7420
 
+	PrioExempt       = 7419
 	PrioDestinations = 7420
 	PrioSuppress     = 7421
 	PrioReplies      = 7422
+	PrioEnd          = 7423
 )
 
 // Ours reports whether a rule priority is in our range.
-func Ours(prio int) bool { return prio >= PrioDestinations && prio <= PrioReplies }
+func Ours(prio int) bool { return prio >= PrioExempt && prio <= PrioEnd }
 
 // OurTable reports whether a routing table is ours.
 func OurTable(t int) bool {
@@ -85,8 +95,12 @@ type Rule struct {
 	Table int
 	// SuppressPrefixLen is main's suppress rule (0); -1 when not set.
 	SuppressPrefixLen int
-	// NotMark: the rule passes over packets carrying this fwmark; 0: none.
-	NotMark uint32
+	// Mark: the rule matches packets carrying this fwmark; 0: any.
+	Mark uint32
+	// Goto is the priority the rule jumps to; Nop marks a rule that does
+	// nothing (a goto target).
+	Goto int
+	Nop  bool
 }
 
 // State is what one family holds of ours: rules and routes, sorted.
@@ -123,7 +137,18 @@ func Desired(paths []Path) State {
 		}
 	}
 	if len(paths) > 0 {
-		s.Rules = append(s.Rules, Rule{Priority: PrioDestinations, Table: Table, SuppressPrefixLen: -1, NotMark: LookupMark})
+		dests := Rule{Priority: PrioDestinations, Table: Table, SuppressPrefixLen: -1}
+		if paths[0].Src.Is4() {
+			// IPv6 rules with a source never match a lookup without one
+			// (fib6_rule_match), so there 7420 takes every lookup:
+			// traffic that already has another source follows the
+			// destination's route too.
+			dests.From = netip.PrefixFrom(netip.IPv4Unspecified(), 32)
+		}
+		s.Rules = append(s.Rules,
+			Rule{Priority: PrioExempt, Mark: LookupMark, Goto: PrioEnd, SuppressPrefixLen: -1},
+			dests,
+			Rule{Priority: PrioEnd, Nop: true, SuppressPrefixLen: -1})
 	}
 	if len(replies) > 0 {
 		s.Rules = append(s.Rules, Rule{Priority: PrioSuppress, Table: 254, SuppressPrefixLen: 0})
@@ -261,13 +286,20 @@ func (r Route) delArgs() string {
 
 func (r Rule) args() string {
 	s := fmt.Sprintf("pref %d", r.Priority)
-	if r.NotMark != 0 {
-		s += fmt.Sprintf(" not fwmark %#x", r.NotMark)
-	}
 	if r.From.IsValid() {
 		s += " from " + r.From.String()
 	}
-	s += fmt.Sprintf(" lookup %d", r.Table)
+	if r.Mark != 0 {
+		s += fmt.Sprintf(" fwmark %#x", r.Mark)
+	}
+	switch {
+	case r.Goto != 0:
+		s += fmt.Sprintf(" goto %d", r.Goto)
+	case r.Nop:
+		s += " nop"
+	default:
+		s += fmt.Sprintf(" lookup %d", r.Table)
+	}
 	if r.SuppressPrefixLen >= 0 {
 		s += fmt.Sprintf(" suppress_prefixlength %d", r.SuppressPrefixLen)
 	}

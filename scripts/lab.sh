@@ -149,14 +149,15 @@ status() {
 
 # deps installs, with apt-get, the package of every command that is missing:
 # the lab's and the tests' (iptables, ipset, ip, nft, conntrack, nsenter,
-# setpriv; dockerd, docker and a static busybox for the Docker tests;
-# firewalld and dbus-daemon for the firewalld tests, which run both inside a
-# lab namespace on a private bus, internal/lab/firewalld.go) plus
-# any CMD=PKG pairs given. apt-get update runs once, and only if needed.
+# setpriv, tcpdump for lab.Arrivals; dockerd, docker and a static busybox
+# for the Docker tests; firewalld and dbus-daemon for the firewalld tests,
+# which run both inside a lab namespace on a private bus,
+# internal/lab/firewalld.go) plus any CMD=PKG pairs given. apt-get update
+# runs once, and only if needed.
 deps() {
   local pair pkg missing=()
   for pair in iptables=iptables ipset=ipset ip=iproute2 nft=nftables conntrack=conntrack \
-    nsenter=util-linux setpriv=util-linux dockerd=docker.io docker=docker.io busybox=busybox-static \
+    nsenter=util-linux setpriv=util-linux dockerd=docker.io docker=docker.io busybox=busybox-static tcpdump=tcpdump \
     firewalld=firewalld firewall-cmd=firewalld dbus-daemon=dbus "$@"; do
     pkg=${pair#*=}
     command -v "${pair%%=*}" >/dev/null || [[ " ${missing[*]} " == *" $pkg "* ]] || missing+=("$pkg")

@@ -134,7 +134,11 @@ func (e Entry) String() string {
 		if e.Via.IsValid() {
 			via = " via " + e.Via.String()
 		}
-		return fmt.Sprintf("%s route%s dev %s src %s", e.Dst, via, e.Out, e.ToString())
+		replies := ""
+		if e.Replies {
+			replies = ", with its replies"
+		}
+		return fmt.Sprintf("%s route%s dev %s src %s%s", e.Dst, via, e.Out, e.ToString(), replies)
 	}
 	if !e.Sender.Local() {
 		return fmt.Sprintf("%s to %s via %s -> %s", e.Sender, e.Dst, e.Out, e.ToString())

@@ -25,6 +25,10 @@ func (c Change) String() string {
 	case "remove":
 		return "remove " + c.Old.String()
 	}
+	if c.Old.ToString() == c.New.ToString() {
+		// Same source: the way there changed (route, gateway, replies).
+		return fmt.Sprintf("change %s: %s -> %s", c.New.Match, c.Old, c.New)
+	}
 	return fmt.Sprintf("change %s: %s -> %s", c.New.Match, c.Old.ToString(), c.New.ToString())
 }
 

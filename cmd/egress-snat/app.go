@@ -49,6 +49,12 @@ func newApp() *cli.App {
 		checkCommand,
 		watchCommand,
 		saveCommand,
+		verifyCommand,
+		verifyFlowCommand,
+		confirmCommand,
+		revertCommand,
+		statsCommand,
+		genDocsCommand, // hidden: make docs
 	}
 	for _, c := range commands {
 		c.OnUsageError = commandUsageError
@@ -57,6 +63,8 @@ func newApp() *cli.App {
 		Name:    "egress-snat",
 		Version: version,
 		Usage:   "choose the source address outgoing connections leave with",
+		// The bash and zsh completions ask the binary (contrib/completion).
+		EnableBashCompletion: true,
 		Description: `A host with several addresses picks the source of an outgoing connection
 itself: the address the application bound, else the matching route's src
 attribute, else an address of the outgoing interface (on the gateway's or

@@ -312,7 +312,7 @@ func TestWatchFollowsPermanentFile(t *testing.T) {
 	time.Sleep(2500 * time.Millisecond) // two canary periods
 	wantSeen(t, l, map[string]string{"198.51.100.4": "192.0.2.23", "203.0.113.7": "192.0.2.23"})
 	inSyncWithFile(t, l, path)
-	if log := w.stderr.String(); !strings.Contains(log, "file replaced") {
+	if log := w.stderr.String(); !strings.Contains(log, "re-read") {
 		t.Errorf("watch did not log re-reading the changed file:\n%s", log)
 	}
 }

@@ -1,79 +1,105 @@
 package main
 
 import (
-	"errors"
-	"io/fs"
+	"crypto/sha256"
+	"encoding/hex"
+	"log/slog"
 	"os"
-	"syscall"
+	"path/filepath"
+	"time"
 
-	"github.com/urfave/cli/v2"
+	"github.com/fsnotify/fsnotify"
 )
 
-// watchFile is the file watch follows: -f, else the permanent file, which
-// must exist then (the boot unit only starts when it does).
-func watchFile(c *cli.Context) (string, error) {
-	if p := c.String("file"); p != "" {
-		return p, nil
-	}
-	path := configPath(c)
-	if _, err := os.Stat(path); errors.Is(err, fs.ErrNotExist) {
-		return "", usageError("watch: no -f, and the permanent file %s does not exist (make it with egress-snat save, or a set --permanent)", path)
-	}
-	return path, nil
-}
+// watch re-reads its file by itself when the file changes, through the same
+// path as SIGHUP: nobody sends a signal when a Kubernetes ConfigMap is
+// updated, or when Ansible or an editor replaces the file.
+//
+// The kubelet updates a mounted ConfigMap with an atomic symlink swap: the
+// file is a symlink through ..data to a timestamped directory, and a new
+// directory plus a rename of ..data_tmp over ..data replace every key at
+// once. Editors and Ansible write a temporary file and rename it over the
+// old one. Either way the watched inode is replaced, so the directory is
+// watched, not the file.
 
-// checkFile is the file check compares with: -f, else the permanent file
-// when it exists. Without either it says plainly what it cannot see.
-func checkFile(c *cli.Context) (string, error) {
-	if p := c.String("file"); p != "" {
-		return p, nil
-	}
-	path, err := permanentFile(c)
-	if err == nil && path == "" {
-		c.App.ErrWriter.Write([]byte("note: no permanent file " + configPath(c) + ": checking only the rules installed now, so rules that were flushed away (a firewall reload) cannot be seen; make one with egress-snat save\n"))
-	}
-	return path, err
-}
+// fileChange is what the file watcher sends on watch's reload channel, in
+// place of SIGHUP.
+type fileChange struct{}
 
-// fileStamp tells a replaced file from the one that was read: --permanent,
-// save and most editors write a new file and rename it over the old one,
-// which gives it another inode. A file rewritten in place keeps its inode
-// and is not followed: it may be seen half-written, and a truncated file can
-// still parse, with rules missing. SIGHUP re-reads it.
-type fileStamp struct {
-	dev, ino uint64
-}
+func (fileChange) String() string { return "file change" }
+func (fileChange) Signal()        {}
 
-func stampOf(path string) fileStamp {
-	fi, err := os.Stat(path)
+// fileDebounce lets a burst of directory events (a kubelet swap is four or
+// five, a rewrite two or three) end before the file is read.
+const fileDebounce = 100 * time.Millisecond
+
+// watchFile sends fileChange on reload when what path leads to has changed
+// (its contents, or the file a symlink chain resolves to, which changes with
+// every kubelet swap even when the main file's bytes do not: a dst-file of
+// the same ConfigMap may be what changed). It runs until done is closed.
+// Without inotify it logs a warning and watch relies on SIGHUP alone.
+func watchFile(done <-chan struct{}, path string, reload chan<- os.Signal, log *slog.Logger) {
+	fw, err := fsnotify.NewWatcher()
+	if err == nil {
+		err = fw.Add(filepath.Dir(path))
+		if err != nil {
+			fw.Close()
+		}
+	}
 	if err != nil {
-		return fileStamp{}
+		log.Warn("cannot watch the file for changes; reload it with SIGHUP (systemctl reload egress-snat)", "file", path, "err", err)
+		return
 	}
-	if st, ok := fi.Sys().(*syscall.Stat_t); ok {
-		return fileStamp{dev: st.Dev, ino: st.Ino}
-	}
-	return fileStamp{}
+	last := fingerprint(path)
+	go func() {
+		defer fw.Close()
+		var settled <-chan time.Time
+		for {
+			select {
+			case <-done:
+				return
+			case ev, ok := <-fw.Events:
+				if !ok {
+					return
+				}
+				if ev.Op == fsnotify.Chmod {
+					continue
+				}
+				settled = time.After(fileDebounce)
+			case err, ok := <-fw.Errors:
+				if !ok {
+					return
+				}
+				log.Warn("watching the file's directory", "file", path, "err", err)
+				settled = time.After(fileDebounce) // events may have been lost
+			case <-settled:
+				settled = nil
+				now := fingerprint(path)
+				if now == last {
+					continue // another file of the directory changed
+				}
+				last = now
+				select {
+				case reload <- fileChange{}:
+				default: // a reload is pending; it reads the file as it is now
+				}
+			}
+		}
+	}()
 }
 
-// reloadIfChanged reads the watched file again when it was replaced since
-// it was last read, and reports whether the desired state was replaced. A file that
-// does not load is logged once and the previous desired state kept, as on
-// SIGHUP.
-func (w *watcher) reloadIfChanged() bool {
-	now := stampOf(w.path)
-	if now == w.stamp {
-		return false
-	}
-	first := w.stamp == fileStamp{}
-	w.stamp = now
-	intents, err := loadIntents(w.path)
+// fingerprint identifies what path leads to now: the resolved file and a
+// hash of its contents (or the error reading it, so that a file that
+// reappears counts as a change).
+func fingerprint(path string) string {
+	resolved, err := filepath.EvalSymlinks(path)
 	if err != nil {
-		w.log.Error("file replaced but does not load: keeping the previous desired state", "file", w.path, "err", err)
-		return false
+		return "error: " + err.Error()
 	}
-	w.intents = intents
-	if !first {
-		w.log.Info("file replaced: re-read", "file", w.path, "destinations", len(intents))
+	b, err := os.ReadFile(resolved)
+	if err != nil {
+		return "error: " + err.Error()
 	}
-	return true
+	sum := sha256.Sum256(b)
+	return resolved + " " + hex.EncodeToString(sum[:])
 }
