@@ -271,9 +271,9 @@ func TestCheckWithoutFile(t *testing.T) {
 // permWatch starts what the boot unit starts, `egress-snat watch` with no
 // -f (the permanent file given by --config), and waits until the host is in
 // sync with the file. It stops watch at t's cleanup.
-func permWatch(t *testing.T, l *lab.Lab, path string) *relProc {
+func permWatch(t *testing.T, l *lab.Lab, path string, flags ...string) *relProc {
 	t.Helper()
-	p := relStart(t, l, "--config", path, "watch", "--log-format", "json")
+	p := relStart(t, l, append([]string{"--config", path, "watch", "--log-format", "json"}, flags...)...)
 	t.Cleanup(func() {
 		p.cmd.Process.Signal(syscall.SIGTERM)
 		if code, ok := p.wait(10 * time.Second); !ok || code != 0 {
