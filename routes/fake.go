@@ -170,11 +170,19 @@ func parseRule(o map[string]string) (Rule, error) {
 		}
 	}
 	if v := o["fwmark"]; v != "" {
-		n, err := strconv.ParseUint(v, 0, 32)
+		val, mask, _ := strings.Cut(v, "/")
+		n, err := strconv.ParseUint(val, 0, 32)
 		if err != nil {
 			return r, err
 		}
-		r.Mark = uint32(n)
+		r.Mark, r.MarkMask = uint32(n), 0xffffffff
+		if mask != "" {
+			m, err := strconv.ParseUint(mask, 0, 32)
+			if err != nil {
+				return r, err
+			}
+			r.MarkMask = uint32(m)
+		}
 	}
 	if v, ok := o["suppress_prefixlength"]; ok {
 		if r.SuppressPrefixLen, err = strconv.Atoi(v); err != nil {

@@ -31,6 +31,12 @@ func (System) Rules(is4 bool) ([]Rule, error) {
 			continue
 		}
 		rule := Rule{Priority: r.Priority, Table: r.Table, SuppressPrefixLen: r.SuppressPrefixlen, Mark: r.Mark, Goto: r.Goto}
+		if r.Mark != 0 {
+			rule.MarkMask = 0xffffffff
+			if r.Mask != nil {
+				rule.MarkMask = *r.Mask
+			}
+		}
 		if r.Goto <= 0 {
 			rule.Goto = 0
 		} else {

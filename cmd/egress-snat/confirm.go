@@ -238,6 +238,7 @@ type savedEntry struct {
 	Routed  bool            `json:"routed,omitempty"`
 	Via     netip.Addr      `json:"via,omitzero"`
 	Replies bool            `json:"replies,omitempty"`
+	Marked  bool            `json:"marked,omitempty"`
 }
 
 func encodeEntries(es []snat.Entry) ([]byte, error) {
@@ -246,7 +247,7 @@ func encodeEntries(es []snat.Entry) ([]byte, error) {
 		saved = append(saved, savedEntry{
 			Sender: e.Sender.Kind, From: e.Sender.From, UID: e.Sender.UID, Cgroup: e.Sender.Cgroup,
 			Dst: e.Dst, Out: e.Out, Natural: e.Natural, To: e.To,
-			Routed: e.Routed, Via: e.Via, Replies: e.Replies,
+			Routed: e.Routed, Via: e.Via, Replies: e.Replies, Marked: e.Marked,
 		})
 	}
 	return json.Marshal(saved)
@@ -262,7 +263,7 @@ func decodeEntries(b []byte) ([]snat.Entry, error) {
 		out = append(out, snat.Entry{
 			Match:   snat.Match{Sender: snat.Sender{Kind: s.Sender, From: s.From, UID: s.UID, Cgroup: s.Cgroup}, Dst: s.Dst, Out: s.Out},
 			Natural: s.Natural, To: s.To,
-			Routed: s.Routed, Via: s.Via, Replies: s.Replies,
+			Routed: s.Routed, Via: s.Via, Replies: s.Replies, Marked: s.Marked,
 		})
 	}
 	return out, nil

@@ -31,7 +31,7 @@ func TestPendingEntriesRoundTrip(t *testing.T) {
 		t.Errorf("round trip:\n got %+v\nwant %+v", got, entries)
 	}
 	// The record must keep every field, or a revert is not exact.
-	if n := reflect.TypeFor[snat.Entry]().NumField(); n != 6 {
+	if n := reflect.TypeFor[snat.Entry]().NumField(); n != 7 {
 		t.Errorf("snat.Entry has %d fields: update savedEntry in confirm.go to keep them all", n)
 	}
 	if n := reflect.TypeFor[snat.Match]().NumField(); n != 3 {

@@ -10,6 +10,7 @@ import (
 	"os/signal"
 	"runtime/debug"
 	"slices"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -114,6 +115,7 @@ type watcher struct {
 	stamp fileStamp
 	// gens are the table generations the canary last saw.
 	gens                  map[snat.Family]uint64
+	resolve               atomic.Bool // the host changed since the last resolve
 	lastQuick, lastFull   time.Time
 	quickEvery, fullEvery time.Duration
 }
@@ -128,7 +130,13 @@ func (w *watcher) run(ctx context.Context, resync time.Duration) error {
 	}
 	done := make(chan struct{})
 	defer close(done)
-	if err := w.subscribe(done, kick); err != nil {
+	// Host changes (netlink events, a reloaded file) need the intents
+	// resolved again; drift the canary saw only needs the last desired
+	// state written back, which at 100,000 destinations is most of the
+	// repair time saved.
+	changed := func(reason string) { w.resolve.Store(true); kick(reason) }
+	w.resolve.Store(true)
+	if err := w.subscribe(done, changed); err != nil {
 		return err
 	}
 	hup := make(chan os.Signal, 1)
@@ -161,7 +169,7 @@ func (w *watcher) run(ctx context.Context, resync time.Duration) error {
 			}
 			w.intents = intents
 			w.log.Info("reload: file re-read", "trigger", sig.String(), "file", w.path, "destinations", len(intents))
-			kick("reload (" + sig.String() + ")")
+			changed("reload (" + sig.String() + ")")
 		case <-tick.C:
 			if reason := w.canary(); reason != "" {
 				kick(reason)
@@ -317,16 +325,30 @@ func (w *watcher) fullCheck() string {
 // reconcile resolves the desired state against the host as it is now and
 // applies it through the one write path.
 func (w *watcher) reconcile(reason string) error {
-	w.e.sel.Forget() // addresses and routes may have changed
 	var skipped []error
 	start := time.Now()
+	again := w.resolve.Swap(false) || w.plan.Desired == nil
+	if again {
+		w.e.sel.Forget() // addresses and routes may have changed
+	}
 	_, plan, err := w.e.mgr.Update(w.e.lockTimeout, false, func(*snat.State) ([]snat.Entry, error) {
-		w.reloadIfChanged() // under the lock: a --permanent run's file and kernel agree here
+		// Under the lock a --permanent run's file and kernel agree: a file
+		// replaced since the last read is read now, not after the canary
+		// has undone the run with the old one.
+		if w.reloadIfChanged() {
+			again = true
+		}
+		if !again {
+			return w.plan.Desired, nil
+		}
 		desired, s, err := snat.ResolveAvailable(w.e.sel, w.intents)
 		skipped = s
 		return desired, err
 	})
 	if err != nil {
+		if again {
+			w.resolve.Store(true)
+		}
 		return err
 	}
 	for _, s := range skipped {
