@@ -80,7 +80,7 @@ complete -c egress-snat -n '__fish_seen_subcommand_from check' -f -l json -d 'pr
 complete -c egress-snat -n '__fish_seen_subcommand_from watch' -f -l help -s h -d 'show help'
 complete -r -c egress-snat -n '__fish_egress-snat_no_subcommand' -a 'watch' -d 'keep the host converged on a desired-state file (run by systemd)'
 complete -c egress-snat -n '__fish_seen_subcommand_from watch' -f -l file -s f -r -d 'desired-state YAML `FILE` (default: the permanent file, --config)'
-complete -c egress-snat -n '__fish_seen_subcommand_from watch' -f -l resync -r -d 'how often the canary compares the chain with the desired state'
+complete -c egress-snat -n '__fish_seen_subcommand_from watch' -f -l resync -r -d 'how often the canary looks (it costs no process; half a second keeps a repair under a second)'
 complete -c egress-snat -n '__fish_seen_subcommand_from watch' -f -l settle -r -d 'how long to wait for a burst of events to end before applying'
 complete -c egress-snat -n '__fish_seen_subcommand_from watch' -f -l full-resync -r -d 'how often to compare everything, set members included'
 complete -c egress-snat -n '__fish_seen_subcommand_from watch' -f -l log-format -r -d 'text or json'
