@@ -49,6 +49,7 @@ func newApp() *cli.App {
 	}
 	for _, c := range commands {
 		c.OnUsageError = commandUsageError
+		c.Before = checkFlags
 	}
 	return &cli.App{
 		Name:    "egress-snat",
@@ -80,7 +81,7 @@ kernel; "egress-snat clear" removes every trace.
 		},
 		Commands: commands,
 		OnUsageError: func(c *cli.Context, err error, _ bool) error {
-			return cli.Exit(fmt.Sprintf("%v (see egress-snat --help)", err), exitUsage)
+			return cli.Exit(fmt.Sprintf("%s (see egress-snat --help)", oneLine(err.Error())), exitUsage)
 		},
 		ExitErrHandler: func(*cli.Context, error) {}, // main prints and exits
 	}
@@ -93,7 +94,7 @@ func run(args []string) error {
 // commandUsageError makes a flag error of a command exit with exitUsage
 // and point at that command's help.
 func commandUsageError(c *cli.Context, err error, _ bool) error {
-	return cli.Exit(fmt.Sprintf("%v (see egress-snat %s --help)", err, c.Command.Name), exitUsage)
+	return cli.Exit(fmt.Sprintf("%s (see egress-snat %s --help)", oneLine(err.Error()), c.Command.Name), exitUsage)
 }
 
 func exitCode(err error) int {
@@ -128,11 +129,11 @@ func enterNetns(c *cli.Context) error {
 	}
 	ns, err := netns.GetFromName(name)
 	if err != nil {
-		return usageError("--netns %s: %v", name, err)
+		return usageError("--netns %q: %v", name, err)
 	}
 	runtime.LockOSThread()
 	if err := netns.Set(ns); err != nil {
-		return fmt.Errorf("entering network namespace %s: %w", name, err)
+		return fmt.Errorf("entering network namespace %q: %w", name, err)
 	}
 	var args []string
 	skip := false

@@ -5,7 +5,11 @@ import (
 	"fmt"
 	"io"
 	"net/netip"
+	"slices"
+	"strconv"
 	"strings"
+	"time"
+	"unicode"
 
 	"github.com/urfave/cli/v2"
 
@@ -23,6 +27,59 @@ func required(c *cli.Context, names ...string) error {
 		}
 	}
 	return nil
+}
+
+// checkFlags is every command's Before: it refuses flag values that can
+// never work before the command looks at the host, so each command need
+// not repeat the checks. Every duration flag, the command's and the global
+// ones, must be positive (unless listed in zeroDurationOK), and --out must
+// be an interface name.
+func checkFlags(c *cli.Context) error {
+	for _, fl := range slices.Concat(c.App.Flags, c.Command.Flags) {
+		name := fl.Names()[0]
+		switch fl.(type) {
+		case *cli.DurationFlag:
+			if _, err := positiveDuration(c, name); err != nil {
+				return err
+			}
+		}
+	}
+	if c.IsSet("out") {
+		if err := config.CheckInterface(c.String("out")); err != nil {
+			return usageError("--out %v", err)
+		}
+	}
+	return nil
+}
+
+// zeroDurationOK names duration flags for which 0 means something (such as
+// "never"); for every other one, zero or a negative duration is bad input.
+var zeroDurationOK = map[string]bool{}
+
+// positiveDuration returns the value of the duration flag name, refusing
+// zero and negative durations with exitUsage, naming the flag and value.
+func positiveDuration(c *cli.Context, name string) (time.Duration, error) {
+	d := c.Duration(name)
+	if d < 0 || (d == 0 && !zeroDurationOK[name]) {
+		return d, usageError("--%s %s: want a positive duration such as 500ms, 10s or 1m", name, d)
+	}
+	return d, nil
+}
+
+// oneLine escapes the control characters of a message made by the flag
+// parser, which echoes a bad flag name or value as given: a newline in it
+// must not start a line of its own in the operator's terminal or log.
+func oneLine(s string) string {
+	var b strings.Builder
+	for _, r := range s {
+		if unicode.IsPrint(r) {
+			b.WriteRune(r)
+			continue
+		}
+		q := strconv.QuoteRune(r)
+		b.WriteString(q[1 : len(q)-1])
+	}
+	return b.String()
 }
 
 // parseDsts reads --dst values: a prefix, or an address meaning that host.
@@ -58,13 +115,18 @@ func parseAddrs(flag string, vals []string) ([]netip.Addr, error) {
 			s = strings.TrimSpace(s)
 			a, err := netip.ParseAddr(s)
 			if err != nil || a.Zone() != "" || a.Is4In6() {
-				return nil, usageError("--%s %q is not a valid IP address", flag, s)
+				return nil, usageError("--%s %s is not a valid IP address", flag, config.Excerpt(s))
 			}
 			if a.IsUnspecified() || a.IsLoopback() || a.IsMulticast() {
-				return nil, usageError("--%s %s cannot be a source address", flag, s)
+				return nil, usageError("--%s %s cannot be a source address", flag, a)
 			}
 			if len(out) > 0 && a.Is4() != out[0].Is4() {
 				return nil, usageError("--%s mixes address families: %s and %s", flag, out[0], a)
+			}
+			if slices.Contains(out, a) {
+				// A pool or spread list walks its members in turn; one
+				// named twice would get twice the share, silently.
+				return nil, usageError("--%s names %s twice", flag, a)
 			}
 			out = append(out, a)
 		}

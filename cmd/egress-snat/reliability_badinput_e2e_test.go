@@ -53,7 +53,7 @@ var relBadFiles = []struct {
 	{"unterminated flow list", "rules:\n  - to: 192.0.2.22\n    dst: [198.51.100.4\n", []string{"line"}, true, "", ""},
 	{"binary garbage", "\x00\x01\x02\xff\xfe", []string{"rules.yaml"}, true, "", ""},
 	{"dst-file missing", "rules:\n  - to: 192.0.2.22\n    dst-file: nowhere.txt\n", []string{"nowhere.txt"}, true, "", ""},
-	{"dst-file with a bad line", "rules:\n  - to: 192.0.2.22\n    dst-file: partners.txt\n", []string{"partners.txt:2", "198.51.100.300"}, true, "", ""},
+	{"dst-file with a bad line", "rules:\n  - to: 192.0.2.22\n    dst-file: partners.txt\n", []string{`partners.txt" line 2`, "198.51.100.300"}, true, "", ""},
 	{"dst-file of the other family", "rules:\n  - to: 192.0.2.22\n    dst-file: partners6.txt\n", []string{"2001:db8:ffff::4", "192.0.2.22"}, true, "", ""},
 	// For check, a source missing from the host is drift (to-not-on-host,
 	// exit 1), not an error: see TestBadInputCorpus.
