@@ -67,12 +67,10 @@ func OpenBounded(path string, max int64) (io.ReadCloser, error) {
 		unix.Close(fd)
 		return nil, tooLarge(path, max)
 	}
-	// Reads of a regular file never block; clearing the flag keeps os.File
-	// from treating the descriptor as pollable.
-	if err := unix.SetNonblock(fd, false); err != nil {
-		unix.Close(fd)
-		return nil, &os.PathError{Op: "fcntl", Path: strconv.Quote(path), Err: err}
-	}
+	// O_NONBLOCK stays set: Linux ignores it for reads of a real file, and
+	// a pseudo-file that calls itself regular but waits for data (such as
+	// /proc/kmsg or a tracing pipe) then fails with EAGAIN instead of
+	// hanging the run.
 	f := os.NewFile(uintptr(fd), path)
 	return &boundedFile{f: f, path: path, max: max, left: max + 1}, nil
 }
