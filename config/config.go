@@ -202,7 +202,7 @@ func Decode(r io.Reader) (*File, error) {
 		if errors.Is(err, io.EOF) {
 			return nil, errors.New("empty file: want a 'rules:' list (an empty list, 'rules: []', removes every rule)")
 		}
-		return nil, err
+		return nil, tidyYAMLError(err)
 	}
 	var more yaml.Node
 	if err := dec.Decode(&more); !errors.Is(err, io.EOF) {

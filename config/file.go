@@ -6,7 +6,10 @@ import (
 	"io"
 	"os"
 	"strconv"
+	"strings"
+	"unicode"
 
+	"go.yaml.in/yaml/v3"
 	"golang.org/x/sys/unix"
 )
 
@@ -164,4 +167,56 @@ func CheckInterface(name string) error {
 		}
 	}
 	return nil
+}
+
+// OneLine escapes the control characters of a message (a newline becomes
+// \n), so that a value echoed inside it, as the flag parser and the YAML
+// decoder do, cannot start a line of its own in a terminal or a log.
+func OneLine(s string) string {
+	if !strings.ContainsFunc(s, func(r rune) bool { return !unicode.IsPrint(r) }) {
+		return s
+	}
+	var b strings.Builder
+	for _, r := range s {
+		if unicode.IsPrint(r) {
+			b.WriteRune(r)
+			continue
+		}
+		q := strconv.QuoteRune(r)
+		b.WriteString(q[1 : len(q)-1])
+	}
+	return b.String()
+}
+
+// maxYAMLErrorLen bounds one error of the YAML decoder, which quotes keys
+// (up to 1024 characters) and values (cut, but with raw newlines) of the
+// file.
+const maxYAMLErrorLen = 200
+
+// tidyYAMLError makes each error of the YAML decoder one bounded line.
+func tidyYAMLError(err error) error {
+	tidy := func(s string) string {
+		s = OneLine(s)
+		if n := 0; len(s) > maxYAMLErrorLen {
+			for i := range s {
+				if n == maxYAMLErrorLen {
+					return s[:i] + "…"
+				}
+				n++
+			}
+		}
+		return s
+	}
+	var te *yaml.TypeError
+	if errors.As(err, &te) {
+		out := &yaml.TypeError{Errors: make([]string, len(te.Errors))}
+		for i, e := range te.Errors {
+			out.Errors[i] = tidy(e)
+		}
+		return out
+	}
+	if msg := err.Error(); tidy(msg) != msg {
+		return errors.New(tidy(msg))
+	}
+	return err
 }

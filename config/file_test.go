@@ -207,3 +207,29 @@ func TestConfigCheckInterface(t *testing.T) {
 		}
 	}
 }
+
+// TestConfigYAMLErrorsOneLine: the YAML decoder's own messages quote parts
+// of the file; each of them stays one bounded line.
+func TestConfigYAMLErrorsOneLine(t *testing.T) {
+	for _, tt := range []struct {
+		name, doc string
+		want      string
+	}{
+		{"a value with a newline", "rules: \"a\\nINJECTED line\"\n", `a\nINJEC`},
+		{"a bool with a newline", "rules:\n  - to: 192.0.2.22\n    dst: [198.51.100.4]\n    spread: \"y\\nINJECTED line\"\n", `y\nINJEC`},
+		{"a long unknown key", "rules: []\n" + strings.Repeat("k", 1000) + ": 1\n", "kkkk"},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			_, err := config.Decode(strings.NewReader(tt.doc))
+			wantErrNaming(t, "Decode", err, []string{tt.want})
+			if err == nil {
+				return
+			}
+			for _, line := range strings.Split(err.Error(), "\n") {
+				if strings.HasPrefix(line, "INJECTED") || len(line) > 300 {
+					t.Errorf("message line %q", line)
+				}
+			}
+		})
+	}
+}

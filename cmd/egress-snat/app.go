@@ -14,6 +14,7 @@ import (
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
 
+	"github.com/egress-snat/egress-snat/config"
 	"github.com/egress-snat/egress-snat/selector"
 	"github.com/egress-snat/egress-snat/snat"
 )
@@ -81,7 +82,7 @@ kernel; "egress-snat clear" removes every trace.
 		},
 		Commands: commands,
 		OnUsageError: func(c *cli.Context, err error, _ bool) error {
-			return cli.Exit(fmt.Sprintf("%s (see egress-snat --help)", oneLine(err.Error())), exitUsage)
+			return cli.Exit(fmt.Sprintf("%s (see egress-snat --help)", config.OneLine(err.Error())), exitUsage)
 		},
 		ExitErrHandler: func(*cli.Context, error) {}, // main prints and exits
 	}
@@ -94,7 +95,7 @@ func run(args []string) error {
 // commandUsageError makes a flag error of a command exit with exitUsage
 // and point at that command's help.
 func commandUsageError(c *cli.Context, err error, _ bool) error {
-	return cli.Exit(fmt.Sprintf("%s (see egress-snat %s --help)", oneLine(err.Error()), c.Command.Name), exitUsage)
+	return cli.Exit(fmt.Sprintf("%s (see egress-snat %s --help)", config.OneLine(err.Error()), c.Command.Name), exitUsage)
 }
 
 func exitCode(err error) int {

@@ -6,10 +6,8 @@ import (
 	"io"
 	"net/netip"
 	"slices"
-	"strconv"
 	"strings"
 	"time"
-	"unicode"
 
 	"github.com/urfave/cli/v2"
 
@@ -64,22 +62,6 @@ func positiveDuration(c *cli.Context, name string) (time.Duration, error) {
 		return d, usageError("--%s %s: want a positive duration such as 500ms, 10s or 1m", name, d)
 	}
 	return d, nil
-}
-
-// oneLine escapes the control characters of a message made by the flag
-// parser, which echoes a bad flag name or value as given: a newline in it
-// must not start a line of its own in the operator's terminal or log.
-func oneLine(s string) string {
-	var b strings.Builder
-	for _, r := range s {
-		if unicode.IsPrint(r) {
-			b.WriteRune(r)
-			continue
-		}
-		q := strconv.QuoteRune(r)
-		b.WriteString(q[1 : len(q)-1])
-	}
-	return b.String()
 }
 
 // parseDsts reads --dst values: a prefix, or an address meaning that host.
