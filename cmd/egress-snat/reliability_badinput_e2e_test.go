@@ -63,6 +63,7 @@ var relBadFiles = []struct {
 	{"dst-file of a password file", "rules:\n  - to: 192.0.2.22\n    dst-file: shadow\n", []string{`shadow" line 1`, `"root:$6$rounds=656000$AAAAAAAAAAAAAAAAAA"…`}, true, "", ""},
 	{"dst-file a device", "rules:\n  - to: 192.0.2.22\n    dst-file: /dev/zero\n", []string{`"/dev/zero"`, "not a regular file"}, true, "", ""},
 	{"dst-file a directory", "rules:\n  - to: 192.0.2.22\n    dst-file: /\n", []string{`"/"`, "not a regular file"}, true, "", ""},
+	{"a YAML value with a newline", "rules: \"a\\nINJECTED line\"\n", []string{`a\nINJEC`}, true, "", ""},
 	{"dst-file one huge line", "rules:\n  - to: 192.0.2.22\n    dst-file: huge.txt\n", []string{`huge.txt" line 1`, "64 KiB"}, true, "", ""},
 	// For check, a source missing from the host is drift (to-not-on-host,
 	// exit 1), not an error: see TestBadInputCorpus.
