@@ -11,6 +11,15 @@
 //	    dst: [198.51.100.0/24]
 //	  - to: 192.0.2.23
 //	    dst-file: partners.txt    # one address or CIDR a line, '#' comments
+//	  - to: 192.0.2.23
+//	    from: [172.30.0.0/16]     # forwarded traffic from these sources
+//	  - to: 192.0.2.22
+//	    uid: postfix              # or a uid; or cgroup: system.slice/x.service
+//	    dst: [0.0.0.0/0]
+//
+// A rule without from, uid or cgroup is about the host's own traffic; one
+// with from is about forwarded traffic, and without dst means every
+// destination of its family.
 //
 // Decoding is strict: an unknown key, a bad address or a bad prefix is an
 // error naming the file and line. The package only parses; whether the
@@ -30,6 +39,7 @@ import (
 
 	"go.yaml.in/yaml/v3"
 
+	"github.com/egress-snat/egress-snat/internal/who"
 	"github.com/egress-snat/egress-snat/snat"
 )
 
@@ -42,6 +52,9 @@ type File struct {
 // an ordered failover list, of which the first address on the host is used.
 type Rule struct {
 	To      Addrs    `yaml:"to"`
+	From    Froms    `yaml:"from"`
+	UID     string   `yaml:"uid"`
+	Cgroup  string   `yaml:"cgroup"`
 	Dst     Prefixes `yaml:"dst"`
 	DstFile string   `yaml:"dst-file"`
 	Out     string   `yaml:"out"`
@@ -57,6 +70,30 @@ type Addrs []netip.Addr
 
 // Prefixes is one destination or a list; a bare address is a host.
 type Prefixes []netip.Prefix
+
+// Froms is one --from source prefix or a list; a bare address is a host.
+type Froms []netip.Prefix
+
+func (p *Froms) UnmarshalYAML(n *yaml.Node) error {
+	items, err := scalarOrList(n)
+	if err != nil {
+		return err
+	}
+	for _, it := range items {
+		pr, err := ParseFrom(it.Value)
+		if err != nil {
+			return fmt.Errorf("line %d: from: %w", it.Line, err)
+		}
+		*p = append(*p, pr)
+	}
+	return nil
+}
+
+// ParseFrom reads a source prefix of forwarded traffic (--from, from:): a
+// prefix without host bits, or an address meaning that host.
+func ParseFrom(s string) (netip.Prefix, error) {
+	return ParseDst(s)
+}
 
 func (a *Addrs) UnmarshalYAML(n *yaml.Node) error {
 	items, err := scalarOrList(n)
@@ -93,13 +130,13 @@ func (p *Prefixes) UnmarshalYAML(n *yaml.Node) error {
 
 // ruleKeys are the keys a rule may have. Node.Decode does not inherit the
 // decoder's KnownFields, so a rule checks its own keys.
-var ruleKeys = map[string]bool{"to": true, "dst": true, "dst-file": true, "out": true, "spread": true}
+var ruleKeys = map[string]bool{"to": true, "from": true, "uid": true, "cgroup": true, "dst": true, "dst-file": true, "out": true, "spread": true}
 
 func (r *Rule) UnmarshalYAML(n *yaml.Node) error {
 	if n.Kind == yaml.MappingNode {
 		for i := 0; i+1 < len(n.Content); i += 2 {
 			if k := n.Content[i]; !ruleKeys[k.Value] {
-				return fmt.Errorf("line %d: unknown key %s in a rule (want to, dst, dst-file, out, spread)", k.Line, Excerpt(k.Value))
+				return fmt.Errorf("line %d: unknown key %s in a rule (want to, from, uid, cgroup, dst, dst-file, out, spread)", k.Line, Excerpt(k.Value))
 			}
 		}
 	}
@@ -221,8 +258,22 @@ func (r Rule) check() error {
 	if len(r.To) == 0 {
 		return errors.New("'to' is required")
 	}
-	if len(r.Dst) == 0 && r.DstFile == "" {
-		return errors.New("'dst' or 'dst-file' is required")
+	senders := 0
+	for _, set := range []bool{len(r.From) > 0, r.UID != "", r.Cgroup != ""} {
+		if set {
+			senders++
+		}
+	}
+	if senders > 1 {
+		return errors.New("'from', 'uid' and 'cgroup' select different traffic: give one of them")
+	}
+	if len(r.Dst) == 0 && r.DstFile == "" && senders == 0 {
+		return errors.New("'dst' or 'dst-file' is required (a rule with from, uid or cgroup may leave it out: every destination)")
+	}
+	for _, p := range r.From {
+		if p.Addr().Is4() != r.To[0].Is4() {
+			return fmt.Errorf("from %s and source %s are of different address families", p, r.To[0])
+		}
 	}
 	if r.Out != "" {
 		if err := CheckInterface(r.Out); err != nil {
@@ -277,22 +328,68 @@ func readDstFile(path string) ([]netip.Prefix, error) {
 	return out, nil
 }
 
-// Intents returns the file's rules as intents for snat.Resolve.
+// Senders returns whose traffic the rule is about: its from prefixes, its
+// uid or cgroup (which must exist on this host), or the host's own.
+func (r Rule) Senders() ([]snat.Sender, error) {
+	switch {
+	case len(r.From) > 0:
+		out := make([]snat.Sender, len(r.From))
+		for i, p := range r.From {
+			out[i] = snat.From(p)
+		}
+		return out, nil
+	case r.UID != "":
+		uid, err := who.LookupUID(r.UID)
+		if err != nil {
+			return nil, err
+		}
+		return []snat.Sender{snat.UID(uid)}, nil
+	case r.Cgroup != "":
+		p, err := who.CheckCgroup(r.Cgroup)
+		if err != nil {
+			return nil, err
+		}
+		return []snat.Sender{snat.Cgroup(p)}, nil
+	}
+	return []snat.Sender{snat.Host()}, nil
+}
+
+// Intents returns the file's rules as intents for snat.Resolve: one per
+// sender and destination.
 func (f *File) Intents() ([]snat.Intent, error) {
 	n := 0
 	for _, r := range f.Rules {
-		n += len(r.Dst) + len(r.dstFile)
+		n += max(1, len(r.From)) * (len(r.Dst) + len(r.dstFile))
 	}
 	out := make([]snat.Intent, 0, n)
 	var errs []error
 	for i, r := range f.Rules {
-		for _, d := range slices.Concat(r.Dst, r.dstFile) {
+		senders, err := r.Senders()
+		if err != nil {
+			errs = append(errs, fmt.Errorf("rule %d (line %d): %w", i+1, r.line, err))
+			continue
+		}
+		dsts := slices.Concat(r.Dst, r.dstFile)
+		if len(dsts) == 0 {
+			dsts = []netip.Prefix{everything(r.To[0])}
+		}
+		for _, d := range dsts {
 			if d.Addr().Is4() != r.To[0].Is4() {
 				errs = append(errs, fmt.Errorf("rule %d (line %d): destination %s and source %s are of different address families", i+1, r.line, d, r.To[0]))
 				continue
 			}
-			out = append(out, snat.Intent{Dst: d, To: r.To, Out: r.Out, Spread: r.Spread})
+			for _, s := range senders {
+				out = append(out, snat.Intent{Sender: s, Dst: d, To: r.To, Out: r.Out, Spread: r.Spread})
+			}
 		}
 	}
 	return out, errors.Join(errs...)
+}
+
+// everything is the prefix of every destination of a's family.
+func everything(a netip.Addr) netip.Prefix {
+	if a.Is4() {
+		return netip.PrefixFrom(netip.IPv4Unspecified(), 0)
+	}
+	return netip.PrefixFrom(netip.IPv6Unspecified(), 0)
 }

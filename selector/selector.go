@@ -21,6 +21,25 @@ import (
 // ErrNoRoute means the kernel has no route for the destination.
 var ErrNoRoute = errors.New("no route")
 
+// IsInput reports whether err says that the destination, interface or
+// address asked about cannot work on this host as it is (no route, not a
+// local address, the wrong or an unknown interface, a destination that is
+// not sent out), as opposed to a failure of netlink itself. Only the former
+// is the operator's to fix; callers give it the bad-input exit status.
+func IsInput(err error) bool {
+	var in inputError
+	return errors.Is(err, ErrNoRoute) || errors.Is(err, ErrNotLocal) || errors.As(err, &in)
+}
+
+// inputError marks an answer no retry can change.
+type inputError struct{ error }
+
+func (e inputError) Unwrap() error { return e.error }
+
+func inputErrorf(format string, args ...any) error {
+	return inputError{fmt.Errorf(format, args...)}
+}
+
 // Netlink is the part of *netlink.Handle the selector uses, so tests can give
 // it a handle inside a namespace (netlink.NewHandleAt) or a fake.
 type Netlink interface {
@@ -200,7 +219,7 @@ func (s *Selector) lookup(dst netip.Prefix, out string, explain bool) (*Choice, 
 		// Say where the traffic really goes, which is what the operator
 		// got wrong, rather than only that out has no route.
 		if routed, err2 := s.lookupVia(dst, "", false); err2 == nil && routed.Interface != out {
-			return nil, fmt.Errorf("traffic to %s leaves by %s, not %s", dst.Masked(), routed.Interface, out)
+			return nil, inputErrorf("traffic to %s leaves by %s, not %q", dst.Masked(), routed.Interface, out)
 		}
 	}
 	return c, err
@@ -212,6 +231,10 @@ func (s *Selector) lookupVia(dst netip.Prefix, out string, explain bool) (*Choic
 	if out != "" {
 		link, err := s.nl.LinkByName(out)
 		if err != nil {
+			var nf netlink.LinkNotFoundError
+			if errors.As(err, &nf) {
+				return nil, inputErrorf("interface %q: %w", out, err)
+			}
 			return nil, fmt.Errorf("interface %q: %w", out, err)
 		}
 		opts.OifIndex = link.Attrs().Index
@@ -239,10 +262,10 @@ func (s *Selector) lookupVia(dst netip.Prefix, out string, explain bool) (*Choic
 	r := routes[0]
 	c := &Choice{Dst: dst, Probe: probe, Table: r.Table, Route: fibPrefix(fib, dst.Addr().Is4())}
 	if r.Type != unix.RTN_UNICAST && r.Type != 0 {
-		return nil, fmt.Errorf("%s: route type %s is not unicast (local, broadcast or unreachable destinations are not sent out)", dst, routeType(r.Type))
+		return nil, inputErrorf("%s: route type %s is not unicast (local, broadcast or unreachable destinations are not sent out)", dst, routeType(r.Type))
 	}
 	if r.Src == nil {
-		return nil, fmt.Errorf("%s: the kernel chose no source address (interface without an address of this family?)", dst)
+		return nil, inputErrorf("%s: the kernel chose no source address (interface without an address of this family?)", dst)
 	}
 	c.Source = addrFrom(r.Src)
 	if r.Gw != nil {
@@ -254,7 +277,7 @@ func (s *Selector) lookupVia(dst netip.Prefix, out string, explain bool) (*Choic
 	}
 	c.Interface = link.Attrs().Name
 	if out != "" && c.Interface != out {
-		return nil, fmt.Errorf("traffic to %s leaves by %s, not %s", dst, c.Interface, out)
+		return nil, inputErrorf("traffic to %s leaves by %s, not %q", dst, c.Interface, out)
 	}
 	if !explain {
 		return c, nil
@@ -325,7 +348,7 @@ func (s *Selector) probe(dst netip.Prefix, opts *netlink.RouteGetOptions) (netip
 	if last != nil {
 		return netip.Addr{}, netlink.Route{}, fmt.Errorf("route lookup for %s: %w", dst, last)
 	}
-	return netip.Addr{}, netlink.Route{}, fmt.Errorf("no single route covers %s: its addresses take different routes; name the narrower prefixes instead", dst)
+	return netip.Addr{}, netlink.Route{}, inputErrorf("no single route covers %s: its addresses take different routes; name the narrower prefixes instead", dst)
 }
 
 func fibPrefix(r netlink.Route, is4 bool) netip.Prefix {

@@ -24,6 +24,14 @@ type Tables interface {
 	// Restore runs iptables-restore --noflush with payload: all of it, or
 	// nothing if any line fails.
 	Restore(f Family, payload string) error
+	// CanDropNATTable reports whether DropNATTable works: with
+	// iptables-nft and the nft command. Legacy tables cannot be unloaded
+	// from a namespace.
+	CanDropNATTable() bool
+	// DropNATTable deletes the family's nat table if it still holds
+	// nothing at all (checked right before deleting, so a rule another
+	// tool added meanwhile is never lost), and does nothing otherwise.
+	DropNATTable(f Family) error
 }
 
 // IPSets reads and writes ipsets.
@@ -249,21 +257,20 @@ func (ExecIPSets) Restore(payload string) error {
 	return nil
 }
 
-// DropEmptyNFTTable deletes the family's nat table in the nft backend when
-// it holds nothing at all, so that clear leaves iptables-save exactly as it
-// was on a host where the tool created the table. It needs the nft command
-// and silently does nothing without it; the table is left when any chain
-// other than the four empty built-ins, or any policy other than ACCEPT, is
-// there.
-func DropEmptyNFTTable(t Tables, f Family) error {
-	et, ok := t.(ExecTables)
-	if !ok || et.Backend != BackendNFT {
-		return nil
+// CanDropNATTable is true for iptables-nft with the nft command installed.
+func (t ExecTables) CanDropNATTable() bool {
+	if t.Backend != BackendNFT {
+		return false
 	}
-	nft, err := exec.LookPath("nft")
-	if err != nil {
-		return nil
-	}
+	_, err := exec.LookPath("nft")
+	return err == nil
+}
+
+// DropNATTable deletes the family's nat table when it holds nothing at all,
+// so that clear leaves iptables-save exactly as it was on a host where the
+// tool created the table. The table is left when any chain other than the
+// four empty built-ins, or any policy other than ACCEPT, is there.
+func (t ExecTables) DropNATTable(f Family) error {
 	text, err := t.Save(f)
 	if err != nil {
 		return err
@@ -271,11 +278,8 @@ func DropEmptyNFTTable(t Tables, f Family) error {
 	if !natTableEmpty(text) {
 		return nil
 	}
-	fam := "ip"
-	if f == IPv6 {
-		fam = "ip6"
-	}
-	if out, err := exec.Command(nft, "delete", "table", fam, table).CombinedOutput(); err != nil {
+	fam := nftFamily(f)
+	if out, err := exec.Command("nft", "delete", "table", fam, table).CombinedOutput(); err != nil {
 		return fmt.Errorf("nft delete table %s %s: %v: %s", fam, table, err, bytes.TrimSpace(out))
 	}
 	return nil

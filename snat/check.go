@@ -1,8 +1,12 @@
 package snat
 
 import (
+	"errors"
 	"fmt"
+	"net/netip"
 	"slices"
+
+	"github.com/egress-snat/egress-snat/selector"
 )
 
 // Finding is one way the host differs from what it should be.
@@ -65,7 +69,7 @@ func Diagnose(st *State, desired []Entry) []Finding {
 				add(DriftSetOutOfDate, "set %s holds %d destinations and %d exceptions, want %d and %d", s.Name, len(have.Members), len(have.NoMatch), len(s.Members), len(s.NoMatch))
 			}
 		}
-		if in.ChainExists && len(in.Foreign) == 0 && !sameRules(in.Rules, c.Rules) && sameEntries(in.Entries, desired, f) {
+		if in.ChainExists && len(in.Foreign) == 0 && !slices.Equal(in.Rules, c.Rules) && sameEntries(in.Entries, desired, f) {
 			add(DriftChainAltered, "the rules of %s are not in the order or shape egress-snat writes", ChainName)
 		}
 	}
@@ -92,4 +96,72 @@ func sameEntries(installed, desired []Entry, f Family) bool {
 		}
 	}
 	return slices.EqualFunc(a, b, Entry.Equal)
+}
+
+// DesiredNow resolves intents against the host as it is now, for check. A
+// source that left the host or a destination without a route is drift, not
+// an error: the installed entry for it is kept as desired so that it is
+// reported once. Rules whose natural source changed, or became redundant,
+// are named too.
+func DesiredNow(r Router, st *State, intents []Intent) ([]Entry, []Finding, error) {
+	type who struct {
+		Sender Sender
+		Dst    netip.Prefix
+	}
+	installed := map[who]Entry{}
+	for _, en := range st.Entries() {
+		installed[who{en.Sender, en.Dst}] = en
+	}
+	intents, err := Dedup(intents)
+	if err != nil {
+		return nil, nil, err
+	}
+	var desired []Entry
+	var findings []Finding
+	for _, in := range intents {
+		old, had := installed[who{in.Sender, in.Dst.Masked()}]
+		fam := FamilyOf(in.Dst.Addr()).String()
+		got, err := Resolve(r, []Intent{in})
+		switch {
+		case errors.Is(err, selector.ErrNotLocal):
+			findings = append(findings, Finding{Kind: DriftToMissing, Family: fam, Detail: fmt.Sprintf("%s: %v", describe(Match{Sender: in.Sender, Dst: in.Dst}), err)})
+		case errors.Is(err, selector.ErrNoRoute):
+			findings = append(findings, Finding{Kind: DriftNoRoute, Family: fam, Detail: err.Error()})
+		case err != nil:
+			return nil, nil, err
+		default:
+			en := got[0]
+			if had && old.Natural != en.Natural {
+				findings = append(findings, Finding{Kind: DriftNaturalChanged, Family: fam,
+					Detail: fmt.Sprintf("%s: the rule matches natural source %s, but the kernel now picks %s", describe(en.Match), old.Natural, en.Natural)})
+			} else if had && en.selfTarget() && !old.Keep() {
+				findings = append(findings, Finding{Kind: DriftRedundant, Family: fam,
+					Detail: fmt.Sprintf("%s: the natural source is now %s, the rule's source", describe(en.Match), en.Natural)})
+			}
+			desired = append(desired, en)
+			continue
+		}
+		if had {
+			desired = append(desired, old)
+		}
+	}
+	// Keep-natural entries follow the SNAT entries they carve out of.
+	for _, en := range st.Entries() {
+		if en.Keep() {
+			desired = append(desired, en)
+		}
+	}
+	return desired, findings, nil
+}
+
+// IntentsOf turns installed entries back into the intents that make them,
+// for checking the host against its own rules.
+func IntentsOf(entries []Entry) []Intent {
+	var out []Intent
+	for _, en := range entries {
+		if !en.Keep() {
+			out = append(out, Intent{Sender: en.Sender, Dst: en.Dst, To: en.To, Out: en.Out, Spread: len(en.To) > 1})
+		}
+	}
+	return out
 }

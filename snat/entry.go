@@ -1,6 +1,7 @@
 package snat
 
 import (
+	"encoding/json"
 	"fmt"
 	"net/netip"
 	"slices"
@@ -33,15 +34,50 @@ func FamilyOf(a netip.Addr) Family {
 	return IPv6
 }
 
-// Entry is one managed destination. New connections to Dst that leave by
-// Out with the natural source Natural get source To; with several To
-// addresses, new connections are spread over them in turn. An Entry with no
-// To keeps the natural source: it carves Dst out of a broader entry.
+// Entry is one managed rule. New connections matching its Match (who
+// sends, to Dst, leaving by Out) get source To; with several To addresses,
+// new connections are spread over them in turn. For the host's own traffic
+// (host, uid and cgroup senders) the rule matches only packets that would
+// leave with the natural source Natural, so applications that bind another
+// address keep theirs; forwarded traffic (from senders) has no natural
+// source. An Entry with no To keeps the natural source: it carves its match
+// out of a broader entry.
 type Entry struct {
+	Match
+	Natural netip.Addr
+	To      []netip.Addr
+}
+
+// entryJSON is the stable JSON form of an Entry, flat for scripts:
+// {"dst", "out", "natural", "to"} as before senders existed, plus "sender"
+// and the sender's own field ("from", "uid" or "cgroup"). "to" is null for
+// a rule keeping the natural source.
+type entryJSON struct {
+	Sender  string       `json:"sender"`
+	From    string       `json:"from,omitempty"`
+	UID     *uint32      `json:"uid,omitempty"`
+	Cgroup  string       `json:"cgroup,omitempty"`
 	Dst     netip.Prefix `json:"dst"`
 	Out     string       `json:"out"`
-	Natural netip.Addr   `json:"natural"`
+	Natural string       `json:"natural,omitempty"`
 	To      []netip.Addr `json:"to"`
+}
+
+func (e Entry) MarshalJSON() ([]byte, error) {
+	j := entryJSON{Sender: e.Sender.kind().String(), Dst: e.Dst, Out: e.Out, To: e.To}
+	if e.Natural.IsValid() {
+		j.Natural = e.Natural.String()
+	}
+	switch e.Sender.kind() {
+	case SenderFrom:
+		j.From = e.Sender.From.String()
+	case SenderUID:
+		uid := e.Sender.UID
+		j.UID = &uid
+	case SenderCgroup:
+		j.Cgroup = e.Sender.Cgroup
+	}
+	return json.Marshal(j)
 }
 
 // Family of the entry.
@@ -52,7 +88,7 @@ func (e Entry) Keep() bool { return len(e.To) == 0 }
 
 // Equal compares two entries field by field.
 func (e Entry) Equal(o Entry) bool {
-	return e.Dst == o.Dst && e.Out == o.Out && e.Natural == o.Natural && slices.Equal(e.To, o.To)
+	return e.Match == o.Match && e.Natural == o.Natural && slices.Equal(e.To, o.To)
 }
 
 // ToString renders To for people: "192.0.2.23", "192.0.2.22,192.0.2.23",
@@ -69,19 +105,33 @@ func (e Entry) ToString() string {
 }
 
 func (e Entry) String() string {
-	return fmt.Sprintf("%s via %s from %s -> %s", e.Dst, e.Out, e.Natural, e.ToString())
+	if !e.Sender.Local() {
+		return fmt.Sprintf("%s to %s via %s -> %s", e.Sender, e.Dst, e.Out, e.ToString())
+	}
+	who := ""
+	if !e.Sender.IsHost() {
+		who = e.Sender.String() + " "
+	}
+	return fmt.Sprintf("%s%s via %s from %s -> %s", who, e.Dst, e.Out, e.Natural, e.ToString())
+}
+
+// selfTarget reports whether the entry asks for the source the traffic
+// already has: such an entry needs no SNAT.
+func (e Entry) selfTarget() bool {
+	return e.Sender.Local() && len(e.To) == 1 && e.To[0] == e.Natural
 }
 
 // groupKey identifies the entries that can share one set rule: same
-// interface, same natural source, same target.
+// sender, interface, natural source and target.
 type groupKey struct {
+	Sender  Sender
 	Out     string
 	Natural netip.Addr
 	To      string
 }
 
 func (e Entry) group() groupKey {
-	return groupKey{Out: e.Out, Natural: e.Natural, To: e.ToString()}
+	return groupKey{Sender: e.Sender, Out: e.Out, Natural: e.Natural, To: e.ToString()}
 }
 
 // SortEntries orders entries the way the chain evaluates them for single
@@ -93,30 +143,50 @@ func SortEntries(es []Entry) {
 	}
 }
 
+// compareEntries is the chain's order, which is the precedence: family,
+// then who sends (a rule naming a sender before destination-only rules, the
+// more specific sender first), then the longest destination prefix first.
+// The rest only makes the order total.
 func compareEntries(a, b Entry) int {
 	if a.Family() != b.Family() {
 		return int(a.Family()) - int(b.Family())
 	}
+	if c := a.Sender.compare(b.Sender); c != 0 {
+		return c
+	}
 	if a.Dst.Bits() != b.Dst.Bits() {
 		return b.Dst.Bits() - a.Dst.Bits()
 	}
-	return a.Dst.Addr().Compare(b.Dst.Addr())
+	if c := a.Dst.Addr().Compare(b.Dst.Addr()); c != 0 {
+		return c
+	}
+	if c := strings.Compare(a.Out, b.Out); c != 0 {
+		return c
+	}
+	return a.Natural.Compare(b.Natural)
 }
 
 // Normalize returns the entries that need a rule:
 //   - an entry whose only target is its natural source needs a rule only
-//     when a broader SNAT entry for the same traffic would otherwise rewrite
-//     it; it becomes a keep-natural entry;
-//   - a keep-natural entry with no broader SNAT entry above it is dropped.
+//     when an entry later in the chain that rewrites would otherwise match
+//     its traffic; it becomes a keep-natural entry;
+//   - a keep-natural entry with nothing later in the chain to protect its
+//     traffic from is dropped.
 //
 // The result is sorted. Normalize is idempotent.
 func Normalize(es []Entry) []Entry {
 	out := make([]Entry, 0, len(es))
+	rewriting := make([]Entry, 0, len(es))
 	for _, e := range es {
-		if len(e.To) == 1 && e.To[0] == e.Natural {
+		if !e.Keep() && !e.selfTarget() {
+			rewriting = append(rewriting, e)
+		}
+	}
+	for _, e := range es {
+		if e.selfTarget() {
 			e.To = nil
 		}
-		if e.Keep() && !coveredBySNAT(e, es) {
+		if e.Keep() && !shadowedLater(e, rewriting) {
 			continue
 		}
 		out = append(out, e)
@@ -125,14 +195,16 @@ func Normalize(es []Entry) []Entry {
 	return out
 }
 
-// coveredBySNAT reports whether a strictly broader entry rewriting the same
-// traffic (same interface and natural source) contains e.Dst.
-func coveredBySNAT(e Entry, es []Entry) bool {
-	for _, o := range es {
-		if o.Keep() || (len(o.To) == 1 && o.To[0] == o.Natural) {
+// shadowedLater reports whether a rewriting entry that comes after e in the
+// chain matches traffic e matches: e then needs its RETURN rule. Within one
+// sender a later rule is a broader destination; a later sender's rule (the
+// host's, after a uid's) may also be a narrower one.
+func shadowedLater(e Entry, rewriting []Entry) bool {
+	for _, o := range rewriting {
+		if o.Out != e.Out || o.Natural != e.Natural || compareEntries(o, e) <= 0 {
 			continue
 		}
-		if o.Out == e.Out && o.Natural == e.Natural && o.Dst.Bits() < e.Dst.Bits() && o.Dst.Contains(e.Dst.Addr()) {
+		if o.Dst.Overlaps(e.Dst) && o.Sender.Contains(e.Sender) {
 			return true
 		}
 	}
@@ -140,15 +212,15 @@ func coveredBySNAT(e Entry, es []Entry) bool {
 }
 
 // Effective returns the entry that decides the source of a new connection
-// to dst leaving by out with the natural source natural: the longest
-// matching destination, as the chain evaluates it. Nil means no rule applies.
-func Effective(entries []Entry, dst netip.Addr, out string, natural netip.Addr) *Entry {
+// like p: the first entry of the chain (in chain order, see compareEntries)
+// whose rule matches it. Nil means no rule applies.
+func Effective(entries []Entry, p Packet) *Entry {
 	var best *Entry
 	for i, e := range entries {
-		if e.Out != out || e.Natural != natural || !e.Dst.Contains(dst) {
+		if !e.matches(p) {
 			continue
 		}
-		if best == nil || e.Dst.Bits() > best.Dst.Bits() {
+		if best == nil || compareEntries(e, *best) < 0 {
 			best = &entries[i]
 		}
 	}
@@ -156,15 +228,20 @@ func Effective(entries []Entry, dst netip.Addr, out string, natural netip.Addr) 
 }
 
 // Merge returns installed with the entries of updates added, replacing any
-// installed entry for the same destination.
+// installed entry for the same sender and destination: setting a
+// destination again replaces its source, as routes do.
 func Merge(installed, updates []Entry) []Entry {
-	replaced := map[netip.Prefix]bool{}
+	type who struct {
+		Sender Sender
+		Dst    netip.Prefix
+	}
+	replaced := map[who]bool{}
 	for _, u := range updates {
-		replaced[u.Dst] = true
+		replaced[who{u.Sender, u.Dst}] = true
 	}
 	out := slices.Clone(updates)
 	for _, e := range installed {
-		if !replaced[e.Dst] {
+		if !replaced[who{e.Sender, e.Dst}] {
 			out = append(out, e)
 		}
 	}

@@ -19,6 +19,8 @@ type FakeTables struct {
 	FailRestore map[Family]error
 	// Restores counts successful Restore calls per family.
 	Restores map[Family]int
+	// Droppable says what CanDropNATTable answers.
+	Droppable bool
 }
 
 type fakeTable struct {
@@ -298,3 +300,17 @@ func (fs *FakeIPSets) Restore(payload string) error {
 
 // Put replaces a set's members directly, as an operator editing it by hand.
 func (fs *FakeIPSets) Put(s Set) { fs.sets[s.Name] = s }
+
+// CanDropNATTable is the fake's Droppable: false, like iptables-legacy,
+// unless a test sets it.
+func (ft *FakeTables) CanDropNATTable() bool { return ft.Droppable }
+
+// DropNATTable deletes the family's nat table when it holds nothing, as
+// ExecTables does with nft.
+func (ft *FakeTables) DropNATTable(f Family) error {
+	text, _ := ft.Save(f)
+	if natTableEmpty(text) {
+		delete(ft.tables[f], table)
+	}
+	return nil
+}

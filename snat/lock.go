@@ -16,6 +16,18 @@ var ErrBusy = errors.New("another egress-snat run is holding the lock")
 // LockDir holds one lock file per network namespace.
 const LockDir = "/run/egress-snat"
 
+// Locker serializes the writers of one network namespace. FileLock is the
+// real one; unit tests pass a lock of their own, so they never take the
+// host's.
+type Locker interface {
+	Lock(timeout time.Duration) (unlock func(), err error)
+}
+
+// FileLock is the lock every egress-snat process takes: see Lock.
+type FileLock struct{}
+
+func (FileLock) Lock(timeout time.Duration) (func(), error) { return Lock(timeout) }
+
 // Lock serializes egress-snat runs that change the same network namespace:
 // a cron rotation overlapping a manual set waits here instead of racing it.
 // The lock is per namespace (named by the namespace's inode) so that runs in

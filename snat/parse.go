@@ -13,6 +13,10 @@ type Installed struct {
 	Family Family
 	// TableExists is false when iptables-save printed no nat table at all.
 	TableExists bool
+	// OnlyOurs is true when the nat table holds nothing but our chain and
+	// jump (and the built-in chains, empty, policy ACCEPT): clearing our
+	// rules leaves it empty.
+	OnlyOurs bool
 	// ChainExists is true when the managed chain is declared.
 	ChainExists bool
 	// Jumps are the POSTROUTING rules jumping to the chain, as printed by
@@ -27,8 +31,11 @@ type Installed struct {
 	// Foreign are rules in the managed chain this tool did not write (no
 	// comment of ours, or a shape it does not produce): drift.
 	Foreign []string
-	// Rules are the chain's rule specs as read, for comparison.
-	Rules [][]string
+	// Rules are the chain's rules of our shape, in order.
+	Rules []Rule
+	// Raw is every rule of the chain as read, ours or not, so that a
+	// failed write can put back exactly what was there.
+	Raw [][]string
 }
 
 // InSync reports whether the installed chain is exactly c with one jump, first.
@@ -39,19 +46,14 @@ func (in Installed) InSync(c Chain) bool {
 	if !in.ChainExists || len(in.Jumps) != 1 || !in.JumpFirst || len(in.Foreign) > 0 {
 		return false
 	}
-	return sameRules(in.Rules, c.Rules)
-}
-
-// sameRules compares rule specs as read back with rendered ones.
-func sameRules(a, b [][]string) bool {
-	return slices.EqualFunc(a, b, func(x, y []string) bool { return normalizeSpec(x) == normalizeSpec(y) })
+	return slices.Equal(in.Rules, c.Rules)
 }
 
 // ParseSave reads `iptables-save -t nat` (or ip6tables-save) output.
-// setMembers maps set names to their members, from ParseSets; entries in
-// sets are expanded to one Entry per member.
+// sets maps set names to their content, from ParseSets; entries in sets are
+// expanded to one Entry per member.
 func ParseSave(f Family, text string, sets map[string]Set) (Installed, error) {
-	in := Installed{Family: f}
+	in := Installed{Family: f, OnlyOurs: true}
 	inNat := false
 	postrouting := 0
 	type ruleEntry struct {
@@ -59,7 +61,7 @@ func ParseSave(f Family, text string, sets map[string]Set) (Installed, error) {
 		set string
 	}
 	var found []ruleEntry
-	byKey := map[string]int{} // match key -> index in found
+	byMatch := map[Rule]int{} // a rule's match -> index in found
 	sc := bufio.NewScanner(strings.NewReader(text))
 	sc.Buffer(nil, 1<<20)
 	for sc.Scan() {
@@ -78,6 +80,11 @@ func ParseSave(f Family, text string, sets map[string]Set) (Installed, error) {
 		case strings.HasPrefix(line, ":"+ChainName+" "):
 			in.ChainExists = true
 			continue
+		case strings.HasPrefix(line, ":"):
+			if name, pol, _ := strings.Cut(line[1:], " "); !slices.Contains(builtinChains[table], name) || !strings.HasPrefix(pol, "ACCEPT") {
+				in.OnlyOurs = false
+			}
+			continue
 		case !strings.HasPrefix(line, "-A "):
 			continue
 		}
@@ -89,26 +96,44 @@ func ParseSave(f Family, text string, sets map[string]Set) (Installed, error) {
 		switch chain {
 		case hookChain:
 			postrouting++
-			if target(spec) == ChainName {
-				in.Jumps = append(in.Jumps, spec)
-				if postrouting == 1 {
-					in.JumpFirst = true
-				}
+			if target(spec) != ChainName {
+				in.OnlyOurs = false
+				continue
+			}
+			in.Jumps = append(in.Jumps, spec)
+			if postrouting == 1 {
+				in.JumpFirst = true
 			}
 		case ChainName:
-			in.Rules = append(in.Rules, spec)
-			r, ok := parseRule(f, spec)
-			if !ok {
+			in.Raw = append(in.Raw, spec)
+			r, err := ParseRule(f, spec)
+			if err != nil {
 				in.Foreign = append(in.Foreign, strings.Join(spec, " "))
 				continue
 			}
-			key := r.key()
-			if i, seen := byKey[key]; seen {
-				found[i].To = append(found[i].To, r.to...)
+			in.Rules = append(in.Rules, r)
+			to := []netip.Addr{}
+			if r.ToSource.IsValid() {
+				to = []netip.Addr{r.ToSource}
+			}
+			// A spread entry has one rule per address, all with one match.
+			m := r.match()
+			if i, seen := byMatch[m]; seen {
+				found[i].To = append(found[i].To, to...)
 				continue
 			}
-			byKey[key] = len(found)
-			found = append(found, ruleEntry{Entry{Dst: r.dst, Out: r.out, Natural: r.natural, To: r.to}, r.set})
+			byMatch[m] = len(found)
+			dst := r.Dst
+			if !dst.IsValid() {
+				dst = everything(f)
+			}
+			e := Entry{Match: Match{Sender: r.Sender(), Dst: dst, Out: r.Out}, Natural: r.natural()}
+			if len(to) > 0 {
+				e.To = to
+			}
+			found = append(found, ruleEntry{e, r.Set})
+		default:
+			in.OnlyOurs = false
 		}
 	}
 	if err := sc.Err(); err != nil {
@@ -142,99 +167,12 @@ func ParseSave(f Family, text string, sets map[string]Set) (Installed, error) {
 	return in, nil
 }
 
-type parsedRule struct {
-	dst     netip.Prefix
-	set     string
-	out     string
-	natural netip.Addr
-	to      []netip.Addr // one, or none for RETURN
-	nth     bool
-}
-
-// key identifies the rules of one entry: a spread entry has one rule per
-// address, all with the same match.
-func (r parsedRule) key() string {
-	return fmt.Sprintf("%s|%s|%s|%s", r.dst, r.set, r.out, r.natural)
-}
-
-// parseRule reads back a rule of the shape ruleSpecs writes. Anything else,
-// including a rule without our comment, is reported as not ours.
-func parseRule(f Family, spec []string) (parsedRule, bool) {
-	var r parsedRule
-	ours := false
-	tgt := ""
-	for i := 0; i < len(spec); i++ {
-		arg := func() string {
-			if i+1 < len(spec) {
-				i++
-				return spec[i]
-			}
-			return ""
-		}
-		switch spec[i] {
-		case "-s":
-			p, err := netip.ParsePrefix(arg())
-			if err != nil || !p.IsSingleIP() {
-				return r, false
-			}
-			r.natural = p.Addr()
-		case "-d":
-			p, err := parsePrefix(arg())
-			if err != nil {
-				return r, false
-			}
-			r.dst = p
-		case "-o":
-			r.out = arg()
-		case "-m":
-			switch arg() {
-			case "comment", "set", "statistic":
-			default:
-				return r, false
-			}
-		case "--comment":
-			ours = arg() == Comment
-		case "--match-set":
-			r.set = arg()
-			if arg() != "dst" {
-				return r, false
-			}
-		case "--mode":
-			if arg() != "nth" {
-				return r, false
-			}
-			r.nth = true
-		case "--every", "--packet":
-			arg()
-		case "-j":
-			tgt = arg()
-		case "--to-source":
-			a, err := netip.ParseAddr(strings.Trim(arg(), "[]"))
-			if err != nil {
-				return r, false
-			}
-			r.to = []netip.Addr{a}
-		default:
-			return r, false
-		}
+// everything is the prefix of every destination of f.
+func everything(f Family) netip.Prefix {
+	if f == IPv4 {
+		return netip.PrefixFrom(netip.IPv4Unspecified(), 0)
 	}
-	if !ours || !r.natural.IsValid() || r.out == "" || FamilyOf(r.natural) != f || r.dst.IsValid() && FamilyOf(r.dst.Addr()) != f {
-		return r, false
-	}
-	switch {
-	case tgt == "RETURN" && len(r.to) == 0:
-	case tgt == "SNAT" && len(r.to) == 1:
-	default:
-		return r, false
-	}
-	if r.set == "" && !r.dst.IsValid() {
-		if f == IPv4 {
-			r.dst = netip.PrefixFrom(netip.IPv4Unspecified(), 0)
-		} else {
-			r.dst = netip.PrefixFrom(netip.IPv6Unspecified(), 0)
-		}
-	}
-	return r, true
+	return netip.PrefixFrom(netip.IPv6Unspecified(), 0)
 }
 
 func target(spec []string) string {
@@ -260,48 +198,6 @@ func parsePrefix(s string) (netip.Prefix, error) {
 		return netip.Prefix{}, err
 	}
 	return netip.PrefixFrom(a, a.BitLen()), nil
-}
-
-// normalizeSpec makes a rendered spec comparable with what iptables-save
-// prints: same words, quotes removed, host prefixes with their length.
-func normalizeSpec(spec []string) string {
-	out := make([]string, 0, len(spec))
-	for i := 0; i < len(spec); i++ {
-		w := spec[i]
-		if (w == "-s" || w == "-d") && i+1 < len(spec) {
-			if p, err := parsePrefix(spec[i+1]); err == nil {
-				out = append(out, w, p.String())
-				i++
-				continue
-			}
-		}
-		out = append(out, w)
-	}
-	return canonicalOrder(out)
-}
-
-// canonicalOrder sorts option groups so that rendering order and
-// iptables-save order compare equal. Each group is an option word starting
-// with '-' followed by its values; "-m" starts a module group that includes
-// the module's own options.
-func canonicalOrder(words []string) string {
-	var groups []string
-	var cur []string
-	flush := func() {
-		if len(cur) > 0 {
-			groups = append(groups, strings.Join(cur, " "))
-			cur = nil
-		}
-	}
-	for _, w := range words {
-		if w == "-s" || w == "-d" || w == "-o" || w == "-i" || w == "-m" || w == "-j" || w == "-p" {
-			flush()
-		}
-		cur = append(cur, w)
-	}
-	flush()
-	slices.Sort(groups)
-	return strings.Join(groups, " ")
 }
 
 // splitWords splits an iptables-save line into words, honouring the double

@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"net/netip"
 	"slices"
-	"strconv"
 	"strings"
 )
 
@@ -28,28 +27,46 @@ type Set struct {
 // Chain is the rendered content of one family's managed chain.
 type Chain struct {
 	Family Family
-	// Rules are the rule specifications, without "-A EGRESS-SNAT".
-	Rules [][]string
-	Sets  []Set
+	Rules  []Rule
+	Sets   []Set
 }
 
 // Render turns one family's normalized entries into chain rules and sets.
 // It is pure: the same entries always give the same text and set names.
+//
+// The chain is a sequence of blocks, one per sender, in precedence order
+// (see compareEntries). Within a block the set rules come first, then the
+// single rules longest prefix first; each set holds, as nomatch exceptions,
+// the more specific destinations of the block's other entries, so the
+// longest prefix wins within a block whatever holds it. Blocks need no
+// exceptions between them: an earlier block is the more specific sender.
 func Render(f Family, entries []Entry) Chain {
 	c := Chain{Family: f}
 	mine := ofFamily(entries, f)
+	for lo := 0; lo < len(mine); {
+		hi := lo + 1
+		for hi < len(mine) && mine[hi].Sender == mine[lo].Sender {
+			hi++
+		}
+		renderBlock(&c, mine[lo:hi])
+		lo = hi
+	}
+	return c
+}
 
+// renderBlock appends the rules and sets of one sender's sorted entries.
+func renderBlock(c *Chain, block []Entry) {
 	// Group by position: entries are large, and a 100,000-entry group
 	// copied on every append costs more than the rest of planning.
 	groups := map[groupKey][]int{}
 	var order []groupKey
-	var singles []Entry
-	for i := range mine {
-		if mine[i].Dst.Bits() == 0 {
-			singles = append(singles, mine[i]) // hash:net cannot hold /0
+	var singles []int
+	for i := range block {
+		if block[i].Dst.Bits() == 0 {
+			singles = append(singles, i) // hash:net cannot hold /0
 			continue
 		}
-		k := mine[i].group()
+		k := block[i].group()
 		if _, ok := groups[k]; !ok {
 			order = append(order, k)
 		}
@@ -61,39 +78,28 @@ func Render(f Family, entries []Entry) Chain {
 			inSet[k] = true
 		}
 	}
-	nomatch := exceptions(mine, inSet)
-
-	var sets []Set
-	var setRules [][]string
+	nomatch := exceptions(block, inSet)
 	for _, k := range order {
 		g := groups[k]
 		if !inSet[k] {
-			for _, i := range g {
-				singles = append(singles, mine[i])
-			}
+			singles = append(singles, g...)
 			continue
 		}
-		s := Set{Family: f, NoMatch: nomatch[k], Members: make([]netip.Prefix, 0, len(g))}
+		s := Set{Family: c.Family, NoMatch: nomatch[k], Members: make([]netip.Prefix, 0, len(g))}
 		for _, i := range g {
-			s.Members = append(s.Members, mine[i].Dst)
+			s.Members = append(s.Members, block[i].Dst)
 		}
 		slices.SortFunc(s.Members, comparePrefix)
 		slices.SortFunc(s.NoMatch, comparePrefix)
 		s.Name = setName(s)
-		sets = append(sets, s)
-		setRules = append(setRules, ruleSpecs(mine[g[0]], []string{"-m", "set", "--match-set", s.Name, "dst"})...)
+		c.Sets = append(c.Sets, s)
+		c.Rules = append(c.Rules, rulesFor(block[g[0]], s.Name)...)
 	}
-	c.Sets = sets
-	c.Rules = append(c.Rules, setRules...)
-	SortEntries(singles)
-	for _, e := range singles {
-		var dst []string
-		if e.Dst.Bits() > 0 {
-			dst = []string{"-d", e.Dst.String()}
-		}
-		c.Rules = append(c.Rules, ruleSpecs(e, dst)...)
+	// block is sorted, so sorting the positions sorts the single rules.
+	slices.Sort(singles)
+	for _, i := range singles {
+		c.Rules = append(c.Rules, rulesFor(block[i], "")...)
 	}
-	return c
 }
 
 // ofFamily returns f's entries, sorted. Sorted input (entries are sorted by
@@ -125,10 +131,12 @@ func exceptions(entries []Entry, inSet map[groupKey]bool) map[groupKey][]netip.P
 	if len(inSet) == 0 {
 		return out
 	}
-	owner := make(map[netip.Prefix]groupKey, len(entries))
+	owner := make(map[netip.Prefix][]groupKey, len(entries))
 	var lengths []int // prefix lengths in use, longest first
 	for _, e := range entries {
-		owner[e.Dst] = e.group()
+		if k := e.group(); !slices.Contains(owner[e.Dst], k) {
+			owner[e.Dst] = append(owner[e.Dst], k)
+		}
 		if !slices.Contains(lengths, e.Dst.Bits()) {
 			lengths = append(lengths, e.Dst.Bits())
 		}
@@ -143,41 +151,14 @@ func exceptions(entries []Entry, inSet map[groupKey]bool) map[groupKey][]netip.P
 				continue
 			}
 			super, _ := e.Dst.Addr().Prefix(bits)
-			k, ok := owner[super]
-			if !ok || k == mine || !inSet[k] || slices.Contains(added, k) {
-				continue
+			for _, k := range owner[super] {
+				if k == mine || !inSet[k] || slices.Contains(added, k) {
+					continue
+				}
+				added = append(added, k)
+				out[k] = append(out[k], e.Dst)
 			}
-			added = append(added, k)
-			out[k] = append(out[k], e.Dst)
 		}
-	}
-	return out
-}
-
-// ruleSpecs renders the rules of one entry with the given destination match.
-// Spreading over n addresses uses n rules with the statistic match in nth
-// mode: rule i takes every (n-i)th of the connections still unclaimed, so
-// new connections go round-robin. A --to-source range would not do: the
-// kernel picks an address of a range by hashing source and destination, so
-// one client talking to one server would always get the same address.
-func ruleSpecs(e Entry, dstMatch []string) [][]string {
-	base := []string{}
-	base = append(base, "-s", hostPrefix(e.Natural).String())
-	base = append(base, dstMatch...)
-	base = append(base, "-o", e.Out)
-	base = append(base, "-m", "comment", "--comment", Comment)
-	if e.Keep() {
-		return [][]string{append(slices.Clone(base), "-j", "RETURN")}
-	}
-	var out [][]string
-	n := len(e.To)
-	for i, to := range e.To {
-		r := slices.Clone(base)
-		if i < n-1 {
-			r = append(r, "-m", "statistic", "--mode", "nth", "--every", strconv.Itoa(n-i), "--packet", "0")
-		}
-		r = append(r, "-j", "SNAT", "--to-source", to.String())
-		out = append(out, r)
 	}
 	return out
 }
@@ -207,15 +188,16 @@ func setName(s Set) string {
 }
 
 // RestorePayload renders the iptables-restore --noflush input that makes the
-// managed chain exactly c and puts one jump first in POSTROUTING. existingJumps
-// are the jump rules found in POSTROUTING (as iptables-save prints them, minus
-// "-A POSTROUTING"); each is deleted in the same transaction, so if another
+// managed chain exactly rules (iptables arguments, without "-A EGRESS-SNAT")
+// and puts one jump first in POSTROUTING. existingJumps are the jump rules
+// found in POSTROUTING (as iptables-save prints them, minus "-A
+// POSTROUTING"); each is deleted in the same transaction, so if another
 // writer changed POSTROUTING meanwhile the whole transaction fails instead of
 // leaving two jumps.
 //
 // Declaring ":EGRESS-SNAT - [0:0]" creates the chain or flushes it inside the
 // same commit, so no reader ever sees it half written.
-func RestorePayload(c Chain, existingJumps [][]string) string {
+func RestorePayload(rules [][]string, existingJumps [][]string) string {
 	var b strings.Builder
 	b.WriteString("*" + table + "\n")
 	b.WriteString(":" + ChainName + " - [0:0]\n")
@@ -223,11 +205,20 @@ func RestorePayload(c Chain, existingJumps [][]string) string {
 		writeRule(&b, "-D", hookChain, j)
 	}
 	writeRule(&b, "-I", hookChain+" 1", JumpSpec())
-	for _, r := range c.Rules {
+	for _, r := range rules {
 		writeRule(&b, "-A", ChainName, r)
 	}
 	b.WriteString("COMMIT\n")
 	return b.String()
+}
+
+// Args renders every rule of c.
+func (c Chain) Args() [][]string {
+	out := make([][]string, len(c.Rules))
+	for i, r := range c.Rules {
+		out[i] = r.Args()
+	}
+	return out
 }
 
 // ClearPayload removes every jump and the chain.

@@ -30,11 +30,12 @@ type Router interface {
 
 var _ Router = (*selector.Selector)(nil)
 
-// Intent is what the operator asks for: new connections to Dst (leaving by
-// Out, or as routed when Out is empty) get source To. With Spread they are
-// spread over all of To in turn; without it, To is an ordered failover list
-// and the first address present on the host is used.
+// Intent is what the operator asks for: new connections of Sender to Dst
+// (leaving by Out, or as routed when Out is empty) get source To. With
+// Spread they are spread over all of To in turn; without it, To is an
+// ordered failover list and the first address present on the host is used.
 type Intent struct {
+	Sender Sender
 	Dst    netip.Prefix
 	To     []netip.Addr
 	Out    string
@@ -81,24 +82,44 @@ func resolve(r Router, intents []Intent, lenient bool) ([]Entry, []error, error)
 	return out, skipped, errors.Join(errs...)
 }
 
-// Dedup drops repeated intents for the same destination and refuses one
-// destination given two different sources: which one wins would be a guess.
+// Dedup drops repeated intents for the same match and refuses one match
+// given two different sources: which one wins would be a guess.
 func Dedup(intents []Intent) ([]Intent, error) {
 	var errs []error
 	out := make([]Intent, 0, len(intents))
-	seen := make(map[netip.Prefix]Intent, len(intents))
+	seen := make(map[Match]Intent, len(intents))
 	for _, in := range intents {
-		dst := in.Dst.Masked()
-		if prev, dup := seen[dst]; dup {
+		m := Match{Sender: in.Sender, Dst: in.Dst.Masked(), Out: in.Out}
+		if prev, dup := seen[m]; dup {
 			if !slices.Equal(prev.To, in.To) || prev.Spread != in.Spread {
-				errs = append(errs, Invalid("destination %s is given twice, with sources %s and %s", dst, addrList(prev.To), addrList(in.To)))
+				errs = append(errs, Invalid("%s is given twice, with sources %s and %s", describe(m), addrList(prev.To), addrList(in.To)))
 			}
 			continue
 		}
-		seen[dst] = in
+		seen[m] = in
 		out = append(out, in)
 	}
 	return out, errors.Join(errs...)
+}
+
+// describe names a match in messages: "destination 198.51.100.4/32", or
+// "destination 198.51.100.4/32 from 10.77.0.0/24".
+func describe(m Match) string {
+	s := "destination " + m.Dst.String()
+	if !m.Sender.IsHost() {
+		s += " for " + m.Sender.String()
+	}
+	return s
+}
+
+// hostErr classifies an error of the host lookups: one that says the input
+// cannot work here is bad input; a netlink failure is a runtime failure.
+func hostErr(err error, format string, args ...any) error {
+	wrapped := fmt.Errorf(format+": %w", append(args, err)...)
+	if selector.IsInput(err) {
+		return &InvalidError{wrapped}
+	}
+	return wrapped
 }
 
 func resolveOne(r Router, in Intent, lenient bool) (Entry, error) {
@@ -107,16 +128,26 @@ func resolveOne(r Router, in Intent, lenient bool) (Entry, error) {
 		return Entry{}, Invalid("destination %q is not a valid address or prefix", in.Dst)
 	}
 	if len(in.To) == 0 {
-		return Entry{}, Invalid("destination %s: no source address given", dst)
+		return Entry{}, Invalid("%s: no source address given", describe(Match{Sender: in.Sender, Dst: dst}))
 	}
 	for _, to := range in.To {
 		if to.Is4() != dst.Addr().Is4() {
 			return Entry{}, Invalid("source %s and destination %s are of different address families", to, dst)
 		}
 	}
+	if s := in.Sender; s.kind() == SenderFrom {
+		switch {
+		case !s.From.IsValid():
+			return Entry{}, Invalid("--from: not a valid prefix")
+		case s.From.Addr().Is4() != dst.Addr().Is4():
+			return Entry{}, Invalid("--from %s and destination %s are of different address families", s.From, dst)
+		case s.From.Masked() != s.From:
+			return Entry{}, Invalid("--from %s has host bits set; did you mean %s?", s.From, s.From.Masked())
+		}
+	}
 	iface, natural, err := r.Natural(dst, in.Out)
 	if err != nil {
-		return Entry{}, Invalid("destination %s: %w", dst, err)
+		return Entry{}, hostErr(err, "destination %s", dst)
 	}
 	var to []netip.Addr
 	var missing error
@@ -129,7 +160,7 @@ func resolveOne(r Router, in Intent, lenient bool) (Entry, error) {
 			}
 			continue
 		case err != nil:
-			return Entry{}, Invalid("source %s: %w", a, err)
+			return Entry{}, hostErr(err, "source %s", a)
 		case owner != iface:
 			return Entry{}, Invalid("source %s is on %s, but traffic to %s leaves by %s: the source must be an address of the outgoing interface", a, owner, dst, iface)
 		}
@@ -141,7 +172,11 @@ func resolveOne(r Router, in Intent, lenient bool) (Entry, error) {
 	if len(to) == 0 || (missing != nil && in.Spread && !lenient) {
 		return Entry{}, missing
 	}
-	return Entry{Dst: dst, Out: iface, Natural: natural, To: to}, nil
+	e := Entry{Match: Match{Sender: in.Sender, Dst: dst, Out: iface}, To: to}
+	if in.Sender.Local() {
+		e.Natural = natural
+	}
+	return e, nil
 }
 
 func addrList(as []netip.Addr) string {

@@ -1,9 +1,13 @@
 package snat
 
 import (
+	"encoding/json"
+	"errors"
 	"math/rand/v2"
 	"net/netip"
 	"slices"
+
+	"github.com/egress-snat/egress-snat/selector"
 )
 
 // Order is how rotate picks the next pool member.
@@ -52,14 +56,103 @@ func NextSource(pool []netip.Addr, current netip.Addr, usable func(netip.Addr) b
 	return current, true
 }
 
-// Current returns the address new connections to exactly dst leave with
-// according to the installed entries: the managed entry's first source, or
-// natural when dst has no entry of its own.
-func Current(installed []Entry, dst netip.Prefix, natural netip.Addr) netip.Addr {
+// Current returns the address new connections of exactly m's sender and
+// destination leave with according to the installed entries: the managed
+// entry's first source, or natural when m has no entry of its own.
+func Current(installed []Entry, m Match, natural netip.Addr) netip.Addr {
 	for _, e := range installed {
-		if e.Dst == dst && !e.Keep() {
+		if e.Sender == m.Sender && e.Dst == m.Dst && (m.Out == "" || e.Out == m.Out) && !e.Keep() {
 			return e.To[0]
 		}
 	}
 	return natural
+}
+
+// Move is one match's rotation.
+type Move struct {
+	Match Match `json:"-"`
+	// From is the address in use before, To the one after.
+	From             netip.Addr   `json:"from"`
+	To               netip.Addr   `json:"to"`
+	Skipped          []netip.Addr `json:"skipped,omitempty"`
+	ConntrackDeleted *uint        `json:"conntrack_deleted,omitempty"`
+}
+
+// MarshalJSON flattens the match: {"sender", "dst", "out", "from", "to",
+// ...}, with a --from sender's prefix as "from_prefix" ("from" is the
+// address moved away from, as before senders existed).
+func (m Move) MarshalJSON() ([]byte, error) {
+	j := struct {
+		Sender           string       `json:"sender"`
+		FromPrefix       string       `json:"from_prefix,omitempty"`
+		UID              *uint32      `json:"uid,omitempty"`
+		Cgroup           string       `json:"cgroup,omitempty"`
+		Dst              netip.Prefix `json:"dst"`
+		Out              string       `json:"out"`
+		From             netip.Addr   `json:"from"`
+		To               netip.Addr   `json:"to"`
+		Skipped          []netip.Addr `json:"skipped,omitempty"`
+		ConntrackDeleted *uint        `json:"conntrack_deleted,omitempty"`
+	}{Sender: m.Match.Sender.kind().String(), Dst: m.Match.Dst, Out: m.Match.Out, From: m.From, To: m.To, Skipped: m.Skipped, ConntrackDeleted: m.ConntrackDeleted}
+	switch s := m.Match.Sender; s.kind() {
+	case SenderFrom:
+		j.FromPrefix = s.From.String()
+	case SenderUID:
+		uid := s.UID
+		j.UID = &uid
+	case SenderCgroup:
+		j.Cgroup = s.Cgroup
+	}
+	return json.Marshal(j)
+}
+
+// PlanRotation picks, for each match (sender and destination), the pool
+// member after the address it uses now, and returns the moves and the
+// intents that make them. Every pool member must be an address of the
+// interface the match's traffic leaves by; a member no longer on the host
+// is skipped and named in the move. It changes nothing.
+func PlanRotation(r Router, st *State, pool []netip.Addr, targets []Match, order Order, rng *rand.Rand) ([]Move, []Intent, error) {
+	installed := st.Entries()
+	var moves []Move
+	var intents []Intent
+	for _, t := range targets {
+		out := t.Out
+		if out == "" {
+			for _, en := range installed {
+				if en.Sender == t.Sender && en.Dst == t.Dst {
+					out = en.Out
+				}
+			}
+		}
+		iface, natural, err := r.Natural(t.Dst, out)
+		if err != nil {
+			return nil, nil, hostErr(err, "--dst %s", t.Dst)
+		}
+		m := Move{Match: Match{Sender: t.Sender, Dst: t.Dst, Out: iface}}
+		if t.Sender.Local() {
+			m.From = Current(installed, m.Match, natural)
+		} else {
+			m.From = Current(installed, m.Match, netip.Addr{})
+		}
+		for _, a := range pool {
+			owner, err := r.Owner(a)
+			switch {
+			case errors.Is(err, selector.ErrNotLocal):
+				m.Skipped = append(m.Skipped, a)
+			case err != nil:
+				return nil, nil, hostErr(err, "pool member %s", a)
+			case owner != iface:
+				return nil, nil, Invalid("pool member %s is on %s, but traffic to %s leaves by %s", a, owner, t.Dst, iface)
+			}
+		}
+		usable := func(a netip.Addr) bool { return !slices.Contains(m.Skipped, a) }
+		next, ok := NextSource(pool, m.From, usable, order, rng)
+		if !ok {
+			return nil, nil, Invalid("no pool member is an address of this host: %s; nothing changed", addrList(pool))
+		}
+		m.To = next
+		moves = append(moves, m)
+		intents = append(intents, Intent{Sender: t.Sender, Dst: t.Dst, To: []netip.Addr{next}, Out: out})
+	}
+	return moves, intents, nil
 }

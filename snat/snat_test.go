@@ -22,7 +22,7 @@ func pfx(s string) netip.Prefix {
 func addr(s string) netip.Addr { return netip.MustParseAddr(s) }
 
 func entry(dst, natural string, to ...string) Entry {
-	e := Entry{Dst: pfx(dst), Out: "eth0", Natural: addr(natural)}
+	e := Entry{Match: Match{Dst: pfx(dst), Out: "eth0"}, Natural: addr(natural)}
 	for _, t := range to {
 		e.To = append(e.To, addr(t))
 	}
@@ -37,7 +37,7 @@ func TestRestorePayloadGolden(t *testing.T) {
 		entry("203.0.113.0/24", "192.0.2.250", "192.0.2.22", "192.0.2.23"),
 	})
 	jump := [][]string{{"-m", "comment", "--comment", "egress-snat", "-j", "EGRESS-SNAT"}}
-	got := RestorePayload(Render(IPv4, entries), jump)
+	got := RestorePayload(Render(IPv4, entries).Args(), jump)
 	want := `*nat
 :EGRESS-SNAT - [0:0]
 -D POSTROUTING -m comment --comment egress-snat -j EGRESS-SNAT
@@ -82,22 +82,27 @@ func TestNormalize(t *testing.T) {
 
 func newFakeManager() (*Manager, *FakeTables, *FakeIPSets) {
 	ft, fs := NewFakeTables(), NewFakeIPSets()
-	return &Manager{Tables: ft, Sets: fs}, ft, fs
+	return &Manager{Tables: ft, Sets: fs, Locker: &countingLock{}}, ft, fs
 }
 
-// update runs one write through the same path the CLI uses, with the lock
-// replaced by the test's serial execution.
+// countingLock stands in for the host's lock, so unit tests never take it.
+type countingLock struct{ held, taken int }
+
+func (l *countingLock) Lock(time.Duration) (func(), error) {
+	if l.held > 0 {
+		return nil, ErrBusy
+	}
+	l.held++
+	l.taken++
+	return func() { l.held-- }, nil
+}
+
+// update runs one write through Update, the path every command uses.
 func update(t *testing.T, m *Manager, desired func(*State) []Entry) Plan {
 	t.Helper()
-	st, err := m.Read()
+	_, p, err := m.Update(time.Second, false, func(st *State) ([]Entry, error) { return desired(st), nil })
 	if err != nil {
 		t.Fatal(err)
-	}
-	p := MakePlan(st, desired(st))
-	if !p.Empty() {
-		if err := m.Apply(st, p); err != nil {
-			t.Fatal(err)
-		}
 	}
 	return p
 }
@@ -178,7 +183,7 @@ func TestFailedWriteChangesNothing(t *testing.T) {
 	}
 	many = append(many, entry("2001:db8:ffff::5", "2001:db8::250", "2001:db8::23"))
 	p := MakePlan(st, many)
-	if err := m.Apply(st, p); err == nil {
+	if err := m.Apply(p); err == nil {
 		t.Fatal("apply with a failing IPv6 write succeeded")
 	}
 	v4After, _ := ft.Save(IPv4)
@@ -192,40 +197,42 @@ func TestFailedWriteChangesNothing(t *testing.T) {
 // evaluate walks a rendered chain the way the kernel does for the first
 // packet of a connection and returns the source it leaves with.
 func evaluate(c Chain, sets map[string]Set, natural netip.Addr, out string, dst netip.Addr, nth map[int]int) netip.Addr {
+	return evaluatePacket(c, sets, Packet{Dst: dst, Out: out, Src: natural}, nth)
+}
+
+// evaluatePacket is evaluate for any packet: it models each match the
+// kernel applies (addrtype, owner, cgroup subtree, set, statistic).
+func evaluatePacket(c Chain, sets map[string]Set, p Packet, nth map[int]int) netip.Addr {
 	for i, r := range c.Rules {
-		pr, ok := parseRule(c.Family, r)
-		if !ok {
-			panic(fmt.Sprintf("rendered rule does not parse: %v", r))
-		}
-		if pr.natural != natural || pr.out != out {
+		if r.Out != p.Out || !r.Src.Contains(p.Src) || r.Forwarded != p.Forwarded {
 			continue
 		}
-		if pr.set != "" {
-			if !setMatches(sets[pr.set], dst) {
+		if r.HasUID && (!p.HasUID || p.UID != r.UID) {
+			continue
+		}
+		if r.Cgroup != "" && !Cgroup(r.Cgroup).Contains(Cgroup(p.Cgroup)) {
+			continue
+		}
+		if r.Set != "" {
+			if !setMatches(sets[r.Set], p.Dst) {
 				continue
 			}
-		} else if !pr.dst.Contains(dst) {
+		} else if r.Dst.IsValid() && !r.Dst.Contains(p.Dst) {
 			continue
 		}
-		if pr.nth {
-			every := 0
-			for j, w := range r {
-				if w == "--every" {
-					fmt.Sscan(r[j+1], &every)
-				}
-			}
+		if r.Every > 0 {
 			n := nth[i]
 			nth[i]++
-			if n%every != 0 {
+			if n%r.Every != 0 {
 				continue
 			}
 		}
-		if len(pr.to) == 0 {
-			return natural
+		if r.Target == "RETURN" {
+			return p.Src
 		}
-		return pr.to[0]
+		return r.ToSource
 	}
-	return natural
+	return p.Src
 }
 
 // setMatches is hash:net semantics: the most specific element decides, and
@@ -268,7 +275,7 @@ func TestLongestPrefixWinsAcrossSetsAndRules(t *testing.T) {
 			if rng.IntN(3) == 0 {
 				to = pool[rng.IntN(len(pool))]
 			}
-			es = append(es, Entry{Dst: p, Out: "eth0", Natural: natural, To: []netip.Addr{to}})
+			es = append(es, Entry{Match: Match{Dst: p, Out: "eth0"}, Natural: natural, To: []netip.Addr{to}})
 		}
 		norm := Normalize(es)
 		c := Render(IPv4, norm)
@@ -279,7 +286,7 @@ func TestLongestPrefixWinsAcrossSetsAndRules(t *testing.T) {
 		for range 500 {
 			dst := netip.AddrFrom4([4]byte{198, byte(rng.IntN(4)), byte(rng.IntN(256)), byte(rng.IntN(256))})
 			want := natural
-			if e := Effective(es, dst, "eth0", natural); e != nil {
+			if e := Effective(es, Packet{Dst: dst, Out: "eth0", Src: natural}); e != nil {
 				want = e.To[0]
 			}
 			if got := evaluate(c, sets, natural, "eth0", dst, map[int]int{}); got != want {

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net/netip"
 	"os"
 	"runtime"
 	"strings"
@@ -158,15 +159,30 @@ func enterNetns(c *cli.Context) error {
 	return syscall.Exec(exe, args, os.Environ())
 }
 
+// router is what commands ask of the host's routing: the kernel's route
+// choice and natural source, which interface holds an address, and the
+// full explanation. *selector.Selector is the real one.
+type router interface {
+	snat.Router
+	Lookup(dst netip.Prefix, out string) (*selector.Choice, error)
+	// Forget drops cached links and addresses after the host changed.
+	Forget()
+}
+
 // env is what commands need from the host, built once per run.
 type env struct {
-	sel         *selector.Selector
+	sel router
+	// nl is the netlink handle for conntrack; nil in tests with fakes.
 	nl          *netlink.Handle
 	mgr         *snat.Manager
 	backend     snat.Backend
 	lockTimeout time.Duration
 	out         io.Writer
 }
+
+// envFor builds the env of a command. Tests replace it to run commands
+// against fakes; everything else uses hostEnv.
+var envFor = hostEnv
 
 // hostEnv builds the env; it checks privileges first so that an unprivileged
 // run says exactly what it lacks instead of an iptables error.

@@ -57,7 +57,7 @@ payloads without changing anything.`,
 		if err != nil {
 			return err
 		}
-		e, err := hostEnv(c)
+		e, err := envFor(c)
 		if err != nil {
 			return err
 		}

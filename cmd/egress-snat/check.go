@@ -1,12 +1,10 @@
 package main
 
 import (
-	"errors"
 	"fmt"
 
 	"github.com/urfave/cli/v2"
 
-	"github.com/egress-snat/egress-snat/selector"
 	"github.com/egress-snat/egress-snat/snat"
 )
 
@@ -86,7 +84,7 @@ func runCheck(c *cli.Context) ([]snat.Finding, error) {
 			return nil, err
 		}
 	}
-	e, err := hostEnv(c)
+	e, err := envFor(c)
 	if err != nil {
 		return nil, err
 	}
@@ -95,13 +93,9 @@ func runCheck(c *cli.Context) ([]snat.Finding, error) {
 		return nil, err
 	}
 	if c.String("file") == "" {
-		for _, en := range st.Entries() {
-			if !en.Keep() {
-				intents = append(intents, snat.Intent{Dst: en.Dst, To: en.To, Out: en.Out, Spread: len(en.To) > 1})
-			}
-		}
+		intents = snat.IntentsOf(st.Entries())
 	}
-	desired, findings, err := desiredNow(e, st, intents)
+	desired, findings, err := snat.DesiredNow(e.sel, st, intents)
 	if err != nil {
 		return nil, err
 	}
@@ -110,54 +104,4 @@ func runCheck(c *cli.Context) ([]snat.Finding, error) {
 		findings = append(findings, snat.Finding{Kind: snat.DriftOtherBackend, Detail: w})
 	}
 	return findings, nil
-}
-
-// desiredNow resolves intents against the host as it is now. A source that
-// left the host or a destination without a route is drift, not an error:
-// the installed entry for it is kept as desired so that it is reported once.
-func desiredNow(e *env, st *snat.State, intents []snat.Intent) ([]snat.Entry, []snat.Finding, error) {
-	installed := map[string]snat.Entry{}
-	for _, en := range st.Entries() {
-		installed[en.Dst.String()] = en
-	}
-	intents, err := snat.Dedup(intents)
-	if err != nil {
-		return nil, nil, err
-	}
-	var desired []snat.Entry
-	var findings []snat.Finding
-	for _, in := range intents {
-		old, had := installed[in.Dst.String()]
-		fam := snat.FamilyOf(in.Dst.Addr()).String()
-		got, err := snat.Resolve(e.sel, []snat.Intent{in})
-		switch {
-		case errors.Is(err, selector.ErrNotLocal):
-			findings = append(findings, snat.Finding{Kind: snat.DriftToMissing, Family: fam, Detail: fmt.Sprintf("%s: %v", in.Dst, err)})
-		case errors.Is(err, selector.ErrNoRoute):
-			findings = append(findings, snat.Finding{Kind: snat.DriftNoRoute, Family: fam, Detail: err.Error()})
-		case err != nil:
-			return nil, nil, err
-		default:
-			en := got[0]
-			if had && old.Natural != en.Natural {
-				findings = append(findings, snat.Finding{Kind: snat.DriftNaturalChanged, Family: fam,
-					Detail: fmt.Sprintf("%s: the rule matches natural source %s, but the kernel now picks %s", en.Dst, old.Natural, en.Natural)})
-			} else if had && len(en.To) == 1 && en.To[0] == en.Natural && !old.Keep() {
-				findings = append(findings, snat.Finding{Kind: snat.DriftRedundant, Family: fam,
-					Detail: fmt.Sprintf("%s: the natural source is now %s, the rule's source", en.Dst, en.Natural)})
-			}
-			desired = append(desired, en)
-			continue
-		}
-		if had {
-			desired = append(desired, old)
-		}
-	}
-	// Keep-natural entries follow the SNAT entries they carve out of.
-	for _, en := range st.Entries() {
-		if en.Keep() {
-			desired = append(desired, en)
-		}
-	}
-	return desired, findings, nil
 }

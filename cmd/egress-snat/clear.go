@@ -25,7 +25,7 @@ that egress-snat caused to be loaded stays listed, empty: legacy tables
 cannot be unloaded from a namespace.`,
 	Flags: []cli.Flag{dryRunFlag, jsonFlag},
 	Action: func(c *cli.Context) error {
-		e, err := hostEnv(c)
+		e, err := envFor(c)
 		if err != nil {
 			return err
 		}

@@ -6,6 +6,7 @@ import (
 
 	"github.com/urfave/cli/v2"
 
+	"github.com/egress-snat/egress-snat/internal/who"
 	"github.com/egress-snat/egress-snat/selector"
 	"github.com/egress-snat/egress-snat/snat"
 )
@@ -13,7 +14,7 @@ import (
 var explainCommand = &cli.Command{
 	Name:      "explain",
 	Usage:     "show the route and the source address the kernel picks for a destination, and why",
-	UsageText: "egress-snat explain --dst ADDR|CIDR [--out IFACE] [--json]",
+	UsageText: "egress-snat explain --dst ADDR|CIDR [--out IFACE] [--from ADDR | --uid USER|UID | --cgroup PATH] [--json]",
 	Description: `Asks the kernel (the lookup behind "ip route get") which route a destination
 takes and which source address it naturally chooses, and names the rule that
 chose it: the route's src attribute, the primary address on the gateway's or
@@ -24,11 +25,20 @@ egress-snat rule applies, the source new connections really leave with.
 A prefix such as 0.0.0.0/0 means the destinations that use the route
 covering it (here: the default route), not the prefix's first address.
 
-Example:
-   egress-snat explain --dst 198.51.100.4`,
+--from ADDR explains a packet forwarded through this host from ADDR (a
+container, VM or VPN client): which egress-snat rule decides its source, if
+any. --uid and --cgroup explain the host's own traffic of that user or
+service. Without them, the host's own traffic by destination.
+
+Examples:
+   egress-snat explain --dst 198.51.100.4
+   egress-snat explain --from 172.17.0.2 --dst 198.51.100.4`,
 	Flags: []cli.Flag{
 		&cli.StringFlag{Name: "dst", Usage: "(required) destination address or prefix"},
 		&cli.StringFlag{Name: "out", Usage: "look up as if leaving by this interface"},
+		&cli.StringFlag{Name: "from", Usage: "explain a packet forwarded from source `ADDR`"},
+		&cli.StringFlag{Name: "uid", Usage: "explain the host's own traffic of `USER|UID`"},
+		&cli.StringFlag{Name: "cgroup", Usage: "explain the host's own traffic of cgroup v2 `PATH`"},
 		jsonFlag,
 	},
 	Action: func(c *cli.Context) error {
@@ -39,26 +49,38 @@ Example:
 		if err != nil {
 			return err
 		}
-		e, err := hostEnv(c)
+		e, err := envFor(c)
 		if err != nil {
 			return err
 		}
 		choice, err := e.sel.Lookup(dst, c.String("out"))
 		if err != nil {
-			return snat.Invalid("--dst %s: %w", dst, err)
+			if selector.IsInput(err) {
+				return snat.Invalid("--dst %s: %w", dst, err)
+			}
+			return fmt.Errorf("--dst %s: %w", dst, err)
 		}
 		st, err := e.mgr.Read()
 		if err != nil {
 			return err
 		}
-		managed := snat.Effective(st.Entries(), choice.Probe, choice.Interface, choice.Source)
+		pkt, err := explainPacket(c, choice)
+		if err != nil {
+			return err
+		}
+		managed := snat.Effective(st.Entries(), pkt)
+		effective := pkt.Src
+		if managed != nil && !managed.Keep() {
+			effective = managed.To[0]
+		}
 		if c.Bool("json") {
 			return writeJSON(e.out, struct {
 				*selector.Choice
 				Why       string      `json:"why"`
+				Sender    string      `json:"sender"`
 				Managed   *snat.Entry `json:"managed,omitempty"`
 				Effective netip.Addr  `json:"effective_source"`
-			}{choice, choice.Reason.Describe(), managed, effectiveSource(choice, managed)})
+			}{choice, choice.Reason.Describe(), packetSender(pkt), managed, effective})
 		}
 		w := e.out
 		fmt.Fprintf(w, "destination    %s\n", choice.Dst)
@@ -87,23 +109,75 @@ Example:
 			}
 			fmt.Fprintf(w, "  %-28s %s%s\n", a.Prefix, role, mark)
 		}
+		if pkt.Forwarded {
+			fmt.Fprintf(w, "forwarded from %s\n", pkt.Src)
+		} else if who := packetSender(pkt); who != "host" {
+			fmt.Fprintf(w, "sent by        %s\n", who)
+		}
 		switch {
+		case managed == nil && pkt.Forwarded:
+			fmt.Fprintf(w, "egress-snat    no rule applies: new connections leave with %s, unless another NAT rule (Docker's, libvirt's MASQUERADE) rewrites it\n", pkt.Src)
 		case managed == nil:
 			fmt.Fprintf(w, "egress-snat    no rule applies: new connections leave with %s\n", choice.Source)
 		case managed.Keep():
-			fmt.Fprintf(w, "egress-snat    rule for %s keeps the natural source %s\n", managed.Dst, choice.Source)
+			fmt.Fprintf(w, "egress-snat    rule for %s keeps the natural source %s\n", managed.Match, choice.Source)
 		default:
-			fmt.Fprintf(w, "egress-snat    rule for %s: new connections leave with %s\n", managed.Dst, managed.ToString())
+			fmt.Fprintf(w, "egress-snat    rule for %s: new connections leave with %s\n", managed.Match, managed.ToString())
 		}
 		return nil
 	},
 }
 
-func effectiveSource(c *selector.Choice, managed *snat.Entry) netip.Addr {
-	if managed == nil || managed.Keep() {
-		return c.Source
+// explainPacket is the first packet of a new connection as explain's flags
+// describe it.
+func explainPacket(c *cli.Context, choice *selector.Choice) (snat.Packet, error) {
+	p := snat.Packet{Dst: choice.Probe, Out: choice.Interface, Src: choice.Source}
+	n := 0
+	for _, f := range []string{"from", "uid", "cgroup"} {
+		if c.IsSet(f) {
+			n++
+		}
 	}
-	return managed.To[0]
+	if n > 1 {
+		return p, usageError("--from, --uid and --cgroup describe different traffic: give one of them")
+	}
+	switch {
+	case c.IsSet("from"):
+		a, err := netip.ParseAddr(c.String("from"))
+		if err != nil || a.Zone() != "" {
+			return p, usageError("--from %q is not an IP address (explain takes the address of one client)", c.String("from"))
+		}
+		if a.Is4() != choice.Probe.Is4() {
+			return p, usageError("--from %s and --dst %s are of different address families", a, choice.Dst)
+		}
+		p.Src, p.Forwarded = a, true
+	case c.IsSet("uid"):
+		uid, err := who.LookupUID(c.String("uid"))
+		if err != nil {
+			return p, senderError("--uid", err)
+		}
+		p.HasUID, p.UID = true, uid
+	case c.IsSet("cgroup"):
+		path, err := who.CheckCgroup(c.String("cgroup"))
+		if err != nil {
+			return p, senderError("--cgroup", err)
+		}
+		p.Cgroup = path
+	}
+	return p, nil
+}
+
+// packetSender names who sends p: "host", "from ADDR", "uid N", "cgroup P".
+func packetSender(p snat.Packet) string {
+	switch {
+	case p.Forwarded:
+		return "from " + p.Src.String()
+	case p.HasUID:
+		return snat.UID(p.UID).String()
+	case p.Cgroup != "":
+		return snat.Cgroup(p.Cgroup).String()
+	}
+	return "host"
 }
 
 func tableName(t int) string {

@@ -131,7 +131,12 @@ func sameFamily(src netip.Addr, dsts []netip.Prefix) error {
 
 // everything is the prefix meaning every destination of a's family.
 func everything(a netip.Addr) netip.Prefix {
-	if a.Is4() {
+	return everythingOf(snat.FamilyOf(a))
+}
+
+// everythingOf is the prefix meaning every destination of f.
+func everythingOf(f snat.Family) netip.Prefix {
+	if f == snat.IPv4 {
 		return netip.PrefixFrom(netip.IPv4Unspecified(), 0)
 	}
 	return netip.PrefixFrom(netip.IPv6Unspecified(), 0)
@@ -159,6 +164,8 @@ type planReport struct {
 	Changes  []snat.Change     `json:"changes"`
 	Notes    []string          `json:"notes"`
 	Payloads map[string]string `json:"payloads,omitempty"`
+	// Steps is the exact program: what runs, in order, with each undo.
+	Steps []snat.Step `json:"steps"`
 }
 
 // reportPlan tells what a write did, or would do with --dry-run: as text, or
@@ -166,7 +173,10 @@ type planReport struct {
 func reportPlan(c *cli.Context, w io.Writer, p snat.Plan, notes []string) error {
 	dryRun := c.Bool("dry-run")
 	if c.Bool("json") {
-		r := planReport{DryRun: dryRun, Changed: !p.Empty() && !dryRun, Summary: p.Summary(), Changes: p.Changes, Notes: notes}
+		r := planReport{DryRun: dryRun, Changed: !p.Empty() && !dryRun, Summary: p.Summary(), Changes: p.Changes, Notes: notes, Steps: p.Steps}
+		if r.Steps == nil {
+			r.Steps = []snat.Step{}
+		}
 		if r.Changes == nil {
 			r.Changes = []snat.Change{}
 		}
@@ -174,15 +184,7 @@ func reportPlan(c *cli.Context, w io.Writer, p snat.Plan, notes []string) error 
 			r.Notes = []string{}
 		}
 		if dryRun {
-			r.Payloads = map[string]string{}
-			if s := p.SetPayload(); s != "" {
-				r.Payloads["ipset"] = s
-			}
-			for _, f := range snat.Families {
-				if p.Write[f] {
-					r.Payloads[restoreCommand[f]] = p.Payloads[f]
-				}
-			}
+			r.Payloads = p.Payloads()
 		}
 		return writeJSON(w, r)
 	}
@@ -192,8 +194,6 @@ func reportPlan(c *cli.Context, w io.Writer, p snat.Plan, notes []string) error 
 	}
 	return nil
 }
-
-var restoreCommand = map[snat.Family]string{snat.IPv4: "iptables-restore", snat.IPv6: "ip6tables-restore"}
 
 // printPlan tells, in words, what a write did or would do.
 func printPlan(w io.Writer, p snat.Plan, dryRun bool) {
@@ -219,15 +219,24 @@ func printPlan(w io.Writer, p snat.Plan, dryRun bool) {
 	if !dryRun {
 		return
 	}
-	if s := p.SetPayload(); s != "" {
-		fmt.Fprintf(w, "\n# ipset restore\n%s", s)
-	}
-	for _, n := range p.DestroySets {
-		fmt.Fprintf(w, "# then: ipset destroy %s\n", n)
-	}
-	for _, f := range snat.Families {
-		if p.Write[f] {
-			fmt.Fprintf(w, "\n# %s --noflush\n%s", restoreCommand[f], p.Payloads[f])
+	for i, st := range p.Steps {
+		when := ""
+		if st.Cleanup {
+			when = ", after the commit"
+		}
+		fmt.Fprintf(w, "\n# step %d%s: %s\n", i+1, when, st.Why)
+		if st.Do.Tool == snat.ToolDropNATTable {
+			fmt.Fprintf(w, "# %s\n", st.Do)
+		} else {
+			fmt.Fprintf(w, "# %s\n%s", st.Do.Tool, st.Do.Input)
+		}
+		if st.Undo != nil {
+			fmt.Fprintf(w, "# undo if a later step fails: %s\n", indentComment(st.Undo.String()))
 		}
 	}
+}
+
+// indentComment keeps a multi-line text inside a shell comment.
+func indentComment(s string) string {
+	return strings.ReplaceAll(strings.TrimRight(s, "\n"), "\n", "\n#   ")
 }

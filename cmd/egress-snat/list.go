@@ -1,6 +1,7 @@
 package main
 
 import (
+	"encoding/json"
 	"fmt"
 	"net/netip"
 	"text/tabwriter"
@@ -21,7 +22,7 @@ it is in one. Warns when the chain also exists in the other iptables backend
 (iptables-nft vs iptables-legacy), where the host's iptables does not show it.`,
 	Flags: []cli.Flag{jsonFlag},
 	Action: func(c *cli.Context) error {
-		e, err := hostEnv(c)
+		e, err := envFor(c)
 		if err != nil {
 			return err
 		}
@@ -46,7 +47,7 @@ it is in one. Warns when the chain also exists in the other iptables backend
 			return nil
 		}
 		tw := tabwriter.NewWriter(e.out, 0, 4, 2, ' ', 0)
-		fmt.Fprintln(tw, "DESTINATION\tSOURCE\tOUT\tNATURAL\tSOURCE ON HOST\tSET")
+		fmt.Fprintln(tw, "WHO\tDESTINATION\tSOURCE\tOUT\tNATURAL\tSOURCE ON HOST\tSET")
 		for _, r := range rows {
 			present := "yes"
 			if !r.ToPresent {
@@ -56,26 +57,55 @@ it is in one. Warns when the chain also exists in the other iptables backend
 			if set == "" {
 				set = "-"
 			}
-			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", r.Dst, r.Entry.ToString(), r.Out, r.Natural, present, set)
+			natural := "-"
+			if r.entry.Natural.IsValid() {
+				natural = r.entry.Natural.String()
+			}
+			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\n", r.entry.Sender, r.entry.Dst, r.entry.ToString(), r.entry.Out, natural, present, set)
 		}
 		return tw.Flush()
 	},
 }
 
+// listRow is one rule of list: the entry's own JSON fields (sender, dst,
+// out, natural, to, and from, uid or cgroup) plus these.
 type listRow struct {
-	snat.Entry
+	entry     snat.Entry
 	Family    string `json:"family"`
 	Spread    bool   `json:"spread"`
 	ToPresent bool   `json:"to_present"`
 	Set       string `json:"set,omitempty"`
 }
 
+func (r listRow) MarshalJSON() ([]byte, error) {
+	e, err := json.Marshal(r.entry)
+	if err != nil {
+		return nil, err
+	}
+	type plain listRow
+	extra, err := json.Marshal(plain(r))
+	if err != nil {
+		return nil, err
+	}
+	// Both are JSON objects: join their members.
+	return append(append(e[:len(e)-1], ','), extra[1:]...), nil
+}
+
 func listRows(e *env, st *snat.State) []listRow {
-	setOf := map[netip.Prefix]string{}
+	// A set rule's entries are the set's members; which set holds an
+	// entry is read back from the chain's rules.
+	type key struct {
+		who snat.Sender
+		dst netip.Prefix
+	}
+	setOf := map[key]string{}
 	for _, f := range snat.Families {
-		for _, name := range st.Installed[f].SetNames {
-			for _, m := range st.Sets[name].Members {
-				setOf[m] = name
+		for _, r := range st.Installed[f].Rules {
+			if r.Set == "" {
+				continue
+			}
+			for _, m := range st.Sets[r.Set].Members {
+				setOf[key{r.Sender(), m}] = r.Set
 			}
 		}
 	}
@@ -87,7 +117,7 @@ func listRows(e *env, st *snat.State) []listRow {
 				present = false
 			}
 		}
-		rows = append(rows, listRow{Entry: en, Family: en.Family().String(), Spread: len(en.To) > 1, ToPresent: present, Set: setOf[en.Dst]})
+		rows = append(rows, listRow{entry: en, Family: en.Family().String(), Spread: len(en.To) > 1, ToPresent: present, Set: setOf[key{en.Sender, en.Dst}]})
 	}
 	return rows
 }

@@ -1,7 +1,6 @@
 package main
 
 import (
-	"errors"
 	"fmt"
 	"math/rand/v2"
 	"net"
@@ -10,14 +9,13 @@ import (
 	"github.com/urfave/cli/v2"
 	"github.com/vishvananda/netlink"
 
-	"github.com/egress-snat/egress-snat/selector"
 	"github.com/egress-snat/egress-snat/snat"
 )
 
 var rotateCommand = &cli.Command{
 	Name:      "rotate",
 	Usage:     "move destinations to the next source address of a pool (for cron)",
-	UsageText: "egress-snat rotate --pool ADDR,ADDR[,...] [--dst ADDR|CIDR]... [--order next|random] [--flush-conntrack] [--dry-run]",
+	UsageText: "egress-snat rotate --pool ADDR,ADDR[,...] [--dst ADDR|CIDR]... [--from CIDR... | --uid USER | --cgroup PATH] [--order next|random] [--flush-conntrack] [--dry-run]",
 	Description: `Moves each --dst (default: every destination of the pool's family) to the
 pool member after the one it uses now. The address in use is read from the
 installed rule itself, or is the natural source when there is none, so there
@@ -41,19 +39,23 @@ UDP flows move over; established TCP connections break (the far side sees
 packets from an address it has no connection with, and answers with a
 reset), so use it when the old address must stop being used at once.
 
+With --from, --uid or --cgroup, the rules of that sender rotate (each
+--from prefix on its own); other senders' rules for the same destinations
+are not touched.
+
 Runs that overlap (cron and a manual set, or two rotations) wait for each
 other, up to --lock-timeout.
 
 Cron example (/etc/cron.d/egress-snat):
    */10 * * * * root egress-snat rotate --pool 192.0.2.22,192.0.2.23 --dst 198.51.100.0/24`,
-	Flags: []cli.Flag{
+	Flags: append([]cli.Flag{
 		&cli.StringSliceFlag{Name: "pool", Usage: "(required) source addresses to rotate over, in order (comma-separated)"},
 		&cli.StringSliceFlag{Name: "dst", Usage: "destination `ADDR|CIDR` to rotate (repeatable; default: every destination of the pool's family)"},
 		&cli.StringFlag{Name: "order", Value: "next", Usage: "next (pool order) or random"},
 		&cli.BoolFlag{Name: "flush-conntrack", Usage: "also delete the conntrack entries of the old address, so existing flows move too (breaks established TCP connections)"},
 		dryRunFlag,
 		jsonFlag,
-	},
+	}, senderFlags()...),
 	Action: func(c *cli.Context) error {
 		if err := required(c, "pool"); err != nil {
 			return err
@@ -76,14 +78,28 @@ Cron example (/etc/cron.d/egress-snat):
 		if err := sameFamily(pool[0], dsts); err != nil {
 			return err
 		}
-		e, err := hostEnv(c)
+		senders, err := parseSenders(c)
 		if err != nil {
 			return err
 		}
-		var moves []move
+		var targets []snat.Match
+		for _, s := range senders {
+			if s.Kind == snat.SenderFrom && s.From.Addr().Is4() != pool[0].Is4() {
+				return usageError("--from %s and --pool %s are of different address families", s.From, pool[0])
+			}
+			for _, d := range dsts {
+				targets = append(targets, snat.Match{Sender: s, Dst: d})
+			}
+		}
+		e, err := envFor(c)
+		if err != nil {
+			return err
+		}
+		rng := rand.New(rand.NewPCG(rand.Uint64(), rand.Uint64()))
+		var moves []snat.Move
 		_, plan, err := e.mgr.Update(e.lockTimeout, c.Bool("dry-run"), func(st *snat.State) ([]snat.Entry, error) {
 			var intents []snat.Intent
-			moves, intents, err = planRotation(e, st, pool, dsts, order)
+			moves, intents, err = snat.PlanRotation(e.sel, st, pool, targets, order, rng)
 			if err != nil {
 				return nil, err
 			}
@@ -106,24 +122,24 @@ Cron example (/etc/cron.d/egress-snat):
 				if m.From == m.To {
 					continue
 				}
-				n, err := flushBinding(e.nl, m.Dst, m.From)
+				n, err := flushBinding(e.nl, m.Match.Dst, m.From)
 				if err != nil {
-					return fmt.Errorf("rules rotated, but deleting conntrack entries of %s for %s failed: %w", m.From, m.Dst, err)
+					return fmt.Errorf("rules rotated, but deleting conntrack entries of %s for %s failed: %w", m.From, m.Match, err)
 				}
 				moves[i].ConntrackDeleted = &n
 			}
 		}
 		if c.Bool("json") {
 			return writeJSON(e.out, struct {
-				DryRun  bool   `json:"dry_run"`
-				Changed bool   `json:"changed"`
-				Moves   []move `json:"moves"`
+				DryRun  bool        `json:"dry_run"`
+				Changed bool        `json:"changed"`
+				Moves   []snat.Move `json:"moves"`
 			}{c.Bool("dry-run"), !plan.Empty() && !c.Bool("dry-run"), moves})
 		}
 		for _, m := range moves {
-			fmt.Fprintf(e.out, "%s: %s -> %s\n", m.Dst, m.From, m.To)
+			fmt.Fprintf(e.out, "%s: %s -> %s\n", m.Match, m.From, m.To)
 			if m.ConntrackDeleted != nil {
-				fmt.Fprintf(e.out, "%s: deleted %d conntrack entries bound to %s\n", m.Dst, *m.ConntrackDeleted, m.From)
+				fmt.Fprintf(e.out, "%s: deleted %d conntrack entries bound to %s\n", m.Match, *m.ConntrackDeleted, m.From)
 			}
 		}
 		if plan.Empty() {
@@ -132,60 +148,6 @@ Cron example (/etc/cron.d/egress-snat):
 		return nil
 	},
 }
-
-// move is one destination's rotation.
-type move struct {
-	Dst              netip.Prefix `json:"dst"`
-	From             netip.Addr   `json:"from"`
-	To               netip.Addr   `json:"to"`
-	Skipped          []netip.Addr `json:"skipped,omitempty"`
-	ConntrackDeleted *uint        `json:"conntrack_deleted,omitempty"`
-}
-
-// planRotation picks each destination's next pool member.
-func planRotation(e *env, st *snat.State, pool []netip.Addr, dsts []netip.Prefix, order snat.Order) ([]move, []snat.Intent, error) {
-	installed := st.Entries()
-	var moves []move
-	var intents []snat.Intent
-	for _, d := range dsts {
-		out := ""
-		for _, en := range installed {
-			if en.Dst == d {
-				out = en.Out
-			}
-		}
-		iface, natural, err := e.sel.Natural(d, out)
-		if err != nil {
-			return nil, nil, snat.Invalid("--dst %s: %w", d, err)
-		}
-		m := move{Dst: d, From: snat.Current(installed, d, natural)}
-		usable := func(a netip.Addr) bool {
-			owner, err := e.sel.Owner(a)
-			return err == nil && owner == iface
-		}
-		for _, a := range pool {
-			owner, err := e.sel.Owner(a)
-			switch {
-			case errors.Is(err, selector.ErrNotLocal):
-				m.Skipped = append(m.Skipped, a)
-			case err != nil:
-				return nil, nil, err
-			case owner != iface:
-				return nil, nil, snat.Invalid("pool member %s is on %s, but traffic to %s leaves by %s", a, owner, d, iface)
-			}
-		}
-		next, ok := snat.NextSource(pool, m.From, usable, order, rand.New(rand.NewPCG(rand.Uint64(), rand.Uint64())))
-		if !ok {
-			return nil, nil, snat.Invalid("no pool member is an address of this host: %s; nothing changed", addrs(pool))
-		}
-		m.To = next
-		moves = append(moves, m)
-		intents = append(intents, snat.Intent{Dst: d, To: []netip.Addr{next}, Out: out})
-	}
-	return moves, intents, nil
-}
-
-func addrs(as []netip.Addr) string { return snat.Entry{To: as}.ToString() }
 
 // flushBinding deletes the conntrack entries of connections to dst whose
 // replies go to old, i.e. connections NATed to old, or leaving from it.

@@ -12,7 +12,7 @@ import (
 var setCommand = &cli.Command{
 	Name:      "set",
 	Usage:     "make new connections to destinations leave with a chosen source address",
-	UsageText: "egress-snat set --to ADDR [--dst ADDR|CIDR]... [--out IFACE] [--dry-run]\n   egress-snat set --to ADDR,ADDR[,...] --spread [--dst CIDR]...",
+	UsageText: "egress-snat set --to ADDR [--dst ADDR|CIDR]... [--out IFACE] [--dry-run]\n   egress-snat set --to ADDR --from CIDR [--from CIDR]... [--dst CIDR]...\n   egress-snat set --to ADDR --uid USER|UID [--dst CIDR]...\n   egress-snat set --to ADDR --cgroup PATH [--dst CIDR]...\n   egress-snat set --to ADDR,ADDR[,...] --spread [--dst CIDR]...",
 	Description: `Installs SNAT rules so that new connections to each --dst leave with --to
 instead of the kernel's natural source. Without --dst, it applies to every
 destination of --to's family (0.0.0.0/0 or ::/0: whatever uses the default
@@ -37,19 +37,35 @@ their NAT binding until they end.
 With --spread and several --to addresses, new connections are spread over
 them in turn (round-robin, per connection).
 
+Who sends: --from CIDR chooses the source of traffic forwarded through this
+host from those sources (Docker or libvirt networks, VPN or LAN clients);
+it wins over their MASQUERADE because egress-snat's jump is first. --uid and
+--cgroup choose it for the host's own traffic of one user or one service
+(a cgroup v2 path such as system.slice/postfix.service; the cgroup must
+exist). Without them, set is about the host's own traffic by destination.
+
+Precedence follows routing: the most specific match wins. A rule naming who
+sends (--from, --cgroup, --uid) is more specific than one naming only the
+destination; among --from rules the longer source prefix wins, then the
+longer destination; a cgroup rule wins over a uid rule. --from rules apply
+only to forwarded traffic: the host's own traffic is never rewritten by
+them, even from an address inside a --from prefix.
+
 Examples:
    egress-snat set --to 192.0.2.22 --dst 198.51.100.4
    egress-snat set --to 192.0.2.23                      # everything else
    egress-snat set --to 2001:db8::22 --dst 2001:db8:ffff::/48
-   egress-snat set --to 192.0.2.22,192.0.2.23 --spread --dst 203.0.113.0/24`,
-	Flags: []cli.Flag{
+   egress-snat set --to 192.0.2.22,192.0.2.23 --spread --dst 203.0.113.0/24
+   egress-snat set --to 192.0.2.23 --from 172.17.0.0/16         # Docker's containers
+   egress-snat set --to 192.0.2.22 --uid postfix --dst 0.0.0.0/0  # mail from .22`,
+	Flags: append([]cli.Flag{
 		&cli.StringSliceFlag{Name: "to", Usage: "(required) source `ADDR` new connections should leave with (several, comma-separated, with --spread)"},
 		&cli.StringSliceFlag{Name: "dst", Usage: "destination `ADDR|CIDR` (repeatable; default: every destination of --to's family)"},
 		&cli.StringFlag{Name: "out", Usage: "outgoing `IFACE` (default: the interface the kernel routes the destination by)"},
 		&cli.BoolFlag{Name: "spread", Usage: "spread new connections over all --to addresses in turn"},
 		dryRunFlag,
 		jsonFlag,
-	},
+	}, senderFlags()...),
 	Action: func(c *cli.Context) error {
 		if err := required(c, "to"); err != nil {
 			return err
@@ -71,9 +87,18 @@ Examples:
 		if err := sameFamily(to[0], dsts); err != nil {
 			return err
 		}
+		senders, err := parseSenders(c)
+		if err != nil {
+			return err
+		}
 		var intents []snat.Intent
-		for _, d := range dsts {
-			intents = append(intents, snat.Intent{Dst: d, To: to, Out: c.String("out"), Spread: c.Bool("spread")})
+		for _, s := range senders {
+			if s.Kind == snat.SenderFrom && s.From.Addr().Is4() != to[0].Is4() {
+				return usageError("--from %s and --to %s are of different address families", s.From, to[0])
+			}
+			for _, d := range dsts {
+				intents = append(intents, snat.Intent{Sender: s, Dst: d, To: to, Out: c.String("out"), Spread: c.Bool("spread")})
+			}
 		}
 		return setIntents(c, intents)
 	},
@@ -82,7 +107,7 @@ Examples:
 // setIntents adds or replaces the intents' destinations, keeping every other
 // installed entry, and reports what changed.
 func setIntents(c *cli.Context, intents []snat.Intent) error {
-	e, err := hostEnv(c)
+	e, err := envFor(c)
 	if err != nil {
 		return err
 	}
@@ -99,8 +124,8 @@ func setIntents(c *cli.Context, intents []snat.Intent) error {
 	}
 	var notes []string
 	for _, r := range resolved {
-		if len(r.To) == 1 && r.To[0] == r.Natural && !plan.Has(r.Dst) {
-			notes = append(notes, fmt.Sprintf("%s already leaves with %s, its natural source via %s: no rule needed", r.Dst, r.Natural, r.Out))
+		if r.Sender.Local() && len(r.To) == 1 && r.To[0] == r.Natural && !plan.Has(r.Match) {
+			notes = append(notes, fmt.Sprintf("%s already leaves with %s, its natural source via %s: no rule needed", r.Match, r.Natural, r.Out))
 		}
 	}
 	return reportPlan(c, e.out, plan, notes)

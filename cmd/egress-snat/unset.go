@@ -12,50 +12,84 @@ import (
 var unsetCommand = &cli.Command{
 	Name:      "unset",
 	Usage:     "remove the rule of one or more destinations",
-	UsageText: "egress-snat unset --dst ADDR|CIDR [--dst ...] [--dry-run]",
-	Description: `Removes the rule for exactly each --dst (as given to set or apply; a
-broader or narrower rule is not touched). New connections to it then leave
-with whatever the next broader rule says, or the natural source. Unsetting a
-destination that has no rule changes nothing and succeeds.
+	UsageText: "egress-snat unset --dst ADDR|CIDR [--dst ...] [--from CIDR... | --uid USER | --cgroup PATH] [--dry-run]",
+	Description: `Removes the rule for exactly each --dst of exactly the sender given (as
+given to set or apply; a broader or narrower rule, or the same destination's
+rule for another sender, is not touched). New connections then leave with
+whatever the next rule says, or the natural source. Unsetting a rule that
+does not exist changes nothing and succeeds.
 
-Example:
-   egress-snat unset --dst 198.51.100.4`,
-	Flags: []cli.Flag{
-		&cli.StringSliceFlag{Name: "dst", Usage: "(required) destination `ADDR|CIDR` whose rule to remove (repeatable)"},
+With --from, --uid or --cgroup, --dst may be left out: every destination
+(0.0.0.0/0 or ::/0, as set does).
+
+Examples:
+   egress-snat unset --dst 198.51.100.4
+   egress-snat unset --from 172.17.0.0/16 --dst 0.0.0.0/0`,
+	Flags: append([]cli.Flag{
+		&cli.StringSliceFlag{Name: "dst", Usage: "destination `ADDR|CIDR` whose rule to remove (repeatable; required without --from, --uid or --cgroup)"},
 		dryRunFlag,
 		jsonFlag,
-	},
+	}, senderFlags()...),
 	Action: func(c *cli.Context) error {
-		if err := required(c, "dst"); err != nil {
+		senders, err := parseSenders(c)
+		if err != nil {
 			return err
+		}
+		if !c.IsSet("dst") && senders[0].IsHost() {
+			return usageError("--dst is required (see egress-snat unset --help)")
 		}
 		dsts, err := parseDsts(c.StringSlice("dst"))
 		if err != nil {
 			return err
 		}
-		e, err := hostEnv(c)
+		type who struct {
+			Sender snat.Sender
+			Dst    netip.Prefix
+		}
+		var targets []who
+		for _, s := range senders {
+			if len(dsts) == 0 {
+				f := snat.IPv4
+				if s.Kind == snat.SenderFrom && !s.From.Addr().Is4() {
+					f = snat.IPv6
+				}
+				targets = append(targets, who{s, everythingOf(f)})
+				if s.Kind != snat.SenderFrom {
+					targets = append(targets, who{s, everythingOf(snat.IPv6)})
+				}
+			}
+			for _, d := range dsts {
+				targets = append(targets, who{s, d})
+			}
+		}
+		e, err := envFor(c)
 		if err != nil {
 			return err
 		}
-		drop := map[netip.Prefix]bool{}
-		for _, d := range dsts {
-			drop[d] = true
+		drop := map[who]bool{}
+		for _, t := range targets {
+			drop[t] = true
 		}
-		var missing []netip.Prefix
+		var missing []who
 		_, plan, err := e.mgr.Update(e.lockTimeout, c.Bool("dry-run"), func(st *snat.State) ([]snat.Entry, error) {
 			var keep []snat.Entry
-			found := map[netip.Prefix]bool{}
+			found := map[who]bool{}
 			for _, en := range st.Entries() {
-				if drop[en.Dst] {
-					found[en.Dst] = true
+				if k := (who{en.Sender, en.Dst}); drop[k] {
+					found[k] = true
 					continue
 				}
 				keep = append(keep, en)
 			}
-			for _, d := range dsts {
-				if !found[d] {
-					missing = append(missing, d)
+			for _, t := range targets {
+				// Without --dst, both families are tried: one having no
+				// rule is no news.
+				if !found[t] && len(dsts) > 0 {
+					missing = append(missing, t)
 				}
+			}
+			if len(found) == 0 && len(dsts) == 0 {
+				missing = append(missing, targets[0])
 			}
 			return keep, nil
 		})
@@ -63,8 +97,8 @@ Example:
 			return err
 		}
 		var notes []string
-		for _, d := range missing {
-			notes = append(notes, fmt.Sprintf("%s has no rule: nothing to remove", d))
+		for _, t := range missing {
+			notes = append(notes, fmt.Sprintf("%s has no rule: nothing to remove", snat.Match{Sender: t.Sender, Dst: t.Dst}))
 		}
 		return reportPlan(c, e.out, plan, notes)
 	},

@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"net/netip"
 	"os"
 	"os/signal"
 	"runtime/debug"
@@ -68,7 +67,7 @@ at boot, so the desired state survives reboots.`,
 		if err != nil {
 			return err
 		}
-		e, err := hostEnv(c)
+		e, err := envFor(c)
 		if err != nil {
 			return err
 		}
@@ -267,16 +266,16 @@ func (w *watcher) reconcile(reason string) error {
 // flushVanished deletes the conntrack entries of flows NATed to a source
 // that left the host: they would otherwise keep using it until they end.
 func (w *watcher) flushVanished(previous, now []snat.Entry) {
-	current := map[netip.Prefix]snat.Entry{}
+	current := map[snat.Match]snat.Entry{}
 	for _, e := range now {
-		current[e.Dst] = e
+		current[e.Match] = e
 	}
 	for _, old := range previous {
 		for _, a := range old.To {
 			if _, err := w.e.sel.Owner(a); err == nil {
 				continue // still on the host
 			}
-			if n, ok := current[old.Dst]; ok && len(n.To) > 0 && n.To[0] == a {
+			if n, ok := current[old.Match]; ok && len(n.To) > 0 && n.To[0] == a {
 				continue
 			}
 			n, err := flushBinding(w.e.nl, old.Dst, a)

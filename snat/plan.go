@@ -1,0 +1,312 @@
+package snat
+
+import (
+	"errors"
+	"fmt"
+	"maps"
+	"slices"
+	"strings"
+)
+
+// Change is one rule's difference between installed and desired.
+type Change struct {
+	Op   string `json:"op"` // "add", "change", "remove"
+	Old  *Entry `json:"old,omitempty"`
+	New  *Entry `json:"new,omitempty"`
+	Note string `json:"note,omitempty"`
+}
+
+func (c Change) String() string {
+	switch c.Op {
+	case "add":
+		return "add    " + c.New.String()
+	case "remove":
+		return "remove " + c.Old.String()
+	}
+	return fmt.Sprintf("change %s: %s -> %s", c.New.Match, c.Old.ToString(), c.New.ToString())
+}
+
+// Tool is a program a step runs.
+type Tool string
+
+const (
+	ToolIPSet        Tool = "ipset restore"
+	ToolIPTables     Tool = "iptables-restore --noflush"
+	ToolIP6Tables    Tool = "ip6tables-restore --noflush"
+	ToolDropNATTable Tool = "nft delete table"
+)
+
+// restoreTool is the family's iptables-restore.
+func restoreTool(f Family) Tool {
+	if f == IPv6 {
+		return ToolIP6Tables
+	}
+	return ToolIPTables
+}
+
+// Command is one run of a tool with its input.
+type Command struct {
+	Tool   Tool   `json:"tool"`
+	Family Family `json:"family,omitempty"`
+	Input  string `json:"input,omitempty"`
+}
+
+func (c Command) String() string {
+	if c.Tool == ToolDropNATTable {
+		return fmt.Sprintf("%s %s nat (only if it is still empty)", c.Tool, nftFamily(c.Family))
+	}
+	return fmt.Sprintf("%s <<EOF\n%sEOF", c.Tool, c.Input)
+}
+
+// Step is one step of a plan: what runs, why, and what puts it back.
+type Step struct {
+	Why string  `json:"why"`
+	Do  Command `json:"do"`
+	// Undo reverses Do; nil when there is nothing to reverse.
+	Undo *Command `json:"undo,omitempty"`
+	// Cleanup steps run after the change is committed: a failure leaves
+	// the new rules in place, is reported, and the next run retries it.
+	Cleanup bool `json:"cleanup,omitempty"`
+}
+
+// Plan is the exact program Apply runs: its steps, in order. It is computed
+// without side effects, so --dry-run prints exactly what a real run does.
+type Plan struct {
+	Changes []Change `json:"changes"`
+	// Desired are the normalized entries the kernel holds after the plan.
+	Desired []Entry `json:"desired"`
+	// Chains are the desired chains, for summaries.
+	Chains map[Family]Chain `json:"-"`
+	Steps  []Step           `json:"steps"`
+}
+
+// Empty reports whether the plan writes nothing.
+func (p Plan) Empty() bool { return len(p.Steps) == 0 }
+
+// MakePlan compares the installed state with the desired entries (of both
+// families; they are normalized here) and returns the program that makes
+// the kernel hold them, make before break:
+//
+//  1. sets left half-built by an interrupted run are destroyed;
+//  2. new sets are created and filled, while nothing refers to them yet; a
+//     desired set someone edited by hand is rebuilt under a temporary name
+//     and swapped in, which is atomic;
+//  3. each family's chain and jump are written in one iptables-restore
+//     transaction: readers and new connections see the old chain or the
+//     new one, never a mixture;
+//  4. cleanup: sets nothing refers to any more are destroyed, and with
+//     iptables-nft a nat table left holding nothing is deleted, so clear
+//     leaves iptables-save as it was before the first run.
+func MakePlan(st *State, desired []Entry) Plan {
+	desired = Normalize(desired)
+	p := Plan{Desired: desired, Chains: map[Family]Chain{}}
+	p.Changes = diff(st.Entries(), desired)
+
+	var stale strings.Builder
+	for _, name := range slices.Sorted(maps.Keys(st.Sets)) {
+		if strings.HasSuffix(name, tmpSuffix) {
+			stale.WriteString("destroy " + name + "\n")
+		}
+	}
+	if stale.Len() > 0 {
+		p.Steps = append(p.Steps, Step{Why: "destroy sets left half-built by an interrupted run (no rule refers to them)",
+			Do: Command{Tool: ToolIPSet, Input: stale.String()}})
+	}
+
+	referenced := map[string]bool{}
+	var fresh, rebuilt []Set
+	var writes []Step
+	var drops []Step
+	for _, f := range Families {
+		c := Render(f, desired)
+		p.Chains[f] = c
+		in := st.Installed[f]
+		recreated := false
+		for _, s := range c.Sets {
+			referenced[s.Name] = true
+			have, ok := st.Sets[s.Name]
+			switch {
+			case !ok:
+				fresh = append(fresh, s)
+			case !sameMembers(have, s):
+				rebuilt = append(rebuilt, s)
+				recreated = true
+			}
+		}
+		if in.InSync(c) && !recreated {
+			continue
+		}
+		writes = append(writes, chainStep(in, c))
+		if len(c.Rules) == 0 && st.CanDropNATTable && in.TableExists && in.OnlyOurs {
+			drops = append(drops, Step{Why: fmt.Sprintf("delete the %s nat table egress-snat alone used, now empty", f),
+				Do: Command{Tool: ToolDropNATTable, Family: f}, Cleanup: true})
+		}
+	}
+	if len(fresh) > 0 {
+		var undo strings.Builder
+		for _, s := range fresh {
+			undo.WriteString("destroy " + s.Name + "\n")
+		}
+		p.Steps = append(p.Steps, Step{Why: fmt.Sprintf("create %s of destinations before any rule refers to them", plural(len(fresh), "new set")),
+			Do: Command{Tool: ToolIPSet, Input: SetRestorePayload(fresh)}, Undo: &Command{Tool: ToolIPSet, Input: undo.String()}})
+	}
+	if len(rebuilt) > 0 {
+		var b strings.Builder
+		for _, s := range rebuilt {
+			tmp := s
+			tmp.Name = s.Name + tmpSuffix
+			b.WriteString(SetRestorePayload([]Set{tmp}))
+			fmt.Fprintf(&b, "swap %s %s\ndestroy %s\n", tmp.Name, s.Name, tmp.Name)
+		}
+		p.Steps = append(p.Steps, Step{Why: fmt.Sprintf("repair %s edited by hand: rebuild and swap in atomically", plural(len(rebuilt), "set")),
+			Do: Command{Tool: ToolIPSet, Input: b.String()}})
+	}
+	p.Steps = append(p.Steps, writes...)
+	var unused strings.Builder
+	for _, name := range slices.Sorted(maps.Keys(st.Sets)) {
+		if !referenced[name] && !strings.HasSuffix(name, tmpSuffix) {
+			unused.WriteString("destroy " + name + "\n")
+		}
+	}
+	if unused.Len() > 0 {
+		p.Steps = append(p.Steps, Step{Why: "destroy sets no rule refers to any more",
+			Do: Command{Tool: ToolIPSet, Input: unused.String()}, Cleanup: true})
+	}
+	p.Steps = append(p.Steps, drops...)
+	return p
+}
+
+// chainStep writes one family's chain and re-seats the jump; its undo puts
+// back the chain as it was read (every rule, ours or not) with one jump
+// first, or removes chain and jump when there was no chain.
+func chainStep(in Installed, c Chain) Step {
+	f := c.Family
+	s := Step{Do: Command{Tool: restoreTool(f), Family: f}}
+	ourJump := [][]string{JumpSpec()}
+	if len(c.Rules) == 0 {
+		s.Why = fmt.Sprintf("remove the %s chain and its jump", f)
+		s.Do.Input = ClearPayload(in.Jumps)
+	} else {
+		s.Why = fmt.Sprintf("write the %s chain (%s) and put its jump first, in one transaction", f, plural(len(c.Rules), "rule"))
+		s.Do.Input = RestorePayload(c.Args(), in.Jumps)
+	}
+	undo := Command{Tool: restoreTool(f), Family: f}
+	switch {
+	case in.ChainExists && len(c.Rules) > 0:
+		undo.Input = RestorePayload(in.Raw, ourJump)
+	case in.ChainExists:
+		undo.Input = RestorePayload(in.Raw, nil)
+	case len(c.Rules) > 0:
+		undo.Input = ClearPayload(ourJump)
+	default:
+		return s
+	}
+	s.Undo = &undo
+	return s
+}
+
+// diff lists the changes from installed to desired, keyed by whole match.
+func diff(installed, desired []Entry) []Change {
+	var out []Change
+	old := make(map[Match]Entry, len(installed))
+	for _, e := range installed {
+		old[e.Match] = e
+	}
+	for _, e := range desired {
+		o, had := old[e.Match]
+		delete(old, e.Match)
+		switch {
+		case !had:
+			out = append(out, Change{Op: "add", New: ptr(e)})
+		case !o.Equal(e):
+			out = append(out, Change{Op: "change", Old: ptr(o), New: ptr(e)})
+		}
+	}
+	for _, e := range slices.SortedFunc(maps.Values(old), compareEntries) {
+		out = append(out, Change{Op: "remove", Old: ptr(e)})
+	}
+	return out
+}
+
+func ptr(e Entry) *Entry { return &e }
+
+func sameMembers(a, b Set) bool {
+	return slices.Equal(a.Members, b.Members) && slices.Equal(a.NoMatch, b.NoMatch)
+}
+
+// tmpSuffix marks a set being rebuilt before it is swapped in.
+const tmpSuffix = "~"
+
+// Apply runs a plan made by MakePlan, step by step. If a step before the
+// commit fails, the steps already run are undone in reverse order, so a
+// failed Apply leaves the host as it found it. A failed cleanup step leaves
+// the new rules in place and is reported.
+func (m *Manager) Apply(p Plan) error {
+	var done []Step
+	for _, s := range p.Steps {
+		err := m.run(s.Do)
+		if err == nil {
+			done = append(done, s)
+			continue
+		}
+		if s.Cleanup {
+			return fmt.Errorf("the new rules are in place, but cleaning up failed: %s: %w", s.Why, err)
+		}
+		var undoErrs []error
+		for i := len(done) - 1; i >= 0; i-- {
+			if u := done[i].Undo; u != nil {
+				if uerr := m.run(*u); uerr != nil {
+					undoErrs = append(undoErrs, fmt.Errorf("undoing %q: %w", done[i].Why, uerr))
+				}
+			}
+		}
+		if len(undoErrs) > 0 {
+			return fmt.Errorf("%s: %w (and putting back what was already written failed: %v)", s.Why, err, errors.Join(undoErrs...))
+		}
+		return fmt.Errorf("%s: %w (nothing was changed)", s.Why, err)
+	}
+	return nil
+}
+
+func (m *Manager) run(c Command) error {
+	switch c.Tool {
+	case ToolIPSet:
+		return m.Sets.Restore(c.Input)
+	case ToolIPTables, ToolIP6Tables:
+		return m.Tables.Restore(c.Family, c.Input)
+	case ToolDropNATTable:
+		return m.Tables.DropNATTable(c.Family)
+	}
+	return fmt.Errorf("unknown tool %q", c.Tool)
+}
+
+// Has reports whether the plan has a rule for m after it is applied.
+func (p Plan) Has(m Match) bool {
+	for _, e := range p.Desired {
+		if e.Match == m || (m.Out == "" && e.Sender == m.Sender && e.Dst == m.Dst) {
+			return true
+		}
+	}
+	return false
+}
+
+// Payloads returns each tool's input in the plan, for scripts that read
+// --dry-run --json: "ipset", "iptables-restore", "ip6tables-restore".
+func (p Plan) Payloads() map[string]string {
+	out := map[string]string{}
+	for _, s := range p.Steps {
+		name := strings.Fields(string(s.Do.Tool))[0]
+		if s.Do.Tool == ToolDropNATTable {
+			continue
+		}
+		out[name] += s.Do.Input
+	}
+	return out
+}
+
+func nftFamily(f Family) string {
+	if f == IPv6 {
+		return "ip6"
+	}
+	return "ip"
+}

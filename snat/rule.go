@@ -1,0 +1,265 @@
+package snat
+
+import (
+	"fmt"
+	"net/netip"
+	"strconv"
+	"strings"
+)
+
+// Rule is one rule of the managed chain, typed. It is the only description
+// of the rule shape: Args renders it for iptables-restore, ParseRule reads
+// it back from iptables-save, and rules are compared as structs, so the
+// order in which a backend prints matches does not matter.
+//
+//	-s SRC [-d DST] -o OUT [-m addrtype ! --src-type LOCAL]
+//	  [-m owner --uid-owner UID] [-m cgroup --path PATH]
+//	  [-m set --match-set SET dst] -m comment --comment egress-snat
+//	  [-m statistic --mode nth --every N --packet 0]
+//	  -j SNAT --to-source TO | -j RETURN
+type Rule struct {
+	// Src is the natural source as a host prefix, or a --from prefix.
+	Src netip.Prefix
+	// Dst is the destination; invalid when the rule has none (a set rule,
+	// or every destination).
+	Dst netip.Prefix
+	// Set is the ipset of destinations, matched on the destination.
+	Set string
+	Out string
+	// Forwarded restricts the rule to packets whose source is not a local
+	// address (-m addrtype ! --src-type LOCAL): a --from rule never
+	// rewrites the host's own traffic, even from an address inside its
+	// prefix.
+	Forwarded bool
+	// HasUID and UID: -m owner --uid-owner.
+	HasUID bool
+	UID    uint32
+	// Cgroup: -m cgroup --path.
+	Cgroup string
+	// Every is the nth mode's --every for all but the last rule of a spread
+	// entry; 0 means no statistic match.
+	Every int
+	// Target is "SNAT" or "RETURN"; ToSource is SNAT's address.
+	Target   string
+	ToSource netip.Addr
+}
+
+// Args renders the rule as iptables arguments, without "-A CHAIN".
+func (r Rule) Args() []string {
+	a := make([]string, 0, 24)
+	a = append(a, "-s", r.Src.String())
+	if r.Dst.IsValid() {
+		a = append(a, "-d", r.Dst.String())
+	}
+	a = append(a, "-o", r.Out)
+	if r.Forwarded {
+		a = append(a, "-m", "addrtype", "!", "--src-type", "LOCAL")
+	}
+	if r.HasUID {
+		a = append(a, "-m", "owner", "--uid-owner", strconv.FormatUint(uint64(r.UID), 10))
+	}
+	if r.Cgroup != "" {
+		a = append(a, "-m", "cgroup", "--path", r.Cgroup)
+	}
+	if r.Set != "" {
+		a = append(a, "-m", "set", "--match-set", r.Set, "dst")
+	}
+	a = append(a, "-m", "comment", "--comment", Comment)
+	if r.Every > 0 {
+		a = append(a, "-m", "statistic", "--mode", "nth", "--every", strconv.Itoa(r.Every), "--packet", "0")
+	}
+	a = append(a, "-j", r.Target)
+	if r.Target == "SNAT" {
+		a = append(a, "--to-source", r.ToSource.String())
+	}
+	return a
+}
+
+func (r Rule) String() string { return strings.Join(r.Args(), " ") }
+
+// match is the rule without what differs between the rules of one spread
+// entry: the rules of one entry share it.
+func (r Rule) match() Rule {
+	r.Every, r.Target, r.ToSource = 0, "", netip.Addr{}
+	return r
+}
+
+// ParseRule reads a rule of the managed chain as iptables-save prints it
+// (words after "-A CHAIN"). It fails for anything of another shape, or
+// without our comment: such a rule is not ours.
+func ParseRule(f Family, spec []string) (Rule, error) {
+	var r Rule
+	ours := false
+	mods := map[string]bool{}
+	for i := 0; i < len(spec); i++ {
+		w := spec[i]
+		arg := func() (string, error) {
+			if i+1 >= len(spec) {
+				return "", fmt.Errorf("%s without a value", w)
+			}
+			i++
+			return spec[i], nil
+		}
+		v := ""
+		var err error
+		switch w {
+		case "-m":
+			if v, err = arg(); err != nil {
+				return r, err
+			}
+			switch v {
+			case "addrtype", "owner", "cgroup", "set", "comment", "statistic":
+			default:
+				return r, fmt.Errorf("match %q is not one egress-snat writes", v)
+			}
+			if mods[v] {
+				return r, fmt.Errorf("match %q twice", v)
+			}
+			mods[v] = true
+			continue
+		case "!":
+			if i+2 >= len(spec) || spec[i+1] != "--src-type" || spec[i+2] != "LOCAL" || !mods["addrtype"] {
+				return r, fmt.Errorf("negation other than ! --src-type LOCAL")
+			}
+			r.Forwarded = true
+			i += 2
+			continue
+		}
+		if v, err = arg(); err != nil {
+			return r, err
+		}
+		switch w {
+		case "-s":
+			if r.Src, err = parsePrefix(v); err != nil {
+				return r, err
+			}
+		case "-d":
+			if r.Dst, err = parsePrefix(v); err != nil {
+				return r, err
+			}
+		case "-o":
+			r.Out = v
+		case "--uid-owner":
+			n, err := strconv.ParseUint(v, 10, 32)
+			if err != nil || !mods["owner"] {
+				return r, fmt.Errorf("--uid-owner %q", v)
+			}
+			r.HasUID, r.UID = true, uint32(n)
+		case "--path":
+			if !mods["cgroup"] {
+				return r, fmt.Errorf("--path outside -m cgroup")
+			}
+			r.Cgroup = v
+		case "--match-set":
+			dir, err := arg()
+			if err != nil || dir != "dst" || !mods["set"] {
+				return r, fmt.Errorf("--match-set %s %s", v, dir)
+			}
+			r.Set = v
+		case "--comment":
+			ours = v == Comment
+		case "--mode":
+			if v != "nth" {
+				return r, fmt.Errorf("statistic mode %q", v)
+			}
+		case "--every":
+			if r.Every, err = strconv.Atoi(v); err != nil || r.Every < 2 {
+				return r, fmt.Errorf("--every %q", v)
+			}
+		case "--packet":
+			if v != "0" {
+				return r, fmt.Errorf("--packet %q", v)
+			}
+		case "-j":
+			r.Target = v
+		case "--to-source":
+			if r.ToSource, err = netip.ParseAddr(strings.Trim(v, "[]")); err != nil {
+				return r, err
+			}
+		default:
+			return r, fmt.Errorf("option %q is not one egress-snat writes", w)
+		}
+	}
+	switch {
+	case !ours:
+		return r, fmt.Errorf("no %q comment", Comment)
+	case !r.Src.IsValid() || r.Out == "":
+		return r, fmt.Errorf("no -s or -o")
+	case FamilyOf(r.Src.Addr()) != f || r.Dst.IsValid() && FamilyOf(r.Dst.Addr()) != f:
+		return r, fmt.Errorf("address of the other family")
+	case r.Forwarded && (r.HasUID || r.Cgroup != ""):
+		return r, fmt.Errorf("a forwarded-traffic rule with a socket match")
+	case !r.Forwarded && !r.Src.IsSingleIP():
+		return r, fmt.Errorf("a local-traffic rule whose -s is not one address")
+	case r.HasUID && r.Cgroup != "":
+		return r, fmt.Errorf("both a uid and a cgroup match")
+	case r.Target == "RETURN" && !r.ToSource.IsValid() && r.Every == 0 && !r.Forwarded:
+	case r.Target == "SNAT" && r.ToSource.IsValid() && FamilyOf(r.ToSource) == f:
+	default:
+		return r, fmt.Errorf("target %q is not one egress-snat writes", r.Target)
+	}
+	if r.Set != "" && r.Dst.IsValid() {
+		return r, fmt.Errorf("both -d and a set")
+	}
+	return r, nil
+}
+
+// Sender is the sender a rule selects.
+func (r Rule) Sender() Sender {
+	switch {
+	case r.Forwarded:
+		return From(r.Src)
+	case r.HasUID:
+		return UID(r.UID)
+	case r.Cgroup != "":
+		return Cgroup(r.Cgroup)
+	}
+	return Host()
+}
+
+// natural is the natural source a local-traffic rule matches.
+func (r Rule) natural() netip.Addr {
+	if r.Forwarded {
+		return netip.Addr{}
+	}
+	return r.Src.Addr()
+}
+
+// rulesFor renders the rules of one entry, with the destination matched by
+// dst (a prefix) or by the set named set.
+// Spreading over n addresses uses n rules with the statistic match in nth
+// mode: rule i takes every (n-i)th of the connections still unclaimed, so
+// new connections go round-robin. A --to-source range would not do: the
+// kernel picks an address of a range by hashing source and destination, so
+// one client talking to one server would always get the same address.
+func rulesFor(e Entry, set string) []Rule {
+	base := Rule{Out: e.Out, Set: set}
+	if set == "" && e.Dst.Bits() > 0 {
+		base.Dst = e.Dst
+	}
+	switch s := e.Sender; s.kind() {
+	case SenderFrom:
+		base.Src, base.Forwarded = s.From, true
+	default:
+		base.Src = hostPrefix(e.Natural)
+		base.HasUID, base.UID = s.kind() == SenderUID, s.UID
+		if s.kind() == SenderCgroup {
+			base.Cgroup = s.Cgroup
+		}
+	}
+	if e.Keep() {
+		base.Target = "RETURN"
+		return []Rule{base}
+	}
+	out := make([]Rule, 0, len(e.To))
+	n := len(e.To)
+	for i, to := range e.To {
+		r := base
+		if i < n-1 {
+			r.Every = n - i
+		}
+		r.Target, r.ToSource = "SNAT", to
+		out = append(out, r)
+	}
+	return out
+}
