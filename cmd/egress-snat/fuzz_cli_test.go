@@ -1,0 +1,586 @@
+package main
+
+// FuzzCLI: the command line itself, fuzzed. Argument vectors run through
+// the real urfave/cli app (newApp) with the kernel behind fakes: the
+// iptables and ipset fakes of package snat, wrapped to check every payload
+// they are given, a fake router for the selector, and an in-memory lock.
+// scripts/fuzz.sh runs it for a bounded time; plain `go test` runs the
+// seeds below and testdata/fuzz/FuzzCLI, without root.
+
+import (
+	"errors"
+	"fmt"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"regexp"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/urfave/cli/v2"
+
+	"github.com/egress-snat/egress-snat/config"
+	"github.com/egress-snat/egress-snat/selector"
+	"github.com/egress-snat/egress-snat/snat"
+)
+
+// An input is up to cliMaxRuns command lines separated by cliRunSep, each
+// of arguments separated by cliArgSep, run in turn against the same fakes,
+// so that sequences (set, then rotate, then unset) are explored too.
+// "@DIR@" in an argument stands for the fuzz target's directory of files.
+const (
+	cliArgSep  = "\x00"
+	cliRunSep  = "\x01"
+	cliMaxRuns = 4
+	// cliBound is how long one run may take: a run on fakes takes
+	// milliseconds, so this only catches a hang.
+	cliBound = 10 * time.Second
+)
+
+var cliSeeds = []string{
+	// Good runs, so the fuzzer starts from payloads.
+	"set\x00--to\x00192.0.2.22",
+	"set\x00--to\x00192.0.2.22\x00--dst\x00198.51.100.4\x00--out\x00eth0",
+	"set\x00--to\x00192.0.2.22,192.0.2.23\x00--spread\x00--dst\x00203.0.113.0/24\x00--json",
+	"set\x00--to\x002001:db8::22\x00--dst\x002001:db8:ffff::/48\x00--dry-run",
+	"set\x00--to\x00192.0.2.23\x01set\x00--to\x00192.0.2.22\x00--dst\x00198.51.100.4\x01unset\x00--dst\x00198.51.100.4\x01list",
+	"rotate\x00--pool\x00192.0.2.22,192.0.2.23\x00--dst\x00198.51.100.4\x01rotate\x00--pool\x00192.0.2.22,192.0.2.23\x00--dst\x00198.51.100.4\x00--json",
+	"rotate\x00--pool\x00192.0.2.22,192.0.2.23,192.0.2.24\x00--order\x00random",
+	"apply\x00-f\x00@DIR@/good.yaml\x01check\x00-f\x00@DIR@/good.yaml\x01clear",
+	"apply\x00--dry-run\x00-f\x00@DIR@/sets.yaml",
+	"apply\x00-f\x00@DIR@/sets.yaml\x01check\x01list\x00--json",
+	"explain\x00--dst\x00198.51.100.4",
+	"explain\x00--dst\x00203.0.113.129\x00--out\x00eth1\x00--json",
+	"--iptables-backend\x00legacy\x00--lock-timeout\x002s\x00set\x00--to\x00192.0.2.23",
+	"--help",
+	"set\x00--help",
+	// Issue #15, each row.
+	"apply\x00-f\x00@DIR@/fifo.yaml",
+	"check\x00-f\x00@DIR@/fifo.yaml",
+	"apply\x00-f\x00@DIR@/shadow.yaml",
+	"--lock-timeout\x00-1s\x00set\x00--to\x00192.0.2.22",
+	"--lock-timeout\x000s\x00clear",
+	"rotate\x00--pool\x00192.0.2.22,192.0.2.22",
+	"set\x00--to\x00192.0.2.22,192.0.2.22\x00--spread",
+	"apply\x00-f\x00@DIR@/twice.yaml",
+	"set\x00--to\x00192.0.2.22\x00--out\x00eth0\nINJECTED line",
+	"set\x00--to\x00192.0.2.22\x00--dst\x00198.51.100.4\nINJECTED line",
+	"set\x00--to\nINJECTED\x00192.0.2.22",
+	// Other bad input.
+	"set\x00--to\x00192.0.2.99",
+	"set\x00--to\x00203.0.113.130\x00--dst\x00198.51.100.4",
+	"set\x00--to\x00192.0.2.22\x00--out\x00nope0",
+	"set\x00--to\x00192.0.2.22\x00--out\x00eth1\x00--dst\x00198.51.100.4",
+	"apply\x00-f\x00/dev/zero",
+	"apply\x00-f\x00@DIR@",
+	"sett",
+	"",
+}
+
+// cliFiles are written into the target's directory; fifo.yaml's dst-file
+// is a named pipe with no writer.
+var cliFiles = map[string]string{
+	"good.yaml":   "rules:\n  - to: 192.0.2.22\n    dst: [198.51.100.4, 198.51.100.5]\n  - to: 2001:db8::23\n    dst: [2001:db8:ffff::/48]\n",
+	"sets.yaml":   "rules:\n  - to: 192.0.2.22\n    dst-file: partners.txt\n  - to: [192.0.2.23, 192.0.2.24]\n    spread: true\n    dst: [203.0.113.0/28]\n",
+	"twice.yaml":  "rules:\n  - to: [192.0.2.22, 192.0.2.22]\n    dst: [198.51.100.4]\n",
+	"fifo.yaml":   "rules:\n  - to: 192.0.2.22\n    dst-file: partners.fifo\n",
+	"shadow.yaml": "rules:\n  - to: 192.0.2.22\n    dst-file: shadow\n",
+	"shadow":      "root:$6$rounds=656000$" + strings.Repeat("A", 86) + ":20228:0:99999:7:::\n",
+	"partners.txt": "198.51.100.1\n198.51.100.2\n198.51.100.3\n198.51.100.4\n198.51.100.5\n" +
+		"198.51.100.6\n198.51.100.7\n198.51.100.8\n198.51.100.9 # a comment\n198.51.100.128/25\n",
+}
+
+func FuzzCLI(f *testing.F) {
+	dir := f.TempDir()
+	for name, content := range cliFiles {
+		if err := os.WriteFile(filepath.Join(dir, name), []byte(content), 0o600); err != nil {
+			f.Fatal(err)
+		}
+	}
+	if err := syscall.Mkfifo(filepath.Join(dir, "partners.fifo"), 0o600); err != nil {
+		f.Fatal(err)
+	}
+	// Nothing on the host can be run: a path the fakes do not cover (the
+	// other backend's probe, ipset, nft) finds no command instead of
+	// touching this machine's firewall.
+	f.Setenv("PATH", f.TempDir())
+	for _, s := range cliSeeds {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, input string) {
+		input = strings.ReplaceAll(input, "@DIR@", dir)
+		var runs [][]string
+		for i, line := range strings.Split(input, cliRunSep) {
+			if i == cliMaxRuns {
+				break
+			}
+			args := strings.Split(line, cliArgSep)
+			if !cliSafe(args, dir) {
+				return
+			}
+			runs = append(runs, args)
+		}
+		h := newCLIHost()
+		for _, args := range runs {
+			h.run(t, args)
+		}
+	})
+}
+
+// TestCLIFakes: the fake host of FuzzCLI takes good command lines, so the
+// fuzzer starts from runs that reach the payloads.
+func TestCLIFakes(t *testing.T) {
+	t.Setenv("PATH", t.TempDir())
+	dir := t.TempDir()
+	for name, content := range cliFiles {
+		if err := os.WriteFile(filepath.Join(dir, name), []byte(content), 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	h := newCLIHost()
+	for _, tt := range []struct {
+		args []string
+		code int
+		want string // in the host's nat rules afterwards
+	}{
+		{[]string{"set", "--to", "192.0.2.23"}, 0, "--to-source 192.0.2.23"},
+		{[]string{"set", "--to", "192.0.2.22", "--dst", "198.51.100.4"}, 0, "-d 198.51.100.4/32"},
+		{[]string{"rotate", "--pool", "192.0.2.24,192.0.2.25", "--dst", "198.51.100.4"}, 0, "--to-source 192.0.2.24"},
+		{[]string{"apply", "-f", filepath.Join(dir, "sets.yaml")}, 0, "--match-set"},
+		{[]string{"check", "-f", filepath.Join(dir, "sets.yaml")}, 0, "--match-set"},
+		{[]string{"set", "--to", "192.0.2.99"}, exitUsage, "--match-set"},
+		{[]string{"--lock-timeout", "-1s", "clear"}, exitUsage, "--match-set"},
+		{[]string{"clear"}, 0, ""},
+	} {
+		code, msg, _ := h.run(t, tt.args)
+		if code != tt.code {
+			t.Errorf("egress-snat %q: exit %d, want %d (%s)", tt.args, code, tt.code, msg)
+		}
+		if rules := h.snapshot(); !strings.Contains(rules, tt.want) || (tt.want == "" && strings.Contains(rules, "EGRESS-SNAT")) {
+			t.Errorf("egress-snat %q: the host has\n%s\nwant %q", tt.args, rules, tt.want)
+		}
+	}
+	if h.tables.fake.Restores[snat.IPv4] == 0 {
+		t.Error("no iptables-restore reached the fake")
+	}
+}
+
+// cliSafe says whether args may run in this process. watch runs until a
+// signal; --flush-conntrack talks to the kernel's conntrack table; a path
+// outside the target's directory could name a device or a pseudo-file
+// whose reading has effects (a prefix's "/24" is not a path).
+func cliSafe(args []string, dir string) bool {
+	for _, a := range args {
+		if a == "watch" || strings.Contains(a, "flush-conntrack") || strings.Contains(a, "netns") {
+			return false
+		}
+		// A path has a '/' before a name ("/dev", "../x"); a prefix
+		// has one before its length.
+		rest := strings.ReplaceAll(a, dir+"/", "")
+		for i := strings.IndexByte(rest, '/'); i >= 0 && i+1 < len(rest); i = strings.IndexByte(rest, '/') {
+			if c := rest[i+1]; c == '.' || c == '_' || c == '~' || c == '/' || (c|0x20 >= 'a' && c|0x20 <= 'z') {
+				return false
+			}
+			rest = rest[i+1:]
+		}
+	}
+	return true
+}
+
+// cliHost is one fake host: its tables, sets and routes, shared by the
+// runs of one input.
+type cliHost struct {
+	tables *checkedTables
+	sets   *checkedSets
+	router *fakeRouter
+}
+
+func newCLIHost() *cliHost {
+	return &cliHost{
+		tables: &checkedTables{fake: snat.NewFakeTables()},
+		sets:   &checkedSets{fake: snat.NewFakeIPSets()},
+		router: newFakeRouter(),
+	}
+}
+
+// run runs one command line, checks what it did, and returns its exit
+// status, its error message and its output.
+func (h *cliHost) run(t *testing.T, args []string) (code int, msg, stdout string) {
+	t.Helper()
+	before := h.snapshot()
+	h.tables.bad, h.sets.bad = nil, nil
+	app := newApp()
+	app.Before = nil // --netns would re-execute this process
+	var out, errOut strings.Builder
+	app.Writer, app.ErrWriter = &lockedWriter{w: &out}, &lockedWriter{w: &errOut}
+	saved := envFor
+	envFor = func(c *cli.Context) (*env, error) {
+		return &env{
+			sel:         h.router,
+			mgr:         &snat.Manager{Tables: h.tables, Sets: h.sets, Locker: noLock{}},
+			backend:     snat.BackendNFT,
+			lockTimeout: c.Duration("lock-timeout"),
+			out:         c.App.Writer,
+		}, nil
+	}
+	defer func() { envFor = saved }()
+
+	type result struct {
+		err   error
+		panic any
+	}
+	done := make(chan result, 1)
+	go func() {
+		defer func() {
+			if p := recover(); p != nil {
+				done <- result{panic: p}
+			}
+		}()
+		done <- result{err: app.Run(append([]string{"egress-snat"}, args...))}
+	}()
+	var r result
+	select {
+	case r = <-done:
+	case <-time.After(cliBound):
+		t.Fatalf("egress-snat %q: still running after %s", args, cliBound)
+	}
+	if r.panic != nil {
+		t.Fatalf("egress-snat %q: panic: %v", args, r.panic)
+	}
+	if r.err != nil {
+		code, msg = exitCode(r.err), r.err.Error()
+	}
+	if code != exitOK && code != exitFailure && code != exitUsage {
+		t.Fatalf("egress-snat %q: exit %d, want 0, 1 or 2 (%s)", args, code, msg)
+	}
+	for _, bad := range append(h.tables.bad, h.sets.bad...) {
+		t.Errorf("egress-snat %q: %s", args, bad)
+	}
+	if code == exitUsage && h.snapshot() != before {
+		t.Errorf("egress-snat %q: exit 2 (bad input), but the host changed (%s)", args, msg)
+	}
+	// A value with a newline is echoed quoted: what follows the newline
+	// never starts a line of the message.
+	for _, a := range args {
+		for _, injected := range strings.Split(a, "\n")[1:] {
+			if len(injected) >= 4 && (strings.Contains(msg, "\n"+injected) || strings.Contains(errOut.String(), "\n"+injected)) {
+				t.Errorf("egress-snat %q: the text after a newline in a value is a line of the message:\n%s%s", args, msg, errOut.String())
+			}
+		}
+	}
+	return code, msg, out.String()
+}
+
+func (h *cliHost) snapshot() string {
+	var b strings.Builder
+	for _, f := range snat.Families {
+		s, _ := h.tables.fake.Save(f)
+		b.WriteString(s)
+	}
+	s, _ := h.sets.fake.Save()
+	b.WriteString(s)
+	return b.String()
+}
+
+// lockedWriter lets a run that the bound gave up on keep writing safely.
+type lockedWriter struct {
+	mu sync.Mutex
+	w  *strings.Builder
+}
+
+func (l *lockedWriter) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.w.Write(p)
+}
+
+type noLock struct{}
+
+func (noLock) Lock(time.Duration) (func(), error) { return func() {}, nil }
+
+// The payload grammar: what egress-snat may ever hand to iptables-restore
+// and ipset restore, whatever its input.
+//
+//   - A payload is lines, each ended by "\n", of printable ASCII (0x20 to
+//     0x7e): no NUL, tab, CR or newline inside a line, nothing outside ASCII.
+//   - iptables-restore: "*nat", ":EGRESS-SNAT - [0:0]", then lines
+//     "-I POSTROUTING 1 RULE", "-D POSTROUTING RULE", "-A EGRESS-SNAT RULE"
+//     or "-X EGRESS-SNAT", then "COMMIT". A RULE is options from
+//     restoreOptions, each with the values its check accepts (an interface
+//     name for -o, a prefix for -s and -d, an address for --to-source, a set
+//     name for --match-set, ...), and ends with a -j target.
+//   - ipset restore: "create NAME hash:net family inet|inet6 hashsize N
+//     maxelem N", "add|del NAME PREFIX [nomatch]", "destroy|flush NAME",
+//     "swap NAME NAME", where NAME is snat.SetPrefix and then up to 31
+//     characters in all of [A-Za-z0-9_.:-].
+//
+// A value with a newline in it would cut a line in two, and neither half
+// would be a line of the grammar; an option the grammar does not know
+// fails the fuzz target until it is added here with a check of its value.
+var (
+	// ipsetName is one of ours, within ipset's 31 characters.
+	ipsetName = regexp.MustCompile(`^` + regexp.QuoteMeta(snat.SetPrefix) + `[A-Za-z0-9_.:-]{1,` + strconv.Itoa(31-len(snat.SetPrefix)) + `}$`)
+	ipsetLine = regexp.MustCompile(`^(create [^ ]+ hash:net family inet6? hashsize [0-9]+ maxelem [0-9]+|(add|del) [^ ]+ [0-9a-f.:/]+( nomatch)?|(destroy|flush) [^ ]+|swap [^ ]+ [^ ]+)$`)
+	number    = regexp.MustCompile(`^[0-9]{1,10}$`)
+)
+
+// restoreOptions are the options a RULE may have, each with a check of each
+// of its values.
+var restoreOptions = map[string][]func(string) bool{
+	"-s": {isPrefix},
+	"-d": {isPrefix},
+	"-o": {func(v string) bool { return config.CheckInterface(v) == nil }},
+	"-m": {func(v string) bool {
+		return slices.Contains([]string{"comment", "set", "statistic", "owner", "cgroup", "addrtype"}, v)
+	}},
+	"--comment":   {func(v string) bool { return v == snat.Comment }},
+	"--match-set": {ipsetName.MatchString, func(v string) bool { return v == "dst" }},
+	"--mode":      {func(v string) bool { return v == "nth" }},
+	"--every":     {number.MatchString},
+	"--packet":    {number.MatchString},
+	"--uid-owner": {number.MatchString},
+	"--path":      {func(v string) bool { p, err := snat.ParseCgroupPath(v); return err == nil && p == v }},
+	"!":           {func(v string) bool { return v == "--src-type" }},
+	"--src-type":  {func(v string) bool { return v == "LOCAL" }},
+	"-j":          {func(v string) bool { return v == "SNAT" || v == "RETURN" || v == snat.ChainName }},
+	"--to-source": {func(v string) bool { _, err := netip.ParseAddr(v); return err == nil }},
+}
+
+func isPrefix(v string) bool {
+	p, err := netip.ParsePrefix(v)
+	return err == nil && p.Masked() == p
+}
+
+func payloadLines(payload string) ([]string, error) {
+	if !strings.HasSuffix(payload, "\n") {
+		return nil, fmt.Errorf("payload does not end with a newline: %q", payload)
+	}
+	lines := strings.Split(strings.TrimSuffix(payload, "\n"), "\n")
+	for n, l := range lines {
+		for i := 0; i < len(l); i++ {
+			if l[i] < 0x20 || l[i] > 0x7e {
+				return nil, fmt.Errorf("line %d: byte %#x outside the payload grammar: %q", n+1, l[i], l)
+			}
+		}
+	}
+	return lines, nil
+}
+
+// checkRestore returns what is wrong with an iptables-restore payload.
+func checkRestore(payload string) error {
+	lines, err := payloadLines(payload)
+	if err != nil {
+		return err
+	}
+	if len(lines) < 3 || lines[0] != "*nat" || lines[1] != ":"+snat.ChainName+" - [0:0]" || lines[len(lines)-1] != "COMMIT" {
+		return fmt.Errorf("iptables-restore payload is not *nat, :%s - [0:0], rules, COMMIT:\n%s", snat.ChainName, payload)
+	}
+	for n, l := range lines[2 : len(lines)-1] {
+		if err := checkRestoreLine(l); err != nil {
+			return fmt.Errorf("iptables-restore line %d outside the grammar: %v: %q", n+3, err, l)
+		}
+	}
+	return nil
+}
+
+func checkRestoreLine(l string) error {
+	if l == "-X "+snat.ChainName {
+		return nil
+	}
+	var rule string
+	for _, head := range []string{"-I POSTROUTING 1 ", "-D POSTROUTING ", "-A " + snat.ChainName + " "} {
+		if r, ok := strings.CutPrefix(l, head); ok {
+			rule = r
+		}
+	}
+	if rule == "" {
+		return errors.New("not -I POSTROUTING 1, -D POSTROUTING, -A " + snat.ChainName + " or -X " + snat.ChainName)
+	}
+	words := strings.Split(rule, " ")
+	target := false
+	for i := 0; i < len(words); {
+		checks, ok := restoreOptions[words[i]]
+		if !ok {
+			return fmt.Errorf("option %q", words[i])
+		}
+		if i+len(checks) >= len(words) {
+			return fmt.Errorf("%s without its values", words[i])
+		}
+		for k, check := range checks {
+			if v := words[i+1+k]; !check(v) {
+				return fmt.Errorf("value %q of %s", v, words[i])
+			}
+		}
+		target = target || words[i] == "-j"
+		i += 1 + len(checks)
+	}
+	if !target {
+		return errors.New("no -j target")
+	}
+	return nil
+}
+
+// checkIPSet returns what is wrong with an ipset restore payload.
+func checkIPSet(payload string) error {
+	lines, err := payloadLines(payload)
+	if err != nil {
+		return err
+	}
+	for n, l := range lines {
+		if !ipsetLine.MatchString(l) {
+			return fmt.Errorf("ipset line %d outside the grammar: %q", n+1, l)
+		}
+		w := strings.Fields(l)
+		names := w[1:2]
+		if w[0] == "swap" {
+			names = w[1:3]
+		}
+		for _, name := range names {
+			if !ipsetName.MatchString(name) {
+				return fmt.Errorf("ipset line %d: set name %q", n+1, name)
+			}
+		}
+		if (w[0] == "add" || w[0] == "del") && !isPrefix(w[2]) {
+			return fmt.Errorf("ipset line %d: member %q", n+1, w[2])
+		}
+	}
+	return nil
+}
+
+// TestPayloadGrammar: the grammar FuzzCLI checks payloads against takes
+// what egress-snat writes and refuses what a value with a newline, a blank
+// or a stray byte would make of it.
+func TestPayloadGrammar(t *testing.T) {
+	head, tail := "*nat\n:EGRESS-SNAT - [0:0]\n", "COMMIT\n"
+	good := "-A EGRESS-SNAT -s 192.0.2.250/32 -d 198.51.100.4/32 -o eth0 -m comment --comment egress-snat -j SNAT --to-source 192.0.2.22\n"
+	if err := checkRestore(head + "-I POSTROUTING 1 -m comment --comment egress-snat -j EGRESS-SNAT\n" + good + tail); err != nil {
+		t.Errorf("good payload refused: %v", err)
+	}
+	for _, bad := range []string{
+		strings.Replace(good, "eth0", "eth0\n-F POSTROUTING", 1),
+		strings.Replace(good, "eth0", "eth0\n-A EGRESS-SNAT -o eth0 -j RETURN", 1),
+		strings.Replace(good, "eth0", "eth 0", 1),
+		strings.Replace(good, "eth0", "eth0\t", 1),
+		strings.Replace(good, "egress-snat -j", "\"egress snat\" -j", 1),
+		strings.Replace(good, "192.0.2.22", "192.0.2.22 --random", 1),
+		strings.Replace(good, " -j SNAT --to-source 192.0.2.22", "", 1),
+		strings.Replace(good, "-A EGRESS-SNAT", "-A POSTROUTING", 1),
+		"-F POSTROUTING\n",
+	} {
+		if err := checkRestore(head + bad + tail); err == nil {
+			t.Errorf("payload accepted:\n%s", bad)
+		}
+	}
+	if err := checkRestore(good); err == nil {
+		t.Error("payload without *nat and COMMIT accepted")
+	}
+	if err := checkIPSet("create egress-snat4-0123456789ab hash:net family inet hashsize 1024 maxelem 65536\nadd egress-snat4-0123456789ab 198.51.100.0/24\nadd egress-snat4-0123456789ab 198.51.100.4/32 nomatch\ndestroy egress-snat4-0123456789ab\n"); err != nil {
+		t.Errorf("good ipset payload refused: %v", err)
+	}
+	for _, bad := range []string{
+		"add egress-snat4-x 198.51.100.4/32\n\n",
+		"add egress-snat4-x 198.51.100.4/32\ndestroy docker\n",
+		"add egress-snat4-x 198.51.100.1/24\n",
+		"add egress-snat4-x 198.51.100.4/32 timeout 5\n",
+		"flush\n",
+		"add egress-snat4-x 198.51.100.4/32",
+	} {
+		if err := checkIPSet(bad); err == nil {
+			t.Errorf("ipset payload accepted: %q", bad)
+		}
+	}
+}
+
+// checkedTables checks every payload against the grammar before the fake
+// applies it.
+type checkedTables struct {
+	fake *snat.FakeTables
+	bad  []string
+}
+
+func (c *checkedTables) Save(f snat.Family) (string, error) { return c.fake.Save(f) }
+func (c *checkedTables) Restore(f snat.Family, payload string) error {
+	if err := checkRestore(payload); err != nil {
+		c.bad = append(c.bad, err.Error())
+	}
+	return c.fake.Restore(f, payload)
+}
+func (c *checkedTables) CanDropNATTable() bool            { return c.fake.CanDropNATTable() }
+func (c *checkedTables) DropNATTable(f snat.Family) error { return c.fake.DropNATTable(f) }
+
+type checkedSets struct {
+	fake *snat.FakeIPSets
+	bad  []string
+}
+
+func (c *checkedSets) Save() (string, error) { return c.fake.Save() }
+func (c *checkedSets) Restore(payload string) error {
+	if err := checkIPSet(payload); err != nil {
+		c.bad = append(c.bad, err.Error())
+	}
+	return c.fake.Restore(payload)
+}
+
+// fakeRouter is a host with two interfaces: eth0 (192.0.2.0/24 with the
+// natural source .250 and .22 to .25; 2001:db8::/64 with ::250, ::22,
+// ::23), the default route, and eth1 (203.0.113.128/25 with .130).
+type fakeRouter struct {
+	owner map[netip.Addr]string
+}
+
+func newFakeRouter() *fakeRouter {
+	r := &fakeRouter{owner: map[netip.Addr]string{}}
+	for _, a := range []string{"192.0.2.250", "192.0.2.22", "192.0.2.23", "192.0.2.24", "192.0.2.25", "2001:db8::250", "2001:db8::22", "2001:db8::23"} {
+		r.owner[netip.MustParseAddr(a)] = "eth0"
+	}
+	r.owner[netip.MustParseAddr("203.0.113.130")] = "eth1"
+	return r
+}
+
+var eth1Net = netip.MustParsePrefix("203.0.113.128/25")
+
+func (r *fakeRouter) route(dst netip.Prefix) (string, netip.Addr, netip.Prefix) {
+	switch {
+	case dst.Addr().Is4() && eth1Net.Overlaps(dst) && dst.Bits() >= eth1Net.Bits():
+		return "eth1", netip.MustParseAddr("203.0.113.130"), eth1Net
+	case dst.Addr().Is4():
+		return "eth0", netip.MustParseAddr("192.0.2.250"), netip.MustParsePrefix("0.0.0.0/0")
+	}
+	return "eth0", netip.MustParseAddr("2001:db8::250"), netip.MustParsePrefix("::/0")
+}
+
+func (r *fakeRouter) Natural(dst netip.Prefix, out string) (string, netip.Addr, error) {
+	c, err := r.Lookup(dst, out)
+	if err != nil {
+		return "", netip.Addr{}, err
+	}
+	return c.Interface, c.Source, nil
+}
+
+func (r *fakeRouter) Owner(a netip.Addr) (string, error) {
+	if iface, ok := r.owner[a]; ok {
+		return iface, nil
+	}
+	return "", fmt.Errorf("%s: %w", a, selector.ErrNotLocal)
+}
+
+func (r *fakeRouter) Lookup(dst netip.Prefix, out string) (*selector.Choice, error) {
+	if !dst.IsValid() {
+		return nil, fmt.Errorf("%s: %w", dst, selector.ErrNoRoute)
+	}
+	iface, src, route := r.route(dst)
+	if out != "" && out != "eth0" && out != "eth1" {
+		return nil, fmt.Errorf("interface %s: %w", strconv.Quote(out), selector.ErrNoRoute)
+	}
+	if out != "" && out != iface {
+		return nil, fmt.Errorf("traffic to %s leaves by %s, not %q: %w", dst, iface, out, selector.ErrNoRoute)
+	}
+	return &selector.Choice{Dst: dst, Probe: dst.Addr(), Table: 254, Route: route, Interface: iface, Source: src}, nil
+}
+
+func (r *fakeRouter) Forget() {}
