@@ -90,7 +90,7 @@ kernel; "egress-snat clear" removes every trace.
 }
 
 func run(args []string) error {
-	return newApp().Run(args)
+	return tidyExit(newApp().Run(args))
 }
 
 // commandUsageError makes a flag error of a command exit with exitUsage

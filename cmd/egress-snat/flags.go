@@ -2,6 +2,7 @@ package main
 
 import (
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"net/netip"
@@ -48,6 +49,17 @@ func checkFlags(c *cli.Context) error {
 		}
 	}
 	return nil
+}
+
+// tidyExit keeps the exit status of a run to 0, 1 or 2: urfave/cli's help
+// command exits 3 for an unknown topic, echoing the topic as given, which
+// is bad input like any other.
+func tidyExit(err error) error {
+	var ec cli.ExitCoder
+	if errors.As(err, &ec) && ec.ExitCode() > exitUsage {
+		return usageError("%s", config.OneLine(err.Error()))
+	}
+	return err
 }
 
 // zeroDurationOK names duration flags for which 0 means something (such as

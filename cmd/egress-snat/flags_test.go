@@ -21,7 +21,7 @@ func runRefused(t *testing.T, args ...string) (int, string) {
 	var out bytes.Buffer
 	app.Writer, app.ErrWriter = &out, &out
 	done := make(chan error, 1)
-	go func() { done <- app.Run(append([]string{"egress-snat"}, args...)) }()
+	go func() { done <- tidyExit(app.Run(append([]string{"egress-snat"}, args...))) }()
 	select {
 	case err := <-done:
 		if err == nil {
@@ -83,6 +83,7 @@ func TestFlagRefusals(t *testing.T) {
 		{"newline in a flag name", []string{"set", "--to\nINJECTED", "192.0.2.22"}, []string{`to\nINJECTED`}, nil},
 		{"newline in a duration", []string{"--lock-timeout", "1s\nINJECTED", "list"}, []string{`1s\nINJECTED`}, nil},
 		{"newline in a command name", []string{"sett\nINJECTED"}, []string{`"sett\nINJECTED"`}, nil},
+		{"unknown help topic", []string{"help", "nope\nINJECTED"}, []string{`nope\nINJECTED`}, nil},
 		{"long --to", []string{"set", "--to", strings.Repeat("1", 100000)}, []string{`"` + strings.Repeat("1", 40) + `"…`}, nil},
 	} {
 		t.Run(tt.name, func(t *testing.T) {

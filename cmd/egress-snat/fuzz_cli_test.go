@@ -59,6 +59,8 @@ var cliSeeds = []string{
 	"--iptables-backend\x00legacy\x00--lock-timeout\x002s\x00set\x00--to\x00192.0.2.23",
 	"--help",
 	"set\x00--help",
+	"help\x00set",
+	"help\x00nope\nINJECTED line",
 	// Issue #15, each row.
 	"apply\x00-f\x00@DIR@/fifo.yaml",
 	"check\x00-f\x00@DIR@/fifo.yaml",
@@ -241,7 +243,7 @@ func (h *cliHost) run(t *testing.T, args []string) (code int, msg, stdout string
 				done <- result{panic: p}
 			}
 		}()
-		done <- result{err: app.Run(append([]string{"egress-snat"}, args...))}
+		done <- result{err: tidyExit(app.Run(append([]string{"egress-snat"}, args...)))}
 	}()
 	var r result
 	select {

@@ -152,6 +152,7 @@ var relBadArgs = []struct {
 	{"--dst with a newline", []string{"set", "--to", "192.0.2.22", "--dst", "198.51.100.4\nINJECTED"}, []string{`"198.51.100.4\nINJECTED"`}},
 	{"--netns with a newline", []string{"--netns", "nope\nINJECTED", "list"}, []string{`"nope\nINJECTED"`}},
 	{"unknown flag with a newline", []string{"set", "--to\nINJECTED", "192.0.2.22"}, []string{`to\nINJECTED`}},
+	{"help on an unknown topic", []string{"help", "0"}, []string{"0"}},
 	{"--to of 100,000 characters", []string{"set", "--to", strings.Repeat("1", 100000)}, []string{`"` + strings.Repeat("1", 40) + `"…`}},
 	{"explain --out unknown", []string{"explain", "--dst", "198.51.100.4", "--out", "nope0"}, []string{"nope0"}},
 }
