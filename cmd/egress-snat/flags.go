@@ -31,8 +31,8 @@ func required(c *cli.Context, names ...string) error {
 // checkFlags is every command's Before: it refuses flag values that can
 // never work before the command looks at the host, so each command need
 // not repeat the checks. Every duration flag, the command's and the global
-// ones, must be positive (unless listed in zeroDurationOK), and --out must
-// be an interface name.
+// ones, must be positive (unless listed in zeroDurationOK), --out must be
+// an interface name and --iptables-backend one of the backends.
 func checkFlags(c *cli.Context) error {
 	for _, fl := range slices.Concat(c.App.Flags, c.Command.Flags) {
 		name := fl.Names()[0]
@@ -42,6 +42,12 @@ func checkFlags(c *cli.Context) error {
 				return err
 			}
 		}
+	}
+	switch b := c.String("iptables-backend"); b {
+	case "", "auto", "nft", "legacy":
+	default:
+		// Bad input whoever runs it: judged before the privilege check.
+		return usageError("--iptables-backend %q: want auto, nft or legacy", b)
 	}
 	if c.IsSet("out") {
 		if err := config.CheckInterface(c.String("out")); err != nil {
