@@ -16,6 +16,12 @@
 //	  - to: 192.0.2.22
 //	    uid: postfix              # or a uid; or cgroup: system.slice/x.service
 //	    dst: [0.0.0.0/0]
+//	  - to: 10.20.0.5             # an address of another NIC:
+//	    dst: [203.0.113.0/24]     # leave by that NIC,
+//	    via: 10.20.0.1            # through this gateway (optional)
+//	  - to: 192.0.2.22
+//	    dst: [198.51.100.9]
+//	    method: route             # a route with src instead of SNAT
 //
 // A rule without from, uid or cgroup is about the host's own traffic; one
 // with from is about forwarded traffic, and without dst means every
@@ -59,6 +65,8 @@ type Rule struct {
 	DstFile string   `yaml:"dst-file"`
 	Out     string   `yaml:"out"`
 	Spread  bool     `yaml:"spread"`
+	Via     Addrs    `yaml:"via"`
+	Method  string   `yaml:"method"`
 
 	line int
 	// dstFile holds the destinations read from DstFile.
@@ -106,7 +114,7 @@ func (a *Addrs) UnmarshalYAML(n *yaml.Node) error {
 			return fmt.Errorf("line %d: %s is not an IP address", it.Line, Excerpt(it.Value))
 		}
 		if slices.Contains(*a, ad) {
-			return fmt.Errorf("line %d: 'to' names %s twice", it.Line, ad)
+			return fmt.Errorf("line %d: the list names %s twice", it.Line, ad)
 		}
 		*a = append(*a, ad)
 	}
@@ -130,13 +138,13 @@ func (p *Prefixes) UnmarshalYAML(n *yaml.Node) error {
 
 // ruleKeys are the keys a rule may have. Node.Decode does not inherit the
 // decoder's KnownFields, so a rule checks its own keys.
-var ruleKeys = map[string]bool{"to": true, "from": true, "uid": true, "cgroup": true, "dst": true, "dst-file": true, "out": true, "spread": true}
+var ruleKeys = map[string]bool{"to": true, "from": true, "uid": true, "cgroup": true, "dst": true, "dst-file": true, "out": true, "spread": true, "via": true, "method": true}
 
 func (r *Rule) UnmarshalYAML(n *yaml.Node) error {
 	if n.Kind == yaml.MappingNode {
 		for i := 0; i+1 < len(n.Content); i += 2 {
 			if k := n.Content[i]; !ruleKeys[k.Value] {
-				return fmt.Errorf("line %d: unknown key %s in a rule (want to, from, uid, cgroup, dst, dst-file, out, spread)", k.Line, Excerpt(k.Value))
+				return fmt.Errorf("line %d: unknown key %s in a rule (want to, from, uid, cgroup, dst, dst-file, out, spread, via, method)", k.Line, Excerpt(k.Value))
 			}
 		}
 	}
@@ -270,6 +278,15 @@ func (r Rule) check() error {
 	if len(r.Dst) == 0 && r.DstFile == "" && senders == 0 {
 		return errors.New("'dst' or 'dst-file' is required (a rule with from, uid or cgroup may leave it out: every destination)")
 	}
+	if len(r.Via) > 1 {
+		return errors.New("'via' is one gateway")
+	}
+	if len(r.Via) == 1 && r.Via[0].Is4() != r.To[0].Is4() {
+		return fmt.Errorf("via %s and source %s are of different address families", r.Via[0], r.To[0])
+	}
+	if _, err := snat.ParseMethod(r.Method); err != nil {
+		return err
+	}
 	for _, p := range r.From {
 		if p.Addr().Is4() != r.To[0].Is4() {
 			return fmt.Errorf("from %s and source %s are of different address families", p, r.To[0])
@@ -378,8 +395,13 @@ func (f *File) Intents() ([]snat.Intent, error) {
 				errs = append(errs, fmt.Errorf("rule %d (line %d): destination %s and source %s are of different address families", i+1, r.line, d, r.To[0]))
 				continue
 			}
+			method, _ := snat.ParseMethod(r.Method) // checked by Decode
+			var via netip.Addr
+			if len(r.Via) == 1 {
+				via = r.Via[0]
+			}
 			for _, s := range senders {
-				out = append(out, snat.Intent{Sender: s, Dst: d, To: r.To, Out: r.Out, Spread: r.Spread})
+				out = append(out, snat.Intent{Sender: s, Dst: d, To: r.To, Out: r.Out, Spread: r.Spread, Via: via, Method: method})
 			}
 		}
 	}

@@ -148,13 +148,22 @@ status() {
 }
 
 # deps installs, with apt-get, the package of every command that is missing:
-# the lab's and the tests' (iptables, ipset, ip, nft, conntrack) plus any
-# CMD=PKG pairs given. apt-get update runs once, and only if needed.
+# the lab's and the tests' (iptables, ipset, ip, nft, conntrack, nsenter,
+# setpriv; dockerd, docker and a static busybox for the Docker tests) plus
+# any CMD=PKG pairs given. apt-get update runs once, and only if needed.
 deps() {
-  local pair missing=()
-  for pair in iptables=iptables ipset=ipset ip=iproute2 nft=nftables conntrack=conntrack "$@"; do
-    command -v "${pair%%=*}" >/dev/null || missing+=("${pair#*=}")
+  local pair pkg missing=()
+  for pair in iptables=iptables ipset=ipset ip=iproute2 nft=nftables conntrack=conntrack \
+    nsenter=util-linux setpriv=util-linux dockerd=docker.io docker=docker.io busybox=busybox-static "$@"; do
+    pkg=${pair#*=}
+    command -v "${pair%%=*}" >/dev/null || [[ " ${missing[*]} " == *" $pkg "* ]] || missing+=("$pkg")
   done
+  # The Docker tests' image is /bin/busybox alone, so it must be the static
+  # one; Debian's busybox package is dynamically linked.
+  if command -v dpkg-query >/dev/null && [[ " ${missing[*]} " != *" busybox-static "* ]] &&
+    [[ $(dpkg-query -W -f='${Status}' busybox-static 2>/dev/null) != *" installed" ]]; then
+    missing+=(busybox-static)
+  fi
   if ((${#missing[@]} == 0)); then
     say "system packages: every needed command is present"
     return 0
@@ -162,10 +171,33 @@ deps() {
   need_root
   command -v apt-get >/dev/null || die "missing packages ${missing[*]}, and there is no apt-get: install them by hand"
   export DEBIAN_FRONTEND=noninteractive
+  no_daemons
   say "+ apt-get update"
   apt-get update -qq
   say "+ apt-get install ${missing[*]}"
   apt-get install -y -qq --no-install-recommends "${missing[@]}"
+  if [[ " ${missing[*]} " == *" docker.io "* ]]; then
+    # Installed with its units enabled for the next boot; the tests start
+    # their own dockerd inside a namespace and want none in the root one.
+    if command -v systemctl >/dev/null; then
+      systemctl disable docker.service docker.socket containerd.service >/dev/null 2>&1 || true
+    fi
+    if pgrep -x dockerd >/dev/null || pgrep -x containerd >/dev/null; then
+      die "a dockerd or containerd runs in the root namespace after installing docker.io (policy-rc.d did not hold)"
+    fi
+  fi
+}
+
+# no_daemons makes invoke-rc.d refuse to start any service until the script
+# exits, so that packages shipping daemons (docker.io, containerd) do not
+# start one in the root namespace, whose firewall Docker would rewrite. An
+# existing policy-rc.d is put back afterwards.
+no_daemons() {
+  local p=/usr/sbin/policy-rc.d saved=/usr/sbin/policy-rc.d.lab-saved
+  if [[ -e $p ]]; then mv "$p" "$saved"; fi
+  trap 'rm -f '"$p"'; if [[ -e '"$saved"' ]]; then mv '"$saved"' '"$p"'; fi' EXIT
+  printf '#!/bin/sh\n# scripts/lab.sh deps: no service starts while packages are installed\nexit 101\n' >"$p"
+  chmod 755 "$p"
 }
 
 cmd=${1:-}

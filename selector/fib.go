@@ -45,6 +45,9 @@ func (s *Selector) loadFIB4() *fib4 {
 	}
 	s.fib = &fib4{}
 	rules, err := s.nl.RuleList(netlink.FAMILY_V4)
+	if s.skipped != nil {
+		rules = slices.DeleteFunc(rules, func(r netlink.Rule) bool { return s.skipped(r.Priority) })
+	}
 	if err != nil || !defaultRules(rules) {
 		return s.fib
 	}

@@ -13,6 +13,7 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"slices"
 
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
@@ -121,11 +122,28 @@ type Selector struct {
 	addrs   map[int][]netlink.Addr // by family, all interfaces
 	fib     *fib4
 	byRoute map[routeKey]natural
+	// mark is the fwmark lookups are made with; skipped says which policy
+	// rules such a lookup never matches. See Excluding.
+	mark    uint32
+	skipped func(priority int) bool
 }
 
 // New returns a Selector using nl, typically netlink.NewHandle() or a
 // handle made with netlink.NewHandleAt for another namespace.
 func New(nl Netlink) *Selector { return &Selector{nl: nl} }
+
+// Excluding returns a Selector whose lookups carry fwmark mark, so that
+// policy rules written "not fwmark mark" are passed over: it answers as
+// the host would route without those rules. skipped names their
+// priorities, so the user-space FIB may still stand in for the kernel.
+// egress-snat resolves with it, so that its own routes never decide where
+// a destination "naturally" goes.
+func Excluding(nl Netlink, mark uint32, skipped func(priority int) bool) *Selector {
+	return &Selector{nl: nl, mark: mark, skipped: skipped}
+}
+
+// Real returns a Selector without the exclusion: the path packets take.
+func (s *Selector) Real() *Selector { return New(s.nl) }
 
 // Forget drops what the selector remembers of interfaces and addresses.
 func (s *Selector) Forget() {
@@ -227,7 +245,7 @@ func (s *Selector) lookup(dst netip.Prefix, out string, explain bool) (*Choice, 
 
 func (s *Selector) lookupVia(dst netip.Prefix, out string, explain bool) (*Choice, error) {
 	dst = dst.Masked()
-	opts := &netlink.RouteGetOptions{}
+	opts := &netlink.RouteGetOptions{Mark: s.mark}
 	if out != "" {
 		link, err := s.nl.LinkByName(out)
 		if err != nil {
@@ -420,4 +438,73 @@ func (s *Selector) Owner(a netip.Addr) (string, error) {
 		}
 	}
 	return "", ErrNotLocal
+}
+
+// Path returns the interface, gateway (invalid when on-link) and natural
+// source of the kernel's route for dst, as Natural would, plus the gateway.
+func (s *Selector) Path(dst netip.Prefix, out string) (iface string, gw, src netip.Addr, err error) {
+	// With out, the route itself must be matched (FIBMatch, as explain
+	// does): a plain lookup with an output interface would have the kernel
+	// assume any destination is on-link there.
+	c, err := s.lookup(dst, out, out != "")
+	if err != nil {
+		return "", netip.Addr{}, netip.Addr{}, err
+	}
+	return c.Interface, c.Gateway, c.Source, nil
+}
+
+// Gateways lists the distinct gateways of the host's routes that leave by
+// iface, in the given family, in any table but those skipped ones the
+// selector excludes (a backup default route with a higher metric, a
+// DHCP-provided one): the way out of that interface.
+func (s *Selector) Gateways(iface string, is4 bool, exclude func(table int) bool) ([]netip.Addr, error) {
+	link, err := s.nl.LinkByName(iface)
+	if err != nil {
+		return nil, inputErrorf("interface %q: %w", iface, err)
+	}
+	family := netlink.FAMILY_V6
+	if is4 {
+		family = netlink.FAMILY_V4
+	}
+	routes, err := s.nl.RouteListFiltered(family, &netlink.Route{Table: unix.RT_TABLE_UNSPEC, LinkIndex: link.Attrs().Index},
+		netlink.RT_FILTER_TABLE|netlink.RT_FILTER_OIF)
+	if err != nil {
+		return nil, fmt.Errorf("listing routes of %s: %w", iface, err)
+	}
+	var out []netip.Addr
+	for _, r := range routes {
+		if r.Gw == nil || (exclude != nil && exclude(r.Table)) || r.Table == unix.RT_TABLE_LOCAL {
+			continue
+		}
+		if g := addrFrom(r.Gw); !slices.Contains(out, g) {
+			out = append(out, g)
+		}
+	}
+	return out, nil
+}
+
+// OnLink reports whether a can be reached directly on iface: it lies in a
+// subnet of one of iface's addresses, or is an IPv6 link-local address.
+func (s *Selector) OnLink(iface string, a netip.Addr) (bool, error) {
+	link, err := s.nl.LinkByName(iface)
+	if err != nil {
+		return false, inputErrorf("interface %q: %w", iface, err)
+	}
+	if a.Is6() && a.IsLinkLocalUnicast() {
+		return true, nil
+	}
+	family := netlink.FAMILY_V6
+	if a.Is4() {
+		family = netlink.FAMILY_V4
+	}
+	addrs, err := s.nl.AddrList(link, family)
+	if err != nil {
+		return false, fmt.Errorf("addresses of %s: %w", iface, err)
+	}
+	for _, x := range addrs {
+		if p, ok := prefixFrom(x.IPNet); ok && p.Masked().Contains(a) && p.Addr() != a {
+			return true, nil
+		}
+	}
+	return false, nil
 }

@@ -28,6 +28,11 @@ type Tables interface {
 	// iptables-nft and the nft command. Legacy tables cannot be unloaded
 	// from a namespace.
 	CanDropNATTable() bool
+	// Generation changes whenever the family's nat table may have
+	// changed; it costs no process (see ExecTables.Generation).
+	Generation(f Family) (uint64, error)
+	// SaveNAT is Save of the nat table alone.
+	SaveNAT(f Family) (string, error)
 	// DropNATTable deletes the family's nat table if it still holds
 	// nothing at all (checked right before deleting, so a rule another
 	// tool added meanwhile is never lost), and does nothing otherwise.
@@ -40,6 +45,8 @@ type IPSets interface {
 	Save() (string, error)
 	// Restore runs `ipset restore` with payload.
 	Restore(payload string) error
+	// Headers returns our sets' entry counts without their members.
+	Headers() (map[string]int, error)
 }
 
 // ErrLockTimeout means another program held the xtables lock past the
@@ -178,8 +185,10 @@ func (t ExecTables) command(f Family, role string) string {
 	return name
 }
 
-func (t ExecTables) Save(f Family) (string, error) {
-	cmd := exec.Command(t.command(f, "save"))
+func (t ExecTables) Save(f Family) (string, error) { return t.save(f) }
+
+func (t ExecTables) save(f Family, args ...string) (string, error) {
+	cmd := exec.Command(t.command(f, "save"), args...)
 	var stdout, stderr bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &stdout, &stderr
 	if err := cmd.Run(); err != nil {

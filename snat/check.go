@@ -5,7 +5,9 @@ import (
 	"fmt"
 	"net/netip"
 	"slices"
+	"strings"
 
+	"github.com/egress-snat/egress-snat/routes"
 	"github.com/egress-snat/egress-snat/selector"
 )
 
@@ -30,6 +32,7 @@ const (
 	DriftNaturalChanged = "natural-source-changed"
 	DriftNoRoute        = "no-route"
 	DriftOtherBackend   = "chain-in-other-backend"
+	DriftRoutes         = "routes-out-of-date"
 )
 
 // Diagnose compares the installed state with the desired entries and names
@@ -72,6 +75,14 @@ func Diagnose(st *State, desired []Entry) []Finding {
 		if in.ChainExists && len(in.Foreign) == 0 && !slices.Equal(in.Rules, c.Rules) && sameEntries(in.Entries, desired, f) {
 			add(DriftChainAltered, "the rules of %s are not in the order or shape egress-snat writes", ChainName)
 		}
+	}
+	for _, f := range Families {
+		b := routes.Diff(st.Routing[f], routingOf(f, desired))
+		if b.Add == "" && b.Del == "" {
+			continue
+		}
+		what := strings.TrimSpace(strings.ReplaceAll(b.Add+b.Del, "\n", "; "))
+		out = append(out, Finding{Kind: DriftRoutes, Family: f.String(), Detail: "egress-snat's routes or ip rules differ (deleted, flushed or changed by hand?); the repair would run: " + what})
 	}
 	for _, ch := range MakePlan(st, desired).Changes {
 		e := ch.New
@@ -160,7 +171,15 @@ func IntentsOf(entries []Entry) []Intent {
 	var out []Intent
 	for _, en := range entries {
 		if !en.Keep() {
-			out = append(out, Intent{Sender: en.Sender, Dst: en.Dst, To: en.To, Out: en.Out, Spread: len(en.To) > 1})
+			in := Intent{Sender: en.Sender, Dst: en.Dst, To: en.To, Out: en.Out, Spread: len(en.To) > 1}
+			switch {
+			case en.Replies:
+				// Another interface: resolving finds it again from To.
+				in.Out, in.Via = "", en.Via
+			case en.Routed:
+				in.Method = MethodRoute
+			}
+			out = append(out, in)
 		}
 	}
 	return out

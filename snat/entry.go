@@ -46,6 +46,24 @@ type Entry struct {
 	Match
 	Natural netip.Addr
 	To      []netip.Addr
+	// Routed entries are carried by a route of ours (package routes)
+	// instead of a SNAT rule: the route's src makes To the natural source,
+	// and it sends the traffic out of Out through Via (invalid: on-link).
+	// Natural is then To[0]. Replies says that Out is another interface
+	// than the host's own routes use, so traffic already leaving with To
+	// (replies, applications bound to it) is sent that way too.
+	Routed  bool
+	Via     netip.Addr
+	Replies bool
+}
+
+// Method is how an entry is realized: "snat" (a rule in the nat chain) or
+// "route" (a route with src, the article's method one).
+func (e Entry) Method() string {
+	if e.Routed {
+		return "route"
+	}
+	return "snat"
 }
 
 // entryJSON is the stable JSON form of an Entry, flat for scripts:
@@ -61,10 +79,15 @@ type entryJSON struct {
 	Out     string       `json:"out"`
 	Natural string       `json:"natural,omitempty"`
 	To      []netip.Addr `json:"to"`
+	Method  string       `json:"method"`
+	Via     string       `json:"via,omitempty"`
 }
 
 func (e Entry) MarshalJSON() ([]byte, error) {
-	j := entryJSON{Sender: e.Sender.kind().String(), Dst: e.Dst, Out: e.Out, To: e.To}
+	j := entryJSON{Sender: e.Sender.kind().String(), Dst: e.Dst, Out: e.Out, To: e.To, Method: e.Method()}
+	if e.Via.IsValid() {
+		j.Via = e.Via.String()
+	}
 	if e.Natural.IsValid() {
 		j.Natural = e.Natural.String()
 	}
@@ -88,7 +111,8 @@ func (e Entry) Keep() bool { return len(e.To) == 0 }
 
 // Equal compares two entries field by field.
 func (e Entry) Equal(o Entry) bool {
-	return e.Match == o.Match && e.Natural == o.Natural && slices.Equal(e.To, o.To)
+	return e.Match == o.Match && e.Natural == o.Natural && slices.Equal(e.To, o.To) &&
+		e.Routed == o.Routed && e.Via == o.Via && e.Replies == o.Replies
 }
 
 // ToString renders To for people: "192.0.2.23", "192.0.2.22,192.0.2.23",
@@ -105,6 +129,13 @@ func (e Entry) ToString() string {
 }
 
 func (e Entry) String() string {
+	if e.Routed {
+		via := ""
+		if e.Via.IsValid() {
+			via = " via " + e.Via.String()
+		}
+		return fmt.Sprintf("%s route%s dev %s src %s", e.Dst, via, e.Out, e.ToString())
+	}
 	if !e.Sender.Local() {
 		return fmt.Sprintf("%s to %s via %s -> %s", e.Sender, e.Dst, e.Out, e.ToString())
 	}
@@ -118,7 +149,7 @@ func (e Entry) String() string {
 // selfTarget reports whether the entry asks for the source the traffic
 // already has: such an entry needs no SNAT.
 func (e Entry) selfTarget() bool {
-	return e.Sender.Local() && len(e.To) == 1 && e.To[0] == e.Natural
+	return !e.Routed && e.Sender.Local() && len(e.To) == 1 && e.To[0] == e.Natural
 }
 
 // groupKey identifies the entries that can share one set rule: same
@@ -178,7 +209,7 @@ func Normalize(es []Entry) []Entry {
 	out := make([]Entry, 0, len(es))
 	rewriting := make([]Entry, 0, len(es))
 	for _, e := range es {
-		if !e.Keep() && !e.selfTarget() {
+		if !e.Keep() && !e.selfTarget() && !e.Routed {
 			rewriting = append(rewriting, e)
 		}
 	}

@@ -314,3 +314,6 @@ func (ft *FakeTables) DropNATTable(f Family) error {
 	}
 	return nil
 }
+
+// SaveNAT of the fake is its Save: readers look at the nat table only.
+func (ft *FakeTables) SaveNAT(f Family) (string, error) { return ft.Save(f) }

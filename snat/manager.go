@@ -4,6 +4,8 @@ import (
 	"fmt"
 	"sync"
 	"time"
+
+	"github.com/egress-snat/egress-snat/routes"
 )
 
 // Manager installs, reads and removes the managed rules. It holds no state of
@@ -14,6 +16,18 @@ type Manager struct {
 	// Locker serializes writers; nil means FileLock, the per-namespace
 	// lock under /run that every egress-snat process takes.
 	Locker Locker
+	// Routing reads and writes our routes and ip rules.
+	Routing Routing
+}
+
+// Routing is what the Manager needs of policy routing: routes.System, or
+// routes.Fake in unit tests.
+type Routing interface {
+	Read(is4 bool) (routes.State, error)
+	// Rules reads our ip rules alone: cheap, whatever the size of the
+	// host's routing tables.
+	Rules(is4 bool) ([]routes.Rule, error)
+	Batch(is4 bool, input string) error
 }
 
 // State is what the kernel holds of ours, read in one pass: one save per
@@ -24,6 +38,8 @@ type State struct {
 	Installed       map[Family]Installed
 	// Sets are all sets with our name prefix, referenced or not.
 	Sets map[string]Set
+	// Routing holds our rules and routes per family.
+	Routing map[Family]routes.State
 }
 
 // Entries returns the installed entries of both families, sorted.
@@ -31,6 +47,7 @@ func (s *State) Entries() []Entry {
 	var out []Entry
 	for _, f := range Families {
 		out = append(out, s.Installed[f].Entries...)
+		out = append(out, routedEntries(s.Routing[f])...)
 	}
 	SortEntries(out)
 	return out
@@ -63,7 +80,14 @@ func (m *Manager) Read() (*State, error) {
 	if err != nil {
 		return nil, err
 	}
-	st := &State{Installed: map[Family]Installed{}, Sets: sets, CanDropNATTable: m.Tables.CanDropNATTable()}
+	st := &State{Installed: map[Family]Installed{}, Sets: sets, CanDropNATTable: m.Tables.CanDropNATTable(), Routing: map[Family]routes.State{}}
+	if m.Routing != nil {
+		for _, f := range Families {
+			if st.Routing[f], err = m.Routing.Read(f == IPv4); err != nil {
+				return nil, err
+			}
+		}
+	}
 	for _, f := range Families {
 		if errs[f] != nil {
 			return nil, errs[f]

@@ -6,6 +6,8 @@ import (
 	"maps"
 	"slices"
 	"strings"
+
+	"github.com/egress-snat/egress-snat/routes"
 )
 
 // Change is one rule's difference between installed and desired.
@@ -34,7 +36,17 @@ const (
 	ToolIPTables     Tool = "iptables-restore --noflush"
 	ToolIP6Tables    Tool = "ip6tables-restore --noflush"
 	ToolDropNATTable Tool = "nft delete table"
+	ToolIP4Batch     Tool = "ip -4 -batch"
+	ToolIP6Batch     Tool = "ip -6 -batch"
 )
+
+// routeTool is the family's ip -batch.
+func routeTool(f Family) Tool {
+	if f == IPv6 {
+		return ToolIP6Batch
+	}
+	return ToolIP4Batch
+}
 
 // restoreTool is the family's iptables-restore.
 func restoreTool(f Family) Tool {
@@ -115,9 +127,19 @@ func MakePlan(st *State, desired []Entry) Plan {
 
 	referenced := map[string]bool{}
 	var fresh, rebuilt []Set
-	var writes []Step
-	var drops []Step
+	var routeAdds, writes, routeDels, drops []Step
 	for _, f := range Families {
+		if b := routes.Diff(st.Routing[f], routingOf(f, desired)); b.Add != "" || b.Del != "" {
+			tool := routeTool(f)
+			if b.Add != "" {
+				routeAdds = append(routeAdds, Step{Why: fmt.Sprintf("add or replace the %s routes and rules of ours (before the chain changes: make before break)", f),
+					Do: Command{Tool: tool, Family: f, Input: b.Add}, Undo: &Command{Tool: tool, Family: f, Input: b.UndoAdd}})
+			}
+			if b.Del != "" {
+				routeDels = append(routeDels, Step{Why: fmt.Sprintf("remove the %s routes and rules of ours no longer wanted", f),
+					Do: Command{Tool: tool, Family: f, Input: b.Del}, Undo: &Command{Tool: tool, Family: f, Input: b.UndoDel}})
+			}
+		}
 		c := Render(f, desired)
 		p.Chains[f] = c
 		in := st.Installed[f]
@@ -161,7 +183,9 @@ func MakePlan(st *State, desired []Entry) Plan {
 		p.Steps = append(p.Steps, Step{Why: fmt.Sprintf("repair %s edited by hand: rebuild and swap in atomically", plural(len(rebuilt), "set")),
 			Do: Command{Tool: ToolIPSet, Input: b.String()}})
 	}
+	p.Steps = append(p.Steps, routeAdds...)
 	p.Steps = append(p.Steps, writes...)
+	p.Steps = append(p.Steps, routeDels...)
 	var unused strings.Builder
 	for _, name := range slices.Sorted(maps.Keys(st.Sets)) {
 		if !referenced[name] && !strings.HasSuffix(name, tmpSuffix) {
@@ -276,6 +300,11 @@ func (m *Manager) run(c Command) error {
 		return m.Tables.Restore(c.Family, c.Input)
 	case ToolDropNATTable:
 		return m.Tables.DropNATTable(c.Family)
+	case ToolIP4Batch, ToolIP6Batch:
+		if m.Routing == nil {
+			return fmt.Errorf("no routing backend to run %s", c.Tool)
+		}
+		return m.Routing.Batch(c.Family == IPv4, c.Input)
 	}
 	return fmt.Errorf("unknown tool %q", c.Tool)
 }
@@ -296,6 +325,9 @@ func (p Plan) Payloads() map[string]string {
 	out := map[string]string{}
 	for _, s := range p.Steps {
 		name := strings.Fields(string(s.Do.Tool))[0]
+		if s.Do.Tool == ToolIP4Batch || s.Do.Tool == ToolIP6Batch {
+			name = string(s.Do.Tool)
+		}
 		if s.Do.Tool == ToolDropNATTable {
 			continue
 		}

@@ -43,6 +43,10 @@ type Chain struct {
 func Render(f Family, entries []Entry) Chain {
 	c := Chain{Family: f}
 	mine := ofFamily(entries, f)
+	if slices.ContainsFunc(mine, func(e Entry) bool { return e.Routed }) {
+		// Routes carry these: the chain has no rule for them.
+		mine = slices.DeleteFunc(slices.Clone(mine), func(e Entry) bool { return e.Routed })
+	}
 	for lo := 0; lo < len(mine); {
 		hi := lo + 1
 		for hi < len(mine) && mine[hi].Sender == mine[lo].Sender {

@@ -6,6 +6,7 @@ import (
 	"net/netip"
 	"slices"
 
+	"github.com/egress-snat/egress-snat/routes"
 	"github.com/egress-snat/egress-snat/selector"
 )
 
@@ -26,6 +27,13 @@ func Invalid(format string, args ...any) error {
 type Router interface {
 	Natural(dst netip.Prefix, out string) (iface string, natural netip.Addr, err error)
 	Owner(a netip.Addr) (iface string, err error)
+	// Path is Natural plus the route's gateway (invalid when on-link).
+	Path(dst netip.Prefix, out string) (iface string, gw, natural netip.Addr, err error)
+	// Gateways lists the gateways of the host's routes leaving by iface,
+	// in tables exclude does not name.
+	Gateways(iface string, is4 bool, exclude func(table int) bool) ([]netip.Addr, error)
+	// OnLink reports whether a is directly reachable on iface.
+	OnLink(iface string, a netip.Addr) (bool, error)
 }
 
 var _ Router = (*selector.Selector)(nil)
@@ -40,7 +48,41 @@ type Intent struct {
 	To     []netip.Addr
 	Out    string
 	Spread bool
+	// Via is the gateway for a source on another interface than the
+	// destination's route; invalid: the one route the host has there.
+	Via netip.Addr
+	// Method is MethodSNAT (the default), MethodRoute or MethodAuto.
+	Method Method
 }
+
+// Method is how an intent is realized.
+type Method string
+
+const (
+	// MethodSNAT rewrites the source in the nat chain (method two).
+	MethodSNAT Method = "snat"
+	// MethodRoute installs a route with src (method one): no NAT, no
+	// conntrack binding, and the application's socket carries the address.
+	// Only for the host's own traffic, one source, not spread.
+	MethodRoute Method = "route"
+	// MethodAuto uses a route where it has the same effect, SNAT elsewhere.
+	MethodAuto Method = "auto"
+)
+
+// ParseMethod reads --method and method:.
+func ParseMethod(s string) (Method, error) {
+	switch m := Method(s); m {
+	case "", MethodSNAT:
+		return MethodSNAT, nil
+	case MethodRoute, MethodAuto:
+		return m, nil
+	}
+	return "", Invalid("method %q: want snat, route or auto", s)
+}
+
+// routable reports whether a route can do what in asks: the host's own
+// traffic by destination, to one source.
+func (in Intent) routable() bool { return in.Sender.IsHost() && !in.Spread }
 
 // Resolve validates intents against the host and turns them into entries,
 // learning each destination's outgoing interface and natural source from
@@ -145,7 +187,10 @@ func resolveOne(r Router, in Intent, lenient bool) (Entry, error) {
 			return Entry{}, Invalid("--from %s has host bits set; did you mean %s?", s.From, s.From.Masked())
 		}
 	}
-	iface, natural, err := r.Natural(dst, in.Out)
+	if in.Method == MethodRoute && !in.routable() {
+		return Entry{}, Invalid("%s: --method route can only choose the host's own traffic by destination, to one source (forwarded, uid, cgroup and spread traffic need --method snat or auto)", describe(Match{Sender: in.Sender, Dst: dst}))
+	}
+	iface, gw, natural, err := r.Path(dst, in.Out)
 	if err != nil {
 		return Entry{}, hostErr(err, "destination %s", dst)
 	}
@@ -162,7 +207,10 @@ func resolveOne(r Router, in Intent, lenient bool) (Entry, error) {
 		case err != nil:
 			return Entry{}, hostErr(err, "source %s", a)
 		case owner != iface:
-			return Entry{}, Invalid("source %s is on %s, but traffic to %s leaves by %s: the source must be an address of the outgoing interface", a, owner, dst, iface)
+			if in.Out != "" || len(to) > 0 {
+				return Entry{}, Invalid("source %s is on %s, but traffic to %s leaves by %s: the source must be an address of the outgoing interface", a, owner, dst, iface)
+			}
+			return otherInterface(r, in, dst, a, owner, iface)
 		}
 		to = append(to, a)
 		if !in.Spread {
@@ -172,11 +220,65 @@ func resolveOne(r Router, in Intent, lenient bool) (Entry, error) {
 	if len(to) == 0 || (missing != nil && in.Spread && !lenient) {
 		return Entry{}, missing
 	}
+	if in.Via.IsValid() && in.Via != gw {
+		return Entry{}, Invalid("--via %s: traffic to %s leaves by %s through %s already; --via is for a source on another interface", in.Via, dst, iface, gwName(gw))
+	}
 	e := Entry{Match: Match{Sender: in.Sender, Dst: dst, Out: iface}, To: to}
 	if in.Sender.Local() {
 		e.Natural = natural
 	}
+	if in.Method == MethodRoute || in.Method == MethodAuto && in.routable() {
+		e.Routed, e.Natural, e.Via = true, to[0], gw
+	}
 	return e, nil
+}
+
+func gwName(gw netip.Addr) string {
+	if gw.IsValid() {
+		return gw.String()
+	}
+	return "no gateway (on-link)"
+}
+
+// otherInterface resolves an intent whose source a lives on owner, not on
+// iface, the interface the host routes dst by: the destination is sent out
+// of owner through its gateway, from a, by a route of ours; and traffic
+// already leaving with a is sent that way too (replies to connections that
+// came in on owner, applications bound to a).
+func otherInterface(r Router, in Intent, dst netip.Prefix, a netip.Addr, owner, iface string) (Entry, error) {
+	switch {
+	case !in.Sender.IsHost():
+		return Entry{}, Invalid("source %s is on %s, but traffic to %s leaves by %s: choosing %s's traffic on another interface needs marks and is not supported yet; use an address of %s", a, owner, dst, iface, in.Sender, iface)
+	case in.Spread:
+		return Entry{}, Invalid("source %s is on %s, but traffic to %s leaves by %s: a --spread pool must be on the outgoing interface", a, owner, dst, iface)
+	}
+	gw := in.Via
+	if gw.IsValid() {
+		if gw.Is4() != a.Is4() {
+			return Entry{}, Invalid("--via %s and source %s are of different address families", gw, a)
+		}
+		onLink, err := r.OnLink(owner, gw)
+		if err != nil {
+			return Entry{}, hostErr(err, "--via %s", gw)
+		}
+		if !onLink {
+			return Entry{}, Invalid("--via %s is not on a subnet of %s, where %s is: the gateway must be directly reachable on %s", gw, owner, a, owner)
+		}
+	} else {
+		gws, err := r.Gateways(owner, a.Is4(), routes.OurTable)
+		if err != nil {
+			return Entry{}, hostErr(err, "gateways of %s", owner)
+		}
+		switch len(gws) {
+		case 0:
+			return Entry{}, Invalid("source %s is on %s, but traffic to %s leaves by %s, and the host has no route through %s to take its gateway from: give the gateway with --via", a, owner, dst, iface, owner)
+		case 1:
+			gw = gws[0]
+		default:
+			return Entry{}, Invalid("source %s is on %s, which has routes through %s gateways (%s): say which with --via", a, owner, fmt.Sprint(len(gws)), addrList(gws))
+		}
+	}
+	return Entry{Match: Match{Sender: in.Sender, Dst: dst, Out: owner}, Natural: a, To: []netip.Addr{a}, Routed: true, Via: gw, Replies: true}, nil
 }
 
 func addrList(as []netip.Addr) string {

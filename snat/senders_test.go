@@ -50,7 +50,7 @@ func TestRuleRoundTrip(t *testing.T) {
 		}
 	}
 	for _, bad := range [][]string{
-		{"-s", "192.0.2.250/32", "-o", "eth0", "-j", "SNAT", "--to-source", "192.0.2.22"},                                              // no comment
+		{"-s", "192.0.2.250/32", "-o", "eth0", "-j", "SNAT", "--to-source", "192.0.2.22"},                                            // no comment
 		{"-s", "192.0.2.0/24", "-o", "eth0", "-m", "comment", "--comment", "egress-snat", "-j", "SNAT", "--to-source", "192.0.2.22"}, // local rule, -s not a host
 		{"-s", "192.0.2.250/32", "-o", "eth0", "-m", "comment", "--comment", "egress-snat", "-j", "MASQUERADE"},
 		{"-s", "192.0.2.250/32", "-o", "eth0", "-m", "tcp", "-m", "comment", "--comment", "egress-snat", "-j", "RETURN"},

@@ -8,6 +8,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/egress-snat/egress-snat/routes"
 	"github.com/google/go-cmp/cmp"
 )
 
@@ -82,7 +83,7 @@ func TestNormalize(t *testing.T) {
 
 func newFakeManager() (*Manager, *FakeTables, *FakeIPSets) {
 	ft, fs := NewFakeTables(), NewFakeIPSets()
-	return &Manager{Tables: ft, Sets: fs, Locker: &countingLock{}}, ft, fs
+	return &Manager{Tables: ft, Sets: fs, Locker: &countingLock{}, Routing: routes.NewFake()}, ft, fs
 }
 
 // countingLock stands in for the host's lock, so unit tests never take it.

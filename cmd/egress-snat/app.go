@@ -16,6 +16,7 @@ import (
 	"github.com/vishvananda/netns"
 
 	"github.com/egress-snat/egress-snat/config"
+	"github.com/egress-snat/egress-snat/routes"
 	"github.com/egress-snat/egress-snat/selector"
 	"github.com/egress-snat/egress-snat/snat"
 )
@@ -164,14 +165,23 @@ func enterNetns(c *cli.Context) error {
 // full explanation. *selector.Selector is the real one.
 type router interface {
 	snat.Router
-	Lookup(dst netip.Prefix, out string) (*selector.Choice, error)
 	// Forget drops cached links and addresses after the host changed.
 	Forget()
 }
 
+// explainer tells the path packets really take, egress-snat's own routes
+// included, and why the kernel chose its source.
+type explainer interface {
+	Lookup(dst netip.Prefix, out string) (*selector.Choice, error)
+}
+
 // env is what commands need from the host, built once per run.
 type env struct {
-	sel router
+	// sel resolves: it answers as the host routes without egress-snat's
+	// own routes, so they never decide where a destination "naturally"
+	// goes (see routes.LookupMark).
+	sel   router
+	paths explainer
 	// nl is the netlink handle for conntrack; nil in tests with fakes.
 	nl          *netlink.Handle
 	mgr         *snat.Manager
@@ -204,9 +214,10 @@ func hostEnv(c *cli.Context) (*env, error) {
 	}
 	wait := c.Duration("lock-timeout")
 	return &env{
-		sel:         selector.New(h),
+		sel:         selector.Excluding(h, routes.LookupMark, routes.Ours),
+		paths:       selector.New(h),
 		nl:          h,
-		mgr:         &snat.Manager{Tables: tables, Sets: snat.ExecIPSets{}},
+		mgr:         &snat.Manager{Tables: tables, Sets: snat.ExecIPSets{}, Routing: routes.System{}},
 		backend:     backend,
 		lockTimeout: wait,
 		out:         c.App.Writer,

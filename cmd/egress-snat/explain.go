@@ -7,6 +7,7 @@ import (
 	"github.com/urfave/cli/v2"
 
 	"github.com/egress-snat/egress-snat/internal/who"
+	"github.com/egress-snat/egress-snat/routes"
 	"github.com/egress-snat/egress-snat/selector"
 	"github.com/egress-snat/egress-snat/snat"
 )
@@ -53,7 +54,7 @@ Examples:
 		if err != nil {
 			return err
 		}
-		choice, err := e.sel.Lookup(dst, c.String("out"))
+		choice, err := e.paths.Lookup(dst, c.String("out"))
 		if err != nil {
 			if selector.IsInput(err) {
 				return snat.Invalid("--dst %s: %w", dst, err)
@@ -181,6 +182,12 @@ func packetSender(p snat.Packet) string {
 }
 
 func tableName(t int) string {
+	switch {
+	case t == routes.Table:
+		return fmt.Sprintf("%d (egress-snat's routes for chosen destinations)", t)
+	case routes.OurTable(t):
+		return fmt.Sprintf("%d (egress-snat's reply table)", t)
+	}
 	switch t {
 	case 254:
 		return "main"

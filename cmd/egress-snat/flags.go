@@ -70,13 +70,18 @@ func tidyExit(err error) error {
 
 // zeroDurationOK names duration flags for which 0 means something (such as
 // "never"); for every other one, zero or a negative duration is bad input.
-var zeroDurationOK = map[string]bool{}
+var zeroDurationOK = map[string]bool{
+	"settle": true, // watch applies each event at once, without coalescing
+}
 
 // positiveDuration returns the value of the duration flag name, refusing
 // zero and negative durations with exitUsage, naming the flag and value.
 func positiveDuration(c *cli.Context, name string) (time.Duration, error) {
 	d := c.Duration(name)
-	if d < 0 || (d == 0 && !zeroDurationOK[name]) {
+	switch {
+	case d < 0 && zeroDurationOK[name]:
+		return d, usageError("--%s %s: want 0 or a positive duration such as 500ms", name, d)
+	case d <= 0 && !zeroDurationOK[name]:
 		return d, usageError("--%s %s: want a positive duration such as 500ms, 10s or 1m", name, d)
 	}
 	return d, nil

@@ -69,6 +69,7 @@ func TestFlagRefusals(t *testing.T) {
 		{"--lock-timeout -1s", []string{"--lock-timeout", "-1s", "list"}, []string{"--lock-timeout -1s"}, nil},
 		{"--lock-timeout 0", []string{"--lock-timeout", "0s", "set", "--to", "192.0.2.22"}, []string{"--lock-timeout 0s"}, nil},
 		{"--resync 0", []string{"watch", "-f", twice, "--resync", "0s"}, []string{"--resync 0s"}, nil},
+		{"--full-resync 0", []string{"watch", "-f", twice, "--full-resync", "0s"}, []string{"--full-resync 0s"}, nil},
 		{"--settle -1ms", []string{"watch", "-f", twice, "--settle", "-1ms"}, []string{"--settle -1ms"}, nil},
 		{"--pool A,A", []string{"rotate", "--pool", "192.0.2.22,192.0.2.22"}, []string{"--pool names 192.0.2.22 twice"}, nil},
 		{"--pool A,B,A", []string{"rotate", "--pool", "192.0.2.22", "--pool", "192.0.2.23,192.0.2.22"}, []string{"--pool names 192.0.2.22 twice"}, nil},

@@ -25,6 +25,7 @@ import (
 	"github.com/urfave/cli/v2"
 
 	"github.com/egress-snat/egress-snat/config"
+	"github.com/egress-snat/egress-snat/routes"
 	"github.com/egress-snat/egress-snat/selector"
 	"github.com/egress-snat/egress-snat/snat"
 )
@@ -61,6 +62,10 @@ var cliSeeds = []string{
 	"set\x00--help",
 	"help\x00set",
 	"help\x00nope\nINJECTED line",
+	"set\x00--to\x00203.0.113.130\x00--dst\x00198.51.100.0/24",
+	"set\x00--to\x00203.0.113.130\x00--dst\x00198.51.100.0/24\x00--via\x00203.0.113.129\x01list\x01unset\x00--dst\x00198.51.100.0/24",
+	"set\x00--to\x00192.0.2.22\x00--dst\x00198.51.100.4\x00--method\x00route\x01check",
+	"set\x00--to\x00192.0.2.22\x00--uid\x000\x01set\x00--to\x00192.0.2.23\x00--from\x0010.0.0.0/8",
 	// Issue #15, each row.
 	"apply\x00-f\x00@DIR@/fifo.yaml",
 	"check\x00-f\x00@DIR@/fifo.yaml",
@@ -157,6 +162,8 @@ func TestCLIFakes(t *testing.T) {
 		{[]string{"check", "-f", filepath.Join(dir, "sets.yaml")}, 0, "--match-set"},
 		{[]string{"set", "--to", "192.0.2.99"}, exitUsage, "--match-set"},
 		{[]string{"--lock-timeout", "-1s", "clear"}, exitUsage, "--match-set"},
+		{[]string{"set", "--to", "203.0.113.130", "--dst", "198.51.100.0/24"}, 0, "7420"},
+		{[]string{"unset", "--dst", "198.51.100.0/24"}, 0, "--match-set"},
 		{[]string{"clear"}, 0, ""},
 	} {
 		code, msg, _ := h.run(t, tt.args)
@@ -197,16 +204,18 @@ func cliSafe(args []string, dir string) bool {
 // cliHost is one fake host: its tables, sets and routes, shared by the
 // runs of one input.
 type cliHost struct {
-	tables *checkedTables
-	sets   *checkedSets
-	router *fakeRouter
+	tables  *checkedTables
+	sets    *checkedSets
+	routing *checkedRouting
+	router  *fakeRouter
 }
 
 func newCLIHost() *cliHost {
 	return &cliHost{
-		tables: &checkedTables{fake: snat.NewFakeTables()},
-		sets:   &checkedSets{fake: snat.NewFakeIPSets()},
-		router: newFakeRouter(),
+		tables:  &checkedTables{fake: snat.NewFakeTables()},
+		sets:    &checkedSets{fake: snat.NewFakeIPSets()},
+		routing: &checkedRouting{fake: routes.NewFake()},
+		router:  newFakeRouter(),
 	}
 }
 
@@ -215,7 +224,7 @@ func newCLIHost() *cliHost {
 func (h *cliHost) run(t *testing.T, args []string) (code int, msg, stdout string) {
 	t.Helper()
 	before := h.snapshot()
-	h.tables.bad, h.sets.bad = nil, nil
+	h.tables.bad, h.sets.bad, h.routing.bad = nil, nil, nil
 	app := newApp()
 	app.Before = nil // --netns would re-execute this process
 	var out, errOut strings.Builder
@@ -224,7 +233,8 @@ func (h *cliHost) run(t *testing.T, args []string) (code int, msg, stdout string
 	envFor = func(c *cli.Context) (*env, error) {
 		return &env{
 			sel:         h.router,
-			mgr:         &snat.Manager{Tables: h.tables, Sets: h.sets, Locker: noLock{}},
+			paths:       h.router,
+			mgr:         &snat.Manager{Tables: h.tables, Sets: h.sets, Routing: h.routing, Locker: noLock{}},
 			backend:     snat.BackendNFT,
 			lockTimeout: c.Duration("lock-timeout"),
 			out:         c.App.Writer,
@@ -260,7 +270,7 @@ func (h *cliHost) run(t *testing.T, args []string) (code int, msg, stdout string
 	if code != exitOK && code != exitFailure && code != exitUsage {
 		t.Fatalf("egress-snat %q: exit %d, want 0, 1 or 2 (%s)", args, code, msg)
 	}
-	for _, bad := range append(h.tables.bad, h.sets.bad...) {
+	for _, bad := range slices.Concat(h.tables.bad, h.sets.bad, h.routing.bad) {
 		t.Errorf("egress-snat %q: %s", args, bad)
 	}
 	if code == exitUsage && h.snapshot() != before {
@@ -286,6 +296,10 @@ func (h *cliHost) snapshot() string {
 	}
 	s, _ := h.sets.fake.Save()
 	b.WriteString(s)
+	for _, is4 := range []bool{true, false} {
+		st, _ := h.routing.fake.Read(is4)
+		fmt.Fprintf(&b, "%v\n", st)
+	}
 	return b.String()
 }
 
@@ -320,6 +334,11 @@ func (noLock) Lock(time.Duration) (func(), error) { return func() {}, nil }
 //     maxelem N", "add|del NAME PREFIX [nomatch]", "destroy|flush NAME",
 //     "swap NAME NAME", where NAME is snat.SetPrefix and then up to 31
 //     characters in all of [A-Za-z0-9_.:-].
+//   - ip -batch: "route replace|del DST [via ADDR] [dev IFACE] [src ADDR]
+//     table N proto N" (DST a prefix or "default") and "rule add|del pref N
+//     [not fwmark HEX] [from PREFIX] lookup N [suppress_prefixlength N]
+//     protocol N", the table and preference ours (routes.OurTable,
+//     routes.Ours; a rule may look up main, 254).
 //
 // A value with a newline in it would cut a line in two, and neither half
 // would be a line of the grammar; an option the grammar does not know
@@ -347,7 +366,7 @@ var restoreOptions = map[string][]func(string) bool{
 	"--packet":    {number.MatchString},
 	"--uid-owner": {number.MatchString},
 	"--path":      {func(v string) bool { p, err := snat.ParseCgroupPath(v); return err == nil && p == v }},
-	"!":           {func(v string) bool { return v == "--src-type" }},
+	"!":           {}, // negates the option after it
 	"--src-type":  {func(v string) bool { return v == "LOCAL" }},
 	"-j":          {func(v string) bool { return v == "SNAT" || v == "RETURN" || v == snat.ChainName }},
 	"--to-source": {func(v string) bool { _, err := netip.ParseAddr(v); return err == nil }},
@@ -427,6 +446,57 @@ func checkRestoreLine(l string) error {
 	return nil
 }
 
+// batchOptions are the options of an ip -batch line after its object,
+// verb and (for a route) destination, each with a check of its value.
+var batchOptions = map[string]func(string) bool{
+	"via":                   func(v string) bool { _, err := netip.ParseAddr(v); return err == nil },
+	"src":                   func(v string) bool { _, err := netip.ParseAddr(v); return err == nil },
+	"dev":                   func(v string) bool { return config.CheckInterface(v) == nil },
+	"table":                 func(v string) bool { n, err := strconv.Atoi(v); return err == nil && routes.OurTable(n) },
+	"lookup":                func(v string) bool { n, err := strconv.Atoi(v); return err == nil && (routes.OurTable(n) || n == 254) },
+	"pref":                  func(v string) bool { n, err := strconv.Atoi(v); return err == nil && routes.Ours(n) },
+	"proto":                 number.MatchString,
+	"protocol":              number.MatchString,
+	"from":                  isPrefix,
+	"fwmark":                regexp.MustCompile(`^0x[0-9a-f]{1,8}$`).MatchString,
+	"suppress_prefixlength": number.MatchString,
+}
+
+// checkBatch returns what is wrong with an ip -batch input.
+func checkBatch(input string) error {
+	lines, err := payloadLines(input)
+	if err != nil {
+		return err
+	}
+	for n, l := range lines {
+		w := strings.Split(l, " ")
+		var opts []string
+		switch {
+		case len(w) >= 3 && w[0] == "route" && (w[1] == "replace" || w[1] == "del") && (w[2] == "default" || isPrefix(w[2])):
+			opts = w[3:]
+		case len(w) >= 2 && w[0] == "rule" && (w[1] == "add" || w[1] == "del"):
+			opts = w[2:]
+			if len(opts) >= 3 && opts[2] == "not" {
+				opts = append(opts[:2:2], opts[3:]...)
+			}
+		default:
+			return fmt.Errorf("ip -batch line %d outside the grammar: %q", n+1, l)
+		}
+		seenTable := false
+		for i := 0; i < len(opts); i += 2 {
+			check, ok := batchOptions[opts[i]]
+			if !ok || i+1 >= len(opts) || !check(opts[i+1]) {
+				return fmt.Errorf("ip -batch line %d: option %q outside the grammar: %q", n+1, opts[i], l)
+			}
+			seenTable = seenTable || opts[i] == "table" || opts[i] == "lookup"
+		}
+		if !seenTable {
+			return fmt.Errorf("ip -batch line %d names no table of ours: %q", n+1, l)
+		}
+	}
+	return nil
+}
+
 // checkIPSet returns what is wrong with an ipset restore payload.
 func checkIPSet(payload string) error {
 	lines, err := payloadLines(payload)
@@ -481,6 +551,25 @@ func TestPayloadGrammar(t *testing.T) {
 	if err := checkRestore(good); err == nil {
 		t.Error("payload without *nat and COMMIT accepted")
 	}
+	goodBatch := "route replace 198.51.100.0/24 via 203.0.113.129 dev eth1 src 203.0.113.130 table 7420 proto 83\n" +
+		"rule add pref 7421 lookup 254 suppress_prefixlength 0 protocol 83\n" +
+		"rule add pref 7420 not fwmark 0x1cfc lookup 7420 protocol 83\n" +
+		"route del default table 7422 proto 83\n"
+	if err := checkBatch(goodBatch); err != nil {
+		t.Errorf("good ip -batch input refused: %v", err)
+	}
+	for _, bad := range []string{
+		"route replace 198.51.100.0/24 dev eth1\nINJECTED table 7420 proto 83\n",
+		"route replace 198.51.100.0/24 dev eth1 table 254 proto 83\n",
+		"route replace 198.51.100.0/24 dev eth1 proto 83\n",
+		"rule add pref 100 lookup 7420 protocol 83\n",
+		"route flush table 7420\n",
+		"route replace 198.51.100.1/24 dev eth1 table 7420 proto 83\n",
+	} {
+		if err := checkBatch(bad); err == nil {
+			t.Errorf("ip -batch input accepted: %q", bad)
+		}
+	}
 	if err := checkIPSet("create egress-snat4-0123456789ab hash:net family inet hashsize 1024 maxelem 65536\nadd egress-snat4-0123456789ab 198.51.100.0/24\nadd egress-snat4-0123456789ab 198.51.100.4/32 nomatch\ndestroy egress-snat4-0123456789ab\n"); err != nil {
 		t.Errorf("good ipset payload refused: %v", err)
 	}
@@ -512,8 +601,28 @@ func (c *checkedTables) Restore(f snat.Family, payload string) error {
 	}
 	return c.fake.Restore(f, payload)
 }
-func (c *checkedTables) CanDropNATTable() bool            { return c.fake.CanDropNATTable() }
-func (c *checkedTables) DropNATTable(f snat.Family) error { return c.fake.DropNATTable(f) }
+func (c *checkedTables) SaveNAT(f snat.Family) (string, error)    { return c.fake.SaveNAT(f) }
+func (c *checkedTables) Generation(f snat.Family) (uint64, error) { return c.fake.Generation(f) }
+func (c *checkedTables) CanDropNATTable() bool                    { return c.fake.CanDropNATTable() }
+func (c *checkedTables) DropNATTable(f snat.Family) error         { return c.fake.DropNATTable(f) }
+
+func (c *checkedSets) Headers() (map[string]int, error) { return c.fake.Headers() }
+
+// checkedRouting checks every ip -batch input against the grammar before
+// the fake applies it.
+type checkedRouting struct {
+	fake *routes.Fake
+	bad  []string
+}
+
+func (c *checkedRouting) Read(is4 bool) (routes.State, error)   { return c.fake.Read(is4) }
+func (c *checkedRouting) Rules(is4 bool) ([]routes.Rule, error) { return c.fake.Rules(is4) }
+func (c *checkedRouting) Batch(is4 bool, input string) error {
+	if err := checkBatch(input); err != nil {
+		c.bad = append(c.bad, err.Error())
+	}
+	return c.fake.Batch(is4, input)
+}
 
 type checkedSets struct {
 	fake *snat.FakeIPSets
@@ -583,6 +692,47 @@ func (r *fakeRouter) Lookup(dst netip.Prefix, out string) (*selector.Choice, err
 		return nil, fmt.Errorf("traffic to %s leaves by %s, not %q: %w", dst, iface, out, selector.ErrNoRoute)
 	}
 	return &selector.Choice{Dst: dst, Probe: dst.Addr(), Table: 254, Route: route, Interface: iface, Source: src}, nil
+}
+
+func (r *fakeRouter) Path(dst netip.Prefix, out string) (string, netip.Addr, netip.Addr, error) {
+	iface, src, err := r.Natural(dst, out)
+	if err != nil {
+		return "", netip.Addr{}, netip.Addr{}, err
+	}
+	return iface, r.gateway(iface, dst.Addr().Is4()), src, nil
+}
+
+// gateway is the one gateway of each interface and family.
+func (r *fakeRouter) gateway(iface string, is4 bool) netip.Addr {
+	switch {
+	case iface == "eth1" && is4:
+		return netip.MustParseAddr("203.0.113.129")
+	case iface == "eth0" && is4:
+		return netip.MustParseAddr("192.0.2.1")
+	case iface == "eth0":
+		return netip.MustParseAddr("2001:db8::1")
+	}
+	return netip.Addr{}
+}
+
+func (r *fakeRouter) Gateways(iface string, is4 bool, _ func(table int) bool) ([]netip.Addr, error) {
+	if iface != "eth0" && iface != "eth1" {
+		return nil, fmt.Errorf("interface %q: %w", iface, selector.ErrNoRoute)
+	}
+	if gw := r.gateway(iface, is4); gw.IsValid() {
+		return []netip.Addr{gw}, nil
+	}
+	return nil, nil
+}
+
+func (r *fakeRouter) OnLink(iface string, a netip.Addr) (bool, error) {
+	switch iface {
+	case "eth0":
+		return netip.MustParsePrefix("192.0.2.0/24").Contains(a) || netip.MustParsePrefix("2001:db8::/64").Contains(a), nil
+	case "eth1":
+		return eth1Net.Contains(a), nil
+	}
+	return false, fmt.Errorf("interface %q: %w", iface, selector.ErrNoRoute)
 }
 
 func (r *fakeRouter) Forget() {}

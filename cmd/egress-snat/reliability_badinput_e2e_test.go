@@ -342,6 +342,7 @@ func TestBadInputIssue15(t *testing.T) {
 			{[]string{"--lock-timeout", "-1s", "clear"}, []string{"--lock-timeout -1s"}, nil},
 			{[]string{"--lock-timeout", "0s", "apply", "-f", good}, []string{"--lock-timeout 0s"}, nil},
 			{[]string{"watch", "-f", good, "--settle", "-1s"}, []string{"--settle -1s"}, nil},
+			{[]string{"watch", "-f", good, "--full-resync", "-5m"}, []string{"--full-resync -5m0s"}, nil},
 			{[]string{"watch", "-f", good, "--resync", "0s"}, []string{"--resync 0s"}, nil},
 			{[]string{"--lock-timeout", "-1s", "watch", "-f", good}, []string{"--lock-timeout -1s"}, nil},
 		}},

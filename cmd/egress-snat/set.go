@@ -12,7 +12,7 @@ import (
 var setCommand = &cli.Command{
 	Name:      "set",
 	Usage:     "make new connections to destinations leave with a chosen source address",
-	UsageText: "egress-snat set --to ADDR [--dst ADDR|CIDR]... [--out IFACE] [--dry-run]\n   egress-snat set --to ADDR --from CIDR [--from CIDR]... [--dst CIDR]...\n   egress-snat set --to ADDR --uid USER|UID [--dst CIDR]...\n   egress-snat set --to ADDR --cgroup PATH [--dst CIDR]...\n   egress-snat set --to ADDR,ADDR[,...] --spread [--dst CIDR]...",
+	UsageText: "egress-snat set --to ADDR [--dst ADDR|CIDR]... [--out IFACE] [--dry-run]\n   egress-snat set --to ADDR --from CIDR [--from CIDR]... [--dst CIDR]...\n   egress-snat set --to ADDR --uid USER|UID [--dst CIDR]...\n   egress-snat set --to ADDR --cgroup PATH [--dst CIDR]...\n   egress-snat set --to ADDR,ADDR[,...] --spread [--dst CIDR]...\n   egress-snat set --to ADDR-ON-ANOTHER-NIC --dst CIDR... [--via GW]\n   egress-snat set --to ADDR --dst CIDR... --method route|snat|auto",
 	Description: `Installs SNAT rules so that new connections to each --dst leave with --to
 instead of the kernel's natural source. Without --dst, it applies to every
 destination of --to's family (0.0.0.0/0 or ::/0: whatever uses the default
@@ -44,6 +44,24 @@ it wins over their MASQUERADE because egress-snat's jump is first. --uid and
 (a cgroup v2 path such as system.slice/postfix.service; the cgroup must
 exist). Without them, set is about the host's own traffic by destination.
 
+Another interface: when --to is an address of another interface than the
+one the kernel routes --dst by (a second NIC), new connections to --dst
+leave by --to's interface, through --via (default: the gateway of the one
+route the host already has through that interface, such as a backup
+default route), from --to. Traffic that already leaves with --to (replies
+to connections that came in on that interface, applications bound to it)
+is sent that way too, so strict rp_filter and the upstream accept it. This
+is done with routes and ip rules of egress-snat's own (table 7420, rules
+7420-7422, proto 83), not NAT. Only the host's own traffic by destination
+can be sent out of another interface so far.
+
+--method: snat (the default) rewrites the source in the nat chain, for any
+sender. route installs a route with src instead, the article's method one:
+no NAT and no conntrack binding, and the application's socket itself
+carries the address (getsockname), which matters for protocols that embed
+it and for IPsec policies; it works only for the host's own traffic by
+destination, to one source. auto uses a route where it can, SNAT elsewhere.
+
 Precedence follows routing: the most specific match wins. A rule naming who
 sends (--from, --cgroup, --uid) is more specific than one naming only the
 destination; among --from rules the longer source prefix wins, then the
@@ -63,6 +81,8 @@ Examples:
 		&cli.StringSliceFlag{Name: "dst", Usage: "destination `ADDR|CIDR` (repeatable; default: every destination of --to's family)"},
 		&cli.StringFlag{Name: "out", Usage: "outgoing `IFACE` (default: the interface the kernel routes the destination by)"},
 		&cli.BoolFlag{Name: "spread", Usage: "spread new connections over all --to addresses in turn"},
+		&cli.StringFlag{Name: "via", Usage: "gateway `GW` when --to is on another interface than the destination's route (default: that interface's one gateway)"},
+		&cli.StringFlag{Name: "method", Value: "snat", Usage: "`METHOD`: snat (nat chain), route (a route with src, no NAT: the host's own traffic only) or auto"},
 		dryRunFlag,
 		jsonFlag,
 	}, senderFlags()...),
@@ -91,13 +111,26 @@ Examples:
 		if err != nil {
 			return err
 		}
+		method, err := snat.ParseMethod(c.String("method"))
+		if err != nil {
+			return usageError("--%v", err)
+		}
+		var via netip.Addr
+		if c.IsSet("via") {
+			if via, err = netip.ParseAddr(c.String("via")); err != nil || via.Zone() != "" {
+				return usageError("--via %q is not an IP address", c.String("via"))
+			}
+			if via.Is4() != to[0].Is4() {
+				return usageError("--via %s and --to %s are of different address families", via, to[0])
+			}
+		}
 		var intents []snat.Intent
 		for _, s := range senders {
 			if s.Kind == snat.SenderFrom && s.From.Addr().Is4() != to[0].Is4() {
 				return usageError("--from %s and --to %s are of different address families", s.From, to[0])
 			}
 			for _, d := range dsts {
-				intents = append(intents, snat.Intent{Sender: s, Dst: d, To: to, Out: c.String("out"), Spread: c.Bool("spread")})
+				intents = append(intents, snat.Intent{Sender: s, Dst: d, To: to, Out: c.String("out"), Spread: c.Bool("spread"), Via: via, Method: method})
 			}
 		}
 		return setIntents(c, intents)

@@ -5,9 +5,11 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"os"
 	"os/signal"
 	"runtime/debug"
+	"slices"
 	"syscall"
 	"time"
 
@@ -25,9 +27,15 @@ var watchCommand = &cli.Command{
 
    - on netlink address, link and route events (subscribed, not polled):
      routes and natural sources are looked up again;
-   - every --resync, a canary reads the chain, the jump and the sets and
-     re-applies when they differ (a firewalld reload or Docker restart that
-     flushed POSTROUTING, a deleted chain, a rule inserted ahead of ours);
+   - every --resync, a canary that costs no process: the nftables
+     generation (iptables-nft) or the nat table's shape (iptables-legacy),
+     and egress-snat's ip rules. When they moved, and every 10 resyncs in
+     any case, it reads the nat chain, the jump and the sets' entry counts
+     and re-applies when they differ (a firewalld reload or Docker restart
+     that flushed POSTROUTING, a deleted chain, a rule inserted ahead of
+     ours, a deleted ip rule);
+   - every --full-resync, a full read, set members included (a member
+     deleted or swapped by hand);
    - on SIGHUP, FILE is read again (a bad file is logged and the old one
      kept).
 
@@ -44,6 +52,7 @@ at boot, so the desired state survives reboots.`,
 		&cli.StringFlag{Name: "file", Aliases: []string{"f"}, Usage: "(required) desired-state YAML `FILE`"},
 		&cli.DurationFlag{Name: "resync", Value: time.Second, Usage: "how often the canary compares the chain with the desired state"},
 		&cli.DurationFlag{Name: "settle", Value: 100 * time.Millisecond, Usage: "how long to wait for a burst of events to end before applying"},
+		&cli.DurationFlag{Name: "full-resync", Value: 5 * time.Minute, Usage: "how often to compare everything, set members included"},
 		&cli.StringFlag{Name: "log-format", Value: "text", Usage: "text or json"},
 	},
 	Action: func(c *cli.Context) error {
@@ -59,8 +68,8 @@ at boot, so the desired state survives reboots.`,
 		default:
 			return usageError("--log-format %q: want text or json", c.String("log-format"))
 		}
-		if c.Duration("resync") <= 0 || c.Duration("settle") < 0 {
-			return usageError("--resync must be positive and --settle not negative")
+		if c.Duration("resync") <= 0 || c.Duration("settle") < 0 || c.Duration("full-resync") <= 0 {
+			return usageError("--resync and --full-resync must be positive and --settle not negative")
 		}
 		debug.SetGCPercent(100) // long-running: the default suits it
 		intents, err := loadIntents(c.String("file"))
@@ -71,7 +80,8 @@ at boot, so the desired state survives reboots.`,
 		if err != nil {
 			return err
 		}
-		w := &watcher{e: e, path: c.String("file"), intents: intents, log: slog.New(handler), settle: c.Duration("settle")}
+		w := &watcher{e: e, path: c.String("file"), intents: intents, log: slog.New(handler), settle: c.Duration("settle"),
+			quickEvery: 10 * c.Duration("resync"), fullEvery: c.Duration("full-resync")}
 		ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 		defer stop()
 		return w.run(ctx, c.Duration("resync"))
@@ -84,9 +94,15 @@ type watcher struct {
 	intents []snat.Intent
 	log     *slog.Logger
 	settle  time.Duration
-	// desired is what the last reconcile installed, for the canary.
+	// desired is what the last reconcile installed, and plan the plan that
+	// did it (its chains are what the kernel should hold), for the canary.
 	desired []snat.Entry
+	plan    snat.Plan
 	applies int
+	// gens are the table generations the canary last saw.
+	gens                  map[snat.Family]uint64
+	lastQuick, lastFull   time.Time
+	quickEvery, fullEvery time.Duration
 }
 
 func (w *watcher) run(ctx context.Context, resync time.Duration) error {
@@ -216,10 +232,57 @@ func (w *watcher) subscribe(done chan struct{}, kick func(string)) error {
 	return nil
 }
 
-// canary is the cheap periodic check: does the kernel still hold what the
-// last reconcile wrote? It catches what netlink does not report: iptables
-// and ipset changes by other programs.
+// canary is the periodic check: does the kernel still hold what the last
+// reconcile wrote? It catches what netlink does not report: iptables and
+// ipset changes by other programs. Most ticks cost two netlink requests;
+// see the command's description for the schedule.
 func (w *watcher) canary() string {
+	now := time.Now()
+	if now.Sub(w.lastFull) >= w.fullEvery {
+		w.lastFull, w.lastQuick = now, now
+		return w.fullCheck()
+	}
+	gens, err := w.e.mgr.Generations()
+	if err != nil {
+		return "canary read failed: " + err.Error()
+	}
+	rulesMoved, err := w.rulesDiffer()
+	if err != nil {
+		return "canary read failed: " + err.Error()
+	}
+	if !rulesMoved && maps.Equal(gens, w.gens) && now.Sub(w.lastQuick) < w.quickEvery {
+		return ""
+	}
+	w.gens, w.lastQuick = gens, now
+	drift, err := w.e.mgr.QuickDrift(w.plan)
+	switch {
+	case err != nil:
+		return "canary read failed: " + err.Error()
+	case drift != "":
+		return "drift: " + drift
+	}
+	return ""
+}
+
+// rulesDiffer compares our ip rules with what the last reconcile wrote.
+func (w *watcher) rulesDiffer() (bool, error) {
+	if w.e.mgr.Routing == nil {
+		return false, nil
+	}
+	for _, f := range snat.Families {
+		have, err := w.e.mgr.Routing.Rules(f == snat.IPv4)
+		if err != nil {
+			return false, err
+		}
+		if !slices.Equal(have, snat.RoutingOf(f, w.plan.Desired).Rules) {
+			return true, nil
+		}
+	}
+	return false, nil
+}
+
+// fullCheck reads everything, set members included, and plans.
+func (w *watcher) fullCheck() string {
 	st, err := w.e.mgr.Read()
 	if err != nil {
 		return "canary read failed: " + err.Error()
@@ -252,7 +315,12 @@ func (w *watcher) reconcile(reason string) error {
 		w.log.Warn("rule left out until its address or route returns", "why", s)
 	}
 	previous := w.desired
-	w.desired = desired
+	w.desired, w.plan = desired, plan
+	// Our own write moved the generations: start from them.
+	if gens, err := w.e.mgr.Generations(); err == nil {
+		w.gens = gens
+	}
+	w.lastQuick, w.lastFull = time.Now(), time.Now() // Update read everything
 	if plan.Empty() {
 		w.log.Debug("in sync", "reason", reason)
 		return nil

@@ -2,7 +2,8 @@
 // so that SNAT rules can be installed for real and the source address that
 // connections arrive from can be observed on the far side.
 //
-// Topology (documentation ranges only; the root namespace is never touched):
+// Topology (documentation ranges, and private ranges only inside the lab's
+// own namespaces; the root namespace is never touched):
 //
 //	H (Host) eth0                      G (Gateway) eth0
 //	  192.0.2.250/24 (primary)           192.0.2.1/24
@@ -11,9 +12,22 @@
 //	  2001:db8::250/64, ::22, ::23     G lo (the "far hosts")
 //	  default via 192.0.2.1              198.51.100.4, 198.51.100.5,
 //	  default via 2001:db8::1            203.0.113.7, 2001:db8:ffff::4
+//	H lanN (AddClient, client N = 0, 1, ...)
+//	  10.88.N.1/24, fd00:88:N::1/64 --- C<N> (Client) eth0
+//	  forwarding on                        10.88.N.2/24, fd00:88:N::2/64
+//	                                       default via H (both families)
+//	H docker0, br-* (StartDocker)
+//	  172.30.0.1/16 and the test's networks, containers behind them
 //
 // The far hosts live on G itself, so G needs no forwarding and whatever G's
-// probe servers see as the peer address is exactly what left H.
+// probe servers see as the peer address is exactly what left H. G has no
+// route to the clients' or containers' private subnets, on purpose: their
+// connections only get an answer when H rewrites their source (MASQUERADE,
+// or an SNAT rule under test), just as on a real host behind a provider.
+//
+// Senders inside H other than the test process (another uid, a cgroup, a
+// container) are separate processes, see SourceSeenAsUID,
+// SourceSeenInCgroup and StartDocker.
 package lab
 
 import (
@@ -38,9 +52,11 @@ import (
 type Lab struct {
 	Host, Gateway string
 
+	base    string // the namespaces' common prefix, for client names
 	mu      sync.Mutex
 	seen    map[string]int
 	probing bool
+	clients int // AddClient calls so far: the next client's index
 }
 
 // Option changes the topology built by New.
@@ -69,7 +85,7 @@ func New(t testing.TB, opts ...Option) *Lab {
 
 	sweepStale()
 	base := uniqueName()
-	l := &Lab{Host: base + "-h", Gateway: base + "-g", seen: map[string]int{}}
+	l := &Lab{Host: base + "-h", Gateway: base + "-g", base: base, seen: map[string]int{}}
 	// Register before creating anything so a half-built lab is removed too.
 	// Deleting a name that was never created is harmless.
 	t.Cleanup(func() {
@@ -198,16 +214,8 @@ var counters = regexp.MustCompile(`\[\d+:\d+\]`)
 // may be configured to use the other one.
 func (l *Lab) Ruleset(t testing.TB) string {
 	t.Helper()
-	save := []string{"iptables-save", "ip6tables-save"}
-	switch b := os.Getenv("EGRESS_SNAT_IPTABLES"); b {
-	case "":
-	case "legacy", "nft":
-		save = []string{"iptables-" + b + "-save", "ip6tables-" + b + "-save"}
-	default:
-		t.Fatalf("EGRESS_SNAT_IPTABLES=%q: want legacy or nft", b)
-	}
 	var b strings.Builder
-	for _, cmd := range save {
+	for _, cmd := range []string{iptablesCmd(t, "iptables", "-save"), iptablesCmd(t, "ip6tables", "-save")} {
 		for line := range strings.Lines(l.Run(t, cmd)) {
 			if strings.HasPrefix(line, "#") {
 				continue
@@ -221,6 +229,23 @@ func (l *Lab) Ruleset(t testing.TB) string {
 		}
 	}
 	return b.String()
+}
+
+// iptablesCmd names the command of the backend EGRESS_SNAT_IPTABLES selects:
+// iptablesCmd(t, "ip6tables", "-save") is ip6tables-save, or
+// ip6tables-legacy-save under EGRESS_SNAT_IPTABLES=legacy. Lab helpers that
+// write rules use it so that they land in the backend the tool reads.
+func iptablesCmd(t testing.TB, base, suffix string) string {
+	t.Helper()
+	switch b := os.Getenv("EGRESS_SNAT_IPTABLES"); b {
+	case "":
+		return base + suffix
+	case "legacy", "nft":
+		return base + "-" + b + suffix
+	default:
+		t.Fatalf("EGRESS_SNAT_IPTABLES=%q: want legacy or nft", b)
+		return ""
+	}
 }
 
 // HostAddrAdd adds cidr to dev in H (IPv6 with nodad, so it is usable at
@@ -299,13 +324,13 @@ func waitIPv6Ready(t testing.TB, ns string, devs []string) {
 	}
 }
 
-// Namespace names are "es-<pid>-<random>-h|g". The random part keeps labs
+// Namespace names are "es-<pid>-<random>-h|g|c<n>". The random part keeps labs
 // of one process apart; the pid keeps parallel test processes apart and
 // lets sweepStale recognise labs whose process died without cleaning up
 // (a go test timeout panics without running t.Cleanup).
 const prefix = "es-"
 
-var staleName = regexp.MustCompile(`^es-(\d+)-[0-9a-f]+-[hg]$`)
+var staleName = regexp.MustCompile(`^es-(\d+)-[0-9a-f]+-(?:[hg]|c\d+)$`)
 
 func uniqueName() string {
 	var b [4]byte

@@ -28,13 +28,19 @@ func Require(t testing.TB) {
 			}
 		}
 	}
-	if missing == "" {
-		return
+	if missing != "" {
+		skipOrFail(t, "network-namespace test needs "+missing)
 	}
+}
+
+// skipOrFail skips t with why, or fails it when CI is set or
+// EGRESS_SNAT_REQUIRE_NETNS=1.
+func skipOrFail(t testing.TB, why string) {
+	t.Helper()
 	if os.Getenv("CI") != "" || os.Getenv("EGRESS_SNAT_REQUIRE_NETNS") == "1" {
-		t.Fatalf("network-namespace test needs %s (CI or EGRESS_SNAT_REQUIRE_NETNS=1 forbids skipping)", missing)
+		t.Fatalf("%s (CI or EGRESS_SNAT_REQUIRE_NETNS=1 forbids skipping)", why)
 	}
-	t.Skipf("network-namespace test needs %s", missing)
+	t.Skip(why)
 }
 
 // Do runs fn on an OS thread that has been switched into the named network

@@ -214,24 +214,33 @@ func (l *Lab) sourceSeen(t testing.TB, dst, bindSrc string) string {
 		}
 		d.LocalAddr = net.TCPAddrFromAddrPort(netip.AddrPortFrom(ip, 0))
 	}
+	seen, err := askProbe(l.Host, d, dst)
+	if err != nil {
+		t.Logf("lab: from %s (bind %q): %v", l.Host, bindSrc, err)
+		return ""
+	}
+	return seen
+}
+
+// askProbe connects from namespace ns to dst:TCPPort with d and returns the
+// source address the far side reported.
+func askProbe(ns string, d net.Dialer, dst string) (string, error) {
 	addr := net.JoinHostPort(dst, fmt.Sprint(TCPPort))
 	var c net.Conn
-	err := Do(l.Host, func() (err error) {
+	err := Do(ns, func() (err error) {
 		c, err = d.Dial("tcp", addr)
 		return err
 	})
 	if err != nil {
-		t.Logf("lab: dial %s from %s (bind %q): %v", addr, l.Host, bindSrc, err)
-		return ""
+		return "", fmt.Errorf("dial %s: %w", addr, err)
 	}
 	defer c.Close()
 	c.SetReadDeadline(time.Now().Add(probeTimeout))
 	line, err := bufio.NewReader(c).ReadString('\n')
 	if err != nil {
-		t.Logf("lab: read from %s: %v", addr, err)
-		return ""
+		return "", fmt.Errorf("read from %s: %w", addr, err)
 	}
-	return strings.TrimSpace(line)
+	return strings.TrimSpace(line), nil
 }
 
 // UDPFlow is a connected UDP socket in H to dst:UDPPort. Because it keeps

@@ -1,0 +1,156 @@
+package snat
+
+import (
+	"encoding/binary"
+	"fmt"
+	"hash/fnv"
+	"os/exec"
+	"strconv"
+	"strings"
+	"unsafe"
+
+	"github.com/vishvananda/netlink/nl"
+	"golang.org/x/sys/unix"
+)
+
+// Generation returns a number that changes whenever the family's nat table
+// may have changed, at the cost of one netlink request or one getsockopt
+// and no process, so a daemon can look every second and stay idle.
+//
+//   - iptables-nft: the nftables ruleset generation, which every commit of
+//     any nftables table in the namespace increments;
+//   - iptables-legacy: a hash of the nat table's shape as the kernel gives
+//     it (number of rules, size, hook offsets). An edit that keeps all of
+//     them, such as one address replaced by another, is not seen here; the
+//     daemon's periodic read catches it.
+func (t ExecTables) Generation(f Family) (uint64, error) {
+	if t.Backend == BackendNFT {
+		return nftGeneration()
+	}
+	return legacyGeneration(f)
+}
+
+// nftGeneration asks for NFT_MSG_GETGEN.
+func nftGeneration() (uint64, error) {
+	req := nl.NewNetlinkRequest(unix.NFNL_SUBSYS_NFTABLES<<8|unix.NFT_MSG_GETGEN, 0)
+	req.AddData(&nfgenmsg{family: unix.AF_UNSPEC})
+	msgs, err := req.Execute(unix.NETLINK_NETFILTER, 0)
+	if err != nil {
+		return 0, fmt.Errorf("reading the nftables generation: %w", err)
+	}
+	for _, m := range msgs {
+		if len(m) < 4 {
+			continue
+		}
+		attrs, err := nl.ParseRouteAttr(m[4:])
+		if err != nil {
+			return 0, err
+		}
+		for _, a := range attrs {
+			if a.Attr.Type == unix.NFTA_GEN_ID && len(a.Value) >= 4 {
+				return uint64(binary.BigEndian.Uint32(a.Value)), nil
+			}
+		}
+	}
+	return 0, fmt.Errorf("reading the nftables generation: no generation in the answer")
+}
+
+type nfgenmsg struct {
+	family  uint8
+	version uint8
+	resID   uint16
+}
+
+func (m *nfgenmsg) Len() int { return 4 }
+func (m *nfgenmsg) Serialize() []byte {
+	return []byte{m.family, m.version, byte(m.resID >> 8), byte(m.resID)}
+}
+
+// iptGetinfo is struct ipt_getinfo (and ip6t_getinfo, the same layout).
+type iptGetinfo struct {
+	Name       [32]byte
+	ValidHooks uint32
+	HookEntry  [5]uint32
+	Underflow  [5]uint32
+	NumEntries uint32
+	Size       uint32
+}
+
+// legacyGeneration hashes IPT_SO_GET_INFO of the nat table.
+func legacyGeneration(f Family) (uint64, error) {
+	domain, level := unix.AF_INET, unix.SOL_IP
+	if f == IPv6 {
+		domain, level = unix.AF_INET6, unix.SOL_IPV6
+	}
+	fd, err := unix.Socket(domain, unix.SOCK_RAW|unix.SOCK_CLOEXEC, unix.IPPROTO_RAW)
+	if err != nil {
+		return 0, fmt.Errorf("raw socket for iptables info: %w", err)
+	}
+	defer unix.Close(fd)
+	var info iptGetinfo
+	copy(info.Name[:], table)
+	size := uint32(unsafe.Sizeof(info))
+	const soGetInfo = 64 // IPT_SO_GET_INFO, IP6T_SO_GET_INFO
+	_, _, errno := unix.Syscall6(unix.SYS_GETSOCKOPT, uintptr(fd), uintptr(level), soGetInfo,
+		uintptr(unsafe.Pointer(&info)), uintptr(unsafe.Pointer(&size)), 0)
+	if errno != 0 {
+		return 0, fmt.Errorf("reading the %s nat table's info: %w", f, errno)
+	}
+	h := fnv.New64a()
+	b := make([]byte, 4)
+	for _, v := range append(append([]uint32{info.ValidHooks, info.NumEntries, info.Size}, info.HookEntry[:]...), info.Underflow[:]...) {
+		binary.LittleEndian.PutUint32(b, v)
+		h.Write(b)
+	}
+	return h.Sum64(), nil
+}
+
+// Generation of the fake counts its successful restores.
+func (ft *FakeTables) Generation(f Family) (uint64, error) {
+	return uint64(ft.Restores[f]), nil
+}
+
+// SaveNAT returns iptables-save of the family's nat table alone: what the
+// daemon's periodic read needs, smaller than a whole save.
+func (t ExecTables) SaveNAT(f Family) (string, error) {
+	return t.save(f, "-t", table)
+}
+
+// Headers returns each set of ours with its number of members and nomatch
+// exceptions, from `ipset list -t`, which prints no members.
+func (ExecIPSets) Headers() (map[string]int, error) {
+	out, err := exec.Command("ipset", "list", "-t").Output()
+	if err != nil {
+		return nil, fmt.Errorf("ipset list -t: %w", err)
+	}
+	return parseHeaders(string(out))
+}
+
+func parseHeaders(text string) (map[string]int, error) {
+	sets := map[string]int{}
+	name := ""
+	for line := range strings.Lines(text) {
+		line = strings.TrimSpace(line)
+		if v, ok := strings.CutPrefix(line, "Name: "); ok {
+			name = v
+			continue
+		}
+		if v, ok := strings.CutPrefix(line, "Number of entries: "); ok && strings.HasPrefix(name, SetPrefix) {
+			n, err := strconv.Atoi(v)
+			if err != nil {
+				return nil, fmt.Errorf("ipset list -t: set %s: %q", name, v)
+			}
+			sets[name] = n
+		}
+	}
+	return sets, nil
+}
+
+// Headers of the fake.
+func (fs *FakeIPSets) Headers() (map[string]int, error) {
+	out := map[string]int{}
+	for name, s := range fs.sets {
+		out[name] = len(s.Members) + len(s.NoMatch)
+	}
+	return out, nil
+}
