@@ -8,7 +8,7 @@
 #                         is well formed and survives being written back
 #   cmd    FuzzCLI        argument vectors -> the egress-snat app, the kernel
 #                         behind fakes: every run ends, exits 0, 1 or 2, and
-#                         every iptables-restore and ipset payload is of the
+#                         every iptables-restore, ipset and ip -batch input is of the
 #                         payload grammar (cmd/egress-snat/fuzz_cli_test.go)
 #
 # Seeds are in the tests and under */testdata/fuzz/; new interesting inputs
