@@ -11,7 +11,7 @@ EGRESS_SNAT_BOTH_BACKENDS ?= 1
 TESTFLAGS ?= -count=1 -p 1 -timeout 20m
 
 .DEFAULT_GOAL := help
-.PHONY: help build fmt vet test test-legacy demo bench fuzz clean
+.PHONY: help build docs deb lint fmt vet test test-legacy demo bench fuzz clean
 
 help: ## list the targets
 	@awk -F':.*## ' '/^[a-z-]+:.*## / { printf "  %-12s %s\n", $$1, $$2 }' $(MAKEFILE_LIST)
@@ -19,14 +19,41 @@ help: ## list the targets
 build: ## build bin/egress-snat, version from git describe
 	$(GO) build -trimpath -ldflags "-X main.version=$(VERSION)" -o bin/egress-snat ./cmd/egress-snat
 
+docs: ## regenerate the man page and completions from the CLI (docs/man, contrib/completion)
+	$(GO) run ./cmd/egress-snat gen-docs .
+
+# nfpm builds the .deb; installed from the Go module proxy on first use.
+NFPM ?= bin/tools/nfpm
+NFPM_VERSION ?= v2.45.2
+
+$(NFPM):
+	GOBIN=$(abspath $(dir $(NFPM))) $(GO) install github.com/goreleaser/nfpm/v2/cmd/nfpm@$(NFPM_VERSION)
+
+deb: $(NFPM) ## build the Debian package into build/deb/ (version from git describe)
+	NFPM=$(NFPM) GO=$(GO) bash scripts/deb.sh
+
+STATICCHECK ?= bin/tools/staticcheck
+STATICCHECK_VERSION ?= v0.8.2
+
+$(STATICCHECK):
+	GOBIN=$(abspath $(dir $(STATICCHECK))) $(GO) install honnef.co/go/tools/cmd/staticcheck@$(STATICCHECK_VERSION)
+
+lint: $(STATICCHECK) ## shellcheck every shell script, gofmt, staticcheck (all must be clean)
+	STATICCHECK=$(STATICCHECK) bash scripts/lint.sh
+
 fmt: ## gofmt every Go file in place
 	$(GO) fmt ./...
 
-vet: ## go vet ./...
+# deploy/kubernetes is a module of its own (k8s.io/api stays out of ours).
+SUBMODULES := deploy/kubernetes
+
+vet: ## go vet ./... (and the deploy/kubernetes module)
 	$(GO) vet ./...
+	@for m in $(SUBMODULES); do echo "cd $$m && $(GO) vet ./..."; (cd $$m && $(GO) vet ./...) || exit 1; done
 
 test: vet ## vet, all tests (root: namespace tests), then test-legacy unless EGRESS_SNAT_BOTH_BACKENDS=0
 	$(GO) test $(TESTFLAGS) ./...
+	@for m in $(SUBMODULES); do echo "cd $$m && $(GO) test $(TESTFLAGS) ./..."; (cd $$m && $(GO) test $(TESTFLAGS) ./...) || exit 1; done
 	@if [ "$(EGRESS_SNAT_BOTH_BACKENDS)" != "0" ]; then $(MAKE) --no-print-directory test-legacy; fi
 
 # The namespace tests are the packages whose tests use internal/lab.
@@ -46,5 +73,5 @@ bench: ## benchmarks (scripts/bench.sh)
 fuzz: ## fuzz tests (scripts/fuzz.sh)
 	bash scripts/fuzz.sh
 
-clean: ## remove bin/
-	rm -rf bin
+clean: ## remove bin/ and build/
+	rm -rf bin build

@@ -18,10 +18,13 @@
 #   LOGDIR     where the full test and fuzz logs are kept (default
 #              /tmp/egress-snat-reliability)
 # Exits non-zero if any run failed; the report then says which.
+# The report's cell functions (seqs, kills, ... and fig, ms under them) are
+# called indirectly, through row "$@", which shellcheck cannot follow.
+# shellcheck disable=SC2317
 set -uo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-cd "$ROOT"
+cd "$ROOT" || exit 1
 export PATH=/usr/local/go/bin:$PATH:/usr/sbin:/sbin
 BACKENDS=${BACKENDS:-auto legacy}
 SEQUENCES=${SEQUENCES:-1000}
@@ -71,7 +74,11 @@ grep 'fuzz summary' "$LOGDIR/fuzz.log"
 
 # fig BACKEND NAME: a figure the tests recorded ("-" if none).
 fig() { awk -v k="$1.$2" '$1 == k { v = $2 } END { print (v == "" ? "-" : v) }' "$figures"; }
-ms() { local v; v=$(fig "$1" "$2"); [[ $v == - ]] && echo - || awk -v v="$v" 'BEGIN { printf "%.2f s", v / 1000 }'; }
+ms() {
+  local v
+  v=$(fig "$1" "$2")
+  if [[ $v == - ]]; then echo -; else awk -v v="$v" 'BEGIN { printf "%.2f s", v / 1000 }'; fi
+}
 
 block=$work/block
 {

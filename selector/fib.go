@@ -35,8 +35,9 @@ type routeKey struct {
 }
 
 type natural struct {
-	iface  string
-	source netip.Addr
+	iface   string
+	source  netip.Addr
+	gateway netip.Addr
 }
 
 func (s *Selector) loadFIB4() *fib4 {

@@ -191,31 +191,8 @@ func (s *Selector) hostAddrs(family int) ([]netlink.Addr, error) {
 // fib4); the first one of each route is looked up in full, and its answer is
 // kept only if the kernel confirms it matched that very route.
 func (s *Selector) Natural(dst netip.Prefix, out string) (iface string, src netip.Addr, err error) {
-	dst = dst.Masked()
-	if dst.Addr().Is4() {
-		if k, ok := s.loadFIB4().route(dst); ok {
-			k.out = out
-			if n, ok := s.byRoute[k]; ok {
-				return n.iface, n.source, nil
-			}
-			c, err := s.lookup(dst, out, true)
-			if err != nil {
-				return "", netip.Addr{}, err
-			}
-			if c.Table == k.table && c.Route == k.prefix {
-				if s.byRoute == nil {
-					s.byRoute = map[routeKey]natural{}
-				}
-				s.byRoute[k] = natural{c.Interface, c.Source}
-			}
-			return c.Interface, c.Source, nil
-		}
-	}
-	c, err := s.lookup(dst, out, false)
-	if err != nil {
-		return "", netip.Addr{}, err
-	}
-	return c.Interface, c.Source, nil
+	iface, _, src, err = s.Path(dst, out)
+	return iface, src, err
 }
 
 // Lookup returns the route and natural source for dst. When out is not
@@ -440,9 +417,29 @@ func (s *Selector) Owner(a netip.Addr) (string, error) {
 	return "", ErrNotLocal
 }
 
-// Path returns the interface, gateway (invalid when on-link) and natural
-// source of the kernel's route for dst, as Natural would, plus the gateway.
+// Path is Natural plus the route's gateway (invalid when on-link), with
+// the same grouping of IPv4 destinations by route.
 func (s *Selector) Path(dst netip.Prefix, out string) (iface string, gw, src netip.Addr, err error) {
+	dst = dst.Masked()
+	if dst.Addr().Is4() {
+		if k, ok := s.loadFIB4().route(dst); ok {
+			k.out = out
+			if n, ok := s.byRoute[k]; ok {
+				return n.iface, n.gateway, n.source, nil
+			}
+			c, err := s.lookup(dst, out, true)
+			if err != nil {
+				return "", netip.Addr{}, netip.Addr{}, err
+			}
+			if c.Table == k.table && c.Route == k.prefix {
+				if s.byRoute == nil {
+					s.byRoute = map[routeKey]natural{}
+				}
+				s.byRoute[k] = natural{c.Interface, c.Source, c.Gateway}
+			}
+			return c.Interface, c.Gateway, c.Source, nil
+		}
+	}
 	// With out, the route itself must be matched (FIBMatch, as explain
 	// does): a plain lookup with an output interface would have the kernel
 	// assume any destination is on-link there.

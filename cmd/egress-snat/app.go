@@ -49,6 +49,7 @@ func newApp() *cli.App {
 		rotateCommand,
 		checkCommand,
 		watchCommand,
+		genDocsCommand, // hidden: make docs
 	}
 	for _, c := range commands {
 		c.OnUsageError = commandUsageError
@@ -58,6 +59,8 @@ func newApp() *cli.App {
 		Name:    "egress-snat",
 		Version: version,
 		Usage:   "choose the source address outgoing connections leave with",
+		// The bash and zsh completions ask the binary (contrib/completion).
+		EnableBashCompletion: true,
 		Description: `A host with several addresses picks the source of an outgoing connection
 itself: the address the application bound, else the matching route's src
 attribute, else an address of the outgoing interface (on the gateway's or

@@ -65,7 +65,7 @@ func parseSenders(c *cli.Context) ([]snat.Sender, error) {
 // senderError is bad input when the user or cgroup does not exist or the
 // value is malformed, and a runtime failure when looking it up failed.
 func senderError(flag string, err error) error {
-	if errors.Is(err, who.ErrNotFound) || !strings.Contains(err.Error(), "looking up") {
+	if errors.Is(err, who.ErrNotFound) || !strings.HasPrefix(err.Error(), "looking up") {
 		return usageError("%s: %v", flag, err)
 	}
 	return err

@@ -16,6 +16,7 @@ import (
 	"github.com/urfave/cli/v2"
 	"github.com/vishvananda/netlink"
 
+	"github.com/egress-snat/egress-snat/routes"
 	"github.com/egress-snat/egress-snat/snat"
 )
 
@@ -36,8 +37,10 @@ var watchCommand = &cli.Command{
      ours, a deleted ip rule);
    - every --full-resync, a full read, set members included (a member
      deleted or swapped by hand);
-   - on SIGHUP, FILE is read again (a bad file is logged and the old one
-     kept).
+   - when FILE changes (its directory is watched with inotify, so an
+     editor's or Ansible's rename and a Kubernetes ConfigMap's ..data
+     symlink swap are seen), or on SIGHUP, FILE is read again (a bad file
+     is logged and the old one kept).
 
 Bursts of events are coalesced (--settle) into one apply. When a rule's
 source address leaves the host, its rule is taken out (or moved to the next
@@ -94,11 +97,12 @@ type watcher struct {
 	intents []snat.Intent
 	log     *slog.Logger
 	settle  time.Duration
-	// desired is what the last reconcile installed, and plan the plan that
-	// did it (its chains are what the kernel should hold), for the canary.
-	desired []snat.Entry
-	plan    snat.Plan
-	applies int
+	// plan is the last reconcile's plan: its Desired entries and Chains
+	// are what the kernel should hold, and wantRules our ip rules, for the
+	// canary. Nothing else of a reconcile is kept.
+	plan      snat.Plan
+	wantRules map[snat.Family][]routes.Rule
+	applies   int
 	// gens are the table generations the canary last saw.
 	gens                  map[snat.Family]uint64
 	lastQuick, lastFull   time.Time
@@ -121,6 +125,7 @@ func (w *watcher) run(ctx context.Context, resync time.Duration) error {
 	hup := make(chan os.Signal, 1)
 	signal.Notify(hup, syscall.SIGHUP)
 	defer signal.Stop(hup)
+	watchFile(done, w.path, hup, w.log) // a changed file reloads like SIGHUP
 
 	w.log.Info("watch started", "file", w.path, "backend", w.e.backend, "resync", resync)
 	if err := w.reconcile("start"); err != nil {
@@ -137,15 +142,15 @@ func (w *watcher) run(ctx context.Context, resync time.Duration) error {
 		case <-ctx.Done():
 			w.log.Info("stopping; rules stay in place", "applies", w.applies)
 			return nil
-		case <-hup:
+		case sig := <-hup: // SIGHUP, or the file changed (watchfile.go)
 			intents, err := loadIntents(w.path)
 			if err != nil {
-				w.log.Error("SIGHUP: keeping the previous desired state", "err", err)
+				w.log.Error("reload: keeping the previous desired state", "trigger", sig.String(), "err", err)
 				continue
 			}
 			w.intents = intents
-			w.log.Info("SIGHUP: file re-read", "file", w.path, "destinations", len(intents))
-			kick("SIGHUP")
+			w.log.Info("reload: file re-read", "trigger", sig.String(), "file", w.path, "destinations", len(intents))
+			kick("reload (" + sig.String() + ")")
 		case <-tick.C:
 			if reason := w.canary(); reason != "" {
 				kick(reason)
@@ -274,7 +279,7 @@ func (w *watcher) rulesDiffer() (bool, error) {
 		if err != nil {
 			return false, err
 		}
-		if !slices.Equal(have, snat.RoutingOf(f, w.plan.Desired).Rules) {
+		if !slices.Equal(have, w.wantRules[f]) {
 			return true, nil
 		}
 	}
@@ -287,8 +292,8 @@ func (w *watcher) fullCheck() string {
 	if err != nil {
 		return "canary read failed: " + err.Error()
 	}
-	if p := snat.MakePlan(st, w.desired); !p.Empty() {
-		for _, f := range snat.Diagnose(st, w.desired) {
+	if p := snat.MakePlan(st, w.plan.Desired); !p.Empty() {
+		for _, f := range snat.Diagnose(st, w.plan.Desired) {
 			return "drift: " + f.Kind + ": " + f.Detail
 		}
 		return "drift"
@@ -301,11 +306,10 @@ func (w *watcher) fullCheck() string {
 func (w *watcher) reconcile(reason string) error {
 	w.e.sel.Forget() // addresses and routes may have changed
 	var skipped []error
-	var desired []snat.Entry
 	start := time.Now()
 	_, plan, err := w.e.mgr.Update(w.e.lockTimeout, false, func(*snat.State) ([]snat.Entry, error) {
-		var err error
-		desired, skipped, err = snat.ResolveAvailable(w.e.sel, w.intents)
+		desired, s, err := snat.ResolveAvailable(w.e.sel, w.intents)
+		skipped = s
 		return desired, err
 	})
 	if err != nil {
@@ -314,13 +318,21 @@ func (w *watcher) reconcile(reason string) error {
 	for _, s := range skipped {
 		w.log.Warn("rule left out until its address or route returns", "why", s)
 	}
-	previous := w.desired
-	w.desired, w.plan = desired, plan
+	previous := w.plan.Desired
+	w.plan = plan
+	w.plan.Steps, w.plan.Changes = nil, nil // written; not needed again
+	w.wantRules = map[snat.Family][]routes.Rule{}
+	for _, f := range snat.Families {
+		w.wantRules[f] = snat.RoutingOf(f, plan.Desired).Rules
+	}
 	// Our own write moved the generations: start from them.
 	if gens, err := w.e.mgr.Generations(); err == nil {
 		w.gens = gens
 	}
 	w.lastQuick, w.lastFull = time.Now(), time.Now() // Update read everything
+	// A reconcile of a large file reads and renders far more than the
+	// daemon keeps; give that back, so an idle daemon stays small.
+	defer debug.FreeOSMemory()
 	if plan.Empty() {
 		w.log.Debug("in sync", "reason", reason)
 		return nil

@@ -14,9 +14,12 @@ import (
 	"strings"
 
 	"github.com/egress-snat/egress-snat/snat"
+	"golang.org/x/sys/unix"
 )
 
 // ErrNotFound means the user or cgroup does not exist on this host.
+// cgroup2 is found in mountinfo, never assumed: it is /sys/fs/cgroup on
+// unified hosts, /sys/fs/cgroup/unified on hybrid ones.
 var ErrNotFound = errors.New("does not exist on this host")
 
 // LookupUID returns the uid of a user name, or a number as it is: a uid
@@ -46,41 +49,57 @@ func LookupUID(s string) (uint32, error) {
 
 // CheckCgroup validates a cgroup v2 path (relative to the cgroup2 root, as
 // -m cgroup --path takes it) and checks that the cgroup exists. It returns
-// the path in the form rules carry it.
+// the path in the form rules carry it. A cgroup that does not exist is
+// ErrNotFound; not being able to look is another error.
 func CheckCgroup(s string) (string, error) {
 	p, err := snat.ParseCgroupPath(s)
 	if err != nil {
 		return "", err
 	}
-	root, err := CgroupRoot()
-	if err != nil {
-		return "", err
+	var st unix.Stat_t
+	where := ""
+	if root, ok := cgroup2Mount("/proc/self/mountinfo"); ok {
+		where = root
+		err = unix.Stat(filepath.Join(root, p), &st)
+	} else {
+		// `ip netns exec` mounts a fresh /sys that hides the cgroup2
+		// mount. A cgroup2 mount of our own, attached nowhere, resolves
+		// the path against our cgroup namespace's root, as the kernel's
+		// cgroup match does.
+		where = "a private cgroup2 mount"
+		var fd int
+		if fd, err = privateCgroup2(); err == nil {
+			err = unix.Fstatat(fd, p, &st, 0)
+			unix.Close(fd)
+		}
 	}
-	fi, err := os.Stat(filepath.Join(root, p))
 	switch {
-	case errors.Is(err, os.ErrNotExist):
-		return "", fmt.Errorf("cgroup %q %w (looked in %s)", p, ErrNotFound, root)
+	case errors.Is(err, unix.ENOENT) || errors.Is(err, unix.ENOTDIR):
+		return "", fmt.Errorf("cgroup %q %w (looked in %s)", p, ErrNotFound, where)
 	case err != nil:
-		return "", fmt.Errorf("cgroup %q: %w", p, err)
-	case !fi.IsDir():
-		return "", fmt.Errorf("cgroup %q: %s is not a cgroup directory", p, filepath.Join(root, p))
+		return "", fmt.Errorf("looking up cgroup %q in %s: %w", p, where, err)
+	case st.Mode&unix.S_IFMT != unix.S_IFDIR:
+		return "", fmt.Errorf("cgroup %q: not a cgroup directory", p)
 	}
 	return p, nil
 }
 
-// CgroupRoot finds where the cgroup2 hierarchy is mounted: /sys/fs/cgroup
-// on unified hosts, /sys/fs/cgroup/unified on hybrid ones, elsewhere on
-// others, so it is read from mountinfo, never assumed. `ip netns exec`
-// mounts a fresh /sys that hides it; the root of pid 1's mount namespace
-// still shows it, so that is looked at second.
-func CgroupRoot() (string, error) {
-	if mp, ok := cgroup2Mount("/proc/self/mountinfo"); ok {
-		return mp, nil
+// privateCgroup2 mounts cgroup2 read-only without attaching it anywhere
+// (fsopen and fsmount, Linux 5.2) and returns the mount's fd.
+func privateCgroup2() (int, error) {
+	fs, err := unix.Fsopen("cgroup2", unix.FSOPEN_CLOEXEC)
+	if err != nil {
+		return -1, fmt.Errorf("fsopen cgroup2: %w", err)
 	}
-	if mp, ok := cgroup2Mount("/proc/1/mountinfo"); ok {
-		return "/proc/1/root" + mp, nil
+	defer unix.Close(fs)
+	if err := unix.FsconfigCreate(fs); err != nil {
+		return -1, fmt.Errorf("creating a cgroup2 mount: %w", err)
 	}
-	return "", errors.New("no cgroup2 file system is mounted (cgroup v2 is needed for --cgroup)")
+	fd, err := unix.Fsmount(fs, unix.FSMOUNT_CLOEXEC, unix.MOUNT_ATTR_RDONLY)
+	if err != nil {
+		return -1, fmt.Errorf("fsmount cgroup2: %w", err)
+	}
+	return fd, nil
 }
 
 // cgroup2Mount returns the first cgroup2 mount point in a mountinfo file.
