@@ -56,9 +56,9 @@ func apply(s *State, w []string) error {
 	var dst string
 	for i := 0; i < len(args); i++ {
 		switch args[i] {
-		case "not":
-			opts["not"] = "1"
-		case "via", "dev", "src", "table", "proto", "pref", "from", "lookup", "suppress_prefixlength", "protocol", "fwmark":
+		case "nop":
+			opts["nop"] = "1"
+		case "via", "dev", "src", "table", "proto", "pref", "from", "lookup", "suppress_prefixlength", "protocol", "fwmark", "goto":
 			if i+1 >= len(args) {
 				return fmt.Errorf("%s without a value", args[i])
 			}
@@ -152,20 +152,37 @@ func parseRule(o map[string]string) (Rule, error) {
 	if r.Priority, err = strconv.Atoi(o["pref"]); err != nil {
 		return r, fmt.Errorf("pref %q", o["pref"])
 	}
-	if r.Table, err = strconv.Atoi(o["lookup"]); err != nil {
-		return r, fmt.Errorf("lookup %q", o["lookup"])
+	switch {
+	case o["goto"] != "":
+		if r.Goto, err = strconv.Atoi(o["goto"]); err != nil {
+			return r, fmt.Errorf("goto %q", o["goto"])
+		}
+	case o["nop"] != "":
+		r.Nop = true
+	default:
+		if r.Table, err = strconv.Atoi(o["lookup"]); err != nil {
+			return r, fmt.Errorf("lookup %q", o["lookup"])
+		}
 	}
 	if v := o["from"]; v != "" {
 		if r.From, err = netip.ParsePrefix(v); err != nil {
 			return r, err
 		}
 	}
-	if v := o["fwmark"]; v != "" && o["not"] != "" {
-		n, err := strconv.ParseUint(v, 0, 32)
+	if v := o["fwmark"]; v != "" {
+		val, mask, _ := strings.Cut(v, "/")
+		n, err := strconv.ParseUint(val, 0, 32)
 		if err != nil {
 			return r, err
 		}
-		r.NotMark = uint32(n)
+		r.Mark, r.MarkMask = uint32(n), 0xffffffff
+		if mask != "" {
+			m, err := strconv.ParseUint(mask, 0, 32)
+			if err != nil {
+				return r, err
+			}
+			r.MarkMask = uint32(m)
+		}
 	}
 	if v, ok := o["suppress_prefixlength"]; ok {
 		if r.SuppressPrefixLen, err = strconv.Atoi(v); err != nil {

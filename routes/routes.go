@@ -8,21 +8,30 @@
 // Layout, per address family:
 //
 //	ip rule
-//	  7420: not from all fwmark 0x7e5a7420 lookup 7420 <- destinations
+//	  7419: from all fwmark 0x7e5a7420 goto 7423       <- egress-snat's own lookups
+//	  7420: from 0.0.0.0 lookup 7420                   <- new connections (no source yet;
+//	                                                      IPv6: from all, see Desired)
 //	  7421: from all lookup main suppress_prefixlength 0  (only with 7422s)
 //	  7422: from ADDR lookup 7422+n                    <- replies, bound apps
+//	  7422: fwmark (n+1)<<24/0x7f000000 lookup 7422+n  <- senders marked for ADDR
+//	  7423: nop                                        <- 7419's target
 //	table 7420 (proto 83): DST [via GW] dev IF src ADDR   one per destination
 //	table 7422+n (proto 83): default via GW dev IF        one per ADDR
 //
-// Why 7420 comes first: a destination's route of ours must win over main's
-// routes, as the most specific choice the operator made. Why 7421: traffic
+// Why 7420 matches only lookups without a source: it is the lookup of a
+// new connection whose application bound nothing, the traffic egress-snat
+// chooses a source for. A packet that already has a source (a reply from
+// another address, an application bound to one) keeps the path of that
+// source: main's, or its reply table. Its route of ours must win over
+// main's routes, as the most specific choice the operator made. Why 7421: traffic
 // from ADDR to the host's connected subnets and specific routes must still
 // take them; only what would take main's default route is sent by ADDR's
 // interface (wg-quick uses the same suppress_prefixlength rule).
 //
-// Why "not fwmark": egress-snat itself asks the kernel where a destination
-// goes without its own routes (selector.Excluding), with route lookups that
-// carry LookupMark. Real traffic never carries that exact mark.
+// Why 7419: egress-snat itself asks the kernel where a destination goes
+// without its own routes (selector.Excluding), with route lookups that
+// carry LookupMark; 7419 sends them past 7420-7422 to the host's own rules.
+// Real traffic never carries that exact mark.
 //
 // The numbers are this tool's identity on every host it ran on, chosen
 // clear of Tailscale (table 52, priorities 5210-5310), wg-quick (table
@@ -50,16 +59,23 @@ const (
 	// Protocol tags our routes and rules (rt_protos number).
 	Protocol = 83
 
-	// LookupMark is the fwmark that rule 7420 passes over.
+	// LookupMark is the fwmark whose lookups skip our rules.
 	LookupMark = 0x7e5a7420
+	// MarkMask holds the bits of the marks that send a sender's traffic
+	// (--from, --uid, --cgroup) out of another interface: (n+1)<<24 for
+	// reply table 7422+n. Clear of kube-proxy's 0xc000, Cilium's 0x0f00,
+	// Tailscale's 0xff0000 and wg-quick's 0xca6c.
+	MarkMask = 0x7f000000
 
+	PrioExempt       = 7419
 	PrioDestinations = 7420
 	PrioSuppress     = 7421
 	PrioReplies      = 7422
+	PrioEnd          = 7423
 )
 
 // Ours reports whether a rule priority is in our range.
-func Ours(prio int) bool { return prio >= PrioDestinations && prio <= PrioReplies }
+func Ours(prio int) bool { return prio >= PrioExempt && prio <= PrioEnd }
 
 // OurTable reports whether a routing table is ours.
 func OurTable(t int) bool {
@@ -85,8 +101,13 @@ type Rule struct {
 	Table int
 	// SuppressPrefixLen is main's suppress rule (0); -1 when not set.
 	SuppressPrefixLen int
-	// NotMark: the rule passes over packets carrying this fwmark; 0: none.
-	NotMark uint32
+	// Mark and MarkMask: the rule matches packets whose mark, masked,
+	// is Mark; 0: any.
+	Mark, MarkMask uint32
+	// Goto is the priority the rule jumps to; Nop marks a rule that does
+	// nothing (a goto target).
+	Goto int
+	Nop  bool
 }
 
 // State is what one family holds of ours: rules and routes, sorted.
@@ -107,41 +128,81 @@ type Path struct {
 	// Replies: traffic leaving with Src takes Dev and Via too, because
 	// Dev is not the interface the host's own routes use for it.
 	Replies bool
+	// Marked: the path is for a sender's traffic, which a mark of Src's
+	// reply table sends there, not a route for Dst.
+	Marked bool
+}
+
+// MarkOf is the mark that sends traffic to reply table t.
+func MarkOf(t int) uint32 { return uint32(t-FirstReplyTable+1) << 24 }
+
+// ReplyTables numbers the reply tables of the sources of paths that need
+// one, in address order: the one place tables are assigned.
+func ReplyTables(paths []Path) map[netip.Addr]int {
+	seen := map[netip.Addr]bool{}
+	var addrs []netip.Addr
+	for _, p := range paths {
+		if (p.Replies || p.Marked) && !seen[p.Src] {
+			seen[p.Src] = true
+			addrs = append(addrs, p.Src)
+		}
+	}
+	slices.SortFunc(addrs, netip.Addr.Compare)
+	out := map[netip.Addr]int{}
+	for i, a := range addrs {
+		if FirstReplyTable+i <= LastReplyTable {
+			out[a] = FirstReplyTable + i
+		}
+	}
+	return out
 }
 
 // Desired renders paths into the rules and routes one family needs. Reply
 // tables are numbered in order of their addresses, so rendering is stable.
 func Desired(paths []Path) State {
 	var s State
-	replies := map[netip.Addr]Path{}
+	var dests []Path
 	for _, p := range paths {
-		s.Routes = append(s.Routes, Route{Table: Table, Dst: p.Dst.Masked(), Via: p.Via, Dev: p.Dev, Src: p.Src})
-		if p.Replies {
-			if _, dup := replies[p.Src]; !dup {
-				replies[p.Src] = p
-			}
+		if !p.Marked {
+			dests = append(dests, p)
+			s.Routes = append(s.Routes, Route{Table: Table, Dst: p.Dst.Masked(), Via: p.Via, Dev: p.Dev, Src: p.Src})
 		}
 	}
-	if len(paths) > 0 {
-		s.Rules = append(s.Rules, Rule{Priority: PrioDestinations, Table: Table, SuppressPrefixLen: -1, NotMark: LookupMark})
+	if len(dests) > 0 {
+		d := Rule{Priority: PrioDestinations, Table: Table, SuppressPrefixLen: -1}
+		if dests[0].Src.Is4() {
+			// IPv6 rules with a source never match a lookup without one
+			// (fib6_rule_match), so there 7420 takes every lookup:
+			// traffic that already has another source follows the
+			// destination's route too.
+			d.From = netip.PrefixFrom(netip.IPv4Unspecified(), 32)
+		}
+		s.Rules = append(s.Rules, d)
 	}
-	if len(replies) > 0 {
+	if len(paths) > 0 {
+		s.Rules = append(s.Rules,
+			Rule{Priority: PrioExempt, Mark: LookupMark, MarkMask: 0xffffffff, Goto: PrioEnd, SuppressPrefixLen: -1},
+			Rule{Priority: PrioEnd, Nop: true, SuppressPrefixLen: -1})
+	}
+	tables := ReplyTables(paths)
+	if len(tables) > 0 {
 		s.Rules = append(s.Rules, Rule{Priority: PrioSuppress, Table: 254, SuppressPrefixLen: 0})
-		addrs := slices.SortedFunc(func(yield func(netip.Addr) bool) {
-			for a := range replies {
-				if !yield(a) {
-					return
-				}
-			}
-		}, netip.Addr.Compare)
-		for i, a := range addrs {
-			if FirstReplyTable+i > LastReplyTable {
-				break // more addresses than tables: the rest keep main's path
-			}
-			p := replies[a]
-			t := FirstReplyTable + i
-			s.Rules = append(s.Rules, Rule{Priority: PrioReplies, From: netip.PrefixFrom(a, a.BitLen()), Table: t, SuppressPrefixLen: -1})
-			s.Routes = append(s.Routes, Route{Table: t, Dst: everything(a), Via: p.Via, Dev: p.Dev})
+	}
+	done := map[int]bool{}
+	marked := map[int]bool{}
+	for _, p := range paths {
+		t, ok := tables[p.Src]
+		if !ok {
+			continue // more addresses than tables: the rest keep main's path
+		}
+		if !done[t] {
+			done[t] = true
+			s.Rules = append(s.Rules, Rule{Priority: PrioReplies, From: netip.PrefixFrom(p.Src, p.Src.BitLen()), Table: t, SuppressPrefixLen: -1})
+			s.Routes = append(s.Routes, Route{Table: t, Dst: everything(p.Src), Via: p.Via, Dev: p.Dev})
+		}
+		if p.Marked && !marked[t] {
+			marked[t] = true
+			s.Rules = append(s.Rules, Rule{Priority: PrioReplies, Mark: MarkOf(t), MarkMask: MarkMask, Table: t, SuppressPrefixLen: -1})
 		}
 	}
 	s.sort()
@@ -162,6 +223,9 @@ func (s *State) sort() {
 		}
 		if c := a.From.Addr().Compare(b.From.Addr()); c != 0 {
 			return c
+		}
+		if a.Mark != b.Mark {
+			return int(int64(a.Mark) - int64(b.Mark))
 		}
 		return a.Table - b.Table
 	})
@@ -261,13 +325,20 @@ func (r Route) delArgs() string {
 
 func (r Rule) args() string {
 	s := fmt.Sprintf("pref %d", r.Priority)
-	if r.NotMark != 0 {
-		s += fmt.Sprintf(" not fwmark %#x", r.NotMark)
-	}
 	if r.From.IsValid() {
 		s += " from " + r.From.String()
 	}
-	s += fmt.Sprintf(" lookup %d", r.Table)
+	if r.Mark != 0 {
+		s += fmt.Sprintf(" fwmark %#x/%#x", r.Mark, r.MarkMask)
+	}
+	switch {
+	case r.Goto != 0:
+		s += fmt.Sprintf(" goto %d", r.Goto)
+	case r.Nop:
+		s += " nop"
+	default:
+		s += fmt.Sprintf(" lookup %d", r.Table)
+	}
 	if r.SuppressPrefixLen >= 0 {
 		s += fmt.Sprintf(" suppress_prefixlength %d", r.SuppressPrefixLen)
 	}

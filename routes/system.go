@@ -30,10 +30,21 @@ func (System) Rules(is4 bool) ([]Rule, error) {
 		if !Ours(r.Priority) {
 			continue
 		}
-		rule := Rule{Priority: r.Priority, Table: r.Table, SuppressPrefixLen: r.SuppressPrefixlen}
-		if r.Invert {
-			rule.NotMark = r.Mark
+		rule := Rule{Priority: r.Priority, Table: r.Table, SuppressPrefixLen: r.SuppressPrefixlen, Mark: r.Mark, Goto: r.Goto}
+		if r.Mark != 0 {
+			rule.MarkMask = 0xffffffff
+			if r.Mask != nil {
+				rule.MarkMask = *r.Mask
+			}
 		}
+		if r.Goto <= 0 {
+			rule.Goto = 0
+		} else {
+			rule.Table = 0
+		}
+		// netlink's RuleList does not give the rule's action; of our rules
+		// only the nop has neither a table nor a goto.
+		rule.Nop = rule.Goto == 0 && rule.Table == 0
 		if r.Src != nil {
 			if p, ok := prefixOf(r.Src); ok {
 				rule.From = p

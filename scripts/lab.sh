@@ -149,12 +149,13 @@ status() {
 
 # deps installs, with apt-get, the package of every command that is missing:
 # the lab's and the tests' (iptables, ipset, ip, nft, conntrack, nsenter,
-# setpriv; dockerd, docker and a static busybox for the Docker tests) plus
-# any CMD=PKG pairs given. apt-get update runs once, and only if needed.
+# setpriv, tcpdump for lab.Arrivals; dockerd, docker and a static busybox
+# for the Docker tests) plus any CMD=PKG pairs given. apt-get update runs
+# once, and only if needed.
 deps() {
   local pair pkg missing=()
   for pair in iptables=iptables ipset=ipset ip=iproute2 nft=nftables conntrack=conntrack \
-    nsenter=util-linux setpriv=util-linux dockerd=docker.io docker=docker.io busybox=busybox-static "$@"; do
+    nsenter=util-linux setpriv=util-linux dockerd=docker.io docker=docker.io busybox=busybox-static tcpdump=tcpdump "$@"; do
     pkg=${pair#*=}
     command -v "${pair%%=*}" >/dev/null || [[ " ${missing[*]} " == *" $pkg "* ]] || missing+=("$pkg")
   done

@@ -133,7 +133,8 @@ type Selector struct {
 func New(nl Netlink) *Selector { return &Selector{nl: nl} }
 
 // Excluding returns a Selector whose lookups carry fwmark mark, so that
-// policy rules written "not fwmark mark" are passed over: it answers as
+// the policy rules that send lookups with that mark past others are passed
+// over (see routes.PrioExempt): it answers as
 // the host would route without those rules. skipped names their
 // priorities, so the user-space FIB may still stand in for the kernel.
 // egress-snat resolves with it, so that its own routes never decide where

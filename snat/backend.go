@@ -7,6 +7,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -33,10 +34,11 @@ type Tables interface {
 	Generation(f Family) (uint64, error)
 	// SaveNAT is Save of the nat table alone.
 	SaveNAT(f Family) (string, error)
-	// DropNATTable deletes the family's nat table if it still holds
-	// nothing at all (checked right before deleting, so a rule another
-	// tool added meanwhile is never lost), and does nothing otherwise.
-	DropNATTable(f Family) error
+	// DropTable deletes the family's table name (nat or mangle) if it
+	// still holds nothing at all (checked right before deleting, so a rule
+	// another tool added meanwhile is never lost), and does nothing
+	// otherwise.
+	DropTable(f Family, name string) error
 }
 
 // IPSets reads and writes ipsets.
@@ -279,34 +281,38 @@ func (t ExecTables) CanDropNATTable() bool {
 // so that clear leaves iptables-save exactly as it was on a host where the
 // tool created the table. The table is left when any chain other than the
 // four empty built-ins, or any policy other than ACCEPT, is there.
-func (t ExecTables) DropNATTable(f Family) error {
+func (t ExecTables) DropTable(f Family, name string) error {
 	text, err := t.Save(f)
 	if err != nil {
 		return err
 	}
-	if !natTableEmpty(text) {
+	if !tableEmpty(text, name) {
 		return nil
 	}
 	fam := nftFamily(f)
-	if out, err := exec.Command("nft", "delete", "table", fam, table).CombinedOutput(); err != nil {
-		return fmt.Errorf("nft delete table %s %s: %v: %s", fam, table, err, bytes.TrimSpace(out))
+	if out, err := exec.Command("nft", "delete", "table", fam, name).CombinedOutput(); err != nil {
+		return fmt.Errorf("nft delete table %s %s: %v: %s", fam, name, err, bytes.TrimSpace(out))
 	}
 	return nil
 }
 
-func natTableEmpty(saveText string) bool {
+func natTableEmpty(saveText string) bool { return tableEmpty(saveText, table) }
+
+// tableEmpty reports whether the save text holds table name with only its
+// built-in chains, empty, policy ACCEPT.
+func tableEmpty(saveText, name string) bool {
 	in := false
 	seen := false
 	for _, line := range strings.Split(saveText, "\n") {
 		line = strings.TrimSpace(line)
 		switch {
 		case strings.HasPrefix(line, "*"):
-			in = line == "*"+table
+			in = line == "*"+name
 			seen = seen || in
 		case !in || line == "" || line == "COMMIT" || strings.HasPrefix(line, "#"):
 		case strings.HasPrefix(line, ":"):
 			f := strings.Fields(line)
-			builtin := f[0] == ":PREROUTING" || f[0] == ":INPUT" || f[0] == ":OUTPUT" || f[0] == ":POSTROUTING"
+			builtin := slices.Contains(builtinChains[name], strings.TrimPrefix(f[0], ":"))
 			if !builtin || len(f) < 2 || f[1] != "ACCEPT" {
 				return false
 			}

@@ -3,6 +3,8 @@ package snat
 import (
 	"fmt"
 	"slices"
+
+	"github.com/egress-snat/egress-snat/routes"
 )
 
 // Generations returns, per family, the number Tables.Generation gives: a
@@ -29,6 +31,19 @@ func (m *Manager) Generations() (map[Family]uint64, error) {
 func (m *Manager) QuickDrift(p Plan) (string, error) {
 	for _, f := range Families {
 		c := p.Chains[f]
+		if anyMarked(f, p.Desired) {
+			text, err := m.Tables.Save(f)
+			if err != nil {
+				return "", err
+			}
+			mg, err := parseMangle(f, text)
+			if err != nil {
+				return "", err
+			}
+			if !mg.inSync(renderMangle(f, p.Desired, routes.ReplyTables(pathsOf(f, p.Desired)))) {
+				return fmt.Sprintf("the %s mangle chains differ", f), nil
+			}
+		}
 		text, err := m.Tables.SaveNAT(f)
 		if err != nil {
 			return "", err

@@ -33,6 +33,7 @@ const (
 	DriftNoRoute        = "no-route"
 	DriftOtherBackend   = "chain-in-other-backend"
 	DriftRoutes         = "routes-out-of-date"
+	DriftMarks          = "marks-out-of-date"
 )
 
 // Diagnose compares the installed state with the desired entries and names
@@ -83,6 +84,12 @@ func Diagnose(st *State, desired []Entry) []Finding {
 		}
 		what := strings.TrimSpace(strings.ReplaceAll(b.Add+b.Del, "\n", "; "))
 		out = append(out, Finding{Kind: DriftRoutes, Family: f.String(), Detail: "egress-snat's routes or ip rules differ (deleted, flushed or changed by hand?); the repair would run: " + what})
+	}
+	for _, f := range Families {
+		want := renderMangle(f, desired, routes.ReplyTables(pathsOf(f, desired)))
+		if !st.Mangle[f].inSync(want) {
+			out = append(out, Finding{Kind: DriftMarks, Family: f.String(), Detail: fmt.Sprintf("the mangle chains %s and %s, which send senders out of another interface, differ (flushed, or changed by hand?)", MarkChainFwd, MarkChainOut)})
+		}
 	}
 	for _, ch := range MakePlan(st, desired).Changes {
 		e := ch.New
@@ -173,7 +180,7 @@ func IntentsOf(entries []Entry) []Intent {
 		if !en.Keep() {
 			in := Intent{Sender: en.Sender, Dst: en.Dst, To: en.To, Out: en.Out, Spread: len(en.To) > 1}
 			switch {
-			case en.Replies:
+			case en.Replies || en.Marked:
 				// Another interface: resolving finds it again from To.
 				in.Out, in.Via = "", en.Via
 			case en.Routed:

@@ -55,6 +55,10 @@ type Entry struct {
 	Routed  bool
 	Via     netip.Addr
 	Replies bool
+	// Marked entries are a sender's traffic sent out of Out, another
+	// interface than its destination's route, by a mark (see mangle.go);
+	// Replies is then true too, and Via is Out's gateway.
+	Marked bool
 }
 
 // Method is how an entry is realized: "snat" (a rule in the nat chain) or
@@ -112,7 +116,7 @@ func (e Entry) Keep() bool { return len(e.To) == 0 }
 // Equal compares two entries field by field.
 func (e Entry) Equal(o Entry) bool {
 	return e.Match == o.Match && e.Natural == o.Natural && slices.Equal(e.To, o.To) &&
-		e.Routed == o.Routed && e.Via == o.Via && e.Replies == o.Replies
+		e.Routed == o.Routed && e.Via == o.Via && e.Replies == o.Replies && e.Marked == o.Marked
 }
 
 // ToString renders To for people: "192.0.2.23", "192.0.2.22,192.0.2.23",
@@ -134,16 +138,24 @@ func (e Entry) String() string {
 		if e.Via.IsValid() {
 			via = " via " + e.Via.String()
 		}
-		return fmt.Sprintf("%s route%s dev %s src %s", e.Dst, via, e.Out, e.ToString())
+		replies := ""
+		if e.Replies {
+			replies = ", with its replies"
+		}
+		return fmt.Sprintf("%s route%s dev %s src %s%s", e.Dst, via, e.Out, e.ToString(), replies)
+	}
+	marked := ""
+	if e.Marked {
+		marked = " (marked out of " + e.Out + " via " + e.Via.String() + ")"
 	}
 	if !e.Sender.Local() {
-		return fmt.Sprintf("%s to %s via %s -> %s", e.Sender, e.Dst, e.Out, e.ToString())
+		return fmt.Sprintf("%s to %s via %s -> %s%s", e.Sender, e.Dst, e.Out, e.ToString(), marked)
 	}
 	who := ""
 	if !e.Sender.IsHost() {
 		who = e.Sender.String() + " "
 	}
-	return fmt.Sprintf("%s%s via %s from %s -> %s", who, e.Dst, e.Out, e.Natural, e.ToString())
+	return fmt.Sprintf("%s%s via %s from %s -> %s%s", who, e.Dst, e.Out, e.Natural, e.ToString(), marked)
 }
 
 // selfTarget reports whether the entry asks for the source the traffic

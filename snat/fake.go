@@ -305,12 +305,12 @@ func (fs *FakeIPSets) Put(s Set) { fs.sets[s.Name] = s }
 // unless a test sets it.
 func (ft *FakeTables) CanDropNATTable() bool { return ft.Droppable }
 
-// DropNATTable deletes the family's nat table when it holds nothing, as
+// DropTable deletes the family's table when it holds nothing, as
 // ExecTables does with nft.
-func (ft *FakeTables) DropNATTable(f Family) error {
+func (ft *FakeTables) DropTable(f Family, name string) error {
 	text, _ := ft.Save(f)
-	if natTableEmpty(text) {
-		delete(ft.tables[f], table)
+	if tableEmpty(text, name) {
+		delete(ft.tables[f], name)
 	}
 	return nil
 }

@@ -40,13 +40,15 @@ type State struct {
 	Sets map[string]Set
 	// Routing holds our rules and routes per family.
 	Routing map[Family]routes.State
+	// Mangle holds our mangle chains per family.
+	Mangle map[Family]MangleInstalled
 }
 
 // Entries returns the installed entries of both families, sorted.
 func (s *State) Entries() []Entry {
 	var out []Entry
 	for _, f := range Families {
-		out = append(out, s.Installed[f].Entries...)
+		out = append(out, markedEntries(s.Installed[f].Entries, s.Mangle[f], s.Routing[f])...)
 		out = append(out, routedEntries(s.Routing[f])...)
 	}
 	SortEntries(out)
@@ -80,7 +82,7 @@ func (m *Manager) Read() (*State, error) {
 	if err != nil {
 		return nil, err
 	}
-	st := &State{Installed: map[Family]Installed{}, Sets: sets, CanDropNATTable: m.Tables.CanDropNATTable(), Routing: map[Family]routes.State{}}
+	st := &State{Installed: map[Family]Installed{}, Sets: sets, CanDropNATTable: m.Tables.CanDropNATTable(), Routing: map[Family]routes.State{}, Mangle: map[Family]MangleInstalled{}}
 	if m.Routing != nil {
 		for _, f := range Families {
 			if st.Routing[f], err = m.Routing.Read(f == IPv4); err != nil {
@@ -97,6 +99,9 @@ func (m *Manager) Read() (*State, error) {
 			return nil, err
 		}
 		st.Installed[f] = in
+		if st.Mangle[f], err = parseMangle(f, texts[f]); err != nil {
+			return nil, err
+		}
 	}
 	return st, nil
 }

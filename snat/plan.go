@@ -25,6 +25,10 @@ func (c Change) String() string {
 	case "remove":
 		return "remove " + c.Old.String()
 	}
+	if c.Old.ToString() == c.New.ToString() {
+		// Same source: the way there changed (route, gateway, replies).
+		return fmt.Sprintf("change %s: %s -> %s", c.New.Match, c.Old, c.New)
+	}
 	return fmt.Sprintf("change %s: %s -> %s", c.New.Match, c.Old.ToString(), c.New.ToString())
 }
 
@@ -65,9 +69,17 @@ type Command struct {
 
 func (c Command) String() string {
 	if c.Tool == ToolDropNATTable {
-		return fmt.Sprintf("%s %s nat (only if it is still empty)", c.Tool, nftFamily(c.Family))
+		return fmt.Sprintf("%s %s %s (only if it is still empty)", c.Tool, nftFamily(c.Family), c.table())
 	}
 	return fmt.Sprintf("%s <<EOF\n%sEOF", c.Tool, c.Input)
+}
+
+// table is the table a drop command names: Input, nat when empty.
+func (c Command) table() string {
+	if c.Input == "" {
+		return table
+	}
+	return c.Input
 }
 
 // Step is one step of a plan: what runs, why, and what puts it back.
@@ -127,7 +139,7 @@ func MakePlan(st *State, desired []Entry) Plan {
 
 	referenced := map[string]bool{}
 	var fresh, rebuilt []Set
-	var routeAdds, writes, routeDels, drops []Step
+	var routeAdds, mangleFirst, writes, mangleLast, routeDels, drops []Step
 	for _, f := range Families {
 		if b := routes.Diff(st.Routing[f], routingOf(f, desired)); b.Add != "" || b.Del != "" {
 			tool := routeTool(f)
@@ -138,6 +150,17 @@ func MakePlan(st *State, desired []Entry) Plan {
 			if b.Del != "" {
 				routeDels = append(routeDels, Step{Why: fmt.Sprintf("remove the %s routes and rules of ours no longer wanted", f),
 					Do: Command{Tool: tool, Family: f, Input: b.Del}, Undo: &Command{Tool: tool, Family: f, Input: b.UndoDel}})
+			}
+		}
+		if s, first, ok := mangleStep(st, f, desired); ok {
+			if first {
+				mangleFirst = append(mangleFirst, s)
+			} else {
+				mangleLast = append(mangleLast, s)
+			}
+			if mg := st.Mangle[f]; len(s.Do.Input) > 0 && !anyMarked(f, desired) && st.CanDropNATTable && mg.TableExists && mg.OnlyOurs {
+				drops = append(drops, Step{Why: fmt.Sprintf("delete the %s mangle table egress-snat alone used, now empty", f),
+					Do: Command{Tool: ToolDropNATTable, Family: f, Input: mangleTable}, Cleanup: true})
 			}
 		}
 		c := Render(f, desired)
@@ -184,7 +207,9 @@ func MakePlan(st *State, desired []Entry) Plan {
 			Do: Command{Tool: ToolIPSet, Input: b.String()}})
 	}
 	p.Steps = append(p.Steps, routeAdds...)
+	p.Steps = append(p.Steps, mangleFirst...)
 	p.Steps = append(p.Steps, writes...)
+	p.Steps = append(p.Steps, mangleLast...)
 	p.Steps = append(p.Steps, routeDels...)
 	var unused strings.Builder
 	for _, name := range slices.Sorted(maps.Keys(st.Sets)) {
@@ -299,7 +324,7 @@ func (m *Manager) run(c Command) error {
 	case ToolIPTables, ToolIP6Tables:
 		return m.Tables.Restore(c.Family, c.Input)
 	case ToolDropNATTable:
-		return m.Tables.DropNATTable(c.Family)
+		return m.Tables.DropTable(c.Family, c.table())
 	case ToolIP4Batch, ToolIP6Batch:
 		if m.Routing == nil {
 			return fmt.Errorf("no routing backend to run %s", c.Tool)
@@ -341,4 +366,40 @@ func nftFamily(f Family) string {
 		return "ip6"
 	}
 	return "ip"
+}
+
+// mangleStep writes f's mangle chains when they differ from what desired
+// needs. first says it must run before the nat chain is written: it takes
+// marks away, and a mark must never send traffic out of an interface whose
+// SNAT rule is already gone. Otherwise it runs after, when the SNAT rules
+// for the new marks are in place.
+func mangleStep(st *State, f Family, desired []Entry) (Step, bool, bool) {
+	want := renderMangle(f, desired, routes.ReplyTables(pathsOf(f, desired)))
+	have := st.Mangle[f]
+	if have.inSync(want) {
+		return Step{}, false, false
+	}
+	first := false
+	wantMarks := map[Rule]uint32{}
+	for _, c := range []string{MarkChainFwd, MarkChainOut} {
+		for _, r := range want[c] {
+			if r.Target == "MARK" {
+				k := r
+				k.Target, k.SetMark, k.Unmarked = "", 0, false
+				wantMarks[k] = r.SetMark
+			}
+		}
+	}
+	for k, v := range have.marks() {
+		if wantMarks[k] != v {
+			first = true
+		}
+	}
+	return Step{Why: fmt.Sprintf("write the %s mangle chains that mark senders' traffic for another interface", f),
+		Do:   Command{Tool: restoreTool(f), Family: f, Input: manglePayload(want, have)},
+		Undo: &Command{Tool: restoreTool(f), Family: f, Input: mangleUndo(want, have)}}, first, true
+}
+
+func anyMarked(f Family, entries []Entry) bool {
+	return slices.ContainsFunc(entries, func(e Entry) bool { return e.Marked && e.Family() == f })
 }

@@ -210,7 +210,7 @@ func resolveOne(r Router, in Intent, lenient bool) (Entry, error) {
 			if in.Out != "" || len(to) > 0 {
 				return Entry{}, Invalid("source %s is on %s, but traffic to %s leaves by %s: the source must be an address of the outgoing interface", a, owner, dst, iface)
 			}
-			return otherInterface(r, in, dst, a, owner, iface)
+			return otherInterface(r, in, dst, a, owner, iface, natural)
 		}
 		to = append(to, a)
 		if !in.Spread {
@@ -245,10 +245,15 @@ func gwName(gw netip.Addr) string {
 // of owner through its gateway, from a, by a route of ours; and traffic
 // already leaving with a is sent that way too (replies to connections that
 // came in on owner, applications bound to a).
-func otherInterface(r Router, in Intent, dst netip.Prefix, a netip.Addr, owner, iface string) (Entry, error) {
+//
+// A sender's traffic (--from, --uid, --cgroup) cannot be told apart by a
+// route: a mark sends it to a's reply table instead, and a SNAT rule for
+// owner gives it a (see mangle.go). natural is the source local traffic
+// has before that, on iface.
+func otherInterface(r Router, in Intent, dst netip.Prefix, a netip.Addr, owner, iface string, natural netip.Addr) (Entry, error) {
 	switch {
-	case !in.Sender.IsHost():
-		return Entry{}, Invalid("source %s is on %s, but traffic to %s leaves by %s: choosing %s's traffic on another interface needs marks and is not supported yet; use an address of %s", a, owner, dst, iface, in.Sender, iface)
+	case in.Method == MethodRoute:
+		return Entry{}, Invalid("source %s is on %s, but traffic to %s leaves by %s: --method route copies the destination's own path; use --method snat or auto to leave by %s", a, owner, dst, iface, owner)
 	case in.Spread:
 		return Entry{}, Invalid("source %s is on %s, but traffic to %s leaves by %s: a --spread pool must be on the outgoing interface", a, owner, dst, iface)
 	}
@@ -277,6 +282,13 @@ func otherInterface(r Router, in Intent, dst netip.Prefix, a netip.Addr, owner, 
 		default:
 			return Entry{}, Invalid("source %s is on %s, which has routes through %s gateways (%s): say which with --via", a, owner, fmt.Sprint(len(gws)), addrList(gws))
 		}
+	}
+	if !in.Sender.IsHost() {
+		e := Entry{Match: Match{Sender: in.Sender, Dst: dst, Out: owner}, To: []netip.Addr{a}, Via: gw, Replies: true, Marked: true}
+		if in.Sender.Local() {
+			e.Natural = natural
+		}
+		return e, nil
 	}
 	return Entry{Match: Match{Sender: in.Sender, Dst: dst, Out: owner}, Natural: a, To: []netip.Addr{a}, Routed: true, Via: gw, Replies: true}, nil
 }

@@ -36,11 +36,51 @@ func routedEntries(s routes.State) []Entry {
 func RoutingOf(f Family, entries []Entry) routes.State { return routingOf(f, entries) }
 
 func routingOf(f Family, entries []Entry) routes.State {
+	return routes.Desired(pathsOf(f, entries))
+}
+
+// pathsOf are the routing paths of f's entries, as routingOf sees them.
+func pathsOf(f Family, entries []Entry) []routes.Path {
 	var paths []routes.Path
 	for _, e := range entries {
-		if e.Routed && e.Family() == f {
-			paths = append(paths, routes.Path{Dst: e.Dst, Dev: e.Out, Via: e.Via, Src: e.To[0], Replies: e.Replies})
+		if (e.Routed || e.Marked) && e.Family() == f {
+			paths = append(paths, routes.Path{Dst: e.Dst, Dev: e.Out, Via: e.Via, Src: e.To[0], Replies: e.Replies, Marked: e.Marked})
 		}
 	}
-	return routes.Desired(paths)
+	return paths
+}
+
+// markedEntries returns the nat chain's entries with Marked, Replies and
+// Via set where a mangle rule marks their traffic for their source's reply
+// table.
+func markedEntries(entries []Entry, m MangleInstalled, rs routes.State) []Entry {
+	marks := m.marks()
+	if len(marks) == 0 {
+		return entries
+	}
+	via := map[int]netip.Addr{}
+	for _, r := range rs.Routes {
+		if r.Table != routes.Table {
+			via[r.Table] = r.Via
+		}
+	}
+	byMark := map[uint32]int{}
+	for _, r := range rs.Rules {
+		if r.Priority == routes.PrioReplies && r.Mark != 0 {
+			byMark[r.Mark] = r.Table
+		}
+	}
+	out := slices.Clone(entries)
+	for i, e := range out {
+		if e.Keep() || e.Sender.IsHost() {
+			continue
+		}
+		mark, ok := marks[markMatch(e)]
+		if !ok {
+			continue
+		}
+		out[i].Marked, out[i].Replies = true, true
+		out[i].Via = via[byMark[mark]]
+	}
+	return out
 }

@@ -37,14 +37,14 @@ func TestRoutedEntriesRoundTrip(t *testing.T) {
 		t.Errorf("re-plan is not empty: %v", p.Steps)
 	}
 	rs := st.Routing[IPv4]
-	if len(rs.Rules) != 3 || len(rs.Routes) != 3 {
+	if len(rs.Rules) != 5 || len(rs.Routes) != 3 {
 		t.Errorf("routing: %v", rs)
 	}
 	if c := Render(IPv4, Normalize(want)); len(c.Rules) != 1 {
 		t.Errorf("routed entries got chain rules:\n%s", chainText(c))
 	}
 	// A deleted rule is drift, and the plan repairs it.
-	m.Routing.(*routes.Fake).Batch(true, "rule del pref 7420 not fwmark 0x7e5a7420 lookup 7420 protocol 83\n")
+	m.Routing.(*routes.Fake).Batch(true, "rule del pref 7420 from 0.0.0.0/32 lookup 7420 protocol 83\n")
 	st, _ = m.Read()
 	found := false
 	for _, f := range Diagnose(st, want) {
@@ -55,7 +55,7 @@ func TestRoutedEntriesRoundTrip(t *testing.T) {
 	}
 	update(t, m, func(*State) []Entry { return want })
 	st, _ = m.Read()
-	if len(st.Routing[IPv4].Rules) != 3 {
+	if len(st.Routing[IPv4].Rules) != 5 {
 		t.Errorf("repair left %v", st.Routing[IPv4].Rules)
 	}
 	update(t, m, func(*State) []Entry { return nil })

@@ -5,6 +5,8 @@ import (
 	"net/netip"
 	"strconv"
 	"strings"
+
+	"github.com/egress-snat/egress-snat/routes"
 )
 
 // Rule is one rule of the managed chain, typed. It is the only description
@@ -39,9 +41,15 @@ type Rule struct {
 	// Every is the nth mode's --every for all but the last rule of a spread
 	// entry; 0 means no statistic match.
 	Every int
-	// Target is "SNAT" or "RETURN"; ToSource is SNAT's address.
+	// Target is "SNAT", "RETURN" or (in the mangle chains) "MARK";
+	// ToSource is SNAT's address, SetMark MARK's value (under
+	// routes.MarkMask).
 	Target   string
 	ToSource netip.Addr
+	SetMark  uint32
+	// Unmarked matches only packets no rule of ours marked yet
+	// (-m mark --mark 0/routes.MarkMask): the first MARK rule wins.
+	Unmarked bool
 }
 
 // Args renders the rule as iptables arguments, without "-A CHAIN".
@@ -51,7 +59,9 @@ func (r Rule) Args() []string {
 	if r.Dst.IsValid() {
 		a = append(a, "-d", r.Dst.String())
 	}
-	a = append(a, "-o", r.Out)
+	if r.Out != "" {
+		a = append(a, "-o", r.Out)
+	}
 	if r.Forwarded {
 		a = append(a, "-m", "addrtype", "!", "--src-type", "LOCAL")
 	}
@@ -64,13 +74,19 @@ func (r Rule) Args() []string {
 	if r.Set != "" {
 		a = append(a, "-m", "set", "--match-set", r.Set, "dst")
 	}
+	if r.Unmarked {
+		a = append(a, "-m", "mark", "--mark", fmt.Sprintf("0x0/%#x", routes.MarkMask))
+	}
 	a = append(a, "-m", "comment", "--comment", Comment)
 	if r.Every > 0 {
 		a = append(a, "-m", "statistic", "--mode", "nth", "--every", strconv.Itoa(r.Every), "--packet", "0")
 	}
 	a = append(a, "-j", r.Target)
-	if r.Target == "SNAT" {
+	switch r.Target {
+	case "SNAT":
 		a = append(a, "--to-source", r.ToSource.String())
+	case "MARK":
+		a = append(a, "--set-xmark", fmt.Sprintf("%#x/%#x", r.SetMark, routes.MarkMask))
 	}
 	return a
 }
@@ -108,7 +124,7 @@ func ParseRule(f Family, spec []string) (Rule, error) {
 				return r, err
 			}
 			switch v {
-			case "addrtype", "owner", "cgroup", "set", "comment", "statistic":
+			case "addrtype", "owner", "cgroup", "set", "comment", "statistic", "mark":
 			default:
 				return r, fmt.Errorf("match %q is not one egress-snat writes", v)
 			}
@@ -158,6 +174,18 @@ func ParseRule(f Family, spec []string) (Rule, error) {
 			r.Set = v
 		case "--comment":
 			ours = v == Comment
+		case "--mark":
+			if !mods["mark"] || v != fmt.Sprintf("0x0/%#x", routes.MarkMask) {
+				return r, fmt.Errorf("--mark %q", v)
+			}
+			r.Unmarked = true
+		case "--set-xmark":
+			val, mask, _ := strings.Cut(v, "/")
+			n, err := strconv.ParseUint(val, 0, 32)
+			if err != nil || mask != fmt.Sprintf("%#x", routes.MarkMask) {
+				return r, fmt.Errorf("--set-xmark %q", v)
+			}
+			r.SetMark = uint32(n)
 		case "--mode":
 			if v != "nth" {
 				return r, fmt.Errorf("statistic mode %q", v)
@@ -183,7 +211,7 @@ func ParseRule(f Family, spec []string) (Rule, error) {
 	switch {
 	case !ours:
 		return r, fmt.Errorf("no %q comment", Comment)
-	case !r.Src.IsValid() || r.Out == "":
+	case !r.Src.IsValid() || r.Out == "" && r.Target != "MARK" && r.Target != "RETURN":
 		return r, fmt.Errorf("no -s or -o")
 	case FamilyOf(r.Src.Addr()) != f || r.Dst.IsValid() && FamilyOf(r.Dst.Addr()) != f:
 		return r, fmt.Errorf("address of the other family")
@@ -193,8 +221,10 @@ func ParseRule(f Family, spec []string) (Rule, error) {
 		return r, fmt.Errorf("a local-traffic rule whose -s is not one address")
 	case r.HasUID && r.Cgroup != "":
 		return r, fmt.Errorf("both a uid and a cgroup match")
-	case r.Target == "RETURN" && !r.ToSource.IsValid() && r.Every == 0 && !r.Forwarded:
+	case r.Target == "RETURN" && r.Out != "" && !r.ToSource.IsValid() && r.Every == 0 && !r.Forwarded:
 	case r.Target == "SNAT" && r.ToSource.IsValid() && FamilyOf(r.ToSource) == f:
+	case r.Target == "MARK" && r.SetMark != 0 && r.Out == "":
+	case r.Target == "RETURN" && r.Out == "":
 	default:
 		return r, fmt.Errorf("target %q is not one egress-snat writes", r.Target)
 	}

@@ -49,6 +49,11 @@ func newApp() *cli.App {
 		rotateCommand,
 		checkCommand,
 		watchCommand,
+		verifyCommand,
+		verifyFlowCommand,
+		confirmCommand,
+		revertCommand,
+		statsCommand,
 		genDocsCommand, // hidden: make docs
 	}
 	for _, c := range commands {

@@ -10,7 +10,7 @@ import (
 var applyCommand = &cli.Command{
 	Name:      "apply",
 	Usage:     "make the host's rules exactly those of a desired-state file",
-	UsageText: "egress-snat apply -f FILE [--dry-run]",
+	UsageText: "egress-snat apply -f FILE [--dry-run] [--confirm DURATION]",
 	Description: `Reads a YAML file stating every rule the host should have, checks all of it
 against the host, then converges in one atomic write per address family:
 
@@ -43,10 +43,16 @@ Unknown keys, bad addresses, addresses not on the host, mixed families and a
 destination given twice with different sources are errors naming the rule
 and value; a bad file changes nothing. Applying the same file again writes
 nothing. --dry-run prints the plan and the exact iptables-restore and ipset
-payloads without changing anything.`,
+payloads without changing anything.
+
+--confirm 60s reverts to the previous state after 60s unless "egress-snat
+confirm" runs first, even if the shell that ran apply is gone (see
+"egress-snat confirm --help"). While one is pending, another apply is
+refused (exit 1).`,
 	Flags: []cli.Flag{
 		&cli.StringFlag{Name: "file", Aliases: []string{"f"}, Usage: "(required) desired-state YAML `FILE`"},
 		dryRunFlag,
+		confirmFlag,
 		jsonFlag,
 	},
 	Action: func(c *cli.Context) error {
@@ -59,6 +65,12 @@ payloads without changing anything.`,
 		}
 		e, err := envFor(c)
 		if err != nil {
+			return err
+		}
+		if c.IsSet("confirm") && !c.Bool("dry-run") {
+			return applyConfirmed(c, e, intents, c.Duration("confirm"))
+		}
+		if err := refusePending(c, e); err != nil {
 			return err
 		}
 		_, plan, err := e.mgr.Update(e.lockTimeout, c.Bool("dry-run"), func(*snat.State) ([]snat.Entry, error) {

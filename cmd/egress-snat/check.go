@@ -40,6 +40,13 @@ desired-state file given by -f, and reports each kind of drift:
    chain-in-other-backend
                        the chain also exists in the other iptables backend
                        (nft vs legacy), invisible to this host's iptables
+   nat-chain-ahead     an nftables nat chain on the postrouting hook at a
+                       priority before ours (iptables' nat is at 100) or
+                       equal to it has a SNAT or MASQUERADE rule that may
+                       take traffic a rule promises a source for: the first
+                       NAT to bind a connection wins
+   nat-rule-ahead      the same for a SNAT or MASQUERADE rule in POSTROUTING
+                       ahead of the jump to EGRESS-SNAT
 
 It changes nothing. "egress-snat apply -f FILE" (or "watch") repairs what
 can be repaired.
@@ -100,6 +107,11 @@ func runCheck(c *cli.Context) ([]snat.Finding, error) {
 		return nil, err
 	}
 	findings = append(findings, snat.Diagnose(st, desired)...)
+	foreign, err := foreignNAT(e, promisesOf(desired))
+	if err != nil {
+		return nil, err
+	}
+	findings = append(findings, foreignFindings(foreign)...)
 	for _, w := range otherBackendWarnings(e) {
 		findings = append(findings, snat.Finding{Kind: snat.DriftOtherBackend, Detail: w})
 	}

@@ -7,6 +7,7 @@ import (
 	"github.com/urfave/cli/v2"
 
 	"github.com/egress-snat/egress-snat/internal/who"
+	"github.com/egress-snat/egress-snat/natscan"
 	"github.com/egress-snat/egress-snat/routes"
 	"github.com/egress-snat/egress-snat/selector"
 	"github.com/egress-snat/egress-snat/snat"
@@ -74,14 +75,19 @@ Examples:
 		if managed != nil && !managed.Keep() {
 			effective = managed.To[0]
 		}
+		foreign, err := foreignNAT(e, []natscan.Traffic{packetPromise(pkt, choice.Probe.String())})
+		if err != nil {
+			return err
+		}
 		if c.Bool("json") {
 			return writeJSON(e.out, struct {
 				*selector.Choice
-				Why       string      `json:"why"`
-				Sender    string      `json:"sender"`
-				Managed   *snat.Entry `json:"managed,omitempty"`
-				Effective netip.Addr  `json:"effective_source"`
-			}{choice, choice.Reason.Describe(), packetSender(pkt), managed, effective})
+				Why       string            `json:"why"`
+				Sender    string            `json:"sender"`
+				Managed   *snat.Entry       `json:"managed,omitempty"`
+				Effective netip.Addr        `json:"effective_source"`
+				Foreign   []natscan.Finding `json:"foreign_nat,omitempty"`
+			}{choice, choice.Reason.Describe(), packetSender(pkt), managed, effective, foreign})
 		}
 		w := e.out
 		fmt.Fprintf(w, "destination    %s\n", choice.Dst)
@@ -124,6 +130,9 @@ Examples:
 			fmt.Fprintf(w, "egress-snat    rule for %s keeps the natural source %s\n", managed.Match, choice.Source)
 		default:
 			fmt.Fprintf(w, "egress-snat    rule for %s: new connections leave with %s\n", managed.Match, managed.ToString())
+		}
+		for _, f := range foreign {
+			fmt.Fprintf(w, "WARNING        %s\n", foreignWarning(f))
 		}
 		return nil
 	},

@@ -52,8 +52,10 @@ default route), from --to. Traffic that already leaves with --to (replies
 to connections that came in on that interface, applications bound to it)
 is sent that way too, so strict rp_filter and the upstream accept it. This
 is done with routes and ip rules of egress-snat's own (table 7420, rules
-7420-7422, proto 83), not NAT. Only the host's own traffic by destination
-can be sent out of another interface so far.
+7419-7423, proto 83), not NAT. With --from, --uid or --cgroup, that
+sender's traffic is marked in the mangle table (chains EGRESS-SNAT-FWD and
+EGRESS-SNAT-OUT), an ip rule of ours routes the mark out of --to's
+interface, and the nat chain gives it --to.
 
 --method: snat (the default) rewrites the source in the nat chain, for any
 sender. route installs a route with src instead, the article's method one:

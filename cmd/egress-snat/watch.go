@@ -10,6 +10,7 @@ import (
 	"os/signal"
 	"runtime/debug"
 	"slices"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -57,6 +58,7 @@ at boot, so the desired state survives reboots.`,
 		&cli.DurationFlag{Name: "settle", Value: 100 * time.Millisecond, Usage: "how long to wait for a burst of events to end before applying"},
 		&cli.DurationFlag{Name: "full-resync", Value: 5 * time.Minute, Usage: "how often to compare everything, set members included"},
 		&cli.StringFlag{Name: "log-format", Value: "text", Usage: "text or json"},
+		verifyEveryFlag,
 	},
 	Action: func(c *cli.Context) error {
 		if err := required(c, "file"); err != nil {
@@ -84,7 +86,7 @@ at boot, so the desired state survives reboots.`,
 			return err
 		}
 		w := &watcher{e: e, path: c.String("file"), intents: intents, log: slog.New(handler), settle: c.Duration("settle"),
-			quickEvery: 10 * c.Duration("resync"), fullEvery: c.Duration("full-resync")}
+			quickEvery: 10 * c.Duration("resync"), fullEvery: c.Duration("full-resync"), verifyEvery: c.Duration("verify-every")}
 		ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 		defer stop()
 		return w.run(ctx, c.Duration("resync"))
@@ -97,6 +99,8 @@ type watcher struct {
 	intents []snat.Intent
 	log     *slog.Logger
 	settle  time.Duration
+	// verifyEvery is how often a real flow per rule is checked; 0: never.
+	verifyEvery time.Duration
 	// plan is the last reconcile's plan: its Desired entries and Chains
 	// are what the kernel should hold, and wantRules our ip rules, for the
 	// canary. Nothing else of a reconcile is kept.
@@ -105,6 +109,7 @@ type watcher struct {
 	applies   int
 	// gens are the table generations the canary last saw.
 	gens                  map[snat.Family]uint64
+	resolve               atomic.Bool // the host changed since the last resolve
 	lastQuick, lastFull   time.Time
 	quickEvery, fullEvery time.Duration
 }
@@ -119,7 +124,13 @@ func (w *watcher) run(ctx context.Context, resync time.Duration) error {
 	}
 	done := make(chan struct{})
 	defer close(done)
-	if err := w.subscribe(done, kick); err != nil {
+	// Host changes (netlink events, a reloaded file) need the intents
+	// resolved again; drift the canary saw only needs the last desired
+	// state written back, which at 100,000 destinations is most of the
+	// repair time saved.
+	changed := func(reason string) { w.resolve.Store(true); kick(reason) }
+	w.resolve.Store(true)
+	if err := w.subscribe(done, changed); err != nil {
 		return err
 	}
 	hup := make(chan os.Signal, 1)
@@ -137,6 +148,8 @@ func (w *watcher) run(ctx context.Context, resync time.Duration) error {
 	}
 	tick := time.NewTicker(resync)
 	defer tick.Stop()
+	verifyTick, stopVerify := w.verifyTicker()
+	defer stopVerify()
 	for {
 		select {
 		case <-ctx.Done():
@@ -150,11 +163,13 @@ func (w *watcher) run(ctx context.Context, resync time.Duration) error {
 			}
 			w.intents = intents
 			w.log.Info("reload: file re-read", "trigger", sig.String(), "file", w.path, "destinations", len(intents))
-			kick("reload (" + sig.String() + ")")
+			changed("reload (" + sig.String() + ")")
 		case <-tick.C:
 			if reason := w.canary(); reason != "" {
 				kick(reason)
 			}
+		case <-verifyTick:
+			w.verifyCanary()
 		case reason := <-trigger:
 			reason = w.coalesce(ctx, trigger, reason)
 			if err := w.reconcile(reason); err != nil {
@@ -304,15 +319,24 @@ func (w *watcher) fullCheck() string {
 // reconcile resolves the desired state against the host as it is now and
 // applies it through the one write path.
 func (w *watcher) reconcile(reason string) error {
-	w.e.sel.Forget() // addresses and routes may have changed
 	var skipped []error
 	start := time.Now()
+	again := w.resolve.Swap(false) || w.plan.Desired == nil
+	if again {
+		w.e.sel.Forget() // addresses and routes may have changed
+	}
 	_, plan, err := w.e.mgr.Update(w.e.lockTimeout, false, func(*snat.State) ([]snat.Entry, error) {
+		if !again {
+			return w.plan.Desired, nil
+		}
 		desired, s, err := snat.ResolveAvailable(w.e.sel, w.intents)
 		skipped = s
 		return desired, err
 	})
 	if err != nil {
+		if again {
+			w.resolve.Store(true)
+		}
 		return err
 	}
 	for _, s := range skipped {

@@ -3,7 +3,7 @@
 
 function __fish_egress-snat_no_subcommand --description 'Test if there has been any subcommand yet'
     for i in (commandline -opc)
-        if contains -- $i explain set unset list clear apply rotate check watch help h
+        if contains -- $i explain set unset list clear apply rotate check watch verify confirm stats help h
             return 1
         end
     end
@@ -55,6 +55,7 @@ complete -c egress-snat -n '__fish_seen_subcommand_from apply' -f -l help -s h -
 complete -r -c egress-snat -n '__fish_egress-snat_no_subcommand' -a 'apply' -d 'make the host\'s rules exactly those of a desired-state file'
 complete -c egress-snat -n '__fish_seen_subcommand_from apply' -f -l file -s f -r -d '(required) desired-state YAML `FILE`'
 complete -c egress-snat -n '__fish_seen_subcommand_from apply' -f -l dry-run -d 'print the plan and the exact iptables-restore and ipset payloads, change nothing'
+complete -c egress-snat -n '__fish_seen_subcommand_from apply' -f -l confirm -r -d 'revert to the previous state after `DURATION` unless "egress-snat confirm" runs first'
 complete -c egress-snat -n '__fish_seen_subcommand_from apply' -f -l json -d 'print JSON for scripts instead of text'
 complete -c egress-snat -n '__fish_seen_subcommand_from rotate' -f -l help -s h -d 'show help'
 complete -r -c egress-snat -n '__fish_egress-snat_no_subcommand' -a 'rotate' -d 'move destinations to the next source address of a pool (for cron)'
@@ -78,5 +79,21 @@ complete -c egress-snat -n '__fish_seen_subcommand_from watch' -f -l resync -r -
 complete -c egress-snat -n '__fish_seen_subcommand_from watch' -f -l settle -r -d 'how long to wait for a burst of events to end before applying'
 complete -c egress-snat -n '__fish_seen_subcommand_from watch' -f -l full-resync -r -d 'how often to compare everything, set members included'
 complete -c egress-snat -n '__fish_seen_subcommand_from watch' -f -l log-format -r -d 'text or json'
+complete -c egress-snat -n '__fish_seen_subcommand_from watch' -f -l verify-every -r -d 'every `DURATION`, also start a real flow per rule (as verify does) and log a mismatch as an error; 0 never'
+complete -c egress-snat -n '__fish_seen_subcommand_from verify' -f -l help -s h -d 'show help'
+complete -r -c egress-snat -n '__fish_egress-snat_no_subcommand' -a 'verify' -d 'start a real flow and check the source it left with against the rules (exit 0 agree, 1 differ, 2 bad input)'
+complete -c egress-snat -n '__fish_seen_subcommand_from verify' -f -l dst -r -d 'destination `ADDR` or prefix; without it, one destination of every rule'
+complete -c egress-snat -n '__fish_seen_subcommand_from verify' -f -l from -r -d 'send as traffic forwarded from source `ADDR`'
+complete -c egress-snat -n '__fish_seen_subcommand_from verify' -f -l uid -r -d 'send as `USER|UID`'
+complete -c egress-snat -n '__fish_seen_subcommand_from verify' -f -l cgroup -r -d 'send from cgroup v2 `PATH`'
+complete -c egress-snat -n '__fish_seen_subcommand_from verify' -f -l proto -r -d '`PROTO` of the flow: udp or tcp'
+complete -c egress-snat -n '__fish_seen_subcommand_from verify' -f -l port -r -d 'destination `PORT`'
+complete -c egress-snat -n '__fish_seen_subcommand_from verify' -f -l json -d 'print JSON for scripts instead of text'
+complete -c egress-snat -n '__fish_seen_subcommand_from confirm' -f -l help -s h -d 'show help'
+complete -r -c egress-snat -n '__fish_egress-snat_no_subcommand' -a 'confirm' -d 'keep the state of a pending "apply --confirm" (exit 0 also when nothing is pending)'
+complete -c egress-snat -n '__fish_seen_subcommand_from stats' -f -l help -s h -d 'show help'
+complete -r -c egress-snat -n '__fish_egress-snat_no_subcommand' -a 'stats' -d 'per egress address: flows in conntrack, busiest destinations, NAT port use, rule counters'
+complete -c egress-snat -n '__fish_seen_subcommand_from stats' -f -l json -d 'print JSON for scripts instead of text'
+complete -c egress-snat -n '__fish_seen_subcommand_from stats' -f -l prometheus -r -d 'also write the node_exporter textfile `FILE`'
 complete -c egress-snat -n '__fish_seen_subcommand_from help h' -f -l help -s h -d 'show help'
 complete -r -c egress-snat -n '__fish_egress-snat_no_subcommand' -a 'help h' -d 'Shows a list of commands or help for one command'

@@ -16,6 +16,11 @@
 //	  10.88.N.1/24, fd00:88:N::1/64 --- C<N> (Client) eth0
 //	  forwarding on                        10.88.N.2/24, fd00:88:N::2/64
 //	                                       default via H (both families)
+//	H eth1 (WithSecondNIC)             G eth1
+//	  203.0.113.130/25, .131/25          203.0.113.129/25
+//	  WithSecondUplink adds:             2001:db8:1::129/64
+//	  2001:db8:1::130/64, ::131/64
+//	  default via 203.0.113.129, via 2001:db8:1::129, both metric 2048
 //	H docker0, br-* (StartDocker)
 //	  172.30.0.1/16 and the test's networks, containers behind them
 //
@@ -57,6 +62,8 @@ type Lab struct {
 	seen    map[string]int
 	probing bool
 	clients int // AddClient calls so far: the next client's index
+	// devs are G's interfaces towards H, where Arrivals captures.
+	devs []string
 }
 
 // Option changes the topology built by New.
@@ -64,6 +71,7 @@ type Option func(*config)
 
 type config struct {
 	secondNIC bool
+	uplink    bool
 }
 
 // WithSecondNIC adds a second veth pair H eth1 <-> G eth1 for tests of
@@ -72,6 +80,17 @@ type config struct {
 // clear of the far host 203.0.113.7, which stays reachable only through
 // H's default route on eth0. No route points at eth1.
 func WithSecondNIC() Option { return func(c *config) { c.secondNIC = true } }
+
+// WithSecondUplink is WithSecondNIC with eth1 as a second way out, as on a
+// host with two providers: eth1 has IPv6 too (H 2001:db8:1::130/64, the
+// default source of the prefix, and 2001:db8:1::131/64; G
+// 2001:db8:1::129/64), and H has backup default routes through it, via
+// 203.0.113.129 and 2001:db8:1::129 with metric 2048, so that eth0's stay
+// the ones taken (IPv6's default metric is 1024, IPv4's 0). The far hosts on G's lo are reachable either way, so
+// Arrivals shows which way a connection came.
+func WithSecondUplink() Option {
+	return func(c *config) { c.secondNIC, c.uplink = true, true }
+}
 
 // New builds a fresh lab and registers t.Cleanup to tear it down, so no
 // namespace outlives the test even when it fails. It calls Require first.
@@ -152,6 +171,13 @@ func New(t testing.TB, opts ...Option) *Lab {
 			"addr add 203.0.113.129/25 dev eth1",
 			"link set eth1 up")
 	}
+	if cfg.uplink {
+		// ::130 last, to be the prefix's default source (see eth0's).
+		host = append(host,
+			"addr add 2001:db8:1::131/64 dev eth1 nodad",
+			"addr add 2001:db8:1::130/64 dev eth1 nodad")
+		gw = append(gw, "addr add 2001:db8:1::129/64 dev eth1 nodad")
+	}
 	ipBatch(t, l.Host, host)
 	ipBatch(t, l.Gateway, gw)
 
@@ -159,12 +185,19 @@ func New(t testing.TB, opts ...Option) *Lab {
 	if cfg.secondNIC {
 		devs = append(devs, "eth1")
 	}
+	l.devs = devs
 	waitIPv6Ready(t, l.Host, devs)
 	waitIPv6Ready(t, l.Gateway, devs)
-	ipBatch(t, l.Host, []string{
+	defaults := []string{
 		"route add default via 192.0.2.1",
 		"route add default via 2001:db8::1",
-	})
+	}
+	if cfg.uplink {
+		defaults = append(defaults,
+			"route add default via 203.0.113.129 dev eth1 metric 2048",
+			"route add default via 2001:db8:1::129 dev eth1 metric 2048")
+	}
+	ipBatch(t, l.Host, defaults)
 	return l
 }
 

@@ -90,3 +90,29 @@ func TestLab(t *testing.T) {
 		}
 	}
 }
+
+// TestSecondUplink: with a second uplink, eth0 stays the way out for both
+// families (the backup defaults lose on metric), eth1 is reachable by its
+// own subnets, and Arrivals tells the two links apart.
+func TestSecondUplink(t *testing.T) {
+	l := New(t, WithSecondUplink())
+	l.StartProbe(t)
+	for _, c := range []struct{ dst, bind, want, dev string }{
+		{"198.51.100.4", "", "192.0.2.250", "eth0"},
+		{"2001:db8:ffff::4", "", "2001:db8::250", "eth0"},
+		{"203.0.113.129", "", "203.0.113.130", "eth1"},
+		{"2001:db8:1::129", "", "2001:db8:1::130", "eth1"},
+		// Bound to eth1's address, a far host is still reached by eth0.
+		{"198.51.100.4", "203.0.113.130", "203.0.113.130", "eth0"},
+	} {
+		var seen string
+		got := l.Arrivals(t, "tcp dst port 7000 and dst host "+c.dst, func() { seen = l.SourceSeenFrom(t, c.dst, c.bind) })
+		other := map[string]string{"eth0": "eth1", "eth1": "eth0"}[c.dev]
+		if seen != c.want || got[c.dev] == 0 || got[other] != 0 {
+			t.Errorf("dst %s bind %q: far side saw %q, packets in on %v; want %q, only on %s", c.dst, c.bind, seen, got, c.want, c.dev)
+		}
+	}
+	if out := l.Run(t, "ip", "-6", "route", "show", "default"); !strings.Contains(out, "via 2001:db8:1::129 dev eth1 metric 2048") {
+		t.Errorf("no IPv6 backup default route through eth1:\n%s", out)
+	}
+}

@@ -1,0 +1,139 @@
+package main
+
+import (
+	"bytes"
+	"fmt"
+	"os/exec"
+	"strings"
+
+	"github.com/urfave/cli/v2"
+
+	"github.com/egress-snat/egress-snat/conntrack"
+	"github.com/egress-snat/egress-snat/snat"
+	"github.com/egress-snat/egress-snat/stats"
+)
+
+var statsCommand = &cli.Command{
+	Name:      "stats",
+	Usage:     "per egress address: flows in conntrack, busiest destinations, NAT port use, rule counters",
+	UsageText: "egress-snat stats [--json] [--prometheus FILE]",
+	Description: `For every address a SNAT rule of the nat table translates to (egress-snat's
+and others'), reports:
+
+   - the flows in conntrack leaving with it, by protocol;
+   - its 10 busiest destination address:port tuples;
+   - NAT port use: SNAT needs a free source port per (address,
+     destination, destination port, protocol), so the busiest tuple's flow
+     count is compared with the rule's port range (--to-source ADDR:LO-HI,
+     else 1024-65535); at 80% it warns;
+   - the packet and byte counters of the rules translating to it (the
+     first packets of new flows: NAT rules see nothing else).
+
+--prometheus FILE also writes the node_exporter textfile format, atomically
+(a temporary file renamed over FILE), with bounded cardinality: at most 256
+addresses with 10 destinations each. Point node_exporter's
+--collector.textfile.directory at FILE's directory and run stats from cron
+or a systemd timer.`,
+	Flags: []cli.Flag{
+		jsonFlag,
+		&cli.StringFlag{Name: "prometheus", Usage: "also write the node_exporter textfile `FILE`"},
+	},
+	Action: func(c *cli.Context) error {
+		e, err := envFor(c)
+		if err != nil {
+			return err
+		}
+		var rules []stats.Rule
+		for _, f := range snat.Families {
+			text, err := saveWithCounters(e.backend, f)
+			if err != nil {
+				return err
+			}
+			r, err := stats.RulesFromSave(text, snat.Comment)
+			if err != nil {
+				return fmt.Errorf("reading the %s nat table: %w", f, err)
+			}
+			rules = append(rules, r...)
+		}
+		table := conntrack.Netlink{Handle: e.nl}
+		var flows []conntrack.Flow
+		for _, fam := range []int{4, 6} {
+			fl, err := table.Flows(fam)
+			if err != nil {
+				return err
+			}
+			flows = append(flows, fl...)
+		}
+		report := stats.Compute(rules, flows)
+		if path := c.String("prometheus"); path != "" {
+			if err := stats.WritePromFile(path, report); err != nil {
+				return err
+			}
+		}
+		for _, a := range report {
+			if a.Warning != "" {
+				fmt.Fprintln(c.App.ErrWriter, "WARNING "+a.Warning)
+			}
+		}
+		if c.Bool("json") {
+			if report == nil {
+				report = []stats.Address{}
+			}
+			return writeJSON(e.out, struct {
+				Addresses []stats.Address `json:"addresses"`
+			}{report})
+		}
+		printStats(e, report)
+		return nil
+	},
+}
+
+func printStats(e *env, report []stats.Address) {
+	w := e.out
+	if len(report) == 0 {
+		fmt.Fprintln(w, "no SNAT rules: no egress addresses to report")
+	}
+	for _, a := range report {
+		mark := ""
+		if a.Ours {
+			mark = " (egress-snat)"
+		}
+		var protos []string
+		for _, p := range []string{"tcp", "udp", "icmp", "icmpv6"} {
+			if n := a.Flows[p]; n > 0 {
+				protos = append(protos, fmt.Sprintf("%s %d", p, n))
+			}
+		}
+		fmt.Fprintf(w, "%s%s\n", a.Address, mark)
+		fmt.Fprintf(w, "  flows       %d %s\n", a.Total, strings.Join(protos, ", "))
+		fmt.Fprintf(w, "  nat ports   %d of %d in use by the busiest tuple (%.0f%%), range %s\n", a.PortsInUse, a.RangeSize, 100*a.Ratio, a.PortRange)
+		fmt.Fprintf(w, "  rules       %d packets, %d bytes\n", a.Packets, a.Bytes)
+		for _, d := range a.Top {
+			fmt.Fprintf(w, "  %-5s %-40s %d flows\n", d.Proto, d.Dst, d.Flows)
+		}
+	}
+}
+
+// saveWithCounters returns the nat table of family f with its counters,
+// from the backend the other commands use.
+func saveWithCounters(b snat.Backend, f snat.Family) (string, error) {
+	base := map[snat.Family]string{snat.IPv4: "iptables", snat.IPv6: "ip6tables"}[f]
+	path, err := exec.LookPath(base + "-" + string(b) + "-save")
+	if err != nil {
+		if path, err = exec.LookPath(base + "-save"); err != nil {
+			return "", fmt.Errorf("%s-save not found: install the iptables package", base)
+		}
+	}
+	cmd := exec.Command(path, "-c", "-t", "nat")
+	var stdout, stderr bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &stdout, &stderr
+	if err := cmd.Run(); err != nil {
+		msg := strings.TrimSpace(stderr.String())
+		// No nat table loaded: no rules, not an error.
+		if strings.Contains(msg, "does not exist") || strings.Contains(msg, "Table does not exist") {
+			return "", nil
+		}
+		return "", fmt.Errorf("%s -c -t nat: %v: %s", path, err, msg)
+	}
+	return stdout.String(), nil
+}

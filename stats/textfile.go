@@ -1,0 +1,94 @@
+package stats
+
+import (
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"strings"
+)
+
+// MaxAddresses bounds the addresses written to the textfile, so a host
+// with a huge pool cannot blow up the scrape: with TopN destinations each,
+// the file holds at most a few thousand series.
+const MaxAddresses = 256
+
+// WriteProm writes the report in the Prometheus text exposition format
+// (what node_exporter's textfile collector reads). Label values are only
+// addresses, protocol names and address:port pairs, so the cardinality is
+// bounded by MaxAddresses and TopN.
+func WriteProm(w io.Writer, report []Address) error {
+	if len(report) > MaxAddresses {
+		report = report[:MaxAddresses]
+	}
+	var b strings.Builder
+	metric := func(name, typ, help string, each func(a Address)) {
+		fmt.Fprintf(&b, "# HELP %s %s\n# TYPE %s %s\n", name, help, name, typ)
+		for _, a := range report {
+			each(a)
+		}
+	}
+	metric("egress_snat_flows", "gauge", "Conntrack entries whose replies go to the egress address, by protocol.", func(a Address) {
+		for _, p := range []string{"tcp", "udp", "icmp", "icmpv6"} {
+			if n, ok := a.Flows[p]; ok || p == "tcp" || p == "udp" {
+				fmt.Fprintf(&b, "egress_snat_flows{address=%q,proto=%q} %d\n", a.Address.String(), p, n)
+			}
+		}
+		other := a.Total
+		for _, p := range []string{"tcp", "udp", "icmp", "icmpv6"} {
+			other -= a.Flows[p]
+		}
+		if other > 0 {
+			fmt.Fprintf(&b, "egress_snat_flows{address=%q,proto=\"other\"} %d\n", a.Address.String(), other)
+		}
+	})
+	metric("egress_snat_destination_flows", "gauge", fmt.Sprintf("Flows of the %d busiest destination tuples of each egress address.", TopN), func(a Address) {
+		for _, d := range a.Top {
+			fmt.Fprintf(&b, "egress_snat_destination_flows{address=%q,proto=%q,destination=%q} %d\n", a.Address.String(), d.Proto, d.Dst.String(), d.Flows)
+		}
+	})
+	metric("egress_snat_nat_port_range_size", "gauge", "Ports in the SNAT port range of the egress address.", func(a Address) {
+		fmt.Fprintf(&b, "egress_snat_nat_port_range_size{address=%q} %d\n", a.Address.String(), a.RangeSize)
+	})
+	metric("egress_snat_nat_ports_in_use", "gauge", "Ports held by the busiest (destination, port, protocol) tuple of the egress address.", func(a Address) {
+		fmt.Fprintf(&b, "egress_snat_nat_ports_in_use{address=%q} %d\n", a.Address.String(), a.PortsInUse)
+	})
+	metric("egress_snat_nat_port_use_ratio", "gauge", "ports_in_use / port_range_size; above 0.8 new flows are close to failing.", func(a Address) {
+		fmt.Fprintf(&b, "egress_snat_nat_port_use_ratio{address=%q} %g\n", a.Address.String(), a.Ratio)
+	})
+	metric("egress_snat_rule_packets_total", "counter", "Packets counted by the SNAT rules to the egress address (first packets of new flows).", func(a Address) {
+		fmt.Fprintf(&b, "egress_snat_rule_packets_total{address=%q} %d\n", a.Address.String(), a.Packets)
+	})
+	metric("egress_snat_rule_bytes_total", "counter", "Bytes counted by the SNAT rules to the egress address.", func(a Address) {
+		fmt.Fprintf(&b, "egress_snat_rule_bytes_total{address=%q} %d\n", a.Address.String(), a.Bytes)
+	})
+	_, err := io.WriteString(w, b.String())
+	return err
+}
+
+// WritePromFile writes the textfile atomically: a temporary file in the
+// same directory, then a rename over path, so the collector never reads a
+// half-written file.
+func WritePromFile(path string, report []Address) error {
+	dir := filepath.Dir(path)
+	tmp, err := os.CreateTemp(dir, "."+filepath.Base(path)+".*.tmp")
+	if err != nil {
+		return fmt.Errorf("writing %s: %w", path, err)
+	}
+	defer os.Remove(tmp.Name()) // after the rename, a no-op
+	if err := WriteProm(tmp, report); err != nil {
+		tmp.Close()
+		return fmt.Errorf("writing %s: %w", tmp.Name(), err)
+	}
+	if err := tmp.Chmod(0o644); err != nil {
+		tmp.Close()
+		return err
+	}
+	if err := tmp.Close(); err != nil {
+		return fmt.Errorf("writing %s: %w", tmp.Name(), err)
+	}
+	if err := os.Rename(tmp.Name(), path); err != nil {
+		return fmt.Errorf("writing %s: %w", path, err)
+	}
+	return nil
+}
