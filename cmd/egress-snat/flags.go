@@ -30,14 +30,17 @@ func required(c *cli.Context, names ...string) error {
 
 // checkFlags is every command's Before: it refuses flag values that can
 // never work before the command looks at the host, so each command need
-// not repeat the checks. Every duration flag, the command's and the global
-// ones, must be positive (unless listed in zeroDurationOK), --out must be
+// not repeat the checks. Every duration flag given, the command's and the
+// global ones, must be positive (unless listed in zeroDurationOK), --out must be
 // an interface name and --iptables-backend one of the backends.
 func checkFlags(c *cli.Context) error {
 	for _, fl := range slices.Concat(c.App.Flags, c.Command.Flags) {
 		name := fl.Names()[0]
 		switch fl.(type) {
 		case *cli.DurationFlag:
+			if !c.IsSet(name) {
+				continue // its default, such as --confirm's 0 for "off"
+			}
 			if _, err := positiveDuration(c, name); err != nil {
 				return err
 			}
@@ -71,7 +74,8 @@ func tidyExit(err error) error {
 // zeroDurationOK names duration flags for which 0 means something (such as
 // "never"); for every other one, zero or a negative duration is bad input.
 var zeroDurationOK = map[string]bool{
-	"settle": true, // watch applies each event at once, without coalescing
+	"settle":       true, // watch applies each event at once, without coalescing
+	"verify-every": true, // never
 }
 
 // positiveDuration returns the value of the duration flag name, refusing

@@ -66,6 +66,8 @@ var cliSeeds = []string{
 	"set\x00--to\x00203.0.113.130\x00--dst\x00198.51.100.0/24\x00--via\x00203.0.113.129\x01list\x01unset\x00--dst\x00198.51.100.0/24",
 	"set\x00--to\x00192.0.2.22\x00--dst\x00198.51.100.4\x00--method\x00route\x01check",
 	"set\x00--to\x00192.0.2.22\x00--uid\x000\x01set\x00--to\x00192.0.2.23\x00--from\x0010.0.0.0/8",
+	"set\x00--to\x00203.0.113.130\x00--from\x0010.0.0.0/8\x00--dst\x00198.51.100.0/24\x01list\x01clear",
+	"set\x00--to\x00203.0.113.130\x00--uid\x000\x00--dst\x00198.51.100.0/24\x01check",
 	// Issue #15, each row.
 	"apply\x00-f\x00@DIR@/fifo.yaml",
 	"check\x00-f\x00@DIR@/fifo.yaml",
@@ -180,12 +182,18 @@ func TestCLIFakes(t *testing.T) {
 }
 
 // cliSafe says whether args may run in this process. watch runs until a
-// signal; --flush-conntrack talks to the kernel's conntrack table; a path
+// signal; verify and stats start real flows or read the kernel's conntrack
+// table, as --flush-conntrack writes it; --confirm and confirm keep a record
+// under /run and start a reverter; a path
 // outside the target's directory could name a device or a pseudo-file
 // whose reading has effects (a prefix's "/24" is not a path).
 func cliSafe(args []string, dir string) bool {
 	for _, a := range args {
-		if a == "watch" || strings.Contains(a, "flush-conntrack") || strings.Contains(a, "netns") {
+		switch a {
+		case "watch", "verify", "__verify-flow", "stats", "__revert":
+			return false
+		}
+		if strings.Contains(a, "flush-conntrack") || strings.Contains(a, "netns") || strings.Contains(a, "confirm") {
 			return false
 		}
 		// A path has a '/' before a name ("/dev", "../x"); a prefix
@@ -324,9 +332,11 @@ func (noLock) Lock(time.Duration) (func(), error) { return func() {}, nil }
 //
 //   - A payload is lines, each ended by "\n", of printable ASCII (0x20 to
 //     0x7e): no NUL, tab, CR or newline inside a line, nothing outside ASCII.
-//   - iptables-restore: "*nat", ":EGRESS-SNAT - [0:0]", then lines
-//     "-I POSTROUTING 1 RULE", "-D POSTROUTING RULE", "-A EGRESS-SNAT RULE"
-//     or "-X EGRESS-SNAT", then "COMMIT". A RULE is options from
+//   - iptables-restore: "*nat" or "*mangle", then lines ":CHAIN - [0:0]",
+//     "-I HOOK 1 RULE", "-D HOOK RULE", "-A CHAIN RULE" or "-X CHAIN", then
+//     "COMMIT", where CHAIN is one of ours (EGRESS-SNAT, EGRESS-SNAT-FWD,
+//     EGRESS-SNAT-OUT) and HOOK is POSTROUTING, PREROUTING or OUTPUT. A
+//     RULE is options from
 //     restoreOptions, each with the values its check accepts (an interface
 //     name for -o, a prefix for -s and -d, an address for --to-source, a set
 //     name for --match-set, ...), and ends with a -j target.
@@ -348,6 +358,7 @@ var (
 	ipsetName = regexp.MustCompile(`^` + regexp.QuoteMeta(snat.SetPrefix) + `[A-Za-z0-9_.:-]{1,` + strconv.Itoa(31-len(snat.SetPrefix)) + `}$`)
 	ipsetLine = regexp.MustCompile(`^(create [^ ]+ hash:net family inet6? hashsize [0-9]+ maxelem [0-9]+|(add|del) [^ ]+ [0-9a-f.:/]+( nomatch)?|(destroy|flush) [^ ]+|swap [^ ]+ [^ ]+)$`)
 	number    = regexp.MustCompile(`^[0-9]{1,10}$`)
+	markMask  = regexp.MustCompile(`^0x[0-9a-f]{1,8}/0x[0-9a-f]{1,8}$`)
 )
 
 // restoreOptions are the options a RULE may have, each with a check of each
@@ -357,7 +368,7 @@ var restoreOptions = map[string][]func(string) bool{
 	"-d": {isPrefix},
 	"-o": {func(v string) bool { return config.CheckInterface(v) == nil }},
 	"-m": {func(v string) bool {
-		return slices.Contains([]string{"comment", "set", "statistic", "owner", "cgroup", "addrtype"}, v)
+		return slices.Contains([]string{"comment", "set", "statistic", "owner", "cgroup", "addrtype", "mark"}, v)
 	}},
 	"--comment":   {func(v string) bool { return v == snat.Comment }},
 	"--match-set": {ipsetName.MatchString, func(v string) bool { return v == "dst" }},
@@ -368,7 +379,9 @@ var restoreOptions = map[string][]func(string) bool{
 	"--path":      {func(v string) bool { p, err := snat.ParseCgroupPath(v); return err == nil && p == v }},
 	"!":           {}, // negates the option after it
 	"--src-type":  {func(v string) bool { return v == "LOCAL" }},
-	"-j":          {func(v string) bool { return v == "SNAT" || v == "RETURN" || v == snat.ChainName }},
+	"-j":          {func(v string) bool { return v == "SNAT" || v == "RETURN" || v == "MARK" || ourChain.MatchString(v) }},
+	"--mark":      {markMask.MatchString},
+	"--set-xmark": {markMask.MatchString},
 	"--to-source": {func(v string) bool { _, err := netip.ParseAddr(v); return err == nil }},
 }
 
@@ -392,52 +405,64 @@ func payloadLines(payload string) ([]string, error) {
 	return lines, nil
 }
 
+// ourChain is the name of one of our chains: the nat chain, and the mangle
+// chains (EGRESS-SNAT-FWD, EGRESS-SNAT-OUT) that mark senders' traffic.
+var ourChain = regexp.MustCompile(`^` + regexp.QuoteMeta(snat.ChainName) + `(-[A-Z]{1,8})?$`)
+
 // checkRestore returns what is wrong with an iptables-restore payload.
 func checkRestore(payload string) error {
 	lines, err := payloadLines(payload)
 	if err != nil {
 		return err
 	}
-	if len(lines) < 3 || lines[0] != "*nat" || lines[1] != ":"+snat.ChainName+" - [0:0]" || lines[len(lines)-1] != "COMMIT" {
-		return fmt.Errorf("iptables-restore payload is not *nat, :%s - [0:0], rules, COMMIT:\n%s", snat.ChainName, payload)
+	if len(lines) < 3 || (lines[0] != "*nat" && lines[0] != "*mangle") || lines[len(lines)-1] != "COMMIT" {
+		return fmt.Errorf("iptables-restore payload is not *nat or *mangle, our chains and rules, COMMIT:\n%s", payload)
 	}
-	for n, l := range lines[2 : len(lines)-1] {
+	for n, l := range lines[1 : len(lines)-1] {
 		if err := checkRestoreLine(l); err != nil {
-			return fmt.Errorf("iptables-restore line %d outside the grammar: %v: %q", n+3, err, l)
+			return fmt.Errorf("iptables-restore line %d outside the grammar: %v: %q", n+2, err, l)
 		}
 	}
 	return nil
 }
 
 func checkRestoreLine(l string) error {
-	if l == "-X "+snat.ChainName {
+	if chain, ok := strings.CutPrefix(l, ":"); ok {
+		if name, ok := strings.CutSuffix(chain, " - [0:0]"); ok && ourChain.MatchString(name) {
+			return nil
+		}
+		return errors.New("not a declaration of one of our chains")
+	}
+	if chain, ok := strings.CutPrefix(l, "-X "); ok && ourChain.MatchString(chain) {
 		return nil
 	}
-	var rule string
-	for _, head := range []string{"-I POSTROUTING 1 ", "-D POSTROUTING ", "-A " + snat.ChainName + " "} {
-		if r, ok := strings.CutPrefix(l, head); ok {
-			rule = r
-		}
+	w := strings.Split(l, " ")
+	var rule []string
+	switch {
+	case len(w) > 3 && w[0] == "-I" && slices.Contains(hooks, w[1]) && w[2] == "1":
+		rule = w[3:]
+	case len(w) > 2 && w[0] == "-D" && slices.Contains(hooks, w[1]):
+		rule = w[2:]
+	case len(w) > 2 && w[0] == "-A" && ourChain.MatchString(w[1]):
+		rule = w[2:]
+	default:
+		return errors.New("not -I HOOK 1, -D HOOK, -A or -X of our chains")
 	}
-	if rule == "" {
-		return errors.New("not -I POSTROUTING 1, -D POSTROUTING, -A " + snat.ChainName + " or -X " + snat.ChainName)
-	}
-	words := strings.Split(rule, " ")
 	target := false
-	for i := 0; i < len(words); {
-		checks, ok := restoreOptions[words[i]]
+	for i := 0; i < len(rule); {
+		checks, ok := restoreOptions[rule[i]]
 		if !ok {
-			return fmt.Errorf("option %q", words[i])
+			return fmt.Errorf("option %q", rule[i])
 		}
-		if i+len(checks) >= len(words) {
-			return fmt.Errorf("%s without its values", words[i])
+		if i+len(checks) >= len(rule) {
+			return fmt.Errorf("%s without its values", rule[i])
 		}
 		for k, check := range checks {
-			if v := words[i+1+k]; !check(v) {
-				return fmt.Errorf("value %q of %s", v, words[i])
+			if v := rule[i+1+k]; !check(v) {
+				return fmt.Errorf("value %q of %s", v, rule[i])
 			}
 		}
-		target = target || words[i] == "-j"
+		target = target || rule[i] == "-j"
 		i += 1 + len(checks)
 	}
 	if !target {
@@ -445,6 +470,9 @@ func checkRestoreLine(l string) error {
 	}
 	return nil
 }
+
+// hooks are the built-in chains that jump to ours.
+var hooks = []string{"POSTROUTING", "PREROUTING", "OUTPUT"}
 
 // batchOptions are the options of an ip -batch line after its object,
 // verb and (for a route) destination, each with a check of its value.
@@ -458,7 +486,9 @@ var batchOptions = map[string]func(string) bool{
 	"proto":                 number.MatchString,
 	"protocol":              number.MatchString,
 	"from":                  isPrefix,
-	"fwmark":                regexp.MustCompile(`^0x[0-9a-f]{1,8}$`).MatchString,
+	"fwmark":                regexp.MustCompile(`^0x[0-9a-f]{1,8}(/0x[0-9a-f]{1,8})?$`).MatchString,
+	"goto":                  func(v string) bool { n, err := strconv.Atoi(v); return err == nil && routes.Ours(n) },
+	"nop":                   nil, // no value
 	"suppress_prefixlength": number.MatchString,
 }
 
@@ -482,16 +512,19 @@ func checkBatch(input string) error {
 		default:
 			return fmt.Errorf("ip -batch line %d outside the grammar: %q", n+1, l)
 		}
-		seenTable := false
+		target := false
 		for i := 0; i < len(opts); i += 2 {
 			check, ok := batchOptions[opts[i]]
-			if !ok || i+1 >= len(opts) || !check(opts[i+1]) {
+			target = target || slices.Contains([]string{"table", "lookup", "goto", "nop"}, opts[i])
+			switch {
+			case ok && check == nil:
+				i-- // an option without a value
+			case !ok || i+1 >= len(opts) || !check(opts[i+1]):
 				return fmt.Errorf("ip -batch line %d: option %q outside the grammar: %q", n+1, opts[i], l)
 			}
-			seenTable = seenTable || opts[i] == "table" || opts[i] == "lookup"
 		}
-		if !seenTable {
-			return fmt.Errorf("ip -batch line %d names no table of ours: %q", n+1, l)
+		if !target {
+			return fmt.Errorf("ip -batch line %d names no table, goto or nop: %q", n+1, l)
 		}
 	}
 	return nil
@@ -601,10 +634,10 @@ func (c *checkedTables) Restore(f snat.Family, payload string) error {
 	}
 	return c.fake.Restore(f, payload)
 }
-func (c *checkedTables) SaveNAT(f snat.Family) (string, error)    { return c.fake.SaveNAT(f) }
-func (c *checkedTables) Generation(f snat.Family) (uint64, error) { return c.fake.Generation(f) }
-func (c *checkedTables) CanDropNATTable() bool                    { return c.fake.CanDropNATTable() }
-func (c *checkedTables) DropNATTable(f snat.Family) error         { return c.fake.DropNATTable(f) }
+func (c *checkedTables) SaveNAT(f snat.Family) (string, error)      { return c.fake.SaveNAT(f) }
+func (c *checkedTables) Generation(f snat.Family) (uint64, error)   { return c.fake.Generation(f) }
+func (c *checkedTables) DropTable(f snat.Family, name string) error { return c.fake.DropTable(f, name) }
+func (c *checkedTables) CanDropNATTable() bool                      { return c.fake.CanDropNATTable() }
 
 func (c *checkedSets) Headers() (map[string]int, error) { return c.fake.Headers() }
 
