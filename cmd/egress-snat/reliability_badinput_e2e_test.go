@@ -344,6 +344,8 @@ func TestBadInputIssue15(t *testing.T) {
 			{[]string{"watch", "-f", good, "--settle", "-1s"}, []string{"--settle -1s"}, nil},
 			{[]string{"watch", "-f", good, "--full-resync", "-5m"}, []string{"--full-resync -5m0s"}, nil},
 			{[]string{"watch", "-f", good, "--resync", "0s"}, []string{"--resync 0s"}, nil},
+			{[]string{"apply", "-f", good, "--confirm", "0s"}, []string{"--confirm 0s"}, nil},
+			{[]string{"watch", "-f", good, "--verify-every", "-1s"}, []string{"--verify-every -1s"}, nil},
 			{[]string{"--lock-timeout", "-1s", "watch", "-f", good}, []string{"--lock-timeout -1s"}, nil},
 		}},
 		{"a pool names an address twice", []run{
