@@ -150,12 +150,15 @@ status() {
 # deps installs, with apt-get, the package of every command that is missing:
 # the lab's and the tests' (iptables, ipset, ip, nft, conntrack, nsenter,
 # setpriv, tcpdump for lab.Arrivals; dockerd, docker and a static busybox
-# for the Docker tests) plus any CMD=PKG pairs given. apt-get update runs
-# once, and only if needed.
+# for the Docker tests; firewalld and dbus-daemon for the firewalld tests,
+# which run both inside a lab namespace on a private bus,
+# internal/lab/firewalld.go) plus any CMD=PKG pairs given. apt-get update
+# runs once, and only if needed.
 deps() {
   local pair pkg missing=()
   for pair in iptables=iptables ipset=ipset ip=iproute2 nft=nftables conntrack=conntrack \
-    nsenter=util-linux setpriv=util-linux dockerd=docker.io docker=docker.io busybox=busybox-static tcpdump=tcpdump "$@"; do
+    nsenter=util-linux setpriv=util-linux dockerd=docker.io docker=docker.io busybox=busybox-static tcpdump=tcpdump \
+    firewalld=firewalld firewall-cmd=firewalld dbus-daemon=dbus "$@"; do
     pkg=${pair#*=}
     command -v "${pair%%=*}" >/dev/null || [[ " ${missing[*]} " == *" $pkg "* ]] || missing+=("$pkg")
   done
@@ -185,6 +188,15 @@ deps() {
     fi
     if pgrep -x dockerd >/dev/null || pgrep -x containerd >/dev/null; then
       die "a dockerd or containerd runs in the root namespace after installing docker.io (policy-rc.d did not hold)"
+    fi
+  fi
+  if [[ " ${missing[*]} " == *" firewalld "* ]]; then
+    # Likewise: the firewalld tests start their own, in a lab namespace.
+    if command -v systemctl >/dev/null; then
+      systemctl disable firewalld.service >/dev/null 2>&1 || true
+    fi
+    if pgrep -x firewalld >/dev/null; then
+      die "a firewalld runs in the root namespace after installing firewalld (policy-rc.d did not hold)"
     fi
   fi
 }

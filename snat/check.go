@@ -163,9 +163,15 @@ func DesiredNow(r Router, st *State, intents []Intent) ([]Entry, []Finding, erro
 			desired = append(desired, old)
 		}
 	}
-	// Keep-natural entries follow the SNAT entries they carve out of.
+	// Keep-natural entries follow the SNAT entries they carve out of,
+	// unless an intent (a file rule naming the natural source) already
+	// gave one for the same match.
+	wanted := map[Match]bool{}
+	for _, en := range desired {
+		wanted[en.Match] = true
+	}
 	for _, en := range st.Entries() {
-		if en.Keep() {
+		if en.Keep() && !wanted[en.Match] {
 			desired = append(desired, en)
 		}
 	}

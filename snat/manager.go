@@ -110,6 +110,14 @@ func (m *Manager) Read() (*State, error) {
 // desired for the complete desired entries given what is installed, plans,
 // and applies the plan unless dryRun. An empty plan writes nothing.
 func (m *Manager) Update(lockTimeout time.Duration, dryRun bool, desired func(*State) ([]Entry, error)) (*State, Plan, error) {
+	return m.UpdateThen(lockTimeout, dryRun, desired, nil)
+}
+
+// UpdateThen is Update with a last step, then, that runs under the same lock
+// once the kernel holds the plan (not on a dry run): a change that must land
+// in the kernel and somewhere else (the permanent file) in one step. If then
+// fails, the kernel is put back as it was read, so both or neither change.
+func (m *Manager) UpdateThen(lockTimeout time.Duration, dryRun bool, desired func(*State) ([]Entry, error), then func(Plan) error) (*State, Plan, error) {
 	locker := m.Locker
 	if locker == nil {
 		locker = FileLock{}
@@ -128,10 +136,36 @@ func (m *Manager) Update(lockTimeout time.Duration, dryRun bool, desired func(*S
 		return st, Plan{}, err
 	}
 	p := MakePlan(st, want)
-	if dryRun || p.Empty() {
+	if dryRun {
 		return st, p, nil
 	}
-	return st, p, m.Apply(p)
+	if !p.Empty() {
+		if err := m.Apply(p); err != nil {
+			return st, p, err
+		}
+	}
+	if then == nil {
+		return st, p, nil
+	}
+	if err := then(p); err != nil {
+		if p.Empty() {
+			return st, p, err
+		}
+		if back := m.restore(st); back != nil {
+			return st, p, fmt.Errorf("%w (and putting the rules back failed: %v)", err, back)
+		}
+		return st, p, fmt.Errorf("%w (the rules were put back as they were)", err)
+	}
+	return st, p, nil
+}
+
+// restore makes the kernel hold st's entries again.
+func (m *Manager) restore(st *State) error {
+	now, err := m.Read()
+	if err != nil {
+		return err
+	}
+	return m.Apply(MakePlan(now, st.Entries()))
 }
 
 // Summary counts the plan's changes and the resulting chains in one line:

@@ -49,6 +49,7 @@ func newApp() *cli.App {
 		rotateCommand,
 		checkCommand,
 		watchCommand,
+		saveCommand,
 		verifyCommand,
 		verifyFlowCommand,
 		confirmCommand,
@@ -73,13 +74,16 @@ destination's subnet if there is one, else the primary address; IPv6 has its
 own selection rules). egress-snat shows that choice and overrides it with
 SNAT rules in its own nat chain (EGRESS-SNAT, jumped to first from
 POSTROUTING), for IPv4 and IPv6. Rules match the natural source, so
-applications that bind another address keep it. All state is in the
-kernel; "egress-snat clear" removes every trace.
+applications that bind another address keep it. The kernel's rules are the
+runtime state ("egress-snat clear" removes every trace); --permanent and
+"save" also write the permanent file (--config), which "watch" brings back
+at boot.
 
 ` + exitStatusHelp,
 		Flags: []cli.Flag{
 			&cli.StringFlag{Name: "netns", Usage: "run inside the network namespace `NAME` (as ip netns exec NAME would)"},
 			&cli.StringFlag{Name: "iptables-backend", Value: "auto", EnvVars: []string{"EGRESS_SNAT_IPTABLES"}, Usage: "iptables `BACKEND`: auto (what the host's iptables uses), nft or legacy"},
+			configFlag,
 			&cli.DurationFlag{Name: "lock-timeout", Value: 10 * time.Second, Usage: "how long (`DURATION`) to wait for another egress-snat run, and for the xtables lock, before giving up with nothing changed"},
 		},
 		Before: enterNetns,

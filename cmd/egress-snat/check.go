@@ -19,8 +19,11 @@ var checkCommand = &cli.Command{
 	Name:      "check",
 	Usage:     "report drift between the host and what egress-snat manages (exit 0 in sync, 1 drift, 2 error)",
 	UsageText: "egress-snat check [-f FILE] [--json]",
-	Description: `Compares the host with the rules egress-snat installed, or with a
-desired-state file given by -f, and reports each kind of drift:
+	Description: `Compares the host with a desired-state file given by -f or, without -f, the
+permanent file (--config) when it exists, and reports each kind of drift.
+With neither, it can only check the rules it finds installed: a chain that a
+firewall reload flushed away leaves nothing to compare, so it says so.
+Kinds of drift:
 
    jump-missing, jump-not-first, jump-duplicated
                        POSTROUTING lost its jump (firewall reload, Docker
@@ -29,7 +32,7 @@ desired-state file given by -f, and reports each kind of drift:
                        the EGRESS-SNAT chain is gone or holds rules
                        egress-snat did not write
    set-out-of-date     a destination set is missing or its members differ
-   rule-out-of-date    with -f: rules the file wants added, changed, removed
+   rule-out-of-date    with a file: rules it wants added, changed, removed
    to-not-on-host      a rule's source address is no longer on the host:
                        its traffic leaves from an address the host lacks
    natural-source-changed
@@ -53,7 +56,7 @@ can be repaired.
 
 EXIT STATUS: 0 in sync, 1 drift, 2 error (bad input or a failed read).`,
 	Flags: []cli.Flag{
-		&cli.StringFlag{Name: "file", Aliases: []string{"f"}, Usage: "compare with this desired-state `FILE` instead of the installed rules"},
+		&cli.StringFlag{Name: "file", Aliases: []string{"f"}, Usage: "compare with this desired-state `FILE` (default: the permanent file, --config, when it exists; else only the installed rules)"},
 		jsonFlag,
 	},
 	Action: func(c *cli.Context) error {
@@ -84,8 +87,12 @@ EXIT STATUS: 0 in sync, 1 drift, 2 error (bad input or a failed read).`,
 }
 
 func runCheck(c *cli.Context) ([]snat.Finding, error) {
+	file, err := checkFile(c)
+	if err != nil {
+		return nil, err
+	}
 	var intents []snat.Intent
-	if path := c.String("file"); path != "" {
+	if path := file; path != "" {
 		var err error
 		if intents, err = loadIntents(path); err != nil {
 			return nil, err
@@ -99,7 +106,7 @@ func runCheck(c *cli.Context) ([]snat.Finding, error) {
 	if err != nil {
 		return nil, err
 	}
-	if c.String("file") == "" {
+	if file == "" {
 		intents = snat.IntentsOf(st.Entries())
 	}
 	desired, findings, err := snat.DesiredNow(e.sel, st, intents)

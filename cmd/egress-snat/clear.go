@@ -9,7 +9,7 @@ import (
 var clearCommand = &cli.Command{
 	Name:      "clear",
 	Usage:     "remove everything egress-snat installed: rules, chain, jump and sets",
-	UsageText: "egress-snat clear [--dry-run]",
+	UsageText: "egress-snat clear [--permanent] [--dry-run]",
 	Description: `Removes the EGRESS-SNAT chain and its jump from the nat table of both
 iptables and ip6tables, and every egress-snat ipset, in one transaction per
 family. Nothing else is touched: iptables-save and ip6tables-save afterwards
@@ -23,15 +23,15 @@ With iptables-nft, a nat table that only egress-snat used is deleted too
 (with the nft command, when installed). With iptables-legacy, a nat table
 that egress-snat caused to be loaded stays listed, empty: legacy tables
 cannot be unloaded from a namespace.`,
-	Flags: []cli.Flag{dryRunFlag, jsonFlag},
+	Flags: []cli.Flag{permanentFlag, dryRunFlag, jsonFlag},
 	Action: func(c *cli.Context) error {
 		e, err := envFor(c)
 		if err != nil {
 			return err
 		}
-		_, plan, err := e.mgr.Update(e.lockTimeout, c.Bool("dry-run"), func(*snat.State) ([]snat.Entry, error) {
+		_, plan, err := update(c, e, func(*snat.State) ([]snat.Entry, error) {
 			return nil, nil
-		})
+		}, clearDoc)
 		if err != nil {
 			return err
 		}

@@ -15,7 +15,7 @@ import (
 var rotateCommand = &cli.Command{
 	Name:      "rotate",
 	Usage:     "move destinations to the next source address of a pool (for cron)",
-	UsageText: "egress-snat rotate --pool ADDR,ADDR[,...] [--dst ADDR|CIDR]... [--from CIDR... | --uid USER | --cgroup PATH] [--order next|random] [--flush-conntrack] [--dry-run]",
+	UsageText: "egress-snat rotate --pool ADDR,ADDR[,...] [--dst ADDR|CIDR]... [--from CIDR... | --uid USER | --cgroup PATH] [--order next|random] [--flush-conntrack] [--permanent] [--dry-run]",
 	Description: `Moves each --dst (default: every destination of the pool's family) to the
 pool member after the one it uses now. The address in use is read from the
 installed rule itself, or is the natural source when there is none, so there
@@ -52,6 +52,7 @@ Cron example (/etc/cron.d/egress-snat):
 		&cli.StringSliceFlag{Name: "pool", Usage: "(required) source addresses to rotate over, in order (comma-separated)"},
 		&cli.StringSliceFlag{Name: "dst", Usage: "destination `ADDR|CIDR` to rotate (repeatable; default: every destination of the pool's family)"},
 		&cli.StringFlag{Name: "order", Value: "next", Usage: "next (pool order) or random"},
+		permanentFlag,
 		&cli.BoolFlag{Name: "flush-conntrack", Usage: "also delete the conntrack entries of the old address, so existing flows move too (breaks established TCP connections)"},
 		dryRunFlag,
 		jsonFlag,
@@ -97,7 +98,7 @@ Cron example (/etc/cron.d/egress-snat):
 		}
 		rng := rand.New(rand.NewPCG(rand.Uint64(), rand.Uint64()))
 		var moves []snat.Move
-		_, plan, err := e.mgr.Update(e.lockTimeout, c.Bool("dry-run"), func(st *snat.State) ([]snat.Entry, error) {
+		_, plan, err := update(c, e, func(st *snat.State) ([]snat.Entry, error) {
 			var intents []snat.Intent
 			moves, intents, err = snat.PlanRotation(e.sel, st, pool, targets, order, rng)
 			if err != nil {
@@ -108,7 +109,7 @@ Cron example (/etc/cron.d/egress-snat):
 				return nil, err
 			}
 			return snat.Merge(st.Entries(), resolved), nil
-		})
+		}, rotateDoc(&moves))
 		if err != nil {
 			return err
 		}

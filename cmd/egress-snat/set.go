@@ -12,7 +12,7 @@ import (
 var setCommand = &cli.Command{
 	Name:      "set",
 	Usage:     "make new connections to destinations leave with a chosen source address",
-	UsageText: "egress-snat set --to ADDR [--dst ADDR|CIDR]... [--out IFACE] [--dry-run]\n   egress-snat set --to ADDR --from CIDR [--from CIDR]... [--dst CIDR]...\n   egress-snat set --to ADDR --uid USER|UID [--dst CIDR]...\n   egress-snat set --to ADDR --cgroup PATH [--dst CIDR]...\n   egress-snat set --to ADDR,ADDR[,...] --spread [--dst CIDR]...\n   egress-snat set --to ADDR-ON-ANOTHER-NIC --dst CIDR... [--via GW]\n   egress-snat set --to ADDR --dst CIDR... --method route|snat|auto",
+	UsageText: "egress-snat set --to ADDR [--dst ADDR|CIDR]... [--out IFACE] [--permanent] [--dry-run]\n   egress-snat set --to ADDR --from CIDR [--from CIDR]... [--dst CIDR]...\n   egress-snat set --to ADDR --uid USER|UID [--dst CIDR]...\n   egress-snat set --to ADDR --cgroup PATH [--dst CIDR]...\n   egress-snat set --to ADDR,ADDR[,...] --spread [--dst CIDR]...\n   egress-snat set --to ADDR-ON-ANOTHER-NIC --dst CIDR... [--via GW]\n   egress-snat set --to ADDR --dst CIDR... --method route|snat|auto",
 	Description: `Installs SNAT rules so that new connections to each --dst leave with --to
 instead of the kernel's natural source. Without --dst, it applies to every
 destination of --to's family (0.0.0.0/0 or ::/0: whatever uses the default
@@ -83,6 +83,7 @@ Examples:
 		&cli.StringSliceFlag{Name: "dst", Usage: "destination `ADDR|CIDR` (repeatable; default: every destination of --to's family)"},
 		&cli.StringFlag{Name: "out", Usage: "outgoing `IFACE` (default: the interface the kernel routes the destination by)"},
 		&cli.BoolFlag{Name: "spread", Usage: "spread new connections over all --to addresses in turn"},
+		permanentFlag,
 		&cli.StringFlag{Name: "via", Usage: "gateway `GW` when --to is on another interface than the destination's route (default: that interface's one gateway)"},
 		&cli.StringFlag{Name: "method", Value: "snat", Usage: "`METHOD`: snat (nat chain), route (a route with src, no NAT: the host's own traffic only) or auto"},
 		dryRunFlag,
@@ -147,13 +148,13 @@ func setIntents(c *cli.Context, intents []snat.Intent) error {
 		return err
 	}
 	var resolved []snat.Entry
-	_, plan, err := e.mgr.Update(e.lockTimeout, c.Bool("dry-run"), func(st *snat.State) ([]snat.Entry, error) {
+	_, plan, err := update(c, e, func(st *snat.State) ([]snat.Entry, error) {
 		resolved, err = snat.Resolve(e.sel, intents)
 		if err != nil {
 			return nil, err
 		}
 		return snat.Merge(st.Entries(), resolved), nil
-	})
+	}, putIntents(intents))
 	if err != nil {
 		return err
 	}

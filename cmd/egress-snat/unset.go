@@ -6,13 +6,14 @@ import (
 
 	"github.com/urfave/cli/v2"
 
+	"github.com/egress-snat/egress-snat/config"
 	"github.com/egress-snat/egress-snat/snat"
 )
 
 var unsetCommand = &cli.Command{
 	Name:      "unset",
 	Usage:     "remove the rule of one or more destinations",
-	UsageText: "egress-snat unset --dst ADDR|CIDR [--dst ...] [--from CIDR... | --uid USER | --cgroup PATH] [--dry-run]",
+	UsageText: "egress-snat unset --dst ADDR|CIDR [--dst ...] [--from CIDR... | --uid USER | --cgroup PATH] [--permanent] [--dry-run]",
 	Description: `Removes the rule for exactly each --dst of exactly the sender given (as
 given to set or apply; a broader or narrower rule, or the same destination's
 rule for another sender, is not touched). New connections then leave with
@@ -27,6 +28,7 @@ Examples:
    egress-snat unset --from 172.17.0.0/16 --dst 0.0.0.0/0`,
 	Flags: append([]cli.Flag{
 		&cli.StringSliceFlag{Name: "dst", Usage: "destination `ADDR|CIDR` whose rule to remove (repeatable; required without --from, --uid or --cgroup)"},
+		permanentFlag,
 		dryRunFlag,
 		jsonFlag,
 	}, senderFlags()...),
@@ -71,7 +73,7 @@ Examples:
 			drop[t] = true
 		}
 		var missing []who
-		_, plan, err := e.mgr.Update(e.lockTimeout, c.Bool("dry-run"), func(st *snat.State) ([]snat.Entry, error) {
+		_, plan, err := update(c, e, func(st *snat.State) ([]snat.Entry, error) {
 			var keep []snat.Entry
 			found := map[who]bool{}
 			for _, en := range st.Entries() {
@@ -92,6 +94,10 @@ Examples:
 				missing = append(missing, targets[0])
 			}
 			return keep, nil
+		}, func(d *config.Doc) {
+			for _, t := range targets {
+				d.RemoveSender(t.Sender, []netip.Prefix{t.Dst})
+			}
 		})
 		if err != nil {
 			return err

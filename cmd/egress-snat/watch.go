@@ -24,8 +24,9 @@ import (
 var watchCommand = &cli.Command{
 	Name:      "watch",
 	Usage:     "keep the host converged on a desired-state file (run by systemd)",
-	UsageText: "egress-snat watch -f FILE [--resync 1s] [--settle 100ms] [--log-format text|json]",
-	Description: `Applies FILE at start, then keeps the host converged:
+	UsageText: "egress-snat [--config PATH] watch [-f FILE] [--resync 1s] [--settle 100ms] [--log-format text|json]",
+	Description: `Applies FILE (default: the permanent file, --config) at start, then keeps
+the host converged:
 
    - on netlink address, link and route events (subscribed, not polled):
      routes and natural sources are looked up again;
@@ -41,7 +42,9 @@ var watchCommand = &cli.Command{
    - when FILE changes (its directory is watched with inotify, so an
      editor's or Ansible's rename and a Kubernetes ConfigMap's ..data
      symlink swap are seen), or on SIGHUP, FILE is read again (a bad file
-     is logged and the old one kept).
+     is logged and the old one kept). Each reconcile also looks, under
+     the lock, whether the file was replaced, so a --permanent run that
+     changed the kernel and the file is never undone with the old file.
 
 Bursts of events are coalesced (--settle) into one apply. When a rule's
 source address leaves the host, its rule is taken out (or moved to the next
@@ -53,7 +56,7 @@ Logs go to stderr (the journal) with log/slog. SIGTERM or SIGINT stops it
 cleanly and leaves the rules in place. scripts/egress-snat.service runs it
 at boot, so the desired state survives reboots.`,
 	Flags: []cli.Flag{
-		&cli.StringFlag{Name: "file", Aliases: []string{"f"}, Usage: "(required) desired-state YAML `FILE`"},
+		&cli.StringFlag{Name: "file", Aliases: []string{"f"}, Usage: "desired-state YAML `FILE` (default: the permanent file, --config)"},
 		&cli.DurationFlag{Name: "resync", Value: time.Second, Usage: "how often the canary compares the chain with the desired state"},
 		&cli.DurationFlag{Name: "settle", Value: 100 * time.Millisecond, Usage: "how long to wait for a burst of events to end before applying"},
 		&cli.DurationFlag{Name: "full-resync", Value: 5 * time.Minute, Usage: "how often to compare everything, set members included"},
@@ -61,7 +64,8 @@ at boot, so the desired state survives reboots.`,
 		verifyEveryFlag,
 	},
 	Action: func(c *cli.Context) error {
-		if err := required(c, "file"); err != nil {
+		path, err := watchPath(c)
+		if err != nil {
 			return err
 		}
 		var handler slog.Handler
@@ -77,7 +81,7 @@ at boot, so the desired state survives reboots.`,
 			return usageError("--resync and --full-resync must be positive and --settle not negative")
 		}
 		debug.SetGCPercent(100) // long-running: the default suits it
-		intents, err := loadIntents(c.String("file"))
+		intents, err := loadIntents(path)
 		if err != nil {
 			return err
 		}
@@ -85,7 +89,7 @@ at boot, so the desired state survives reboots.`,
 		if err != nil {
 			return err
 		}
-		w := &watcher{e: e, path: c.String("file"), intents: intents, log: slog.New(handler), settle: c.Duration("settle"),
+		w := &watcher{e: e, path: path, intents: intents, log: slog.New(handler), settle: c.Duration("settle"),
 			quickEvery: 10 * c.Duration("resync"), fullEvery: c.Duration("full-resync"), verifyEvery: c.Duration("verify-every")}
 		ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 		defer stop()
@@ -107,6 +111,8 @@ type watcher struct {
 	plan      snat.Plan
 	wantRules map[snat.Family][]routes.Rule
 	applies   int
+	// stamp is the version of the file that intents were read from.
+	stamp fileStamp
 	// gens are the table generations the canary last saw.
 	gens                  map[snat.Family]uint64
 	resolve               atomic.Bool // the host changed since the last resolve
@@ -326,6 +332,12 @@ func (w *watcher) reconcile(reason string) error {
 		w.e.sel.Forget() // addresses and routes may have changed
 	}
 	_, plan, err := w.e.mgr.Update(w.e.lockTimeout, false, func(*snat.State) ([]snat.Entry, error) {
+		// Under the lock a --permanent run's file and kernel agree: a file
+		// replaced since the last read is read now, not after the canary
+		// has undone the run with the old one.
+		if w.reloadIfChanged() {
+			again = true
+		}
 		if !again {
 			return w.plan.Desired, nil
 		}

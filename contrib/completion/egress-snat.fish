@@ -3,7 +3,7 @@
 
 function __fish_egress-snat_no_subcommand --description 'Test if there has been any subcommand yet'
     for i in (commandline -opc)
-        if contains -- $i explain set unset list clear apply rotate check watch verify confirm stats help h
+        if contains -- $i explain set unset list clear apply rotate check watch save verify confirm stats help h
             return 1
         end
     end
@@ -12,6 +12,7 @@ end
 
 complete -c egress-snat -n '__fish_egress-snat_no_subcommand' -f -l netns -r -d 'run inside the network namespace `NAME` (as ip netns exec NAME would)'
 complete -c egress-snat -n '__fish_egress-snat_no_subcommand' -f -l iptables-backend -r -d 'iptables `BACKEND`: auto (what the host\'s iptables uses), nft or legacy'
+complete -c egress-snat -n '__fish_egress-snat_no_subcommand' -f -l config -r -d 'the permanent desired-state `PATH` (the format of apply -f): edited by --permanent and save, followed by watch and compared by check when they have no -f'
 complete -c egress-snat -n '__fish_egress-snat_no_subcommand' -f -l lock-timeout -r -d 'how long (`DURATION`) to wait for another egress-snat run, and for the xtables lock, before giving up with nothing changed'
 complete -c egress-snat -n '__fish_egress-snat_no_subcommand' -f -l help -s h -d 'show help'
 complete -c egress-snat -n '__fish_egress-snat_no_subcommand' -f -l version -s v -d 'print the version'
@@ -29,6 +30,7 @@ complete -c egress-snat -n '__fish_seen_subcommand_from set' -f -l to -r -d '(re
 complete -c egress-snat -n '__fish_seen_subcommand_from set' -f -l dst -r -d 'destination `ADDR|CIDR` (repeatable; default: every destination of --to\'s family)'
 complete -c egress-snat -n '__fish_seen_subcommand_from set' -f -l out -r -d 'outgoing `IFACE` (default: the interface the kernel routes the destination by)'
 complete -c egress-snat -n '__fish_seen_subcommand_from set' -f -l spread -d 'spread new connections over all --to addresses in turn'
+complete -c egress-snat -n '__fish_seen_subcommand_from set' -f -l permanent -d 'also change the permanent file (--config) in the same step, so that the change survives a reboot; if the file cannot be read or written, nothing changes'
 complete -c egress-snat -n '__fish_seen_subcommand_from set' -f -l via -r -d 'gateway `GW` when --to is on another interface than the destination\'s route (default: that interface\'s one gateway)'
 complete -c egress-snat -n '__fish_seen_subcommand_from set' -f -l method -r -d '`METHOD`: snat (nat chain), route (a route with src, no NAT: the host\'s own traffic only) or auto'
 complete -c egress-snat -n '__fish_seen_subcommand_from set' -f -l dry-run -d 'print the plan and the exact iptables-restore and ipset payloads, change nothing'
@@ -39,6 +41,7 @@ complete -c egress-snat -n '__fish_seen_subcommand_from set' -f -l cgroup -r -d 
 complete -c egress-snat -n '__fish_seen_subcommand_from unset' -f -l help -s h -d 'show help'
 complete -r -c egress-snat -n '__fish_egress-snat_no_subcommand' -a 'unset' -d 'remove the rule of one or more destinations'
 complete -c egress-snat -n '__fish_seen_subcommand_from unset' -f -l dst -r -d 'destination `ADDR|CIDR` whose rule to remove (repeatable; required without --from, --uid or --cgroup)'
+complete -c egress-snat -n '__fish_seen_subcommand_from unset' -f -l permanent -d 'also change the permanent file (--config) in the same step, so that the change survives a reboot; if the file cannot be read or written, nothing changes'
 complete -c egress-snat -n '__fish_seen_subcommand_from unset' -f -l dry-run -d 'print the plan and the exact iptables-restore and ipset payloads, change nothing'
 complete -c egress-snat -n '__fish_seen_subcommand_from unset' -f -l json -d 'print JSON for scripts instead of text'
 complete -c egress-snat -n '__fish_seen_subcommand_from unset' -f -l from -r -d 'forwarded traffic from source `CIDR` (containers, VMs, VPN or LAN clients routed through this host); repeatable'
@@ -49,6 +52,7 @@ complete -r -c egress-snat -n '__fish_egress-snat_no_subcommand' -a 'list' -d 's
 complete -c egress-snat -n '__fish_seen_subcommand_from list' -f -l json -d 'print JSON for scripts instead of text'
 complete -c egress-snat -n '__fish_seen_subcommand_from clear' -f -l help -s h -d 'show help'
 complete -r -c egress-snat -n '__fish_egress-snat_no_subcommand' -a 'clear' -d 'remove everything egress-snat installed: rules, chain, jump and sets'
+complete -c egress-snat -n '__fish_seen_subcommand_from clear' -f -l permanent -d 'also change the permanent file (--config) in the same step, so that the change survives a reboot; if the file cannot be read or written, nothing changes'
 complete -c egress-snat -n '__fish_seen_subcommand_from clear' -f -l dry-run -d 'print the plan and the exact iptables-restore and ipset payloads, change nothing'
 complete -c egress-snat -n '__fish_seen_subcommand_from clear' -f -l json -d 'print JSON for scripts instead of text'
 complete -c egress-snat -n '__fish_seen_subcommand_from apply' -f -l help -s h -d 'show help'
@@ -62,6 +66,7 @@ complete -r -c egress-snat -n '__fish_egress-snat_no_subcommand' -a 'rotate' -d 
 complete -c egress-snat -n '__fish_seen_subcommand_from rotate' -f -l pool -r -d '(required) source addresses to rotate over, in order (comma-separated)'
 complete -c egress-snat -n '__fish_seen_subcommand_from rotate' -f -l dst -r -d 'destination `ADDR|CIDR` to rotate (repeatable; default: every destination of the pool\'s family)'
 complete -c egress-snat -n '__fish_seen_subcommand_from rotate' -f -l order -r -d 'next (pool order) or random'
+complete -c egress-snat -n '__fish_seen_subcommand_from rotate' -f -l permanent -d 'also change the permanent file (--config) in the same step, so that the change survives a reboot; if the file cannot be read or written, nothing changes'
 complete -c egress-snat -n '__fish_seen_subcommand_from rotate' -f -l flush-conntrack -d 'also delete the conntrack entries of the old address, so existing flows move too (breaks established TCP connections)'
 complete -c egress-snat -n '__fish_seen_subcommand_from rotate' -f -l dry-run -d 'print the plan and the exact iptables-restore and ipset payloads, change nothing'
 complete -c egress-snat -n '__fish_seen_subcommand_from rotate' -f -l json -d 'print JSON for scripts instead of text'
@@ -70,16 +75,19 @@ complete -c egress-snat -n '__fish_seen_subcommand_from rotate' -f -l uid -r -d 
 complete -c egress-snat -n '__fish_seen_subcommand_from rotate' -f -l cgroup -r -d 'the host\'s own traffic of sockets in cgroup v2 `PATH`, relative to the cgroup2 root, e.g. system.slice/postfix.service (-m cgroup)'
 complete -c egress-snat -n '__fish_seen_subcommand_from check' -f -l help -s h -d 'show help'
 complete -r -c egress-snat -n '__fish_egress-snat_no_subcommand' -a 'check' -d 'report drift between the host and what egress-snat manages (exit 0 in sync, 1 drift, 2 error)'
-complete -c egress-snat -n '__fish_seen_subcommand_from check' -f -l file -s f -r -d 'compare with this desired-state `FILE` instead of the installed rules'
+complete -c egress-snat -n '__fish_seen_subcommand_from check' -f -l file -s f -r -d 'compare with this desired-state `FILE` (default: the permanent file, --config, when it exists; else only the installed rules)'
 complete -c egress-snat -n '__fish_seen_subcommand_from check' -f -l json -d 'print JSON for scripts instead of text'
 complete -c egress-snat -n '__fish_seen_subcommand_from watch' -f -l help -s h -d 'show help'
 complete -r -c egress-snat -n '__fish_egress-snat_no_subcommand' -a 'watch' -d 'keep the host converged on a desired-state file (run by systemd)'
-complete -c egress-snat -n '__fish_seen_subcommand_from watch' -f -l file -s f -r -d '(required) desired-state YAML `FILE`'
+complete -c egress-snat -n '__fish_seen_subcommand_from watch' -f -l file -s f -r -d 'desired-state YAML `FILE` (default: the permanent file, --config)'
 complete -c egress-snat -n '__fish_seen_subcommand_from watch' -f -l resync -r -d 'how often the canary compares the chain with the desired state'
 complete -c egress-snat -n '__fish_seen_subcommand_from watch' -f -l settle -r -d 'how long to wait for a burst of events to end before applying'
 complete -c egress-snat -n '__fish_seen_subcommand_from watch' -f -l full-resync -r -d 'how often to compare everything, set members included'
 complete -c egress-snat -n '__fish_seen_subcommand_from watch' -f -l log-format -r -d 'text or json'
 complete -c egress-snat -n '__fish_seen_subcommand_from watch' -f -l verify-every -r -d 'every `DURATION`, also start a real flow per rule (as verify does) and log a mismatch as an error; 0 never'
+complete -c egress-snat -n '__fish_seen_subcommand_from save' -f -l help -s h -d 'show help'
+complete -r -c egress-snat -n '__fish_egress-snat_no_subcommand' -a 'save' -d 'write the installed rules to the permanent file, so that they survive a reboot'
+complete -c egress-snat -n '__fish_seen_subcommand_from save' -f -l dry-run -d 'print the plan and the exact iptables-restore and ipset payloads, change nothing'
 complete -c egress-snat -n '__fish_seen_subcommand_from verify' -f -l help -s h -d 'show help'
 complete -r -c egress-snat -n '__fish_egress-snat_no_subcommand' -a 'verify' -d 'start a real flow and check the source it left with against the rules (exit 0 agree, 1 differ, 2 bad input)'
 complete -c egress-snat -n '__fish_seen_subcommand_from verify' -f -l dst -r -d 'destination `ADDR` or prefix; without it, one destination of every rule'

@@ -1,0 +1,77 @@
+package main
+
+import (
+	"fmt"
+
+	"github.com/urfave/cli/v2"
+
+	"github.com/egress-snat/egress-snat/config"
+	"github.com/egress-snat/egress-snat/snat"
+)
+
+var saveCommand = &cli.Command{
+	Name:      "save",
+	Usage:     "write the installed rules to the permanent file, so that they survive a reboot",
+	UsageText: "egress-snat [--config PATH] save [--dry-run]",
+	Description: `Writes the rules egress-snat has installed now as the permanent desired-state
+file (--config, default ` + defaultConfig + `), in the format of apply -f:
+"apply -f" of the saved file, or "watch" at boot, reproduces exactly these
+rules. It is iptables-save for egress-snat's rules: the way to make what
+set, unset and rotate did by hand permanent.
+
+The file's rules are replaced; its other comments stay. The file is written
+atomically (a temporary file, synced, renamed), keeping its mode. A file
+that exists but cannot be read as a desired-state file is not overwritten:
+save fails with exit 2 and changes nothing. --dry-run prints the file
+instead of writing it.`,
+	Flags: []cli.Flag{dryRunFlag},
+	Action: func(c *cli.Context) error {
+		e, err := envFor(c)
+		if err != nil {
+			return err
+		}
+		path := configPath(c)
+		// Under the lock, so that a concurrent --permanent change lands
+		// before or after this save, not in between.
+		var locker snat.Locker = snat.FileLock{}
+		if e.mgr.Locker != nil {
+			locker = e.mgr.Locker
+		}
+		unlock, err := locker.Lock(e.lockTimeout)
+		if err != nil {
+			return err
+		}
+		defer unlock()
+		st, err := e.mgr.Read()
+		if err != nil {
+			return err
+		}
+		doc, err := config.OpenDoc(path)
+		if err != nil {
+			return &snat.InvalidError{Err: err}
+		}
+		doc.Clear()
+		entries := st.Entries()
+		for _, en := range entries {
+			s, ok := specOf(en)
+			if !ok {
+				fmt.Fprintf(c.App.ErrWriter, "warning: %s keeps the source of forwarded traffic; the file cannot state that, so it is not saved\n", en.Match)
+				continue
+			}
+			doc.Put(s)
+		}
+		b, err := doc.Bytes()
+		if err != nil {
+			return err
+		}
+		if c.Bool("dry-run") {
+			_, err := e.out.Write(b)
+			return err
+		}
+		if err := doc.Write(); err != nil {
+			return err
+		}
+		fmt.Fprintf(e.out, "saved %d destination(s) to %s\n", len(entries), path)
+		return nil
+	},
+}
