@@ -50,6 +50,7 @@ var cliSeeds = []string{
 	"set\x00--to\x00192.0.2.22,192.0.2.23\x00--spread\x00--dst\x00203.0.113.0/24\x00--json",
 	"set\x00--to\x002001:db8::22\x00--dst\x002001:db8:ffff::/48\x00--dry-run",
 	"set\x00--to\x00192.0.2.23\x01set\x00--to\x00192.0.2.22\x00--dst\x00198.51.100.4\x01unset\x00--dst\x00198.51.100.4\x01list",
+	"set\x00--to\x00192.0.2.23\x00--permanent\x01save\x01clear\x01check",
 	"rotate\x00--pool\x00192.0.2.22,192.0.2.23\x00--dst\x00198.51.100.4\x01rotate\x00--pool\x00192.0.2.22,192.0.2.23\x00--dst\x00198.51.100.4\x00--json",
 	"rotate\x00--pool\x00192.0.2.22,192.0.2.23,192.0.2.24\x00--order\x00random",
 	"apply\x00-f\x00@DIR@/good.yaml\x01check\x00-f\x00@DIR@/good.yaml\x01clear",
@@ -118,6 +119,10 @@ func FuzzCLI(f *testing.F) {
 	// other backend's probe, ipset, nft) finds no command instead of
 	// touching this machine's firewall.
 	f.Setenv("PATH", f.TempDir())
+	// The permanent file (--permanent, save) is the target's own, and is
+	// removed before each input.
+	permanent := filepath.Join(dir, "permanent.yaml")
+	f.Setenv("EGRESS_SNAT_CONFIG", permanent)
 	for _, s := range cliSeeds {
 		f.Add(s)
 	}
@@ -134,6 +139,7 @@ func FuzzCLI(f *testing.F) {
 			}
 			runs = append(runs, args)
 		}
+		os.Remove(permanent)
 		h := newCLIHost()
 		for _, args := range runs {
 			h.run(t, args)
@@ -146,6 +152,7 @@ func FuzzCLI(f *testing.F) {
 func TestCLIFakes(t *testing.T) {
 	t.Setenv("PATH", t.TempDir())
 	dir := t.TempDir()
+	t.Setenv("EGRESS_SNAT_CONFIG", filepath.Join(dir, "permanent.yaml"))
 	for name, content := range cliFiles {
 		if err := os.WriteFile(filepath.Join(dir, name), []byte(content), 0o600); err != nil {
 			t.Fatal(err)
@@ -184,7 +191,8 @@ func TestCLIFakes(t *testing.T) {
 // cliSafe says whether args may run in this process. watch runs until a
 // signal; verify and stats start real flows or read the kernel's conntrack
 // table, as --flush-conntrack writes it; --confirm and confirm keep a record
-// under /run and start a reverter; a path
+// under /run and start a reverter; --config names the permanent file,
+// which is the target's own (EGRESS_SNAT_CONFIG); a path
 // outside the target's directory could name a device or a pseudo-file
 // whose reading has effects (a prefix's "/24" is not a path).
 func cliSafe(args []string, dir string) bool {
@@ -193,7 +201,7 @@ func cliSafe(args []string, dir string) bool {
 		case "watch", "verify", "__verify-flow", "stats", "__revert":
 			return false
 		}
-		if strings.Contains(a, "flush-conntrack") || strings.Contains(a, "netns") || strings.Contains(a, "confirm") {
+		if strings.Contains(a, "flush-conntrack") || strings.Contains(a, "netns") || strings.Contains(a, "confirm") || strings.Contains(a, "config") {
 			return false
 		}
 		// A path has a '/' before a name ("/dev", "../x"); a prefix

@@ -331,6 +331,9 @@ func TestBadInputIssue15(t *testing.T) {
 			{[]string{"check", "-f", viaFIFO}, []string{"not a regular file"}, nil},
 			{[]string{"watch", "-f", viaFIFO}, []string{"not a regular file"}, nil},
 			{[]string{"apply", "-f", fifo}, []string{`partners.fifo"`, "not a regular file"}, nil},
+			{[]string{"--config", fifo, "check"}, []string{`partners.fifo"`, "not a regular file"}, nil},
+			{[]string{"--config", fifo, "set", "--to", "192.0.2.22", "--dst", "198.51.100.5", "--permanent"}, []string{`partners.fifo"`, "not a regular file"}, nil},
+			{[]string{"--config", fifo, "watch"}, []string{`partners.fifo"`, "not a regular file"}, nil},
 		}},
 		{"dst-file whose first line is not an address", []run{
 			{[]string{"apply", "-f", viaShadow}, []string{`shadow" line 1`, `"root:$6$rounds=656000$AAAAAAAAAAAAAAAAAA"…`}, []string{"20228", strings.Repeat("A", 19)}},
