@@ -296,8 +296,6 @@ func (t ExecTables) DropTable(f Family, name string) error {
 	return nil
 }
 
-func natTableEmpty(saveText string) bool { return tableEmpty(saveText, table) }
-
 // tableEmpty reports whether the save text holds table name with only its
 // built-in chains, empty, policy ACCEPT.
 func tableEmpty(saveText, name string) bool {
