@@ -39,7 +39,6 @@ import (
 	"fmt"
 	"io"
 	"net/netip"
-	"os"
 	"path/filepath"
 	"slices"
 	"strings"
@@ -112,7 +111,10 @@ func (a *Addrs) UnmarshalYAML(n *yaml.Node) error {
 	for _, it := range items {
 		ad, err := netip.ParseAddr(it.Value)
 		if err != nil || ad.Zone() != "" {
-			return fmt.Errorf("line %d: %q is not an IP address", it.Line, it.Value)
+			return fmt.Errorf("line %d: %s is not an IP address", it.Line, Excerpt(it.Value))
+		}
+		if slices.Contains(*a, ad) {
+			return fmt.Errorf("line %d: the list names %s twice", it.Line, ad)
 		}
 		*a = append(*a, ad)
 	}
@@ -142,7 +144,7 @@ func (r *Rule) UnmarshalYAML(n *yaml.Node) error {
 	if n.Kind == yaml.MappingNode {
 		for i := 0; i+1 < len(n.Content); i += 2 {
 			if k := n.Content[i]; !ruleKeys[k.Value] {
-				return fmt.Errorf("line %d: unknown key %q in a rule (want to, from, uid, cgroup, dst, dst-file, out, spread, via, method)", k.Line, k.Value)
+				return fmt.Errorf("line %d: unknown key %s in a rule (want to, from, uid, cgroup, dst, dst-file, out, spread, via, method)", k.Line, Excerpt(k.Value))
 			}
 		}
 	}
@@ -191,29 +193,31 @@ func ParseDst(s string) (netip.Prefix, error) {
 	if strings.Contains(s, "/") {
 		p, err := netip.ParsePrefix(s)
 		if err != nil {
-			return p, fmt.Errorf("%q is not a valid prefix", s)
+			return p, fmt.Errorf("%s is not a valid prefix", Excerpt(s))
 		}
 		if p.Masked() != p {
-			return p, fmt.Errorf("%s has host bits set; did you mean %s?", s, p.Masked())
+			return p, fmt.Errorf("%q has host bits set; did you mean %s?", s, p.Masked())
 		}
 		return p, nil
 	}
 	a, err := netip.ParseAddr(s)
 	if err != nil || a.Zone() != "" {
-		return netip.Prefix{}, fmt.Errorf("%q is not a valid address or prefix", s)
+		return netip.Prefix{}, fmt.Errorf("%s is not a valid address or prefix", Excerpt(s))
 	}
 	return netip.PrefixFrom(a, a.BitLen()), nil
 }
 
 // Load reads path and the dst-files it names (relative to its folder).
+// Each must be a regular file; path may hold MaxFileSize bytes, each
+// dst-file MaxDstFileSize.
 func Load(path string) (*File, error) {
-	b, err := os.ReadFile(path)
+	b, err := ReadFileBounded(path, MaxFileSize)
 	if err != nil {
 		return nil, err
 	}
 	f, err := Decode(bytes.NewReader(b))
 	if err != nil {
-		return nil, fmt.Errorf("%s: %w", path, err)
+		return nil, fmt.Errorf("%q: %w", path, err)
 	}
 	for i := range f.Rules {
 		r := &f.Rules[i]
@@ -226,7 +230,7 @@ func Load(path string) (*File, error) {
 		}
 		r.dstFile, err = readDstFile(name)
 		if err != nil {
-			return nil, fmt.Errorf("%s: rule %d (line %d): dst-file: %w", path, i+1, r.line, err)
+			return nil, fmt.Errorf("%q: rule %d (line %d): dst-file: %w", path, i+1, r.line, err)
 		}
 	}
 	return f, nil
@@ -243,7 +247,7 @@ func Decode(r io.Reader) (*File, error) {
 		if errors.Is(err, io.EOF) {
 			return nil, errors.New("empty file: want a 'rules:' list (an empty list, 'rules: []', removes every rule)")
 		}
-		return nil, err
+		return nil, tidyYAMLError(err)
 	}
 	var more yaml.Node
 	if err := dec.Decode(&more); !errors.Is(err, io.EOF) {
@@ -288,6 +292,11 @@ func (r Rule) check() error {
 			return fmt.Errorf("from %s and source %s are of different address families", p, r.To[0])
 		}
 	}
+	if r.Out != "" {
+		if err := CheckInterface(r.Out); err != nil {
+			return fmt.Errorf("'out': %w", err)
+		}
+	}
 	for _, a := range r.To[1:] {
 		if a.Is4() != r.To[0].Is4() {
 			return fmt.Errorf("'to' mixes address families: %s and %s", r.To[0], a)
@@ -301,26 +310,39 @@ func (r Rule) check() error {
 	return nil
 }
 
+// maxDstLine bounds one line of a dst-file: an address or prefix with a
+// comment is far shorter, and a file that is not a list of destinations
+// (a binary, one huge line) is refused at its first long line.
+const maxDstLine = 64 << 10
+
 func readDstFile(path string) ([]netip.Prefix, error) {
-	fh, err := os.Open(path)
+	fh, err := OpenBounded(path, MaxDstFileSize)
 	if err != nil {
 		return nil, err
 	}
 	defer fh.Close()
 	var out []netip.Prefix
 	sc := bufio.NewScanner(fh)
-	for n := 1; sc.Scan(); n++ {
+	sc.Buffer(make([]byte, 0, 4096), maxDstLine)
+	n := 1
+	for ; sc.Scan(); n++ {
 		line, _, _ := strings.Cut(sc.Text(), "#")
 		if line = strings.TrimSpace(line); line == "" {
 			continue
 		}
 		p, err := ParseDst(line)
 		if err != nil {
-			return nil, fmt.Errorf("%s:%d: %w", path, n, err)
+			return nil, fmt.Errorf("%q line %d: %w", path, n, err)
 		}
 		out = append(out, p)
 	}
-	return out, sc.Err()
+	switch err := sc.Err(); {
+	case errors.Is(err, bufio.ErrTooLong):
+		return nil, fmt.Errorf("%q line %d: longer than %d KiB; want one address or prefix a line", path, n, maxDstLine>>10)
+	case err != nil:
+		return nil, err
+	}
+	return out, nil
 }
 
 // Senders returns whose traffic the rule is about: its from prefixes, its

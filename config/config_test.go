@@ -356,7 +356,7 @@ func TestConfigLoadRejects(t *testing.T) {
 				"dsts.txt":   "# header\n198.51.100.4\n\n198.51.100.300\n198.51.100.5\n",
 				"unused.txt": "",
 			},
-			want: []string{"DIR/c.yaml", "rule 2 (line 4)", "DIR/dsts.txt:4", "198.51.100.300"},
+			want: []string{"DIR/c.yaml", "rule 2 (line 4)", `DIR/dsts.txt" line 4`, "198.51.100.300"},
 		},
 		{
 			name: "host bits in the dst-file",
@@ -364,7 +364,7 @@ func TestConfigLoadRejects(t *testing.T) {
 				"c.yaml":   "rules:\n  - to: 192.0.2.23\n    dst-file: dsts.txt\n",
 				"dsts.txt": "198.51.100.1/24 # oops\n",
 			},
-			want: []string{"DIR/dsts.txt:1", "198.51.100.1/24", "198.51.100.0/24"},
+			want: []string{`DIR/dsts.txt" line 1`, "198.51.100.1/24", "198.51.100.0/24"},
 		},
 		{
 			name:  "missing dst-file",

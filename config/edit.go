@@ -139,7 +139,7 @@ type Spec struct {
 // a file it cannot read.
 func OpenDoc(path string) (*Doc, error) {
 	d := &Doc{path: path, mode: 0o644}
-	b, err := os.ReadFile(path)
+	b, err := ReadFileBounded(path, MaxFileSize)
 	switch {
 	case errors.Is(err, fs.ErrNotExist):
 		return d, d.parse([]byte("rules: []\n"))
@@ -152,10 +152,10 @@ func OpenDoc(path string) (*Doc, error) {
 	}
 	d.mode, d.exists = fi.Mode().Perm(), true
 	if _, err := Decode(bytes.NewReader(b)); err != nil {
-		return nil, fmt.Errorf("%s: %w (the file was not changed)", path, err)
+		return nil, fmt.Errorf("%q: %w (the file was not changed)", path, err)
 	}
 	if err := d.parse(b); err != nil {
-		return nil, fmt.Errorf("%s: %w (the file was not changed)", path, err)
+		return nil, fmt.Errorf("%q: %w (the file was not changed)", path, err)
 	}
 	return d, nil
 }

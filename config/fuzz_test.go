@@ -39,6 +39,12 @@ var decodeSeeds = []string{
 	"rules: []\n---\nrules: []\n",
 	"rule:\n\t- to: x\n",
 	"",
+	// Issue #15: an address twice, an interface name that is not one.
+	"rules:\n  - to: [192.0.2.22, 192.0.2.22]\n    dst: [198.51.100.4]\n",
+	"rules:\n  - to: [2001:db8::22, 2001:DB8::22]\n    spread: true\n    dst: [2001:db8:ffff::4]\n",
+	"rules:\n  - to: 192.0.2.22\n    dst: [198.51.100.4]\n    out: \"eth0\\nINJECTED\"\n",
+	"rules:\n  - to: 192.0.2.22\n    dst: [198.51.100.4]\n    out: eth0:1\n",
+	"rules:\n  - to: 192.0.2.22\n    dst-file: /dev/zero\n",
 	"%YAML 1.2\n--- !!map\nrules: !!seq\n  - to: !!str 192.0.2.22\n    dst: !!str 198.51.100.4\n    spread: !!bool yes\n",
 }
 
@@ -81,16 +87,25 @@ func FuzzDecode(f *testing.F) {
 	f.Fuzz(func(t *testing.T, data []byte) {
 		file, err := config.Decode(bytes.NewReader(data))
 		if err != nil {
+			if len(err.Error()) > 64<<10 {
+				t.Fatalf("error message of %d bytes", len(err.Error()))
+			}
 			return
 		}
 		for i, r := range file.Rules {
 			if len(r.To) == 0 || (len(r.Dst) == 0 && r.DstFile == "") {
 				t.Fatalf("rule %d accepted without a source or a destination: %+v", i+1, r)
 			}
-			for _, a := range r.To {
+			for k, a := range r.To {
 				if !a.IsValid() || a.Zone() != "" || a.Is4() != r.To[0].Is4() {
 					t.Fatalf("rule %d: source %v accepted (first source %v)", i+1, a, r.To[0])
 				}
+				if slices.Contains(r.To[:k], a) {
+					t.Fatalf("rule %d: source %v accepted twice", i+1, a)
+				}
+			}
+			if r.Out != "" && config.CheckInterface(r.Out) != nil {
+				t.Fatalf("rule %d: out %q accepted", i+1, r.Out)
 			}
 			for _, p := range r.Dst {
 				if !p.IsValid() || p.Masked() != p || p.Addr().Zone() != "" || p.Addr().Is4() != r.To[0].Is4() {

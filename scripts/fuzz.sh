@@ -6,6 +6,10 @@
 #   snat   FuzzParseSets  ipset save text -> ParseSets -> SetRestorePayload
 #   config FuzzDecode     desired-state YAML -> config.Decode; what it accepts
 #                         is well formed and survives being written back
+#   cmd    FuzzCLI        argument vectors -> the egress-snat app, the kernel
+#                         behind fakes: every run ends, exits 0, 1 or 2, and
+#                         every iptables-restore, ipset and ip -batch input is of the
+#                         payload grammar (cmd/egress-snat/fuzz_cli_test.go)
 #
 # Seeds are in the tests and under */testdata/fuzz/; new interesting inputs
 # go to Go's fuzz cache, and a failing input is written to testdata/fuzz so
@@ -28,6 +32,7 @@ targets=(
   "./snat FuzzParseSave"
   "./snat FuzzParseSets"
   "./config FuzzDecode"
+  "./cmd/egress-snat FuzzCLI"
 )
 
 failed=0

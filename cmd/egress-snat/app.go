@@ -15,6 +15,7 @@ import (
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
 
+	"github.com/egress-snat/egress-snat/config"
 	"github.com/egress-snat/egress-snat/routes"
 	"github.com/egress-snat/egress-snat/selector"
 	"github.com/egress-snat/egress-snat/snat"
@@ -58,6 +59,7 @@ func newApp() *cli.App {
 	}
 	for _, c := range commands {
 		c.OnUsageError = commandUsageError
+		c.Before = checkFlags
 	}
 	return &cli.App{
 		Name:    "egress-snat",
@@ -94,20 +96,20 @@ at boot.
 		},
 		Commands: commands,
 		OnUsageError: func(c *cli.Context, err error, _ bool) error {
-			return cli.Exit(fmt.Sprintf("%v (see egress-snat --help)", err), exitUsage)
+			return cli.Exit(fmt.Sprintf("%s (see egress-snat --help)", config.OneLine(err.Error())), exitUsage)
 		},
 		ExitErrHandler: func(*cli.Context, error) {}, // main prints and exits
 	}
 }
 
 func run(args []string) error {
-	return newApp().Run(args)
+	return tidyExit(newApp().Run(args))
 }
 
 // commandUsageError makes a flag error of a command exit with exitUsage
 // and point at that command's help.
 func commandUsageError(c *cli.Context, err error, _ bool) error {
-	return cli.Exit(fmt.Sprintf("%v (see egress-snat %s --help)", err, c.Command.Name), exitUsage)
+	return cli.Exit(fmt.Sprintf("%s (see egress-snat %s --help)", config.OneLine(err.Error()), c.Command.Name), exitUsage)
 }
 
 func exitCode(err error) int {
@@ -142,11 +144,11 @@ func enterNetns(c *cli.Context) error {
 	}
 	ns, err := netns.GetFromName(name)
 	if err != nil {
-		return usageError("--netns %s: %v", name, err)
+		return usageError("--netns %q: %v", name, err)
 	}
 	runtime.LockOSThread()
 	if err := netns.Set(ns); err != nil {
-		return fmt.Errorf("entering network namespace %s: %w", name, err)
+		return fmt.Errorf("entering network namespace %q: %w", name, err)
 	}
 	var args []string
 	skip := false

@@ -36,6 +36,9 @@ rewritten, and no rule is installed where the natural source already is the
 one asked for. Many destinations of one source go into one ipset (hash:net),
 so the chain stays a handful of rules however long the list.
 
+FILE and each dst-file must be regular files (not pipes or devices), of
+at most 16 MiB and 256 MiB.
+
 Unknown keys, bad addresses, addresses not on the host, mixed families and a
 destination given twice with different sources are errors naming the rule
 and value; a bad file changes nothing. Applying the same file again writes

@@ -335,7 +335,7 @@ func TestApplyBadFileChangesNothing(t *testing.T) {
 		{"same destination twice with different sources", []string{"c.yaml", "rules:\n  - to: 192.0.2.22\n    dst: [198.51.100.4, 203.0.113.7]\n  - to: 192.0.2.23\n    dst: [198.51.100.4]\n"},
 			[]string{"198.51.100.4/32", "192.0.2.22", "192.0.2.23", "twice"}},
 		{"bad dst-file line", []string{"c.yaml", "rules:\n  - to: 192.0.2.22\n    dst-file: partners.txt\n", "partners.txt", "# partners\n198.51.100.4\n203.0.113.0/33\n"},
-			[]string{"partners.txt:3", "203.0.113.0/33"}},
+			[]string{`partners.txt" line 3`, "203.0.113.0/33"}},
 		{"missing dst-file", []string{"c.yaml", "rules:\n  - to: 192.0.2.22\n    dst-file: nope.txt\n"}, []string{"nope.txt"}},
 		{"bad address", []string{"c.yaml", "rules:\n  - to: 192.0.2.22\n    dst: [198.51.100.4, 198.51.100.256]\n"}, []string{"line 3", "198.51.100.256"}},
 		{"host bits", []string{"c.yaml", "rules:\n  - to: 192.0.2.22\n    dst: 198.51.100.1/24\n"}, []string{"198.51.100.1/24", "198.51.100.0/24"}},

@@ -28,6 +28,9 @@ var bin string
 func TestMain(m *testing.M) { os.Exit(testMain(m)) }
 
 func testMain(m *testing.M) int {
+	if slices.Contains(os.Args, "-test.fuzzworker") {
+		return m.Run() // a FuzzCLI worker: it runs the app in-process
+	}
 	dir, err := os.MkdirTemp("", "egress-snat-e2e-")
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "e2e:", err)

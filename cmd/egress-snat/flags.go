@@ -2,10 +2,13 @@ package main
 
 import (
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"net/netip"
+	"slices"
 	"strings"
+	"time"
 
 	"github.com/urfave/cli/v2"
 
@@ -23,6 +26,69 @@ func required(c *cli.Context, names ...string) error {
 		}
 	}
 	return nil
+}
+
+// checkFlags is every command's Before: it refuses flag values that can
+// never work before the command looks at the host, so each command need
+// not repeat the checks. Every duration flag given, the command's and the
+// global ones, must be positive (unless listed in zeroDurationOK), --out must be
+// an interface name and --iptables-backend one of the backends.
+func checkFlags(c *cli.Context) error {
+	for _, fl := range slices.Concat(c.App.Flags, c.Command.Flags) {
+		name := fl.Names()[0]
+		switch fl.(type) {
+		case *cli.DurationFlag:
+			if !c.IsSet(name) {
+				continue // its default, such as --confirm's 0 for "off"
+			}
+			if _, err := positiveDuration(c, name); err != nil {
+				return err
+			}
+		}
+	}
+	switch b := c.String("iptables-backend"); b {
+	case "", "auto", "nft", "legacy":
+	default:
+		// Bad input whoever runs it: judged before the privilege check.
+		return usageError("--iptables-backend %q: want auto, nft or legacy", b)
+	}
+	if c.IsSet("out") {
+		if err := config.CheckInterface(c.String("out")); err != nil {
+			return usageError("--out %v", err)
+		}
+	}
+	return nil
+}
+
+// tidyExit keeps the exit status of a run to 0, 1 or 2: urfave/cli's help
+// command exits 3 for an unknown topic, echoing the topic as given, which
+// is bad input like any other.
+func tidyExit(err error) error {
+	var ec cli.ExitCoder
+	if errors.As(err, &ec) && ec.ExitCode() > exitUsage {
+		return usageError("%s", config.OneLine(err.Error()))
+	}
+	return err
+}
+
+// zeroDurationOK names duration flags for which 0 means something (such as
+// "never"); for every other one, zero or a negative duration is bad input.
+var zeroDurationOK = map[string]bool{
+	"settle":       true, // watch applies each event at once, without coalescing
+	"verify-every": true, // never
+}
+
+// positiveDuration returns the value of the duration flag name, refusing
+// zero and negative durations with exitUsage, naming the flag and value.
+func positiveDuration(c *cli.Context, name string) (time.Duration, error) {
+	d := c.Duration(name)
+	switch {
+	case d < 0 && zeroDurationOK[name]:
+		return d, usageError("--%s %s: want 0 or a positive duration such as 500ms", name, d)
+	case d <= 0 && !zeroDurationOK[name]:
+		return d, usageError("--%s %s: want a positive duration such as 500ms, 10s or 1m", name, d)
+	}
+	return d, nil
 }
 
 // parseDsts reads --dst values: a prefix, or an address meaning that host.
@@ -58,13 +124,18 @@ func parseAddrs(flag string, vals []string) ([]netip.Addr, error) {
 			s = strings.TrimSpace(s)
 			a, err := netip.ParseAddr(s)
 			if err != nil || a.Zone() != "" || a.Is4In6() {
-				return nil, usageError("--%s %q is not a valid IP address", flag, s)
+				return nil, usageError("--%s %s is not a valid IP address", flag, config.Excerpt(s))
 			}
 			if a.IsUnspecified() || a.IsLoopback() || a.IsMulticast() {
-				return nil, usageError("--%s %s cannot be a source address", flag, s)
+				return nil, usageError("--%s %s cannot be a source address", flag, a)
 			}
 			if len(out) > 0 && a.Is4() != out[0].Is4() {
 				return nil, usageError("--%s mixes address families: %s and %s", flag, out[0], a)
+			}
+			if slices.Contains(out, a) {
+				// A pool or spread list walks its members in turn; one
+				// named twice would get twice the share, silently.
+				return nil, usageError("--%s names %s twice", flag, a)
 			}
 			out = append(out, a)
 		}

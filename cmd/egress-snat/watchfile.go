@@ -9,6 +9,8 @@ import (
 	"time"
 
 	"github.com/fsnotify/fsnotify"
+
+	"github.com/egress-snat/egress-snat/config"
 )
 
 // watch re-reads its file by itself when the file changes, through the same
@@ -96,7 +98,7 @@ func fingerprint(path string) string {
 	if err != nil {
 		return "error: " + err.Error()
 	}
-	b, err := os.ReadFile(resolved)
+	b, err := config.ReadFileBounded(resolved, config.MaxFileSize) // a FIFO swapped in must not hang it
 	if err != nil {
 		return "error: " + err.Error()
 	}
