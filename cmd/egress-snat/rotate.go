@@ -1,6 +1,7 @@
 package main
 
 import (
+	"errors"
 	"fmt"
 	"math/rand/v2"
 	"net"
@@ -153,6 +154,11 @@ Cron example (/etc/cron.d/egress-snat):
 // flushBinding deletes the conntrack entries of connections to dst whose
 // replies go to old, i.e. connections NATed to old, or leaving from it.
 func flushBinding(h *netlink.Handle, dst netip.Prefix, old netip.Addr) (uint, error) {
+	if h == nil {
+		// A nil handle is netlink's default one: never delete through it
+		// from an env that was not built for this namespace (fakes).
+		return 0, errors.New("no netlink handle for conntrack")
+	}
 	f := &netlink.ConntrackFilter{}
 	if err := f.AddIPNet(netlink.ConntrackOrigDstIP, &net.IPNet{IP: dst.Addr().AsSlice(), Mask: net.CIDRMask(dst.Bits(), dst.Addr().BitLen())}); err != nil {
 		return 0, err
