@@ -19,10 +19,9 @@ import (
 //
 //   - iptables-nft: the nftables ruleset generation, which every commit of
 //     any nftables table in the namespace increments;
-//   - iptables-legacy: a hash of the nat table's shape as the kernel gives
-//     it (number of rules, size, hook offsets). An edit that keeps all of
-//     them, such as one address replaced by another, is not seen here; the
-//     daemon's periodic read catches it.
+//   - iptables-legacy: a hash of the nat table's rules as the kernel gives
+//     them (IPT_SO_GET_ENTRIES), with the packet and byte counters, which
+//     traffic changes, zeroed.
 func (t ExecTables) Generation(f Family) (uint64, error) {
 	if t.Backend == BackendNFT {
 		return nftGeneration()
@@ -76,11 +75,16 @@ type iptGetinfo struct {
 	Size       uint32
 }
 
-// legacyGeneration hashes IPT_SO_GET_INFO of the nat table.
+// legacyGeneration hashes the nat table's rules: IPT_SO_GET_INFO for its
+// size, then IPT_SO_GET_ENTRIES for the rules themselves.
 func legacyGeneration(f Family) (uint64, error) {
 	domain, level := unix.AF_INET, unix.SOL_IP
+	// struct ipt_entry / ip6t_entry: where next_offset and the counters
+	// are, and how long the entry header is.
+	nextOff, countersOff := 90, 96
 	if f == IPv6 {
 		domain, level = unix.AF_INET6, unix.SOL_IPV6
+		nextOff, countersOff = 142, 152
 	}
 	fd, err := unix.Socket(domain, unix.SOCK_RAW|unix.SOCK_CLOEXEC, unix.IPPROTO_RAW)
 	if err != nil {
@@ -90,19 +94,37 @@ func legacyGeneration(f Family) (uint64, error) {
 	var info iptGetinfo
 	copy(info.Name[:], table)
 	size := uint32(unsafe.Sizeof(info))
-	const soGetInfo = 64 // IPT_SO_GET_INFO, IP6T_SO_GET_INFO
-	_, _, errno := unix.Syscall6(unix.SYS_GETSOCKOPT, uintptr(fd), uintptr(level), soGetInfo,
-		uintptr(unsafe.Pointer(&info)), uintptr(unsafe.Pointer(&size)), 0)
-	if errno != 0 {
+	const soGetInfo, soGetEntries = 64, 65 // IPT_SO_GET_INFO, IPT_SO_GET_ENTRIES (and ip6t's)
+	if errno := getsockopt(fd, level, soGetInfo, unsafe.Pointer(&info), &size); errno != 0 {
 		return 0, fmt.Errorf("reading the %s nat table's info: %w", f, errno)
 	}
-	h := fnv.New64a()
-	b := make([]byte, 4)
-	for _, v := range append(append([]uint32{info.ValidHooks, info.NumEntries, info.Size}, info.HookEntry[:]...), info.Underflow[:]...) {
-		binary.LittleEndian.PutUint32(b, v)
-		h.Write(b)
+	// struct ipt_get_entries: name[32], size, then the entries, 8-aligned.
+	const header = 40
+	buf := make([]byte, header+int(info.Size))
+	copy(buf, table)
+	binary.NativeEndian.PutUint32(buf[32:], info.Size)
+	size = uint32(len(buf))
+	if errno := getsockopt(fd, level, soGetEntries, unsafe.Pointer(&buf[0]), &size); errno != 0 {
+		// EAGAIN: the table changed between the two calls.
+		return 0, fmt.Errorf("reading the %s nat table's rules: %w", f, errno)
 	}
+	entries := buf[header:]
+	for off := 0; off+countersOff+16 <= len(entries); {
+		clear(entries[off+countersOff : off+countersOff+16])
+		next := int(binary.NativeEndian.Uint16(entries[off+nextOff:]))
+		if next == 0 {
+			break
+		}
+		off += next
+	}
+	h := fnv.New64a()
+	h.Write(entries)
 	return h.Sum64(), nil
+}
+
+func getsockopt(fd, level, opt int, p unsafe.Pointer, size *uint32) unix.Errno {
+	_, _, errno := unix.Syscall6(unix.SYS_GETSOCKOPT, uintptr(fd), uintptr(level), uintptr(opt), uintptr(p), uintptr(unsafe.Pointer(size)), 0)
+	return errno
 }
 
 // Generation of the fake counts its successful restores.

@@ -82,6 +82,22 @@ func (m *Manager) Read() (*State, error) {
 	if err != nil {
 		return nil, err
 	}
+	return m.build(sets, texts, errs)
+}
+
+// readWith is Read with the sets given instead of read.
+func (m *Manager) readWith(sets map[string]Set) (*State, error) {
+	texts := map[Family]string{}
+	errs := map[Family]error{}
+	for _, f := range Families {
+		texts[f], errs[f] = m.Tables.Save(f)
+	}
+	return m.build(sets, texts, errs)
+}
+
+// build parses the dumps into a State.
+func (m *Manager) build(sets map[string]Set, texts map[Family]string, errs map[Family]error) (*State, error) {
+	var err error
 	st := &State{Installed: map[Family]Installed{}, Sets: sets, CanDropNATTable: m.Tables.CanDropNATTable(), Routing: map[Family]routes.State{}, Mangle: map[Family]MangleInstalled{}}
 	if m.Routing != nil {
 		for _, f := range Families {
@@ -118,6 +134,40 @@ func (m *Manager) Update(lockTimeout time.Duration, dryRun bool, desired func(*S
 // in the kernel and somewhere else (the permanent file) in one step. If then
 // fails, the kernel is put back as it was read, so both or neither change.
 func (m *Manager) UpdateThen(lockTimeout time.Duration, dryRun bool, desired func(*State) ([]Entry, error), then func(Plan) error) (*State, Plan, error) {
+	return m.update(m.Read, lockTimeout, dryRun, desired, then)
+}
+
+// UpdateKnowing is Update for a caller that knows the members of the sets
+// it wrote last (a daemon repairing drift): a set whose name and entry
+// count the kernel still shows is taken to hold them, which names that are
+// digests of the members make safe but for a hand edit that keeps the
+// count; the daemon's slow full read finds those. Any other set makes it
+// read everything, as Update does.
+func (m *Manager) UpdateKnowing(known []Set, lockTimeout time.Duration, desired func(*State) ([]Entry, error)) (*State, Plan, error) {
+	read := func() (*State, error) {
+		heads, err := m.Sets.Headers()
+		if err != nil {
+			return nil, err
+		}
+		byName := make(map[string]Set, len(known))
+		for _, s := range known {
+			byName[s.Name] = s
+		}
+		sets := make(map[string]Set, len(heads))
+		for name, n := range heads {
+			s, ok := byName[name]
+			if !ok || len(s.Members)+len(s.NoMatch) != n {
+				return m.Read()
+			}
+			sets[name] = s
+		}
+		return m.readWith(sets)
+	}
+	return m.update(read, lockTimeout, false, desired, nil)
+}
+
+
+func (m *Manager) update(read func() (*State, error), lockTimeout time.Duration, dryRun bool, desired func(*State) ([]Entry, error), then func(Plan) error) (*State, Plan, error) {
 	locker := m.Locker
 	if locker == nil {
 		locker = FileLock{}
@@ -127,7 +177,7 @@ func (m *Manager) UpdateThen(lockTimeout time.Duration, dryRun bool, desired fun
 		return nil, Plan{}, err
 	}
 	defer unlock()
-	st, err := m.Read()
+	st, err := read()
 	if err != nil {
 		return nil, Plan{}, err
 	}

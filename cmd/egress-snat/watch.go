@@ -331,7 +331,19 @@ func (w *watcher) reconcile(reason string) error {
 	if again {
 		w.e.sel.Forget() // addresses and routes may have changed
 	}
-	_, plan, err := w.e.mgr.Update(w.e.lockTimeout, false, func(*snat.State) ([]snat.Entry, error) {
+	update := w.e.mgr.Update
+	if !again {
+		// Repairing drift: the sets written last are known; reading their
+		// members again is most of a repair's time at 100k destinations.
+		var known []snat.Set
+		for _, c := range w.plan.Chains {
+			known = append(known, c.Sets...)
+		}
+		update = func(timeout time.Duration, _ bool, desired func(*snat.State) ([]snat.Entry, error)) (*snat.State, snat.Plan, error) {
+			return w.e.mgr.UpdateKnowing(known, timeout, desired)
+		}
+	}
+	_, plan, err := update(w.e.lockTimeout, false, func(*snat.State) ([]snat.Entry, error) {
 		// Under the lock a --permanent run's file and kernel agree: a file
 		// replaced since the last read is read now, not after the canary
 		// has undone the run with the old one.
