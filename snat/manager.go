@@ -166,7 +166,6 @@ func (m *Manager) UpdateKnowing(known []Set, lockTimeout time.Duration, desired 
 	return m.update(read, lockTimeout, false, desired, nil)
 }
 
-
 func (m *Manager) update(read func() (*State, error), lockTimeout time.Duration, dryRun bool, desired func(*State) ([]Entry, error), then func(Plan) error) (*State, Plan, error) {
 	locker := m.Locker
 	if locker == nil {

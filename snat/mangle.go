@@ -18,6 +18,10 @@ import (
 //	mangle PREROUTING  1: -m comment --comment egress-snat -j EGRESS-SNAT-FWD  (forwarded: --from)
 //	mangle OUTPUT      1: -m comment --comment egress-snat -j EGRESS-SNAT-OUT  (local: --uid, --cgroup)
 //
+// EGRESS-SNAT-OUT starts with CONNMARK --restore-mark and ends with
+// --save-mark, so the packets of a marked local connection that carry no
+// socket of its owner still take its interface.
+//
 // In each chain, in the nat chain's precedence order, a marked entry is a
 // MARK rule that only marks what no rule marked before, and a more
 // specific entry of the same traffic that stays on its interface is a
@@ -173,6 +177,13 @@ func renderMangle(f Family, entries []Entry, tables map[netip.Addr]int) map[stri
 			r.Target = "RETURN"
 			out[chain] = append(out[chain], r)
 		}
+	}
+	if rs := out[MarkChainOut]; slices.ContainsFunc(rs, func(r Rule) bool { return r.Target == "MARK" }) {
+		// A local connection's packets that the kernel sends without its
+		// socket (the last ACK after close) match no owner or cgroup: they
+		// get the connection's mark back from conntrack.
+		out[MarkChainOut] = append(append([]Rule{{Target: "CONNMARK", Connmark: "restore-mark"}}, rs...),
+			Rule{Target: "CONNMARK", Connmark: "save-mark"})
 	}
 	return out
 }

@@ -50,12 +50,19 @@ type Rule struct {
 	// Unmarked matches only packets no rule of ours marked yet
 	// (-m mark --mark 0/routes.MarkMask): the first MARK rule wins.
 	Unmarked bool
+	// Connmark is CONNMARK's action, "restore-mark" or "save-mark", under
+	// routes.MarkMask: the mark of a local sender's connection is kept in
+	// conntrack, for the packets the kernel sends for it without its
+	// socket (the last ACK of a closed connection).
+	Connmark string
 }
 
 // Args renders the rule as iptables arguments, without "-A CHAIN".
 func (r Rule) Args() []string {
 	a := make([]string, 0, 24)
-	a = append(a, "-s", r.Src.String())
+	if r.Src.IsValid() {
+		a = append(a, "-s", r.Src.String())
+	}
 	if r.Dst.IsValid() {
 		a = append(a, "-d", r.Dst.String())
 	}
@@ -87,6 +94,9 @@ func (r Rule) Args() []string {
 		a = append(a, "--to-source", r.ToSource.String())
 	case "MARK":
 		a = append(a, "--set-xmark", fmt.Sprintf("%#x/%#x", r.SetMark, routes.MarkMask))
+	case "CONNMARK":
+		m := fmt.Sprintf("%#x", routes.MarkMask)
+		a = append(a, "--"+r.Connmark, "--nfmask", m, "--ctmask", m)
 	}
 	return a
 }
@@ -132,6 +142,9 @@ func ParseRule(f Family, spec []string) (Rule, error) {
 				return r, fmt.Errorf("match %q twice", v)
 			}
 			mods[v] = true
+			continue
+		case "--restore-mark", "--save-mark":
+			r.Connmark = strings.TrimPrefix(w, "--")
 			continue
 		case "!":
 			if i+2 >= len(spec) || spec[i+1] != "--src-type" || spec[i+2] != "LOCAL" || !mods["addrtype"] {
@@ -179,6 +192,10 @@ func ParseRule(f Family, spec []string) (Rule, error) {
 				return r, fmt.Errorf("--mark %q", v)
 			}
 			r.Unmarked = true
+		case "--nfmask", "--ctmask":
+			if v != fmt.Sprintf("%#x", routes.MarkMask) {
+				return r, fmt.Errorf("%s %q", w, v)
+			}
 		case "--set-xmark":
 			val, mask, _ := strings.Cut(v, "/")
 			n, err := strconv.ParseUint(val, 0, 32)
@@ -207,6 +224,12 @@ func ParseRule(f Family, spec []string) (Rule, error) {
 		default:
 			return r, fmt.Errorf("option %q is not one egress-snat writes", w)
 		}
+	}
+	if r.Target == "CONNMARK" {
+		if !ours || r.Connmark == "" || r.Src.IsValid() || r.Dst.IsValid() || r.Out != "" || r.HasUID || r.Cgroup != "" || r.Forwarded || r.Set != "" {
+			return r, fmt.Errorf("a CONNMARK rule egress-snat does not write")
+		}
+		return r, nil
 	}
 	switch {
 	case !ours:

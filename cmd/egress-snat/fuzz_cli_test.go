@@ -387,10 +387,16 @@ var restoreOptions = map[string][]func(string) bool{
 	"--path":      {func(v string) bool { p, err := snat.ParseCgroupPath(v); return err == nil && p == v }},
 	"!":           {}, // negates the option after it
 	"--src-type":  {func(v string) bool { return v == "LOCAL" }},
-	"-j":          {func(v string) bool { return v == "SNAT" || v == "RETURN" || v == "MARK" || ourChain.MatchString(v) }},
-	"--mark":      {markMask.MatchString},
-	"--set-xmark": {markMask.MatchString},
-	"--to-source": {func(v string) bool { _, err := netip.ParseAddr(v); return err == nil }},
+	"-j": {func(v string) bool {
+		return v == "SNAT" || v == "RETURN" || v == "MARK" || v == "CONNMARK" || ourChain.MatchString(v)
+	}},
+	"--restore-mark": {},
+	"--save-mark":    {},
+	"--nfmask":       {func(v string) bool { return v == "0x7f000000" }},
+	"--ctmask":       {func(v string) bool { return v == "0x7f000000" }},
+	"--mark":         {markMask.MatchString},
+	"--set-xmark":    {markMask.MatchString},
+	"--to-source":    {func(v string) bool { _, err := netip.ParseAddr(v); return err == nil }},
 }
 
 func isPrefix(v string) bool {
