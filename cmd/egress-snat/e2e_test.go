@@ -83,6 +83,22 @@ func mustES(t *testing.T, l *lab.Lab, args ...string) string {
 	return r.stdout
 }
 
+// wantRefused runs egress-snat in H and checks it is bad input: exit 2,
+// with stderr naming each of want. Whether the host changed is the
+// caller's to check, with the state it compares.
+func wantRefused(t *testing.T, l *lab.Lab, args, want []string) {
+	t.Helper()
+	r := es(t, l, args...)
+	if r.code != exitUsage {
+		t.Errorf("egress-snat %s: exit %d, want %d\nstdout:\n%s\nstderr:\n%s", strings.Join(args, " "), r.code, exitUsage, r.stdout, r.stderr)
+	}
+	for _, w := range want {
+		if !strings.Contains(r.stderr, w) {
+			t.Errorf("egress-snat %s: stderr %q, want it to name %q", strings.Join(args, " "), r.stderr, w)
+		}
+	}
+}
+
 // rootES runs egress-snat in this process's (the root) namespace; only
 // meant for runs with --netns.
 func rootES(t *testing.T, args ...string) result {
@@ -603,15 +619,7 @@ func TestBadInput(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			r := es(t, l, tt.args...)
-			if r.code != exitUsage {
-				t.Errorf("egress-snat %s: exit %d, want %d\nstdout:\n%s\nstderr:\n%s", strings.Join(tt.args, " "), r.code, exitUsage, r.stdout, r.stderr)
-			}
-			for _, w := range tt.want {
-				if !strings.Contains(r.stderr, w) {
-					t.Errorf("egress-snat %s: stderr %q, want it to name %q", strings.Join(tt.args, " "), r.stderr, w)
-				}
-			}
+			wantRefused(t, l, tt.args, tt.want)
 			if after := l.Ruleset(t); after != before {
 				t.Errorf("egress-snat %s changed the ruleset (-before +after):\n%s", strings.Join(tt.args, " "), cmp.Diff(before, after))
 			}

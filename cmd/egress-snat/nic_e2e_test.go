@@ -605,15 +605,7 @@ func TestNICBadInput(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			r := es(t, l, tt.args...)
-			if r.code != exitUsage {
-				t.Errorf("egress-snat %s: exit %d, want %d\nstdout:\n%s\nstderr:\n%s", strings.Join(tt.args, " "), r.code, exitUsage, r.stdout, r.stderr)
-			}
-			for _, w := range tt.want {
-				if !strings.Contains(r.stderr, w) {
-					t.Errorf("egress-snat %s: stderr %q, want it to name %q", strings.Join(tt.args, " "), r.stderr, w)
-				}
-			}
+			wantRefused(t, l, tt.args, tt.want)
 			wantSameState(t, l, "egress-snat "+strings.Join(tt.args, " "), before)
 		})
 	}
