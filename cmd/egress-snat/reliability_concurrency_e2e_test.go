@@ -275,8 +275,8 @@ func TestConcurrentWriters(t *testing.T) {
 				t.Errorf("round %d: first POSTROUTING rule %q, want our jump", round, nt.firstPostrouting)
 			}
 		}
-		for line := range strings.Lines(rs) {
-			if name, ok := strings.CutPrefix(strings.TrimSpace(line), "ipset "); ok && !strings.Contains(rs, "--match-set "+name+" ") {
+		for _, name := range lab.SetNames(rs) {
+			if !strings.Contains(rs, "--match-set "+name+" ") {
 				t.Errorf("round %d: set %s is left over: no rule uses it", round, name)
 			}
 		}

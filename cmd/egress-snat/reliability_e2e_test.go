@@ -301,18 +301,18 @@ func relMS(d time.Duration) int64 { return d.Milliseconds() }
 // sequence test reads the ruleset after every step.
 func relRuleset(t *testing.T, l *lab.Lab) string {
 	t.Helper()
-	script := fmt.Sprintf("%s && %s && ipset list -n", iptables(4)+"-save", iptables(6)+"-save")
-	var b strings.Builder
+	script := fmt.Sprintf("%s && %s && ipset save", iptables(4)+"-save", iptables(6)+"-save")
+	var b, sets strings.Builder
 	for line := range strings.Lines(l.Run(t, "sh", "-c", script)) {
 		switch {
 		case strings.HasPrefix(line, "#"):
 		case strings.HasPrefix(line, "*"), strings.HasPrefix(line, ":"), strings.HasPrefix(line, "-"), line == "COMMIT\n":
 			b.WriteString(relCounters(line))
 		default:
-			b.WriteString("ipset " + line)
+			sets.WriteString(line)
 		}
 	}
-	return b.String()
+	return b.String() + lab.SortedIPSetSave(sets.String())
 }
 
 // relCounters zeroes the [packets:bytes] counters of a chain line.
@@ -517,7 +517,7 @@ func TestReliabilityEverythingJoinsASet(t *testing.T) {
 	mustES(t, l, "set", "--to", "2001:db8::22", "--dst", "2001:db8:ffff::4,2001:db8:aaaa::1,2001:db8:aaaa::2,2001:db8:aaaa::3,2001:db8:aaaa::4,2001:db8:aaaa::5,2001:db8:aaaa::6,2001:db8:aaaa::7")
 	mustES(t, l, "set", "--to", "192.0.2.22")
 	mustES(t, l, "set", "--to", "2001:db8::22")
-	if rs := l.Ruleset(t); !strings.Contains(rs, "ipset egress-snat4-") || !strings.Contains(rs, "ipset egress-snat6-") {
+	if rs := l.Ruleset(t); !strings.Contains(rs, "create egress-snat4-") || !strings.Contains(rs, "create egress-snat6-") {
 		t.Errorf("want the eight destinations of each family in a set:\n%s", rs)
 	}
 	wantSeen(t, l, map[string]string{"203.0.113.7": "192.0.2.22", "198.51.100.4": "192.0.2.22", "2001:db8:ffff::4": "2001:db8::22"})
