@@ -82,7 +82,7 @@ func TestNormalize(t *testing.T) {
 }
 
 func newFakeManager() (*Manager, *FakeTables, *FakeIPSets) {
-	ft, fs := NewFakeTables(), NewFakeIPSets()
+	ft, fs := NewFakeKernel()
 	return &Manager{Tables: ft, Sets: fs, Locker: &countingLock{}, Routing: routes.NewFake()}, ft, fs
 }
 
