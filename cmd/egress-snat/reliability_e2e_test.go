@@ -162,27 +162,6 @@ func relRead(t *testing.T, l *lab.Lab) relSaved {
 	return s
 }
 
-// meaning renders what one family's chain does, with set references
-// replaced by their members and exceptions, so two reads compare equal
-// exactly when the kernel would treat every new connection alike.
-func (s relSaved) meaning(f snat.Family) string {
-	in := s.in[f]
-	var b strings.Builder
-	fmt.Fprintf(&b, "chain %v, %d jumps, first %v\n", in.ChainExists, len(in.Jumps), in.JumpFirst)
-	for _, e := range in.Entries {
-		b.WriteString(e.String() + "\n")
-	}
-	for _, r := range in.Foreign {
-		b.WriteString("foreign: " + r + "\n")
-	}
-	for _, n := range in.SetNames {
-		for _, p := range s.sets[n].NoMatch {
-			fmt.Fprintf(&b, "nomatch %s\n", p)
-		}
-	}
-	return b.String()
-}
-
 // relProc is a background run of the binary in the lab's host namespace,
 // in a process group of its own so that it and its children can be killed
 // together.
