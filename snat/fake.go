@@ -124,8 +124,7 @@ func (ft *FakeTables) Restore(f Family, payload string) error {
 		work[k] = v.clone()
 	}
 	var cur *fakeTable
-	lines := strings.Split(payload, "\n")
-	for n, line := range lines {
+	for n, line := range strings.Split(payload, "\n") {
 		line = strings.TrimSpace(line)
 		fail := func(format string, args ...any) error {
 			return fmt.Errorf("fake restore line %d %q: %s", n+1, line, fmt.Sprintf(format, args...))
@@ -255,8 +254,12 @@ func renderSpec(spec []string) string {
 }
 
 // FakeIPSets is an in-memory IPSets for unit tests. It understands the
-// create, add, swap and destroy lines the package writes, and refuses to
-// create an existing set or destroy a missing one, as ipset does.
+// create, add, swap and destroy lines the package writes, and refuses what
+// the kernel's hash:net refuses (TestFakesMatchTheKernel holds it there): to
+// create an existing set or destroy a missing one, a member of the other
+// family, a /0, a member twice, a swap across families and, linked to
+// tables by NewFakeKernel, the destruction of a set a rule uses. Like ipset
+// restore, lines before a refused one stay applied.
 type FakeIPSets struct {
 	// Tables, when set, are the rules whose sets cannot be destroyed (see
 	// NewFakeKernel).

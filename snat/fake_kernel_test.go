@@ -42,6 +42,7 @@ var kernelSteps = []kernelStep{
 		"create " + set6 + " hash:net family inet6 hashsize 1024 maxelem 65536\nadd " + set6 + " 2001:db8:ffff::/48\n", false},
 	{"the whole space in hash:net", 0, "add " + set4 + " 0.0.0.0/0\n", true},
 	{"the whole IPv6 space in hash:net", 0, "add " + set6 + " ::/0\n", true},
+	{"lines before a refused one", 0, "add " + set4 + " 192.0.2.128/25\nadd " + set4 + " 0.0.0.0/0\n", true},
 	{"a member already there", 0, "add " + set4 + " 198.51.100.0/24\n", true},
 	{"a set that exists", 0, "create " + set4 + " hash:net family inet hashsize 1024 maxelem 65536\n", true},
 	{"a host bits prefix is masked", 0, "add " + set4 + " 203.0.113.77/25\n", false},
