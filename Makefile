@@ -11,7 +11,7 @@ EGRESS_SNAT_BOTH_BACKENDS ?= 1
 TESTFLAGS ?= -count=1 -p 1 -timeout 20m
 
 .DEFAULT_GOAL := help
-.PHONY: bench-idle help build docs deb lint fmt vet test test-legacy demo bench fuzz clean
+.PHONY: bench-idle help build docs deb lint fmt vet test test-race test-legacy demo bench fuzz clean
 
 help: ## list the targets
 	@awk -F':.*## ' '/^[a-z-]+:.*## / { printf "  %-12s %s\n", $$1, $$2 }' $(MAKEFILE_LIST)
@@ -51,10 +51,22 @@ vet: ## go vet ./... (and the deploy/kubernetes module)
 	$(GO) vet ./...
 	@for m in $(SUBMODULES); do echo "cd $$m && $(GO) vet ./..."; (cd $$m && $(GO) vet ./...) || exit 1; done
 
-test: vet ## vet, all tests (root: namespace tests), then test-legacy unless EGRESS_SNAT_BOTH_BACKENDS=0
+test: vet test-race ## vet, test-race, all tests (root: namespace tests), then test-legacy unless EGRESS_SNAT_BOTH_BACKENDS=0
 	$(GO) test $(TESTFLAGS) ./...
 	@for m in $(SUBMODULES); do echo "cd $$m && $(GO) test $(TESTFLAGS) ./..."; (cd $$m && $(GO) test $(TESTFLAGS) ./...) || exit 1; done
 	@if [ "$(EGRESS_SNAT_BOTH_BACKENDS)" != "0" ]; then $(MAKE) --no-print-directory test-legacy; fi
+
+# The packages that start goroutines (snat's manager, watch, verify's flows,
+# the lab's probe and captures) or are shared by them, under the race
+# detector. The e2e tests of cmd/egress-snat run a binary built without it,
+# so only its in-process tests are here; a race run of them would take the
+# whole e2e time again for nothing. About 2 minutes in all.
+RACEPKGS ?= ./snat ./selector ./config ./pending ./stats ./conntrack ./verify ./natscan ./internal/lab
+RACECMD  ?= TestPendingEntriesRoundTrip|TestDocs|TestVersion
+
+test-race: ## the packages with goroutines under go test -race (bounded: RACEPKGS)
+	$(GO) test -race $(TESTFLAGS) $(RACEPKGS)
+	$(GO) test -race $(TESTFLAGS) -run '$(RACECMD)' ./cmd/egress-snat
 
 # The namespace tests are the packages whose tests use internal/lab.
 test-legacy: ## the namespace tests again with EGRESS_SNAT_IPTABLES=legacy

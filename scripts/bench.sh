@@ -46,6 +46,9 @@ ROUNDS=${BENCH_ROUNDS:-7}
 SECS=${BENCH_SECS:-2}
 CONC=${BENCH_CONC:-4}
 OUT=${BENCH_OUT:-$ROOT/docs/BENCHMARKS.md}
+# The commit measured, read before the report is written (which would make
+# the tree dirty).
+COMMIT=$(git -C "$ROOT" describe --always --dirty 2>/dev/null || echo unknown)
 
 NATURAL=192.0.2.250
 SNAT_TO=192.0.2.22
@@ -463,7 +466,10 @@ tmp=$(mktemp "$WORK/report.XXXXXX")
 # Benchmarks
 
 Written by \`make bench\` (\`scripts/bench.sh\`); do not edit by hand, run it
-again. Last run: $(date -u '+%Y-%m-%d %H:%M UTC'), ${TOTAL} s in all.
+again.
+
+Measured at commit **$COMMIT**, Linux $(uname -r),
+backends $BACKENDS, on $(date -u '+%Y-%m-%d %H:%M UTC'), ${TOTAL} s in all.
 
 Every number is the **median** of several runs (run counts and single runs
 are below the tables). The machine was **shared**: other agents ran test
@@ -484,7 +490,7 @@ alike; still, read ratios near a target's threshold as "about there".
 | iptables-legacy | $legacy_ipt |
 | ipset | $ipset_v |
 | Go | $go_v |
-| egress-snat | the working tree, built with \`go build -o\` |
+| egress-snat | the working tree at $COMMIT, built with \`go build -o\` |
 
 ## Targets
 

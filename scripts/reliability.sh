@@ -12,7 +12,8 @@
 # touched). Takes about 30 minutes. Environment:
 #   BACKENDS   iptables backends to run on (default "auto legacy"; auto is
 #              what the host's iptables uses)
-#   SEQUENCES KILLS DRIFT_ROUNDS CONCURRENCY_ROUNDS   sizes (1000 100 20 10)
+#   SEQUENCES KILLS DRIFT_ROUNDS CONCURRENCY_ROUNDS MODEL_SEQUENCES
+#              sizes (1000 100 20 10 200)
 #   FUZZTIME   per fuzz target (default 2m)
 #   REPORT     the report to update (default docs/RELIABILITY.md)
 #   LOGDIR     where the full test and fuzz logs are kept (default
@@ -34,7 +35,11 @@ CONCURRENCY_ROUNDS=${CONCURRENCY_ROUNDS:-10}
 FUZZTIME=${FUZZTIME:-2m}
 REPORT=${REPORT:-docs/RELIABILITY.md}
 LOGDIR=${LOGDIR:-/tmp/egress-snat-reliability}
-TESTS='^Test(DriftWatchRepairs|CrashDuringApply|ConcurrentWriters|Reliability.*|ForeignRulesRandomSequences|BadInputCorpus)$'
+MODEL_SEQUENCES=${MODEL_SEQUENCES:-200}
+TESTS='^Test(DriftWatchRepairs|CrashDuringApply|ConcurrentWriters|Reliability.*|ForeignRulesRandomSequences|RandomSequencesAgainstAModel|BadInputCorpus)$'
+# The commit measured, read before the report is written (which would make
+# the tree dirty).
+COMMIT=$(git describe --always --dirty 2>/dev/null || echo unknown)
 
 [[ $(id -u) -eq 0 ]] || { echo "reliability: run as root (the tests build network namespaces)" >&2; exit 1; }
 work=$(mktemp -d)
@@ -50,7 +55,7 @@ declare -A status took
 for b in $BACKENDS; do
   env=(EGRESS_SNAT_SEQUENCES="$SEQUENCES" EGRESS_SNAT_KILLS="$KILLS"
        EGRESS_SNAT_DRIFT_ROUNDS="$DRIFT_ROUNDS" EGRESS_SNAT_CONCURRENCY_ROUNDS="$CONCURRENCY_ROUNDS"
-       EGRESS_SNAT_FIGURES="$figures")
+       EGRESS_SNAT_MODEL_SEQUENCES="$MODEL_SEQUENCES" EGRESS_SNAT_FIGURES="$figures")
   [[ $b == auto ]] || env+=(EGRESS_SNAT_IPTABLES="$b")
   echo "== reliability tests, backend $b =="
   start=$SECONDS
@@ -84,7 +89,9 @@ block=$work/block
 {
   echo "<!-- figures:begin (written by scripts/reliability.sh; do not edit by hand) -->"
   echo
-  echo "Run on $(date -u '+%Y-%m-%d %H:%M UTC'): Linux $(uname -r), $(iptables --version 2>/dev/null), $(ipset --version 2>/dev/null | head -1), $(go version | awk '{print $3}')."
+  echo "Measured at commit **$COMMIT**, backends $BACKENDS, on $(date -u '+%Y-%m-%d %H:%M UTC'): Linux $(uname -r), $(iptables --version 2>/dev/null), $(ipset --version 2>/dev/null | head -1), $(go version | awk '{print $3}')."
+  echo
+  echo "A figure is \"-\" when its test failed before recording it; counts are of runs that passed unless a row says otherwise."
   echo
   cols="| figure |"
   sep="|---|"
@@ -107,20 +114,22 @@ block=$work/block
     echo "$line"
   }
   seqs() { echo "$(fig "$1" sequences) ($(fig "$1" sequence_steps) steps)"; }
-  kills() { echo "$(fig "$1" kills_during_run) of $(fig "$1" kills)"; }
+  model() { echo "$(fig "$1" model_sequences) ($(fig "$1" model_steps) steps, $(fig "$1" model_probes) far-side probes)"; }
+  kills() { echo "$(fig "$1" kills_during_run) of $(fig "$1" kills); during an iptables-restore/ipset/ip child: $(fig "$1" kills_during_write)"; }
   apart() { echo "old $(fig "$1" kills_left_old), new $(fig "$1" kills_left_new), families apart $(fig "$1" kills_families_apart)"; }
   events() { echo "$(fig "$1" drift_events) ($(fig "$1" watch_applies) applies)"; }
   recon() { echo "$(ms "$1" reconverge_median_ms) / $(ms "$1" reconverge_max_ms)"; }
   seen() { echo "$(ms "$1" reconverge_seen_median_ms) / $(ms "$1" reconverge_seen_max_ms)"; }
-  writers() { echo "$(fig "$1" concurrent_writers) ($(fig "$1" concurrent_lock_timeouts) lock timeouts)"; }
-  bad() { fig "$1" bad_inputs; }
+  writers() { echo "$(fig "$1" concurrent_writers_checked) of $(fig "$1" concurrent_writers); $(fig "$1" concurrent_lock_timeouts) timed out on the lock (exit 1, not in the order)"; }
+  bad() { echo "$(fig "$1" bad_inputs_passed) passed of $(fig "$1" bad_inputs) runs, $(fig "$1" bad_inputs_failed) failed"; }
   row "random sequences with foreign rules, all ended by clear" seqs
+  row "random sequences against an independent model, far side probed every step" model
   row "kill -9 during apply: landed while it ran" kills
   row "state after a kill: each family old or new, never a mixture" apart
   row "drift events handled by watch" events
   row "time to reconverge, median / max (drift to logged repair)" recon
   row "... until check -f saw it, median / max" seen
-  row "concurrent writers, all linearizable" writers
+  row "concurrent writers in a linearizable order" writers
   row "bad-input runs: exit 2 naming the value, ruleset unchanged" bad
   line="| result |"
   for b in $BACKENDS; do line+=" ${status[$b]} in ${took[$b]} s |"; done
@@ -141,7 +150,7 @@ block=$work/block
   echo "which runs, for each backend (\`EGRESS_SNAT_IPTABLES=legacy\` for the second):"
   echo
   echo "    EGRESS_SNAT_SEQUENCES=$SEQUENCES EGRESS_SNAT_KILLS=$KILLS EGRESS_SNAT_DRIFT_ROUNDS=$DRIFT_ROUNDS \\"
-  echo "    EGRESS_SNAT_CONCURRENCY_ROUNDS=$CONCURRENCY_ROUNDS go test -count=1 -timeout 120m \\"
+  echo "    EGRESS_SNAT_CONCURRENCY_ROUNDS=$CONCURRENCY_ROUNDS EGRESS_SNAT_MODEL_SEQUENCES=$MODEL_SEQUENCES go test -count=1 -timeout 120m \\"
   echo "        ./cmd/egress-snat -run '$TESTS' -v"
   echo "    FUZZTIME=$FUZZTIME bash scripts/fuzz.sh"
   echo

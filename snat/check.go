@@ -152,7 +152,11 @@ func DesiredNow(r Router, st *State, intents []Intent) ([]Entry, []Finding, erro
 			if had && old.Natural != en.Natural {
 				findings = append(findings, Finding{Kind: DriftNaturalChanged, Family: fam,
 					Detail: fmt.Sprintf("%s: the rule matches natural source %s, but the kernel now picks %s", describe(en.Match), old.Natural, en.Natural)})
-			} else if had && en.selfTarget() && !old.Keep() {
+			}
+			// Not "else": a route that makes the rule's own source the
+			// natural one changes the natural source too, and that is
+			// exactly when the rule has become redundant.
+			if had && en.selfTarget() && !old.Keep() {
 				findings = append(findings, Finding{Kind: DriftRedundant, Family: fam,
 					Detail: fmt.Sprintf("%s: the natural source is now %s, the rule's source", describe(en.Match), en.Natural)})
 			}

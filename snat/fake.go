@@ -21,6 +21,34 @@ type FakeTables struct {
 	Restores map[Family]int
 	// Droppable says what CanDropNATTable answers.
 	Droppable bool
+	// Sets, when set, are the sets a --match-set must name, of the rule's
+	// family, as the kernel checks (see NewFakeKernel).
+	Sets *FakeIPSets
+}
+
+// NewFakeKernel returns tables and sets that know of each other as the
+// kernel's do: a rule cannot name a missing set, and a set in use by a rule
+// cannot be destroyed.
+func NewFakeKernel() (*FakeTables, *FakeIPSets) {
+	ft, fs := NewFakeTables(), NewFakeIPSets()
+	ft.Sets, fs.Tables = fs, ft
+	return ft, fs
+}
+
+// usesSet reports whether any rule of any family names set.
+func (ft *FakeTables) usesSet(set string) bool {
+	for _, tables := range ft.tables {
+		for _, t := range tables {
+			for _, rules := range t.chains {
+				for _, r := range rules {
+					if slices.Contains(strings.Fields(r), set) {
+						return true
+					}
+				}
+			}
+		}
+	}
+	return false
 }
 
 type fakeTable struct {
@@ -170,6 +198,15 @@ func (ft *FakeTables) Restore(f Family, payload string) error {
 				return fail("jump to missing chain %s", t)
 			}
 		}
+		if i := slices.Index(spec, "--match-set"); i >= 0 && i+1 < len(spec) && ft.Sets != nil {
+			s, ok := ft.Sets.sets[spec[i+1]]
+			if !ok {
+				return fail("set %s does not exist", spec[i+1])
+			}
+			if s.Family != f {
+				return fail("set %s is of the other family", spec[i+1])
+			}
+		}
 		switch op {
 		case "-A":
 			cur.chains[chain] = append(cur.chains[chain], rule)
@@ -187,6 +224,10 @@ func (ft *FakeTables) Restore(f Family, payload string) error {
 		default:
 			return fail("unsupported operation %s", op)
 		}
+	}
+	if cur != nil {
+		// iptables-restore commits nothing of a table without COMMIT.
+		return fmt.Errorf("fake restore: no COMMIT at the end of the input")
 	}
 	ft.tables[f] = work
 	ft.Restores[f]++
@@ -213,11 +254,18 @@ func renderSpec(spec []string) string {
 }
 
 // FakeIPSets is an in-memory IPSets for unit tests. It understands the
-// create, add, swap and destroy lines the package writes, and refuses to
-// create an existing set or destroy a missing one, as ipset does.
+// create, add, swap and destroy lines the package writes, and refuses what
+// the kernel's hash:net refuses (TestFakesMatchTheKernel holds it there): to
+// create an existing set or destroy a missing one, a member of the other
+// family, a /0, a member twice, a swap across families and, linked to
+// tables by NewFakeKernel, the destruction of a set a rule uses. Like ipset
+// restore, lines before a refused one stay applied.
 type FakeIPSets struct {
-	sets  map[string]Set
-	lines map[string][]string // name -> its create line options
+	// Tables, when set, are the rules whose sets cannot be destroyed (see
+	// NewFakeKernel).
+	Tables *FakeTables
+	sets   map[string]Set
+	lines  map[string][]string // name -> its create line options
 	// Restores counts successful Restore calls.
 	Restores int
 }
@@ -271,6 +319,17 @@ func (fs *FakeIPSets) Restore(payload string) error {
 			if err != nil {
 				return err
 			}
+			// As the kernel's hash:net: a member of the set's family,
+			// never /0, never twice.
+			if p.Addr().Is4() != (s.Family == IPv4) {
+				return fmt.Errorf("fake ipset: %s is not of the family of set %s", p, f[1])
+			}
+			if p.Bits() == 0 {
+				return fmt.Errorf("fake ipset: %s: hash:net refuses a zero prefix length", p)
+			}
+			if slices.Contains(s.Members, p) || slices.Contains(s.NoMatch, p) {
+				return fmt.Errorf("fake ipset: %s is already in set %s", p, f[1])
+			}
 			if slices.Contains(f, "nomatch") {
 				s.NoMatch = append(s.NoMatch, p)
 			} else {
@@ -283,11 +342,17 @@ func (fs *FakeIPSets) Restore(payload string) error {
 			if !okA || !okB {
 				return fmt.Errorf("fake ipset: swap of missing set")
 			}
+			if a.Family != b.Family {
+				return fmt.Errorf("fake ipset: swap of sets %s and %s of two families", f[1], f[2])
+			}
 			a.Name, b.Name = f[2], f[1]
 			fs.sets[f[1]], fs.sets[f[2]] = b, a
 		case "destroy":
 			if _, ok := fs.sets[f[1]]; !ok {
 				return fmt.Errorf("fake ipset: no set %s", f[1])
+			}
+			if fs.Tables != nil && fs.Tables.usesSet(f[1]) {
+				return fmt.Errorf("fake ipset: set %s is in use by a rule", f[1])
 			}
 			delete(fs.sets, f[1])
 		default:

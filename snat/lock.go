@@ -23,10 +23,18 @@ type Locker interface {
 	Lock(timeout time.Duration) (unlock func(), err error)
 }
 
-// FileLock is the lock every egress-snat process takes: see Lock.
-type FileLock struct{}
+// FileLock is the lock every egress-snat process takes: see Lock. Dir is
+// where its files live, LockDir when empty; tests give a directory of their
+// own so that they never contend with, or hold, the host's lock.
+type FileLock struct{ Dir string }
 
-func (FileLock) Lock(timeout time.Duration) (func(), error) { return Lock(timeout) }
+func (l FileLock) Lock(timeout time.Duration) (func(), error) {
+	dir := l.Dir
+	if dir == "" {
+		dir = LockDir
+	}
+	return lockIn(dir, timeout)
+}
 
 // Lock serializes egress-snat runs that change the same network namespace:
 // a cron rotation overlapping a manual set waits here instead of racing it.
@@ -35,15 +43,17 @@ func (FileLock) Lock(timeout time.Duration) (func(), error) { return Lock(timeou
 // and returns ErrBusy after that. The lock is released by the returned
 // function, or by the kernel when the process dies, so a killed run never
 // leaves it held.
-func Lock(timeout time.Duration) (unlock func(), err error) {
+func Lock(timeout time.Duration) (unlock func(), err error) { return lockIn(LockDir, timeout) }
+
+func lockIn(dir string, timeout time.Duration) (unlock func(), err error) {
 	var st unix.Stat_t
 	if err := unix.Stat("/proc/self/ns/net", &st); err != nil {
 		return nil, fmt.Errorf("identifying network namespace: %w", err)
 	}
-	if err := os.MkdirAll(LockDir, 0o755); err != nil {
-		return nil, fmt.Errorf("creating %s: %w", LockDir, err)
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return nil, fmt.Errorf("creating %s: %w", dir, err)
 	}
-	path := filepath.Join(LockDir, fmt.Sprintf("netns-%d.lock", st.Ino))
+	path := filepath.Join(dir, fmt.Sprintf("netns-%d.lock", st.Ino))
 	f, err := os.OpenFile(path, os.O_CREATE|os.O_RDWR, 0o600)
 	if err != nil {
 		return nil, fmt.Errorf("opening lock %s: %w", path, err)

@@ -50,8 +50,8 @@ func chainRules(ruleset string) []string {
 // ourSets returns the names of our ipsets in a lab.Ruleset.
 func ourSets(ruleset string) []string {
 	var out []string
-	for line := range strings.Lines(ruleset) {
-		if name, ok := strings.CutPrefix(strings.TrimSpace(line), "ipset "); ok && strings.HasPrefix(name, snat.SetPrefix) {
+	for _, name := range lab.SetNames(ruleset) {
+		if strings.HasPrefix(name, snat.SetPrefix) {
 			out = append(out, name)
 		}
 	}

@@ -109,22 +109,22 @@ func TestApplyConfirmRevertsRoutes(t *testing.T) {
 	l := newLab(t, lab.WithSecondNIC())
 	l.Run(t, "ip", "route", "add", "default", "via", "203.0.113.129", "dev", "eth1", "metric", "500")
 	mustES(t, l, "set", "--to", "192.0.2.23", "--dst", "203.0.113.7")
-	before := routing(t, l) + l.Ruleset(t)
+	before := l.Routing(t) + l.Ruleset(t)
 	// A source on eth1: carried by routes and rules of ours, not SNAT.
 	file := writeFile(t, "rules:\n  - to: 203.0.113.130\n    dst: [198.51.100.4]\n")
 	start := time.Now()
 	applyInOwnGroup(t, l, file, "3s")
 	wantSeen(t, l, map[string]string{"198.51.100.4": "203.0.113.130"})
-	if routing(t, l)+l.Ruleset(t) == before {
+	if l.Routing(t)+l.Ruleset(t) == before {
 		t.Fatal("apply --confirm changed no route, rule or ruleset")
 	}
 	for time.Now().Before(start.Add(5 * time.Second)) {
-		if routing(t, l)+l.Ruleset(t) == before {
+		if l.Routing(t)+l.Ruleset(t) == before {
 			break
 		}
 		time.Sleep(100 * time.Millisecond)
 	}
-	if after := routing(t, l) + l.Ruleset(t); after != before {
+	if after := l.Routing(t) + l.Ruleset(t); after != before {
 		t.Fatalf("3s + 2s after apply --confirm, routes, rules and ruleset are not back:\nwant:\n%s\ngot:\n%s", before, after)
 	}
 	wantSeen(t, l, map[string]string{"198.51.100.4": "192.0.2.250", "203.0.113.7": "192.0.2.23"})

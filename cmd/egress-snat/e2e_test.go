@@ -548,7 +548,7 @@ func TestClearRestoresRuleset(t *testing.T) {
 			mustES(t, l, append([]string{"set", "--to", "192.0.2.22"}, many...)...)
 			mustES(t, l, "set", "--to", "2001:db8::22")
 			rs := l.Ruleset(t)
-			if !strings.Contains(rs, "ipset egress-snat4-") {
+			if !strings.Contains(rs, "create egress-snat4-") {
 				t.Errorf("9 destinations with one source: want an ipset, ruleset:\n%s", rs)
 			}
 			wantSeen(t, l, map[string]string{

@@ -20,36 +20,6 @@ import (
 	"github.com/egress-snat/egress-snat/internal/lab"
 )
 
-// routing returns H's ip rules and routes of both families, as the smoke's
-// nic section compares them: without the routes the kernel makes by itself
-// (local, broadcast, multicast, link-local), which come and go with
-// addresses and links, not with egress-snat.
-func routing(t *testing.T, l *lab.Lab) string {
-	t.Helper()
-	var b strings.Builder
-	for _, args := range [][]string{
-		{"-4", "rule"}, {"-6", "rule"},
-		{"-4", "route", "show", "table", "all"}, {"-6", "route", "show", "table", "all"},
-	} {
-		fmt.Fprintf(&b, "# ip %s\n", strings.Join(args, " "))
-		for line := range strings.Lines(l.Run(t, "ip", args...)) {
-			if strings.HasPrefix(line, "local ") || strings.HasPrefix(line, "broadcast ") ||
-				strings.HasPrefix(line, "multicast ") || strings.Contains(line, "fe80::") || strings.Contains(line, "ff00::") {
-				continue
-			}
-			b.WriteString(line)
-		}
-	}
-	return b.String()
-}
-
-// hostState is everything egress-snat may change on H: rules, routes,
-// iptables of both families and ipsets.
-func hostState(t *testing.T, l *lab.Lab) string {
-	t.Helper()
-	return routing(t, l) + l.Ruleset(t)
-}
-
 // ourRouting returns egress-snat's ip rules (priorities 7419-7423) and
 // routes (proto 83) of both families.
 func ourRouting(t *testing.T, l *lab.Lab) string {
@@ -174,7 +144,7 @@ func localSource(t *testing.T, l *lab.Lab, dst string) string {
 // wantSameState fails with a diff when H's state is not before.
 func wantSameState(t *testing.T, l *lab.Lab, what, before string) {
 	t.Helper()
-	if diff := cmp.Diff(before, hostState(t, l)); diff != "" {
+	if diff := cmp.Diff(before, l.HostState(t)); diff != "" {
 		t.Errorf("%s: rules, routes or ruleset changed (-before +after):\n%s", what, diff)
 	}
 }
@@ -187,8 +157,8 @@ func TestNICEgress(t *testing.T) {
 	t.Parallel()
 	l := newLab(t, lab.WithSecondUplink())
 	addForeignRules(t, l)
-	before := hostState(t, l)
-	beforeRouting := routing(t, l)
+	before := l.HostState(t)
+	beforeRouting := l.Routing(t)
 	wantWay(t, l, "198.51.100.4", "", "192.0.2.250", "eth0")
 
 	mustES(t, l, "set", "--to", "203.0.113.130", "--dst", "198.51.100.4")
@@ -231,7 +201,7 @@ func TestNICEgress(t *testing.T) {
 	}
 
 	// The same set again changes nothing.
-	mid := hostState(t, l)
+	mid := l.HostState(t)
 	mustES(t, l, "set", "--to", "203.0.113.130", "--dst", "198.51.100.4")
 	wantSameState(t, l, "repeating the set", mid)
 
@@ -241,7 +211,7 @@ func TestNICEgress(t *testing.T) {
 	if ours := ourRouting(t, l); ours != "" {
 		t.Errorf("after moving 198.51.100.4 to 192.0.2.22 (eth0), rules and routes of ours remain:\n%s", ours)
 	}
-	if diff := cmp.Diff(beforeRouting, routing(t, l)); diff != "" {
+	if diff := cmp.Diff(beforeRouting, l.Routing(t)); diff != "" {
 		t.Errorf("after moving 198.51.100.4 to eth0, rules and routes differ from before (-before +after):\n%s", diff)
 	}
 
@@ -313,7 +283,7 @@ func TestNICSenders(t *testing.T) {
 	l := newLab(t, lab.WithSecondUplink())
 	c := l.AddClient(t, lab.ClientOptions{Masquerade: true})
 	other := l.AddClient(t, lab.ClientOptions{Masquerade: true})
-	before := hostState(t, l)
+	before := l.HostState(t)
 	if got := c.SourceSeen(t, "198.51.100.4"); got != "192.0.2.250" {
 		t.Fatalf("lab: the client leaves with %q before any rule", got)
 	}
@@ -355,7 +325,7 @@ func TestNICSenders(t *testing.T) {
 		t.Errorf("after unset: the client left with %q, want 192.0.2.250", got)
 	}
 	mustES(t, l, "clear")
-	after := hostState(t, l)
+	after := l.HostState(t)
 	if os.Getenv("EGRESS_SNAT_IPTABLES") == "legacy" {
 		// As with nat: a legacy table egress-snat caused to be loaded
 		// cannot be unloaded from a namespace, and stays listed, empty.
@@ -386,7 +356,7 @@ func runGateway(l *lab.Lab, name string, args ...string) (string, error) {
 func TestNICVia(t *testing.T) {
 	t.Parallel()
 	l := newLab(t, lab.WithSecondNIC()) // no route through eth1 at all
-	before := hostState(t, l)
+	before := l.HostState(t)
 
 	refused := func(what string, want []string, args ...string) {
 		t.Helper()
@@ -418,7 +388,7 @@ func TestNICVia(t *testing.T) {
 	}
 	l.Run(t, "ip", "route", "add", "default", "via", "203.0.113.129", "dev", "eth1", "metric", "500")
 	l.Run(t, "ip", "route", "add", "198.51.100.128/25", "via", "203.0.113.132", "dev", "eth1")
-	before = hostState(t, l)
+	before = l.HostState(t)
 	refused("two gateways on eth1", []string{"203.0.113.129", "203.0.113.132", "--via"}, "set", "--to", "203.0.113.131", "--dst", "203.0.113.7")
 	mustES(t, l, "set", "--to", "203.0.113.131", "--dst", "203.0.113.7", "--via", "203.0.113.132")
 	wantWay(t, l, "203.0.113.7", "", "203.0.113.131", "eth1")
@@ -440,7 +410,7 @@ func TestNICIPv6(t *testing.T) {
 	l := newLab(t, lab.WithSecondUplink())
 	gwAddrAdd(t, l, "2001:db8:ffff::5/128")
 	addForeignRules(t, l)
-	before := hostState(t, l)
+	before := l.HostState(t)
 	wantWay(t, l, "2001:db8:ffff::4", "", "2001:db8::250", "eth0")
 	hostServer(t, l, "2001:db8:1::130")
 	wantReplyWay(t, l, "2001:db8:ffff::4", "2001:db8:1::130", "eth0")
@@ -485,7 +455,7 @@ func TestMethodRoute(t *testing.T) {
 	t.Parallel()
 	l := newLab(t)
 	addForeignRules(t, l)
-	before := hostState(t, l)
+	before := l.HostState(t)
 
 	mustES(t, l, "set", "--to", "192.0.2.22", "--dst", "198.51.100.4", "--method", "route")
 	mustES(t, l, "set", "--to", "2001:db8::22", "--dst", "2001:db8:ffff::4", "--method", "route")
@@ -551,7 +521,7 @@ func TestNICClear(t *testing.T) {
 	t.Parallel()
 	l := newLab(t, lab.WithSecondUplink())
 	addForeignRules(t, l)
-	before := hostState(t, l)
+	before := l.HostState(t)
 	mustES(t, l, "set", "--to", "203.0.113.130", "--dst", "198.51.100.4")
 	mustES(t, l, "set", "--to", "203.0.113.131", "--dst", "198.51.100.5", "--via", "203.0.113.129")
 	mustES(t, l, "set", "--to", "2001:db8:1::130", "--dst", "2001:db8:ffff::4")
@@ -577,7 +547,7 @@ func TestNICBadInput(t *testing.T) {
 	mustES(t, l, "set", "--to", "192.0.2.23", "--dst", "203.0.113.0/24")
 	dir := t.TempDir()
 	file := func(name, content string) string { return writeConfig(t, dir, name, content) }
-	before := hostState(t, l)
+	before := l.HostState(t)
 
 	tests := []struct {
 		name string

@@ -180,9 +180,17 @@ func TestBadInputCorpus(t *testing.T) {
 
 	// judge returns what is wrong with one run, and puts the rules back
 	// if it changed them, so that every case starts from the same host.
+	// Every run is judged once: runs and passed count runs, not cases.
+	runs, passed := 0, 0
 	judge := func(t *testing.T, args []string, code, wantCode int, stderr, stdout string, want []string) []string {
 		t.Helper()
+		runs++
 		var bad []string
+		defer func() {
+			if len(bad) == 0 {
+				passed++
+			}
+		}()
 		if code != wantCode {
 			bad = append(bad, fmt.Sprintf("egress-snat %s: exit %d, want %d\nstdout:\n%s\nstderr:\n%s", strings.Join(args, " "), code, wantCode, stdout, stderr))
 		}
@@ -206,10 +214,8 @@ func TestBadInputCorpus(t *testing.T) {
 			t.Error(strings.Join(bad, "\n"))
 		}
 	}
-	tried := 0
 	for _, tt := range relBadArgs {
 		t.Run("args/"+tt.name, func(t *testing.T) {
-			tried++
 			r := esWithin(t, l, relBadInputBound, tt.args...)
 			bad := judge(t, tt.args, r.code, exitUsage, r.stderr, r.stdout, tt.want)
 			if strings.Contains(strings.TrimSuffix(r.stderr, "\n"), "\n") {
@@ -227,11 +233,9 @@ func TestBadInputCorpus(t *testing.T) {
 			path := relWrite(t, dir, "rules.yaml", tt.content)
 			var bad []string
 			for _, cmd := range [][]string{{"apply", "-f", path}, {"apply", "--dry-run", "-f", path}} {
-				tried++
 				r := esWithin(t, l, relBadInputBound, cmd...)
 				bad = append(bad, judge(t, cmd, r.code, exitUsage, r.stderr, r.stdout, tt.want)...)
 			}
-			tried++
 			cmd := []string{"check", "-f", path}
 			r := esWithin(t, l, relBadInputBound, cmd...)
 			if strings.Contains(tt.name, "not on the host") {
@@ -246,7 +250,6 @@ func TestBadInputCorpus(t *testing.T) {
 				report(t, tt.bug, bad)
 				return
 			}
-			tried++
 			cmd = []string{"watch", "-f", path}
 			p := relStart(t, l, cmd...)
 			code, ok := p.wait(5 * time.Second)
@@ -259,11 +262,12 @@ func TestBadInputCorpus(t *testing.T) {
 			report(t, tt.bug, bad)
 		})
 	}
-	tried++
 	missing := []string{"apply", "-f", "/nonexistent/egress-snat.yaml"}
 	r := es(t, l, missing...)
 	report(t, "", judge(t, missing, r.code, exitUsage, r.stderr, r.stdout, []string{"/nonexistent/egress-snat.yaml"}))
-	relFigure(t, "bad_inputs", tried)
+	relFigure(t, "bad_inputs", runs)
+	relFigure(t, "bad_inputs_passed", passed)
+	relFigure(t, "bad_inputs_failed", runs-passed)
 	wantSeen(t, l, seen)
 }
 

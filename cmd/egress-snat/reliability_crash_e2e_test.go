@@ -2,6 +2,12 @@ package main
 
 import (
 	"fmt"
+	"maps"
+	"os"
+	"path/filepath"
+	"regexp"
+	"slices"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -50,15 +56,93 @@ func relCrashFiles(t *testing.T) (a, b string) {
 	return a, b
 }
 
-// relStateOf names a family's state: "A", "B", or the mixture itself.
-func relStateOf(s relSaved, f snat.Family, want map[string]relSaved) string {
-	got := s.meaning(f)
+// relStateOf names a family's state: "A", "B", or "neither", judged by
+// the kernel's own texts (see relKernelText), not by egress-snat's parser.
+func relStateOf(got map[snat.Family]string, f snat.Family, want map[string]map[snat.Family]string) string {
 	for _, name := range []string{"A", "B"} {
-		if got == want[name].meaning(f) {
+		if got[f] == want[name][f] {
 			return name
 		}
 	}
 	return "neither"
+}
+
+// relInitval is the random hash seed ipset save prints in a create line:
+// chosen by the kernel at each create, not part of what the set holds.
+var relInitval = regexp.MustCompile(` initval 0x[0-9a-f]+`)
+
+// relKernelText is, per family, what the kernel holds that decides the
+// source of new connections, as its own tools print it: iptables-save -t
+// nat (comments dropped, counters zeroed) followed by ipset save of every
+// set that table names (members sorted, initval dropped). Two states are
+// the same exactly when these texts are equal byte for byte.
+func relKernelText(t *testing.T, l *lab.Lab) map[snat.Family]string {
+	t.Helper()
+	sets := map[string]string{} // name -> its ipset save lines
+	var name string
+	for line := range strings.Lines(lab.SortedIPSetSave(l.Run(t, "ipset", "save"))) {
+		f := strings.Fields(line)
+		if len(f) > 1 && (f[0] == "create" || f[0] == "add") {
+			name = f[1]
+		}
+		sets[name] += relInitval.ReplaceAllString(line, "")
+	}
+	out := map[snat.Family]string{}
+	for _, f := range snat.Families {
+		var b strings.Builder
+		var named []string
+		for line := range strings.Lines(l.Run(t, iptables(int(f))+"-save", "-t", "nat")) {
+			if strings.HasPrefix(line, "#") {
+				continue
+			}
+			b.WriteString(relCounters(line))
+			words := strings.Fields(line)
+			if i := slices.Index(words, "--match-set"); i >= 0 && i+1 < len(words) {
+				named = append(named, words[i+1])
+			}
+		}
+		slices.Sort(named)
+		for _, n := range slices.Compact(named) {
+			b.WriteString(sets[n])
+		}
+		out[f] = b.String()
+	}
+	return out
+}
+
+// relWriters are the children through which egress-snat writes: a kill
+// while one of them runs is a kill during a write.
+var relWriters = []string{"iptables-restore", "ip6tables-restore", "iptables-nft-restore", "ip6tables-nft-restore",
+	"iptables-legacy-restore", "ip6tables-legacy-restore", "ipset", "ip"}
+
+// relWriting returns the write children of pid alive now, read from /proc
+// (a child's argv[0] names the tool; pid's own is "ip" until ip netns exec
+// has exec'd egress-snat, and then it has no children of that kind).
+func relWriting(pid int) []string {
+	var out []string
+	entries, _ := os.ReadDir("/proc")
+	for _, e := range entries {
+		if _, err := strconv.Atoi(e.Name()); err != nil {
+			continue
+		}
+		b, err := os.ReadFile("/proc/" + e.Name() + "/stat")
+		if err != nil {
+			continue
+		}
+		f := strings.Fields(string(b[strings.LastIndexByte(string(b), ')')+1:]))
+		if len(f) < 2 || f[1] != strconv.Itoa(pid) || f[0] == "Z" {
+			continue
+		}
+		cmdline, err := os.ReadFile("/proc/" + e.Name() + "/cmdline")
+		if err != nil {
+			continue
+		}
+		argv0, _, _ := strings.Cut(string(cmdline), "\x00")
+		if slices.Contains(relWriters, filepath.Base(argv0)) {
+			out = append(out, filepath.Base(argv0))
+		}
+	}
+	return out
 }
 
 // relLeftoverSets returns our sets that no rule refers to.
@@ -85,9 +169,11 @@ func relLeftoverSets(s relSaved) []string {
 // KillMode=control-group). Killed applies may follow each other, so some
 // start from what an earlier kill left.
 //
-// After every kill, each family's chain means exactly file A or exactly
-// file B (rules, jump, set members and exceptions as the kernel holds them),
-// never a mixture. The two families are written one after the other, so one
+// After every kill, each family's nat table and the sets it names are,
+// byte for byte as iptables-save and ipset save print them, exactly what a
+// complete apply of file A or of file B left, never a mixture. A kill counts
+// as "during a write" only when an iptables-restore, ipset or ip child of
+// the killed process was alive a moment before it (read from /proc). The two families are written one after the other, so one
 // may be A while the other is B; that is counted. The next apply that runs to
 // its end converges: check -f exits 0 and no set is left over.
 func TestCrashDuringApply(t *testing.T) {
@@ -101,16 +187,20 @@ func TestCrashDuringApply(t *testing.T) {
 	foreignBefore := notOurs(relRuleset(t, l))
 
 	// The reference states, and how long a switch takes.
-	want := map[string]relSaved{}
+	want := map[string]map[snat.Family]string{}
 	var took []time.Duration
 	for _, name := range []string{"A", "B", "A", "B"} {
 		start := time.Now()
 		mustES(t, l, "apply", "-f", file[name])
 		took = append(took, time.Since(start))
-		want[name] = relRead(t, l)
+		got := relKernelText(t, l)
+		if prev, ok := want[name]; ok && !maps.Equal(prev, got) {
+			t.Fatalf("two complete applies of %s left different kernel texts:\n%s", name, relDiff(prev[snat.IPv4]+prev[snat.IPv6], got[snat.IPv4]+got[snat.IPv6]))
+		}
+		want[name] = got
 	}
 	for _, f := range snat.Families {
-		if want["A"].meaning(f) == want["B"].meaning(f) {
+		if want["A"][f] == want["B"][f] {
 			t.Fatalf("%s: files A and B give the same state", f)
 		}
 	}
@@ -124,10 +214,10 @@ func TestCrashDuringApply(t *testing.T) {
 		if code, kinds := relCheck(t, l, file[target]); code != checkInSync {
 			t.Fatalf("kill %d: after a complete apply of %s, check found %v", i, target, kinds)
 		}
-		s := relRead(t, l)
+		s, text := relRead(t, l), relKernelText(t, l)
 		for _, f := range snat.Families {
-			if got := relStateOf(s, f, want); got != target {
-				t.Fatalf("kill %d: after a complete apply of %s, %s is %s:\n%s", i, target, f, got, s.meaning(f))
+			if got := relStateOf(text, f, want); got != target {
+				t.Fatalf("kill %d: after a complete apply of %s, %s is %s:\n%s", i, target, f, got, relDiff(want[target][f], text[f]))
 			}
 		}
 		if left := relLeftoverSets(s); len(left) > 0 {
@@ -145,6 +235,7 @@ func TestCrashDuringApply(t *testing.T) {
 		delay := time.Duration(rng.Int64N(int64(window)))
 		time.Sleep(delay)
 		pid := p.cmd.Process.Pid
+		writing := relWriting(pid)
 		finished := p.exited()
 		if group {
 			syscall.Kill(-pid, syscall.SIGKILL)
@@ -168,14 +259,20 @@ func TestCrashDuringApply(t *testing.T) {
 		default:
 			counts["killed alone"]++
 		}
+		if !finished && code == -1 && len(writing) > 0 {
+			counts["killed during a write"]++
+			for _, w := range slices.Compact(slices.Sorted(slices.Values(writing))) {
+				counts["killed during "+w]++
+			}
+		}
 
-		s := relRead(t, l)
+		text := relKernelText(t, l)
 		states := map[snat.Family]string{}
 		for _, f := range snat.Families {
-			states[f] = relStateOf(s, f, want)
+			states[f] = relStateOf(text, f, want)
 			if states[f] == "neither" {
-				t.Fatalf("kill %d after %s of apply -f %s (group %v): the %s chain is neither A nor B:\n%s\nA:\n%s\nB:\n%s",
-					i, delay, target, group, f, s.meaning(f), want["A"].meaning(f), want["B"].meaning(f))
+				t.Fatalf("kill %d after %s of apply -f %s (group %v, writing %v): the %s nat table is neither A nor B\nagainst A (-A +now):\n%s\nagainst B (-B +now):\n%s",
+					i, delay, target, group, writing, f, relDiff(want["A"][f], text[f]), relDiff(want["B"][f], text[f]))
 			}
 		}
 		switch {
@@ -200,6 +297,7 @@ func TestCrashDuringApply(t *testing.T) {
 	t.Logf("kills: %v; %d complete applies converged", counts, converged)
 	relFigure(t, "kills", kills)
 	relFigure(t, "kills_during_run", kills-counts["finished before the kill"])
+	relFigure(t, "kills_during_write", counts["killed during a write"])
 	relFigure(t, "kills_families_apart", counts["families apart"])
 	relFigure(t, "kills_left_old", counts["left the old state"])
 	relFigure(t, "kills_left_new", counts["left the new state"])

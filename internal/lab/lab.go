@@ -44,6 +44,7 @@ import (
 	"os"
 	"os/exec"
 	"regexp"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -238,9 +239,11 @@ func runIn(ns, name string, args ...string) (stdout, stderr string, exitCode int
 
 var counters = regexp.MustCompile(`\[\d+:\d+\]`)
 
-// Ruleset returns H's iptables and ip6tables rules plus the names of its
-// ipsets, normalised (no comments, zeroed counters) so tests can compare it
-// before and after an operation or against a golden text.
+// Ruleset returns H's iptables and ip6tables rules plus every ipset, as
+// ipset save prints it (the create line and every member), normalised (no
+// comments, zeroed counters, each set's members sorted, since a hash set
+// lists them in bucket order) so tests can compare it before and after an
+// operation or against a golden text. A member changed in place shows.
 //
 // EGRESS_SNAT_IPTABLES=legacy|nft selects the backend explicitly, because
 // the plain iptables-save only shows rules of its own backend and the tool
@@ -257,11 +260,77 @@ func (l *Lab) Ruleset(t testing.TB) string {
 		}
 	}
 	if _, err := exec.LookPath("ipset"); err == nil {
-		for line := range strings.Lines(l.Run(t, "ipset", "list", "-n")) {
-			b.WriteString("ipset " + line)
+		b.WriteString(SortedIPSetSave(l.Run(t, "ipset", "save")))
+	}
+	return b.String()
+}
+
+// SetNames returns the names of the sets a Ruleset holds, in its order.
+func SetNames(ruleset string) []string {
+	var out []string
+	for line := range strings.Lines(ruleset) {
+		if rest, ok := strings.CutPrefix(line, "create "); ok {
+			name, _, _ := strings.Cut(rest, " ")
+			out = append(out, name)
+		}
+	}
+	return out
+}
+
+// SortedIPSetSave returns the text of ipset save with the add lines of each
+// set sorted; create lines and the order of sets stay as the kernel gave
+// them.
+func SortedIPSetSave(save string) string {
+	var b strings.Builder
+	var adds []string
+	flush := func() {
+		slices.Sort(adds)
+		for _, a := range adds {
+			b.WriteString(a)
+		}
+		adds = adds[:0]
+	}
+	for line := range strings.Lines(save) {
+		if strings.HasPrefix(line, "add ") {
+			adds = append(adds, line)
+			continue
+		}
+		flush()
+		b.WriteString(line)
+	}
+	flush()
+	return b.String()
+}
+
+// Routing returns H's policy rules and all routing tables of both families,
+// without the routes the kernel makes by itself for local addresses
+// (local, broadcast, multicast, link-local), so that the text changes only
+// when a program changes the routing.
+func (l *Lab) Routing(t testing.TB) string {
+	t.Helper()
+	var b strings.Builder
+	for _, args := range [][]string{
+		{"-4", "rule"}, {"-6", "rule"},
+		{"-4", "route", "show", "table", "all"}, {"-6", "route", "show", "table", "all"},
+	} {
+		fmt.Fprintf(&b, "# ip %s\n", strings.Join(args, " "))
+		for line := range strings.Lines(l.Run(t, "ip", args...)) {
+			if strings.HasPrefix(line, "local ") || strings.HasPrefix(line, "broadcast ") ||
+				strings.HasPrefix(line, "multicast ") || strings.Contains(line, "fe80::") || strings.Contains(line, "ff00::") {
+				continue
+			}
+			b.WriteString(line)
 		}
 	}
 	return b.String()
+}
+
+// HostState is everything egress-snat may change on H: policy rules and
+// routes (Routing), iptables of both families and every ipset with its
+// members (Ruleset).
+func (l *Lab) HostState(t testing.TB) string {
+	t.Helper()
+	return l.Routing(t) + l.Ruleset(t)
 }
 
 // iptablesCmd names the command of the backend EGRESS_SNAT_IPTABLES selects:

@@ -116,3 +116,29 @@ func TestSecondUplink(t *testing.T) {
 		t.Errorf("no IPv6 backup default route through eth1:\n%s", out)
 	}
 }
+
+// TestRulesetSeesSetMembers: a member of an ipset changed in place, the
+// set's name unchanged, changes the Ruleset.
+func TestRulesetSeesSetMembers(t *testing.T) {
+	t.Parallel()
+	l := New(t)
+	l.Run(t, "ipset", "create", "egress-snat-t", "hash:net")
+	l.Run(t, "ipset", "add", "egress-snat-t", "198.51.100.0/24")
+	before := l.Ruleset(t)
+	if !strings.Contains(before, "add egress-snat-t 198.51.100.0/24\n") {
+		t.Fatalf("Ruleset has no member line:\n%s", before)
+	}
+	l.Run(t, "ipset", "del", "egress-snat-t", "198.51.100.0/24")
+	l.Run(t, "ipset", "add", "egress-snat-t", "203.0.113.0/24")
+	if after := l.Ruleset(t); after == before {
+		t.Errorf("a member changed in place left the Ruleset the same:\n%s", after)
+	}
+}
+
+func TestSortedIPSetSave(t *testing.T) {
+	in := "create a hash:net family inet\nadd a 203.0.113.0/24\nadd a 198.51.100.0/24\ncreate b hash:ip family inet\nadd b 192.0.2.9\nadd b 192.0.2.1\n"
+	want := "create a hash:net family inet\nadd a 198.51.100.0/24\nadd a 203.0.113.0/24\ncreate b hash:ip family inet\nadd b 192.0.2.1\nadd b 192.0.2.9\n"
+	if got := SortedIPSetSave(in); got != want {
+		t.Errorf("SortedIPSetSave:\n%s\nwant\n%s", got, want)
+	}
+}
