@@ -95,16 +95,23 @@ func (e Entry) MarshalJSON() ([]byte, error) {
 	if e.Natural.IsValid() {
 		j.Natural = e.Natural.String()
 	}
-	switch e.Sender.kind() {
-	case SenderFrom:
-		j.From = e.Sender.From.String()
-	case SenderUID:
-		uid := e.Sender.UID
-		j.UID = &uid
-	case SenderCgroup:
-		j.Cgroup = e.Sender.Cgroup
-	}
+	j.From, j.UID, j.Cgroup = e.Sender.jsonFields()
 	return json.Marshal(j)
+}
+
+// jsonFields are the sender's own JSON fields: the --from prefix, the uid
+// or the cgroup, whichever it has.
+func (s Sender) jsonFields() (from string, uid *uint32, cgroup string) {
+	switch s.kind() {
+	case SenderFrom:
+		from = s.From.String()
+	case SenderUID:
+		u := s.UID
+		uid = &u
+	case SenderCgroup:
+		cgroup = s.Cgroup
+	}
+	return from, uid, cgroup
 }
 
 // Family of the entry.

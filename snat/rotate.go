@@ -94,15 +94,7 @@ func (m Move) MarshalJSON() ([]byte, error) {
 		Skipped          []netip.Addr `json:"skipped,omitempty"`
 		ConntrackDeleted *uint        `json:"conntrack_deleted,omitempty"`
 	}{Sender: m.Match.Sender.kind().String(), Dst: m.Match.Dst, Out: m.Match.Out, From: m.From, To: m.To, Skipped: m.Skipped, ConntrackDeleted: m.ConntrackDeleted}
-	switch s := m.Match.Sender; s.kind() {
-	case SenderFrom:
-		j.FromPrefix = s.From.String()
-	case SenderUID:
-		uid := s.UID
-		j.UID = &uid
-	case SenderCgroup:
-		j.Cgroup = s.Cgroup
-	}
+	j.FromPrefix, j.UID, j.Cgroup = m.Match.Sender.jsonFields()
 	return json.Marshal(j)
 }
 
