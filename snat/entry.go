@@ -227,8 +227,13 @@ func compareEntries(a, b Entry) int {
 func Normalize(es []Entry) []Entry {
 	out := make([]Entry, 0, len(es))
 	rewriting := make([]Entry, 0, len(es))
+	var keeps []Entry
 	for _, e := range es {
-		if !e.Keep() && !e.selfTarget() && !e.Routed {
+		switch {
+		case e.Keep() || e.selfTarget():
+			e.To = nil
+			keeps = append(keeps, e)
+		case !e.Routed:
 			rewriting = append(rewriting, e)
 		}
 	}
@@ -236,7 +241,7 @@ func Normalize(es []Entry) []Entry {
 		if e.selfTarget() {
 			e.To = nil
 		}
-		if e.Keep() && !shadowedLater(e, rewriting) {
+		if e.Keep() && !shadowedLater(e, rewriting, keeps) {
 			continue
 		}
 		out = append(out, e)
@@ -248,10 +253,25 @@ func Normalize(es []Entry) []Entry {
 // shadowedLater reports whether a rewriting entry that comes after e in the
 // chain matches traffic e matches: e then needs its RETURN rule. Within one
 // sender a later rule is a broader destination; a later sender's rule (the
-// host's, after a uid's) may also be a narrower one.
-func shadowedLater(e Entry, rewriting []Entry) bool {
+// host's, after a uid's) may also be a narrower one. A broader keep-natural
+// entry that holds all of e's traffic stops the search: what it keeps, e
+// need not (198.51.100.4 kept inside a kept 198.51.100.0/24).
+func shadowedLater(e Entry, rewriting, keeps []Entry) bool {
+	var cover *Entry
+	for i, k := range keeps {
+		if k.Match == e.Match || k.Out != e.Out || k.Natural != e.Natural || compareEntries(k, e) <= 0 {
+			continue
+		}
+		if k.Dst.Bits() <= e.Dst.Bits() && k.Dst.Contains(e.Dst.Addr()) && k.Sender.Contains(e.Sender) &&
+			(cover == nil || compareEntries(k, *cover) < 0) {
+			cover = &keeps[i]
+		}
+	}
 	for _, o := range rewriting {
 		if o.Out != e.Out || o.Natural != e.Natural || compareEntries(o, e) <= 0 {
+			continue
+		}
+		if cover != nil && compareEntries(o, *cover) > 0 {
 			continue
 		}
 		if o.Dst.Overlaps(e.Dst) && o.Sender.Contains(e.Sender) {

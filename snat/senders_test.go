@@ -286,3 +286,26 @@ func TestUpdateTakesTheInjectedLock(t *testing.T) {
 		t.Error("Update ran while the lock was held")
 	}
 }
+
+// TestKeepInsideAKeepIsDropped: a destination asking for the natural source
+// inside a broader destination that already keeps it needs no rule of its
+// own; one with a rewriting rule between them still does.
+func TestKeepInsideAKeepIsDropped(t *testing.T) {
+	got := Normalize([]Entry{
+		entry("0.0.0.0/0", "192.0.2.250", "192.0.2.23"),
+		entry("198.51.100.0/24", "192.0.2.250", "192.0.2.250"),
+		entry("198.51.100.4", "192.0.2.250", "192.0.2.250"),
+	})
+	if len(got) != 2 || got[0].Dst != pfx("198.51.100.0/24") {
+		t.Errorf("want the /24 keep and the /0 rule only, got %v", got)
+	}
+	got = Normalize([]Entry{
+		entry("0.0.0.0/0", "192.0.2.250", "192.0.2.23"),
+		entry("198.51.100.0/24", "192.0.2.250", "192.0.2.250"),
+		entry("198.51.100.0/28", "192.0.2.250", "192.0.2.22"),
+		entry("198.51.100.4", "192.0.2.250", "192.0.2.250"),
+	})
+	if len(got) != 4 {
+		t.Errorf("a rewriting /28 between the keeps: want all four, got %v", got)
+	}
+}
