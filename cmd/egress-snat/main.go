@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"runtime/debug"
+	"runtime/pprof"
 )
 
 func main() {
@@ -13,10 +14,21 @@ func main() {
 	// outlives it; collecting less often saves a fifth of a large apply's
 	// CPU. watch, which runs for long, sets its own.
 	debug.SetGCPercent(400)
-	if err := run(os.Args); err != nil {
+	// EGRESS_SNAT_CPUPROFILE=FILE writes a CPU profile of the run, for the
+	// benchmark report's "where the time goes" (go tool pprof FILE).
+	if path := os.Getenv("EGRESS_SNAT_CPUPROFILE"); path != "" {
+		if f, err := os.Create(path); err == nil {
+			if pprof.StartCPUProfile(f) == nil {
+				defer func() { pprof.StopCPUProfile(); f.Close() }()
+			}
+		}
+	}
+	err := run(os.Args)
+	if err != nil {
 		if msg := err.Error(); msg != "" {
 			fmt.Fprintln(os.Stderr, "egress-snat:", msg)
 		}
+		pprof.StopCPUProfile()
 		os.Exit(exitCode(err))
 	}
 }
