@@ -40,10 +40,13 @@ const (
 // every difference by kind. It is pure; MakePlan(st, desired) is the repair.
 func Diagnose(st *State, desired []Entry) []Finding {
 	desired = Normalize(desired)
+	// The plan's chains, not a bare Render: they carry the names of the
+	// installed sets the desired ones are placed in (see placeSets).
+	plan := MakePlan(st, desired)
 	var out []Finding
 	for _, f := range Families {
 		in := st.Installed[f]
-		c := Render(f, desired)
+		c := plan.Chains[f]
 		add := func(kind, format string, args ...any) {
 			out = append(out, Finding{Kind: kind, Family: f.String(), Detail: fmt.Sprintf(format, args...)})
 		}
@@ -91,7 +94,7 @@ func Diagnose(st *State, desired []Entry) []Finding {
 			out = append(out, Finding{Kind: DriftMarks, Family: f.String(), Detail: fmt.Sprintf("the mangle chains %s and %s, which send senders out of another interface, differ (flushed, or changed by hand?)", MarkChainFwd, MarkChainOut)})
 		}
 	}
-	for _, ch := range MakePlan(st, desired).Changes {
+	for _, ch := range plan.Changes {
 		e := ch.New
 		if e == nil {
 			e = ch.Old

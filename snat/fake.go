@@ -3,6 +3,7 @@ package snat
 import (
 	"fmt"
 	"maps"
+	"net/netip"
 	"slices"
 	"strconv"
 	"strings"
@@ -336,6 +337,37 @@ func (fs *FakeIPSets) Restore(payload string) error {
 				s.Members = append(s.Members, p)
 			}
 			fs.sets[f[1]] = s
+		case "del":
+			s, ok := fs.sets[f[1]]
+			if !ok {
+				return fmt.Errorf("fake ipset: no set %s", f[1])
+			}
+			p, err := parsePrefix(f[2])
+			if err != nil {
+				return err
+			}
+			n := len(s.Members) + len(s.NoMatch)
+			s.Members = slices.DeleteFunc(slices.Clone(s.Members), func(q netip.Prefix) bool { return q == p })
+			s.NoMatch = slices.DeleteFunc(slices.Clone(s.NoMatch), func(q netip.Prefix) bool { return q == p })
+			if len(s.Members)+len(s.NoMatch) == n {
+				return fmt.Errorf("fake ipset: %s is not in set %s", p, f[1])
+			}
+			fs.sets[f[1]] = s
+		case "rename":
+			s, ok := fs.sets[f[1]]
+			if !ok {
+				return fmt.Errorf("fake ipset: no set %s", f[1])
+			}
+			if _, taken := fs.sets[f[2]]; taken {
+				return fmt.Errorf("fake ipset: set %s exists", f[2])
+			}
+			if fs.Tables != nil && fs.Tables.usesSet(f[1]) {
+				// As the kernel: "it is in use by another system".
+				return fmt.Errorf("fake ipset: set %s is in use by a rule and cannot be renamed", f[1])
+			}
+			delete(fs.sets, f[1])
+			s.Name = f[2]
+			fs.sets[f[2]] = s
 		case "swap":
 			a, okA := fs.sets[f[1]]
 			b, okB := fs.sets[f[2]]

@@ -58,6 +58,13 @@ var kernelSteps = []kernelStep{
 		"-A EGRESS-SNAT -s 192.0.2.250/32 -d 203.0.113.0/24 -o eth0 -m comment --comment egress-snat -m statistic --mode nth --every 2 --packet 0 -j SNAT --to-source 192.0.2.22\n" +
 		"-A EGRESS-SNAT -s 192.0.2.250/32 -d 198.51.100.5/32 -o eth0 -m comment --comment egress-snat -j RETURN\n" +
 		"COMMIT\n", false},
+	{"delete a member", 0, "del " + set4 + " 203.0.113.4\n", false},
+	{"delete a member not there", 0, "del " + set4 + " 203.0.113.4\n", true},
+	{"add it back", 0, "add " + set4 + " 203.0.113.4\n", false},
+	{"rename a set in use", 0, "rename " + set4 + " " + set4 + "-r\n", true},
+	{"rename a set no rule uses", 0, "create " + set4 + "-spare hash:net family inet hashsize 1024 maxelem 65536\nrename " + set4 + "-spare " + set4 + "-r\n", false},
+	{"rename onto a set that exists", 0, "rename " + set4 + "-r " + set6 + "\n", true},
+	{"destroy the renamed set", 0, "destroy " + set4 + "-r\n", false},
 	{"a host address without its length", 4, "*nat\n-A EGRESS-SNAT -s 192.0.2.250 -d 198.51.100.6 -o eth0 -m comment --comment egress-snat -j SNAT --to-source 192.0.2.22\nCOMMIT\n", false},
 	{"delete a missing rule", 4, "*nat\n-D EGRESS-SNAT -s 192.0.2.250/32 -d 198.51.100.99/32 -o eth0 -m comment --comment egress-snat -j SNAT --to-source 192.0.2.22\nCOMMIT\n", true},
 	{"jump to a missing chain", 4, "*nat\n-A EGRESS-SNAT -d 198.51.100.7/32 -j EGRESS-MISSING\nCOMMIT\n", true},

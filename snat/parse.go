@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net/netip"
 	"slices"
+	"strconv"
 	"strings"
 )
 
@@ -242,7 +243,8 @@ func splitWords(line string) ([]string, error) {
 // It is on the path of every run, with one line per destination, so it
 // avoids splitting lines it does not need.
 func ParseSets(text string) (map[string]Set, error) {
-	sets := map[string]Set{}
+	byName := map[string]*Set{}
+	var cur *Set // ipset save prints a set's members after its create line
 	for len(text) > 0 {
 		line, rest, _ := strings.Cut(text, "\n")
 		text = rest
@@ -257,21 +259,32 @@ func ParseSets(text string) (map[string]Set, error) {
 			if strings.Contains(args, "family inet6") {
 				fam = IPv6
 			}
-			sets[name] = Set{Name: name, Family: fam}
+			cur = &Set{Name: name, Family: fam, MaxElem: createOption(args, "maxelem")}
+			byName[name] = cur
 		case "add":
 			member, opts, _ := strings.Cut(args, " ")
 			p, err := parsePrefix(member)
 			if err != nil {
 				return nil, fmt.Errorf("set %s member %q: %w", name, member, err)
 			}
-			s := sets[name]
+			s := cur
+			if s == nil || s.Name != name {
+				if s = byName[name]; s == nil {
+					s = &Set{Name: name}
+					byName[name] = s
+				}
+				cur = s
+			}
 			if strings.Contains(opts, "nomatch") {
 				s.NoMatch = append(s.NoMatch, p)
 			} else {
 				s.Members = append(s.Members, p)
 			}
-			sets[name] = s
 		}
+	}
+	sets := make(map[string]Set, len(byName))
+	for n, s := range byName {
+		sets[n] = *s
 	}
 	for n, s := range sets {
 		if !slices.IsSortedFunc(s.Members, comparePrefix) {
@@ -281,4 +294,17 @@ func ParseSets(text string) (map[string]Set, error) {
 		sets[n] = s
 	}
 	return sets, nil
+}
+
+// createOption reads a numeric option of an ipset create line ("maxelem
+// 65536"); 0 when absent.
+func createOption(args, name string) int {
+	f := strings.Fields(args)
+	for i := 0; i+1 < len(f); i++ {
+		if f[i] == name {
+			n, _ := strconv.Atoi(f[i+1])
+			return n
+		}
+	}
+	return 0
 }

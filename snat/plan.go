@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"maps"
+	"net/netip"
 	"slices"
 	"strings"
 
@@ -137,8 +138,27 @@ func MakePlan(st *State, desired []Entry) Plan {
 			Do: Command{Tool: ToolIPSet, Input: stale.String()}})
 	}
 
-	referenced := map[string]bool{}
-	var fresh, rebuilt []Set
+	// Where each desired set goes: the installed set its rule uses (kept,
+	// changed in place or rebuilt), or a new one. Names are claimed across
+	// both families, so that no two desired sets share one.
+	claimed := map[string]bool{}
+	var place placement
+	for _, f := range Families {
+		pl := placeSets(st, st.Installed[f], Render(f, desired), claimed)
+		// In place (or by a swap) only when one set is all that changes
+		// in the family: several sets changed one after the other, or a
+		// set and then the chain, would let a killed run leave the
+		// family neither old nor new, and a destination moving between
+		// two sets missing from both for a moment.
+		if len(pl.Updates)+len(pl.Rebuilt) > 1 || !st.Installed[f].InSync(pl.Chain) {
+			pl = pl.freshen(st, claimed)
+		}
+		p.Chains[f] = pl.Chain
+		place.Fresh = append(place.Fresh, pl.Fresh...)
+		place.Rebuilt = append(place.Rebuilt, pl.Rebuilt...)
+		place.Updates = append(place.Updates, pl.Updates...)
+	}
+	referenced := claimed
 	var routeAdds, mangleFirst, writes, mangleLast, routeDels, drops []Step
 	for _, f := range Families {
 		if b := routes.Diff(st.Routing[f], routingOf(f, desired)); b.Add != "" || b.Del != "" {
@@ -163,22 +183,9 @@ func MakePlan(st *State, desired []Entry) Plan {
 					Do: Command{Tool: ToolDropNATTable, Family: f, Input: mangleTable}, Cleanup: true})
 			}
 		}
-		c := Render(f, desired)
-		p.Chains[f] = c
+		c := p.Chains[f]
 		in := st.Installed[f]
-		recreated := false
-		for _, s := range c.Sets {
-			referenced[s.Name] = true
-			have, ok := st.Sets[s.Name]
-			switch {
-			case !ok:
-				fresh = append(fresh, s)
-			case !sameMembers(have, s):
-				rebuilt = append(rebuilt, s)
-				recreated = true
-			}
-		}
-		if in.InSync(c) && !recreated {
+		if in.InSync(c) {
 			continue
 		}
 		writes = append(writes, chainStep(in, c))
@@ -187,25 +194,7 @@ func MakePlan(st *State, desired []Entry) Plan {
 				Do: Command{Tool: ToolDropNATTable, Family: f}, Cleanup: true})
 		}
 	}
-	if len(fresh) > 0 {
-		var undo strings.Builder
-		for _, s := range fresh {
-			undo.WriteString("destroy " + s.Name + "\n")
-		}
-		p.Steps = append(p.Steps, Step{Why: fmt.Sprintf("create %s of destinations before any rule refers to them", plural(len(fresh), "new set")),
-			Do: Command{Tool: ToolIPSet, Input: SetRestorePayload(fresh)}, Undo: &Command{Tool: ToolIPSet, Input: undo.String()}})
-	}
-	if len(rebuilt) > 0 {
-		var b strings.Builder
-		for _, s := range rebuilt {
-			tmp := s
-			tmp.Name = s.Name + tmpSuffix
-			b.WriteString(SetRestorePayload([]Set{tmp}))
-			fmt.Fprintf(&b, "swap %s %s\ndestroy %s\n", tmp.Name, s.Name, tmp.Name)
-		}
-		p.Steps = append(p.Steps, Step{Why: fmt.Sprintf("repair %s edited by hand: rebuild and swap in atomically", plural(len(rebuilt), "set")),
-			Do: Command{Tool: ToolIPSet, Input: b.String()}})
-	}
+	p.Steps = append(p.Steps, place.steps()...)
 	p.Steps = append(p.Steps, routeAdds...)
 	p.Steps = append(p.Steps, mangleFirst...)
 	p.Steps = append(p.Steps, writes...)
@@ -256,6 +245,14 @@ func chainStep(in Installed, c Chain) Step {
 
 // diff lists the changes from installed to desired, keyed by whole match.
 func diff(installed, desired []Entry) []Change {
+	if slices.IsSortedFunc(installed, compareEntries) && slices.IsSortedFunc(desired, compareEntries) {
+		return diffSorted(installed, desired)
+	}
+	return diffByMap(installed, desired)
+}
+
+// diffByMap is diff for lists in any order.
+func diffByMap(installed, desired []Entry) []Change {
 	var out []Change
 	old := make(map[Match]Entry, len(installed))
 	for _, e := range installed {
@@ -275,6 +272,44 @@ func diff(installed, desired []Entry) []Change {
 		out = append(out, Change{Op: "remove", Old: ptr(e)})
 	}
 	return out
+}
+
+// diffSorted is diff for two lists in chain order, as Normalize and
+// State.Entries give them: one walk instead of a map of every entry. The
+// order is the same as diff's: adds and changes in desired's order, then
+// removes.
+func diffSorted(installed, desired []Entry) []Change {
+	// The changes point into the two lists, which the plan and the state
+	// keep anyway: a copy of every entry of a fresh million-destination
+	// apply was a fifth of its memory.
+	var out, removed []Change
+	i := 0
+	for d := range desired {
+		e := &desired[d]
+		for i < len(installed) && compareMatch(installed[i], *e) < 0 {
+			removed = append(removed, Change{Op: "remove", Old: &installed[i]})
+			i++
+		}
+		if i < len(installed) && installed[i].Match == e.Match {
+			if !installed[i].Equal(*e) {
+				out = append(out, Change{Op: "change", Old: &installed[i], New: e})
+			}
+			i++
+			continue
+		}
+		out = append(out, Change{Op: "add", New: e})
+	}
+	for ; i < len(installed); i++ {
+		removed = append(removed, Change{Op: "remove", Old: &installed[i]})
+	}
+	return append(out, removed...)
+}
+
+// compareMatch is compareEntries on the match alone: entries of one match
+// differ at most in their natural source, which compareEntries orders last.
+func compareMatch(a, b Entry) int {
+	a.Natural, b.Natural = netip.Addr{}, netip.Addr{}
+	return compareEntries(a, b)
 }
 
 func ptr(e Entry) *Entry { return &e }

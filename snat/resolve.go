@@ -103,14 +103,17 @@ func ResolveAvailable(r Router, intents []Intent) (entries []Entry, skipped []er
 }
 
 func resolve(r Router, intents []Intent, lenient bool) ([]Entry, []error, error) {
-	intents, err := Dedup(intents)
+	repeated, err := repeats(intents)
 	if err != nil {
 		return nil, nil, err
 	}
 	var errs, skipped []error
 	out := make([]Entry, 0, len(intents))
-	for _, in := range intents {
-		e, err := resolveOne(r, in, lenient)
+	for i := range intents {
+		if repeated[i] {
+			continue
+		}
+		e, err := resolveOne(r, intents[i], lenient)
 		if err != nil {
 			if lenient && (errors.Is(err, selector.ErrNotLocal) || errors.Is(err, selector.ErrNoRoute)) {
 				skipped = append(skipped, err)
@@ -121,27 +124,71 @@ func resolve(r Router, intents []Intent, lenient bool) ([]Entry, []error, error)
 		}
 		out = append(out, e)
 	}
+	// In chain order, so that Normalize need not copy them to sort.
+	SortEntries(out)
 	return out, skipped, errors.Join(errs...)
 }
 
 // Dedup drops repeated intents for the same match and refuses one match
 // given two different sources: which one wins would be a guess.
 func Dedup(intents []Intent) ([]Intent, error) {
-	var errs []error
+	repeated, err := repeats(intents)
+	if err != nil {
+		return nil, err
+	}
 	out := make([]Intent, 0, len(intents))
-	seen := make(map[Match]Intent, len(intents))
-	for _, in := range intents {
-		m := Match{Sender: in.Sender, Dst: in.Dst.Masked(), Out: in.Out}
-		if prev, dup := seen[m]; dup {
-			if !slices.Equal(prev.To, in.To) || prev.Spread != in.Spread {
+	for i, in := range intents {
+		if !repeated[i] {
+			out = append(out, in)
+		}
+	}
+	return out, nil
+}
+
+// repeats marks the intents that repeat an earlier one's match (dropped)
+// and refuses a match given two different sources. It marks instead of
+// copying: a million intents are a fifth of a gigabyte.
+func repeats(intents []Intent) ([]bool, error) {
+	var errs []error
+	repeated := make([]bool, len(intents))
+	// Keyed by destination and the index of the (sender, interface) pair:
+	// hashing a whole Match, strings and all, 100,000 times was the
+	// largest part of resolving a long dst-file, and one rule's intents
+	// come in a run with the same pair.
+	type who struct {
+		Sender Sender
+		Out    string
+	}
+	type key struct {
+		Dst netip.Prefix
+		Who int
+	}
+	whos := map[who]int{}
+	last, lastIdx := who{}, -1
+	seen := make(map[key]int, len(intents))
+	for i := range intents {
+		in := &intents[i]
+		w := who{in.Sender, in.Out}
+		if lastIdx < 0 || w != last {
+			idx, ok := whos[w]
+			if !ok {
+				idx = len(whos)
+				whos[w] = idx
+			}
+			last, lastIdx = w, idx
+		}
+		k := key{in.Dst.Masked(), lastIdx}
+		if first, dup := seen[k]; dup {
+			repeated[i] = true
+			if prev := &intents[first]; !slices.Equal(prev.To, in.To) || prev.Spread != in.Spread {
+				m := Match{Sender: in.Sender, Dst: k.Dst, Out: in.Out}
 				errs = append(errs, Invalid("%s is given twice, with sources %s and %s", describe(m), addrList(prev.To), addrList(in.To)))
 			}
 			continue
 		}
-		seen[m] = in
-		out = append(out, in)
+		seen[k] = i
 	}
-	return out, errors.Join(errs...)
+	return repeated, errors.Join(errs...)
 }
 
 // describe names a match in messages: "destination 198.51.100.4/32", or
@@ -196,7 +243,7 @@ func resolveOne(r Router, in Intent, lenient bool) (Entry, error) {
 	}
 	var to []netip.Addr
 	var missing error
-	for _, a := range in.To {
+	for i, a := range in.To {
 		owner, err := r.Owner(a)
 		switch {
 		case errors.Is(err, selector.ErrNotLocal):
@@ -212,10 +259,17 @@ func resolveOne(r Router, in Intent, lenient bool) (Entry, error) {
 			}
 			return otherInterface(r, in, dst, a, owner, iface, natural)
 		}
-		to = append(to, a)
 		if !in.Spread {
-			break // failover list: the first present address
+			// A failover list: the first present address. The slice
+			// shares in.To's array, as all of one rule's entries do,
+			// which the renderer's grouping counts on.
+			to = in.To[i : i+1 : i+1]
+			break
 		}
+		to = append(to, a)
+	}
+	if in.Spread && missing == nil && len(to) == len(in.To) {
+		to = slices.Clip(in.To) // all present: share the rule's array
 	}
 	if len(to) == 0 || (missing != nil && in.Spread && !lenient) {
 		return Entry{}, missing

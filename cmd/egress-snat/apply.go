@@ -74,7 +74,9 @@ refused (exit 1).`,
 			return err
 		}
 		_, plan, err := e.mgr.Update(e.lockTimeout, c.Bool("dry-run"), func(*snat.State) ([]snat.Entry, error) {
-			return snat.Resolve(e.sel, intents)
+			es, err := snat.Resolve(e.sel, intents)
+			intents = nil // called once; a million intents are 200 MB the plan need not share
+			return es, err
 		})
 		if err != nil {
 			return err

@@ -99,7 +99,19 @@ func gen(args []string) error {
 	natural := fs.String("natural", "192.0.2.250", "linear: the natural source (-s)")
 	to := fs.String("to", "192.0.2.22", "linear: the SNAT address (--to-source)")
 	out := fs.String("out", "eth0", "linear: the outgoing interface (-o)")
+	wide := fs.Int("wide", -1, "instead of random /24../32 blocks: N-`WIDE` random /32s in 10.0.0.0/8 and WIDE wider prefixes (/24, then /25 once the private /24s run out), which may hold some of the /32s, as a feed of hosts and networks does")
 	fs.Parse(args)
+	if *wide >= 0 {
+		ps, err := mixed(*n, *wide, *seed)
+		if err != nil {
+			return err
+		}
+		w := bufio.NewWriterSize(os.Stdout, 1<<16)
+		for _, p := range ps {
+			w.WriteString(p.String() + "\n")
+		}
+		return w.Flush()
+	}
 
 	count := *n
 	var lastP netip.Prefix
@@ -158,6 +170,50 @@ func prefixes(n int, seed uint64) ([]netip.Prefix, error) {
 		a[0], a[1], a[2], a[3] = byte(cur>>24), byte(cur>>16), byte(cur>>8), byte(cur)
 		out = append(out, netip.PrefixFrom(netip.AddrFrom4(a), bits))
 		cur += size + uint32(r.IntN(32))
+	}
+	r.Shuffle(len(out), func(i, j int) { out[i], out[j] = out[j], out[i] })
+	return out, nil
+}
+
+// mixed returns n-wide unique random /32s in 10.0.0.0/8 and wide unique
+// /24s, from the private and benchmark ranges in turn (10/8, 100.64/10,
+// 172.16/12, 198.18/15, 192.168/16: 86,784 /24s), then /25s of the same
+// ranges, shuffled. A million destinations cannot be disjoint in private
+// space, so /32s may fall inside a /24 of the same list.
+func mixed(n, wide int, seed uint64) ([]netip.Prefix, error) {
+	if wide > n {
+		return nil, errors.New("-wide must be at most -n")
+	}
+	r := rand.New(rand.NewPCG(seed, 0x6d69786564))
+	out := make([]netip.Prefix, 0, n)
+	hosts := n - wide
+	if hosts > 1<<23 {
+		return nil, fmt.Errorf("%d /32s do not fit in half of 10.0.0.0/8", hosts)
+	}
+	seen := make(map[uint32]bool, hosts)
+	for len(out) < hosts {
+		a := uint32(10)<<24 | r.Uint32()&0xffffff
+		if seen[a] {
+			continue
+		}
+		seen[a] = true
+		out = append(out, netip.PrefixFrom(netip.AddrFrom4([4]byte{byte(a >> 24), byte(a >> 16), byte(a >> 8), byte(a)}), 32))
+	}
+	ranges := []netip.Prefix{netip.MustParsePrefix("10.0.0.0/8"), netip.MustParsePrefix("100.64.0.0/10"),
+		netip.MustParsePrefix("172.16.0.0/12"), netip.MustParsePrefix("198.18.0.0/15"), netip.MustParsePrefix("192.168.0.0/16")}
+	for _, bits := range []int{24, 25} {
+		for _, rg := range ranges {
+			base := rg.Addr().As4()
+			start := uint32(base[0])<<24 | uint32(base[1])<<16 | uint32(base[2])<<8 | uint32(base[3])
+			count := uint32(1) << (bits - rg.Bits())
+			for i := uint32(0); i < count && len(out) < n; i++ {
+				a := start + i<<(32-bits)
+				out = append(out, netip.PrefixFrom(netip.AddrFrom4([4]byte{byte(a >> 24), byte(a >> 16), byte(a >> 8), byte(a)}), bits))
+			}
+		}
+	}
+	if len(out) < n {
+		return nil, fmt.Errorf("%d wide prefixes do not fit in the private ranges", wide)
 	}
 	r.Shuffle(len(out), func(i, j int) { out[i], out[j] = out[j], out[i] })
 	return out, nil
