@@ -243,14 +243,19 @@ func TestWatchRouteChange(t *testing.T) {
 }
 
 // TestWatchLinkDownUp: the interface of a rule's source (eth1, another NIC)
-// goes down and comes back up under watch. Down, the kernel deletes every
-// route through eth1, ours in tables 7420 and 7422 included; up, it puts
-// back only the subnet's own route. Watch must restore ours from the link
-// and route events: after the link is up again the destination leaves by
-// eth1 from eth1's address, our routes are as before, and check -f exits
-// 0. A rule on eth0 is untouched throughout. The time from `ip link set
-// eth1 up` to the far side seeing the right source by eth1 is the figure
-// watch_link_up_ms.
+// goes down and comes back up under watch, twice. Down, the kernel deletes
+// every route through eth1, ours in tables 7420 and 7422 included, and
+// refuses new ones; eth1's addresses stay. Watch leaves the rule out with a
+// warning (its traffic leaves by eth0 from the natural source), check -f
+// names it no-route, and watch goes on acting on everything else: the
+// source of eth0's rule leaving and coming back meanwhile is followed.
+// (Before the fix in selector, the whole reconcile failed on "Nexthop has
+// invalid gateway" until eth1 was up, so a rule kept SNATing to that
+// vanished address.) Up, the kernel puts back only the subnet's own route;
+// watch restores ours from the link and route events: the destination
+// leaves by eth1 from eth1's address, our rules and routes are as before,
+// and check exits 0. The time from `ip link set eth1 up` to the far side
+// seeing the right source by eth1 is the figure watch_link_up_ms.
 //
 // Not parallel: the bound is on watch's latency.
 func TestWatchLinkDownUp(t *testing.T) {
@@ -279,18 +284,40 @@ func TestWatchLinkDownUp(t *testing.T) {
 
 	for round := range 2 {
 		t.Run(fmt.Sprintf("round %d", round), func(t *testing.T) {
+			warned := logCount(w, "rule left out until its address or route returns", "eth1 is down")
 			l.Run(t, "ip", "link", "set", "eth1", "down")
 			down := time.Now()
-			// Down, the rule cannot be kept: its gateway is not on-link
-			// any more. What watch does meanwhile is logged, not judged,
-			// except that the rule of eth0 stays.
-			time.Sleep(time.Second)
-			code, kinds := relCheck(t, l, path)
-			t.Logf("eth1 down for %s: check -f exit %d, kinds %v; far side saw %q for 198.51.100.4; our routing:\n%s",
-				time.Since(down).Round(time.Millisecond), code, kinds, l.SourceSeen(t, "198.51.100.4"), ourRouting(t, l))
+			// Down, the kernel has deleted the routes through eth1 and
+			// refuses new ones: the rule is left out, with a warning,
+			// until eth1 is up, and its traffic leaves by eth0 from the
+			// natural source (not into a black hole); check -f names it
+			// no-route.
+			if !awaitLog(w, warned, "rule left out until its address or route returns", "eth1 is down") {
+				t.Errorf("eth1 down: watch logged no warning that it left the rule out:\n%s", w.p.stderr.String())
+			}
+			if _, ok := awaitSeen(t, l, "198.51.100.4", "192.0.2.250", down, eventBound); !ok {
+				t.Errorf("eth1 down: 198.51.100.4 not from the natural source by eth0\nour routing:\n%s\nwatch log:\n%s", ourRouting(t, l), w.p.stderr.String())
+			}
+			if ours := ourRouting(t, l); ours != "" {
+				t.Errorf("eth1 down: our rules and routes remain:\n%s", ours)
+			}
+			wantCheck(t, l, "eth1 down", path, checkDrift, "no-route")
 			wantSeen(t, l, map[string]string{"198.51.100.5": "192.0.2.22"})
 			if w.p.exited() {
 				t.Fatalf("watch exited while eth1 was down: %v\n%s", w.p.err, w.p.stderr.String())
+			}
+			// A link down must not stop watch from acting on the rest:
+			// the source of eth0's rule leaves and comes back meanwhile.
+			l.HostAddrDel(t, "192.0.2.22/24", "eth0")
+			if took, ok := awaitSeen(t, l, "198.51.100.5", "192.0.2.250", time.Now(), eventBound); !ok {
+				t.Errorf("eth1 down, 192.0.2.22 removed: 198.51.100.5 not from the natural source after %s\nrules:\n%s\nwatch log:\n%s",
+					eventBound, strings.Join(natRules(t, l, 4), "\n"), w.p.stderr.String())
+			} else {
+				t.Logf("eth1 down, 192.0.2.22 removed: its rule taken out, far side saw the natural source %s after", took.Round(time.Millisecond))
+			}
+			l.HostAddrAdd(t, "192.0.2.22/24", "eth0")
+			if _, ok := awaitSeen(t, l, "198.51.100.5", "192.0.2.22", time.Now(), eventBound); !ok {
+				t.Errorf("eth1 down, 192.0.2.22 back: 198.51.100.5 not from it after %s\nwatch log:\n%s", eventBound, w.p.stderr.String())
 			}
 
 			l.Run(t, "ip", "link", "set", "eth1", "up")
