@@ -460,6 +460,9 @@ func (s *Selector) Gateways(iface string, is4 bool, exclude func(table int) bool
 	if err != nil {
 		return nil, inputErrorf("interface %q: %w", iface, err)
 	}
+	if err := up(link); err != nil {
+		return nil, err
+	}
 	family := netlink.FAMILY_V6
 	if is4 {
 		family = netlink.FAMILY_V4
@@ -481,12 +484,26 @@ func (s *Selector) Gateways(iface string, is4 bool, exclude func(table int) bool
 	return out, nil
 }
 
+// up is ErrNoRoute for an interface set down: the kernel has deleted every
+// route through it, and refuses new ones ("Nexthop has invalid gateway"),
+// so a way out of it can only wait until it is up again. Its addresses
+// stay, which is why the address checks alone do not see it.
+func up(link netlink.Link) error {
+	if link.Attrs().Flags&net.FlagUp == 0 {
+		return fmt.Errorf("interface %s is down: %w", link.Attrs().Name, ErrNoRoute)
+	}
+	return nil
+}
+
 // OnLink reports whether a can be reached directly on iface: it lies in a
 // subnet of one of iface's addresses, or is an IPv6 link-local address.
 func (s *Selector) OnLink(iface string, a netip.Addr) (bool, error) {
 	link, err := s.nl.LinkByName(iface)
 	if err != nil {
 		return false, inputErrorf("interface %q: %w", iface, err)
+	}
+	if err := up(link); err != nil {
+		return false, err
 	}
 	if a.Is6() && a.IsLinkLocalUnicast() {
 		return true, nil

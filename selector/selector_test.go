@@ -396,6 +396,34 @@ func TestOwner(t *testing.T) {
 	}
 }
 
+// TestDownInterface: an interface set down keeps its addresses, but the
+// kernel has deleted its routes and refuses new ones, so OnLink and
+// Gateways say ErrNoRoute (a way out to wait for), not a plain false or no
+// gateways (bad input); up again, they answer as before.
+func TestDownInterface(t *testing.T) {
+	t.Parallel()
+	l, nl := newLab(t, [][]string{{"route", "add", "default", "via", "203.0.113.129", "dev", "eth1", "metric", "500"}}, lab.WithSecondNIC())
+	s := New(nl)
+	gw := netip.MustParseAddr("203.0.113.129")
+	if ok, err := s.OnLink("eth1", gw); !ok || err != nil {
+		t.Fatalf("OnLink(eth1, %s) while up = %v, %v; want true", gw, ok, err)
+	}
+	l.Run(t, "ip", "link", "set", "eth1", "down")
+	if ok, err := s.OnLink("eth1", gw); !errors.Is(err, ErrNoRoute) || err == nil || !strings.Contains(err.Error(), "eth1 is down") {
+		t.Errorf("OnLink(eth1, %s) while down = %v, %v; want ErrNoRoute naming eth1 down", gw, ok, err)
+	}
+	if gws, err := s.Gateways("eth1", true, nil); !errors.Is(err, ErrNoRoute) {
+		t.Errorf("Gateways(eth1) while down = %v, %v; want ErrNoRoute", gws, err)
+	}
+	l.Run(t, "ip", "link", "set", "eth1", "up")
+	if ok, err := s.OnLink("eth1", gw); !ok || err != nil {
+		t.Errorf("OnLink(eth1, %s) up again = %v, %v; want true", gw, ok, err)
+	}
+	if gws, err := s.Gateways("eth1", true, nil); err != nil || len(gws) != 0 {
+		t.Errorf("Gateways(eth1) up again = %v, %v; want none (the kernel does not put the default route back)", gws, err)
+	}
+}
+
 func TestCandidates(t *testing.T) {
 	tests := []struct {
 		prefix string

@@ -25,6 +25,7 @@ const (
 	DriftJumpDuplicated = "jump-duplicated"
 	DriftChainMissing   = "chain-missing"
 	DriftChainAltered   = "chain-altered"
+	DriftChainEmpty     = "chain-empty"
 	DriftSetOutOfDate   = "set-out-of-date"
 	DriftRuleOutOfDate  = "rule-out-of-date"
 	DriftToMissing      = "to-not-on-host"
@@ -63,6 +64,14 @@ func Diagnose(st *State, desired []Entry) []Finding {
 		}
 		if len(c.Rules) > 0 && !in.ChainExists {
 			add(DriftChainMissing, "the %s chain is missing", ChainName)
+		}
+		// egress-snat removes its chain and jump together when a family
+		// has no rules, so an empty chain is always someone else's doing
+		// (iptables -t nat -F). Without a file the rules it lost are
+		// unknown and nothing else would name it: the desired state, read
+		// back from that very chain, is empty too.
+		if len(c.Rules) == 0 && in.ChainExists && len(in.Raw) == 0 {
+			add(DriftChainEmpty, "the %s chain is empty but still there: egress-snat never leaves it so, its rules were flushed (check -f FILE names them; apply -f FILE puts them back)", ChainName)
 		}
 		for _, r := range in.Foreign {
 			add(DriftChainAltered, "rule not written by egress-snat in %s: %s", ChainName, r)

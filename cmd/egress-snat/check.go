@@ -31,6 +31,10 @@ Kinds of drift:
    chain-missing, chain-altered
                        the EGRESS-SNAT chain is gone or holds rules
                        egress-snat did not write
+   chain-empty         the EGRESS-SNAT chain is there but empty (flushed
+                       by hand or by a tool): egress-snat removes it and
+                       its jump when it has no rules, so its rules were
+                       lost; found even without a file
    set-out-of-date     a destination set is missing or its members differ
    rule-out-of-date    with a file: rules it wants added, changed, removed
    to-not-on-host      a rule's source address is no longer on the host:

@@ -240,7 +240,7 @@ func (v verifier) cause(p snat.Packet, got netip.Addr) string {
 	}
 	for _, d := range snat.Diagnose(v.st, v.st.Entries()) {
 		switch d.Kind {
-		case snat.DriftJumpMissing, snat.DriftJumpNotFirst, snat.DriftChainMissing, snat.DriftChainAltered:
+		case snat.DriftJumpMissing, snat.DriftJumpNotFirst, snat.DriftChainMissing, snat.DriftChainAltered, snat.DriftChainEmpty:
 			return fmt.Sprintf("%s: %s", d.Kind, d.Detail)
 		}
 	}
