@@ -287,12 +287,40 @@ func decodeJSON(t *testing.T, what, out string, v any, fields ...string) map[str
 			t.Errorf("%s: JSON has no %q:\n%s", what, f, out)
 		}
 	}
+	var all any
+	if err := json.Unmarshal([]byte(out), &all); err != nil {
+		t.Fatal(err)
+	}
+	if path := nullIn(all, ""); path != "" {
+		t.Errorf("%s: %s is null; a list with nothing in it is [], and a field with no value is left out:\n%s", what, path, out)
+	}
 	if v != nil {
 		if err := json.Unmarshal([]byte(out), v); err != nil {
 			t.Fatalf("%s: %v\n%s", what, err, out)
 		}
 	}
 	return top
+}
+
+// nullIn is the path of the first null in v, or "".
+func nullIn(v any, path string) string {
+	switch v := v.(type) {
+	case nil:
+		return "." + strings.TrimPrefix(path, ".")
+	case map[string]any:
+		for _, k := range slices.Sorted(maps.Keys(v)) {
+			if p := nullIn(v[k], path+"."+k); p != "" {
+				return p
+			}
+		}
+	case []any:
+		for i, e := range v {
+			if p := nullIn(e, fmt.Sprintf("%s[%d]", path, i)); p != "" {
+				return p
+			}
+		}
+	}
+	return ""
 }
 
 // payloadsOf is what a plan's payloads must be: each tool's inputs, in the
@@ -1152,6 +1180,11 @@ var jsonCases = []jsonCase{
 			foreign(t, m.Lab, 4, "-t", "nat", "-I", "POSTROUTING", "-d", "203.0.113.7", "-j", "SNAT", "--to-source", "192.0.2.22")
 		},
 		args: argv("--dst", "203.0.113.7"), check: wantVerify(false, "192.0.2.22")},
+	{name: "verify no rules", cmd: "verify", fresh: true, args: argv(), check: func(t *testing.T, m *matrixLab, out string) {
+		if top := decodeJSON(t, "verify", out, nil); string(top["results"]) != "[]" || string(top["agree"]) != "true" {
+			t.Errorf("verify --json without rules: agree %s, results %s; want true and []", top["agree"], top["results"])
+		}
+	}},
 	{name: "verify bad destination", cmd: "verify", args: argv("--dst", "bogus"), code: exitUsage},
 }
 
