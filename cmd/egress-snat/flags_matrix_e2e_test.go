@@ -1271,8 +1271,19 @@ func TestFlagMatrixJSON(t *testing.T) {
 				t.Fatalf("%s: exit %d, want %d\n%s%s", what, r.code, tc.code, r.stdout, r.stderr)
 			}
 			if tc.check == nil {
-				if r.stdout != "" || r.stderr == "" {
-					t.Errorf("%s failed (exit %d) with stdout:\n%s\nstderr:\n%s\nwant nothing on stdout and the reason on stderr", what, r.code, r.stdout, r.stderr)
+				runs := []result{r}
+				if appFlags()[tc.cmd]["dry-run"] {
+					// A dry run fails alike.
+					dry := m.run(t, append(run, "--dry-run")...)
+					if dry.code != tc.code {
+						t.Errorf("%s --dry-run: exit %d, want %d\n%s%s", what, dry.code, tc.code, dry.stdout, dry.stderr)
+					}
+					runs = append(runs, dry)
+				}
+				for _, r := range runs {
+					if r.stdout != "" || r.stderr == "" {
+						t.Errorf("%s failed (exit %d) with stdout:\n%s\nstderr:\n%s\nwant nothing on stdout and the reason on stderr", what, r.code, r.stdout, r.stderr)
+					}
 				}
 				if diff := cmp.Diff(before, m.HostState(t)); diff != "" {
 					t.Errorf("%s failed and changed the host (-before +after):\n%s", what, diff)
@@ -1337,6 +1348,20 @@ func TestFlagMatrixNetns(t *testing.T) {
 			t.Fatalf("--netns %s: exit %d\n%s%s", strings.Join(args, " "), r.code, r.stdout, r.stderr)
 		}
 		return r.stdout
+	}
+
+	// A namespace that does not exist is bad input, named, and nothing
+	// runs (check, which only reads, in case it did); --netns after the command's name is refused (it is global),
+	// checked inside the lab so that a parser accepting it could only ever
+	// write there.
+	if r := rootES(t, "--netns", "egress-snat-no-such-ns", "check", "--json"); r.code != exitUsage || r.stdout != "" || !strings.Contains(r.stderr, "egress-snat-no-such-ns") {
+		t.Errorf("--netns of no namespace: exit %d, stdout %q, stderr %q; want %d, nothing on stdout, the name on stderr", r.code, r.stdout, r.stderr, exitUsage)
+	}
+	if r := es(t, l, "apply", "--netns", l.Host, "-f", file); r.code != exitUsage || !strings.Contains(r.stderr, "netns") {
+		t.Errorf("apply --netns NAME (after the command): exit %d, stderr %q; want %d naming the flag", r.code, r.stderr, exitUsage)
+	}
+	if ours := ourLines(l.Ruleset(t)); ours != "" {
+		t.Fatalf("refused runs installed:\n%s", ours)
 	}
 
 	// apply: a dry run changes nothing there, the real run plans as it did.
