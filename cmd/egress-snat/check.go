@@ -69,6 +69,9 @@ EXIT STATUS: 0 in sync, 1 drift, 2 error (bad input or a failed read).`,
 			return cli.Exit(err.Error(), checkError)
 		}
 		if c.Bool("json") {
+			if findings == nil {
+				findings = []snat.Finding{} // [], as every list of --json, not null
+			}
 			if err := writeJSON(c.App.Writer, struct {
 				InSync   bool           `json:"in_sync"`
 				Findings []snat.Finding `json:"findings"`

@@ -195,25 +195,31 @@ type planReport struct {
 	Steps []snat.Step `json:"steps"`
 }
 
+// newPlanReport is the JSON form of p; lists are [] rather than null, so
+// that scripts need not tell "none" from "absent".
+func newPlanReport(p snat.Plan, notes []string, dryRun bool) planReport {
+	r := planReport{DryRun: dryRun, Changed: !p.Empty() && !dryRun, Summary: p.Summary(), Changes: p.Changes, Notes: notes, Steps: p.Steps}
+	if r.Steps == nil {
+		r.Steps = []snat.Step{}
+	}
+	if r.Changes == nil {
+		r.Changes = []snat.Change{}
+	}
+	if r.Notes == nil {
+		r.Notes = []string{}
+	}
+	if dryRun {
+		r.Payloads = p.Payloads()
+	}
+	return r
+}
+
 // reportPlan tells what a write did, or would do with --dry-run: as text, or
 // as JSON with --json. notes are extra lines for the operator.
 func reportPlan(c *cli.Context, w io.Writer, p snat.Plan, notes []string) error {
 	dryRun := c.Bool("dry-run")
 	if c.Bool("json") {
-		r := planReport{DryRun: dryRun, Changed: !p.Empty() && !dryRun, Summary: p.Summary(), Changes: p.Changes, Notes: notes, Steps: p.Steps}
-		if r.Steps == nil {
-			r.Steps = []snat.Step{}
-		}
-		if r.Changes == nil {
-			r.Changes = []snat.Change{}
-		}
-		if r.Notes == nil {
-			r.Notes = []string{}
-		}
-		if dryRun {
-			r.Payloads = p.Payloads()
-		}
-		return writeJSON(w, r)
+		return writeJSON(w, newPlanReport(p, notes, dryRun))
 	}
 	printPlan(w, p, dryRun)
 	for _, n := range notes {

@@ -132,17 +132,26 @@ Cron example (/etc/cron.d/egress-snat):
 			}
 		}
 		if c.Bool("json") {
+			if moves == nil {
+				moves = []snat.Move{}
+			}
+			// The plan's fields, as every other write reports them, and
+			// the moves.
 			return writeJSON(e.out, struct {
-				DryRun  bool        `json:"dry_run"`
-				Changed bool        `json:"changed"`
-				Moves   []snat.Move `json:"moves"`
-			}{c.Bool("dry-run"), !plan.Empty() && !c.Bool("dry-run"), moves})
+				planReport
+				Moves []snat.Move `json:"moves"`
+			}{newPlanReport(plan, nil, c.Bool("dry-run")), moves})
 		}
 		for _, m := range moves {
 			fmt.Fprintf(e.out, "%s: %s -> %s\n", m.Match, m.From, m.To)
 			if m.ConntrackDeleted != nil {
 				fmt.Fprintf(e.out, "%s: deleted %d conntrack entries bound to %s\n", m.Match, *m.ConntrackDeleted, m.From)
 			}
+		}
+		if c.Bool("dry-run") {
+			// The exact program, as --dry-run of every other write prints it.
+			printPlan(e.out, plan, true)
+			return nil
 		}
 		if plan.Empty() {
 			fmt.Fprintln(e.out, "nothing to change")

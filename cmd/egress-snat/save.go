@@ -24,7 +24,8 @@ atomically (a temporary file, synced, renamed), keeping its mode. A file
 that exists but cannot be read as a desired-state file is not overwritten:
 save fails with exit 2 and changes nothing. --dry-run prints the file
 instead of writing it.`,
-	Flags: []cli.Flag{dryRunFlag},
+	// Its own --dry-run: save plans no kernel change, it writes a file.
+	Flags: []cli.Flag{&cli.BoolFlag{Name: "dry-run", Usage: "print the file that would be written, change nothing"}},
 	Action: func(c *cli.Context) error {
 		e, err := envFor(c)
 		if err != nil {

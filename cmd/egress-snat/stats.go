@@ -79,6 +79,11 @@ or a systemd timer.`,
 			if report == nil {
 				report = []stats.Address{}
 			}
+			for i := range report {
+				if report[i].Top == nil {
+					report[i].Top = []stats.Destination{} // no flows: [], not null
+				}
+			}
 			return writeJSON(e.out, struct {
 				Addresses []stats.Address `json:"addresses"`
 			}{report})

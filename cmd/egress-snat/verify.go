@@ -107,7 +107,7 @@ be checked, 2 bad input.`,
 			return err
 		}
 		v := verifier{e: e, st: st, proto: proto, port: uint16(port)}
-		var results []verify.Result
+		results := []verify.Result{} // [] in --json when there is nothing to verify
 		failed := false
 		for _, p := range probes {
 			r, err := v.check(p)

@@ -87,7 +87,7 @@ complete -c egress-snat -n '__fish_seen_subcommand_from watch' -f -l log-format 
 complete -c egress-snat -n '__fish_seen_subcommand_from watch' -f -l verify-every -r -d 'every `DURATION`, also start a real flow per rule (as verify does) and log a mismatch as an error; 0 never'
 complete -c egress-snat -n '__fish_seen_subcommand_from save' -f -l help -s h -d 'show help'
 complete -r -c egress-snat -n '__fish_egress-snat_no_subcommand' -a 'save' -d 'write the installed rules to the permanent file, so that they survive a reboot'
-complete -c egress-snat -n '__fish_seen_subcommand_from save' -f -l dry-run -d 'print the plan and the exact iptables-restore and ipset payloads, change nothing'
+complete -c egress-snat -n '__fish_seen_subcommand_from save' -f -l dry-run -d 'print the file that would be written, change nothing'
 complete -c egress-snat -n '__fish_seen_subcommand_from verify' -f -l help -s h -d 'show help'
 complete -r -c egress-snat -n '__fish_egress-snat_no_subcommand' -a 'verify' -d 'start a real flow and check the source it left with against the rules (exit 0 agree, 1 differ, 2 bad input)'
 complete -c egress-snat -n '__fish_seen_subcommand_from verify' -f -l dst -r -d 'destination `ADDR` or prefix; without it, one destination of every rule'
