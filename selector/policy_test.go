@@ -290,3 +290,46 @@ func TestMultipathAgreesWithKernel(t *testing.T) {
 		})
 	}
 }
+
+// TestCarvedPrefixIgnoresRememberedRoute: a prefix whose addresses all take
+// more specific routes has no answer (Lookup says to name the narrower
+// prefixes), whether or not another destination of its covering route was
+// resolved before; and a prefix with a more specific route in part of it
+// gets the covering route's answer only from the kernel's probe.
+func TestCarvedPrefixIgnoresRememberedRoute(t *testing.T) {
+	sc := newScratch(t)
+	sc.addLinks(t, 2)
+	sc.batch(t, []string{
+		"addr add 192.0.2.250/24 dev d0", "addr add 192.0.2.22/24 dev d0", "addr add 203.0.113.130/25 dev d1",
+		"route add default via 192.0.2.1",
+		"route add 198.51.100.0/25 via 192.0.2.2 src 192.0.2.22", "route add 198.51.100.128/25 via 203.0.113.129",
+		"route add 198.18.0.0/24 via 203.0.113.129",
+	}, true)
+	for _, tt := range []struct {
+		prefix string
+		want   string // the source, "" for an error
+	}{
+		{"198.51.100.0/24", ""},
+		{"198.51.100.0/23", "192.0.2.250"}, // 198.51.101.0/24 takes the default route
+		{"198.18.0.0/16", "192.0.2.250"},
+		{"198.18.0.0/24", "203.0.113.130"},
+		{"198.51.100.128/26", "203.0.113.130"},
+	} {
+		for _, first := range []string{"", "203.0.113.7", "198.18.0.1", "198.51.100.129"} {
+			s := New(sc.nl)
+			if first != "" {
+				if _, _, _, err := s.Path(host(netip.MustParseAddr(first)), ""); err != nil {
+					t.Fatalf("Path(%s): %v", first, err)
+				}
+			}
+			_, _, src, err := s.Path(netip.MustParsePrefix(tt.prefix), "")
+			got := src.String()
+			if err != nil {
+				got = ""
+			}
+			if got != tt.want {
+				t.Errorf("after Path(%q): Path(%s) = %s, %v; want source %q", first, tt.prefix, src, err, tt.want)
+			}
+		}
+	}
+}
