@@ -11,7 +11,7 @@ EGRESS_SNAT_BOTH_BACKENDS ?= 1
 TESTFLAGS ?= -count=1 -p 1 -timeout 20m
 
 .DEFAULT_GOAL := help
-.PHONY: bench-idle help build docs deb lint fmt vet test test-race test-legacy demo bench fuzz clean
+.PHONY: bench-gate bench-idle help build docs deb lint fmt vet test test-race test-legacy demo bench fuzz clean
 
 help: ## list the targets
 	@awk -F':.*## ' '/^[a-z-]+:.*## / { printf "  %-12s %s\n", $$1, $$2 }' $(MAKEFILE_LIST)
@@ -81,6 +81,9 @@ demo: ## show the problem and the fix in a namespace lab (root)
 
 bench-idle: ## CPU and memory of an idle watch at 10k and 100k destinations (scripts/bench-idle.sh)
 	bash scripts/bench-idle.sh
+
+bench-gate: ## CI's regression gate: apply and no-op apply of 10k destinations against a raw iptables-restore, both backends (root)
+	bash scripts/bench-gate.sh
 
 bench: ## benchmarks (scripts/bench.sh)
 	bash scripts/bench.sh

@@ -25,6 +25,9 @@ type fib4 struct {
 	// lengths are each table's prefix lengths in use, longest first, so a
 	// lookup tries a handful of lengths instead of 33.
 	lengths [][]int
+	// prefixes are all the tables' route prefixes, sorted by address, to
+	// tell whether routes carve up a prefix asked about (see carved).
+	prefixes []netip.Prefix
 }
 
 // routeKey names one route and the interface asked for.
@@ -91,6 +94,7 @@ func (s *Selector) loadFIB4() *fib4 {
 	for _, tbl := range s.fib.tables {
 		var ls []int
 		for p := range tbl {
+			s.fib.prefixes = append(s.fib.prefixes, p)
 			if !slices.Contains(ls, p.Bits()) {
 				ls = append(ls, p.Bits())
 			}
@@ -99,6 +103,7 @@ func (s *Selector) loadFIB4() *fib4 {
 		slices.Reverse(ls)
 		s.fib.lengths = append(s.fib.lengths, ls)
 	}
+	slices.SortFunc(s.fib.prefixes, func(a, b netip.Prefix) int { return a.Addr().Compare(b.Addr()) })
 	s.fib.usable = true
 	return s.fib
 }
@@ -122,7 +127,7 @@ func defaultRules(rules []netlink.Rule) bool {
 // route returns the key of the route covering dst, as the kernel would
 // choose it, or false where only the kernel can tell.
 func (f *fib4) route(dst netip.Prefix) (routeKey, bool) {
-	if !f.usable {
+	if !f.usable || f.carved(dst) {
 		return routeKey{}, false
 	}
 	tableIDs := []int{unix.RT_TABLE_LOCAL, unix.RT_TABLE_MAIN, unix.RT_TABLE_DEFAULT}
@@ -143,4 +148,23 @@ func (f *fib4) route(dst netip.Prefix) (routeKey, bool) {
 		}
 	}
 	return routeKey{}, false
+}
+
+// carved reports whether a route more specific than dst lies inside it (in
+// any table, which is conservative). The destinations of such a prefix
+// need not all take the route covering it, and the answer for the prefix
+// is then the one only the kernel can give: the covering route's if some
+// address of the prefix takes it, else none (see Selector.probe), not the
+// answer remembered for another destination of that route.
+func (f *fib4) carved(dst netip.Prefix) bool {
+	if dst.IsSingleIP() {
+		return false
+	}
+	i, _ := slices.BinarySearchFunc(f.prefixes, dst.Addr(), func(p netip.Prefix, a netip.Addr) int { return p.Addr().Compare(a) })
+	for ; i < len(f.prefixes) && dst.Contains(f.prefixes[i].Addr()); i++ {
+		if f.prefixes[i].Bits() > dst.Bits() {
+			return true
+		}
+	}
+	return false
 }

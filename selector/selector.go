@@ -246,8 +246,8 @@ func (s *Selector) lookupVia(dst netip.Prefix, out string, explain bool) (*Choic
 		probe = dst.Addr()
 	}
 	routes, err := s.nl.RouteGetWithOptions(probe.AsSlice(), opts)
-	if errors.Is(err, unix.ENETUNREACH) || errors.Is(err, unix.EHOSTUNREACH) {
-		return nil, fmt.Errorf("%s: %w", dst, ErrNoRoute)
+	if err := refused(dst, err); err != nil {
+		return nil, err
 	}
 	if err != nil {
 		return nil, fmt.Errorf("route lookup for %s: %w", probe, err)
@@ -329,8 +329,8 @@ func (s *Selector) probe(dst netip.Prefix, opts *netlink.RouteGetOptions) (netip
 		routes, err := s.nl.RouteGetWithOptions(cand.AsSlice(), &fibOpts)
 		if err != nil {
 			last = err
-			if errors.Is(err, unix.ENETUNREACH) || errors.Is(err, unix.EHOSTUNREACH) {
-				return netip.Addr{}, netlink.Route{}, fmt.Errorf("%s: %w", dst, ErrNoRoute)
+			if err := refused(dst, err); err != nil {
+				return netip.Addr{}, netlink.Route{}, err
 			}
 			continue
 		}
@@ -345,6 +345,23 @@ func (s *Selector) probe(dst netip.Prefix, opts *netlink.RouteGetOptions) (netip
 		return netip.Addr{}, netlink.Route{}, fmt.Errorf("route lookup for %s: %w", dst, last)
 	}
 	return netip.Addr{}, netlink.Route{}, inputErrorf("no single route covers %s: its addresses take different routes; name the narrower prefixes instead", dst)
+}
+
+// refused turns the errors a route lookup fails with when the kernel
+// itself will not send to dst into the operator's error: no route (or a
+// throw route) and unreachable are ErrNoRoute; blackhole and prohibit, routes
+// or policy rules, fail with EINVAL and EACCES (fib_props in the kernel).
+// It returns nil for any other error, a failure of netlink itself.
+func refused(dst netip.Prefix, err error) error {
+	switch {
+	case errors.Is(err, unix.ENETUNREACH) || errors.Is(err, unix.EHOSTUNREACH):
+		return fmt.Errorf("%s: %w", dst, ErrNoRoute)
+	case errors.Is(err, unix.EINVAL):
+		return inputErrorf("%s: the kernel refuses to route it (a blackhole route or rule): %w", dst, err)
+	case errors.Is(err, unix.EACCES):
+		return inputErrorf("%s: the kernel refuses to route it (a prohibit route or rule): %w", dst, err)
+	}
+	return nil
 }
 
 func fibPrefix(r netlink.Route, is4 bool) netip.Prefix {
@@ -422,7 +439,7 @@ func (s *Selector) Owner(a netip.Addr) (string, error) {
 // the same grouping of IPv4 destinations by route.
 func (s *Selector) Path(dst netip.Prefix, out string) (iface string, gw, src netip.Addr, err error) {
 	dst = dst.Masked()
-	if dst.Addr().Is4() {
+	if dst.Addr().Is4() && !outputSpecial(dst) {
 		if k, ok := s.loadFIB4().route(dst); ok {
 			k.out = out
 			if n, ok := s.byRoute[k]; ok {
@@ -449,6 +466,15 @@ func (s *Selector) Path(dst netip.Prefix, out string) (iface string, gw, src net
 		return "", netip.Addr{}, netip.Addr{}, err
 	}
 	return c.Interface, c.Gateway, c.Source, nil
+}
+
+// outputSpecial reports whether the kernel answers for dst other than by
+// the route covering it: a multicast or limited broadcast destination has
+// a route of its own type, 0.0.0.0 is looked up as a local address. Such a
+// destination must not share the answer remembered for its route.
+func outputSpecial(dst netip.Prefix) bool {
+	a := dst.Addr()
+	return a.IsMulticast() || a == netip.AddrFrom4([4]byte{255, 255, 255, 255}) || (dst.IsSingleIP() && a.IsUnspecified())
 }
 
 // Gateways lists the distinct gateways of the host's routes that leave by
