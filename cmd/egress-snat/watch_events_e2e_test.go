@@ -71,9 +71,9 @@ func all(s string, words []string) bool {
 	return true
 }
 
-// wantCheck runs check (-f file unless it is "") and fails unless it exits
+// wantCheckExit runs check (-f file unless it is "") and fails unless it exits
 // code naming every kind.
-func wantCheck(t *testing.T, l *lab.Lab, what, file string, code int, kinds ...string) {
+func wantCheckExit(t *testing.T, l *lab.Lab, what, file string, code int, kinds ...string) {
 	t.Helper()
 	got, gotKinds := relCheck(t, l, file)
 	ok := got == code
@@ -214,8 +214,8 @@ func TestWatchRouteChange(t *testing.T) {
 				changed := time.Now()
 				if frozen {
 					wantSeen(t, l, map[string]string{step.dst: step.natural})
-					wantCheck(t, l, step.name+", watch frozen", path, checkDrift, "natural-source-changed")
-					wantCheck(t, l, step.name+", watch frozen (no file)", "", checkDrift, "natural-source-changed")
+					wantCheckExit(t, l, step.name+", watch frozen", path, checkDrift, "natural-source-changed")
+					wantCheckExit(t, l, step.name+", watch frozen (no file)", "", checkDrift, "natural-source-changed")
 					changed = time.Now()
 					w.thaw(t)
 				}
@@ -234,8 +234,8 @@ func TestWatchRouteChange(t *testing.T) {
 					t.Errorf("%s: watch logged no apply for a route change:\n%s", step.name, w.p.stderr.String())
 				}
 				wantRule(t, l, step.fam, step.name, "-s "+step.natural+"/", "-d "+step.dst+"/", "--to-source "+step.want)
-				wantCheck(t, l, step.name, path, checkInSync)
-				wantCheck(t, l, step.name+" (no file)", "", checkInSync)
+				wantCheckExit(t, l, step.name, path, checkInSync)
+				wantCheckExit(t, l, step.name+" (no file)", "", checkInSync)
 			})
 		}
 	}
@@ -301,7 +301,7 @@ func TestWatchLinkDownUp(t *testing.T) {
 			if ours := ourRouting(t, l); ours != "" {
 				t.Errorf("eth1 down: our rules and routes remain:\n%s", ours)
 			}
-			wantCheck(t, l, "eth1 down", path, checkDrift, "no-route")
+			wantCheckExit(t, l, "eth1 down", path, checkDrift, "no-route")
 			wantSeen(t, l, map[string]string{"198.51.100.5": "192.0.2.22"})
 			if w.p.exited() {
 				t.Fatalf("watch exited while eth1 was down: %v\n%s", w.p.err, w.p.stderr.String())
@@ -337,9 +337,9 @@ func TestWatchLinkDownUp(t *testing.T) {
 			}
 			// check may race watch's last write: poll it briefly.
 			if _, ok := relWaitInSync(t, l, path, 3*time.Second); !ok {
-				wantCheck(t, l, "eth1 up again", path, checkInSync)
+				wantCheckExit(t, l, "eth1 up again", path, checkInSync)
 			}
-			wantCheck(t, l, "eth1 up again (no file)", "", checkInSync)
+			wantCheckExit(t, l, "eth1 up again (no file)", "", checkInSync)
 			wantSeen(t, l, map[string]string{"198.51.100.5": "192.0.2.22"})
 		})
 	}
@@ -379,8 +379,8 @@ func TestWatchIPv6AddressRemoved(t *testing.T) {
 	w.freeze(t)
 	l.HostAddrDel(t, "2001:db8::22/64", "eth0")
 	removed := time.Now()
-	wantCheck(t, l, "::22 removed, watch frozen", path, checkDrift, "to-not-on-host")
-	wantCheck(t, l, "::22 removed, watch frozen (no file)", "", checkDrift, "to-not-on-host")
+	wantCheckExit(t, l, "::22 removed, watch frozen", path, checkDrift, "to-not-on-host")
+	wantCheckExit(t, l, "::22 removed, watch frozen (no file)", "", checkDrift, "to-not-on-host")
 	w.thaw(t)
 
 	took, ok := awaitSeen(t, l, "2001:db8:ffff::4", "2001:db8::250", removed, eventBound)
@@ -406,8 +406,8 @@ func TestWatchIPv6AddressRemoved(t *testing.T) {
 	if got := ask(t, flow, "v6"); got != "2001:db8::250" {
 		t.Errorf("UDP flow after ::22 left: far side saw %s, want the natural 2001:db8::250", got)
 	}
-	wantCheck(t, l, "::22 gone, rule taken out", path, checkDrift, "to-not-on-host")
-	wantCheck(t, l, "::22 gone, rule taken out (no file)", "", checkInSync)
+	wantCheckExit(t, l, "::22 gone, rule taken out", path, checkDrift, "to-not-on-host")
+	wantCheckExit(t, l, "::22 gone, rule taken out (no file)", "", checkInSync)
 	if got := natRules(t, l, 4); !slices.Equal(got, v4) {
 		t.Errorf("::22 removed: the IPv4 rules changed:\n%s", cmp.Diff(v4, got))
 	}
@@ -424,7 +424,7 @@ func TestWatchIPv6AddressRemoved(t *testing.T) {
 	if took, ok := awaitSeen(t, l, "2001:db8:ffff::4", "2001:db8::22", back, eventBound); ok {
 		t.Logf("::22 back: far side saw it %s after it was added", took.Round(time.Millisecond))
 	}
-	wantCheck(t, l, "::22 back (no file)", "", checkInSync)
+	wantCheckExit(t, l, "::22 back (no file)", "", checkInSync)
 }
 
 // TestWatchVanishedFlowConntrack: an IPv4 --to address leaves the host
@@ -490,7 +490,7 @@ func TestWatchVanishedFlowConntrack(t *testing.T) {
 			t.Errorf(".22 removed: a rule still SNATs to it: %s", r)
 		}
 	}
-	wantCheck(t, l, ".22 gone", path, checkDrift, "to-not-on-host")
+	wantCheckExit(t, l, ".22 gone", path, checkDrift, "to-not-on-host")
 
 	// Back: the rule returns; the flow keeps its (natural) binding, as
 	// any flow does when a rule is added, and new connections take .22.
@@ -499,7 +499,7 @@ func TestWatchVanishedFlowConntrack(t *testing.T) {
 		t.Errorf(".22 back: new connections not from it\nwatch log:\n%s", w.p.stderr.String())
 	}
 	if _, ok := relWaitInSync(t, l, path, eventBound); !ok {
-		wantCheck(t, l, ".22 back", path, checkInSync)
+		wantCheckExit(t, l, ".22 back", path, checkInSync)
 	}
 }
 
@@ -527,19 +527,19 @@ func TestCheckNoFileChainFlushed(t *testing.T) {
 				l := newLab(t)
 				path := relWrite(t, t.TempDir(), "rules.yaml", file)
 				mustES(t, l, "apply", "-f", path)
-				wantCheck(t, l, "after apply", "", checkInSync)
+				wantCheckExit(t, l, "after apply", "", checkInSync)
 				foreign(t, l, fam, tc.args...)
 				natural := map[int]map[string]string{4: {"198.51.100.4": "192.0.2.250"}, 6: {"2001:db8:ffff::4": "2001:db8::250"}}[fam]
 				wantSeen(t, l, natural) // the drift is real
-				wantCheck(t, l, tc.name, "", checkDrift, tc.kind)
-				wantCheck(t, l, tc.name, path, checkDrift, tc.fileKind)
+				wantCheckExit(t, l, tc.name, "", checkDrift, tc.kind)
+				wantCheckExit(t, l, tc.name, path, checkDrift, tc.fileKind)
 				r := es(t, l, "check")
 				if !strings.Contains(r.stdout, tc.kind) || !strings.Contains(r.stdout, map[int]string{4: "ipv4", 6: "ipv6"}[fam]) {
 					t.Errorf("check after %s in IPv%d: want it to name %s and the family:\n%s", tc.name, fam, tc.kind, r.stdout)
 				}
 				mustES(t, l, "apply", "-f", path)
-				wantCheck(t, l, "repaired", "", checkInSync)
-				wantCheck(t, l, "repaired", path, checkInSync)
+				wantCheckExit(t, l, "repaired", "", checkInSync)
+				wantCheckExit(t, l, "repaired", path, checkInSync)
 			})
 		}
 	}
