@@ -85,8 +85,12 @@ bench-idle: ## CPU and memory of an idle watch at 10k and 100k destinations (scr
 bench-gate: ## CI's regression gate: apply and no-op apply of 10k destinations against a raw iptables-restore, both backends (root)
 	bash scripts/bench-gate.sh
 
-bench: ## benchmarks (scripts/bench.sh)
+bench: ## benchmarks (scripts/bench.sh, then scripts/bench-scale.sh): docs/BENCHMARKS.md
 	bash scripts/bench.sh
+	bash scripts/bench-scale.sh
+
+bench-scale: ## issue 13's rows alone: 100 to 1M destinations, incremental changes, idle watch (scripts/bench-scale.sh)
+	bash scripts/bench-scale.sh
 
 fuzz: ## fuzz tests (scripts/fuzz.sh)
 	bash scripts/fuzz.sh

@@ -102,9 +102,20 @@ func gen(args []string) error {
 	wide := fs.Int("wide", -1, "instead of random /24../32 blocks: N-`WIDE` random /32s in 10.0.0.0/8 and WIDE wider prefixes (/24, then /25 once the private /24s run out), which may hold some of the /32s, as a feed of hosts and networks does")
 	fs.Parse(args)
 	if *wide >= 0 {
-		ps, err := mixed(*n, *wide, *seed)
+		count := *n
+		if *last != "" {
+			count--
+		}
+		ps, err := mixed(count, *wide, *seed)
 		if err != nil {
 			return err
+		}
+		if *last != "" {
+			p, err := netip.ParsePrefix(*last)
+			if err != nil {
+				return err
+			}
+			ps = append(ps, p)
 		}
 		w := bufio.NewWriterSize(os.Stdout, 1<<16)
 		for _, p := range ps {
@@ -182,7 +193,7 @@ func prefixes(n int, seed uint64) ([]netip.Prefix, error) {
 // space, so /32s may fall inside a /24 of the same list.
 func mixed(n, wide int, seed uint64) ([]netip.Prefix, error) {
 	if wide > n {
-		return nil, errors.New("-wide must be at most -n")
+		return nil, errors.New("-wide must be at most -n (less one with -last)")
 	}
 	r := rand.New(rand.NewPCG(seed, 0x6d69786564))
 	out := make([]netip.Prefix, 0, n)
