@@ -11,7 +11,7 @@ EGRESS_SNAT_BOTH_BACKENDS ?= 1
 TESTFLAGS ?= -count=1 -p 1 -timeout 20m
 
 .DEFAULT_GOAL := help
-.PHONY: bench-gate bench-idle help build docs deb lint fmt vet test test-race test-legacy demo bench fuzz clean
+.PHONY: bench-gate bench-idle bench-scale help build docs deb lint fmt vet test test-race test-legacy demo bench fuzz clean
 
 help: ## list the targets
 	@awk -F':.*## ' '/^[a-z-]+:.*## / { printf "  %-12s %s\n", $$1, $$2 }' $(MAKEFILE_LIST)
