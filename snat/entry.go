@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net/netip"
 	"slices"
+	"sort"
 	"strings"
 	"unsafe"
 )
@@ -206,16 +207,30 @@ func (g *grouper) key(e *Entry) groupKey {
 // rules: family, then longest prefix first, then address, so rendering is
 // deterministic.
 func SortEntries(es []Entry) {
-	if !slices.IsSortedFunc(es, compareEntries) {
-		slices.SortFunc(es, compareEntries)
+	if !sortedEntries(es) {
+		sort.Slice(es, func(i, j int) bool { return compareEntryRefs(&es[i], &es[j]) < 0 })
 	}
+}
+
+// sortedEntries is slices.IsSortedFunc(es, compareEntries) without copying
+// two entries into every comparison: at 100,000 entries, checking order by
+// value was a tenth of a no-op apply.
+func sortedEntries(es []Entry) bool {
+	for i := 1; i < len(es); i++ {
+		if compareEntryRefs(&es[i-1], &es[i]) > 0 {
+			return false
+		}
+	}
+	return true
 }
 
 // compareEntries is the chain's order, which is the precedence: family,
 // then who sends (a rule naming a sender before destination-only rules, the
 // more specific sender first), then the longest destination prefix first.
 // The rest only makes the order total.
-func compareEntries(a, b Entry) int {
+func compareEntries(a, b Entry) int { return compareEntryRefs(&a, &b) }
+
+func compareEntryRefs(a, b *Entry) int {
 	if a.Family() != b.Family() {
 		return int(a.Family()) - int(b.Family())
 	}
@@ -250,7 +265,7 @@ func Normalize(es []Entry) []Entry {
 			keeps = append(keeps, e)
 		}
 	}
-	if len(keeps) == 0 && slices.IsSortedFunc(es, compareEntries) {
+	if len(keeps) == 0 && sortedEntries(es) {
 		// Nothing to drop and in order (Resolve sorts, and a normalized
 		// list stays so): the entries as they are, not a copy of every
 		// one, which at a million destinations is 200 MB.

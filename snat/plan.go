@@ -4,7 +4,6 @@ import (
 	"errors"
 	"fmt"
 	"maps"
-	"net/netip"
 	"slices"
 	"strings"
 
@@ -245,7 +244,7 @@ func chainStep(in Installed, c Chain) Step {
 
 // diff lists the changes from installed to desired, keyed by whole match.
 func diff(installed, desired []Entry) []Change {
-	if slices.IsSortedFunc(installed, compareEntries) && slices.IsSortedFunc(desired, compareEntries) {
+	if sortedEntries(installed) && sortedEntries(desired) {
 		return diffSorted(installed, desired)
 	}
 	return diffByMap(installed, desired)
@@ -286,7 +285,7 @@ func diffSorted(installed, desired []Entry) []Change {
 	i := 0
 	for d := range desired {
 		e := &desired[d]
-		for i < len(installed) && compareMatch(installed[i], *e) < 0 {
+		for i < len(installed) && compareMatch(&installed[i], e) < 0 {
 			removed = append(removed, Change{Op: "remove", Old: &installed[i]})
 			i++
 		}
@@ -307,9 +306,11 @@ func diffSorted(installed, desired []Entry) []Change {
 
 // compareMatch is compareEntries on the match alone: entries of one match
 // differ at most in their natural source, which compareEntries orders last.
-func compareMatch(a, b Entry) int {
-	a.Natural, b.Natural = netip.Addr{}, netip.Addr{}
-	return compareEntries(a, b)
+func compareMatch(a, b *Entry) int {
+	if c := compareEntryRefs(a, b); c == 0 || a.Match != b.Match {
+		return c
+	}
+	return 0 // the same match: they differ in the natural source only
 }
 
 func ptr(e Entry) *Entry { return &e }

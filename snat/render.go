@@ -117,7 +117,7 @@ func renderBlock(c *Chain, block []Entry) {
 // ofFamily returns f's entries, sorted. Sorted input (entries are sorted by
 // family first) gives a subslice without copying.
 func ofFamily(entries []Entry, f Family) []Entry {
-	if slices.IsSortedFunc(entries, compareEntries) {
+	if sortedEntries(entries) {
 		lo, _ := slices.BinarySearchFunc(entries, f, func(e Entry, f Family) int { return int(e.Family()) - int(f) })
 		hi := lo
 		for hi < len(entries) && entries[hi].Family() == f {
