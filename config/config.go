@@ -342,6 +342,15 @@ func readDstFile(path string) ([]netip.Prefix, error) {
 	case err != nil:
 		return nil, err
 	}
+	// In the chain's order (longest prefix first, then by address): the
+	// entries resolved from them then need no sort of 200-byte entries,
+	// which at 100,000 destinations cost more than this one of prefixes.
+	slices.SortFunc(out, func(a, b netip.Prefix) int {
+		if a.Bits() != b.Bits() {
+			return b.Bits() - a.Bits()
+		}
+		return a.Addr().Compare(b.Addr())
+	})
 	return out, nil
 }
 

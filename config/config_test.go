@@ -316,9 +316,11 @@ func TestConfigLoadDstFile(t *testing.T) {
 	}
 	want := []string{
 		"203.0.113.7/32 -> 192.0.2.22",
+		// A dst-file's destinations come longest prefix first, then by
+		// address: the order of the chain.
 		"198.51.100.4/32 -> 192.0.2.23",
-		"198.51.100.0/24 -> 192.0.2.23",
 		"203.0.113.8/32 -> 192.0.2.23",
+		"198.51.100.0/24 -> 192.0.2.23",
 		"10.0.0.0/8 -> 192.0.2.23",
 	}
 	if diff := cmp.Diff(want, intentStrings(in)); diff != "" {
@@ -424,7 +426,7 @@ func TestConfigDstFileFamily(t *testing.T) {
 	if err != nil {
 		t.Fatalf("Intents of ok6.yaml: %v", err)
 	}
-	if diff := cmp.Diff([]string{"2001:db8:ffff::/48 -> 2001:db8::22", "2001:db8:ffff::4/128 -> 2001:db8::22"}, intentStrings(in)); diff != "" {
+	if diff := cmp.Diff([]string{"2001:db8:ffff::4/128 -> 2001:db8::22", "2001:db8:ffff::/48 -> 2001:db8::22"}, intentStrings(in)); diff != "" {
 		t.Errorf("intents (-want +got):\n%s", diff)
 	}
 }

@@ -231,11 +231,18 @@ func sortedEntries(es []Entry) bool {
 func compareEntries(a, b Entry) int { return compareEntryRefs(&a, &b) }
 
 func compareEntryRefs(a, b *Entry) int {
-	if a.Family() != b.Family() {
-		return int(a.Family()) - int(b.Family())
+	if a4, b4 := a.Dst.Addr().Is4(), b.Dst.Addr().Is4(); a4 != b4 {
+		if a4 {
+			return -1 // IPv4 first, as Families are
+		}
+		return 1
 	}
-	if c := a.Sender.compare(b.Sender); c != 0 {
-		return c
+	// Most neighbours share their sender: the equality test is far
+	// cheaper than ranking both.
+	if a.Sender != b.Sender {
+		if c := a.Sender.compare(b.Sender); c != 0 {
+			return c
+		}
 	}
 	if a.Dst.Bits() != b.Dst.Bits() {
 		return b.Dst.Bits() - a.Dst.Bits()
