@@ -85,6 +85,22 @@ refused (exit 1).`,
 	},
 }
 
+// loadFile reads and checks a desired-state file for a daemon, which keeps
+// the file (a rule with its destinations: 32 bytes a destination) and
+// expands its intents (200 bytes each) only while it resolves them. n is
+// the number of intents.
+func loadFile(path string) (f *config.File, n int, err error) {
+	f, err = config.Load(path)
+	if err != nil {
+		return nil, 0, &snat.InvalidError{Err: err}
+	}
+	intents, err := f.Intents()
+	if err != nil {
+		return nil, 0, &snat.InvalidError{Err: err}
+	}
+	return f, len(intents), nil
+}
+
 // loadIntents reads a desired-state file; any problem is bad input.
 func loadIntents(path string) ([]snat.Intent, error) {
 	f, err := config.Load(path)

@@ -30,6 +30,14 @@ func main() {
 		}
 	}
 	err := run(os.Args)
+	// EGRESS_SNAT_MEMPROFILE=FILE writes the live heap at the end of the
+	// run (for watch: when it stops), for the report's memory figures.
+	if path := os.Getenv("EGRESS_SNAT_MEMPROFILE"); path != "" {
+		if f, ferr := os.Create(path); ferr == nil {
+			pprof.WriteHeapProfile(f)
+			f.Close()
+		}
+	}
 	if err != nil {
 		if msg := err.Error(); msg != "" {
 			fmt.Fprintln(os.Stderr, "egress-snat:", msg)

@@ -71,14 +71,14 @@ func (w *watcher) reloadIfChanged() bool {
 	}
 	first := w.stamp == fileStamp{}
 	w.stamp = now
-	intents, err := loadIntents(w.path)
+	file, n, err := loadFile(w.path)
 	if err != nil {
 		w.log.Error("file replaced but does not load: keeping the previous desired state", "file", w.path, "err", err)
 		return false
 	}
-	w.intents = intents
+	w.file = file
 	if !first {
-		w.log.Info("file replaced: re-read", "file", w.path, "destinations", len(intents))
+		w.log.Info("file replaced: re-read", "file", w.path, "destinations", n)
 	}
 	return true
 }

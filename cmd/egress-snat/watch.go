@@ -17,6 +17,7 @@ import (
 	"github.com/urfave/cli/v2"
 	"github.com/vishvananda/netlink"
 
+	"github.com/egress-snat/egress-snat/config"
 	"github.com/egress-snat/egress-snat/routes"
 	"github.com/egress-snat/egress-snat/snat"
 )
@@ -81,7 +82,7 @@ at boot, so the desired state survives reboots.`,
 			return usageError("--resync and --full-resync must be positive and --settle not negative")
 		}
 		debug.SetGCPercent(100) // long-running: the default suits it
-		intents, err := loadIntents(path)
+		file, _, err := loadFile(path)
 		if err != nil {
 			return err
 		}
@@ -89,7 +90,7 @@ at boot, so the desired state survives reboots.`,
 		if err != nil {
 			return err
 		}
-		w := &watcher{e: e, path: path, intents: intents, log: slog.New(handler), settle: c.Duration("settle"),
+		w := &watcher{e: e, path: path, file: file, log: slog.New(handler), settle: c.Duration("settle"),
 			quickEvery: max(10*time.Second, c.Duration("resync")), fullEvery: c.Duration("full-resync"), verifyEvery: c.Duration("verify-every")}
 		ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 		defer stop()
@@ -98,11 +99,13 @@ at boot, so the desired state survives reboots.`,
 }
 
 type watcher struct {
-	e       *env
-	path    string
-	intents []snat.Intent
-	log     *slog.Logger
-	settle  time.Duration
+	e    *env
+	path string
+	// file is the desired state as read, checked; its intents are made
+	// only to resolve them (see loadFile).
+	file   *config.File
+	log    *slog.Logger
+	settle time.Duration
 	// verifyEvery is how often a real flow per rule is checked; 0: never.
 	verifyEvery time.Duration
 	// plan is the last reconcile's plan: its Desired entries and Chains
@@ -111,7 +114,7 @@ type watcher struct {
 	plan      snat.Plan
 	wantRules map[snat.Family][]routes.Rule
 	applies   int
-	// stamp is the version of the file that intents were read from.
+	// stamp is the version of the file that file was read from.
 	stamp fileStamp
 	// gens are the table generations the canary last saw.
 	gens                  map[snat.Family]uint64
@@ -162,13 +165,13 @@ func (w *watcher) run(ctx context.Context, resync time.Duration) error {
 			w.log.Info("stopping; rules stay in place", "applies", w.applies)
 			return nil
 		case sig := <-hup: // SIGHUP, or the file changed (watchfile.go)
-			intents, err := loadIntents(w.path)
+			file, n, err := loadFile(w.path)
 			if err != nil {
 				w.log.Error("reload: keeping the previous desired state", "trigger", sig.String(), "err", err)
 				continue
 			}
-			w.intents = intents
-			w.log.Info("reload: file re-read", "trigger", sig.String(), "file", w.path, "destinations", len(intents))
+			w.file = file
+			w.log.Info("reload: file re-read", "trigger", sig.String(), "file", w.path, "destinations", n)
 			changed("reload (" + sig.String() + ")")
 		case <-tick.C:
 			if reason := w.canary(); reason != "" {
@@ -353,7 +356,11 @@ func (w *watcher) reconcile(reason string) error {
 		if !again {
 			return w.plan.Desired, nil
 		}
-		desired, s, err := snat.ResolveAvailable(w.e.sel, w.intents)
+		intents, err := w.file.Intents()
+		if err != nil {
+			return nil, &snat.InvalidError{Err: err}
+		}
+		desired, s, err := snat.ResolveAvailable(w.e.sel, intents)
 		skipped = s
 		return desired, err
 	})
