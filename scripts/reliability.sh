@@ -36,7 +36,7 @@ FUZZTIME=${FUZZTIME:-2m}
 REPORT=${REPORT:-docs/RELIABILITY.md}
 LOGDIR=${LOGDIR:-/tmp/egress-snat-reliability}
 MODEL_SEQUENCES=${MODEL_SEQUENCES:-200}
-TESTS='^Test(DriftWatchRepairs|CrashDuringApply|ConcurrentWriters|Reliability.*|ForeignRulesRandomSequences|RandomSequencesAgainstAModel|BadInputCorpus)$'
+TESTS='^Test(DriftWatchRepairs|CrashDuringApply|CrashDuringInPlaceChange|ConcurrentWriters|Reliability.*|ForeignRulesRandomSequences|RandomSequencesAgainstAModel|BadInputCorpus)$'
 # The commit measured, read before the report is written (which would make
 # the tree dirty).
 COMMIT=$(git describe --always --dirty 2>/dev/null || echo unknown)
@@ -117,6 +117,7 @@ block=$work/block
   model() { echo "$(fig "$1" model_sequences) ($(fig "$1" model_steps) steps, $(fig "$1" model_probes) far-side probes)"; }
   kills() { echo "$(fig "$1" kills_during_run) of $(fig "$1" kills); during an iptables-restore/ipset/ip child: $(fig "$1" kills_during_write)"; }
   apart() { echo "old $(fig "$1" kills_left_old), new $(fig "$1" kills_left_new), families apart $(fig "$1" kills_families_apart)"; }
+  inplace() { echo "$(fig "$1" inplace_kills_during_ipset) of $(fig "$1" inplace_kills) during the ipset child; $(fig "$1" inplace_kills_left_between) left the set between the two, no destination of both ever missing"; }
   events() { echo "$(fig "$1" drift_events) ($(fig "$1" watch_applies) applies)"; }
   recon() { echo "$(ms "$1" reconverge_median_ms) / $(ms "$1" reconverge_max_ms)"; }
   seen() { echo "$(ms "$1" reconverge_seen_median_ms) / $(ms "$1" reconverge_seen_max_ms)"; }
@@ -126,6 +127,7 @@ block=$work/block
   row "random sequences against an independent model, far side probed every step" model
   row "kill -9 during apply: landed while it ran" kills
   row "state after a kill: each family old or new, never a mixture" apart
+  row "kill -9 during a change in place (one set of 20,000, 8,000 changed)" inplace
   row "drift events handled by watch" events
   row "time to reconverge, median / max (drift to logged repair)" recon
   row "... until check -f saw it, median / max" seen
