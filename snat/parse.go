@@ -157,10 +157,13 @@ func ParseSave(f Family, text string, sets map[string]Set) (Installed, error) {
 			in.Foreign = append(in.Foreign, "rule refers to missing set "+f.set)
 			continue
 		}
+		// The members share the rule's To: a copy each was 100,000
+		// allocations at 100,000 members, and nothing changes a To in place.
+		to := slices.Clip(f.To)
 		for _, p := range s.Members {
 			e := f.Entry
 			e.Dst = p
-			e.To = slices.Clone(f.To)
+			e.To = to
 			in.Entries = append(in.Entries, e)
 		}
 	}

@@ -180,24 +180,28 @@ func exceptions(entries []Entry, inSet map[groupKey]bool) map[groupKey][]netip.P
 
 func hostPrefix(a netip.Addr) netip.Prefix { return netip.PrefixFrom(a, a.BitLen()) }
 
+// comparePrefix orders a set's members as the chain orders entries:
+// longest prefix first, then by address. Members read back from a set then
+// expand into entries already in chain order, which spares sorting them.
 func comparePrefix(a, b netip.Prefix) int {
-	if c := a.Addr().Compare(b.Addr()); c != 0 {
-		return c
+	if a.Bits() != b.Bits() {
+		return b.Bits() - a.Bits()
 	}
-	return a.Bits() - b.Bits()
+	return a.Addr().Compare(b.Addr())
 }
 
-// setName derives the name from the content, so a set is never modified in
-// place: new content means a new set, swapped in by the chain's atomic write,
-// and an unchanged set keeps its name, so re-applying writes nothing.
+// setName derives a new set's name from its content. The name is kept
+// while the rule that uses the set stays, even when the content changes in
+// place (see inplace.go): it tells a set apart, not what it holds now.
 func setName(s Set) string {
 	h := sha256.New()
+	buf := make([]byte, 0, 64)
 	for _, p := range s.Members {
-		h.Write([]byte(p.String() + "\n"))
+		h.Write(append(p.AppendTo(buf[:0]), '\n'))
 	}
 	h.Write([]byte("nomatch\n"))
 	for _, p := range s.NoMatch {
-		h.Write([]byte(p.String() + "\n"))
+		h.Write(append(p.AppendTo(buf[:0]), '\n'))
 	}
 	return fmt.Sprintf("%s%d-%s", SetPrefix, s.Family, hex.EncodeToString(h.Sum(nil))[:12])
 }

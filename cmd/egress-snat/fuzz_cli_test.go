@@ -363,7 +363,7 @@ func (noLock) Lock(time.Duration) (func(), error) { return func() {}, nil }
 // fails the fuzz target until it is added here with a check of its value.
 var (
 	// ipsetName is one of ours, within ipset's 31 characters.
-	ipsetName = regexp.MustCompile(`^` + regexp.QuoteMeta(snat.SetPrefix) + `[A-Za-z0-9_.:-]{1,` + strconv.Itoa(31-len(snat.SetPrefix)) + `}$`)
+	ipsetName = regexp.MustCompile(`^` + regexp.QuoteMeta(snat.SetPrefix) + `[A-Za-z0-9_.:~-]{1,` + strconv.Itoa(31-len(snat.SetPrefix)) + `}$`)
 	ipsetLine = regexp.MustCompile(`^(create [^ ]+ hash:net family inet6? hashsize [0-9]+ maxelem [0-9]+|(add|del) [^ ]+ [0-9a-f.:/]+( nomatch)?|(destroy|flush) [^ ]+|swap [^ ]+ [^ ]+)$`)
 	number    = regexp.MustCompile(`^[0-9]{1,10}$`)
 	markMask  = regexp.MustCompile(`^0x[0-9a-f]{1,8}/0x[0-9a-f]{1,8}$`)
