@@ -345,13 +345,33 @@ func readDstFile(path string) ([]netip.Prefix, error) {
 	// In the chain's order (longest prefix first, then by address): the
 	// entries resolved from them then need no sort of 200-byte entries,
 	// which at 100,000 destinations cost more than this one of prefixes.
-	slices.SortFunc(out, func(a, b netip.Prefix) int {
-		if a.Bits() != b.Bits() {
-			return b.Bits() - a.Bits()
-		}
-		return a.Addr().Compare(b.Addr())
-	})
+	sortPrefixes(out)
 	return out, nil
+}
+
+// sortPrefixes sorts longest prefix first, then by address. An IPv4 list
+// (the common case, and a million lines long at most) is sorted as packed
+// integers, several times faster than comparing prefixes.
+func sortPrefixes(ps []netip.Prefix) {
+	keys := make([]uint64, 0, len(ps))
+	for _, p := range ps {
+		if !p.Addr().Is4() {
+			slices.SortFunc(ps, func(a, b netip.Prefix) int {
+				if a.Bits() != b.Bits() {
+					return b.Bits() - a.Bits()
+				}
+				return a.Addr().Compare(b.Addr())
+			})
+			return
+		}
+		a := p.Addr().As4()
+		keys = append(keys, uint64(32-p.Bits())<<32|uint64(a[0])<<24|uint64(a[1])<<16|uint64(a[2])<<8|uint64(a[3]))
+	}
+	slices.Sort(keys)
+	for i, k := range keys {
+		a := netip.AddrFrom4([4]byte{byte(k >> 24), byte(k >> 16), byte(k >> 8), byte(k)})
+		ps[i] = netip.PrefixFrom(a, 32-int(k>>32))
+	}
 }
 
 // Senders returns whose traffic the rule is about: its from prefixes, its

@@ -2,6 +2,7 @@ package snat
 
 import (
 	"fmt"
+	"slices"
 	"sync"
 	"time"
 
@@ -46,11 +47,21 @@ type State struct {
 
 // Entries returns the installed entries of both families, sorted.
 func (s *State) Entries() []Entry {
-	var out []Entry
+	var parts [][]Entry
 	for _, f := range Families {
-		out = append(out, markedEntries(s.Installed[f].Entries, s.Mangle[f], s.Routing[f])...)
-		out = append(out, routedEntries(s.Routing[f])...)
+		for _, p := range [][]Entry{markedEntries(s.Installed[f].Entries, s.Mangle[f], s.Routing[f]), routedEntries(s.Routing[f])} {
+			if len(p) > 0 {
+				parts = append(parts, p)
+			}
+		}
 	}
+	if len(parts) == 1 && sortedEntries(parts[0]) {
+		// One list, sorted as ParseSave leaves it: returned as it is, not
+		// copied (at 100,000 entries the copy was a tenth of a no-op).
+		// Callers do not change it in place.
+		return parts[0]
+	}
+	out := slices.Concat(parts...)
 	SortEntries(out)
 	return out
 }

@@ -13,7 +13,9 @@ func main() {
 	// A run lives for a fraction of a second and allocates little that
 	// outlives it; collecting less often saves a fifth of a large apply's
 	// CPU. watch, which runs for long, sets its own.
-	debug.SetGCPercent(400)
+	if os.Getenv("GOGC") == "" {
+		debug.SetGCPercent(400)
+	}
 	// But never let that grow the heap past what a large apply holds
 	// live: at a million destinations the fivefold headroom was a peak of
 	// 1.1 GB. Past the limit the collector runs as often as it must.
