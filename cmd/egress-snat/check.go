@@ -38,7 +38,9 @@ Kinds of drift:
    set-out-of-date     a destination set is missing or its members differ
    rule-out-of-date    with a file: rules it wants added, changed, removed
    to-not-on-host      a rule's source address is no longer on the host:
-                       its traffic leaves from an address the host lacks
+                       its rule, if still installed, sends traffic from an
+                       address the host lacks (watch takes it out and puts
+                       it back when the address returns)
    natural-source-changed
                        routes changed, so the rule no longer matches the
                        traffic's natural source

@@ -114,6 +114,8 @@ type watcher struct {
 	plan      snat.Plan
 	wantRules map[snat.Family][]routes.Rule
 	applies   int
+	// leftOut are the rules the last resolve left out, by reason.
+	leftOut map[string]bool
 	// stamp is the version of the file that file was read from.
 	stamp fileStamp
 	// gens are the table generations the canary last saw.
@@ -370,8 +372,8 @@ func (w *watcher) reconcile(reason string) error {
 		}
 		return err
 	}
-	for _, s := range skipped {
-		w.log.Warn("rule left out until its address or route returns", "why", s)
+	if again {
+		w.reportSkipped(skipped)
 	}
 	previous := w.plan.Desired
 	w.plan = plan
@@ -396,6 +398,25 @@ func (w *watcher) reconcile(reason string) error {
 	w.log.Info("converged", "reason", reason, "summary", plan.Summary(), "took", time.Since(start).Round(time.Millisecond))
 	w.flushVanished(previous, plan.Desired)
 	return nil
+}
+
+// reportSkipped warns of each rule left out when it is first left out, and
+// says when it is back, instead of repeating the warning on every resolve
+// while its cause lasts.
+func (w *watcher) reportSkipped(skipped []error) {
+	now := map[string]bool{}
+	for _, s := range skipped {
+		now[s.Error()] = true
+		if !w.leftOut[s.Error()] {
+			w.log.Warn("rule left out until its address or route returns", "why", s)
+		}
+	}
+	for why := range w.leftOut {
+		if !now[why] {
+			w.log.Info("rule left out is back", "was", why)
+		}
+	}
+	w.leftOut = now
 }
 
 // flushVanished deletes the conntrack entries of flows NATed to a source
