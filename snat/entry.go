@@ -182,10 +182,6 @@ type groupKey struct {
 	To      string
 }
 
-func (e Entry) group() groupKey {
-	return groupKey{Sender: e.Sender, Out: e.Out, Natural: e.Natural, To: e.ToString()}
-}
-
 // grouper computes group keys for many entries. Entries resolved from one
 // rule share their To slice, so it remembers the last slice it rendered:
 // at 100,000 destinations, rendering To once per entry was a tenth of an
