@@ -248,6 +248,7 @@ func splitWords(line string) ([]string, error) {
 func ParseSets(text string) (map[string]Set, error) {
 	byName := map[string]*Set{}
 	var cur *Set // ipset save prints a set's members after its create line
+	var curName string
 	for len(text) > 0 {
 		line, rest, _ := strings.Cut(text, "\n")
 		text = rest
@@ -262,7 +263,7 @@ func ParseSets(text string) (map[string]Set, error) {
 			if strings.Contains(args, "family inet6") {
 				fam = IPv6
 			}
-			cur = &Set{Name: name, Family: fam, MaxElem: createOption(args, "maxelem")}
+			cur, curName = &Set{Name: name, Family: fam, MaxElem: createOption(args, "maxelem")}, name
 			byName[name] = cur
 		case "add":
 			member, opts, _ := strings.Cut(args, " ")
@@ -271,12 +272,14 @@ func ParseSets(text string) (map[string]Set, error) {
 				return nil, fmt.Errorf("set %s member %q: %w", name, member, err)
 			}
 			s := cur
-			if s == nil || s.Name != name {
+			if s == nil || curName != name {
 				if s = byName[name]; s == nil {
-					s = &Set{Name: name}
+					// Members without a create line: kept, but with no
+					// name, they are no set a rule can use.
+					s = &Set{}
 					byName[name] = s
 				}
-				cur = s
+				cur, curName = s, name
 			}
 			if strings.Contains(opts, "nomatch") {
 				s.NoMatch = append(s.NoMatch, p)
@@ -294,6 +297,9 @@ func ParseSets(text string) (map[string]Set, error) {
 			slices.SortFunc(s.Members, comparePrefix)
 		}
 		slices.SortFunc(s.NoMatch, comparePrefix)
+		// A set holds a member once; text that repeats one (never the
+		// kernel's) must not make two entries of it.
+		s.Members, s.NoMatch = slices.Compact(s.Members), slices.Compact(s.NoMatch)
 		sets[n] = s
 	}
 	return sets, nil
