@@ -57,7 +57,12 @@ CONN_ROUNDS=${SCALE_CONN_ROUNDS:-5}
 CONN_SECS=${SCALE_CONN_SECS:-2}
 OUT=${SCALE_OUT:-$ROOT/docs/BENCHMARKS.md}
 PLOT=${SCALE_PLOT:-$ROOT/docs/bench-scale.svg}
-COMMIT=$(git -C "$ROOT" describe --always --dirty 2>/dev/null || echo unknown)
+# The commit measured: dirty only for changes other than this report's own
+# files, which `make bench` has bench.sh rewrite just before.
+COMMIT=$(git -C "$ROOT" describe --always 2>/dev/null || echo unknown)
+if [[ -n $(git -C "$ROOT" status --porcelain -- . ':!docs/BENCHMARKS.md' ':!docs/bench-scale.svg' 2>/dev/null) ]]; then
+  COMMIT+=-dirty
+fi
 
 NATURAL=192.0.2.250
 SNAT_TO=192.0.2.22
@@ -467,10 +472,10 @@ for b in $BACKENDS; do
   done | sed 's/NA/NaN/g' >"$WORK/plot-$b.dat"
 done
 {
-  echo "set terminal svg size 1000,420 dynamic font 'sans,11'"
+  echo "set terminal svg size 1000,560 dynamic font 'sans,11'"
   echo "set output '$PLOT'"
   echo "set multiplot layout 1,2 title 'egress-snat apply against N ($COMMIT)'"
-  echo "set logscale xy; set grid; set key top left; set xlabel 'destinations'"
+  echo "set logscale xy; set grid; set key below maxcols 2; set xlabel 'destinations'"
   echo "set datafile missing 'NaN'"
   echo "set ylabel 'seconds'"
   sep="plot "
