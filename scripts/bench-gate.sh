@@ -38,6 +38,8 @@ export PATH=/usr/local/go/bin:$PATH:/usr/sbin:/sbin
 
 SELF=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/$(basename "${BASH_SOURCE[0]}")
 ROOT=$(cd "$(dirname "$SELF")/.." && pwd)
+# shellcheck source=scripts/benchlib.sh
+source "$ROOT/scripts/benchlib.sh"
 
 N=${BENCH_GATE_N:-10000}
 RUNS=${BENCH_GATE_RUNS:-3}
@@ -156,19 +158,7 @@ verdict() {
 failed=0
 for b in $BENCH_GATE_BACKENDS; do
   ns=esgate-$$-$b
-  NSLIST+=("$ns")
-  ip netns add "$ns"
-  # eth0 is a veth whose peer stays in the namespace: no traffic flows,
-  # the tool only needs the route and the addresses.
-  ip -n "$ns" -batch - <<EOF
-link set lo up
-link add eth0 type veth peer name peer0
-link set peer0 up
-addr add $NATURAL/24 dev eth0
-addr add $SNAT_TO/24 dev eth0
-link set eth0 up
-route add default via 192.0.2.1
-EOF
+  bench_host "$ns"
   read -r apply noop raw < <(ip netns exec "$ns" bash "$SELF" __inner "$b" "$WORK")
   [[ -n ${raw:-} ]] || die "$b: no measurement"
   verdict apply "$b" "$apply" "$raw" || failed=1

@@ -47,6 +47,8 @@ export PATH=/usr/local/go/bin:$PATH:/usr/sbin:/sbin
 
 SELF=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/$(basename "${BASH_SOURCE[0]}")
 ROOT=$(cd "$(dirname "$SELF")/.." && pwd)
+# shellcheck source=scripts/benchlib.sh
+source "$ROOT/scripts/benchlib.sh"
 
 BACKENDS=${BENCH_BACKENDS:-nft legacy}
 SCALE_N=${SCALE_N:-100 1000 10000 100000 1000000}
@@ -265,31 +267,11 @@ printf 'rules:\n  - to: %s\n    dst: [203.0.113.0/28]\n' "$SNAT_TO" >"$WORK/conn
 "$WORK/benchconn" gen -n "$BIG" -wide $((BIG / 10)) -last 203.0.113.0/28 >"$WORK/cdst-$BIG.txt"
 printf 'rules:\n  - to: %s\n    dst-file: cdst-%s.txt\n' "$SNAT_TO" "$BIG" >"$WORK/conn-$BIG.yaml"
 
-build_pair() { # build_pair H G: a host and its far side
-  local h=$1 g=$2 i
-  NSLIST+=("$h" "$g")
-  ip netns add "$h"
-  ip netns add "$g"
-  ip -n "$h" link add eth0 type veth peer name eth0 netns "$g"
-  ip -n "$h" -batch - <<EOF
-link set lo up
-addr add $NATURAL/24 dev eth0
-addr add $SNAT_TO/24 dev eth0
-link set eth0 up
-route add default via 192.0.2.1
-EOF
-  {
-    echo "link set lo up"
-    echo "addr add 192.0.2.1/24 dev eth0"
-    echo "link set eth0 up"
-    for i in 1 2 3 4; do echo "addr add 203.0.113.$i/32 dev lo"; done
-  } | ip -n "$g" -batch -
-}
 
 for b in $BACKENDS; do
   h=$TAG-$b-h
   g=$TAG-$b-g
-  build_pair "$h" "$g"
+  bench_pair "$h" "$g" 4
   say "programming time and memory, backend $b, in $h"
   ip netns exec "$h" bash "$SELF" __prog "$b" "$WORK"
   say "idle watch, backend $b"
@@ -298,7 +280,7 @@ for b in $BACKENDS; do
   say "connection rate, backend $b: 1 destination against $BIG"
   h1=$TAG-$b-h1
   g1=$TAG-$b-g1
-  build_pair "$h1" "$g1"
+  bench_pair "$h1" "$g1" 4
   for far in "$g" "$g1"; do
     ip netns exec "$far" "$WORK/benchconn" serve -ports "$PORTS" -max-time 30m >"$WORK/serve-$far.log" 2>&1 &
     PIDS+=($!)

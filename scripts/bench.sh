@@ -34,6 +34,8 @@ export PATH=/usr/local/go/bin:$PATH:/usr/sbin:/sbin
 
 SELF=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/$(basename "${BASH_SOURCE[0]}")
 ROOT=$(cd "$(dirname "$SELF")/.." && pwd)
+# shellcheck source=scripts/benchlib.sh
+source "$ROOT/scripts/benchlib.sh"
 
 PROG_N=${BENCH_PROG_N:-100 1000 10000 100000}
 CONN_N=${BENCH_CONN_N:-1 10000 100000}
@@ -256,17 +258,7 @@ done
 
 for b in $BACKENDS; do
   ns=$TAG-prog-$b
-  NSLIST+=("$ns")
-  ip netns add "$ns"
-  ip -n "$ns" -batch - <<EOF
-link set lo up
-link add eth0 type veth peer name peer0
-link set peer0 up
-addr add $NATURAL/24 dev eth0
-addr add $SNAT_TO/24 dev eth0
-link set eth0 up
-route add default via 192.0.2.1
-EOF
+  bench_host "$ns"
   say "programming time, backend $b, in namespace $ns"
   ip netns exec "$ns" bash "$SELF" __prog "$b" "$WORK"
   ip netns del "$ns"
@@ -285,27 +277,6 @@ for b in $BACKENDS; do
   done
 done
 
-build_pair() { # build_pair H G
-  local h=$1 g=$2
-  NSLIST+=("$h" "$g")
-  ip netns add "$h"
-  ip netns add "$g"
-  ip -n "$h" link add eth0 type veth peer name eth0 netns "$g"
-  ip -n "$h" -batch - <<EOF
-link set lo up
-addr add $NATURAL/24 dev eth0
-addr add $SNAT_TO/24 dev eth0
-link set eth0 up
-route add default via 192.0.2.1
-EOF
-  {
-    echo "link set lo up"
-    echo "addr add 192.0.2.1/24 dev eth0"
-    echo "link set eth0 up"
-    local i
-    for i in 1 2 3 4 5 6 7 8; do echo "addr add 203.0.113.$i/32 dev lo"; done
-  } | ip -n "$g" -batch -
-}
 
 i=0
 for s in "${setups[@]}"; do
@@ -313,7 +284,7 @@ for s in "${setups[@]}"; do
   i=$((i + 1))
   h=$TAG-c$i-h
   g=$TAG-c$i-g
-  build_pair "$h" "$g"
+  bench_pair "$h" "$g" 8
   ip netns exec "$g" "$WORK/benchconn" serve -ports "$PORTS" -max-time 30m >"$WORK/serve-$i.log" 2>&1 &
   PIDS+=($!)
   t0=$EPOCHREALTIME

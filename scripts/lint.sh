@@ -33,7 +33,7 @@ while IFS= read -r f; do
 done < <(files)
 echo "== shellcheck: ${#shells[@]} scripts =="
 printf '   %s\n' "${shells[@]}"
-shellcheck "${shells[@]}"
+shellcheck -x "${shells[@]}" # -x: follow the sourced scripts/benchlib.sh
 
 echo "== gofmt =="
 mapfile -t gofiles < <(files | grep '\.go$')
