@@ -15,7 +15,11 @@ import (
 // `ip -batch`, so that what --dry-run prints is exactly what runs.
 type System struct{}
 
-// Rules returns the family's ip rules of ours, sorted.
+// Rules returns the family's ip rules of ours, sorted: those tagged with
+// our protocol. The priority alone claims nothing: another tool may add a
+// rule at one of our priorities (an ip rule added without pref lands next
+// to the first non-zero one), and such a rule is never read, rewritten or
+// deleted as ours.
 func (System) Rules(is4 bool) ([]Rule, error) {
 	fam := netlink.FAMILY_V6
 	if is4 {
@@ -27,7 +31,7 @@ func (System) Rules(is4 bool) ([]Rule, error) {
 	}
 	var out []Rule
 	for _, r := range rules {
-		if !Ours(r.Priority) {
+		if !Ours(r.Priority) || int(r.Protocol) != Protocol {
 			continue
 		}
 		rule := Rule{Priority: r.Priority, Table: r.Table, SuppressPrefixLen: r.SuppressPrefixlen, Mark: r.Mark, Goto: r.Goto}
