@@ -413,26 +413,81 @@ func routeType(t int) string {
 // ErrNotLocal means an address is not assigned to any interface of the host.
 var ErrNotLocal = errors.New("not an address of this host")
 
-// Owner returns the name of the interface that holds a.
+// ErrNotUsable means an address is assigned to the host but the kernel will
+// not send from it: an IPv6 address whose duplicate address detection is
+// still running (tentative, or optimistic) or found another node using it
+// (dadfailed). Connections from it hang, so it counts as absent: an error
+// that is ErrNotUsable is ErrNotLocal too, and says why.
+var ErrNotUsable = errors.New("not usable as a source")
+
+// unusable is the error of an address that is on the host but unusable.
+type unusable struct {
+	addr netip.Addr
+	why  string
+}
+
+func (e unusable) Error() string {
+	return fmt.Sprintf("%s is on this host but %s", e.addr, e.why)
+}
+
+func (e unusable) Is(target error) bool { return target == ErrNotLocal || target == ErrNotUsable }
+
+// usability says why the kernel will not send from an address with these
+// IFA_F_* flags, or "" when it will.
+func usability(flags int) string {
+	switch {
+	case flags&unix.IFA_F_DADFAILED != 0:
+		return "dadfailed: duplicate address detection found another node using it, so the kernel will not send from it"
+	case flags&unix.IFA_F_TENTATIVE != 0:
+		return "tentative: duplicate address detection is still running, and the kernel sends nothing from it until it ends"
+	case flags&unix.IFA_F_OPTIMISTIC != 0:
+		return "optimistic: duplicate address detection is still running (it may turn out to be another node's)"
+	}
+	return ""
+}
+
+// Owner returns the name of the interface that holds a. An address that is
+// there but unusable (see ErrNotUsable) fails like an absent one, naming
+// why.
 func (s *Selector) Owner(a netip.Addr) (string, error) {
+	x, err := s.hostAddr(a)
+	if err != nil {
+		return "", err
+	}
+	if why := usability(x.Flags); why != "" {
+		return "", unusable{a, why}
+	}
+	link, err := s.link(x.LinkIndex)
+	if err != nil {
+		return "", fmt.Errorf("interface of %s (index %d): %w", a, x.LinkIndex, err)
+	}
+	return link.Attrs().Name, nil
+}
+
+// Deprecated reports whether a is a deprecated address of the host (its
+// preferred lifetime ended): the kernel no longer picks it by itself, but
+// it still works as a source that is asked for.
+func (s *Selector) Deprecated(a netip.Addr) bool {
+	x, err := s.hostAddr(a)
+	return err == nil && x.Flags&unix.IFA_F_DEPRECATED != 0
+}
+
+// hostAddr finds a among the host's addresses.
+func (s *Selector) hostAddr(a netip.Addr) (netlink.Addr, error) {
 	family := netlink.FAMILY_V4
 	if !a.Is4() {
 		family = netlink.FAMILY_V6
 	}
 	addrs, err := s.hostAddrs(family)
 	if err != nil {
-		return "", err
+		return netlink.Addr{}, err
 	}
 	for _, x := range addrs {
 		if p, ok := prefixFrom(x.IPNet); ok && p.Addr() == a {
-			link, err := s.link(x.LinkIndex)
-			if err != nil {
-				return "", fmt.Errorf("interface of %s (index %d): %w", a, x.LinkIndex, err)
-			}
-			return link.Attrs().Name, nil
+			return x, nil
 		}
 	}
-	return "", ErrNotLocal
+	return netlink.Addr{}, ErrNotLocal
 }
 
 // Path is Natural plus the route's gateway (invalid when on-link), with
@@ -548,4 +603,40 @@ func (s *Selector) OnLink(iface string, a netip.Addr) (bool, error) {
 		}
 	}
 	return false, nil
+}
+
+// Hop is the kernel's answer to one route lookup: the table the route
+// came from and the interface the packet leaves by.
+type Hop struct {
+	Table     int
+	Interface string
+	Source    netip.Addr
+}
+
+// Route looks dst up as the first packet of a new connection carrying
+// fwmark mark (0: none) is looked up, every policy rule included: the path
+// it really takes, not the natural one Excluding answers with. An
+// unreachable, blackhole or prohibit answer is an input error naming it.
+func (s *Selector) Route(dst netip.Addr, mark uint32) (Hop, error) {
+	routes, err := s.nl.RouteGetWithOptions(dst.AsSlice(), &netlink.RouteGetOptions{Mark: mark})
+	if err := refused(netip.PrefixFrom(dst, dst.BitLen()), err); err != nil {
+		return Hop{}, err
+	}
+	if err != nil {
+		return Hop{}, fmt.Errorf("route lookup for %s: %w", dst, err)
+	}
+	if len(routes) == 0 {
+		return Hop{}, fmt.Errorf("%s: %w", dst, ErrNoRoute)
+	}
+	r := routes[0]
+	h := Hop{Table: r.Table}
+	if r.Src != nil {
+		h.Source = addrFrom(r.Src)
+	}
+	link, err := s.link(r.LinkIndex)
+	if err != nil {
+		return Hop{}, fmt.Errorf("outgoing interface of %s (index %d): %w", dst, r.LinkIndex, err)
+	}
+	h.Interface = link.Attrs().Name
+	return h, nil
 }
