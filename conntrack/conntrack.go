@@ -12,6 +12,7 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"slices"
 
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
@@ -58,6 +59,23 @@ type Flow struct {
 	// Packets and bytes of the original direction, when the kernel counts
 	// them (net.netfilter.nf_conntrack_acct=1).
 	Packets, Bytes uint64
+	// TCPState is a TCP flow's conntrack state (TCPTimeWait, ...); 0 for
+	// other protocols.
+	TCPState uint8
+}
+
+// TCP conntrack states that end a connection: nothing it sends any more
+// needs its NAT binding or its path.
+const (
+	TCPTimeWait = 7
+	TCPClose    = 8
+)
+
+// Live reports whether the flow may still carry packets that need its
+// binding: any flow but a TCP connection that has ended (TIME_WAIT,
+// CLOSE). A UDP flow has no end; it is live until conntrack forgets it.
+func (f Flow) Live() bool {
+	return f.Orig.Proto != TCP || f.TCPState != TCPTimeWait && f.TCPState != TCPClose
 }
 
 // TranslatedSource is the source the flow left with: the destination its
@@ -129,12 +147,16 @@ func (n Netlink) Flows(family int) ([]Flow, error) {
 	}
 	out := make([]Flow, 0, len(raw))
 	for _, r := range raw {
-		out = append(out, Flow{
+		f := Flow{
 			Orig:    tuple(r.Forward),
 			Reply:   tuple(r.Reverse),
 			Packets: r.Forward.Packets,
 			Bytes:   r.Forward.Bytes,
-		})
+		}
+		if tcp, ok := r.ProtoInfo.(*netlink.ProtoInfoTCP); ok {
+			f.TCPState = tcp.State
+		}
+		out = append(out, f)
 	}
 	return out, nil
 }
@@ -150,4 +172,89 @@ func tuple(t netlink.IPTuple) Tuple {
 func addr(ip net.IP) netip.Addr {
 	a, _ := netip.AddrFromSlice(ip)
 	return a.Unmap()
+}
+
+// Binding selects the flows of one rule's traffic that are bound to a
+// source: to a destination inside Dst (or one of Dsts), translated to (or
+// leaving with) To, and sent by one sender. conntrack does not know who
+// sent a flow; the flow's original source does: a prefix (forwarded
+// clients; the natural source of the host's own traffic), or the local
+// endpoints of the sockets of a uid or cgroup.
+type Binding struct {
+	Dst netip.Prefix
+	// Dsts are further destinations, for the rules of many destinations
+	// one address served.
+	Dsts []netip.Prefix
+	To   netip.Addr
+	// From holds the flow's original source; invalid: any.
+	From netip.Prefix
+	// Sockets, when not nil, are the only original sources (address and
+	// port) taken.
+	Sockets []netip.AddrPort
+}
+
+// Takes reports whether f is one of b's flows.
+func (b Binding) Takes(f Flow) bool {
+	return b.matcher().takes(f)
+}
+
+// matcher is b ready to judge many flows: host destinations in a map.
+func (b Binding) matcher() *bindingMatcher {
+	m := &bindingMatcher{b: b, hosts: map[netip.Addr]bool{}}
+	for _, d := range append([]netip.Prefix{b.Dst}, b.Dsts...) {
+		switch {
+		case !d.IsValid():
+		case d.IsSingleIP():
+			m.hosts[d.Addr()] = true
+		default:
+			m.nets = append(m.nets, d)
+		}
+	}
+	return m
+}
+
+type bindingMatcher struct {
+	b     Binding
+	hosts map[netip.Addr]bool
+	nets  []netip.Prefix
+}
+
+func (m *bindingMatcher) takes(f Flow) bool {
+	b := m.b
+	if f.TranslatedSource().Addr() != b.To {
+		return false
+	}
+	if dst := f.Orig.Dst.Addr(); !m.hosts[dst] && !slices.ContainsFunc(m.nets, func(p netip.Prefix) bool { return p.Contains(dst) }) {
+		return false
+	}
+	if b.From.IsValid() && !b.From.Contains(f.Orig.Src.Addr()) {
+		return false
+	}
+	return b.Sockets == nil || slices.Contains(b.Sockets, f.Orig.Src)
+}
+
+// DeleteBinding deletes b's flows from the kernel's table (of the
+// namespace h was opened in) and returns how many it deleted.
+func DeleteBinding(h *netlink.Handle, b Binding) (uint, error) {
+	if h == nil {
+		// A nil handle is netlink's default one: never delete through it
+		// from code that was not given this namespace's (fakes).
+		return 0, errors.New("no netlink handle for conntrack")
+	}
+	family := netlink.InetFamily(unix.AF_INET)
+	if b.To.Is6() {
+		family = unix.AF_INET6
+	}
+	n, err := h.ConntrackDeleteFilters(netlink.ConntrackTable, family, bindingFilter{b.matcher()})
+	if err != nil {
+		return n, fmt.Errorf("deleting conntrack entries: %w", err)
+	}
+	return n, nil
+}
+
+// bindingFilter is a Binding as netlink's delete filter.
+type bindingFilter struct{ m *bindingMatcher }
+
+func (f bindingFilter) MatchConntrackFlow(flow *netlink.ConntrackFlow) bool {
+	return f.m.takes(Flow{Orig: tuple(flow.Forward), Reply: tuple(flow.Reverse)})
 }

@@ -74,7 +74,9 @@ const (
 	PrioEnd          = 7423
 )
 
-// Ours reports whether a rule priority is in our range.
+// Ours reports whether a rule priority is in our range. A rule at such a
+// priority is ours only when it carries Protocol too (see System.Rules):
+// other tools may add rules there.
 func Ours(prio int) bool { return prio >= PrioExempt && prio <= PrioEnd }
 
 // OurTable reports whether a routing table is ours.
@@ -131,6 +133,10 @@ type Path struct {
 	// Marked: the path is for a sender's traffic, which a mark of Src's
 	// reply table sends there, not a route for Dst.
 	Marked bool
+	// Linger: no rule wants Src's path any more, but connections still
+	// leave with Src: its reply rule and table stay (with Replies), and
+	// no destination route, until they end.
+	Linger bool
 }
 
 // MarkOf is the mark that sends traffic to reply table t.
@@ -163,7 +169,7 @@ func Desired(paths []Path) State {
 	var s State
 	var dests []Path
 	for _, p := range paths {
-		if !p.Marked {
+		if !p.Marked && !p.Linger {
 			dests = append(dests, p)
 			s.Routes = append(s.Routes, Route{Table: Table, Dst: p.Dst.Masked(), Via: p.Via, Dev: p.Dev, Src: p.Src})
 		}

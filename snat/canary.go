@@ -40,7 +40,7 @@ func (m *Manager) QuickDrift(p Plan) (string, error) {
 			if err != nil {
 				return "", err
 			}
-			if !mg.inSync(renderMangle(f, p.Desired, routes.ReplyTables(pathsOf(f, p.Desired)))) {
+			if !mg.inSync(renderMangle(f, p.Desired, routes.ReplyTables(p.Paths[f]))) {
 				return fmt.Sprintf("the %s mangle chains differ", f), nil
 			}
 		}
@@ -75,7 +75,7 @@ func (m *Manager) QuickDrift(p Plan) (string, error) {
 	}
 	if m.Routing != nil {
 		for _, f := range Families {
-			want := routingOf(f, p.Desired).Rules
+			want := p.Routing[f].Rules
 			have, err := m.Routing.Rules(f == IPv4)
 			if err != nil {
 				return "", err

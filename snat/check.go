@@ -39,6 +39,8 @@ const (
 
 // Diagnose compares the installed state with the desired entries and names
 // every difference by kind. It is pure; MakePlan(st, desired) is the repair.
+// What lingers for live connections is no difference once st.Live was read
+// (Manager.Plan reads it where it matters: call it first).
 func Diagnose(st *State, desired []Entry) []Finding {
 	desired = Normalize(desired)
 	// The plan's chains, not a bare Render: they carry the names of the
@@ -90,7 +92,7 @@ func Diagnose(st *State, desired []Entry) []Finding {
 		}
 	}
 	for _, f := range Families {
-		b := routes.Diff(st.Routing[f], routingOf(f, desired))
+		b := routes.Diff(st.Routing[f], plan.Routing[f])
 		if b.Add == "" && b.Del == "" {
 			continue
 		}
@@ -98,7 +100,7 @@ func Diagnose(st *State, desired []Entry) []Finding {
 		out = append(out, Finding{Kind: DriftRoutes, Family: f.String(), Detail: "egress-snat's routes or ip rules differ (deleted, flushed or changed by hand?); the repair would run: " + what})
 	}
 	for _, f := range Families {
-		want := renderMangle(f, desired, routes.ReplyTables(pathsOf(f, desired)))
+		want := renderMangle(f, desired, routes.ReplyTables(plan.Paths[f]))
 		if !st.Mangle[f].inSync(want) {
 			out = append(out, Finding{Kind: DriftMarks, Family: f.String(), Detail: fmt.Sprintf("the mangle chains %s and %s, which send senders out of another interface, differ (flushed, or changed by hand?)", MarkChainFwd, MarkChainOut)})
 		}

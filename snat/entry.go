@@ -346,6 +346,72 @@ func Effective(entries []Entry, p Packet) *Entry {
 	return best
 }
 
+// Promise returns the entry whose rule the operator set for traffic like
+// p: the first entry in chain order whose sender and destination take p,
+// whatever the path the kernel takes now. Nil means no rule of ours is
+// about this traffic. Unlike Effective, which models what the chain does
+// with p, Promise ignores the interface and the natural source an entry
+// was resolved with: those are how the rule was realized, and a path that
+// changed since (a foreign ip rule ahead of ours, a route with another
+// src) makes the rule miss p without changing what was promised. Where
+// entries of one sender and destination differ only in their interface
+// (set --out), the one for p's interface wins. Judge tells whether the
+// promised entry's rule still takes p.
+func Promise(entries []Entry, p Packet) *Entry {
+	var best *Entry
+	for i := range entries {
+		e := &entries[i]
+		if !e.Dst.Contains(p.Dst) || !e.Sender.takes(p) {
+			continue
+		}
+		if best == nil || promiseBefore(e, best, p.Out) {
+			best = e
+		}
+	}
+	return best
+}
+
+// promiseBefore orders candidates for Promise: chain order, but between two
+// entries of one match but for the interface, the one on out first.
+func promiseBefore(a, b *Entry, out string) bool {
+	if a.Sender == b.Sender && a.Dst == b.Dst && a.Out != b.Out {
+		return a.Out == out
+	}
+	return compareEntryRefs(a, b) < 0
+}
+
+// Judge tells whether e's rule takes p on the path p describes (for a
+// marked entry, the path its mark gives). It returns "" when it does,
+// else what differs, for people.
+func (e Entry) Judge(p Packet) string {
+	switch {
+	case e.Routed && p.Out != e.Out:
+		return fmt.Sprintf("the rule's route sends it out of %s, but the kernel sends it out of %s now", e.Out, p.Out)
+	case e.Routed && p.Src != e.To[0]:
+		return fmt.Sprintf("the rule's route gives it source %s, but the kernel picks %s now", e.To[0], p.Src)
+	case e.Routed:
+		return ""
+	case p.Out != e.Out:
+		return fmt.Sprintf("the rule is for traffic leaving by %s, but it leaves by %s now", e.Out, p.Out)
+	case e.Sender.Local() && p.Src != e.Natural:
+		return fmt.Sprintf("the rule rewrites natural source %s, but the kernel picks %s now", e.Natural, p.Src)
+	}
+	return ""
+}
+
+// takes reports whether s selects the traffic of p, by who sends alone.
+func (s Sender) takes(p Packet) bool {
+	switch s.kind() {
+	case SenderFrom:
+		return p.Forwarded && s.From.Contains(p.Src)
+	case SenderUID:
+		return !p.Forwarded && p.HasUID && p.UID == s.UID
+	case SenderCgroup:
+		return !p.Forwarded && p.Cgroup != "" && s.Contains(Cgroup(p.Cgroup))
+	}
+	return !p.Forwarded
+}
+
 // Merge returns installed with the entries of updates added, replacing any
 // installed entry for the same sender and destination: setting a
 // destination again replaces its source, as routes do.

@@ -19,6 +19,9 @@ type Manager struct {
 	Locker Locker
 	// Routing reads and writes our routes and ip rules.
 	Routing Routing
+	// Flows reads what live connections hold, for plans that would take
+	// something away from them (linger.go); nil: nothing is kept for them.
+	Flows Flows
 }
 
 // Routing is what the Manager needs of policy routing: routes.System, or
@@ -43,6 +46,9 @@ type State struct {
 	Routing map[Family]routes.State
 	// Mangle holds our mangle chains per family.
 	Mangle map[Family]MangleInstalled
+	// Live is what live connections hold: nil until a plan needs it
+	// (Manager.Plan). See linger.go.
+	Live *Liveness
 }
 
 // Entries returns the installed entries of both families, sorted.
@@ -195,7 +201,10 @@ func (m *Manager) update(read func() (*State, error), lockTimeout time.Duration,
 	if err != nil {
 		return st, Plan{}, err
 	}
-	p := MakePlan(st, want)
+	p, err := m.Plan(st, want)
+	if err != nil {
+		return st, p, err
+	}
 	if dryRun {
 		return st, p, nil
 	}
@@ -217,6 +226,24 @@ func (m *Manager) update(read func() (*State, error), lockTimeout time.Duration,
 		return st, p, fmt.Errorf("%w (the rules were put back as they were)", err)
 	}
 	return st, p, nil
+}
+
+// Plan is MakePlan that keeps what live connections need: when the plan
+// would take away something they may use (see Plan.strands), it reads what
+// they hold (Flows) into st.Live and plans again, so that they keep it
+// until they end. A st.Live already set (clear --now sets an empty one) is
+// taken as it is.
+func (m *Manager) Plan(st *State, desired []Entry) (Plan, error) {
+	p := MakePlan(st, desired)
+	if st.Live != nil || m.Flows == nil || !p.strands(st) {
+		return p, nil
+	}
+	live, err := m.Flows.Live()
+	if err != nil {
+		return p, fmt.Errorf("reading the connections a change must keep: %w", err)
+	}
+	st.Live = &live
+	return MakePlan(st, desired), nil
 }
 
 // restore makes the kernel hold st's entries again.

@@ -37,10 +37,18 @@ type Installed struct {
 	// Raw is every rule of the chain as read, ours or not, so that a
 	// failed write can put back exactly what was there.
 	Raw [][]string
+	// Keep are the addresses the keep chain holds conntrack for
+	// (linger.go), and KeepExists whether the chain is declared.
+	Keep       []netip.Addr
+	KeepExists bool
 }
 
-// InSync reports whether the installed chain is exactly c with one jump, first.
+// InSync reports whether the installed chain is exactly c with one jump,
+// first, and the keep chain holds for exactly c.Keep.
 func (in Installed) InSync(c Chain) bool {
+	if !slices.Equal(in.Keep, c.Keep) || in.KeepExists != (len(c.Keep) > 0) {
+		return false
+	}
 	if len(c.Rules) == 0 {
 		return !in.ChainExists && len(in.Jumps) == 0
 	}
@@ -81,6 +89,9 @@ func ParseSave(f Family, text string, sets map[string]Set) (Installed, error) {
 		case strings.HasPrefix(line, ":"+ChainName+" "):
 			in.ChainExists = true
 			continue
+		case strings.HasPrefix(line, ":"+KeepChain+" "):
+			in.KeepExists = true
+			continue
 		case strings.HasPrefix(line, ":"):
 			if name, pol, _ := strings.Cut(line[1:], " "); !slices.Contains(builtinChains[table], name) || !strings.HasPrefix(pol, "ACCEPT") {
 				in.OnlyOurs = false
@@ -104,6 +115,12 @@ func ParseSave(f Family, text string, sets map[string]Set) (Installed, error) {
 			in.Jumps = append(in.Jumps, spec)
 			if postrouting == 1 {
 				in.JumpFirst = true
+			}
+		case KeepChain:
+			if a, ok := parseKeep(spec); ok {
+				in.Keep = append(in.Keep, a)
+			} else {
+				in.Foreign = append(in.Foreign, KeepChain+": "+strings.Join(spec, " "))
 			}
 		case ChainName:
 			in.Raw = append(in.Raw, spec)
@@ -140,6 +157,7 @@ func ParseSave(f Family, text string, sets map[string]Set) (Installed, error) {
 	if err := sc.Err(); err != nil {
 		return in, err
 	}
+	slices.SortFunc(in.Keep, netip.Addr.Compare)
 	// A set rule stands for one entry per member.
 	n := 0
 	for _, f := range found {

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"maps"
+	"net/netip"
 	"slices"
 	"strings"
 
@@ -101,7 +102,12 @@ type Plan struct {
 	Desired []Entry `json:"desired"`
 	// Chains are the desired chains, for summaries.
 	Chains map[Family]Chain `json:"-"`
-	Steps  []Step           `json:"steps"`
+	// Paths are the desired routing paths and Routing the rules and routes
+	// they render to, per family, lingering ones included (linger.go).
+	Paths   map[Family][]routes.Path `json:"-"`
+	Routing map[Family]routes.State  `json:"-"`
+	Keep    []netip.Addr             `json:"-"`
+	Steps   []Step                   `json:"steps"`
 }
 
 // Empty reports whether the plan writes nothing.
@@ -123,8 +129,12 @@ func (p Plan) Empty() bool { return len(p.Steps) == 0 }
 //     leaves iptables-save as it was before the first run.
 func MakePlan(st *State, desired []Entry) Plan {
 	desired = Normalize(desired)
-	p := Plan{Desired: desired, Chains: map[Family]Chain{}}
+	p := Plan{Desired: desired, Chains: map[Family]Chain{}, Paths: map[Family][]routes.Path{}, Routing: map[Family]routes.State{}}
 	p.Changes = diff(st.Entries(), desired)
+	for _, f := range Families {
+		p.Paths[f] = pathsFor(st, f, desired)
+		p.Routing[f] = routes.Desired(p.Paths[f])
+	}
 
 	var stale strings.Builder
 	for _, name := range slices.Sorted(maps.Keys(st.Sets)) {
@@ -158,9 +168,14 @@ func MakePlan(st *State, desired []Entry) Plan {
 		place.Updates = append(place.Updates, pl.Updates...)
 	}
 	referenced := claimed
+	for _, f := range Families {
+		c := p.Chains[f]
+		c.Keep = keepFor(st, f, c)
+		p.Chains[f] = c
+	}
 	var routeAdds, mangleFirst, writes, mangleLast, routeDels, drops []Step
 	for _, f := range Families {
-		if b := routes.Diff(st.Routing[f], routingOf(f, desired)); b.Add != "" || b.Del != "" {
+		if b := routes.Diff(st.Routing[f], p.Routing[f]); b.Add != "" || b.Del != "" {
 			tool := routeTool(f)
 			if b.Add != "" {
 				routeAdds = append(routeAdds, Step{Why: fmt.Sprintf("add or replace the %s routes and rules of ours (before the chain changes: make before break)", f),
@@ -171,7 +186,7 @@ func MakePlan(st *State, desired []Entry) Plan {
 					Do: Command{Tool: tool, Family: f, Input: b.Del}, Undo: &Command{Tool: tool, Family: f, Input: b.UndoDel}})
 			}
 		}
-		if s, first, ok := mangleStep(st, f, desired); ok {
+		if s, first, ok := mangleStep(st, f, desired, routes.ReplyTables(p.Paths[f])); ok {
 			if first {
 				mangleFirst = append(mangleFirst, s)
 			} else {
@@ -188,7 +203,7 @@ func MakePlan(st *State, desired []Entry) Plan {
 			continue
 		}
 		writes = append(writes, chainStep(in, c))
-		if len(c.Rules) == 0 && st.CanDropNATTable && in.TableExists && in.OnlyOurs {
+		if len(c.Rules) == 0 && len(c.Keep) == 0 && st.CanDropNATTable && in.TableExists && in.OnlyOurs {
 			drops = append(drops, Step{Why: fmt.Sprintf("delete the %s nat table egress-snat alone used, now empty", f),
 				Do: Command{Tool: ToolDropNATTable, Family: f}, Cleanup: true})
 		}
@@ -213,19 +228,34 @@ func MakePlan(st *State, desired []Entry) Plan {
 	return p
 }
 
-// chainStep writes one family's chain and re-seats the jump; its undo puts
-// back the chain as it was read (every rule, ours or not) with one jump
-// first, or removes chain and jump when there was no chain.
+// chainStep writes one family's chain and re-seats the jump, and makes
+// the keep chain hold for c.Keep, in one transaction; its undo puts back
+// the chain as it was read (every rule, ours or not) with one jump first,
+// or removes chain and jump when there was no chain, and the keep chain
+// as it was.
 func chainStep(in Installed, c Chain) Step {
 	f := c.Family
 	s := Step{Do: Command{Tool: restoreTool(f), Family: f}}
 	ourJump := [][]string{JumpSpec()}
-	if len(c.Rules) == 0 {
+	switch {
+	case len(c.Rules) == 0 && (in.ChainExists || len(in.Jumps) > 0):
 		s.Why = fmt.Sprintf("remove the %s chain and its jump", f)
 		s.Do.Input = ClearPayload(in.Jumps)
-	} else {
+	case len(c.Rules) == 0:
+		s.Do.Input = "*" + table + "\nCOMMIT\n"
+	default:
 		s.Why = fmt.Sprintf("write the %s chain (%s) and put its jump first, in one transaction", f, plural(len(c.Rules), "rule"))
 		s.Do.Input = RestorePayload(c.Args(), in.Jumps)
+	}
+	keepChanges := !slices.Equal(in.Keep, c.Keep) || in.KeepExists != (len(c.Keep) > 0)
+	if keepChanges {
+		s.Do.Input = withLines(s.Do.Input, keepLines(c.Keep, in.KeepExists))
+		switch {
+		case len(c.Keep) == 0:
+			s.Why = strings.TrimPrefix(s.Why+"; ", "; ") + fmt.Sprintf("remove the %s keep chain: the connections it held conntrack for have ended", f)
+		default:
+			s.Why = strings.TrimPrefix(s.Why+"; ", "; ") + fmt.Sprintf("keep conntrack for the live connections translated to %s in the %s keep chain, until they end", addrList(c.Keep), f)
+		}
 	}
 	undo := Command{Tool: restoreTool(f), Family: f}
 	switch {
@@ -235,8 +265,13 @@ func chainStep(in Installed, c Chain) Step {
 		undo.Input = RestorePayload(in.Raw, nil)
 	case len(c.Rules) > 0:
 		undo.Input = ClearPayload(ourJump)
+	case keepChanges:
+		undo.Input = "*" + table + "\nCOMMIT\n"
 	default:
 		return s
+	}
+	if keepChanges {
+		undo.Input = withLines(undo.Input, keepLines(in.Keep, len(c.Keep) > 0))
 	}
 	s.Undo = &undo
 	return s
@@ -409,8 +444,8 @@ func nftFamily(f Family) string {
 // marks away, and a mark must never send traffic out of an interface whose
 // SNAT rule is already gone. Otherwise it runs after, when the SNAT rules
 // for the new marks are in place.
-func mangleStep(st *State, f Family, desired []Entry) (Step, bool, bool) {
-	want := renderMangle(f, desired, routes.ReplyTables(pathsOf(f, desired)))
+func mangleStep(st *State, f Family, desired []Entry, tables map[netip.Addr]int) (Step, bool, bool) {
+	want := renderMangle(f, desired, tables)
 	have := st.Mangle[f]
 	if have.inSync(want) {
 		return Step{}, false, false

@@ -27,11 +27,14 @@ type Set struct {
 	MaxElem int `json:"-"`
 }
 
-// Chain is the rendered content of one family's managed chain.
+// Chain is the rendered content of one family's managed chain, and the
+// addresses its keep chain holds conntrack for (linger.go; set by
+// MakePlan, not Render).
 type Chain struct {
 	Family Family
 	Rules  []Rule
 	Sets   []Set
+	Keep   []netip.Addr
 }
 
 // Render turns one family's normalized entries into chain rules and sets.
@@ -318,4 +321,31 @@ func hashSize(n int) int {
 		h *= 2
 	}
 	return h
+}
+
+// keepLines are the restore lines, inside *nat, that make the keep chain
+// hold exactly for want: declared (which flushes it) with one rule per
+// address, or, when want is empty and the chain exists, removed.
+func keepLines(want []netip.Addr, exists bool) string {
+	var b strings.Builder
+	if len(want) == 0 && !exists {
+		return ""
+	}
+	b.WriteString(":" + KeepChain + " - [0:0]\n")
+	for _, a := range want {
+		writeRule(&b, "-A", KeepChain, KeepSpec(a))
+	}
+	if len(want) == 0 {
+		b.WriteString("-X " + KeepChain + "\n")
+	}
+	return b.String()
+}
+
+// withLines inserts lines into a one-table restore payload, before its
+// COMMIT: one transaction.
+func withLines(payload, lines string) string {
+	if lines == "" {
+		return payload
+	}
+	return strings.TrimSuffix(payload, "COMMIT\n") + lines + "COMMIT\n"
 }

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net/netip"
 	"slices"
+	"strings"
 
 	"github.com/egress-snat/egress-snat/routes"
 	"github.com/egress-snat/egress-snat/selector"
@@ -98,16 +99,62 @@ func Resolve(r Router, intents []Intent) ([]Entry, error) {
 // whose destination has no route, is left out and reported in skipped
 // instead of failing the whole state, so its traffic is not sent from an
 // address the host lacks. Spread intents keep the sources still present.
-func ResolveAvailable(r Router, intents []Intent) (entries []Entry, skipped []error, err error) {
+func ResolveAvailable(r Router, intents []Intent) (entries []Entry, skipped []Skipped, err error) {
 	return resolve(r, intents, true)
 }
 
-func resolve(r Router, intents []Intent, lenient bool) ([]Entry, []error, error) {
+// Skipped is an intent ResolveAvailable left out, and why. Cause does not
+// name the destination, so that one cause (an address that left the host,
+// an interface that went down) is reported once however many rules it
+// takes out.
+type Skipped struct {
+	Match Match
+	Cause string
+	Err   error
+}
+
+// skippedOf classifies a resolve error ResolveAvailable leaves an intent
+// out for; false for any other error.
+func skippedOf(in Intent, err error) (Skipped, bool) {
+	s := Skipped{Match: Match{Sender: in.Sender, Dst: in.Dst.Masked(), Out: in.Out}, Err: err}
+	var src *SourceError
+	switch {
+	case errors.As(err, &src):
+		s.Cause = fmt.Sprintf("source %s: %v", src.Addr, src.Err)
+	case errors.Is(err, selector.ErrNoRoute):
+		// The innermost cause: "interface eth1 is down: no route", or
+		// "no route" for a destination of its own.
+		inner := err
+		for u := errors.Unwrap(inner); u != nil && u != selector.ErrNoRoute; u = errors.Unwrap(inner) {
+			inner = u
+		}
+		s.Cause = strings.TrimPrefix(inner.Error(), s.Match.Dst.String()+": ")
+	default:
+		return s, false
+	}
+	return s, true
+}
+
+// SourceError is a source address that cannot be used for a destination:
+// not on the host, or not usable (selector.ErrNotUsable).
+type SourceError struct {
+	Addr netip.Addr
+	Dst  netip.Prefix
+	Err  error
+}
+
+func (e *SourceError) Error() string {
+	return fmt.Sprintf("source %s for %s: %v", e.Addr, e.Dst, e.Err)
+}
+func (e *SourceError) Unwrap() error { return e.Err }
+
+func resolve(r Router, intents []Intent, lenient bool) ([]Entry, []Skipped, error) {
 	repeated, err := repeats(intents)
 	if err != nil {
 		return nil, nil, err
 	}
-	var errs, skipped []error
+	var errs []error
+	var skipped []Skipped
 	out := make([]Entry, 0, len(intents))
 	for i := range intents {
 		if repeated[i] {
@@ -115,8 +162,8 @@ func resolve(r Router, intents []Intent, lenient bool) ([]Entry, []error, error)
 		}
 		e, err := resolveOne(r, intents[i], lenient)
 		if err != nil {
-			if lenient && (errors.Is(err, selector.ErrNotLocal) || errors.Is(err, selector.ErrNoRoute)) {
-				skipped = append(skipped, err)
+			if s, ok := skippedOf(intents[i], err); lenient && ok {
+				skipped = append(skipped, s)
 				continue
 			}
 			errs = append(errs, err)
@@ -248,7 +295,7 @@ func resolveOne(r Router, in Intent, lenient bool) (Entry, error) {
 		switch {
 		case errors.Is(err, selector.ErrNotLocal):
 			if missing == nil {
-				missing = Invalid("source %s for %s: %w", a, dst, err)
+				missing = &InvalidError{&SourceError{Addr: a, Dst: dst, Err: err}}
 			}
 			continue
 		case err != nil:

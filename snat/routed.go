@@ -31,15 +31,8 @@ func routedEntries(s routes.State) []Entry {
 	return out
 }
 
-// RoutingOf renders the routed entries of f as the rules and routes they
-// need: what the kernel holds of ours after a plan with these entries.
-func RoutingOf(f Family, entries []Entry) routes.State { return routingOf(f, entries) }
-
-func routingOf(f Family, entries []Entry) routes.State {
-	return routes.Desired(pathsOf(f, entries))
-}
-
-// pathsOf are the routing paths of f's entries, as routingOf sees them.
+// pathsOf are the routing paths of f's entries (a plan adds lingering
+// ones: see pathsFor).
 func pathsOf(f Family, entries []Entry) []routes.Path {
 	var paths []routes.Path
 	for _, e := range entries {
@@ -83,4 +76,19 @@ func markedEntries(entries []Entry, m MangleInstalled, rs routes.State) []Entry 
 		out[i].Via = via[byMark[mark]]
 	}
 	return out
+}
+
+// ReplyMark is the fwmark that sends a marked entry's traffic to its
+// source's reply table, as the mangle chains set it for entries rendered
+// together with all of entries. It reports false when e is not marked or
+// its source got no table.
+func ReplyMark(entries []Entry, e Entry) (uint32, bool) {
+	if !e.Marked {
+		return 0, false
+	}
+	t, ok := routes.ReplyTables(pathsOf(e.Family(), entries))[e.To[0]]
+	if !ok {
+		return 0, false
+	}
+	return routes.MarkOf(t), true
 }

@@ -32,6 +32,9 @@ type Result struct {
 	Sent  netip.AddrPort `json:"sent_from"`
 	Got   netip.Addr     `json:"left_with"`
 	Agree bool           `json:"agree"`
+	// Untracked says conntrack tracks nothing in the namespace, so Got is
+	// the flow's own source: nothing translated it.
+	Untracked bool `json:"untracked,omitempty"`
 	// Cause is the likely reason when they differ.
 	Cause string `json:"cause,omitempty"`
 }
@@ -57,12 +60,30 @@ func Check(s Starter, t conntrack.Table, p Promise, why Explainer) (Result, erro
 	r.Sent = orig.Src
 	deadline := time.Now().Add(lookupWait)
 	var flow conntrack.Flow
+	none := false // conntrack tracks nothing at all
 	for {
 		flow, err = conntrack.Find(t, orig)
 		if err == nil || !errors.Is(err, conntrack.ErrNotFound) || time.Now().After(deadline) {
 			break
 		}
+		// An entry is confirmed as the first packet leaves, before the
+		// send returns: an empty table now means nothing is tracked.
+		if none = untracked(t, orig); none {
+			break
+		}
 		time.Sleep(20 * time.Millisecond)
+	}
+	if errors.Is(err, conntrack.ErrNotFound) && none {
+		// Conntrack tracks nothing here (no NAT, no stateful rule
+		// anywhere in the namespace): nothing can have translated the
+		// flow, so it left with its socket's own source, as a rule
+		// carried by a route promises.
+		r.Got, r.Untracked = orig.Src.Addr(), true
+		r.Agree = slices.Contains(p.Sources, r.Got)
+		if !r.Agree && why != nil {
+			r.Cause = why(p.Dst.Addr(), r.Got)
+		}
+		return r, nil
 	}
 	if err != nil {
 		if errors.Is(err, conntrack.ErrNotFound) && p.Proto == conntrack.TCP {
@@ -79,6 +100,18 @@ func Check(s Starter, t conntrack.Table, p Promise, why Explainer) (Result, erro
 		r.Cause = why(p.Dst.Addr(), r.Got)
 	}
 	return r, nil
+}
+
+// untracked reports whether the table holds no entry at all of orig's
+// family: conntrack is not hooked in this namespace, and no flow is
+// tracked or translated.
+func untracked(t conntrack.Table, orig conntrack.Tuple) bool {
+	fam := 4
+	if orig.Dst.Addr().Is6() {
+		fam = 6
+	}
+	flows, err := t.Flows(fam)
+	return err == nil && len(flows) == 0
 }
 
 // String is the result as one line.

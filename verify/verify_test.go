@@ -62,9 +62,19 @@ func TestCheck(t *testing.T) {
 		t.Errorf("a spread rule's second address agrees: %+v, %v", r, err)
 	}
 
-	table = nil
+	// Conntrack tracks other flows but not this one: it was dropped.
+	other := conntrack.Flow{Orig: conntrack.Tuple{Proto: conntrack.UDP, Src: netip.MustParseAddrPort("192.0.2.250:1"), Dst: dst}, Reply: conntrack.Tuple{Proto: conntrack.UDP, Src: dst, Dst: netip.MustParseAddrPort("192.0.2.250:1")}}
+	table = conntrack.Fake{other}
 	s = &fakeStarter{table: &table, natural: a("192.0.2.250")}
 	if _, err := Check(s, &table, promise, why); err == nil || !strings.Contains(err.Error(), "no conntrack entry") {
 		t.Errorf("no entry: err = %v", err)
+	}
+
+	// Conntrack tracks nothing at all here: nothing translated the flow,
+	// which left with its socket's source (a route-method rule's).
+	table = nil
+	s = &fakeStarter{table: &table, natural: a("192.0.2.22")}
+	if r, err := Check(s, &table, promise, why); err != nil || !r.Agree || !r.Untracked || r.Got != a("192.0.2.22") {
+		t.Errorf("untracked flow: %+v, %v; want it to agree with its socket's source", r, err)
 	}
 }

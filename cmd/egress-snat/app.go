@@ -16,6 +16,7 @@ import (
 	"github.com/vishvananda/netns"
 
 	"github.com/egress-snat/egress-snat/config"
+	"github.com/egress-snat/egress-snat/conntrack"
 	"github.com/egress-snat/egress-snat/routes"
 	"github.com/egress-snat/egress-snat/selector"
 	"github.com/egress-snat/egress-snat/snat"
@@ -179,6 +180,9 @@ type router interface {
 	snat.Router
 	// Forget drops cached links and addresses after the host changed.
 	Forget()
+	// Deprecated reports whether an address of the host is deprecated: it
+	// works as a chosen source, but the kernel no longer picks it itself.
+	Deprecated(a netip.Addr) bool
 }
 
 // explainer tells the path packets really take, egress-snat's own routes
@@ -194,12 +198,31 @@ type env struct {
 	// goes (see routes.LookupMark).
 	sel   router
 	paths explainer
+	// policy looks up the path packets really take and lists other
+	// tools' ip rules, for finding a foreign rule ahead of ours; nil in
+	// tests with fakes.
+	policy snat.PathLooker
 	// nl is the netlink handle for conntrack; nil in tests with fakes.
 	nl          *netlink.Handle
 	mgr         *snat.Manager
 	backend     snat.Backend
 	lockTimeout time.Duration
 	out         io.Writer
+}
+
+// hostPolicy is the host's snat.PathLooker: the kernel's real path from
+// the selector, other tools' ip rules from routes.
+type hostPolicy struct {
+	*selector.Selector
+	routes.System
+}
+
+// hostFlows reads what the host's live connections hold (snat.Flows).
+type hostFlows struct{ h *netlink.Handle }
+
+func (f hostFlows) Live() (snat.Liveness, error) {
+	u, err := conntrack.ReadUsage(f.h)
+	return snat.Liveness{Translated: u.Translated, Sources: u.Sources}, err
 }
 
 // envFor builds the env of a command. Tests replace it to run commands
@@ -228,8 +251,9 @@ func hostEnv(c *cli.Context) (*env, error) {
 	return &env{
 		sel:         selector.Excluding(h, routes.LookupMark, routes.Ours),
 		paths:       selector.New(h),
+		policy:      hostPolicy{selector.New(h), routes.System{}},
 		nl:          h,
-		mgr:         &snat.Manager{Tables: tables, Sets: snat.ExecIPSets{}, Routing: routes.System{}},
+		mgr:         &snat.Manager{Tables: tables, Sets: snat.ExecIPSets{}, Routing: routes.System{}, Flows: hostFlows{h}},
 		backend:     backend,
 		lockTimeout: wait,
 		out:         c.App.Writer,

@@ -81,7 +81,7 @@ refused (exit 1).`,
 		if err != nil {
 			return err
 		}
-		return reportPlan(c, e.out, plan, nil)
+		return reportPlan(c, e.out, plan, sourceNotes(e, plan.Desired))
 	},
 }
 

@@ -122,7 +122,19 @@ func runCheck(c *cli.Context) ([]snat.Finding, error) {
 	if err != nil {
 		return nil, err
 	}
+	// What is kept for live connections is no drift: read what they hold
+	// where the plan would take something from them.
+	if _, err := e.mgr.Plan(st, desired); err != nil {
+		return nil, err
+	}
 	findings = append(findings, snat.Diagnose(st, desired)...)
+	if e.policy != nil {
+		ahead, err := snat.PolicyAhead(e.policy, desired)
+		if err != nil {
+			return nil, err
+		}
+		findings = append(findings, ahead...)
+	}
 	foreign, err := foreignNAT(e, promisesOf(desired))
 	if err != nil {
 		return nil, err

@@ -70,10 +70,19 @@ Examples:
 		if err != nil {
 			return err
 		}
-		managed := snat.Effective(st.Entries(), pkt)
-		effective := pkt.Src
-		if managed != nil && !managed.Keep() {
-			effective = managed.To[0]
+		entries := st.Entries()
+		j, err := judge(e, entries, choice, pkt)
+		if err != nil {
+			return err
+		}
+		managed := j.promised
+		effective := j.sources[0]
+		if j.broken != "" {
+			// The promise is not kept: what the chain does instead.
+			effective = j.pkt.Src
+			if now := snat.Effective(entries, j.pkt); now != nil && !now.Keep() {
+				effective = now.To[0]
+			}
 		}
 		foreign, err := foreignNAT(e, []natscan.Traffic{packetPromise(pkt, choice.Probe.String())})
 		if err != nil {
@@ -82,12 +91,16 @@ Examples:
 		if c.Bool("json") {
 			return writeJSON(e.out, struct {
 				*selector.Choice
-				Why       string            `json:"why"`
-				Sender    string            `json:"sender"`
-				Managed   *snat.Entry       `json:"managed,omitempty"`
-				Effective netip.Addr        `json:"effective_source"`
-				Foreign   []natscan.Finding `json:"foreign_nat,omitempty"`
-			}{choice, choice.Reason.Describe(), packetSender(pkt), managed, effective, foreign})
+				Why       string      `json:"why"`
+				Sender    string      `json:"sender"`
+				Managed   *snat.Entry `json:"managed,omitempty"`
+				Effective netip.Addr  `json:"effective_source"`
+				// Broken says why the managed rule does not take this
+				// traffic now (the path or natural source changed).
+				Broken  string            `json:"broken,omitempty"`
+				Decider string            `json:"decided_by_ip_rule,omitempty"`
+				Foreign []natscan.Finding `json:"foreign_nat,omitempty"`
+			}{choice, choice.Reason.Describe(), packetSender(pkt), managed, effective, j.broken, j.decider, foreign})
 		}
 		w := e.out
 		fmt.Fprintf(w, "destination    %s\n", choice.Dst)
@@ -102,6 +115,9 @@ Examples:
 			route += " via " + choice.Gateway.String()
 		}
 		fmt.Fprintf(w, "route          %s dev %s table %s\n", route, choice.Interface, tableName(choice.Table))
+		if j.decider != "" {
+			fmt.Fprintf(w, "decided by     ip rule %s (another tool's, ahead of egress-snat's rules)\n", j.decider)
+		}
 		fmt.Fprintf(w, "natural source %s\n", choice.Source)
 		fmt.Fprintf(w, "why            %s\n", choice.Reason.Describe())
 		fmt.Fprintf(w, "addresses on %s:\n", choice.Interface)
@@ -121,11 +137,17 @@ Examples:
 		} else if who := packetSender(pkt); who != "host" {
 			fmt.Fprintf(w, "sent by        %s\n", who)
 		}
+		if j.pkt.Out != pkt.Out {
+			fmt.Fprintf(w, "marked out of  %s (egress-snat's mark sends this sender's traffic there)\n", j.pkt.Out)
+		}
 		switch {
 		case managed == nil && pkt.Forwarded:
 			fmt.Fprintf(w, "egress-snat    no rule applies: new connections leave with %s, unless another NAT rule (Docker's, libvirt's MASQUERADE) rewrites it\n", pkt.Src)
 		case managed == nil:
 			fmt.Fprintf(w, "egress-snat    no rule applies: new connections leave with %s\n", choice.Source)
+		case j.broken != "":
+			fmt.Fprintf(w, "egress-snat    rule for %s promises %s, but it does not take this traffic now: new connections leave with %s\n", managed.Match, managed.ToString(), effective)
+			fmt.Fprintf(w, "WARNING        %s\n", j.cause())
 		case managed.Keep():
 			fmt.Fprintf(w, "egress-snat    rule for %s keeps the natural source %s\n", managed.Match, choice.Source)
 		default:

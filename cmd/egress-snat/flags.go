@@ -218,6 +218,7 @@ func newPlanReport(p snat.Plan, notes []string, dryRun bool) planReport {
 // as JSON with --json. notes are extra lines for the operator.
 func reportPlan(c *cli.Context, w io.Writer, p snat.Plan, notes []string) error {
 	dryRun := c.Bool("dry-run")
+	notes = append(notes, lingerNotes(p)...)
 	if c.Bool("json") {
 		return writeJSON(w, newPlanReport(p, notes, dryRun))
 	}
@@ -226,6 +227,15 @@ func reportPlan(c *cli.Context, w io.Writer, p snat.Plan, notes []string) error 
 		fmt.Fprintln(w, n)
 	}
 	return nil
+}
+
+// lingerNotes say what p keeps only for live connections.
+func lingerNotes(p snat.Plan) []string {
+	var notes []string
+	for _, l := range p.Lingering() {
+		notes = append(notes, "kept until the connections using it end: "+l+" (the next egress-snat run after they end removes it; clear --now removes it at once)")
+	}
+	return notes
 }
 
 // printPlan tells, in words, what a write did or would do.
@@ -247,7 +257,11 @@ func printPlan(w io.Writer, p snat.Plan, dryRun bool) {
 	}
 	fmt.Fprintf(w, "%s\n", p.Summary())
 	if len(p.Changes) == 0 {
-		fmt.Fprintf(w, "%srepair the chain (jump position, foreign or missing rules, sets)\n", verb)
+		// No rule changes: say what the steps do (a repair, or what
+		// was kept for connections that have ended).
+		for _, st := range p.Steps {
+			fmt.Fprintf(w, "%s%s\n", verb, st.Why)
+		}
 	}
 	if !dryRun {
 		return

@@ -783,3 +783,5 @@ func (r *fakeRouter) OnLink(iface string, a netip.Addr) (bool, error) {
 }
 
 func (r *fakeRouter) Forget() {}
+
+func (r *fakeRouter) Deprecated(netip.Addr) bool { return false }

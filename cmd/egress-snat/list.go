@@ -32,15 +32,27 @@ it is in one. Warns when the chain also exists in the other iptables backend
 		}
 		rows := listRows(e, st)
 		warnings := otherBackendWarnings(e)
+		// What is kept only for live connections, once their rules went.
+		lingering, err := e.mgr.Kept(st)
+		if err != nil {
+			return err
+		}
+		if lingering == nil {
+			lingering = []string{}
+		}
 		if c.Bool("json") {
 			return writeJSON(e.out, struct {
-				Backend  snat.Backend `json:"backend"`
-				Rules    []listRow    `json:"rules"`
-				Warnings []string     `json:"warnings"`
-			}{e.backend, rows, warnings})
+				Backend   snat.Backend `json:"backend"`
+				Rules     []listRow    `json:"rules"`
+				Lingering []string     `json:"lingering"`
+				Warnings  []string     `json:"warnings"`
+			}{e.backend, rows, lingering, warnings})
 		}
 		for _, w := range warnings {
 			fmt.Fprintln(c.App.ErrWriter, "warning:", w)
+		}
+		for _, l := range lingering {
+			fmt.Fprintln(e.out, "kept for live connections:", l)
 		}
 		if len(rows) == 0 {
 			fmt.Fprintln(e.out, "no egress-snat rules")

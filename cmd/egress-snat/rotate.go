@@ -1,15 +1,14 @@
 package main
 
 import (
-	"errors"
 	"fmt"
 	"math/rand/v2"
-	"net"
 	"net/netip"
 
 	"github.com/urfave/cli/v2"
-	"github.com/vishvananda/netlink"
 
+	"github.com/egress-snat/egress-snat/conntrack"
+	"github.com/egress-snat/egress-snat/internal/who"
 	"github.com/egress-snat/egress-snat/snat"
 )
 
@@ -35,7 +34,10 @@ address or the new one, never from the natural source in between.
 Existing connections keep the address they started with: conntrack holds
 their NAT binding until they end. --flush-conntrack deletes the conntrack
 entries of the old binding for these destinations (through netlink) and
-says how many. Their next packets are NATed afresh to the new address:
+says how many: only the rotated sender's, told by their original source
+(the natural source for the host's own traffic, the --from prefix, the
+sockets of the --uid or --cgroup), never another sender's flows to the
+same destination. Their next packets are NATed afresh to the new address:
 UDP flows move over; established TCP connections break (the far side sees
 packets from an address it has no connection with, and answers with a
 reset), so use it when the old address must stop being used at once.
@@ -124,7 +126,11 @@ Cron example (/etc/cron.d/egress-snat):
 				if m.From == m.To {
 					continue
 				}
-				n, err := flushBinding(e.nl, m.Match.Dst, m.From)
+				b, err := senderBinding(e, m)
+				if err != nil {
+					return fmt.Errorf("rules rotated, but finding the flows of %s bound to %s failed: %w", m.Match, m.From, err)
+				}
+				n, err := conntrack.DeleteBinding(e.nl, b)
 				if err != nil {
 					return fmt.Errorf("rules rotated, but deleting conntrack entries of %s for %s failed: %w", m.From, m.Match, err)
 				}
@@ -140,7 +146,7 @@ Cron example (/etc/cron.d/egress-snat):
 			return writeJSON(e.out, struct {
 				planReport
 				Moves []snat.Move `json:"moves"`
-			}{newPlanReport(plan, nil, c.Bool("dry-run")), moves})
+			}{newPlanReport(plan, lingerNotes(plan), c.Bool("dry-run")), moves})
 		}
 		for _, m := range moves {
 			fmt.Fprintf(e.out, "%s: %s -> %s\n", m.Match, m.From, m.To)
@@ -156,28 +162,46 @@ Cron example (/etc/cron.d/egress-snat):
 		if plan.Empty() {
 			fmt.Fprintln(e.out, "nothing to change")
 		}
+		for _, n := range lingerNotes(plan) {
+			fmt.Fprintln(e.out, n)
+		}
 		return nil
 	},
 }
 
-// flushBinding deletes the conntrack entries of connections to dst whose
-// replies go to old, i.e. connections NATed to old, or leaving from it.
-func flushBinding(h *netlink.Handle, dst netip.Prefix, old netip.Addr) (uint, error) {
-	if h == nil {
-		// A nil handle is netlink's default one: never delete through it
-		// from an env that was not built for this namespace (fakes).
-		return 0, errors.New("no netlink handle for conntrack")
+// senderBinding selects the flows of move m's sender to its destination
+// that are bound to the address it moved away from: only that sender's,
+// never another sender's flows to the same destination. The host's own
+// traffic is told by its natural source, a --from sender by its prefix, a
+// uid's or cgroup's by the endpoints of its sockets.
+func senderBinding(e *env, m snat.Move) (conntrack.Binding, error) {
+	b := conntrack.Binding{Dst: m.Match.Dst, To: m.From}
+	is4 := m.From.Is4()
+	switch s := m.Match.Sender; s.Kind {
+	case snat.SenderFrom:
+		b.From = s.From
+	case snat.SenderUID:
+		socks, err := who.Sockets(is4, who.OfUID(s.UID))
+		if err != nil {
+			return b, err
+		}
+		b.Sockets = append([]netip.AddrPort{}, socks...)
+	case snat.SenderCgroup:
+		own, err := who.OfCgroup(s.Cgroup)
+		if err != nil {
+			return b, err
+		}
+		socks, err := who.Sockets(is4, own)
+		if err != nil {
+			return b, err
+		}
+		b.Sockets = append([]netip.AddrPort{}, socks...)
+	default:
+		_, natural, err := e.sel.Natural(m.Match.Dst, m.Match.Out)
+		if err != nil {
+			return b, err
+		}
+		b.From = netip.PrefixFrom(natural, natural.BitLen())
 	}
-	f := &netlink.ConntrackFilter{}
-	if err := f.AddIPNet(netlink.ConntrackOrigDstIP, &net.IPNet{IP: dst.Addr().AsSlice(), Mask: net.CIDRMask(dst.Bits(), dst.Addr().BitLen())}); err != nil {
-		return 0, err
-	}
-	if err := f.AddIP(netlink.ConntrackReplyDstIP, old.AsSlice()); err != nil {
-		return 0, err
-	}
-	family := netlink.InetFamily(netlink.FAMILY_V4)
-	if !old.Is4() {
-		family = netlink.InetFamily(netlink.FAMILY_V6)
-	}
-	return h.ConntrackDeleteFilters(netlink.ConntrackTable, family, f)
+	return b, nil
 }

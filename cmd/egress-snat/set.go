@@ -158,11 +158,26 @@ func setIntents(c *cli.Context, intents []snat.Intent) error {
 	if err != nil {
 		return err
 	}
-	var notes []string
+	notes := sourceNotes(e, resolved)
 	for _, r := range resolved {
 		if r.Sender.Local() && len(r.To) == 1 && r.To[0] == r.Natural && !plan.Has(r.Match) {
 			notes = append(notes, fmt.Sprintf("%s already leaves with %s, its natural source via %s: no rule needed", r.Match, r.Natural, r.Out))
 		}
 	}
 	return reportPlan(c, e.out, plan, notes)
+}
+
+// sourceNotes says of each deprecated source of entries that it works.
+func sourceNotes(e *env, entries []snat.Entry) []string {
+	var notes []string
+	seen := map[netip.Addr]bool{}
+	for _, en := range entries {
+		for _, a := range en.To {
+			if !seen[a] && e.sel.Deprecated(a) {
+				notes = append(notes, fmt.Sprintf("source %s is deprecated (its preferred lifetime ended): the kernel no longer picks it by itself, but the rule gives it, and connections from it work", a))
+			}
+			seen[a] = true
+		}
+	}
+	return notes
 }

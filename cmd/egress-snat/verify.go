@@ -30,16 +30,30 @@ const maxVerifyFlows = 64
 var verifyCommand = &cli.Command{
 	Name:      "verify",
 	Usage:     "start a real flow and check the source it left with against the rules (exit 0 agree, 1 differ, 2 bad input)",
-	UsageText: "egress-snat verify [--dst ADDR|CIDR] [--from ADDR | --uid USER|UID | --cgroup PATH] [--proto udp|tcp] [--port N] [--json]",
-	Description: `Rules say what should happen; the first NAT to bind a connection decides
-what does. verify starts a real flow to the destination, reads its conntrack
-entry and compares the source it was translated to with the source
-egress-snat's rules promise for it (what "explain" shows).
+	UsageText: "egress-snat verify [--dst ADDR|CIDR] [--probe ADDR]... [--from ADDR | --uid USER|UID | --cgroup PATH] [--proto udp|tcp] [--port N] [--json]",
+	Description: `Rules say what should happen; the first NAT to bind a connection and the
+path the kernel takes decide what does. verify starts a real flow to a
+destination, reads its conntrack entry and compares the source it was
+translated to with the source egress-snat's rules promise for it: the
+promise of the rule the operator set for that sender and destination,
+not one worked out again from the path as it is now. A foreign ip rule
+ahead of ours, or a route that changed the natural source, is therefore a
+difference, named as its cause.
 
 By default the flow is one UDP datagram to port 33434: it creates a
 conntrack entry whether or not anything answers. With --proto tcp the SYN
 does the same, but a closed port's reset deletes the entry at once, so give
-a --port that listens.
+a --port that listens. Where conntrack tracks nothing in this namespace
+(only routes of ours, no NAT anywhere), nothing can translate the flow, and
+the source its socket got is what left.
+
+Where it sends: verify sends only to addresses that are yours or nobody's.
+That is a destination a rule names as a single address (or --dst ADDR), an
+address of a documentation or benchmarking range inside the rule's
+destination (192.0.2.0/24, 198.51.100.0/24, 203.0.113.0/24, 198.18.0.0/15,
+2001:db8::/32), or an address given with --probe. Nothing else, ever: a
+rule for 10.0.0.0/8 is not verified until --probe names an address in it
+(it is listed as not verified, and does not fail verify).
 
 --uid and --cgroup send the flow as that user or from that cgroup (in a
 child process), as a rule for them sees it. --from sends it as forwarded
@@ -48,16 +62,18 @@ a veth pair, which disappear when verify ends, even if it is killed. The
 host must forward (net.ipv4.ip_forward=1), as it must for that traffic
 anyway.
 
-Without --dst, one destination of every managed rule is checked (an
-address inside each prefix that takes the same route; at most 64 flows).
+Without --dst, one destination of every managed rule is checked (at most
+64 flows, one per source group beyond that).
 
 When they differ, verify names both addresses and the likely cause: a
-foreign nat chain ahead of ours, a rule ahead of our jump, a missing jump.
+foreign ip rule ahead of ours, a changed natural source, a foreign nat
+chain ahead of ours, a rule ahead of our jump, a missing jump.
 
 EXIT STATUS: 0 every flow left as promised, 1 a flow differs or could not
 be checked, 2 bad input.`,
 	Flags: []cli.Flag{
 		&cli.StringFlag{Name: "dst", Usage: "destination `ADDR` or prefix; without it, one destination of every rule"},
+		probeFlag,
 		&cli.StringFlag{Name: "from", Usage: "send as traffic forwarded from source `ADDR`"},
 		&cli.StringFlag{Name: "uid", Usage: "send as `USER|UID`"},
 		&cli.StringFlag{Name: "cgroup", Usage: "send from cgroup v2 `PATH`"},
@@ -77,6 +93,10 @@ be checked, 2 bad input.`,
 		if !c.IsSet("dst") && (c.IsSet("from") || c.IsSet("uid") || c.IsSet("cgroup")) {
 			return usageError("--from, --uid and --cgroup need --dst (without it, each rule is checked as its own sender)")
 		}
+		extra, err := parseProbes(c)
+		if err != nil {
+			return err
+		}
 		e, err := envFor(c)
 		if err != nil {
 			return err
@@ -85,25 +105,26 @@ be checked, 2 bad input.`,
 		if err != nil {
 			return err
 		}
-		var probes []snat.Packet
+		var probes []probe
+		var skipped []string
 		if c.IsSet("dst") {
 			dst, err := parseDst(c.String("dst"))
 			if err != nil {
 				return err
 			}
-			choice, err := e.paths.Lookup(dst, "")
-			if err != nil {
-				if selector.IsInput(err) {
-					return snat.Invalid("--dst %s: %w", dst, err)
-				}
-				return fmt.Errorf("--dst %s: %w", dst, err)
+			target, ok, err := safeTarget(e, dst, "", extra)
+			switch {
+			case err != nil:
+				return err
+			case !ok:
+				return usageError("--dst %s: verify sends only to an address you name or one of a documentation range, and %s holds none that takes its route: give --dst ADDR, or --probe ADDR inside it", dst, dst)
 			}
-			pkt, err := explainPacket(c, choice)
+			pkt, err := explainPacket(c, target)
 			if err != nil {
 				return err
 			}
-			probes = append(probes, pkt)
-		} else if probes, err = ruleProbes(e, st.Entries()); err != nil {
+			probes = append(probes, probe{pkt, target})
+		} else if probes, skipped, err = ruleProbes(e, st.Entries(), extra); err != nil {
 			return err
 		}
 		v := verifier{e: e, st: st, proto: proto, port: uint16(port)}
@@ -116,26 +137,35 @@ be checked, 2 bad input.`,
 				if errors.As(err, &inv) || len(probes) == 1 {
 					return err
 				}
-				fmt.Fprintf(c.App.ErrWriter, "egress-snat: %s to %s: %v\n", packetSender(p), p.Dst, err)
+				fmt.Fprintf(c.App.ErrWriter, "egress-snat: %s to %s: %v\n", packetSender(p.pkt), p.pkt.Dst, err)
 				failed = true
 				continue
 			}
 			results = append(results, r)
 			failed = failed || !r.Agree
 		}
+		if skipped == nil {
+			skipped = []string{}
+		}
 		if c.Bool("json") {
 			if err := writeJSON(e.out, struct {
 				Agree   bool            `json:"agree"`
 				Results []verify.Result `json:"results"`
-			}{!failed, results}); err != nil {
+				// NotVerified names the rules verify had no address
+				// to send to (see --probe).
+				NotVerified []string `json:"not_verified"`
+			}{!failed, results, skipped}); err != nil {
 				return err
 			}
 		} else {
-			if len(probes) == 0 {
+			if len(probes) == 0 && len(skipped) == 0 {
 				fmt.Fprintln(e.out, "no rules to verify (give --dst to check one destination)")
 			}
 			for _, r := range results {
 				fmt.Fprintln(e.out, r)
+			}
+			for _, s := range skipped {
+				fmt.Fprintln(e.out, "not verified", s)
 			}
 		}
 		if failed {
@@ -143,6 +173,24 @@ be checked, 2 bad input.`,
 		}
 		return nil
 	},
+}
+
+// probeFlag is verify's and watch's --probe.
+var probeFlag = &cli.StringSliceFlag{Name: "probe", Usage: "also send to `ADDR` (repeatable) for a rule whose destination holds no documentation address; nothing but a rule's own address, a documentation address or a --probe address is ever sent to"}
+
+// parseProbes reads --probe.
+func parseProbes(c *cli.Context) ([]netip.Addr, error) {
+	if !c.IsSet("probe") {
+		return nil, nil
+	}
+	return parseAddrs("probe", c.StringSlice("probe"))
+}
+
+// probe is one flow verify starts: its first packet and the kernel's
+// path for it.
+type probe struct {
+	pkt    snat.Packet
+	choice *selector.Choice
 }
 
 func parseProto(s string) (uint8, error) {
@@ -163,30 +211,23 @@ type verifier struct {
 	port  uint16
 }
 
-// check starts p's flow and compares.
-func (v verifier) check(p snat.Packet) (verify.Result, error) {
-	managed := snat.Effective(v.st.Entries(), p)
-	promise := verify.Promise{Proto: v.proto, Dst: netip.AddrPortFrom(p.Dst, v.port)}
-	switch {
-	case managed == nil:
-		promise.Sources = []netip.Addr{p.Src}
-		promise.By = "no rule applies (" + packetSender(p) + "), so the source " + p.Src.String()
-		if !p.Forwarded {
-			promise.By = "no rule applies (" + packetSender(p) + "), so the natural source"
-		}
-	case managed.Keep():
-		promise.Sources = []netip.Addr{p.Src}
-		promise.By = "the rule for " + managed.Match.String() + " keeps the natural source"
-	default:
-		promise.Sources = managed.To
-		promise.By = "the rule for " + managed.Match.String()
+// check starts p's flow and compares what left with what the rules
+// promise for it.
+func (v verifier) check(p probe) (verify.Result, error) {
+	j, err := judge(v.e, v.st.Entries(), p.choice, p.pkt)
+	if err != nil {
+		return verify.Result{}, err
 	}
-	starter, err := v.starter(p)
+	promise := verify.Promise{Proto: v.proto, Dst: netip.AddrPortFrom(p.pkt.Dst, v.port), Sources: j.sources, By: j.by}
+	starter, err := v.starter(p.pkt)
 	if err != nil {
 		return verify.Result{}, err
 	}
 	return verify.Check(starter, conntrack.Netlink{Handle: v.e.nl}, promise, func(_, got netip.Addr) string {
-		return v.cause(p, got)
+		if c := j.cause(); c != "" {
+			return c
+		}
+		return v.cause(p.pkt, got)
 	})
 }
 
@@ -247,26 +288,32 @@ func (v verifier) cause(p snat.Packet, got netip.Addr) string {
 	return fmt.Sprintf("no NAT rule egress-snat can read sends it from %s: look for NAT in the other iptables backend (iptables-%s), a policy route or an application binding that address", got, v.e.backend.Other())
 }
 
-// ruleProbes picks one destination of every installed entry: an address
-// inside its prefix that takes the route the whole prefix takes, sent as
-// its sender. Beyond maxVerifyFlows, one per source group.
-func ruleProbes(e *env, entries []snat.Entry) ([]snat.Packet, error) {
+// ruleProbes picks one destination of every installed entry to send to
+// (see safeTarget), sent as its sender; beyond maxVerifyFlows, one per
+// source group. skipped names the entries with no address verify may send
+// to.
+func ruleProbes(e *env, entries []snat.Entry, extra []netip.Addr) (probes []probe, skipped []string, err error) {
 	type group struct {
 		sender  snat.Sender
 		out, to string
 	}
 	seen := map[group]bool{}
-	var out []snat.Packet
 	for _, en := range entries {
 		g := group{en.Sender, en.Out, en.ToString()}
 		if len(entries) > maxVerifyFlows && seen[g] {
 			continue
 		}
-		seen[g] = true
-		choice, err := e.paths.Lookup(en.Dst, en.Out)
+		choice, ok, err := safeTarget(e, en.Dst, en.Out, extra)
 		if err != nil {
-			return nil, fmt.Errorf("rule for %s: %w", en.Match, err)
+			return nil, nil, fmt.Errorf("rule for %s: %w", en.Match, err)
 		}
+		if !ok {
+			if len(entries) <= maxVerifyFlows || !seen[g] {
+				skipped = append(skipped, fmt.Sprintf("%s -> %s: no address of it is a documentation address or one named by --probe", en.Match, en.ToString()))
+			}
+			continue
+		}
+		seen[g] = true
 		p := snat.Packet{Dst: choice.Probe, Out: choice.Interface, Src: choice.Source}
 		switch en.Sender.Kind {
 		case snat.SenderFrom:
@@ -280,12 +327,84 @@ func ruleProbes(e *env, entries []snat.Entry) ([]snat.Packet, error) {
 		case snat.SenderCgroup:
 			p.Cgroup = en.Sender.Cgroup
 		}
-		out = append(out, p)
-		if len(out) == maxVerifyFlows {
+		probes = append(probes, probe{p, choice})
+		if len(probes) == maxVerifyFlows {
 			break
 		}
 	}
-	return out, nil
+	return probes, skipped, nil
+}
+
+// safeTarget picks the address verify sends to for destination dst, and
+// looks its path up: dst itself when it is one address (a destination the
+// operator named); else an address inside dst of a documentation or
+// benchmarking range (nobody's), else of extra (--probe: the operator's),
+// that leaves the way dst does (the interface and natural source the
+// rule matches). It reports false when there is none: verify never sends
+// to any other address.
+func safeTarget(e *env, dst netip.Prefix, out string, extra []netip.Addr) (*selector.Choice, bool, error) {
+	lookup := func(a netip.Addr) (*selector.Choice, error) {
+		c, err := e.paths.Lookup(netip.PrefixFrom(a, a.BitLen()), out)
+		if err != nil && selector.IsInput(err) {
+			return nil, snat.Invalid("%s: %w", a, err)
+		}
+		return c, err
+	}
+	if dst.IsSingleIP() {
+		c, err := lookup(dst.Addr())
+		return c, err == nil, err
+	}
+	whole, err := e.paths.Lookup(dst, out)
+	if err != nil {
+		if selector.IsInput(err) {
+			return nil, false, snat.Invalid("%s: %w", dst, err)
+		}
+		return nil, false, err
+	}
+	for _, a := range safeAddrs(dst, extra) {
+		c, err := lookup(a)
+		if err != nil {
+			continue // not routed as the rule's traffic is: try the next
+		}
+		if c.Interface == whole.Interface && c.Source == whole.Source && c.Table == whole.Table {
+			return c, true, nil
+		}
+	}
+	return nil, false, nil
+}
+
+// safeAddrs lists the addresses inside dst verify may send to, in the
+// order it tries them: a few of each documentation range inside dst (away
+// from the range's first and last address, which a network may give to
+// its gateway or broadcast), then the --probe addresses inside it.
+func safeAddrs(dst netip.Prefix, extra []netip.Addr) []netip.Addr {
+	var out []netip.Addr
+	for _, d := range snat.DocPrefixes {
+		if d.Addr().Is4() != dst.Addr().Is4() {
+			continue
+		}
+		inside := d
+		switch {
+		case dst.Bits() <= d.Bits() && dst.Contains(d.Addr()):
+		case d.Bits() <= dst.Bits() && d.Contains(dst.Addr()):
+			inside = dst
+		default:
+			continue
+		}
+		a := inside.Addr()
+		for range 3 {
+			if a = a.Next(); !a.IsValid() || !inside.Contains(a) {
+				break
+			}
+			out = append(out, a)
+		}
+	}
+	for _, a := range extra {
+		if dst.Contains(a) {
+			out = append(out, a)
+		}
+	}
+	return out
 }
 
 // clientIn picks a client address inside a --from prefix: from the top of

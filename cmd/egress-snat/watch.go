@@ -6,10 +6,12 @@ import (
 	"fmt"
 	"log/slog"
 	"maps"
+	"net/netip"
 	"os"
 	"os/signal"
 	"runtime/debug"
 	"slices"
+	"strings"
 	"sync/atomic"
 	"syscall"
 	"time"
@@ -18,6 +20,7 @@ import (
 	"github.com/vishvananda/netlink"
 
 	"github.com/egress-snat/egress-snat/config"
+	"github.com/egress-snat/egress-snat/conntrack"
 	"github.com/egress-snat/egress-snat/routes"
 	"github.com/egress-snat/egress-snat/snat"
 )
@@ -63,6 +66,7 @@ at boot, so the desired state survives reboots.`,
 		&cli.DurationFlag{Name: "full-resync", Value: 5 * time.Minute, Usage: "how often to compare everything, set members included"},
 		&cli.StringFlag{Name: "log-format", Value: "text", Usage: "text or json"},
 		verifyEveryFlag,
+		probeFlag,
 	},
 	Action: func(c *cli.Context) error {
 		path, err := watchPath(c)
@@ -86,11 +90,15 @@ at boot, so the desired state survives reboots.`,
 		if err != nil {
 			return err
 		}
+		probes, err := parseProbes(c)
+		if err != nil {
+			return err
+		}
 		e, err := envFor(c)
 		if err != nil {
 			return err
 		}
-		w := &watcher{e: e, path: path, file: file, log: slog.New(handler), settle: c.Duration("settle"),
+		w := &watcher{e: e, probes: probes, path: path, file: file, log: slog.New(handler), settle: c.Duration("settle"),
 			quickEvery: max(10*time.Second, c.Duration("resync")), fullEvery: c.Duration("full-resync"), verifyEvery: c.Duration("verify-every")}
 		ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 		defer stop()
@@ -108,14 +116,18 @@ type watcher struct {
 	settle time.Duration
 	// verifyEvery is how often a real flow per rule is checked; 0: never.
 	verifyEvery time.Duration
+	// probes are the --probe addresses verify may send to, and
+	// verifySkipSaid whether the rules it cannot verify were logged.
+	probes         []netip.Addr
+	verifySkipSaid bool
 	// plan is the last reconcile's plan: its Desired entries and Chains
 	// are what the kernel should hold, and wantRules our ip rules, for the
 	// canary. Nothing else of a reconcile is kept.
 	plan      snat.Plan
 	wantRules map[snat.Family][]routes.Rule
 	applies   int
-	// leftOut are the rules the last resolve left out, by reason.
-	leftOut map[string]bool
+	// leftOut counts the rules the last resolve left out, by cause.
+	leftOut map[string]int
 	// stamp is the version of the file that file was read from.
 	stamp fileStamp
 	// gens are the table generations the canary last saw.
@@ -284,6 +296,12 @@ func (w *watcher) canary() string {
 	if !rulesMoved && maps.Equal(gens, w.gens) && now.Sub(w.lastQuick) < w.quickEvery {
 		return ""
 	}
+	if len(w.plan.Keep) > 0 || len(w.plan.Lingering()) > 0 {
+		// What is kept for live connections goes once they end: look
+		// whether they have, on the quick tier's schedule.
+		w.lastQuick = now
+		return "lingering: " + strings.Join(w.plan.Lingering(), "; ")
+	}
 	w.gens, w.lastQuick = gens, now
 	drift, err := w.e.mgr.QuickDrift(w.plan)
 	switch {
@@ -318,7 +336,11 @@ func (w *watcher) fullCheck() string {
 	if err != nil {
 		return "canary read failed: " + err.Error()
 	}
-	if p := snat.MakePlan(st, w.plan.Desired); !p.Empty() {
+	p, err := w.e.mgr.Plan(st, w.plan.Desired)
+	if err != nil {
+		return "canary read failed: " + err.Error()
+	}
+	if !p.Empty() {
 		for _, f := range snat.Diagnose(st, w.plan.Desired) {
 			return "drift: " + f.Kind + ": " + f.Detail
 		}
@@ -330,7 +352,7 @@ func (w *watcher) fullCheck() string {
 // reconcile resolves the desired state against the host as it is now and
 // applies it through the one write path.
 func (w *watcher) reconcile(reason string) error {
-	var skipped []error
+	var skipped []snat.Skipped
 	start := time.Now()
 	again := w.resolve.Swap(false) || w.plan.Desired == nil
 	if again {
@@ -380,7 +402,7 @@ func (w *watcher) reconcile(reason string) error {
 	w.plan.Steps, w.plan.Changes = nil, nil // written; not needed again
 	w.wantRules = map[snat.Family][]routes.Rule{}
 	for _, f := range snat.Families {
-		w.wantRules[f] = snat.RoutingOf(f, plan.Desired).Rules
+		w.wantRules[f] = plan.Routing[f].Rules
 	}
 	// Our own write moved the generations: start from them.
 	if gens, err := w.e.mgr.Generations(); err == nil {
@@ -400,20 +422,28 @@ func (w *watcher) reconcile(reason string) error {
 	return nil
 }
 
-// reportSkipped warns of each rule left out when it is first left out, and
-// says when it is back, instead of repeating the warning on every resolve
-// while its cause lasts.
-func (w *watcher) reportSkipped(skipped []error) {
-	now := map[string]bool{}
+// reportSkipped warns of each cause of rules left out (an address that
+// left the host, an interface that went down) when it first appears, with
+// the number of rules it takes out, and says when it is gone, instead of a
+// line per destination, or per resolve while the cause lasts: the log of
+// a flapping address does not grow with the number of destinations.
+func (w *watcher) reportSkipped(skipped []snat.Skipped) {
+	now := map[string]int{}
+	first := map[string]snat.Match{}
 	for _, s := range skipped {
-		now[s.Error()] = true
-		if !w.leftOut[s.Error()] {
-			w.log.Warn("rule left out until its address or route returns", "why", s)
+		if now[s.Cause] == 0 {
+			first[s.Cause] = s.Match
+		}
+		now[s.Cause]++
+	}
+	for _, cause := range slices.Sorted(maps.Keys(now)) {
+		if w.leftOut[cause] == 0 {
+			w.log.Warn("rule left out until its address or route returns", "why", cause, "rules", now[cause], "first", first[cause].String())
 		}
 	}
-	for why := range w.leftOut {
-		if !now[why] {
-			w.log.Info("rule left out is back", "was", why)
+	for _, cause := range slices.Sorted(maps.Keys(w.leftOut)) {
+		if now[cause] == 0 {
+			w.log.Info("rule left out is back", "was", cause, "rules", w.leftOut[cause])
 		}
 	}
 	w.leftOut = now
@@ -421,25 +451,42 @@ func (w *watcher) reportSkipped(skipped []error) {
 
 // flushVanished deletes the conntrack entries of flows NATed to a source
 // that left the host: they would otherwise keep using it until they end.
+// One deletion (one pass over the conntrack table) and one line per
+// address, for all the destinations it served.
 func (w *watcher) flushVanished(previous, now []snat.Entry) {
 	current := map[snat.Match]snat.Entry{}
 	for _, e := range now {
 		current[e.Match] = e
 	}
+	gone := map[netip.Addr]bool{} // by address: left the host
+	served := map[netip.Addr][]netip.Prefix{}
+	var order []netip.Addr
 	for _, old := range previous {
 		for _, a := range old.To {
-			if _, err := w.e.sel.Owner(a); err == nil {
-				continue // still on the host
-			}
 			if n, ok := current[old.Match]; ok && len(n.To) > 0 && n.To[0] == a {
 				continue
 			}
-			n, err := flushBinding(w.e.nl, old.Dst, a)
-			if err != nil {
-				w.log.Warn("deleting conntrack entries of a vanished address failed", "dst", old.Dst, "address", a, "err", err)
-				continue
+			left, known := gone[a]
+			if !known {
+				_, err := w.e.sel.Owner(a)
+				left = err != nil
+				gone[a] = left
+				if left {
+					order = append(order, a)
+				}
 			}
-			w.log.Info("deleted conntrack entries bound to a vanished address", "dst", old.Dst, "address", a, "entries", n)
+			if left {
+				served[a] = append(served[a], old.Dst)
+			}
 		}
+	}
+	for _, a := range order {
+		dsts := served[a]
+		n, err := conntrack.DeleteBinding(w.e.nl, conntrack.Binding{Dsts: dsts, To: a})
+		if err != nil {
+			w.log.Warn("deleting conntrack entries of a vanished address failed", "address", a, "rules", len(dsts), "err", err)
+			continue
+		}
+		w.log.Info("deleted conntrack entries bound to a vanished address", "address", a, "entries", n, "rules", len(dsts))
 	}
 }

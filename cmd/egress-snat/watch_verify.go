@@ -30,18 +30,23 @@ func (w *watcher) verifyCanary() {
 		return
 	}
 	w.e.sel.Forget()
-	probes, err := ruleProbes(w.e, st.Entries())
+	probes, skipped, err := ruleProbes(w.e, st.Entries(), w.probes)
 	if err != nil {
 		w.log.Warn("verify: picking destinations failed", "err", err)
 		return
 	}
 	v := verifier{e: w.e, st: st, proto: conntrack.UDP, port: verifyPort}
 	bad := 0
+	if len(skipped) > 0 && !w.verifySkipSaid {
+		// Said once: the rules and --probe decide it, not time.
+		w.verifySkipSaid = true
+		w.log.Warn("verify: rules not verified: no documentation address inside them takes their route; name one with --probe", "rules", len(skipped), "first", skipped[0])
+	}
 	for _, p := range probes {
 		r, err := v.check(p)
 		switch {
 		case err != nil:
-			w.log.Warn("verify: could not check a flow", "sender", packetSender(p), "dst", p.Dst, "err", err)
+			w.log.Warn("verify: could not check a flow", "sender", packetSender(p.pkt), "dst", p.pkt.Dst, "err", err)
 		case !r.Agree:
 			bad++
 			w.log.Error("verify: a flow left with another source than the rules promise",
