@@ -152,13 +152,16 @@ status() {
 # setpriv, tcpdump for lab.Arrivals; dockerd, docker and a static busybox
 # for the Docker tests; firewalld and dbus-daemon for the firewalld tests,
 # which run both inside a lab namespace on a private bus,
-# internal/lab/firewalld.go) plus any CMD=PKG pairs given. apt-get update
+# internal/lab/firewalld.go; wg-quick and wireguard-go for the test of a
+# real wg-quick's ip rules, the kernel here having no wireguard module)
+# plus any CMD=PKG pairs given. apt-get update
 # runs once, and only if needed.
 deps() {
   local pair pkg missing=()
   for pair in iptables=iptables ipset=ipset ip=iproute2 nft=nftables conntrack=conntrack \
     nsenter=util-linux setpriv=util-linux dockerd=docker.io docker=docker.io busybox=busybox-static tcpdump=tcpdump \
-    firewalld=firewalld firewall-cmd=firewalld dbus-daemon=dbus "$@"; do
+    firewalld=firewalld firewall-cmd=firewalld dbus-daemon=dbus \
+    wg-quick=wireguard-tools wireguard-go=wireguard-go "$@"; do
     pkg=${pair#*=}
     command -v "${pair%%=*}" >/dev/null || [[ " ${missing[*]} " == *" $pkg "* ]] || missing+=("$pkg")
   done

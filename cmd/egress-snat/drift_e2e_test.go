@@ -31,6 +31,17 @@ type relWatch struct {
 // many applies watch made.
 func relStartWatch(t *testing.T, l *lab.Lab, path string) *relWatch {
 	t.Helper()
+	w := relStartWatchNoWait(t, l, path)
+	if _, ok := relWaitInSync(t, l, path, 5*time.Second); !ok {
+		t.Fatalf("watch -f %s: not in sync after 5s\nlog:\n%s", path, w.p.stderr.String())
+	}
+	return w
+}
+
+// relStartWatchNoWait is relStartWatch for a file the host cannot meet
+// yet: it does not wait for check -f to be in sync.
+func relStartWatchNoWait(t *testing.T, l *lab.Lab, path string) *relWatch {
+	t.Helper()
 	w := &relWatch{p: relStart(t, l, "watch", "-f", path, "--log-format", "json")}
 	t.Cleanup(func() {
 		if w.frozen {
@@ -61,9 +72,6 @@ func relStartWatch(t *testing.T, l *lab.Lab, path string) *relWatch {
 			t.Errorf("watch logged %d converged events but reports %d applies", converged, applies)
 		}
 	})
-	if _, ok := relWaitInSync(t, l, path, 5*time.Second); !ok {
-		t.Fatalf("watch -f %s: not in sync after 5s\nlog:\n%s", path, w.p.stderr.String())
-	}
 	return w
 }
 

@@ -21,6 +21,9 @@ import (
 const (
 	TCPPort = 7000
 	UDPPort = 7001
+	// TCPFlowPort serves long-lived TCP connections (TCPFlow): each line
+	// is answered with the peer's IP, and the connection stays open.
+	TCPFlowPort = 7002
 )
 
 const probeTimeout = 2 * time.Second
@@ -41,8 +44,8 @@ func (l *Lab) StartProbe(t testing.TB) {
 	l.mu.Unlock()
 
 	var (
-		tcp []net.Listener
-		udp []*net.UDPConn
+		tcp, flows []net.Listener
+		udp        []*net.UDPConn
 	)
 	// Separate IPv4 and V6ONLY IPv6 sockets so the peer address is never a
 	// v4-mapped IPv6 address.
@@ -71,6 +74,11 @@ func (l *Lab) StartProbe(t testing.TB) {
 				return err
 			}
 			tcp = append(tcp, ln)
+			fl, err := lc.Listen(context.Background(), fam.tcp, net.JoinHostPort(fam.host, fmt.Sprint(TCPFlowPort)))
+			if err != nil {
+				return err
+			}
+			flows = append(flows, fl)
 			pc, err := lc.ListenPacket(context.Background(), fam.udp, net.JoinHostPort(fam.host, fmt.Sprint(UDPPort)))
 			if err != nil {
 				return err
@@ -80,10 +88,12 @@ func (l *Lab) StartProbe(t testing.TB) {
 		return nil
 	})
 	var wg sync.WaitGroup
+	var conns sync.Map // the flow connections open, closed at cleanup
 	t.Cleanup(func() {
-		for _, ln := range tcp {
+		for _, ln := range append(tcp, flows...) {
 			ln.Close()
 		}
+		conns.Range(func(c, _ any) bool { c.(net.Conn).Close(); return true })
 		for _, c := range udp {
 			c.Close()
 		}
@@ -97,6 +107,34 @@ func (l *Lab) StartProbe(t testing.TB) {
 	}
 	for _, c := range udp {
 		wg.Go(func() { serveUDP(c) })
+	}
+	for _, ln := range flows {
+		wg.Go(func() { serveFlows(ln, &conns, &wg) })
+	}
+}
+
+// serveFlows answers each line of each connection with the peer's IP and
+// keeps the connection open until the peer closes it or cleanup does.
+func serveFlows(ln net.Listener, conns *sync.Map, wg *sync.WaitGroup) {
+	for {
+		c, err := ln.Accept()
+		if err != nil {
+			return // closed by cleanup
+		}
+		conns.Store(c, true)
+		wg.Go(func() {
+			defer func() { c.Close(); conns.Delete(c) }()
+			r := bufio.NewReader(c)
+			ip := peerIP(c.RemoteAddr())
+			for {
+				if _, err := r.ReadString('\n'); err != nil {
+					return
+				}
+				if _, err := c.Write([]byte(ip + "\n")); err != nil {
+					return
+				}
+			}
+		})
 	}
 }
 
@@ -287,3 +325,48 @@ func (f *UDPFlow) Ask() (string, error) {
 
 // Close closes the flow's socket.
 func (f *UDPFlow) Close() error { return f.c.Close() }
+
+// TCPFlow is a long-lived TCP connection from H to dst:TCPFlowPort. Each
+// Ask sends a line on it and reads the source the far side saw: the
+// connection's NAT binding, for as long as it works. A connection that
+// broke (reset by the far side after its source changed) answers Ask with
+// an error.
+type TCPFlow struct {
+	c net.Conn
+	r *bufio.Reader
+}
+
+// TCPFlow connects from H to dst:TCPFlowPort; it is closed at t's cleanup.
+func (l *Lab) TCPFlow(t testing.TB, dst string) *TCPFlow {
+	t.Helper()
+	addr := net.JoinHostPort(dst, fmt.Sprint(TCPFlowPort))
+	var c net.Conn
+	err := Do(l.Host, func() (err error) {
+		c, err = net.DialTimeout("tcp", addr, probeTimeout)
+		return err
+	})
+	if err != nil {
+		t.Fatalf("lab: tcp dial %s from %s: %v", addr, l.Host, err)
+	}
+	t.Cleanup(func() { c.Close() })
+	return &TCPFlow{c: c, r: bufio.NewReader(c)}
+}
+
+// Ask sends one line and returns the source address the far side saw the
+// connection come from, waiting at most 2s for the answer.
+func (f *TCPFlow) Ask() (string, error) {
+	if err := f.c.SetDeadline(time.Now().Add(probeTimeout)); err != nil {
+		return "", err
+	}
+	if _, err := f.c.Write([]byte("?\n")); err != nil {
+		return "", err
+	}
+	line, err := f.r.ReadString('\n')
+	if err != nil {
+		return "", err
+	}
+	return strings.TrimSpace(line), nil
+}
+
+// Close closes the connection (FIN): its conntrack entry then ends.
+func (f *TCPFlow) Close() error { return f.c.Close() }
