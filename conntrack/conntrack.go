@@ -161,6 +161,26 @@ func (n Netlink) Flows(family int) ([]Flow, error) {
 	return out, nil
 }
 
+// Delete deletes the entry whose original tuple is orig, if there is one.
+func (n Netlink) Delete(orig Tuple) error {
+	if n.Handle == nil {
+		return errors.New("no netlink handle for conntrack")
+	}
+	family := netlink.InetFamily(unix.AF_INET)
+	if orig.Dst.Addr().Is6() {
+		family = unix.AF_INET6
+	}
+	_, err := n.Handle.ConntrackDeleteFilters(netlink.ConntrackTable, family, tupleFilter{orig})
+	return err
+}
+
+// tupleFilter matches the entry of one original tuple.
+type tupleFilter struct{ orig Tuple }
+
+func (f tupleFilter) MatchConntrackFlow(flow *netlink.ConntrackFlow) bool {
+	return tuple(flow.Forward) == f.orig
+}
+
 func tuple(t netlink.IPTuple) Tuple {
 	return Tuple{
 		Proto: t.Protocol,

@@ -58,6 +58,11 @@ func Check(s Starter, t conntrack.Table, p Promise, why Explainer) (Result, erro
 	}
 	defer done()
 	r.Sent = orig.Src
+	// The flow is ours and ends here: its entry must not stay behind for
+	// half a minute, where it would look like traffic to keep.
+	if d, ok := t.(interface{ Delete(conntrack.Tuple) error }); ok {
+		defer d.Delete(orig)
+	}
 	deadline := time.Now().Add(lookupWait)
 	var flow conntrack.Flow
 	none := false // conntrack tracks nothing at all

@@ -407,6 +407,7 @@ func TestExplainVerifyMarkedRules(t *testing.T) {
 // verified by its socket's source.
 func TestVerifySendsOnlyToSafeAddresses(t *testing.T) {
 	l := newLab(t)
+	before := hostTruth(t, l)
 	mustES(t, l, "set", "--to", "192.0.2.22")
 	mustES(t, l, "set", "--to", "192.0.2.23", "--dst", "10.77.0.0/16")
 	var r result
@@ -427,12 +428,21 @@ func TestVerifySendsOnlyToSafeAddresses(t *testing.T) {
 	if len(out.NotVerified) != 1 || !strings.Contains(out.NotVerified[0], "10.77.0.0/16") {
 		t.Errorf("not verified: %q, want the 10.77.0.0/16 rule", out.NotVerified)
 	}
-	_ = got
+	for dev, n := range got {
+		if n > 1 {
+			t.Errorf("verify sent %d datagrams in on G's %s, want one flow", n, dev)
+		}
+	}
 	r = es(t, l, "verify", "--probe", "10.77.1.1")
 	if r.code != 0 || !strings.Contains(r.stdout, "10.77.1.1") {
 		t.Errorf("verify --probe 10.77.1.1: exit %d\n%s%s", r.code, r.stdout, r.stderr)
 	}
 	wantRefused(t, l, []string{"verify", "--dst", "10.77.0.0/16"}, []string{"10.77.0.0/16", "--probe"})
+	// verify's flows are its own: it leaves no entry to keep conntrack for.
+	mustES(t, l, "clear")
+	if after := hostTruth(t, l); after != before {
+		t.Errorf("clear after verify left the host different (-before +after):\n%s", cmp.Diff(before, after))
+	}
 
 	// Route-method, no NAT anywhere: nothing tracks the flow.
 	l2 := newLab(t)
