@@ -15,6 +15,9 @@
 //	              (longest prefix first; -j RETURN keeps the natural source
 //	               for a destination carved out of a broader entry)
 //
+//	nat EGRESS-SNAT-KEEP (only while connections of removed rules live:
+//	  no jump to it; one conntrack rule per address, see linger.go)
+//
 // Why the jump is first: SNAT is decided on a connection's first packet by
 // the first matching rule, and a foreign MASQUERADE ahead of us would win.
 // Every write therefore deletes every jump it finds and inserts one at

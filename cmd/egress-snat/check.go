@@ -37,10 +37,12 @@ Kinds of drift:
                        lost; found even without a file
    set-out-of-date     a destination set is missing or its members differ
    rule-out-of-date    with a file: rules it wants added, changed, removed
-   to-not-on-host      a rule's source address is no longer on the host:
-                       its rule, if still installed, sends traffic from an
-                       address the host lacks (watch takes it out and puts
-                       it back when the address returns)
+   to-not-on-host      a rule's source address is no longer on the host,
+                       or not usable (IPv6 tentative, optimistic or
+                       dadfailed): its rule, if still installed, sends
+                       traffic from an address the host cannot use (watch
+                       takes it out and puts it back when the address is
+                       usable again)
    natural-source-changed
                        routes changed, so the rule no longer matches the
                        traffic's natural source
@@ -56,6 +58,15 @@ Kinds of drift:
                        NAT to bind a connection wins
    nat-rule-ahead      the same for a SNAT or MASQUERADE rule in POSTROUTING
                        ahead of the jump to EGRESS-SNAT
+   ip-rule-ahead       another tool's ip rule, at a priority before
+                       egress-snat's (7419-7423), sends a destination that
+                       a route or mark of ours promises a path for
+                       somewhere else (an ip rule added without pref lands
+                       there; wg-quick adds its rules so); named as ip rule
+                       prints it
+
+What egress-snat keeps only for live connections after their rules went
+(the EGRESS-SNAT-KEEP chain, a reply route; see clear --help) is no drift.
 
 It changes nothing. "egress-snat apply -f FILE" (or "watch") repairs what
 can be repaired.

@@ -17,8 +17,10 @@ var unsetCommand = &cli.Command{
 	Description: `Removes the rule for exactly each --dst of exactly the sender given (as
 given to set or apply; a broader or narrower rule, or the same destination's
 rule for another sender, is not touched). New connections then leave with
-whatever the next rule says, or the natural source. Unsetting a rule that
-does not exist changes nothing and succeeds.
+whatever the next rule says, or the natural source. Existing connections
+keep working with the source they started with until they end (what the
+kernel needs for them is kept meanwhile: see clear --help). Unsetting a
+rule that does not exist changes nothing and succeeds.
 
 With --from, --uid or --cgroup, --dst may be left out: every destination
 (0.0.0.0/0 or ::/0, as set does).
