@@ -13,7 +13,8 @@
 #   BACKENDS   iptables backends to run on (default "auto legacy"; auto is
 #              what the host's iptables uses)
 #   SEQUENCES KILLS DRIFT_ROUNDS CONCURRENCY_ROUNDS MODEL_SEQUENCES
-#              sizes (1000 100 20 10 200)
+#   NEIGHBOUR_ROUNDS
+#              sizes (1000 100 20 10 200 10)
 #   FUZZTIME   per fuzz target (default 2m)
 #   REPORT     the report to update (default docs/RELIABILITY.md)
 #   LOGDIR     where the full test and fuzz logs are kept (default
@@ -36,6 +37,7 @@ FUZZTIME=${FUZZTIME:-2m}
 REPORT=${REPORT:-docs/RELIABILITY.md}
 LOGDIR=${LOGDIR:-/tmp/egress-snat-reliability}
 MODEL_SEQUENCES=${MODEL_SEQUENCES:-200}
+NEIGHBOUR_ROUNDS=${NEIGHBOUR_ROUNDS:-10}
 TESTS='^Test(DriftWatchRepairs|CrashDuringApply|CrashDuringInPlaceChange|ConcurrentWriters|Reliability.*|ForeignRulesRandomSequences|RandomSequencesAgainstAModel|BadInputCorpus)$'
 # The commit measured, read before the report is written (which would make
 # the tree dirty).
@@ -55,7 +57,8 @@ declare -A status took
 for b in $BACKENDS; do
   env=(EGRESS_SNAT_SEQUENCES="$SEQUENCES" EGRESS_SNAT_KILLS="$KILLS"
        EGRESS_SNAT_DRIFT_ROUNDS="$DRIFT_ROUNDS" EGRESS_SNAT_CONCURRENCY_ROUNDS="$CONCURRENCY_ROUNDS"
-       EGRESS_SNAT_MODEL_SEQUENCES="$MODEL_SEQUENCES" EGRESS_SNAT_FIGURES="$figures")
+       EGRESS_SNAT_MODEL_SEQUENCES="$MODEL_SEQUENCES" EGRESS_SNAT_NEIGHBOUR_ROUNDS="$NEIGHBOUR_ROUNDS"
+       EGRESS_SNAT_FIGURES="$figures")
   [[ $b == auto ]] || env+=(EGRESS_SNAT_IPTABLES="$b")
   echo "== reliability tests, backend $b =="
   start=$SECONDS
@@ -137,6 +140,21 @@ block=$work/block
   for b in $BACKENDS; do line+=" ${status[$b]} in ${took[$b]} s |"; done
   echo "$line"
   echo
+  echo "### Neighbours"
+  echo
+  echo "TestReliabilityNeighbours, $NEIGHBOUR_ROUNDS rounds per backend: live TCP connections and UDP flows (IPv4 and IPv6) through a rule that goes by unset, clear, rotate back to the natural source and apply of a file without it, asked 0.2 to 1 s later; clear once they ended; foreign ip rules at random priorities (ours among them, and none) through random writes; a foreign ip rule ahead of a route of ours."
+  echo
+  echo "$cols"
+  echo "$sep"
+  flowsk() { echo "$(fig "$1" neighbour_flows_kept) of $(fig "$1" neighbour_flows)"; }
+  exactc() { echo "$(fig "$1" neighbour_clear_exact) of $(fig "$1" neighbour_clears)"; }
+  foreignk() { echo "$(fig "$1" neighbour_foreign_kept) of $(fig "$1" neighbour_foreign_runs) writes"; }
+  aheads() { echo "$(fig "$1" neighbour_ahead_seen) of $(fig "$1" neighbour_ahead)"; }
+  row "live flows kept, with their source, after their rule went" flowsk
+  row "clear after they ended: iptables, ipsets, nft, ip rules and routes as before" exactc
+  row "foreign ip rules kept byte for byte, every write exiting 0" foreignk
+  row "a foreign ip rule ahead reported by check (ip-rule-ahead) and verify (DIFFER, naming it)" aheads
+  echo
   echo "Fuzzing, $FUZZTIME per target ($fuzztook s in all):"
   echo
   echo "| target | inputs tried | result |"
@@ -152,7 +170,8 @@ block=$work/block
   echo "which runs, for each backend (\`EGRESS_SNAT_IPTABLES=legacy\` for the second):"
   echo
   echo "    EGRESS_SNAT_SEQUENCES=$SEQUENCES EGRESS_SNAT_KILLS=$KILLS EGRESS_SNAT_DRIFT_ROUNDS=$DRIFT_ROUNDS \\"
-  echo "    EGRESS_SNAT_CONCURRENCY_ROUNDS=$CONCURRENCY_ROUNDS EGRESS_SNAT_MODEL_SEQUENCES=$MODEL_SEQUENCES go test -count=1 -timeout 120m \\"
+  echo "    EGRESS_SNAT_CONCURRENCY_ROUNDS=$CONCURRENCY_ROUNDS EGRESS_SNAT_MODEL_SEQUENCES=$MODEL_SEQUENCES EGRESS_SNAT_NEIGHBOUR_ROUNDS=$NEIGHBOUR_ROUNDS \\"
+  echo "    go test -count=1 -timeout 120m \\"
   echo "        ./cmd/egress-snat -run '$TESTS' -v"
   echo "    FUZZTIME=$FUZZTIME bash scripts/fuzz.sh"
   echo

@@ -78,11 +78,13 @@ func Check(s Starter, t conntrack.Table, p Promise, why Explainer) (Result, erro
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
-	if errors.Is(err, conntrack.ErrNotFound) && none {
-		// Conntrack tracks nothing here (no NAT, no stateful rule
-		// anywhere in the namespace): nothing can have translated the
-		// flow, so it left with its socket's own source, as a rule
-		// carried by a route promises.
+	if errors.Is(err, conntrack.ErrNotFound) && (none || p.Proto == conntrack.UDP) {
+		// Conntrack does not track the flow: it is not registered in
+		// the namespace (nothing uses it: no NAT, no stateful rule) or
+		// a notrack rule exempts it. Nothing can have translated it
+		// then, so it left with its socket's own source, as a rule
+		// carried by a route promises. (A dropped datagram fails its
+		// send instead; a TCP entry may be gone for a reset, below.)
 		r.Got, r.Untracked = orig.Src.Addr(), true
 		r.Agree = slices.Contains(p.Sources, r.Got)
 		if !r.Agree && why != nil {

@@ -62,12 +62,20 @@ func TestCheck(t *testing.T) {
 		t.Errorf("a spread rule's second address agrees: %+v, %v", r, err)
 	}
 
-	// Conntrack tracks other flows but not this one: it was dropped.
+	// A TCP flow tracked among others but gone: a reset deletes the
+	// entry, so there is nothing to judge by.
+	tcp := promise
+	tcp.Proto = conntrack.TCP
 	other := conntrack.Flow{Orig: conntrack.Tuple{Proto: conntrack.UDP, Src: netip.MustParseAddrPort("192.0.2.250:1"), Dst: dst}, Reply: conntrack.Tuple{Proto: conntrack.UDP, Src: dst, Dst: netip.MustParseAddrPort("192.0.2.250:1")}}
 	table = conntrack.Fake{other}
 	s = &fakeStarter{table: &table, natural: a("192.0.2.250")}
-	if _, err := Check(s, &table, promise, why); err == nil || !strings.Contains(err.Error(), "no conntrack entry") {
+	if _, err := Check(s, &table, tcp, why); err == nil || !strings.Contains(err.Error(), "no conntrack entry") {
 		t.Errorf("no entry: err = %v", err)
+	}
+	// A datagram that sent but left no entry among others' is not
+	// tracked (conntrack unregistered, or notrack): it left as it was.
+	if r, err := Check(s, &table, promise, why); err != nil || !r.Untracked || r.Got != a("192.0.2.250") || r.Agree {
+		t.Errorf("untracked datagram among other entries: %+v, %v", r, err)
 	}
 
 	// Conntrack tracks nothing at all here: nothing translated the flow,
