@@ -620,3 +620,38 @@ func TestWireGuardRulesAhead(t *testing.T) {
 		t.Errorf("clear touched wg-quick's rules:\nbefore:\n%s\nafter:\n%s", before, got)
 	}
 }
+
+// TestWatchDropsWhatWasKept: under watch, a rule taken out of the file
+// keeps its live connection working, and watch removes the keep chain by
+// itself once the connection ended.
+func TestWatchDropsWhatWasKept(t *testing.T) {
+	l := newLab(t)
+	before := hostTruth(t, l)
+	dir := t.TempDir()
+	path := relWrite(t, dir, "rules.yaml", "rules:\n  - to: 192.0.2.22\n    dst: [198.51.100.4]\n")
+	w := relStartWatch(t, l, path)
+	tcp := l.TCPFlow(t, "198.51.100.4")
+	if got, err := tcp.Ask(); err != nil || got != "192.0.2.22" {
+		t.Fatalf("TCP connection: far side saw %q (%v), want 192.0.2.22", got, err)
+	}
+	relWrite(t, dir, "rules.yaml", "rules: []\n")
+	if _, ok := awaitSeen(t, l, "198.51.100.4", "192.0.2.250", time.Now(), 5*time.Second); !ok {
+		t.Fatalf("watch did not take the rule out\n%s", w.p.stderr.String())
+	}
+	if got, err := tcp.Ask(); err != nil || got != "192.0.2.22" {
+		t.Errorf("after watch took the rule out, the connection answered %q (%v), want 192.0.2.22", got, err)
+	}
+	if !strings.Contains(l.Ruleset(t), "EGRESS-SNAT-KEEP") {
+		t.Errorf("no keep chain while the connection lives:\n%s", l.Ruleset(t))
+	}
+	tcp.Close()
+	closed := time.Now()
+	for time.Since(closed) < 15*time.Second && hostTruth(t, l) != before {
+		time.Sleep(500 * time.Millisecond)
+	}
+	if after := hostTruth(t, l); after != before {
+		t.Errorf("15s after the connection ended, watch left the host different (-before +after):\n%s\n%s", cmp.Diff(before, after), w.p.stderr.String())
+	} else {
+		t.Logf("watch removed what was kept %s after the connection ended", time.Since(closed).Round(100*time.Millisecond))
+	}
+}
