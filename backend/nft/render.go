@@ -81,6 +81,8 @@ func check(e *snat.Entry) error {
 		return fmt.Errorf("entry %s: natural source %s is not of the destination's family", e, e.Natural)
 	case e.Sender.Kind == snat.SenderFrom && snat.FamilyOf(e.Sender.From.Addr()) != f:
 		return fmt.Errorf("entry %s: --from %s is not of the destination's family", e, e.Sender.From)
+	case (e.Marked || e.Routed) && len(e.To) == 0:
+		return fmt.Errorf("entry %s: a routed or marked entry needs its source", e)
 	case len(e.Sender.Cgroup) > 4095:
 		return fmt.Errorf("entry %s: cgroup path of %d bytes is longer than the kernel's 4095", e, len(e.Sender.Cgroup))
 	}
