@@ -85,6 +85,14 @@ func decodeRule(exprs []expr.Any, spread func(name string) ([]netip.Addr, error)
 				return r, d.bad(start)
 			}
 		case *expr.Ct:
+			if e.Key == expr.CtKeySTATE && !e.SourceRegister && isBitwise(d.peek(), ctStateNew, 0) {
+				d.i++
+				if v, ok := d.cmp32(expr.CmpOpNeq); !ok || v != 0 || r.CtNew {
+					return r, d.bad(start)
+				}
+				r.CtNew = true
+				continue
+			}
 			// ct mark & M == V meta mark set meta mark & ~M | V
 			if e.Key != expr.CtKeyMARK || e.SourceRegister || !d.ours() {
 				return r, d.bad(start)
@@ -188,7 +196,10 @@ func decodeRule(exprs []expr.Any, spread func(name string) ([]netip.Addr, error)
 		}
 	}
 	if r.Action.Kind == "" {
-		return r, fmt.Errorf("no action")
+		if !r.Counter {
+			return r, fmt.Errorf("no action")
+		}
+		r.Action.Kind = ActCount
 	}
 	return r, nil
 }
@@ -275,9 +286,12 @@ func (d *decoder) metaSet() bool {
 	return ok && m.Key == expr.MetaKeyMARK && m.SourceRegister && m.Register == reg
 }
 
+// ctSet takes `ct mark set` from register 1. google/nftables v0.3.0 does
+// not read NFTA_CT_SREG back: a ct set reads as a ct load into register
+// 0, which no load has (loads always name a register).
 func (d *decoder) ctSet() bool {
 	c, ok := d.next().(*expr.Ct)
-	return ok && c.Key == expr.CtKeyMARK && c.SourceRegister && c.Register == reg
+	return ok && c.Key == expr.CtKeyMARK && (c.SourceRegister && c.Register == reg || !c.SourceRegister && c.Register == 0)
 }
 
 func (d *decoder) peekCt() bool {

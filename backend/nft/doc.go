@@ -21,6 +21,7 @@
 //	          meta nfproto ipv4 oifname OUT <sender> ip daddr & MASK @d4-LEN-<id> counter ACTION
 //	          (a group of fewer than snat.SetThreshold destinations has one
 //	           rule each, `ip daddr DST`, instead of a set: readable)
+//	    ct state new counter                      (the keeper, last; see below)
 //	    <sender>  host:    ip saddr NATURAL
 //	              uid:     ip saddr NATURAL meta skuid UID
 //	              cgroup:  ip saddr NATURAL xt match cgroup --path PATH
@@ -72,12 +73,17 @@
 // its path when the rule is loaded, as with iptables, and the path reads
 // back from the rule.
 //
-// Why an empty nat chain is still a nat chain: the kernel registers its NAT
-// hooks for a family while any nat chain of that family exists, and those
-// hooks translate the packets of connections NATed before. Deleting the
-// last nat chain of a namespace leaves connections bound by our rules
-// untranslated, and so broken; an empty chain keeps them (see Render with
-// no entries, and Delete).
+// Why the nat chain ends with `ct state new counter` (the keeper), and
+// stays when the last rule goes: the connections our rules NATed need two
+// things of the kernel to stay translated, its NAT hooks, which it keeps
+// while any nat chain of their family exists, and conntrack, which it
+// turns off when its last user goes (a nat statement is one). Without
+// either, their packets leave with the untranslated source and the far side
+// resets them (TestWireConnectionsOutliveTheRules, TestWireKeeperIsNeeded).
+// The keeper's conntrack expression is such a user, and its counter says
+// how many new connections went on untranslated by us. Render with no
+// entries therefore gives the nat chain with the keeper alone; Delete
+// removes everything.
 //
 // The table's, chains' and sets' names are this tool's identity on every
 // host it has run on. Never rename them: a renamed table would strand the

@@ -35,6 +35,7 @@ func TestRuleRoundTrip(t *testing.T) {
 		{Action: Action{Kind: ActRestoreMark, Mark: 0x02000000}},
 		{Action: Action{Kind: ActSaveMark, Mark: 0}},
 		{Action: Action{Kind: ActSaveMark, Mark: 0x02000000}},
+		keeper,
 	}
 	for _, r := range rules {
 		exprs, err := ruleExprs(r, 1)

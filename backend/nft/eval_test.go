@@ -31,8 +31,8 @@ func evalChain(t *Table, chain string, p snat.Packet, mark uint32) *Rule {
 			// marking does not end the chain, but later marking rules
 			// see the mark; what decides is the first to match.
 			return r
-		case ActRestoreMark, ActSaveMark:
-			continue // conntrack: not part of the first packet's decision
+		case ActRestoreMark, ActSaveMark, ActCount:
+			continue // conntrack, counters: not part of the first packet's decision
 		}
 		return r
 	}

@@ -55,6 +55,10 @@ type Set struct {
 type Rule struct {
 	// Family restricts the rule to one family (meta nfproto).
 	Family snat.Family
+	// CtNew matches the packets of new connections (ct state new). In the
+	// nat chain, which sees no others, it matches everything: the rule
+	// is there for its conntrack expression (see keeper in render.go).
+	CtNew bool
 	// Unmarked matches packets that carry no mark of ours yet
 	// (meta mark & MarkMask == 0): the first marking rule wins.
 	Unmarked bool
@@ -108,6 +112,8 @@ const (
 	// ActAccept ends our chain without NAT: the natural source is kept
 	// (unless a later nat chain of someone else's binds it).
 	ActAccept ActionKind = "accept"
+	// ActCount only counts: the packet goes on to the next rule.
+	ActCount ActionKind = "count"
 	// ActReturn ends a mark chain without marking.
 	ActReturn ActionKind = "return"
 	// ActMark sets the mark of ours to Action.Mark, keeping other bits.
@@ -127,7 +133,7 @@ func (a Action) equal(o Action) bool {
 
 // Equal compares two rules, without their counters' values.
 func (r Rule) Equal(o Rule) bool {
-	return r.Family == o.Family && r.Unmarked == o.Unmarked && r.Out == o.Out && r.Forwarded == o.Forwarded &&
+	return r.Family == o.Family && r.CtNew == o.CtNew && r.Unmarked == o.Unmarked && r.Out == o.Out && r.Forwarded == o.Forwarded &&
 		r.Src == o.Src && r.HasUID == o.HasUID && r.UID == o.UID && r.Cgroup == o.Cgroup &&
 		r.Dst == o.Dst && r.Set == o.Set && r.SetBits == o.SetBits && r.Counter == o.Counter &&
 		r.Comment == o.Comment && r.Action.equal(o.Action)
@@ -367,6 +373,9 @@ func (r Rule) String() string {
 	if r.Family != 0 {
 		add("meta nfproto", nfprotoWord(r.Family))
 	}
+	if r.CtNew {
+		add("ct state new")
+	}
 	if r.Unmarked {
 		add(fmt.Sprintf("meta mark & %#08x == 0", MarkMask))
 	}
@@ -407,7 +416,9 @@ func (r Rule) String() string {
 	if r.Counter {
 		add("counter")
 	}
-	add(r.Action.string(r.Family))
+	if a := r.Action.string(r.Family); a != "" {
+		add(a)
+	}
 	if r.Comment != "" {
 		add("comment", strconv.Quote(r.Comment))
 	}
@@ -434,6 +445,8 @@ func (a Action) string(f snat.Family) string {
 		return "ct mark & " + m + " == " + v + " meta mark set meta mark & " + keep + " | " + v
 	case ActSaveMark:
 		return "meta mark & " + m + " == " + v + " ct mark set ct mark & " + keep + " | " + v
+	case ActCount:
+		return ""
 	}
 	return string(a.Kind)
 }

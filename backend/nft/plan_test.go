@@ -56,7 +56,7 @@ func hosts(n int, to string) []snat.Entry {
 func TestPlanFreshTable(t *testing.T) {
 	want := mustRender(t, append(hosts(20, "192.0.2.22"), entry("203.0.113.7", "192.0.2.250", "192.0.2.23", "192.0.2.24")))
 	p := Plan(nil, want)
-	if got := showSteps(p); got != "nft.AddTable nft.AddChain nft.AddSet nft.AddElements nft.AddRule nft.AddRule" {
+	if got := showSteps(p); got != "nft.AddTable nft.AddChain nft.AddSet nft.AddElements nft.AddRule nft.AddRule nft.AddRule" {
 		t.Errorf("steps: %s\n%s", got, p.Show())
 	}
 	var k fakeKernel

@@ -41,7 +41,7 @@ func Render(entries []snat.Entry) (*Table, error) {
 		}
 		g.add(ChainNAT, e, natAction(e))
 	}
-	nat.Rules = g.rules(t)
+	nat.Rules = append(g.rules(t), keeper)
 	t.Chains = append(t.Chains, nat)
 
 	out, fwd := renderMarks(entries)
@@ -65,6 +65,16 @@ func Render(entries []snat.Entry) (*Table, error) {
 	slices.SortFunc(t.Sets, func(a, b Set) int { return strings.Compare(a.Name, b.Name) })
 	return t, nil
 }
+
+// keeper is the nat chain's last rule. It counts the new connections no
+// rule of ours translated, and its conntrack expression keeps conntrack on
+// in the namespace: the kernel turns conntrack off when its last user goes
+// (a nat statement is one), and then translates no packet of the
+// connections NATed before, not even with the nat chain in place. Found on
+// the wire: a live TCP connection through a rule of ours is reset when the
+// rule goes, unless a rule with a ct expression stays (and the nat chain:
+// another table's ct rule alone does not keep it either).
+var keeper = Rule{CtNew: true, Counter: true, Action: Action{Kind: ActCount}, Comment: "new connections passed on"}
 
 // check refuses what the kernel would: names it cannot hold, addresses of
 // the other family.

@@ -77,6 +77,11 @@ func hostRule(dst, to string) Rule {
 
 var natHook = Hook{Type: "nat", Hook: "postrouting", Priority: NATPriority}
 
+// natChain is the nat chain with rules, and the keeper last.
+func natChain(rules ...Rule) Chain {
+	return Chain{Name: ChainNAT, Hook: natHook, Rules: append(rules, keeper)}
+}
+
 // TestRender: each sender kind and action as a rule, small groups as one
 // rule a destination, larger ones as a set per prefix length.
 func TestRender(t *testing.T) {
@@ -94,12 +99,12 @@ func TestRender(t *testing.T) {
 	}{
 		{
 			name: "no entries: the nat chain alone",
-			want: &Table{Chains: []Chain{{Name: ChainNAT, Hook: natHook}}},
+			want: &Table{Chains: []Chain{natChain()}},
 		},
 		{
 			name:    "one host destination",
 			entries: []snat.Entry{entry("198.51.100.4", "192.0.2.250", "192.0.2.22")},
-			want:    &Table{Chains: []Chain{{Name: ChainNAT, Hook: natHook, Rules: []Rule{hostRule("198.51.100.4", "192.0.2.22")}}}},
+			want:    &Table{Chains: []Chain{natChain(hostRule("198.51.100.4", "192.0.2.22"))}},
 		},
 		{
 			name: "longest prefix first, every destination last, a carve-out kept",
@@ -108,22 +113,22 @@ func TestRender(t *testing.T) {
 				entry("198.51.100.0/24", "192.0.2.250", "192.0.2.22"),
 				entry("198.51.100.4", "192.0.2.250"),
 			},
-			want: &Table{Chains: []Chain{{Name: ChainNAT, Hook: natHook, Rules: []Rule{
+			want: &Table{Chains: []Chain{natChain(
 				func() Rule { r := hostRule("198.51.100.4", ""); r.Action = Action{Kind: ActAccept}; return r }(),
 				hostRule("198.51.100.0/24", "192.0.2.22"),
 				hostRule("", "192.0.2.23"),
-			}}}},
+			)}},
 		},
 		{
 			name:    "spread",
 			entries: []snat.Entry{entry("198.51.100.4", "192.0.2.250", "192.0.2.22", "192.0.2.23")},
-			want: &Table{Chains: []Chain{{Name: ChainNAT, Hook: natHook, Rules: []Rule{
+			want: &Table{Chains: []Chain{natChain(
 				func() Rule {
 					r := hostRule("198.51.100.4", "")
 					r.Action.To = addrs("192.0.2.22", "192.0.2.23")
 					return r
 				}(),
-			}}}},
+			)}},
 		},
 		{
 			name: "senders in precedence order: from, cgroup, uid, host",
@@ -133,25 +138,25 @@ func TestRender(t *testing.T) {
 				senderEntry(snat.Cgroup("system.slice/x.service"), "0.0.0.0/0", "192.0.2.250", "192.0.2.24"),
 				senderEntry(snat.From(pfx("10.88.0.0/24")), "198.51.100.4", "", "192.0.2.25"),
 			},
-			want: &Table{Chains: []Chain{{Name: ChainNAT, Hook: natHook, Rules: []Rule{
-				{Family: snat.IPv4, Out: "eth0", Forwarded: true, Src: pfx("10.88.0.0/24"), Dst: pfx("198.51.100.4"), Counter: true,
+			want: &Table{Chains: []Chain{natChain(
+				Rule{Family: snat.IPv4, Out: "eth0", Forwarded: true, Src: pfx("10.88.0.0/24"), Dst: pfx("198.51.100.4"), Counter: true,
 					Comment: "from 10.88.0.0/24", Action: Action{Kind: ActSNAT, To: addrs("192.0.2.25")}},
-				{Family: snat.IPv4, Out: "eth0", Src: pfx("192.0.2.250"), Cgroup: "system.slice/x.service", Counter: true,
+				Rule{Family: snat.IPv4, Out: "eth0", Src: pfx("192.0.2.250"), Cgroup: "system.slice/x.service", Counter: true,
 					Comment: "cgroup system.slice/x.service", Action: Action{Kind: ActSNAT, To: addrs("192.0.2.24")}},
-				{Family: snat.IPv4, Out: "eth0", Src: pfx("192.0.2.250"), HasUID: true, UID: 4242, Dst: pfx("198.51.100.0/24"), Counter: true,
+				Rule{Family: snat.IPv4, Out: "eth0", Src: pfx("192.0.2.250"), HasUID: true, UID: 4242, Dst: pfx("198.51.100.0/24"), Counter: true,
 					Comment: "uid 4242", Action: Action{Kind: ActSNAT, To: addrs("192.0.2.23")}},
 				hostRule("198.51.100.4", "192.0.2.22"),
-			}}}},
+			)}},
 		},
 		{
 			name: "IPv6",
 			entries: []snat.Entry{
 				{Match: snat.Match{Dst: pfx("2001:db8:ffff::/48"), Out: "eth0"}, Natural: addr("2001:db8::250"), To: addrs("2001:db8::22")},
 			},
-			want: &Table{Chains: []Chain{{Name: ChainNAT, Hook: natHook, Rules: []Rule{
-				{Family: snat.IPv6, Out: "eth0", Src: pfx("2001:db8::250"), Dst: pfx("2001:db8:ffff::/48"), Counter: true, Comment: "host",
+			want: &Table{Chains: []Chain{natChain(
+				Rule{Family: snat.IPv6, Out: "eth0", Src: pfx("2001:db8::250"), Dst: pfx("2001:db8:ffff::/48"), Counter: true, Comment: "host",
 					Action: Action{Kind: ActSNAT, To: addrs("2001:db8::22")}},
-			}}}},
+			)}},
 		},
 		{
 			name:    "a group of eight is a set; the /32 of another group stays a rule ahead of it",
@@ -168,8 +173,8 @@ func TestRender(t *testing.T) {
 				}
 				r := hostRule("", "192.0.2.22")
 				r.Set, r.SetBits = name, 32
-				return &Table{Sets: []Set{set}, Chains: []Chain{{Name: ChainNAT, Hook: natHook, Rules: []Rule{
-					r, hostRule("198.51.100.9", "192.0.2.23")}}}}
+				return &Table{Sets: []Set{set}, Chains: []Chain{natChain(
+					r, hostRule("198.51.100.9", "192.0.2.23"))}}
 			}(),
 		},
 	} {
@@ -222,7 +227,7 @@ func TestRenderMarks(t *testing.T) {
 	}
 	// The nat chain gives the marked traffic eth1's address on eth1.
 	nat := got.Chain(ChainNAT).Rules
-	if len(nat) != 3 || nat[0].Out != "eth1" || nat[0].Action.To[0] != addr("203.0.113.131") {
+	if len(nat) != 4 || nat[0].Out != "eth1" || nat[0].Action.To[0] != addr("203.0.113.131") {
 		t.Errorf("nat chain:\n%s", got)
 	}
 }
