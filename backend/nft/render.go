@@ -4,6 +4,7 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"fmt"
+	"iter"
 	"net/netip"
 	"slices"
 	"strings"
@@ -21,30 +22,101 @@ const ifNameMax = 15
 // give the same table and names. Entries that are not in chain order are
 // sorted in place first (snat.SortEntries); Normalize's output is.
 //
-// The nat chain is always there, even with no rule: see the package
-// comment on why an empty nat chain matters. The mark chains are there only
-// when an entry is marked.
+// The nat chain is always there, with its keeper last, even with no rule:
+// see the package comment. The mark chains are there only when an entry is
+// marked.
 func Render(entries []snat.Entry) (*Table, error) {
 	snat.SortEntries(entries)
-	for i := range entries {
-		if err := check(&entries[i]); err != nil {
-			return nil, err
+	return RenderSeq(func(yield func(*snat.Entry) bool) {
+		for i := range entries {
+			if !yield(&entries[i]) {
+				return
+			}
 		}
+	})
+}
+
+// RenderSeq is Render for entries yielded in chain order (snat.SortEntries'
+// order), which it walks once, or twice when some entry is marked. It
+// keeps nothing an entry points to but To slices, so a caller may yield
+// one Entry rewritten for each destination: at a million destinations the
+// table then costs its packed elements (4 MB), not a million 208-byte
+// entries.
+func RenderSeq(entries iter.Seq[*snat.Entry]) (*Table, error) {
+	type markedEntry struct {
+		i int
+		e snat.Entry
+	}
+	var (
+		g      grouper
+		marked []markedEntry
+		paths  = map[snat.Family][]routes.Path{}
+		n      int
+		err    error
+	)
+	for e := range entries {
+		if err = check(e); err != nil {
+			break
+		}
+		if e.Routed || e.Marked {
+			f := e.Family()
+			paths[f] = append(paths[f], routes.Path{Dst: e.Dst, Dev: e.Out, Via: e.Via, Src: e.To[0], Replies: e.Replies, Marked: e.Marked})
+		}
+		if e.Marked {
+			marked = append(marked, markedEntry{n, *e})
+		}
+		if !e.Routed { // else a route of ours carries it: no rule
+			g.add(ChainNAT, e, natAction(e))
+		}
+		n++
+	}
+	if err != nil {
+		return nil, err
 	}
 	t := &Table{}
 	nat := Chain{Name: ChainNAT, Hook: Hook{Type: "nat", Hook: "postrouting", Priority: NATPriority}}
-	var g grouper
-	for i := range entries {
-		e := &entries[i]
-		if e.Routed {
-			continue // a route of ours carries it: no rule
-		}
-		g.add(ChainNAT, e, natAction(e))
-	}
 	nat.Rules = append(g.rules(t), keeper)
 	t.Chains = append(t.Chains, nat)
 
-	out, fwd := renderMarks(entries)
+	// The mark chains, as snat's mangle chains have them, per family: in
+	// the nat chain's precedence order, a marked entry marks what no rule
+	// marked before, and an entry that stays on its interface but comes
+	// first returns, when a marked entry after it would otherwise take
+	// its traffic. Host senders are never marked (a route carries them),
+	// nor routed entries.
+	out, fwd := &grouper{}, &grouper{}
+	if len(marked) > 0 {
+		tables := map[snat.Family]map[netip.Addr]int{}
+		for f, ps := range paths {
+			tables[f] = routes.ReplyTables(ps)
+		}
+		i := 0
+		for e := range entries {
+			i++
+			f := e.Family()
+			if e.Sender.IsHost() || e.Routed || !slices.ContainsFunc(marked, func(m markedEntry) bool { return m.e.Family() == f }) {
+				continue
+			}
+			g := out
+			if !e.Sender.Local() {
+				g = fwd
+			}
+			if e.Marked {
+				t, ok := tables[f][e.To[0]]
+				if !ok {
+					continue // more addresses than reply tables: no route takes it
+				}
+				g.add("mark", e, Action{Kind: ActMark, Mark: routes.MarkOf(t)})
+				continue
+			}
+			if slices.ContainsFunc(marked, func(m markedEntry) bool {
+				o := &m.e
+				return m.i >= i && o.Family() == f && o.Dst.Overlaps(e.Dst) && (o.Sender.Contains(e.Sender) || e.Sender.Contains(o.Sender))
+			}) {
+				g.add("mark", e, Action{Kind: ActReturn})
+			}
+		}
+	}
 	for _, c := range []struct {
 		name string
 		hook Hook
@@ -109,59 +181,6 @@ func natAction(e *snat.Entry) Action {
 		return Action{Kind: ActAccept}
 	}
 	return Action{Kind: ActSNAT, To: e.To}
-}
-
-// renderMarks renders the mark chains' rules as snat's mangle chains have
-// them, per family: in the nat chain's precedence order, a marked entry
-// marks what no rule marked before, and an entry that stays on its
-// interface but comes first returns, when a marked entry after it would
-// otherwise take its traffic. Host senders are never marked (a route
-// carries them), nor routed entries.
-func renderMarks(entries []snat.Entry) (out, fwd *grouper) {
-	out, fwd = &grouper{}, &grouper{}
-	for _, f := range snat.Families {
-		var marked []int
-		var paths []routes.Path
-		for i := range entries {
-			e := &entries[i]
-			if e.Family() != f || !(e.Routed || e.Marked) {
-				continue
-			}
-			paths = append(paths, routes.Path{Dst: e.Dst, Dev: e.Out, Via: e.Via, Src: e.To[0], Replies: e.Replies, Marked: e.Marked})
-			if e.Marked {
-				marked = append(marked, i)
-			}
-		}
-		if len(marked) == 0 {
-			continue
-		}
-		tables := routes.ReplyTables(paths)
-		for i := range entries {
-			e := &entries[i]
-			if e.Family() != f || e.Sender.IsHost() || e.Routed {
-				continue
-			}
-			g := out
-			if !e.Sender.Local() {
-				g = fwd
-			}
-			if e.Marked {
-				t, ok := tables[e.To[0]]
-				if !ok {
-					continue // more addresses than reply tables: the route can't take it
-				}
-				g.add("mark", e, Action{Kind: ActMark, Mark: routes.MarkOf(t)})
-				continue
-			}
-			if slices.ContainsFunc(marked, func(j int) bool {
-				o := &entries[j]
-				return j > i && o.Dst.Overlaps(e.Dst) && (o.Sender.Contains(e.Sender) || e.Sender.Contains(o.Sender))
-			}) {
-				g.add("mark", e, Action{Kind: ActReturn})
-			}
-		}
-	}
-	return out, fwd
 }
 
 // withConnmark surrounds the output mark chain's rules with the ct mark
