@@ -11,8 +11,9 @@
 #     the namespace, its peak RSS (GNU time), and the backend's own time
 #     (render, plan, run);
 #  2. one destination moved between two addresses' sets at NFTB_CHANGE_N:
-#     in process (Plan+Run, and Render+Plan+Run), and as a one-shot process
-#     that reads the table without elements and runs the change;
+#     in process (Patch+Run, Plan+Run, and Render+Plan+Run), and as a
+#     one-shot process that reads the table without elements and runs the
+#     change;
 #  3. reading the table back: without elements, and whole;
 #  4. the new-connection rate with NFTB_CONN_N destinations installed
 #     against one (benchconn load, two host/far namespace pairs).
@@ -217,10 +218,10 @@ kv() { awk -F'\t' -v k="$1" -v n="$2" -v key="$3" '$1 == k && $2 == n { for (i =
       "$(awk -v a="$st" -v b="$fl" 'BEGIN { printf "%.2f×", a / b }')"
   done
   echo
-  echo "| N | steps | Plan+Run in process | Render+Plan+Run in process | one-shot process (ReadShape + Run) | ReadShape | Read (whole) |"
-  echo "|---|---|---|---|---|---|---|"
+  echo "| N | steps | Patch+Run in process | Plan+Run in process | Render+Plan+Run in process | one-shot process (ReadShape + Run) | ReadShape | Read (whole) |"
+  echo "|---|---|---|---|---|---|---|---|"
   for n in $CHANGE_N; do
-    printf "| %s | %s | %s ms | %s ms | %s s | %s ms | %s ms |\n" "$n" "$(kv change "$n" steps)" "$(kv change "$n" plan_run)" \
+    printf "| %s | %s | %s ms | %s ms | %s ms | %s s | %s ms | %s ms |\n" "$n" "$(kv change "$n" steps)" "$(kv change "$n" patch_run)" "$(kv change "$n" plan_run)" \
       "$(kv change "$n" render_plan_run)" "$(col oneshot "$n" 4)" "$(kv read "$n" readshape)" "$(kv read "$n" read)"
   done
   echo

@@ -19,8 +19,9 @@ import (
 	"github.com/egress-snat/egress-snat/snat"
 )
 
-// Conn talks to nftables in one network namespace: transactions over a
-// netlink socket of its own, reads through google/nftables.
+// Conn talks to nftables in one network namespace: transactions and
+// element dumps over a netlink socket of its own, the rest of reads
+// through google/nftables. A Conn is not safe for concurrent use.
 type Conn struct {
 	nl  *netlink.Conn
 	lib *nftables.Conn
@@ -129,8 +130,11 @@ func (c *Conn) Generation() (uint32, error) {
 	return 0, errors.New("reading the nftables generation: no generation in the answer")
 }
 
-// Run sends p as one transaction and returns the generation it made. The
-// kernel applies all of it or none. An empty program sends nothing.
+// Run sends p as one transaction and returns the generation it made (or,
+// for an empty program, which sends nothing, the current one). The kernel
+// applies all of it or none. Run only makes sure that the generation it
+// returns is exactly its own commit's, to compare later ones with; that p
+// fits the kernel's table is RunAt's business.
 func (c *Conn) Run(p Program) (uint32, error) {
 	for try := 0; ; try++ {
 		g, err := c.Generation()

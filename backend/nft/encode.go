@@ -360,7 +360,8 @@ func (s AddRule) encode(b *batch) {
 	b.endNest(list)
 	if r.Comment != "" {
 		if len(r.Comment) > 250 {
-			r.Comment = r.Comment[:250]
+			b.fail(fmt.Errorf("rule %s: comment of %d bytes is longer than userdata holds", r, len(r.Comment)))
+			return
 		}
 		b.attr(unix.NFTA_RULE_USERDATA, udataString(udataRuleComment, r.Comment))
 	}

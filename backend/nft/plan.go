@@ -3,8 +3,6 @@ package nft
 import (
 	"fmt"
 	"strings"
-
-	"github.com/egress-snat/egress-snat/snat"
 )
 
 // Program is one change of our table: steps that Conn.Run sends as one
@@ -154,16 +152,18 @@ func Plan(have, want *Table) Program {
 		}
 	}
 	// Chains that go, or come back with another hook: flushed first, so
-	// that the sets their rules use can go.
+	// that the sets their rules use can go. One that comes back is
+	// deleted at once, to be created again under its name; one that goes
+	// is deleted last, when no rule can jump to it any more.
 	var gone []string
 	for _, h := range have.Chains {
-		if w := want.Chain(h.Name); w == nil || w.Hook != h.Hook {
+		switch w := want.Chain(h.Name); {
+		case w == nil:
 			add(FlushChain{Chain: h.Name})
 			gone = append(gone, h.Name)
+		case w.Hook != h.Hook:
+			add(FlushChain{Chain: h.Name}, DeleteChain{Chain: h.Name})
 		}
-	}
-	for _, name := range gone {
-		add(DeleteChain{Chain: name})
 	}
 	if rewriteAll {
 		for _, h := range have.Chains {
@@ -210,24 +210,13 @@ func Plan(have, want *Table) Program {
 			add(AddRule{Chain: c.Name, Rule: r})
 		}
 	}
+	for _, name := range gone {
+		add(DeleteChain{Chain: name})
+	}
 	for _, h := range have.Sets {
 		if want.Set(h.Name) == nil {
 			add(DeleteSet{Set: h.Name})
 		}
 	}
 	return p
-}
-
-// Families of a table's sets, for callers that report per family.
-func (t *Table) Families() []snat.Family {
-	var out []snat.Family
-	for _, f := range snat.Families {
-		for _, s := range t.Sets {
-			if s.Family == f {
-				out = append(out, f)
-				break
-			}
-		}
-	}
-	return out
 }

@@ -319,7 +319,7 @@ func (g *grouper) rules(t *Table) []Rule {
 // render returns the group's rules, adding its set to t when it has one.
 func (gr *group) render(t *Table) []Rule {
 	gr.elems.normalize()
-	base := Rule{Family: gr.fam, Counter: gr.chain == ChainNAT, Action: gr.action, Comment: gr.sender.String()}
+	base := Rule{Family: gr.fam, Counter: gr.chain == ChainNAT, Action: gr.action, Comment: comment(gr.sender)}
 	if gr.chain == ChainNAT {
 		base.Out = gr.out
 	}
@@ -352,6 +352,20 @@ func (gr *group) render(t *Table) []Rule {
 	t.Sets = append(t.Sets, s)
 	base.Set, base.SetBits = s.Name, s.Bits
 	return []Rule{base}
+}
+
+// maxComment is the longest rule comment written: nft(8) takes up to 128
+// bytes, and a comment read back must equal the one rendered.
+const maxComment = 128
+
+// comment is a rule's comment: its sender, for people reading the ruleset
+// (the cgroup match itself lists as `xt match "cgroup"`, without its path).
+func comment(s snat.Sender) string {
+	c := s.String()
+	if len(c) > maxComment {
+		c = c[:maxComment-3] + "..."
+	}
+	return c
 }
 
 // setName derives a set's name from its group's identity, not from its

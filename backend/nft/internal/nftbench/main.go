@@ -16,8 +16,9 @@
 //	nftbench change -f DSTFILE -rounds R
 //
 // writes the table, then moves the file's first destination to -other and
-// back, R times each, in process: the time of Plan+Run (what a daemon that
-// keeps its table pays) and of Render+Plan+Run.
+// back, R times each, in process: there by Patch+Run (a daemon that keeps
+// its table and knows what changed), back by Plan+Run and Render+Plan+Run
+// (one that knows only the entries).
 //
 //	nftbench oneshot -dst PREFIX -from ADDR -to ADDR
 //
@@ -350,10 +351,26 @@ func change(args []string) error {
 	}
 	i := slices.IndexFunc(es, func(e snat.Entry) bool { return e.Dst == first })
 	tos := []([]netip.Addr){{other}, es[i].To}
-	var txn, full []time.Duration
+	var txn, full, patch []time.Duration
 	var steps int
 	for r := 0; r < 2**rounds; r++ {
+		old := es[i]
 		es[i].To = tos[r%2]
+		if r%2 == 0 {
+			// There: as a daemon that knows what changed, by Patch.
+			t0 := time.Now()
+			p, want, ok := nft.Patch(have, []snat.Entry{old}, []snat.Entry{es[i]})
+			if !ok {
+				return errors.New("the change could not be patched")
+			}
+			if _, err := c.Run(p); err != nil {
+				return err
+			}
+			patch = append(patch, time.Since(t0))
+			have = want
+			continue
+		}
+		// Back: rendered and planned whole.
 		t0 := time.Now()
 		want, err := nft.Render(es)
 		if err != nil {
@@ -370,7 +387,7 @@ func change(args []string) error {
 		steps = len(p.Steps)
 		have = want
 	}
-	fmt.Printf("n=%d moved=%s steps=%d plan_run=%s render_plan_run=%s\n", len(es), first, steps, ms(median(txn)), ms(median(full)))
+	fmt.Printf("n=%d moved=%s steps=%d patch_run=%s plan_run=%s render_plan_run=%s\n", len(es), first, steps, ms(median(patch)), ms(median(txn)), ms(median(full)))
 	return nil
 }
 
