@@ -333,6 +333,10 @@ func (c *Conn) readOnce(elems bool) (*Table, error) {
 	if err != nil {
 		return nil, fmt.Errorf("reading the sets of table inet %s: %w", TableName, err)
 	}
+	counts, err := c.setCounts()
+	if err != nil {
+		return nil, fmt.Errorf("counting the elements of the sets of table inet %s: %w", TableName, err)
+	}
 	anon := map[string]*nftables.Set{}
 	for _, s := range sets {
 		if s.Anonymous {
@@ -345,6 +349,7 @@ func (c *Conn) readOnce(elems bool) (*Table, error) {
 			set = Set{Name: s.Name, Bits: -1}
 		}
 		set.Elems = NewElems(set.Family)
+		set.Count = counts[s.Name]
 		if elems && set.Bits >= 0 {
 			if set.Elems, err = c.elements(s.Name, set.Family); err != nil {
 				return nil, err
@@ -463,14 +468,81 @@ var errTornDump = errors.New("a set changed its order during its dump")
 // answers are read into one buffer and decoded straight into the packed
 // keys.
 func (c *Conn) elements(set string, f snat.Family) (Elems, error) {
-	fail := func(err error) (Elems, error) {
-		return Elems{}, fmt.Errorf("reading the elements of set %s: %w", set, err)
-	}
-	b := &batch{count: true}
-	req := func() {
-		m := b.begin(uint16(unix.NFNL_SUBSYS_NFTABLES<<8|unix.NFT_MSG_GETSETELEM), unix.NLM_F_DUMP, unix.NFPROTO_INET, 0)
+	e := NewElems(f)
+	err := c.dump(unix.NFT_MSG_GETSETELEM, func(b *batch) {
 		b.str(unix.NFTA_SET_ELEM_LIST_TABLE, TableName)
 		b.str(unix.NFTA_SET_ELEM_LIST_SET, set)
+	}, func(data []byte) error {
+		for typ, list := range attrs(data) {
+			if typ != unix.NFTA_SET_ELEM_LIST_ELEMENTS {
+				continue
+			}
+			for _, el := range attrs(list) {
+				for typ, key := range attrs(el) {
+					if typ != unix.NFTA_SET_ELEM_KEY {
+						continue
+					}
+					for typ, v := range attrs(key) {
+						if typ == unix.NFTA_DATA_VALUE {
+							if len(v) != e.width {
+								return fmt.Errorf("element %x is not an address of its family", v)
+							}
+							e.b = append(e.b, v...)
+						}
+					}
+				}
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		return Elems{}, fmt.Errorf("reading the elements of set %s: %w", set, err)
+	}
+	n := e.Len()
+	e.normalize()
+	if e.Len() != n {
+		return Elems{}, fmt.Errorf("%w: set %s gave %d elements, %d of them twice", errTornDump, set, n, n-e.Len())
+	}
+	return e, nil
+}
+
+// nftaSetCount is the kernel's count of a set's elements in its
+// description (NFTA_SET_COUNT, Linux 6.17 and later).
+const nftaSetCount = 20
+
+// setCounts returns the kernel's element count of each set of our table,
+// by name, without dumping an element: -1 for every set when the kernel
+// does not report counts.
+func (c *Conn) setCounts() (map[string]int, error) {
+	out := map[string]int{}
+	err := c.dump(unix.NFT_MSG_GETSET, func(b *batch) {
+		b.str(unix.NFTA_SET_TABLE, TableName)
+	}, func(data []byte) error {
+		name, count := "", -1
+		for typ, v := range attrs(data) {
+			switch typ {
+			case unix.NFTA_SET_NAME:
+				name = strings.TrimRight(string(v), "\x00")
+			case nftaSetCount:
+				if len(v) == 4 {
+					count = int(binary.BigEndian.Uint32(v))
+				}
+			}
+		}
+		out[name] = count
+		return nil
+	})
+	return out, err
+}
+
+// dump sends a dump request of type typ (an NFT_MSG_GET*) for family inet
+// with the attributes put writes, and calls each with every answer's
+// attributes until the dump is done, reading the answers into one buffer.
+func (c *Conn) dump(typ int, put func(*batch), each func([]byte) error) error {
+	b := &batch{count: true}
+	req := func() {
+		m := b.begin(uint16(unix.NFNL_SUBSYS_NFTABLES<<8|typ), unix.NLM_F_DUMP, unix.NFPROTO_INET, 0)
+		put(b)
 		b.end(m)
 	}
 	req()
@@ -479,18 +551,17 @@ func (c *Conn) elements(set string, f snat.Family) (Elems, error) {
 	c.seq++
 	raw, err := c.nl.SyscallConn()
 	if err != nil {
-		return fail(err)
+		return err
 	}
 	var serr error
 	if err := raw.Write(func(fd uintptr) bool {
 		serr = unix.Sendto(int(fd), b.buf, 0, &unix.SockaddrNetlink{Family: unix.AF_NETLINK})
 		return serr != unix.EAGAIN
 	}); err != nil || serr != nil {
-		return fail(errors.Join(err, serr))
+		return errors.Join(err, serr)
 	}
 	c.nl.SetReadDeadline(time.Now().Add(time.Minute))
 	defer c.nl.SetReadDeadline(time.Time{})
-	e := NewElems(f)
 	rbuf := make([]byte, 1<<16)
 	for {
 		var n int
@@ -498,11 +569,11 @@ func (c *Conn) elements(set string, f snat.Family) (Elems, error) {
 			n, _, serr = unix.Recvfrom(int(fd), rbuf, 0)
 			return serr != unix.EAGAIN
 		}); err != nil || serr != nil {
-			return fail(errors.Join(err, serr))
+			return errors.Join(err, serr)
 		}
 		msgs, err := syscall.ParseNetlinkMessage(rbuf[:n])
 		if err != nil {
-			return fail(err)
+			return err
 		}
 		for _, m := range msgs {
 			if m.Header.Seq != b.seq-1 {
@@ -510,16 +581,11 @@ func (c *Conn) elements(set string, f snat.Family) (Elems, error) {
 			}
 			switch m.Header.Type {
 			case unix.NLMSG_DONE:
-				n := e.Len()
-				e.normalize()
-				if e.Len() != n {
-					return Elems{}, fmt.Errorf("%w: set %s gave %d elements, %d of them twice", errTornDump, set, n, n-e.Len())
-				}
-				return e, nil
+				return nil
 			case unix.NLMSG_ERROR:
 				if len(m.Data) >= 4 {
 					if code := int32(binary.NativeEndian.Uint32(m.Data)); code != 0 {
-						return fail(syscall.Errno(-code))
+						return syscall.Errno(-code)
 					}
 				}
 				continue
@@ -527,25 +593,8 @@ func (c *Conn) elements(set string, f snat.Family) (Elems, error) {
 			if len(m.Data) < nfgenLen {
 				continue
 			}
-			for typ, list := range attrs(m.Data[nfgenLen:]) {
-				if typ != unix.NFTA_SET_ELEM_LIST_ELEMENTS {
-					continue
-				}
-				for _, el := range attrs(list) {
-					for typ, key := range attrs(el) {
-						if typ != unix.NFTA_SET_ELEM_KEY {
-							continue
-						}
-						for typ, v := range attrs(key) {
-							if typ == unix.NFTA_DATA_VALUE {
-								if len(v) != e.width {
-									return fail(fmt.Errorf("element %x is not an address of its family", v))
-								}
-								e.b = append(e.b, v...)
-							}
-						}
-					}
-				}
+			if err := each(m.Data[nfgenLen:]); err != nil {
+				return err
 			}
 		}
 	}

@@ -25,11 +25,9 @@ func evalChain(t *Table, chain string, p snat.Packet, mark uint32) *Rule {
 		}
 		switch r.Action.Kind {
 		case ActMark:
-			if mark == 0 {
-				mark = r.Action.Mark
-			}
-			// marking does not end the chain, but later marking rules
-			// see the mark; what decides is the first to match.
+			// Marking does not end the chain, but the later marking
+			// rules match only unmarked packets, and a later return
+			// keeps the mark: the first to match decides.
 			return r
 		case ActRestoreMark, ActSaveMark, ActCount:
 			continue // conntrack, counters: not part of the first packet's decision

@@ -47,6 +47,12 @@ type Set struct {
 	// uses it masks the destination address to it before the lookup.
 	Bits  int
 	Elems Elems
+	// Count is, in a table read back, the kernel's count of the set's
+	// elements (Linux 6.17 and later; -1 before), which ReadShape gets
+	// without dumping them: the cheap check that a set holds as many
+	// elements as wanted. Rendered tables leave it 0; comparisons of
+	// tables ignore it.
+	Count int
 }
 
 // Rule is one rule, typed: the matches it makes, in the order the
@@ -167,6 +173,20 @@ func (t *Table) Set(name string) *Set {
 		return nil
 	}
 	return &t.Sets[i]
+}
+
+// CountsMatch reports whether every set of want is in t (a table read
+// back by ReadShape) with as many elements as want's: the cheap check of
+// the elements, which a dump of big sets is not. It is false when the
+// kernel does not count (Linux before 6.17).
+func (t *Table) CountsMatch(want *Table) bool {
+	for _, w := range want.Sets {
+		s := t.Set(w.Name)
+		if s == nil || s.Count != w.Elems.Len() {
+			return false
+		}
+	}
+	return true
 }
 
 // Elements counts the elements of every set.

@@ -518,3 +518,27 @@ func TestWireKeeperIsNeeded(t *testing.T) {
 		t.Errorf("echo with an empty nat chain: %q; want the connection reset (did the kernel change?)", got)
 	}
 }
+
+// TestWireCountsCanary: the kernel's element counts, read without a dump,
+// tell a set that lost an element behind our back.
+func TestWireCountsCanary(t *testing.T) {
+	l := lab.New(t)
+	c := openIn(t, l)
+	es := fillers(5000, 32, "192.0.2.250", "192.0.2.22")
+	apply(t, c, es)
+	want := mustRender(t, es)
+	got, _, err := c.ReadShape()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got.Set(want.Sets[0].Name).Elems.Len() != 0 {
+		t.Errorf("ReadShape dumped elements")
+	}
+	if !got.CountsMatch(want) {
+		t.Fatalf("counts of a table just written differ: %+v", got.Sets)
+	}
+	l.Run(t, "nft", "delete", "element", "inet", TableName, want.Sets[0].Name, "{ 198.18.0.7 }")
+	if got, _, _ = c.ReadShape(); got.CountsMatch(want) {
+		t.Errorf("counts match after an element was deleted by hand: %+v", got.Sets)
+	}
+}

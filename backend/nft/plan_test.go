@@ -35,7 +35,8 @@ func canonical(t *Table) *Table {
 	return c
 }
 
-var tableOpts = cmp.Options{cmpOpts, cmpopts.IgnoreFields(Table{}, "Foreign"), cmpopts.IgnoreFields(Rule{}, "Packets", "Bytes"), cmpopts.EquateEmpty()}
+var tableOpts = cmp.Options{cmpOpts, cmpopts.IgnoreFields(Table{}, "Foreign"), cmpopts.IgnoreFields(Rule{}, "Packets", "Bytes"),
+	cmpopts.IgnoreFields(Set{}, "Count"), cmpopts.EquateEmpty()}
 
 func showSteps(p Program) string {
 	var kinds []string
