@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # fuzz.sh: what `make fuzz` runs. Runs every fuzz target for a bounded time:
 #
-#   snat   FuzzParseSave  iptables-save + ipset save text -> ParseSave/ParseSets;
+#   backend/iptables FuzzParseSave  iptables-save + ipset save text -> ParseSave/ParseSets;
 #                         what it reads as ours survives Render and a re-read
-#   snat   FuzzParseSets  ipset save text -> ParseSets -> SetRestorePayload
+#   backend/iptables FuzzParseSets  ipset save text -> ParseSets -> SetRestorePayload
 #   config FuzzDecode     desired-state YAML -> config.Decode; what it accepts
 #                         is well formed and survives being written back
 #   cmd    FuzzCLI        argument vectors -> the egress-snat app, the kernel
@@ -29,8 +29,8 @@ FUZZTIME=${FUZZTIME:-30s}
 FUZZMINIMIZE=${FUZZMINIMIZE:-5s}
 
 targets=(
-  "./snat FuzzParseSave"
-  "./snat FuzzParseSets"
+  "./backend/iptables FuzzParseSave"
+  "./backend/iptables FuzzParseSets"
   "./config FuzzDecode"
   "./cmd/egress-snat FuzzCLI"
 )

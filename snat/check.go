@@ -4,7 +4,6 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
-	"slices"
 	"strings"
 
 	"github.com/egress-snat/egress-snat/routes"
@@ -38,59 +37,19 @@ const (
 )
 
 // Diagnose compares the installed state with the desired entries and names
-// every difference by kind. It is pure; MakePlan(st, desired) is the repair.
-// What lingers for live connections is no difference once st.Live was read
-// (Manager.Plan reads it where it matters: call it first).
-func Diagnose(st *State, desired []Entry) []Finding {
+// every difference by kind: the backend's (its chains, sets and marks),
+// the routes and ip rules of ours, and each rule out of date. It changes
+// nothing; MakePlan(st, desired) is the repair. What lingers for live
+// connections is no difference once st.Live was read (Plan reads it where
+// it matters: call it first).
+func (m *Manager) Diagnose(st *State, desired []Entry) []Finding {
 	desired = Normalize(desired)
-	// The plan's chains, not a bare Render: they carry the names of the
-	// installed sets the desired ones are placed in (see placeSets).
-	plan := MakePlan(st, desired)
-	var out []Finding
+	plan := m.MakePlan(st, desired)
+	want := Want{Entries: desired, Tables: map[Family]map[netip.Addr]int{}, Live: st.Live}
 	for _, f := range Families {
-		in := st.Installed[f]
-		c := plan.Chains[f]
-		add := func(kind, format string, args ...any) {
-			out = append(out, Finding{Kind: kind, Family: f.String(), Detail: fmt.Sprintf(format, args...)})
-		}
-		if len(c.Rules) > 0 || in.ChainExists {
-			switch {
-			case len(in.Jumps) == 0:
-				add(DriftJumpMissing, "POSTROUTING has no jump to %s (flushed by a firewall reload?)", ChainName)
-			case !in.JumpFirst:
-				add(DriftJumpNotFirst, "the jump to %s is not the first POSTROUTING rule: rules inserted ahead of it win", ChainName)
-			}
-			if len(in.Jumps) > 1 {
-				add(DriftJumpDuplicated, "POSTROUTING jumps to %s %d times", ChainName, len(in.Jumps))
-			}
-		}
-		if len(c.Rules) > 0 && !in.ChainExists {
-			add(DriftChainMissing, "the %s chain is missing", ChainName)
-		}
-		// egress-snat removes its chain and jump together when a family
-		// has no rules, so an empty chain is always someone else's doing
-		// (iptables -t nat -F). Without a file the rules it lost are
-		// unknown and nothing else would name it: the desired state, read
-		// back from that very chain, is empty too.
-		if len(c.Rules) == 0 && in.ChainExists && len(in.Raw) == 0 {
-			add(DriftChainEmpty, "the %s chain is empty but still there: egress-snat never leaves it so, its rules were flushed (check -f FILE names them; apply -f FILE puts them back)", ChainName)
-		}
-		for _, r := range in.Foreign {
-			add(DriftChainAltered, "rule not written by egress-snat in %s: %s", ChainName, r)
-		}
-		for _, s := range c.Sets {
-			have, ok := st.Sets[s.Name]
-			switch {
-			case !ok:
-				add(DriftSetOutOfDate, "set %s is missing", s.Name)
-			case !sameMembers(have, s):
-				add(DriftSetOutOfDate, "set %s holds %d destinations and %d exceptions, want %d and %d", s.Name, len(have.Members), len(have.NoMatch), len(s.Members), len(s.NoMatch))
-			}
-		}
-		if in.ChainExists && len(in.Foreign) == 0 && !slices.Equal(in.Rules, c.Rules) && sameEntries(in.Entries, desired, f) {
-			add(DriftChainAltered, "the rules of %s are not in the order or shape egress-snat writes", ChainName)
-		}
+		want.Tables[f] = routes.ReplyTables(plan.Paths[f])
 	}
+	out := m.Backend.Diagnose(st.NAT, want, plan.NAT)
 	for _, f := range Families {
 		b := routes.Diff(st.Routing[f], plan.Routing[f])
 		if b.Add == "" && b.Del == "" {
@@ -98,12 +57,6 @@ func Diagnose(st *State, desired []Entry) []Finding {
 		}
 		what := strings.TrimSpace(strings.ReplaceAll(b.Add+b.Del, "\n", "; "))
 		out = append(out, Finding{Kind: DriftRoutes, Family: f.String(), Detail: "egress-snat's routes or ip rules differ (deleted, flushed or changed by hand?); the repair would run: " + what})
-	}
-	for _, f := range Families {
-		want := renderMangle(f, desired, routes.ReplyTables(plan.Paths[f]))
-		if !st.Mangle[f].inSync(want) {
-			out = append(out, Finding{Kind: DriftMarks, Family: f.String(), Detail: fmt.Sprintf("the mangle chains %s and %s, which send senders out of another interface, differ (flushed, or changed by hand?)", MarkChainFwd, MarkChainOut)})
-		}
 	}
 	for _, ch := range plan.Changes {
 		e := ch.New
@@ -113,21 +66,6 @@ func Diagnose(st *State, desired []Entry) []Finding {
 		out = append(out, Finding{Kind: DriftRuleOutOfDate, Family: e.Family().String(), Detail: "would " + ch.String()})
 	}
 	return out
-}
-
-func sameEntries(installed, desired []Entry, f Family) bool {
-	var a, b []Entry
-	for _, e := range installed {
-		if e.Family() == f {
-			a = append(a, e)
-		}
-	}
-	for _, e := range desired {
-		if e.Family() == f {
-			b = append(b, e)
-		}
-	}
-	return slices.EqualFunc(a, b, Entry.Equal)
 }
 
 // DesiredNow resolves intents against the host as it is now, for check. A

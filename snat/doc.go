@@ -1,50 +1,18 @@
-// Package snat owns egress-snat's rules in the kernel: it renders the
-// desired entries into one nat chain per address family (plus ipsets for
-// large destination lists), writes them in one atomic transaction, reads them
-// back, and removes them. The kernel is the only state: there is no state file.
+// Package snat is egress-snat's domain: what the operator asks for
+// (Intent: who sends, to which destinations, from which source), resolved
+// against the host into entries (Entry: the sender, destination and
+// interface a rule matches, the natural source it rewrites, the sources it
+// gives), normalized into the rules a chain needs, and the Manager that
+// makes the kernel hold them: it reads what is installed, plans the change
+// as a program of steps (make before break), runs it under a lock, and
+// puts the host back if a step fails.
 //
-// Layout, the same in iptables (IPv4) and ip6tables (IPv6):
+// The kernel objects are the backends' (snat.Backend): backend/iptables
+// (iptables-nft or iptables-legacy, with ipset) and backend/nft (a native
+// nftables table). The routes and ip rules of ours are package routes'.
+// Which source the kernel picks naturally is package selector's.
 //
-//	nat POSTROUTING
-//	  1: -m comment --comment egress-snat -j EGRESS-SNAT   <- always first
-//	  2..: foreign rules (Docker, kube-proxy, libvirt, firewalld), untouched
-//
-//	nat EGRESS-SNAT (ours alone; rewritten whole on every change)
-//	  set rules   -o OUT -s NATURAL -m set --match-set egress-snat4-… dst -j SNAT --to-source TO
-//	  host/prefix -o OUT -s NATURAL -d DST                              -j SNAT --to-source TO
-//	              (longest prefix first; -j RETURN keeps the natural source
-//	               for a destination carved out of a broader entry)
-//
-//	nat EGRESS-SNAT-KEEP (only while connections of removed rules live:
-//	  no jump to it; one conntrack rule per address, see linger.go)
-//
-// Why the jump is first: SNAT is decided on a connection's first packet by
-// the first matching rule, and a foreign MASQUERADE ahead of us would win.
-// Every write therefore deletes every jump it finds and inserts one at
-// position 1 in the same transaction, so tools that insert ahead of us at any
-// time are put back behind on the next write.
-//
-// Why -s NATURAL: like the article's command, a rule rewrites only traffic
-// that would otherwise leave with the kernel's natural source. Applications
-// that bind() another address explicitly, and forwarded traffic, keep theirs.
-// (Binding the natural source itself cannot be told apart in a packet.)
-//
-// Why longest prefix first: SNAT is a terminating target, so order decides,
-// and operators expect routing semantics: the most specific destination wins.
-// Set rules come first because each set also holds, as "nomatch" exceptions,
-// every more specific destination of another entry; a set therefore matches
-// only where one of its members is the longest match overall.
-//
-// The chain name, the comment and the ipset name prefix are this tool's
-// identity on every host it has ever run on. Never rename them: a renamed
-// chain would strand the rules of hosts that upgrade.
+// Precedence follows routing: the most specific match wins. A rule naming
+// who sends comes before one naming only the destination, the longer
+// prefix before the shorter (see compareEntryRefs), whatever the backend.
 package snat
-
-// Identity constants. Never change these; see the package comment.
-const (
-	ChainName = "EGRESS-SNAT"
-	Comment   = "egress-snat"
-	SetPrefix = "egress-snat"
-	table     = "nat"
-	hookChain = "POSTROUTING"
-)

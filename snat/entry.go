@@ -7,7 +7,6 @@ import (
 	"slices"
 	"sort"
 	"strings"
-	"unsafe"
 )
 
 // Family is an address family: each has its own nat table and chain.
@@ -173,31 +172,32 @@ func (e Entry) selfTarget() bool {
 	return !e.Routed && e.Sender.Local() && len(e.To) == 1 && e.To[0] == e.Natural
 }
 
-// groupKey identifies the entries that can share one set rule: same
-// sender, interface, natural source and target.
-type groupKey struct {
-	Sender  Sender
-	Out     string
-	Natural netip.Addr
-	To      string
-}
-
-// grouper computes group keys for many entries. Entries resolved from one
-// rule share their To slice, so it remembers the last slice it rendered:
-// at 100,000 destinations, rendering To once per entry was a tenth of an
-// apply.
-type grouper struct {
-	last    *netip.Addr
-	lastLen int
-	lastStr string
-}
-
-func (g *grouper) key(e *Entry) groupKey {
-	if len(e.To) == 0 || unsafe.SliceData(e.To) != g.last || len(e.To) != g.lastLen {
-		g.last, g.lastLen, g.lastStr = unsafe.SliceData(e.To), len(e.To), e.ToString()
+// OfFamily returns f's entries, sorted. Sorted input (entries are sorted by
+// family first) gives a subslice without copying.
+func OfFamily(entries []Entry, f Family) []Entry {
+	if sortedEntries(entries) {
+		lo, _ := slices.BinarySearchFunc(entries, f, func(e Entry, f Family) int { return int(e.Family()) - int(f) })
+		hi := lo
+		for hi < len(entries) && entries[hi].Family() == f {
+			hi++
+		}
+		return entries[lo:hi]
 	}
-	return groupKey{Sender: e.Sender, Out: e.Out, Natural: e.Natural, To: g.lastStr}
+	var mine []Entry
+	for _, e := range entries {
+		if e.Family() == f {
+			mine = append(mine, e)
+		}
+	}
+	SortEntries(mine)
+	return mine
 }
+
+// SetThreshold is the number of destinations sharing interface, natural
+// source and target from which a backend puts them into one set (an ipset,
+// a set of the nftables table) instead of one rule each. Below it, single
+// rules are easier to read in iptables -S or nft list ruleset.
+const SetThreshold = 8
 
 // SortEntries orders entries the way the chain evaluates them for single
 // rules: family, then longest prefix first, then address, so rendering is
@@ -208,7 +208,7 @@ func SortEntries(es []Entry) {
 	}
 }
 
-// sortedEntries is slices.IsSortedFunc(es, compareEntries) without copying
+// sortedEntries is slices.IsSortedFunc(es, CompareEntries) without copying
 // two entries into every comparison: at 100,000 entries, checking order by
 // value was a tenth of a no-op apply.
 func sortedEntries(es []Entry) bool {
@@ -220,11 +220,11 @@ func sortedEntries(es []Entry) bool {
 	return true
 }
 
-// compareEntries is the chain's order, which is the precedence: family,
+// CompareEntries is the chain's order, which is the precedence: family,
 // then who sends (a rule naming a sender before destination-only rules, the
 // more specific sender first), then the longest destination prefix first.
 // The rest only makes the order total.
-func compareEntries(a, b Entry) int { return compareEntryRefs(&a, &b) }
+func CompareEntries(a, b Entry) int { return compareEntryRefs(&a, &b) }
 
 func compareEntryRefs(a, b *Entry) int {
 	if a4, b4 := a.Dst.Addr().Is4(), b.Dst.Addr().Is4(); a4 != b4 {
@@ -308,19 +308,19 @@ func Normalize(es []Entry) []Entry {
 func shadowedLater(e Entry, rewriting, keeps []Entry) bool {
 	var cover *Entry
 	for i, k := range keeps {
-		if k.Match == e.Match || k.Out != e.Out || k.Natural != e.Natural || compareEntries(k, e) <= 0 {
+		if k.Match == e.Match || k.Out != e.Out || k.Natural != e.Natural || CompareEntries(k, e) <= 0 {
 			continue
 		}
 		if k.Dst.Bits() <= e.Dst.Bits() && k.Dst.Contains(e.Dst.Addr()) && k.Sender.Contains(e.Sender) &&
-			(cover == nil || compareEntries(k, *cover) < 0) {
+			(cover == nil || CompareEntries(k, *cover) < 0) {
 			cover = &keeps[i]
 		}
 	}
 	for _, o := range rewriting {
-		if o.Out != e.Out || o.Natural != e.Natural || compareEntries(o, e) <= 0 {
+		if o.Out != e.Out || o.Natural != e.Natural || CompareEntries(o, e) <= 0 {
 			continue
 		}
-		if cover != nil && compareEntries(o, *cover) > 0 {
+		if cover != nil && CompareEntries(o, *cover) > 0 {
 			continue
 		}
 		if o.Dst.Overlaps(e.Dst) && o.Sender.Contains(e.Sender) {
@@ -331,7 +331,7 @@ func shadowedLater(e Entry, rewriting, keeps []Entry) bool {
 }
 
 // Effective returns the entry that decides the source of a new connection
-// like p: the first entry of the chain (in chain order, see compareEntries)
+// like p: the first entry of the chain (in chain order, see CompareEntries)
 // whose rule matches it. Nil means no rule applies.
 func Effective(entries []Entry, p Packet) *Entry {
 	var best *Entry
@@ -339,7 +339,7 @@ func Effective(entries []Entry, p Packet) *Entry {
 		if !e.matches(p) {
 			continue
 		}
-		if best == nil || compareEntries(e, *best) < 0 {
+		if best == nil || CompareEntries(e, *best) < 0 {
 			best = &entries[i]
 		}
 	}

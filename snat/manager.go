@@ -2,8 +2,8 @@ package snat
 
 import (
 	"fmt"
+	"net/netip"
 	"slices"
-	"sync"
 	"time"
 
 	"github.com/egress-snat/egress-snat/routes"
@@ -12,8 +12,9 @@ import (
 // Manager installs, reads and removes the managed rules. It holds no state of
 // its own: every operation reads the kernel first.
 type Manager struct {
-	Tables Tables
-	Sets   IPSets
+	// Backend holds the NAT rules and marks: backend/iptables (both
+	// flavours, with ipset) or backend/nft.
+	Backend Backend
 	// Locker serializes writers; nil means FileLock, the per-namespace
 	// lock under /run that every egress-snat process takes.
 	Locker Locker
@@ -22,6 +23,55 @@ type Manager struct {
 	// Flows reads what live connections hold, for plans that would take
 	// something away from them (linger.go); nil: nothing is kept for them.
 	Flows Flows
+}
+
+// Backend is where the rules that give new connections their source live:
+// the NAT rules, and the marks that send a sender out of another
+// interface. It reads what the kernel holds of ours, plans a change as the
+// steps its kernel objects need, in their order, and names drift. The
+// Manager owns the rest: resolving, the routes and ip rules of ours
+// (package routes), the lock, the order of the whole program, running it.
+type Backend interface {
+	// Read reads what the kernel holds of ours. known, when not nil, is
+	// the backend's part of the last plan the caller wrote (a daemon
+	// repairing drift): the backend may take objects the kernel shows
+	// unchanged as still holding what that plan put there, instead of
+	// reading all of their content.
+	Read(known NATPlan) (Installation, error)
+	// Plan returns the backend's part of the program that makes the
+	// kernel hold want, given have. It has no side effects.
+	Plan(have Installation, want Want) NATPlan
+	// Diagnose names every difference between have and what plan (made
+	// by Plan from have and want) would write, by kind.
+	Diagnose(have Installation, want Want, plan NATPlan) []Finding
+	// Generations returns, per family, a number that changes whenever the
+	// backend's objects may have changed, at no process's cost: a daemon
+	// reads nothing else while it is unchanged.
+	Generations() (map[Family]uint64, error)
+	// QuickDrift compares the kernel with what plan p leaves, cheaply
+	// (without reading every set member): a description of the first
+	// difference, or "".
+	QuickDrift(p NATPlan) (string, error)
+}
+
+// Installation is what a backend read of ours.
+type Installation interface {
+	// Entries returns f's installed entries, sorted; those the backend
+	// marks out of another interface are Marked, with the Via of their
+	// reply table in routing.
+	Entries(f Family, routing routes.State) []Entry
+}
+
+// Want is the desired state as a backend plans it.
+type Want struct {
+	// Entries are the normalized desired entries of both families.
+	Entries []Entry
+	// Tables number the reply tables per family and source address: the
+	// marks that send a sender out of another interface name them.
+	Tables map[Family]map[netip.Addr]int
+	// Live is what live connections hold (nil: not read; keep what is
+	// kept for them).
+	Live *Liveness
 }
 
 // Routing is what the Manager needs of policy routing: routes.System, or
@@ -34,18 +84,12 @@ type Routing interface {
 	Batch(is4 bool, input string) error
 }
 
-// State is what the kernel holds of ours, read in one pass: one save per
-// family and one ipset save.
+// State is what the kernel holds of ours: the backend's NAT objects and
+// the routes and ip rules of ours.
 type State struct {
-	// CanDropNATTable is the backend's: see Tables.
-	CanDropNATTable bool
-	Installed       map[Family]Installed
-	// Sets are all sets with our name prefix, referenced or not.
-	Sets map[string]Set
+	NAT Installation
 	// Routing holds our rules and routes per family.
 	Routing map[Family]routes.State
-	// Mangle holds our mangle chains per family.
-	Mangle map[Family]MangleInstalled
 	// Live is what live connections hold: nil until a plan needs it
 	// (Manager.Plan). See linger.go.
 	Live *Liveness
@@ -55,16 +99,16 @@ type State struct {
 func (s *State) Entries() []Entry {
 	var parts [][]Entry
 	for _, f := range Families {
-		for _, p := range [][]Entry{markedEntries(s.Installed[f].Entries, s.Mangle[f], s.Routing[f]), routedEntries(s.Routing[f])} {
+		for _, p := range [][]Entry{s.NAT.Entries(f, s.Routing[f]), routedEntries(s.Routing[f])} {
 			if len(p) > 0 {
 				parts = append(parts, p)
 			}
 		}
 	}
 	if len(parts) == 1 && sortedEntries(parts[0]) {
-		// One list, sorted as ParseSave leaves it: returned as it is, not
-		// copied (at 100,000 entries the copy was a tenth of a no-op).
-		// Callers do not change it in place.
+		// One list, sorted as the backend reads it: returned as it is,
+		// not copied (at 100,000 entries the copy was a tenth of a
+		// no-op). Callers do not change it in place.
 		return parts[0]
 	}
 	out := slices.Concat(parts...)
@@ -73,49 +117,16 @@ func (s *State) Entries() []Entry {
 }
 
 // Read reads the kernel's current state.
-func (m *Manager) Read() (*State, error) {
-	// The three dumps are independent; running them at once saves most of
-	// a no-op apply's time.
-	var setText string
-	var setErr error
-	texts := map[Family]string{}
-	errs := map[Family]error{}
-	var wg sync.WaitGroup
-	var mu sync.Mutex
-	wg.Go(func() { setText, setErr = m.Sets.Save() })
-	for _, f := range Families {
-		wg.Go(func() {
-			t, err := m.Tables.Save(f)
-			mu.Lock()
-			texts[f], errs[f] = t, err
-			mu.Unlock()
-		})
-	}
-	wg.Wait()
-	if setErr != nil {
-		return nil, setErr
-	}
-	sets, err := ParseSets(setText)
+func (m *Manager) Read() (*State, error) { return m.read(nil) }
+
+// read reads the state, the backend taking known as described at
+// Backend.Read.
+func (m *Manager) read(known NATPlan) (*State, error) {
+	nat, err := m.Backend.Read(known)
 	if err != nil {
 		return nil, err
 	}
-	return m.build(sets, texts, errs)
-}
-
-// readWith is Read with the sets given instead of read.
-func (m *Manager) readWith(sets map[string]Set) (*State, error) {
-	texts := map[Family]string{}
-	errs := map[Family]error{}
-	for _, f := range Families {
-		texts[f], errs[f] = m.Tables.Save(f)
-	}
-	return m.build(sets, texts, errs)
-}
-
-// build parses the dumps into a State.
-func (m *Manager) build(sets map[string]Set, texts map[Family]string, errs map[Family]error) (*State, error) {
-	var err error
-	st := &State{Installed: map[Family]Installed{}, Sets: sets, CanDropNATTable: m.Tables.CanDropNATTable(), Routing: map[Family]routes.State{}, Mangle: map[Family]MangleInstalled{}}
+	st := &State{NAT: nat, Routing: map[Family]routes.State{}}
 	if m.Routing != nil {
 		for _, f := range Families {
 			if st.Routing[f], err = m.Routing.Read(f == IPv4); err != nil {
@@ -123,81 +134,48 @@ func (m *Manager) build(sets map[string]Set, texts map[Family]string, errs map[F
 			}
 		}
 	}
-	for _, f := range Families {
-		if errs[f] != nil {
-			return nil, errs[f]
-		}
-		in, err := ParseSave(f, texts[f], sets)
-		if err != nil {
-			return nil, err
-		}
-		st.Installed[f] = in
-		if st.Mangle[f], err = parseMangle(f, texts[f]); err != nil {
-			return nil, err
-		}
-	}
 	return st, nil
 }
 
+// Request is one write through Update.
+type Request struct {
+	// Desired returns the complete desired entries given what is
+	// installed. It runs under the lock.
+	Desired func(*State) ([]Entry, error)
+	// DryRun plans and writes nothing.
+	DryRun bool
+	// Then, when set, runs under the same lock once the kernel holds the
+	// plan (not on a dry run): a change that must land in the kernel and
+	// somewhere else (the permanent file) in one step. If Then fails,
+	// the kernel is put back as it was read, so both or neither change.
+	Then func(Plan) error
+	// Known is the backend's part of the plan the caller wrote last (a
+	// daemon repairing drift, which knows the content of the sets it
+	// wrote): see Backend.Read. Nil reads everything.
+	Known NATPlan
+	// LockTimeout bounds the wait for the lock.
+	LockTimeout time.Duration
+}
+
 // Update is the one write path: under the lock it reads the kernel, asks
-// desired for the complete desired entries given what is installed, plans,
-// and applies the plan unless dryRun. An empty plan writes nothing.
-func (m *Manager) Update(lockTimeout time.Duration, dryRun bool, desired func(*State) ([]Entry, error)) (*State, Plan, error) {
-	return m.UpdateThen(lockTimeout, dryRun, desired, nil)
-}
-
-// UpdateThen is Update with a last step, then, that runs under the same lock
-// once the kernel holds the plan (not on a dry run): a change that must land
-// in the kernel and somewhere else (the permanent file) in one step. If then
-// fails, the kernel is put back as it was read, so both or neither change.
-func (m *Manager) UpdateThen(lockTimeout time.Duration, dryRun bool, desired func(*State) ([]Entry, error), then func(Plan) error) (*State, Plan, error) {
-	return m.update(m.Read, lockTimeout, dryRun, desired, then)
-}
-
-// UpdateKnowing is Update for a caller that knows the members of the sets
-// it wrote last (a daemon repairing drift): a set whose name and entry
-// count the kernel still shows is taken to hold them, which names that are
-// digests of the members make safe but for a hand edit that keeps the
-// count; the daemon's slow full read finds those. Any other set makes it
-// read everything, as Update does.
-func (m *Manager) UpdateKnowing(known []Set, lockTimeout time.Duration, desired func(*State) ([]Entry, error)) (*State, Plan, error) {
-	read := func() (*State, error) {
-		heads, err := m.Sets.Headers()
-		if err != nil {
-			return nil, err
-		}
-		byName := make(map[string]Set, len(known))
-		for _, s := range known {
-			byName[s.Name] = s
-		}
-		sets := make(map[string]Set, len(heads))
-		for name, n := range heads {
-			s, ok := byName[name]
-			if !ok || len(s.Members)+len(s.NoMatch) != n {
-				return m.Read()
-			}
-			sets[name] = s
-		}
-		return m.readWith(sets)
-	}
-	return m.update(read, lockTimeout, false, desired, nil)
-}
-
-func (m *Manager) update(read func() (*State, error), lockTimeout time.Duration, dryRun bool, desired func(*State) ([]Entry, error), then func(Plan) error) (*State, Plan, error) {
+// r.Desired for the complete desired entries given what is installed,
+// plans, and applies the plan unless r.DryRun, then runs r.Then. An empty
+// plan writes nothing.
+func (m *Manager) Update(r Request) (*State, Plan, error) {
 	locker := m.Locker
 	if locker == nil {
 		locker = FileLock{}
 	}
-	unlock, err := locker.Lock(lockTimeout)
+	unlock, err := locker.Lock(r.LockTimeout)
 	if err != nil {
 		return nil, Plan{}, err
 	}
 	defer unlock()
-	st, err := read()
+	st, err := m.read(r.Known)
 	if err != nil {
 		return nil, Plan{}, err
 	}
-	want, err := desired(st)
+	want, err := r.Desired(st)
 	if err != nil {
 		return st, Plan{}, err
 	}
@@ -205,7 +183,7 @@ func (m *Manager) update(read func() (*State, error), lockTimeout time.Duration,
 	if err != nil {
 		return st, p, err
 	}
-	if dryRun {
+	if r.DryRun {
 		return st, p, nil
 	}
 	if !p.Empty() {
@@ -213,10 +191,10 @@ func (m *Manager) update(read func() (*State, error), lockTimeout time.Duration,
 			return st, p, err
 		}
 	}
-	if then == nil {
+	if r.Then == nil {
 		return st, p, nil
 	}
-	if err := then(p); err != nil {
+	if err := r.Then(p); err != nil {
 		if p.Empty() {
 			return st, p, err
 		}
@@ -229,12 +207,12 @@ func (m *Manager) update(read func() (*State, error), lockTimeout time.Duration,
 }
 
 // Plan is MakePlan that keeps what live connections need: when the plan
-// would take away something they may use (see Plan.strands), it reads what
+// would take away something they may use (see strands), it reads what
 // they hold (Flows) into st.Live and plans again, so that they keep it
 // until they end. A st.Live already set (clear --now sets an empty one) is
 // taken as it is.
 func (m *Manager) Plan(st *State, desired []Entry) (Plan, error) {
-	p := MakePlan(st, desired)
+	p := m.MakePlan(st, desired)
 	if st.Live != nil || m.Flows == nil || !p.strands(st) {
 		return p, nil
 	}
@@ -243,7 +221,7 @@ func (m *Manager) Plan(st *State, desired []Entry) (Plan, error) {
 		return p, fmt.Errorf("reading the connections a change must keep: %w", err)
 	}
 	st.Live = &live
-	return MakePlan(st, desired), nil
+	return m.MakePlan(st, desired), nil
 }
 
 // restore makes the kernel hold st's entries again.
@@ -252,34 +230,60 @@ func (m *Manager) restore(st *State) error {
 	if err != nil {
 		return err
 	}
-	return m.Apply(MakePlan(now, st.Entries()))
+	now.Live = st.Live
+	return m.Apply(m.MakePlan(now, st.Entries()))
 }
 
-// Summary counts the plan's changes and the resulting chains in one line:
-// "1 added, 0 changed, 2 removed (chains now: 3 rules, 1 set of 10000 destinations)".
+// Summary counts the plan's changes and what the kernel holds after it in
+// one line: "1 added, 0 changed, 2 removed (chains now: 3 rules, 1 set of
+// 10000 destinations)".
 func (p Plan) Summary() string {
 	n := map[string]int{}
 	for _, c := range p.Changes {
 		n[c.Op]++
 	}
-	rules, sets, members := 0, 0, 0
-	for _, c := range p.Chains {
-		rules += len(c.Rules)
-		sets += len(c.Sets)
-		for _, s := range c.Sets {
-			members += len(s.Members)
-		}
-	}
-	now := plural(rules, "rule")
-	if sets > 0 {
-		now += fmt.Sprintf(", %s of %s", plural(sets, "set"), plural(members, "destination"))
+	now := "0 rules"
+	if p.NAT != nil {
+		now = p.NAT.Holds()
 	}
 	return fmt.Sprintf("%d added, %d changed, %d removed (chains now: %s)", n["add"], n["change"], n["remove"], now)
 }
 
-func plural(n int, word string) string {
+// Plural is "1 rule", "2 rules": n and the word, for summaries.
+func Plural(n int, word string) string {
 	if n == 1 {
 		return "1 " + word
 	}
 	return fmt.Sprintf("%d %ss", n, word)
+}
+
+// Generations is the backend's: see Backend.Generations.
+func (m *Manager) Generations() (map[Family]uint64, error) { return m.Backend.Generations() }
+
+// QuickDrift compares the kernel with what plan p leaves, cheaply: the
+// backend's objects (Backend.QuickDrift) and our ip rules. It returns a
+// description of the first difference, or "" when they agree.
+func (m *Manager) QuickDrift(p Plan) (string, error) {
+	if d, err := m.Backend.QuickDrift(p.NAT); err != nil || d != "" {
+		return d, err
+	}
+	if m.Routing != nil {
+		for _, f := range Families {
+			have, err := m.Routing.Rules(f == IPv4)
+			if err != nil {
+				return "", err
+			}
+			if !slices.Equal(have, p.Routing[f].Rules) {
+				return fmt.Sprintf("the %s ip rules of egress-snat differ", f), nil
+			}
+		}
+	}
+	return "", nil
+}
+
+// SetNamer is an Installation that holds destinations in named sets (an
+// ipset, a set of the nftables table): SetNames tells which holds an
+// entry, "" when a rule names it alone.
+type SetNamer interface {
+	SetNames() func(Entry) string
 }

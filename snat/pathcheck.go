@@ -60,7 +60,7 @@ func PolicyAhead(pl PathLooker, desired []Entry) ([]Finding, error) {
 		byRule := map[string]*broken{}
 		var order []string
 		lookups := 0
-		for _, e := range ofFamily(desired, f) {
+		for _, e := range OfFamily(desired, f) {
 			if !e.Routed && !e.Marked {
 				continue
 			}

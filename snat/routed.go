@@ -43,41 +43,6 @@ func pathsOf(f Family, entries []Entry) []routes.Path {
 	return paths
 }
 
-// markedEntries returns the nat chain's entries with Marked, Replies and
-// Via set where a mangle rule marks their traffic for their source's reply
-// table.
-func markedEntries(entries []Entry, m MangleInstalled, rs routes.State) []Entry {
-	marks := m.marks()
-	if len(marks) == 0 {
-		return entries
-	}
-	via := map[int]netip.Addr{}
-	for _, r := range rs.Routes {
-		if r.Table != routes.Table {
-			via[r.Table] = r.Via
-		}
-	}
-	byMark := map[uint32]int{}
-	for _, r := range rs.Rules {
-		if r.Priority == routes.PrioReplies && r.Mark != 0 {
-			byMark[r.Mark] = r.Table
-		}
-	}
-	out := slices.Clone(entries)
-	for i, e := range out {
-		if e.Keep() || e.Sender.IsHost() {
-			continue
-		}
-		mark, ok := marks[markMatch(e)]
-		if !ok {
-			continue
-		}
-		out[i].Marked, out[i].Replies = true, true
-		out[i].Via = via[byMark[mark]]
-	}
-	return out
-}
-
 // ReplyMark is the fwmark that sends a marked entry's traffic to its
 // source's reply table, as the mangle chains set it for entries rendered
 // together with all of entries. It reports false when e is not marked or

@@ -15,8 +15,10 @@ import (
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
 
+	"github.com/egress-snat/egress-snat/backend/iptables"
 	"github.com/egress-snat/egress-snat/config"
 	"github.com/egress-snat/egress-snat/conntrack"
+	"github.com/egress-snat/egress-snat/internal/caps"
 	"github.com/egress-snat/egress-snat/routes"
 	"github.com/egress-snat/egress-snat/selector"
 	"github.com/egress-snat/egress-snat/snat"
@@ -203,9 +205,12 @@ type env struct {
 	// tests with fakes.
 	policy snat.PathLooker
 	// nl is the netlink handle for conntrack; nil in tests with fakes.
-	nl          *netlink.Handle
-	mgr         *snat.Manager
-	backend     snat.Backend
+	nl  *netlink.Handle
+	mgr *snat.Manager
+	// flavour is the iptables flavour in use, ipt the iptables backend
+	// (nil in tests with fakes).
+	flavour     iptables.Flavour
+	ipt         *iptables.Backend
 	lockTimeout time.Duration
 	out         io.Writer
 }
@@ -232,14 +237,14 @@ var envFor = hostEnv
 // hostEnv builds the env; it checks privileges first so that an unprivileged
 // run says exactly what it lacks instead of an iptables error.
 func hostEnv(c *cli.Context) (*env, error) {
-	if !snat.HaveCapNetAdmin() {
+	if !caps.NetAdmin(0) {
 		return nil, errors.New("this needs root or CAP_NET_ADMIN (it reads and writes iptables rules and routes); run it with sudo")
 	}
-	backend, err := snat.DetectBackend(c.String("iptables-backend"))
+	flavour, err := iptables.DetectFlavour(c.String("iptables-backend"))
 	if err != nil {
 		return nil, err
 	}
-	tables, err := snat.NewExecTables(backend, c.Duration("lock-timeout"))
+	tables, err := iptables.NewExecTables(flavour, c.Duration("lock-timeout"))
 	if err != nil {
 		return nil, err
 	}
@@ -248,13 +253,15 @@ func hostEnv(c *cli.Context) (*env, error) {
 		return nil, fmt.Errorf("opening netlink: %w", err)
 	}
 	wait := c.Duration("lock-timeout")
+	ipt := &iptables.Backend{Tables: tables, Sets: iptables.ExecIPSets{}}
 	return &env{
 		sel:         selector.Excluding(h, routes.LookupMark, routes.Ours),
 		paths:       selector.New(h),
 		policy:      hostPolicy{selector.New(h), routes.System{}},
 		nl:          h,
-		mgr:         &snat.Manager{Tables: tables, Sets: snat.ExecIPSets{}, Routing: routes.System{}, Flows: hostFlows{h}},
-		backend:     backend,
+		mgr:         &snat.Manager{Backend: ipt, Routing: routes.System{}, Flows: hostFlows{h}},
+		flavour:     flavour,
+		ipt:         ipt,
 		lockTimeout: wait,
 		out:         c.App.Writer,
 	}, nil

@@ -73,11 +73,11 @@ refused (exit 1).`,
 		if err := refusePending(c, e); err != nil {
 			return err
 		}
-		_, plan, err := e.mgr.Update(e.lockTimeout, c.Bool("dry-run"), func(*snat.State) ([]snat.Entry, error) {
+		_, plan, err := e.mgr.Update(snat.Request{LockTimeout: e.lockTimeout, DryRun: c.Bool("dry-run"), Desired: func(*snat.State) ([]snat.Entry, error) {
 			es, err := snat.Resolve(e.sel, intents)
 			intents = nil // called once; a million intents are 200 MB the plan need not share
 			return es, err
-		})
+		}})
 		if err != nil {
 			return err
 		}

@@ -17,6 +17,7 @@ import (
 
 	"github.com/google/go-cmp/cmp"
 
+	"github.com/egress-snat/egress-snat/backend/iptables"
 	"github.com/egress-snat/egress-snat/internal/lab"
 	"github.com/egress-snat/egress-snat/snat"
 )
@@ -40,7 +41,7 @@ func writeConfig(t *testing.T, dir string, files ...string) string {
 func chainRules(ruleset string) []string {
 	var out []string
 	for line := range strings.Lines(ruleset) {
-		if strings.HasPrefix(line, "-A "+snat.ChainName+" ") {
+		if strings.HasPrefix(line, "-A "+iptables.ChainName+" ") {
 			out = append(out, strings.TrimSpace(line))
 		}
 	}
@@ -51,7 +52,7 @@ func chainRules(ruleset string) []string {
 func ourSets(ruleset string) []string {
 	var out []string
 	for _, name := range lab.SetNames(ruleset) {
-		if strings.HasPrefix(name, snat.SetPrefix) {
+		if strings.HasPrefix(name, iptables.SetPrefix) {
 			out = append(out, name)
 		}
 	}
@@ -430,7 +431,7 @@ func TestApplyDryRun(t *testing.T) {
 		if n, ok := strings.CutPrefix(line, "create "); ok {
 			setName = strings.Fields(n)[0]
 		}
-		if strings.HasPrefix(line, "-A "+snat.ChainName+" ") {
+		if strings.HasPrefix(line, "-A "+iptables.ChainName+" ") {
 			payloadRules++
 		}
 	}
@@ -615,8 +616,8 @@ func TestApplyIPv6(t *testing.T) {
 	applyOK(t, l, path)
 	rs = l.Ruleset(t)
 	wantShape(t, "with an IPv6 set", rs, 3, 1, 1)
-	if sets := ourSets(rs); len(sets) != 1 || !strings.HasPrefix(sets[0], snat.SetPrefix+"6-") {
-		t.Errorf("ipsets %q, want one IPv6 set (%s6-…)", sets, snat.SetPrefix)
+	if sets := ourSets(rs); len(sets) != 1 || !strings.HasPrefix(sets[0], iptables.SetPrefix+"6-") {
+		t.Errorf("ipsets %q, want one IPv6 set (%s6-…)", sets, iptables.SetPrefix)
 	} else if got := setContent(t, l, sets[0]); !slices.Contains(got, "2001:db8:ffff::4 nomatch") {
 		t.Errorf("set %s holds %q, want 2001:db8:ffff::4 as a nomatch exception", sets[0], got)
 	}

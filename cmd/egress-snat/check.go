@@ -138,7 +138,7 @@ func runCheck(c *cli.Context) ([]snat.Finding, error) {
 	if _, err := e.mgr.Plan(st, desired); err != nil {
 		return nil, err
 	}
-	findings = append(findings, snat.Diagnose(st, desired)...)
+	findings = append(findings, e.mgr.Diagnose(st, desired)...)
 	if e.policy != nil {
 		ahead, err := snat.PolicyAhead(e.policy, desired)
 		if err != nil {

@@ -42,9 +42,9 @@ func applyConfirmed(c *cli.Context, e *env, intents []snat.Intent, timeout time.
 		return cli.Exit(pendingRefusal(rec), exitFailure)
 	}
 	var rec *pending.Record
-	_, plan, err := e.mgr.Update(e.lockTimeout, false, func(st *snat.State) ([]snat.Entry, error) {
+	_, plan, err := e.mgr.Update(snat.Request{LockTimeout: e.lockTimeout, Desired: func(st *snat.State) ([]snat.Entry, error) {
 		desired, err := snat.Resolve(e.sel, intents)
-		if err != nil || snat.MakePlan(st, desired).Empty() {
+		if err != nil || e.mgr.MakePlan(st, desired).Empty() {
 			return desired, err // nothing will change: nothing to revert
 		}
 		prev, err := encodeEntries(st.Entries())
@@ -68,7 +68,7 @@ func applyConfirmed(c *cli.Context, e *env, intents []snat.Intent, timeout time.
 			return nil, err
 		}
 		return desired, nil
-	})
+	}})
 	if err != nil {
 		if rec != nil { // the write failed: the host is as it was
 			pending.Stop(rec)
@@ -121,7 +121,7 @@ func reverterArgv(c *cli.Context, e *env, token string) []string {
 	if err != nil {
 		exe = "/proc/self/exe"
 	}
-	return []string{exe, "--iptables-backend", string(e.backend), "--lock-timeout", e.lockTimeout.String(), revertCommand.Name, "--token", token}
+	return []string{exe, "--iptables-backend", string(e.flavour), "--lock-timeout", e.lockTimeout.String(), revertCommand.Name, "--token", token}
 }
 
 var confirmCommand = &cli.Command{
@@ -212,7 +212,7 @@ func revertOnce(c *cli.Context, store pending.Store, token string) (done bool, e
 	if err == nil {
 		var e *env
 		if e, err = envFor(c); err == nil {
-			_, _, err = e.mgr.Update(e.lockTimeout, false, func(*snat.State) ([]snat.Entry, error) { return prev, nil })
+			_, _, err = e.mgr.Update(snat.Request{LockTimeout: e.lockTimeout, Desired: func(*snat.State) ([]snat.Entry, error) { return prev, nil }})
 		}
 	}
 	if err != nil {

@@ -276,7 +276,7 @@ func relFirewallReload(t *testing.T, l *lab.Lab) {
 	for _, fam := range []int{4, 6} {
 		var b strings.Builder
 		b.WriteString("-F POSTROUTING\n")
-		for line := range strings.Lines(l.Run(t, iptables(fam), "-w", "5", "-t", "nat", "-S", "POSTROUTING")) {
+		for line := range strings.Lines(l.Run(t, iptablesCmd(fam), "-w", "5", "-t", "nat", "-S", "POSTROUTING")) {
 			if strings.HasPrefix(line, "-A ") && !isOurs(line) {
 				b.WriteString(line)
 			}
@@ -290,10 +290,10 @@ func relFirewallReload(t *testing.T, l *lab.Lab) {
 // of a drift.
 func relRestore(t *testing.T, l *lab.Lab, fam int, commands string) {
 	t.Helper()
-	cmd := exec.Command("ip", "netns", "exec", l.Host, iptables(fam)+"-restore", "--noflush", "--wait", "5")
+	cmd := exec.Command("ip", "netns", "exec", l.Host, iptablesCmd(fam)+"-restore", "--noflush", "--wait", "5")
 	cmd.Stdin = strings.NewReader("*nat\n" + commands + "COMMIT\n")
 	if out, err := cmd.CombinedOutput(); err != nil {
-		t.Fatalf("%s-restore in %s: %v\n%s\ninput:\n%s", iptables(fam), l.Host, err, out, commands)
+		t.Fatalf("%s-restore in %s: %v\n%s\ninput:\n%s", iptablesCmd(fam), l.Host, err, out, commands)
 	}
 }
 

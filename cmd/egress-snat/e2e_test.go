@@ -154,9 +154,9 @@ func backend(t *testing.T) string {
 	return "legacy"
 }
 
-// iptables returns the command of the backend in use for family 4 or 6, so
+// iptablesCmd returns the command of the backend in use for family 4 or 6, so
 // foreign rules land where the binary and lab.Ruleset look.
-func iptables(family int) string {
+func iptablesCmd(family int) string {
 	cmd := "iptables"
 	if family == 6 {
 		cmd = "ip6tables"
@@ -170,7 +170,7 @@ func iptables(family int) string {
 // foreign adds a rule the way another tool (Docker, firewalld) would.
 func foreign(t *testing.T, l *lab.Lab, family int, args ...string) {
 	t.Helper()
-	l.Run(t, iptables(family), append([]string{"-w", "5"}, args...)...)
+	l.Run(t, iptablesCmd(family), append([]string{"-w", "5"}, args...)...)
 }
 
 // addForeignRules installs a typical mix of other tools' rules in the nat
@@ -803,7 +803,7 @@ func rootSave(t *testing.T) string {
 	t.Helper()
 	var b strings.Builder
 	for _, f := range []int{4, 6} {
-		save := iptables(f) + "-save"
+		save := iptablesCmd(f) + "-save"
 		out, err := exec.Command(save).Output()
 		if err != nil {
 			t.Fatalf("%s: %v", save, err)
@@ -862,7 +862,7 @@ func gatewayRuleset(t *testing.T, l *lab.Lab) string {
 	t.Helper()
 	var b strings.Builder
 	for _, f := range []int{4, 6} {
-		save := iptables(f) + "-save"
+		save := iptablesCmd(f) + "-save"
 		out, err := exec.Command("ip", "netns", "exec", l.Gateway, save).Output()
 		if err != nil {
 			t.Fatalf("%s in %s: %v", save, l.Gateway, err)

@@ -272,7 +272,7 @@ func printPlan(w io.Writer, p snat.Plan, dryRun bool) {
 			when = ", after the commit"
 		}
 		fmt.Fprintf(w, "\n# step %d%s: %s\n", i+1, when, st.Why)
-		if st.Do.Tool == snat.ToolDropNATTable {
+		if st.Do.Note != "" {
 			fmt.Fprintf(w, "# %s\n", st.Do)
 		} else {
 			fmt.Fprintf(w, "# %s\n%s", st.Do.Tool, st.Do.Input)

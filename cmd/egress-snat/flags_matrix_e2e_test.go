@@ -27,6 +27,7 @@ import (
 	"github.com/google/go-cmp/cmp"
 	"github.com/urfave/cli/v2"
 
+	"github.com/egress-snat/egress-snat/backend/iptables"
 	"github.com/egress-snat/egress-snat/internal/lab"
 	"github.com/egress-snat/egress-snat/snat"
 )
@@ -328,7 +329,7 @@ func nullIn(v any, path string) string {
 func payloadsOf(steps []stepJSON) map[string]string {
 	out := map[string]string{}
 	for _, s := range steps {
-		if s.Do.Tool == string(snat.ToolDropNATTable) {
+		if s.Do.Tool == string(iptables.ToolDropNATTable) {
 			continue
 		}
 		name := strings.Fields(s.Do.Tool)[0]
@@ -611,7 +612,7 @@ func readKernel(t *testing.T, l *lab.Lab) *kernelModel {
 	for _, f := range []int{4, 6} {
 		k.tables[f] = map[string]map[string]*modelChain{}
 		table := ""
-		for line := range strings.Lines(l.Run(t, iptables(f)+"-save")) {
+		for line := range strings.Lines(l.Run(t, iptablesCmd(f)+"-save")) {
 			line = strings.TrimSuffix(line, "\n")
 			switch {
 			case line == "" || strings.HasPrefix(line, "#") || line == "COMMIT":
@@ -626,7 +627,7 @@ func readKernel(t *testing.T, l *lab.Lab) *kernelModel {
 				c := k.tables[f][table][fs[1]]
 				c.rules = append(c.rules, fs[2])
 			default:
-				t.Fatalf("%s-save: cannot read %q", iptables(f), line)
+				t.Fatalf("%s-save: cannot read %q", iptablesCmd(f), line)
 			}
 		}
 	}
@@ -831,13 +832,13 @@ func (k *kernelModel) play(t *testing.T, steps []stepJSON) *kernelModel {
 	for i, s := range steps {
 		var err error
 		switch s.Do.Tool {
-		case string(snat.ToolIPTables):
+		case string(iptables.ToolIPTables):
 			err = k.playRestore(4, s.Do.Input)
-		case string(snat.ToolIP6Tables):
+		case string(iptables.ToolIP6Tables):
 			err = k.playRestore(6, s.Do.Input)
-		case string(snat.ToolIPSet):
+		case string(iptables.ToolIPSet):
 			err = k.playIPSet(s.Do.Input)
-		case string(snat.ToolDropNATTable):
+		case string(iptables.ToolDropNATTable):
 			table := s.Do.Input
 			if table == "" {
 				table = "nat"
@@ -1306,7 +1307,7 @@ func rootNetnsState(t *testing.T) string {
 	t.Helper()
 	var b strings.Builder
 	for _, cmd := range [][]string{
-		{iptables(4) + "-save"}, {iptables(6) + "-save"},
+		{iptablesCmd(4) + "-save"}, {iptablesCmd(6) + "-save"},
 		{"ipset", "list", "-n"},
 		{"ip", "-4", "rule"}, {"ip", "-6", "rule"},
 		{"ip", "-4", "route", "show", "table", "all", "proto", "83"},

@@ -9,6 +9,7 @@ import (
 	"github.com/google/nftables"
 	"golang.org/x/sys/unix"
 
+	"github.com/egress-snat/egress-snat/backend/iptables"
 	"github.com/egress-snat/egress-snat/natscan"
 	"github.com/egress-snat/egress-snat/snat"
 )
@@ -19,7 +20,7 @@ import (
 // of our jump.
 func foreignNAT(e *env, promises []natscan.Traffic) ([]natscan.Finding, error) {
 	in := natscan.Input{
-		SkipIPTablesNFT: e.backend == snat.BackendNFT,
+		SkipIPTablesNFT: e.flavour == iptables.FlavourNFT,
 		Ahead:           map[int][]natscan.Rule{},
 		Promises:        promises,
 	}
@@ -35,11 +36,14 @@ func foreignNAT(e *env, promises []natscan.Traffic) ([]natscan.Finding, error) {
 		in.Chains = chains
 	}
 	for _, f := range snat.Families {
-		text, err := e.mgr.Tables.Save(f)
+		if e.ipt == nil {
+			continue // a test's fakes: no save to read
+		}
+		text, err := e.ipt.Tables.Save(f)
 		if err != nil {
 			return nil, err
 		}
-		rules, err := natscan.RulesAhead(int(f), text, snat.ChainName)
+		rules, err := natscan.RulesAhead(int(f), text, iptables.ChainName)
 		if err != nil {
 			return nil, err
 		}

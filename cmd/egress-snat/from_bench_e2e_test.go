@@ -55,7 +55,7 @@ func BenchmarkFromRules(b *testing.B) {
 		b.Fatalf("apply: exit %d\n%s%s", code, stdout, stderr)
 	}
 	var rules []string
-	for _, r := range strings.Split(l.Run(b, iptables(4), "-t", "nat", "-S", "EGRESS-SNAT"), "\n") {
+	for _, r := range strings.Split(l.Run(b, iptablesCmd(4), "-t", "nat", "-S", "EGRESS-SNAT"), "\n") {
 		if strings.HasPrefix(r, "-A EGRESS-SNAT") {
 			rules = append(rules, r)
 		}

@@ -24,6 +24,7 @@ import (
 
 	"github.com/urfave/cli/v2"
 
+	"github.com/egress-snat/egress-snat/backend/iptables"
 	"github.com/egress-snat/egress-snat/config"
 	"github.com/egress-snat/egress-snat/routes"
 	"github.com/egress-snat/egress-snat/selector"
@@ -228,8 +229,8 @@ type cliHost struct {
 
 func newCLIHost() *cliHost {
 	return &cliHost{
-		tables:  &checkedTables{fake: snat.NewFakeTables()},
-		sets:    &checkedSets{fake: snat.NewFakeIPSets()},
+		tables:  &checkedTables{fake: iptables.NewFakeTables()},
+		sets:    &checkedSets{fake: iptables.NewFakeIPSets()},
 		routing: &checkedRouting{fake: routes.NewFake()},
 		router:  newFakeRouter(),
 	}
@@ -250,8 +251,8 @@ func (h *cliHost) run(t *testing.T, args []string) (code int, msg, stdout string
 		return &env{
 			sel:         h.router,
 			paths:       h.router,
-			mgr:         &snat.Manager{Tables: h.tables, Sets: h.sets, Routing: h.routing, Locker: noLock{}},
-			backend:     snat.BackendNFT,
+			mgr:         &snat.Manager{Backend: &iptables.Backend{Tables: h.tables, Sets: h.sets}, Routing: h.routing, Locker: noLock{}},
+			flavour:     iptables.FlavourNFT,
 			lockTimeout: c.Duration("lock-timeout"),
 			out:         c.App.Writer,
 		}, nil
@@ -350,7 +351,7 @@ func (noLock) Lock(time.Duration) (func(), error) { return func() {}, nil }
 //     name for --match-set, ...), and ends with a -j target.
 //   - ipset restore: "create NAME hash:net family inet|inet6 hashsize N
 //     maxelem N", "add|del NAME PREFIX [nomatch]", "destroy|flush NAME",
-//     "swap NAME NAME", where NAME is snat.SetPrefix and then up to 31
+//     "swap NAME NAME", where NAME is iptables.SetPrefix and then up to 31
 //     characters in all of [A-Za-z0-9_.:-].
 //   - ip -batch: "route replace|del DST [via ADDR] [dev IFACE] [src ADDR]
 //     table N proto N" (DST a prefix or "default") and "rule add|del pref N
@@ -363,7 +364,7 @@ func (noLock) Lock(time.Duration) (func(), error) { return func() {}, nil }
 // fails the fuzz target until it is added here with a check of its value.
 var (
 	// ipsetName is one of ours, within ipset's 31 characters.
-	ipsetName = regexp.MustCompile(`^` + regexp.QuoteMeta(snat.SetPrefix) + `[A-Za-z0-9_.:~-]{1,` + strconv.Itoa(31-len(snat.SetPrefix)) + `}$`)
+	ipsetName = regexp.MustCompile(`^` + regexp.QuoteMeta(iptables.SetPrefix) + `[A-Za-z0-9_.:~-]{1,` + strconv.Itoa(31-len(iptables.SetPrefix)) + `}$`)
 	ipsetLine = regexp.MustCompile(`^(create [^ ]+ hash:net family inet6? hashsize [0-9]+ maxelem [0-9]+|(add|del) [^ ]+ [0-9a-f.:/]+( nomatch)?|(destroy|flush) [^ ]+|swap [^ ]+ [^ ]+)$`)
 	number    = regexp.MustCompile(`^[0-9]{1,10}$`)
 	markMask  = regexp.MustCompile(`^0x[0-9a-f]{1,8}/0x[0-9a-f]{1,8}$`)
@@ -378,7 +379,7 @@ var restoreOptions = map[string][]func(string) bool{
 	"-m": {func(v string) bool {
 		return slices.Contains([]string{"comment", "set", "statistic", "owner", "cgroup", "addrtype", "mark"}, v)
 	}},
-	"--comment":   {func(v string) bool { return v == snat.Comment }},
+	"--comment":   {func(v string) bool { return v == iptables.Comment }},
 	"--match-set": {ipsetName.MatchString, func(v string) bool { return v == "dst" }},
 	"--mode":      {func(v string) bool { return v == "nth" }},
 	"--every":     {number.MatchString},
@@ -421,7 +422,7 @@ func payloadLines(payload string) ([]string, error) {
 
 // ourChain is the name of one of our chains: the nat chain, and the mangle
 // chains (EGRESS-SNAT-FWD, EGRESS-SNAT-OUT) that mark senders' traffic.
-var ourChain = regexp.MustCompile(`^` + regexp.QuoteMeta(snat.ChainName) + `(-[A-Z]{1,8})?$`)
+var ourChain = regexp.MustCompile(`^` + regexp.QuoteMeta(iptables.ChainName) + `(-[A-Z]{1,8})?$`)
 
 // checkRestore returns what is wrong with an iptables-restore payload.
 func checkRestore(payload string) error {
@@ -637,7 +638,7 @@ func TestPayloadGrammar(t *testing.T) {
 // checkedTables checks every payload against the grammar before the fake
 // applies it.
 type checkedTables struct {
-	fake *snat.FakeTables
+	fake *iptables.FakeTables
 	bad  []string
 }
 
@@ -672,7 +673,7 @@ func (c *checkedRouting) Batch(is4 bool, input string) error {
 }
 
 type checkedSets struct {
-	fake *snat.FakeIPSets
+	fake *iptables.FakeIPSets
 	bad  []string
 }
 

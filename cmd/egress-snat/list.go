@@ -3,11 +3,11 @@ package main
 import (
 	"encoding/json"
 	"fmt"
-	"net/netip"
 	"text/tabwriter"
 
 	"github.com/urfave/cli/v2"
 
+	"github.com/egress-snat/egress-snat/backend/iptables"
 	"github.com/egress-snat/egress-snat/snat"
 )
 
@@ -42,11 +42,11 @@ it is in one. Warns when the chain also exists in the other iptables backend
 		}
 		if c.Bool("json") {
 			return writeJSON(e.out, struct {
-				Backend   snat.Backend `json:"backend"`
-				Rules     []listRow    `json:"rules"`
-				Lingering []string     `json:"lingering"`
-				Warnings  []string     `json:"warnings"`
-			}{e.backend, rows, lingering, warnings})
+				Backend   iptables.Flavour `json:"backend"`
+				Rules     []listRow        `json:"rules"`
+				Lingering []string         `json:"lingering"`
+				Warnings  []string         `json:"warnings"`
+			}{e.flavour, rows, lingering, warnings})
 		}
 		for _, w := range warnings {
 			fmt.Fprintln(c.App.ErrWriter, "warning:", w)
@@ -104,22 +104,9 @@ func (r listRow) MarshalJSON() ([]byte, error) {
 }
 
 func listRows(e *env, st *snat.State) []listRow {
-	// A set rule's entries are the set's members; which set holds an
-	// entry is read back from the chain's rules.
-	type key struct {
-		who snat.Sender
-		dst netip.Prefix
-	}
-	setOf := map[key]string{}
-	for _, f := range snat.Families {
-		for _, r := range st.Installed[f].Rules {
-			if r.Set == "" {
-				continue
-			}
-			for _, m := range st.Sets[r.Set].Members {
-				setOf[key{r.Sender(), m}] = r.Set
-			}
-		}
+	setOf := func(snat.Entry) string { return "" }
+	if n, ok := st.NAT.(snat.SetNamer); ok {
+		setOf = n.SetNames()
 	}
 	rows := []listRow{}
 	for _, en := range st.Entries() {
@@ -129,7 +116,7 @@ func listRows(e *env, st *snat.State) []listRow {
 				present = false
 			}
 		}
-		rows = append(rows, listRow{entry: en, Family: en.Family().String(), Spread: len(en.To) > 1, ToPresent: present, Set: setOf[key{en.Sender, en.Dst}]})
+		rows = append(rows, listRow{entry: en, Family: en.Family().String(), Spread: len(en.To) > 1, ToPresent: present, Set: setOf(en)})
 	}
 	return rows
 }
@@ -140,8 +127,8 @@ func listRows(e *env, st *snat.State) []listRow {
 func otherBackendWarnings(e *env) []string {
 	warnings := []string{}
 	for _, f := range snat.Families {
-		if ok, err := snat.ChainIn(e.backend.Other(), f, e.lockTimeout); err == nil && ok {
-			warnings = append(warnings, fmt.Sprintf("the %s chain %s also exists in the iptables-%s backend, which this host's iptables (%s) does not show; remove it with: egress-snat --iptables-backend %s clear", f, snat.ChainName, e.backend.Other(), e.backend, e.backend.Other()))
+		if ok, err := iptables.ChainIn(e.flavour.Other(), f, e.lockTimeout); err == nil && ok {
+			warnings = append(warnings, fmt.Sprintf("the %s chain %s also exists in the iptables-%s backend, which this host's iptables (%s) does not show; remove it with: egress-snat --iptables-backend %s clear", f, iptables.ChainName, e.flavour.Other(), e.flavour, e.flavour.Other()))
 		}
 	}
 	return warnings

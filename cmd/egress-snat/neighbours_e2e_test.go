@@ -80,8 +80,8 @@ func nftRuleset(t *testing.T, l *lab.Lab) string {
 func hostTruth(t *testing.T, l *lab.Lab) string {
 	t.Helper()
 	if backend(t) == "legacy" {
-		l.Run(t, iptables(4), "-t", "nat", "-S")
-		l.Run(t, iptables(6), "-t", "nat", "-S")
+		l.Run(t, iptablesCmd(4), "-t", "nat", "-S")
+		l.Run(t, iptablesCmd(6), "-t", "nat", "-S")
 	}
 	return l.Ruleset(t) + nftRuleset(t, l) + l.Run(t, "ip", "-4", "rule") + l.Run(t, "ip", "-6", "rule") +
 		l.Run(t, "ip", "-4", "route", "show", "table", "all") + l.Run(t, "ip", "-6", "route", "show", "table", "all")

@@ -316,7 +316,7 @@ func TestNICSenders(t *testing.T) {
 		t.Errorf("repeating the set: %s", out)
 	}
 	// Drift: a firewall that flushes mangle is repaired by the next write.
-	l.Run(t, iptablesCmd(), "-t", "mangle", "-F", "PREROUTING")
+	l.Run(t, iptablesCmd(4), "-t", "mangle", "-F", "PREROUTING")
 	if r := es(t, l, "check"); r.code != 1 {
 		t.Errorf("check after mangle PREROUTING was flushed: exit %d, want 1\n%s", r.code, r.stdout)
 	}
@@ -334,14 +334,6 @@ func TestNICSenders(t *testing.T) {
 	if after != before {
 		t.Errorf("clear did not restore rules, routes and tables (-before +after):\n%s", cmp.Diff(before, after))
 	}
-}
-
-// iptablesCmd is the iptables of the backend the tests use.
-func iptablesCmd() string {
-	if b := os.Getenv("EGRESS_SNAT_IPTABLES"); b != "" {
-		return "iptables-" + b
-	}
-	return "iptables"
 }
 
 // runGateway runs a command in G.

@@ -74,7 +74,7 @@ func permanentFile(c *cli.Context) (string, error) {
 // moves). With --dry-run the file is checked and edited but not written.
 func update(c *cli.Context, e *env, desired func(*snat.State) ([]snat.Entry, error), edit func(*config.Doc)) (*snat.State, snat.Plan, error) {
 	if !c.Bool("permanent") {
-		return e.mgr.Update(e.lockTimeout, c.Bool("dry-run"), desired)
+		return e.mgr.Update(snat.Request{LockTimeout: e.lockTimeout, DryRun: c.Bool("dry-run"), Desired: desired})
 	}
 	path := configPath(c)
 	var pending *config.Pending
@@ -94,9 +94,9 @@ func update(c *cli.Context, e *env, desired func(*snat.State) ([]snat.Entry, err
 		}
 		return want, nil
 	}
-	return e.mgr.UpdateThen(e.lockTimeout, c.Bool("dry-run"), prepare, func(snat.Plan) error {
+	return e.mgr.Update(snat.Request{LockTimeout: e.lockTimeout, DryRun: c.Bool("dry-run"), Desired: prepare, Then: func(snat.Plan) error {
 		return pending.Commit()
-	})
+	}})
 }
 
 // specOf is the file rule that reproduces an installed entry through

@@ -91,7 +91,7 @@ func relKernelText(t *testing.T, l *lab.Lab) map[snat.Family]string {
 	for _, f := range snat.Families {
 		var b strings.Builder
 		var named []string
-		for line := range strings.Lines(l.Run(t, iptables(int(f))+"-save", "-t", "nat")) {
+		for line := range strings.Lines(l.Run(t, iptablesCmd(int(f))+"-save", "-t", "nat")) {
 			if strings.HasPrefix(line, "#") {
 				continue
 			}

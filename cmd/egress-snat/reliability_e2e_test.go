@@ -30,6 +30,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/egress-snat/egress-snat/backend/iptables"
 	"github.com/egress-snat/egress-snat/internal/lab"
 	"github.com/egress-snat/egress-snat/snat"
 )
@@ -132,8 +133,8 @@ func relCheck(t *testing.T, l *lab.Lab, file string) (int, []string) {
 // relSaved is the kernel's state as this tool reads it back, read with the
 // same parser, per family.
 type relSaved struct {
-	in   map[snat.Family]snat.Installed
-	sets map[string]snat.Set
+	in   map[snat.Family]iptables.Installed
+	sets map[string]iptables.Set
 	// setNames are all egress-snat sets, referenced or not.
 	setNames []string
 }
@@ -142,18 +143,18 @@ type relSaved struct {
 func relRead(t *testing.T, l *lab.Lab) relSaved {
 	t.Helper()
 	ipsetText := l.Run(t, "ipset", "save")
-	sets, err := snat.ParseSets(ipsetText)
+	sets, err := iptables.ParseSets(ipsetText)
 	if err != nil {
 		t.Fatalf("parsing ipset save: %v\n%s", err, ipsetText)
 	}
-	s := relSaved{in: map[snat.Family]snat.Installed{}, sets: sets}
+	s := relSaved{in: map[snat.Family]iptables.Installed{}, sets: sets}
 	for name := range sets {
 		s.setNames = append(s.setNames, name)
 	}
 	slices.Sort(s.setNames)
 	for _, f := range snat.Families {
-		text := l.Run(t, iptables(int(f))+"-save", "-t", "nat")
-		in, err := snat.ParseSave(f, text, sets)
+		text := l.Run(t, iptablesCmd(int(f))+"-save", "-t", "nat")
+		in, err := iptables.ParseSave(f, text, sets)
 		if err != nil {
 			t.Fatalf("parsing %s nat table: %v\n%s", f, err, text)
 		}
@@ -280,7 +281,7 @@ func relMS(d time.Duration) int64 { return d.Milliseconds() }
 // sequence test reads the ruleset after every step.
 func relRuleset(t *testing.T, l *lab.Lab) string {
 	t.Helper()
-	script := fmt.Sprintf("%s && %s && ipset save", iptables(4)+"-save", iptables(6)+"-save")
+	script := fmt.Sprintf("%s && %s && ipset save", iptablesCmd(4)+"-save", iptablesCmd(6)+"-save")
 	var b, sets strings.Builder
 	for line := range strings.Lines(l.Run(t, "sh", "-c", script)) {
 		switch {

@@ -1,7 +1,7 @@
 package main
 
 // Kills during a change in place. When one set is all that changes, the
-// set is changed where it is (snat/inplace.go): its guarantee is per
+// set is changed where it is (backend/iptables/inplace.go): its guarantee is per
 // destination, not per set. This test kills apply -9 while it changes a
 // set of 20,000 destinations by 8,000, and judges what the kernel holds
 // from outside, by ipset save and iptables-save text: every destination in
@@ -71,7 +71,7 @@ func TestCrashDuringInPlaceChange(t *testing.T) {
 	}
 
 	mustES(t, l, "apply", "-f", file["A"])
-	chain := l.Run(t, iptables(4)+"-save", "-t", "nat")
+	chain := l.Run(t, iptablesCmd(4)+"-save", "-t", "nat")
 	sets := relSetMembers(t, l)
 	if len(sets) != 1 {
 		t.Fatalf("want one set after apply -f A, have %v", slices.Collect(maps.Keys(sets)))
@@ -113,7 +113,7 @@ func TestCrashDuringInPlaceChange(t *testing.T) {
 			counts["killed during the ipset write"]++
 		}
 
-		if now := l.Run(t, iptables(4)+"-save", "-t", "nat"); relCountersAll(now) != relCountersAll(chain) {
+		if now := l.Run(t, iptablesCmd(4)+"-save", "-t", "nat"); relCountersAll(now) != relCountersAll(chain) {
 			t.Fatalf("kill %d: the chain changed (-before +now):\n%s", i, relDiff(relCountersAll(chain), relCountersAll(now)))
 		}
 		sets := relSetMembers(t, l)

@@ -8,6 +8,7 @@ import (
 
 	"github.com/urfave/cli/v2"
 
+	"github.com/egress-snat/egress-snat/backend/iptables"
 	"github.com/egress-snat/egress-snat/conntrack"
 	"github.com/egress-snat/egress-snat/snat"
 	"github.com/egress-snat/egress-snat/stats"
@@ -45,11 +46,11 @@ or a systemd timer.`,
 		}
 		var rules []stats.Rule
 		for _, f := range snat.Families {
-			text, err := saveWithCounters(e.backend, f)
+			text, err := saveWithCounters(e.flavour, f)
 			if err != nil {
 				return err
 			}
-			r, err := stats.RulesFromSave(text, snat.Comment)
+			r, err := stats.RulesFromSave(text, iptables.Comment)
 			if err != nil {
 				return fmt.Errorf("reading the %s nat table: %w", f, err)
 			}
@@ -121,7 +122,7 @@ func printStats(e *env, report []stats.Address) {
 
 // saveWithCounters returns the nat table of family f with its counters,
 // from the backend the other commands use.
-func saveWithCounters(b snat.Backend, f snat.Family) (string, error) {
+func saveWithCounters(b iptables.Flavour, f snat.Family) (string, error) {
 	base := map[snat.Family]string{snat.IPv4: "iptables", snat.IPv6: "ip6tables"}[f]
 	path, err := exec.LookPath(base + "-" + string(b) + "-save")
 	if err != nil {

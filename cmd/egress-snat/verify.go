@@ -279,13 +279,13 @@ func (v verifier) cause(p snat.Packet, got netip.Addr) string {
 		}
 		return fmt.Sprintf("perhaps %s: %s", f.Kind, f.Detail())
 	}
-	for _, d := range snat.Diagnose(v.st, v.st.Entries()) {
+	for _, d := range v.e.mgr.Diagnose(v.st, v.st.Entries()) {
 		switch d.Kind {
 		case snat.DriftJumpMissing, snat.DriftJumpNotFirst, snat.DriftChainMissing, snat.DriftChainAltered, snat.DriftChainEmpty:
 			return fmt.Sprintf("%s: %s", d.Kind, d.Detail)
 		}
 	}
-	return fmt.Sprintf("no NAT rule egress-snat can read sends it from %s: look for NAT in the other iptables backend (iptables-%s), a policy route or an application binding that address", got, v.e.backend.Other())
+	return fmt.Sprintf("no NAT rule egress-snat can read sends it from %s: look for NAT in the other iptables backend (iptables-%s), a policy route or an application binding that address", got, v.e.flavour.Other())
 }
 
 // ruleProbes picks one destination of every installed entry to send to

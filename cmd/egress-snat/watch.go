@@ -161,7 +161,7 @@ func (w *watcher) run(ctx context.Context, resync time.Duration) error {
 	defer signal.Stop(hup)
 	watchFile(done, w.path, hup, w.log) // a changed file reloads like SIGHUP
 
-	w.log.Info("watch started", "file", w.path, "backend", w.e.backend, "resync", resync)
+	w.log.Info("watch started", "file", w.path, "backend", w.e.flavour, "resync", resync)
 	if err := w.reconcile("start"); err != nil {
 		var inv *snat.InvalidError
 		if errors.As(err, &inv) {
@@ -296,7 +296,7 @@ func (w *watcher) canary() string {
 	if !rulesMoved && maps.Equal(gens, w.gens) && now.Sub(w.lastQuick) < w.quickEvery {
 		return ""
 	}
-	if len(w.plan.Keep) > 0 || len(w.plan.Lingering()) > 0 {
+	if len(w.plan.Lingering()) > 0 {
 		// What is kept for live connections goes once they end: look
 		// whether they have, on the quick tier's schedule.
 		w.lastQuick = now
@@ -341,7 +341,7 @@ func (w *watcher) fullCheck() string {
 		return "canary read failed: " + err.Error()
 	}
 	if !p.Empty() {
-		for _, f := range snat.Diagnose(st, w.plan.Desired) {
+		for _, f := range w.e.mgr.Diagnose(st, w.plan.Desired) {
 			return "drift: " + f.Kind + ": " + f.Detail
 		}
 		return "drift"
@@ -358,19 +358,14 @@ func (w *watcher) reconcile(reason string) error {
 	if again {
 		w.e.sel.Forget() // addresses and routes may have changed
 	}
-	update := w.e.mgr.Update
+	req := snat.Request{LockTimeout: w.e.lockTimeout}
 	if !again {
-		// Repairing drift: the sets written last are known; reading their
-		// members again is most of a repair's time at 100k destinations.
-		var known []snat.Set
-		for _, c := range w.plan.Chains {
-			known = append(known, c.Sets...)
-		}
-		update = func(timeout time.Duration, _ bool, desired func(*snat.State) ([]snat.Entry, error)) (*snat.State, snat.Plan, error) {
-			return w.e.mgr.UpdateKnowing(known, timeout, desired)
-		}
+		// Repairing drift: what was written last is known; reading the
+		// sets' members again is most of a repair's time at 100k
+		// destinations.
+		req.Known = w.plan.NAT
 	}
-	_, plan, err := update(w.e.lockTimeout, false, func(*snat.State) ([]snat.Entry, error) {
+	req.Desired = func(*snat.State) ([]snat.Entry, error) {
 		// Under the lock a --permanent run's file and kernel agree: a file
 		// replaced since the last read is read now, not after the canary
 		// has undone the run with the old one.
@@ -387,7 +382,8 @@ func (w *watcher) reconcile(reason string) error {
 		desired, s, err := snat.ResolveAvailable(w.e.sel, intents)
 		skipped = s
 		return desired, err
-	})
+	}
+	_, plan, err := w.e.mgr.Update(req)
 	if err != nil {
 		if again {
 			w.resolve.Store(true)

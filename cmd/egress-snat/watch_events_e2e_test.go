@@ -42,7 +42,7 @@ func awaitSeen(t *testing.T, l *lab.Lab, dst, want string, since time.Time, limi
 func natRules(t *testing.T, l *lab.Lab, fam int) []string {
 	t.Helper()
 	var out []string
-	for line := range strings.Lines(l.Run(t, iptables(fam)+"-save", "-t", "nat")) {
+	for line := range strings.Lines(l.Run(t, iptablesCmd(fam)+"-save", "-t", "nat")) {
 		if strings.HasPrefix(line, "-A EGRESS-SNAT ") {
 			out = append(out, strings.TrimSpace(line))
 		}

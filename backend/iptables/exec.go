@@ -1,12 +1,10 @@
-package snat
+package iptables
 
 import (
 	"bytes"
 	"errors"
 	"fmt"
-	"os"
 	"os/exec"
-	"path/filepath"
 	"slices"
 	"strconv"
 	"strings"
@@ -14,6 +12,7 @@ import (
 	"time"
 
 	"github.com/coreos/go-iptables/iptables"
+	"github.com/egress-snat/egress-snat/snat"
 )
 
 // Tables reads and writes one family's tables. The exec implementation runs
@@ -21,24 +20,24 @@ import (
 // it in unit tests.
 type Tables interface {
 	// Save returns the iptables-save output of every table of the family.
-	Save(f Family) (string, error)
+	Save(f snat.Family) (string, error)
 	// Restore runs iptables-restore --noflush with payload: all of it, or
 	// nothing if any line fails.
-	Restore(f Family, payload string) error
+	Restore(f snat.Family, payload string) error
 	// CanDropNATTable reports whether DropNATTable works: with
 	// iptables-nft and the nft command. Legacy tables cannot be unloaded
 	// from a namespace.
 	CanDropNATTable() bool
 	// Generation changes whenever the family's nat table may have
 	// changed; it costs no process (see ExecTables.Generation).
-	Generation(f Family) (uint64, error)
+	Generation(f snat.Family) (uint64, error)
 	// SaveNAT is Save of the nat table alone.
-	SaveNAT(f Family) (string, error)
+	SaveNAT(f snat.Family) (string, error)
 	// DropTable deletes the family's table name (nat or mangle) if it
 	// still holds nothing at all (checked right before deleting, so a rule
 	// another tool added meanwhile is never lost), and does nothing
 	// otherwise.
-	DropTable(f Family, name string) error
+	DropTable(f snat.Family, name string) error
 }
 
 // IPSets reads and writes ipsets.
@@ -55,67 +54,14 @@ type IPSets interface {
 // configured bound. Nothing was changed.
 var ErrLockTimeout = errors.New("timed out waiting for the xtables lock")
 
-// Backend names an iptables implementation.
-type Backend string
-
-const (
-	BackendNFT    Backend = "nft"
-	BackendLegacy Backend = "legacy"
-)
-
-// Other is the backend that is not b.
-func (b Backend) Other() Backend {
-	if b == BackendNFT {
-		return BackendLegacy
-	}
-	return BackendNFT
-}
-
-// DetectBackend returns the backend the host's `iptables` command uses, the
-// one operators and other tools on the host see. "auto" detects; "nft" and
-// "legacy" are taken as given.
-func DetectBackend(want string) (Backend, error) {
-	switch want {
-	case "nft":
-		return BackendNFT, nil
-	case "legacy":
-		return BackendLegacy, nil
-	case "", "auto":
-	default:
-		return "", Invalid("--iptables-backend %q: want auto, nft or legacy", want)
-	}
-	path, err := exec.LookPath("iptables")
-	if err != nil {
-		return "", fmt.Errorf("iptables not found in PATH (install the iptables package): %w", err)
-	}
-	// Debian, Ubuntu, Fedora and Alpine point iptables at
-	// xtables-{nft,legacy}-multi; reading the link costs no process.
-	if target, err := filepath.EvalSymlinks(path); err == nil {
-		switch base := filepath.Base(target); {
-		case strings.Contains(base, "nft"):
-			return BackendNFT, nil
-		case strings.Contains(base, "legacy"):
-			return BackendLegacy, nil
-		}
-	}
-	out, err := exec.Command(path, "--version").CombinedOutput()
-	if err != nil {
-		return "", fmt.Errorf("%s --version: %v: %s", path, err, bytes.TrimSpace(out))
-	}
-	if strings.Contains(string(out), "nf_tables") {
-		return BackendNFT, nil
-	}
-	return BackendLegacy, nil
-}
-
 // ExecTables runs the save and restore commands of one backend.
 type ExecTables struct {
-	Backend Backend
+	Flavour Flavour
 	// Wait bounds the wait for the xtables lock; the tool never proceeds
 	// without it.
 	Wait time.Duration
 	// bins are the save and restore commands per family.
-	bins     map[Family]map[string]string
+	bins     map[snat.Family]map[string]string
 	checked  *sync.Once
 	checkErr *error
 }
@@ -125,10 +71,10 @@ type ExecTables struct {
 // distribution ships only the one backend under them. It checks, with
 // go-iptables, that the iptables there is new enough to bound its wait for
 // the xtables lock (1.6.2).
-func NewExecTables(b Backend, wait time.Duration) (ExecTables, error) {
-	t := ExecTables{Backend: b, Wait: wait, bins: map[Family]map[string]string{}}
-	for _, f := range Families {
-		base := map[Family]string{IPv4: "iptables", IPv6: "ip6tables"}[f]
+func NewExecTables(b Flavour, wait time.Duration) (ExecTables, error) {
+	t := ExecTables{Flavour: b, Wait: wait, bins: map[snat.Family]map[string]string{}}
+	for _, f := range snat.Families {
+		base := map[snat.Family]string{snat.IPv4: "iptables", snat.IPv6: "ip6tables"}[f]
 		t.bins[f] = map[string]string{}
 		for _, role := range []string{"", "save", "restore"} {
 			split := base + "-" + string(b)
@@ -140,7 +86,7 @@ func NewExecTables(b Backend, wait time.Duration) (ExecTables, error) {
 			p, err := exec.LookPath(split)
 			if err != nil {
 				// Only the plain names, which are the host's backend.
-				if detected, derr := DetectBackend("auto"); derr != nil || detected != b {
+				if detected, derr := DetectFlavour("auto"); derr != nil || detected != b {
 					return t, fmt.Errorf("%s not found: install the iptables package with the %s backend", split, b)
 				}
 				if p, err = exec.LookPath(plain); err != nil {
@@ -164,7 +110,7 @@ func (t ExecTables) checkVersion() error {
 		return nil
 	}
 	t.checked.Do(func() {
-		bin := t.bins[IPv4][""]
+		bin := t.bins[snat.IPv4][""]
 		ipt, err := iptables.New(iptables.Path(bin), iptables.Timeout(max(1, int(t.Wait/time.Second))))
 		if err != nil {
 			*t.checkErr = fmt.Errorf("%s: %w", bin, err)
@@ -201,22 +147,22 @@ func (t ExecTables) versionFromSave(text string) {
 	if n, _ := fmt.Sscanf(v, "%d.%d.%d", &v1, &v2, &v3); n != 3 {
 		return
 	}
-	t.checked.Do(func() { *t.checkErr = t.versionErr(t.bins[IPv4][""], v1, v2, v3) })
+	t.checked.Do(func() { *t.checkErr = t.versionErr(t.bins[snat.IPv4][""], v1, v2, v3) })
 }
 
 // command returns the binary for family and role ("save" or "restore").
-func (t ExecTables) command(f Family, role string) string {
+func (t ExecTables) command(f snat.Family, role string) string {
 	if p := t.bins[f][role]; p != "" {
 		return p
 	}
 	// Not built by NewExecTables (ChainIn's probe): the split name.
-	name := map[Family]string{IPv4: "iptables", IPv6: "ip6tables"}[f] + "-" + string(t.Backend) + "-" + role
+	name := map[snat.Family]string{snat.IPv4: "iptables", snat.IPv6: "ip6tables"}[f] + "-" + string(t.Flavour) + "-" + role
 	return name
 }
 
-func (t ExecTables) Save(f Family) (string, error) { return t.save(f) }
+func (t ExecTables) Save(f snat.Family) (string, error) { return t.save(f) }
 
-func (t ExecTables) save(f Family, args ...string) (string, error) {
+func (t ExecTables) save(f snat.Family, args ...string) (string, error) {
 	cmd := exec.Command(t.command(f, "save"), args...)
 	var stdout, stderr bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &stdout, &stderr
@@ -228,7 +174,7 @@ func (t ExecTables) save(f Family, args ...string) (string, error) {
 	return out, nil
 }
 
-func (t ExecTables) Restore(f Family, payload string) error {
+func (t ExecTables) Restore(f snat.Family, payload string) error {
 	if err := t.checkVersion(); err != nil {
 		return err
 	}
@@ -245,26 +191,6 @@ func (t ExecTables) Restore(f Family, payload string) error {
 		return fmt.Errorf("%s --noflush: %v: %s", cmd.Path, err, msg)
 	}
 	return nil
-}
-
-// ChainIn reports whether the managed chain exists in the nat table of
-// backend b, which may not be the one in use: rules there still act on
-// packets but the host's iptables does not show them. It reads with the
-// backend's iptables-save, not `iptables -t nat -S` (go-iptables'
-// ChainExists): with the legacy backend, naming a table loads it into the
-// namespace, and a probe must not change the host.
-func ChainIn(b Backend, f Family, wait time.Duration) (bool, error) {
-	t := ExecTables{Backend: b, Wait: wait}
-	name := map[Family]string{IPv4: "iptables", IPv6: "ip6tables"}[f] + "-" + string(b) + "-save"
-	if _, err := exec.LookPath(name); err != nil {
-		return false, nil // that backend is not installed, so it holds nothing of ours
-	}
-	text, err := t.Save(f)
-	if err != nil {
-		return false, err
-	}
-	in, err := ParseSave(f, text, nil)
-	return in.ChainExists || len(in.Jumps) > 0, err
 }
 
 // ExecIPSets runs the ipset command.
@@ -299,7 +225,7 @@ func (ExecIPSets) Restore(payload string) error {
 
 // CanDropNATTable is true for iptables-nft with the nft command installed.
 func (t ExecTables) CanDropNATTable() bool {
-	if t.Backend != BackendNFT {
+	if t.Flavour != FlavourNFT {
 		return false
 	}
 	_, err := exec.LookPath("nft")
@@ -310,7 +236,7 @@ func (t ExecTables) CanDropNATTable() bool {
 // so that clear leaves iptables-save exactly as it was on a host where the
 // tool created the table. The table is left when any chain other than the
 // four empty built-ins, or any policy other than ACCEPT, is there.
-func (t ExecTables) DropTable(f Family, name string) error {
+func (t ExecTables) DropTable(f snat.Family, name string) error {
 	text, err := t.Save(f)
 	if err != nil {
 		return err
@@ -348,24 +274,4 @@ func tableEmpty(saveText, name string) bool {
 		}
 	}
 	return seen
-}
-
-// HaveCapNetAdmin reports whether the process has CAP_NET_ADMIN in its
-// effective set, read from /proc so it works in user namespaces too.
-func HaveCapNetAdmin() bool {
-	b, err := os.ReadFile("/proc/self/status")
-	if err != nil {
-		return os.Geteuid() == 0
-	}
-	for _, line := range strings.Split(string(b), "\n") {
-		if hex, ok := strings.CutPrefix(line, "CapEff:"); ok {
-			v, err := strconv.ParseUint(strings.TrimSpace(hex), 16, 64)
-			if err != nil {
-				return os.Geteuid() == 0
-			}
-			const capNetAdmin = 12
-			return v&(1<<capNetAdmin) != 0
-		}
-	}
-	return os.Geteuid() == 0
 }

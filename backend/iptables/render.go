@@ -1,4 +1,4 @@
-package snat
+package iptables
 
 import (
 	"crypto/sha256"
@@ -7,17 +7,15 @@ import (
 	"net/netip"
 	"slices"
 	"strings"
-)
+	"unsafe"
 
-// SetThreshold is the number of destinations sharing interface, natural
-// source and target from which they go into one ipset instead of one rule
-// each. Below it, single rules are easier to read in iptables -S.
-const SetThreshold = 8
+	"github.com/egress-snat/egress-snat/snat"
+)
 
 // Set is one ipset hash:net of destinations.
 type Set struct {
 	Name    string         `json:"name"`
-	Family  Family         `json:"family"`
+	Family  snat.Family    `json:"family"`
 	Members []netip.Prefix `json:"members"`
 	// NoMatch holds more specific destinations of other entries inside
 	// Members: exceptions, so the longest prefix wins across sets and rules.
@@ -31,7 +29,7 @@ type Set struct {
 // addresses its keep chain holds conntrack for (linger.go; set by
 // MakePlan, not Render).
 type Chain struct {
-	Family Family
+	Family snat.Family
 	Rules  []Rule
 	Sets   []Set
 	Keep   []netip.Addr
@@ -46,12 +44,12 @@ type Chain struct {
 // the more specific destinations of the block's other entries, so the
 // longest prefix wins within a block whatever holds it. Blocks need no
 // exceptions between them: an earlier block is the more specific sender.
-func Render(f Family, entries []Entry) Chain {
+func Render(f snat.Family, entries []snat.Entry) Chain {
 	c := Chain{Family: f}
-	mine := ofFamily(entries, f)
-	if slices.ContainsFunc(mine, func(e Entry) bool { return e.Routed }) {
+	mine := snat.OfFamily(entries, f)
+	if slices.ContainsFunc(mine, func(e snat.Entry) bool { return e.Routed }) {
 		// Routes carry these: the chain has no rule for them.
-		mine = slices.DeleteFunc(slices.Clone(mine), func(e Entry) bool { return e.Routed })
+		mine = slices.DeleteFunc(slices.Clone(mine), func(e snat.Entry) bool { return e.Routed })
 	}
 	for lo := 0; lo < len(mine); {
 		hi := lo + 1
@@ -65,7 +63,7 @@ func Render(f Family, entries []Entry) Chain {
 }
 
 // renderBlock appends the rules and sets of one sender's sorted entries.
-func renderBlock(c *Chain, block []Entry) {
+func renderBlock(c *Chain, block []snat.Entry) {
 	// Group by position: entries are large, and a 100,000-entry group
 	// copied on every append costs more than the rest of planning.
 	groups := map[groupKey][]int{}
@@ -85,7 +83,7 @@ func renderBlock(c *Chain, block []Entry) {
 	}
 	inSet := map[groupKey]bool{}
 	for _, k := range order {
-		if len(groups[k]) >= SetThreshold {
+		if len(groups[k]) >= snat.SetThreshold {
 			inSet[k] = true
 		}
 	}
@@ -117,31 +115,36 @@ func renderBlock(c *Chain, block []Entry) {
 	}
 }
 
-// ofFamily returns f's entries, sorted. Sorted input (entries are sorted by
-// family first) gives a subslice without copying.
-func ofFamily(entries []Entry, f Family) []Entry {
-	if sortedEntries(entries) {
-		lo, _ := slices.BinarySearchFunc(entries, f, func(e Entry, f Family) int { return int(e.Family()) - int(f) })
-		hi := lo
-		for hi < len(entries) && entries[hi].Family() == f {
-			hi++
-		}
-		return entries[lo:hi]
+// groupKey identifies the entries that can share one set rule: same
+// sender, interface, natural source and target.
+type groupKey struct {
+	Sender  snat.Sender
+	Out     string
+	Natural netip.Addr
+	To      string
+}
+
+// grouper computes group keys for many entries. Entries resolved from one
+// rule share their To slice, so it remembers the last slice it rendered:
+// at 100,000 destinations, rendering To once per entry was a tenth of an
+// apply.
+type grouper struct {
+	last    *netip.Addr
+	lastLen int
+	lastStr string
+}
+
+func (g *grouper) key(e *snat.Entry) groupKey {
+	if len(e.To) == 0 || unsafe.SliceData(e.To) != g.last || len(e.To) != g.lastLen {
+		g.last, g.lastLen, g.lastStr = unsafe.SliceData(e.To), len(e.To), e.ToString()
 	}
-	var mine []Entry
-	for _, e := range entries {
-		if e.Family() == f {
-			mine = append(mine, e)
-		}
-	}
-	SortEntries(mine)
-	return mine
+	return groupKey{Sender: e.Sender, Out: e.Out, Natural: e.Natural, To: g.lastStr}
 }
 
 // exceptions finds, for every set group, the destinations of other entries
 // that lie strictly inside one of its members. Walking up each prefix's
 // supernets keeps this O(entries × address bits).
-func exceptions(entries []Entry, inSet map[groupKey]bool) map[groupKey][]netip.Prefix {
+func exceptions(entries []snat.Entry, inSet map[groupKey]bool) map[groupKey][]netip.Prefix {
 	out := map[groupKey][]netip.Prefix{}
 	if len(inSet) == 0 {
 		return out
@@ -285,7 +288,7 @@ func SetRestorePayload(sets []Set) string {
 	var b strings.Builder
 	for _, s := range sets {
 		fam := "inet"
-		if s.Family == IPv6 {
+		if s.Family == snat.IPv6 {
 			fam = "inet6"
 		}
 		n := len(s.Members) + len(s.NoMatch)

@@ -1,4 +1,4 @@
-package snat_test
+package iptables_test
 
 // The fakes held to the kernel: the same restore and ipset payloads go to
 // FakeTables/FakeIPSets and to a real namespace (the backend
@@ -16,6 +16,7 @@ import (
 
 	"github.com/google/go-cmp/cmp"
 
+	"github.com/egress-snat/egress-snat/backend/iptables"
 	"github.com/egress-snat/egress-snat/internal/lab"
 	"github.com/egress-snat/egress-snat/snat"
 )
@@ -32,8 +33,8 @@ type kernelStep struct {
 }
 
 const (
-	set4 = snat.SetPrefix + "4-diff"
-	set6 = snat.SetPrefix + "6-diff"
+	set4 = iptables.SetPrefix + "4-diff"
+	set6 = iptables.SetPrefix + "6-diff"
 	jump = "-m comment --comment egress-snat -j EGRESS-SNAT"
 )
 
@@ -41,15 +42,15 @@ var kernelSteps = []kernelStep{
 	{"create sets", 0, "create " + set4 + " hash:net family inet hashsize 1024 maxelem 65536\nadd " + set4 + " 198.51.100.0/24\nadd " + set4 + " 203.0.113.4\n" +
 		"create " + set6 + " hash:net family inet6 hashsize 1024 maxelem 65536\nadd " + set6 + " 2001:db8:ffff::/48\n", false},
 	{"the whole space in hash:net", 0, "add " + set4 + " 0.0.0.0/0\n", true},
-	{"the whole IPv6 space in hash:net", 0, "add " + set6 + " ::/0\n", true},
+	{"the whole snat.IPv6 space in hash:net", 0, "add " + set6 + " ::/0\n", true},
 	{"lines before a refused one", 0, "add " + set4 + " 192.0.2.128/25\nadd " + set4 + " 0.0.0.0/0\n", true},
 	{"a member already there", 0, "add " + set4 + " 198.51.100.0/24\n", true},
 	{"a set that exists", 0, "create " + set4 + " hash:net family inet hashsize 1024 maxelem 65536\n", true},
 	{"a host bits prefix is masked", 0, "add " + set4 + " 203.0.113.77/25\n", false},
-	{"an IPv6 member in an IPv4 set", 0, "add " + set4 + " 2001:db8::1\n", true},
-	{"an IPv4 member in an IPv6 set", 0, "add " + set6 + " 198.51.100.9\n", true},
-	{"a member of a missing set", 0, "add " + snat.SetPrefix + "4-missing 198.51.100.1\n", true},
-	{"destroy a missing set", 0, "destroy " + snat.SetPrefix + "4-missing\n", true},
+	{"an snat.IPv6 member in an snat.IPv4 set", 0, "add " + set4 + " 2001:db8::1\n", true},
+	{"an snat.IPv4 member in an snat.IPv6 set", 0, "add " + set6 + " 198.51.100.9\n", true},
+	{"a member of a missing set", 0, "add " + iptables.SetPrefix + "4-missing 198.51.100.1\n", true},
+	{"destroy a missing set", 0, "destroy " + iptables.SetPrefix + "4-missing\n", true},
 	{"swap sets of two families", 0, "swap " + set4 + " " + set6 + "\n", true},
 
 	{"chain, jump and rules", 4, "*nat\n:EGRESS-SNAT - [0:0]\n-I POSTROUTING 1 " + jump + "\n" +
@@ -68,7 +69,7 @@ var kernelSteps = []kernelStep{
 	{"a host address without its length", 4, "*nat\n-A EGRESS-SNAT -s 192.0.2.250 -d 198.51.100.6 -o eth0 -m comment --comment egress-snat -j SNAT --to-source 192.0.2.22\nCOMMIT\n", false},
 	{"delete a missing rule", 4, "*nat\n-D EGRESS-SNAT -s 192.0.2.250/32 -d 198.51.100.99/32 -o eth0 -m comment --comment egress-snat -j SNAT --to-source 192.0.2.22\nCOMMIT\n", true},
 	{"jump to a missing chain", 4, "*nat\n-A EGRESS-SNAT -d 198.51.100.7/32 -j EGRESS-MISSING\nCOMMIT\n", true},
-	{"a set that does not exist", 4, "*nat\n-A EGRESS-SNAT -s 192.0.2.250/32 -o eth0 -m set --match-set " + snat.SetPrefix + "4-missing dst -m comment --comment egress-snat -j SNAT --to-source 192.0.2.23\nCOMMIT\n", true},
+	{"a set that does not exist", 4, "*nat\n-A EGRESS-SNAT -s 192.0.2.250/32 -o eth0 -m set --match-set " + iptables.SetPrefix + "4-missing dst -m comment --comment egress-snat -j SNAT --to-source 192.0.2.23\nCOMMIT\n", true},
 	{"insert past the end", 4, "*nat\n-I POSTROUTING 9 " + jump + "\nCOMMIT\n", true},
 	{"a failing line undoes the whole commit", 4, "*nat\n-D POSTROUTING " + jump + "\n-D POSTROUTING " + jump + "\nCOMMIT\n", true},
 	{"remove a chain still jumped to", 4, "*nat\n:EGRESS-SNAT - [0:0]\n-X EGRESS-SNAT\nCOMMIT\n", true},
@@ -77,30 +78,30 @@ var kernelSteps = []kernelStep{
 	{"rewrite the chain", 4, "*nat\n:EGRESS-SNAT - [0:0]\n-D POSTROUTING " + jump + "\n-I POSTROUTING 1 " + jump + "\n" +
 		"-A EGRESS-SNAT -s 192.0.2.250/32 -o eth0 -m comment --comment egress-snat -j SNAT --to-source 192.0.2.23\nCOMMIT\n", false},
 
-	{"IPv6 chain, jump and rules", 6, "*nat\n:EGRESS-SNAT - [0:0]\n-I POSTROUTING 1 " + jump + "\n" +
+	{"snat.IPv6 chain, jump and rules", 6, "*nat\n:EGRESS-SNAT - [0:0]\n-I POSTROUTING 1 " + jump + "\n" +
 		"-A EGRESS-SNAT -s 2001:db8::250/128 -d 2001:db8:ffff::4/128 -o eth0 -m comment --comment egress-snat -j SNAT --to-source 2001:db8::22\n" +
 		"-A EGRESS-SNAT -s 2001:db8::250/128 -o eth0 -m set --match-set " + set6 + " dst -m comment --comment egress-snat -j SNAT --to-source 2001:db8::23\n" +
 		"COMMIT\n", false},
-	{"IPv6: an IPv4 set", 6, "*nat\n-A EGRESS-SNAT -o eth0 -m set --match-set " + set4 + " dst -m comment --comment egress-snat -j SNAT --to-source 2001:db8::23\nCOMMIT\n", true},
+	{"snat.IPv6: an snat.IPv4 set", 6, "*nat\n-A EGRESS-SNAT -o eth0 -m set --match-set " + set4 + " dst -m comment --comment egress-snat -j SNAT --to-source 2001:db8::23\nCOMMIT\n", true},
 
-	{"clear IPv4", 4, "*nat\n:EGRESS-SNAT - [0:0]\n-D POSTROUTING " + jump + "\n-X EGRESS-SNAT\nCOMMIT\n", false},
-	{"clear IPv6", 6, "*nat\n:EGRESS-SNAT - [0:0]\n-D POSTROUTING " + jump + "\n-X EGRESS-SNAT\nCOMMIT\n", false},
+	{"clear snat.IPv4", 4, "*nat\n:EGRESS-SNAT - [0:0]\n-D POSTROUTING " + jump + "\n-X EGRESS-SNAT\nCOMMIT\n", false},
+	{"clear snat.IPv6", 6, "*nat\n:EGRESS-SNAT - [0:0]\n-D POSTROUTING " + jump + "\n-X EGRESS-SNAT\nCOMMIT\n", false},
 	{"destroy the sets no rule uses", 0, "destroy " + set4 + "\ndestroy " + set6 + "\n", false},
 }
 
 func TestFakesMatchTheKernel(t *testing.T) {
 	lab.Require(t)
 	l := lab.New(t)
-	backend, err := snat.DetectBackend(os.Getenv("EGRESS_SNAT_IPTABLES"))
+	backend, err := iptables.DetectFlavour(os.Getenv("EGRESS_SNAT_IPTABLES"))
 	if err != nil {
 		t.Fatal(err)
 	}
-	var real snat.ExecTables
-	if err := lab.Do(l.Host, func() (err error) { real, err = snat.NewExecTables(backend, 5*time.Second); return err }); err != nil {
+	var real iptables.ExecTables
+	if err := lab.Do(l.Host, func() (err error) { real, err = iptables.NewExecTables(backend, 5*time.Second); return err }); err != nil {
 		t.Fatal(err)
 	}
-	realSets := snat.ExecIPSets{}
-	ft, fs := snat.NewFakeKernel()
+	realSets := iptables.ExecIPSets{}
+	ft, fs := iptables.NewFakeKernel()
 
 	for _, st := range kernelSteps {
 		var fakeErr, realErr error
@@ -165,7 +166,7 @@ type setView struct {
 
 func parseSets(t *testing.T, text string) map[string]setView {
 	t.Helper()
-	sets, err := snat.ParseSets(text)
+	sets, err := iptables.ParseSets(text)
 	if err != nil {
 		t.Fatalf("%v in:\n%s", err, text)
 	}
@@ -195,7 +196,7 @@ type nat struct {
 
 func installed(t *testing.T, f snat.Family, text string) nat {
 	t.Helper()
-	in, err := snat.ParseSave(f, text, nil)
+	in, err := iptables.ParseSave(f, text, nil)
 	if err != nil {
 		t.Fatalf("ParseSave: %v in:\n%s", err, text)
 	}
@@ -206,4 +207,4 @@ func installed(t *testing.T, f snat.Family, text string) nat {
 	return n
 }
 
-func fmtRule(r snat.Rule) string { return strings.Join(r.Args(), " ") }
+func fmtRule(r iptables.Rule) string { return strings.Join(r.Args(), " ") }

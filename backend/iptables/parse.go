@@ -1,4 +1,4 @@
-package snat
+package iptables
 
 import (
 	"bufio"
@@ -7,11 +7,13 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+
+	"github.com/egress-snat/egress-snat/snat"
 )
 
 // Installed is what one family's nat table holds of ours.
 type Installed struct {
-	Family Family
+	Family snat.Family
 	// TableExists is false when iptables-save printed no nat table at all.
 	TableExists bool
 	// OnlyOurs is true when the nat table holds nothing but our chain and
@@ -26,7 +28,7 @@ type Installed struct {
 	// JumpFirst is true when the first POSTROUTING rule is a jump.
 	JumpFirst bool
 	// Entries are the managed rules read back.
-	Entries []Entry
+	Entries []snat.Entry
 	// SetNames are the sets the chain refers to.
 	SetNames []string
 	// Foreign are rules in the managed chain this tool did not write (no
@@ -61,12 +63,12 @@ func (in Installed) InSync(c Chain) bool {
 // ParseSave reads `iptables-save -t nat` (or ip6tables-save) output.
 // sets maps set names to their content, from ParseSets; entries in sets are
 // expanded to one Entry per member.
-func ParseSave(f Family, text string, sets map[string]Set) (Installed, error) {
+func ParseSave(f snat.Family, text string, sets map[string]Set) (Installed, error) {
 	in := Installed{Family: f, OnlyOurs: true}
 	inNat := false
 	postrouting := 0
 	type ruleEntry struct {
-		Entry
+		snat.Entry
 		set string
 	}
 	var found []ruleEntry
@@ -145,7 +147,7 @@ func ParseSave(f Family, text string, sets map[string]Set) (Installed, error) {
 			if !dst.IsValid() {
 				dst = everything(f)
 			}
-			e := Entry{Match: Match{Sender: r.Sender(), Dst: dst, Out: r.Out}, Natural: r.natural()}
+			e := snat.Entry{Match: snat.Match{Sender: r.Sender(), Dst: dst, Out: r.Out}, Natural: r.natural()}
 			if len(to) > 0 {
 				e.To = to
 			}
@@ -163,7 +165,7 @@ func ParseSave(f Family, text string, sets map[string]Set) (Installed, error) {
 	for _, f := range found {
 		n += max(1, len(sets[f.set].Members))
 	}
-	in.Entries = make([]Entry, 0, n)
+	in.Entries = make([]snat.Entry, 0, n)
 	for _, f := range found {
 		if f.set == "" {
 			in.Entries = append(in.Entries, f.Entry)
@@ -185,13 +187,13 @@ func ParseSave(f Family, text string, sets map[string]Set) (Installed, error) {
 			in.Entries = append(in.Entries, e)
 		}
 	}
-	SortEntries(in.Entries)
+	snat.SortEntries(in.Entries)
 	return in, nil
 }
 
 // everything is the prefix of every destination of f.
-func everything(f Family) netip.Prefix {
-	if f == IPv4 {
+func everything(f snat.Family) netip.Prefix {
+	if f == snat.IPv4 {
 		return netip.PrefixFrom(netip.IPv4Unspecified(), 0)
 	}
 	return netip.PrefixFrom(netip.IPv6Unspecified(), 0)
@@ -277,9 +279,9 @@ func ParseSets(text string) (map[string]Set, error) {
 		}
 		switch op {
 		case "create":
-			fam := IPv4
+			fam := snat.IPv4
 			if strings.Contains(args, "family inet6") {
-				fam = IPv6
+				fam = snat.IPv6
 			}
 			cur, curName = &Set{Name: name, Family: fam, MaxElem: createOption(args, "maxelem")}, name
 			byName[name] = cur

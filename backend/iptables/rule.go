@@ -1,4 +1,4 @@
-package snat
+package iptables
 
 import (
 	"fmt"
@@ -7,6 +7,7 @@ import (
 	"strings"
 
 	"github.com/egress-snat/egress-snat/routes"
+	"github.com/egress-snat/egress-snat/snat"
 )
 
 // Rule is one rule of the managed chain, typed. It is the only description
@@ -113,7 +114,7 @@ func (r Rule) match() Rule {
 // ParseRule reads a rule of the managed chain as iptables-save prints it
 // (words after "-A CHAIN"). It fails for anything of another shape, or
 // without our comment: such a rule is not ours.
-func ParseRule(f Family, spec []string) (Rule, error) {
+func ParseRule(f snat.Family, spec []string) (Rule, error) {
 	var r Rule
 	ours := false
 	mods := map[string]bool{}
@@ -236,7 +237,7 @@ func ParseRule(f Family, spec []string) (Rule, error) {
 		return r, fmt.Errorf("no %q comment", Comment)
 	case !r.Src.IsValid() || r.Out == "" && r.Target != "MARK" && r.Target != "RETURN":
 		return r, fmt.Errorf("no -s or -o")
-	case FamilyOf(r.Src.Addr()) != f || r.Dst.IsValid() && FamilyOf(r.Dst.Addr()) != f:
+	case snat.FamilyOf(r.Src.Addr()) != f || r.Dst.IsValid() && snat.FamilyOf(r.Dst.Addr()) != f:
 		return r, fmt.Errorf("address of the other family")
 	case r.Forwarded && (r.HasUID || r.Cgroup != ""):
 		return r, fmt.Errorf("a forwarded-traffic rule with a socket match")
@@ -245,7 +246,7 @@ func ParseRule(f Family, spec []string) (Rule, error) {
 	case r.HasUID && r.Cgroup != "":
 		return r, fmt.Errorf("both a uid and a cgroup match")
 	case r.Target == "RETURN" && r.Out != "" && !r.ToSource.IsValid() && r.Every == 0 && !r.Forwarded:
-	case r.Target == "SNAT" && r.ToSource.IsValid() && FamilyOf(r.ToSource) == f:
+	case r.Target == "SNAT" && r.ToSource.IsValid() && snat.FamilyOf(r.ToSource) == f:
 	case r.Target == "MARK" && r.SetMark != 0 && r.Out == "":
 	case r.Target == "RETURN" && r.Out == "":
 	default:
@@ -258,16 +259,16 @@ func ParseRule(f Family, spec []string) (Rule, error) {
 }
 
 // Sender is the sender a rule selects.
-func (r Rule) Sender() Sender {
+func (r Rule) Sender() snat.Sender {
 	switch {
 	case r.Forwarded:
-		return From(r.Src)
+		return snat.From(r.Src)
 	case r.HasUID:
-		return UID(r.UID)
+		return snat.UID(r.UID)
 	case r.Cgroup != "":
-		return Cgroup(r.Cgroup)
+		return snat.Cgroup(r.Cgroup)
 	}
-	return Host()
+	return snat.Host()
 }
 
 // natural is the natural source a local-traffic rule matches.
@@ -285,18 +286,18 @@ func (r Rule) natural() netip.Addr {
 // new connections go round-robin. A --to-source range would not do: the
 // kernel picks an address of a range by hashing source and destination, so
 // one client talking to one server would always get the same address.
-func rulesFor(e Entry, set string) []Rule {
+func rulesFor(e snat.Entry, set string) []Rule {
 	base := Rule{Out: e.Out, Set: set}
 	if set == "" && e.Dst.Bits() > 0 {
 		base.Dst = e.Dst
 	}
-	switch s := e.Sender; s.kind() {
-	case SenderFrom:
+	switch s := e.Sender; s.Kind {
+	case snat.SenderFrom:
 		base.Src, base.Forwarded = s.From, true
 	default:
 		base.Src = hostPrefix(e.Natural)
-		base.HasUID, base.UID = s.kind() == SenderUID, s.UID
-		if s.kind() == SenderCgroup {
+		base.HasUID, base.UID = s.Kind == snat.SenderUID, s.UID
+		if s.Kind == snat.SenderCgroup {
 			base.Cgroup = s.Cgroup
 		}
 	}

@@ -1,10 +1,12 @@
-package snat
+package iptables
 
 import (
 	"fmt"
 	"net/netip"
 	"slices"
 	"strings"
+
+	"github.com/egress-snat/egress-snat/snat"
 )
 
 // A set whose content changes a little is changed in place instead of
@@ -76,7 +78,7 @@ type rebuild struct{ Old, New Set }
 // A set whose content differs from the kernel's is changed in place when
 // few members change, else rebuilt. claimed collects the kernel names the
 // desired sets take, across calls.
-func placeSets(st *State, in Installed, c Chain, claimed map[string]bool) placement {
+func placeSets(st *Snapshot, in Installed, c Chain, claimed map[string]bool) placement {
 	installedBy := map[Rule]string{} // a rule without its set name -> the set
 	for _, r := range in.Rules {
 		if _, ok := st.Sets[r.Set]; !ok || r.Set == "" {
@@ -147,7 +149,7 @@ func placeSets(st *State, in Installed, c Chain, claimed map[string]bool) placem
 // changed where they are, so that the chain's one transaction switches the
 // rules and their sets together, and a run killed half-way leaves the old
 // state whole. The installed sets they leave are cleaned up.
-func (pl placement) freshen(st *State, claimed map[string]bool) placement {
+func (pl placement) freshen(st *Snapshot, claimed map[string]bool) placement {
 	if len(pl.Updates)+len(pl.Rebuilt) == 0 {
 		return pl
 	}
@@ -207,19 +209,18 @@ func (pl placement) freshen(st *State, claimed map[string]bool) placement {
 
 // steps are the ipset steps of the placement, in the order they run: new
 // sets, changes in place, rebuilds. All come before the chain is written.
-func (pl placement) steps() []Step {
-	var out []Step
+func (pl placement) steps(sets IPSets) []snat.Step {
+	var out []snat.Step
 	if len(pl.Fresh) > 0 {
 		var undo strings.Builder
 		for _, s := range pl.Fresh {
 			undo.WriteString("destroy " + s.Name + "\n")
 		}
-		out = append(out, Step{Why: fmt.Sprintf("create %s of destinations before any rule refers to them", plural(len(pl.Fresh), "new set")),
-			Do: Command{Tool: ToolIPSet, Input: SetRestorePayload(pl.Fresh)}, Undo: &Command{Tool: ToolIPSet, Input: undo.String()}})
+		out = append(out, snat.NewStep(fmt.Sprintf("create %s of destinations before any rule refers to them", snat.Plural(len(pl.Fresh), "new set")),
+			ipsetRestore{sets, SetRestorePayload(pl.Fresh)}, ipsetRestore{sets, undo.String()}))
 	}
 	for _, u := range pl.Updates {
-		out = append(out, Step{Why: u.why(),
-			Do: Command{Tool: ToolIPSet, Input: u.Do}, Undo: &Command{Tool: ToolIPSet, Input: u.Undo}})
+		out = append(out, snat.NewStep(u.why(), ipsetRestore{sets, u.Do}, ipsetRestore{sets, u.Undo}))
 	}
 	if len(pl.Rebuilt) > 0 {
 		var do, undo strings.Builder
@@ -227,8 +228,8 @@ func (pl placement) steps() []Step {
 			do.WriteString(swapIn(r.New))
 			undo.WriteString(swapIn(r.Old))
 		}
-		out = append(out, Step{Why: fmt.Sprintf("rebuild %s with new content and swap it in, atomic for the whole set (a set edited by hand, or a change too large to make in place)", plural(len(pl.Rebuilt), "set")),
-			Do: Command{Tool: ToolIPSet, Input: do.String()}, Undo: &Command{Tool: ToolIPSet, Input: undo.String()}})
+		out = append(out, snat.NewStep(fmt.Sprintf("rebuild %s with new content and swap it in, atomic for the whole set (a set edited by hand, or a change too large to make in place)", snat.Plural(len(pl.Rebuilt), "set")),
+			ipsetRestore{sets, do.String()}, ipsetRestore{sets, undo.String()}))
 	}
 	return out
 }

@@ -1,4 +1,4 @@
-package snat
+package iptables
 
 import (
 	"fmt"
@@ -7,6 +7,8 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+
+	"github.com/egress-snat/egress-snat/snat"
 )
 
 // FakeTables is an in-memory Tables for unit tests, in the style of
@@ -15,11 +17,11 @@ import (
 // a jump needs its chain, a referenced chain cannot be removed) and commits
 // all or nothing. Save prints what iptables-save would.
 type FakeTables struct {
-	tables map[Family]map[string]*fakeTable
+	tables map[snat.Family]map[string]*fakeTable
 	// FailRestore, when set, makes Restore of that family fail.
-	FailRestore map[Family]error
+	FailRestore map[snat.Family]error
 	// Restores counts successful Restore calls per family.
-	Restores map[Family]int
+	Restores map[snat.Family]int
 	// Droppable says what CanDropNATTable answers.
 	Droppable bool
 	// Sets, when set, are the sets a --match-set must name, of the rule's
@@ -67,9 +69,9 @@ var builtinChains = map[string][]string{
 // NewFakeTables returns empty tables.
 func NewFakeTables() *FakeTables {
 	return &FakeTables{
-		tables:      map[Family]map[string]*fakeTable{IPv4: {}, IPv6: {}},
-		FailRestore: map[Family]error{},
-		Restores:    map[Family]int{},
+		tables:      map[snat.Family]map[string]*fakeTable{snat.IPv4: {}, snat.IPv6: {}},
+		FailRestore: map[snat.Family]error{},
+		Restores:    map[snat.Family]int{},
 	}
 }
 
@@ -92,7 +94,7 @@ func (t *fakeTable) clone() *fakeTable {
 }
 
 // Save prints the family's tables in iptables-save format.
-func (ft *FakeTables) Save(f Family) (string, error) {
+func (ft *FakeTables) Save(f snat.Family) (string, error) {
 	var b strings.Builder
 	names := slices.Sorted(maps.Keys(ft.tables[f]))
 	for _, name := range names {
@@ -116,7 +118,7 @@ func (ft *FakeTables) Save(f Family) (string, error) {
 }
 
 // Restore applies payload with --noflush semantics, all or nothing.
-func (ft *FakeTables) Restore(f Family, payload string) error {
+func (ft *FakeTables) Restore(f snat.Family, payload string) error {
 	if err := ft.FailRestore[f]; err != nil {
 		return err
 	}
@@ -281,7 +283,7 @@ func (fs *FakeIPSets) Save() (string, error) {
 	for _, name := range slices.Sorted(maps.Keys(fs.sets)) {
 		s := fs.sets[name]
 		fam := "inet"
-		if s.Family == IPv6 {
+		if s.Family == snat.IPv6 {
 			fam = "inet6"
 		}
 		fmt.Fprintf(&b, "create %s hash:net family %s\n", name, fam)
@@ -306,9 +308,9 @@ func (fs *FakeIPSets) Restore(payload string) error {
 			if _, ok := fs.sets[f[1]]; ok {
 				return fmt.Errorf("fake ipset: set %s exists", f[1])
 			}
-			fam := IPv4
+			fam := snat.IPv4
 			if slices.Contains(f, "inet6") {
-				fam = IPv6
+				fam = snat.IPv6
 			}
 			fs.sets[f[1]] = Set{Name: f[1], Family: fam}
 		case "add":
@@ -322,7 +324,7 @@ func (fs *FakeIPSets) Restore(payload string) error {
 			}
 			// As the kernel's hash:net: a member of the set's family,
 			// never /0, never twice.
-			if p.Addr().Is4() != (s.Family == IPv4) {
+			if p.Addr().Is4() != (s.Family == snat.IPv4) {
 				return fmt.Errorf("fake ipset: %s is not of the family of set %s", p, f[1])
 			}
 			if p.Bits() == 0 {
@@ -404,7 +406,7 @@ func (ft *FakeTables) CanDropNATTable() bool { return ft.Droppable }
 
 // DropTable deletes the family's table when it holds nothing, as
 // ExecTables does with nft.
-func (ft *FakeTables) DropTable(f Family, name string) error {
+func (ft *FakeTables) DropTable(f snat.Family, name string) error {
 	text, _ := ft.Save(f)
 	if tableEmpty(text, name) {
 		delete(ft.tables[f], name)
@@ -413,4 +415,4 @@ func (ft *FakeTables) DropTable(f Family, name string) error {
 }
 
 // SaveNAT of the fake is its Save: readers look at the nat table only.
-func (ft *FakeTables) SaveNAT(f Family) (string, error) { return ft.Save(f) }
+func (ft *FakeTables) SaveNAT(f snat.Family) (string, error) { return ft.Save(f) }

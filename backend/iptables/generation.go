@@ -1,4 +1,4 @@
-package snat
+package iptables
 
 import (
 	"encoding/binary"
@@ -9,6 +9,7 @@ import (
 	"strings"
 	"unsafe"
 
+	"github.com/egress-snat/egress-snat/snat"
 	"github.com/vishvananda/netlink/nl"
 	"golang.org/x/sys/unix"
 )
@@ -22,8 +23,8 @@ import (
 //   - iptables-legacy: a hash of the nat table's rules as the kernel gives
 //     them (IPT_SO_GET_ENTRIES), with the packet and byte counters, which
 //     traffic changes, zeroed.
-func (t ExecTables) Generation(f Family) (uint64, error) {
-	if t.Backend == BackendNFT {
+func (t ExecTables) Generation(f snat.Family) (uint64, error) {
+	if t.Flavour == FlavourNFT {
 		return nftGeneration()
 	}
 	return legacyGeneration(f)
@@ -77,12 +78,12 @@ type iptGetinfo struct {
 
 // legacyGeneration hashes the nat table's rules: IPT_SO_GET_INFO for its
 // size, then IPT_SO_GET_ENTRIES for the rules themselves.
-func legacyGeneration(f Family) (uint64, error) {
+func legacyGeneration(f snat.Family) (uint64, error) {
 	domain, level := unix.AF_INET, unix.SOL_IP
 	// struct ipt_entry / ip6t_entry: where next_offset and the counters
 	// are, and how long the entry header is.
 	nextOff, countersOff := 90, 96
-	if f == IPv6 {
+	if f == snat.IPv6 {
 		domain, level = unix.AF_INET6, unix.SOL_IPV6
 		nextOff, countersOff = 142, 152
 	}
@@ -128,13 +129,13 @@ func getsockopt(fd, level, opt int, p unsafe.Pointer, size *uint32) unix.Errno {
 }
 
 // Generation of the fake counts its successful restores.
-func (ft *FakeTables) Generation(f Family) (uint64, error) {
+func (ft *FakeTables) Generation(f snat.Family) (uint64, error) {
 	return uint64(ft.Restores[f]), nil
 }
 
 // SaveNAT returns iptables-save of the family's nat table alone: what the
 // daemon's periodic read needs, smaller than a whole save.
-func (t ExecTables) SaveNAT(f Family) (string, error) {
+func (t ExecTables) SaveNAT(f snat.Family) (string, error) {
 	return t.save(f, "-t", table)
 }
 

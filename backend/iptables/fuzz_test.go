@@ -1,4 +1,4 @@
-package snat
+package iptables
 
 // Fuzz targets for the parsers that read the kernel's state back
 // (scripts/fuzz.sh runs them for a bounded time; plain `go test` runs the
@@ -10,6 +10,8 @@ import (
 	"slices"
 	"strings"
 	"testing"
+
+	"github.com/egress-snat/egress-snat/snat"
 )
 
 // fuzzSeeds are save texts as iptables-save and ipset save print them,
@@ -91,9 +93,9 @@ func FuzzParseSave(f *testing.F) {
 		f.Add(s.save, s.sets, s.six)
 	}
 	f.Fuzz(func(t *testing.T, save, setText string, six bool) {
-		fam := IPv4
+		fam := snat.IPv4
 		if six {
-			fam = IPv6
+			fam = snat.IPv6
 		}
 		sets, err := ParseSets(setText)
 		if err != nil {
@@ -103,9 +105,10 @@ func FuzzParseSave(f *testing.F) {
 		if err != nil {
 			return
 		}
-		st := &State{Installed: map[Family]Installed{fam: in}, Sets: sets}
-		_ = MakePlan(st, in.Entries)
-		_ = Diagnose(st, in.Entries)
+		st := stateOf(&Snapshot{Installed: map[snat.Family]Installed{fam: in}, Sets: sets})
+		m := fakeManager()
+		_ = m.MakePlan(st, in.Entries)
+		_ = m.Diagnose(st, in.Entries)
 		if len(in.Entries) == 0 || !fuzzRealistic(fam, in.Entries) {
 			return
 		}
@@ -128,7 +131,7 @@ func FuzzParseSave(f *testing.F) {
 			t.Fatalf("rendered payload declares no chain:\n%s", payload)
 		}
 		want, got := fuzzSorted(in.Entries), fuzzSorted(again.Entries)
-		if !slices.EqualFunc(want, got, Entry.Equal) {
+		if !slices.EqualFunc(want, got, snat.Entry.Equal) {
 			t.Fatalf("round trip changed the entries\nread:\n%s\nread back:\n%s\npayload:\n%s\nsets:\n%s",
 				fuzzList(want), fuzzList(got), payload, setPayload)
 		}
@@ -178,13 +181,13 @@ func FuzzParseSets(f *testing.F) {
 // fam's table: destination, natural source and targets of that family, and
 // an interface name that iptables-save prints as one word. (ParseSave
 // itself checks only the natural source's family; see docs/RELIABILITY.md.)
-func fuzzRealistic(fam Family, es []Entry) bool {
+func fuzzRealistic(fam snat.Family, es []snat.Entry) bool {
 	for _, e := range es {
-		if e.Family() != fam || FamilyOf(e.Natural) != fam || e.Dst.Addr().Zone() != "" || e.Natural.Zone() != "" {
+		if e.Family() != fam || snat.FamilyOf(e.Natural) != fam || e.Dst.Addr().Zone() != "" || e.Natural.Zone() != "" {
 			return false
 		}
 		for _, a := range e.To {
-			if FamilyOf(a) != fam || a.Zone() != "" {
+			if snat.FamilyOf(a) != fam || a.Zone() != "" {
 				return false
 			}
 		}
@@ -210,11 +213,11 @@ func fuzzIfaceName(s string) bool {
 	return true
 }
 
-func fuzzSorted(es []Entry) []Entry {
+func fuzzSorted(es []snat.Entry) []snat.Entry {
 	out := slices.Clone(es)
-	slices.SortStableFunc(out, func(a, b Entry) int {
+	slices.SortStableFunc(out, func(a, b snat.Entry) int {
 		return cmp.Or(
-			compareEntries(a, b),
+			snat.CompareEntries(a, b),
 			strings.Compare(a.Out, b.Out),
 			a.Natural.Compare(b.Natural),
 			slices.CompareFunc(a.To, b.To, netip.Addr.Compare),
@@ -223,7 +226,7 @@ func fuzzSorted(es []Entry) []Entry {
 	return out
 }
 
-func fuzzList(es []Entry) string {
+func fuzzList(es []snat.Entry) string {
 	var b strings.Builder
 	for _, e := range es {
 		b.WriteString("  " + e.String() + "\n")

@@ -1,4 +1,4 @@
-package snat
+package iptables
 
 import (
 	"fmt"
@@ -8,10 +8,11 @@ import (
 	"testing"
 	"time"
 
+	"github.com/egress-snat/egress-snat/snat"
 	"github.com/google/go-cmp/cmp"
 )
 
-func senderEntry(s Sender, dst, natural string, to ...string) Entry {
+func senderEntry(s snat.Sender, dst, natural string, to ...string) snat.Entry {
 	e := entry(dst, natural, to...)
 	e.Sender = s
 	if !s.Local() {
@@ -31,7 +32,7 @@ func TestRuleRoundTrip(t *testing.T) {
 		{Src: pfx("2001:db8::250"), Cgroup: "system.slice/postfix.service", Dst: pfx("2001:db8:ffff::/48"), Out: "eth0", Target: "SNAT", ToSource: addr("2001:db8::22")},
 	}
 	for _, r := range rules {
-		f := FamilyOf(r.Src.Addr())
+		f := snat.FamilyOf(r.Src.Addr())
 		got, err := ParseRule(f, r.Args())
 		if err != nil {
 			t.Errorf("%s: %v", r, err)
@@ -55,7 +56,7 @@ func TestRuleRoundTrip(t *testing.T) {
 		{"-s", "192.0.2.250/32", "-o", "eth0", "-m", "comment", "--comment", "egress-snat", "-j", "MASQUERADE"},
 		{"-s", "192.0.2.250/32", "-o", "eth0", "-m", "tcp", "-m", "comment", "--comment", "egress-snat", "-j", "RETURN"},
 	} {
-		if r, err := ParseRule(IPv4, bad); err == nil {
+		if r, err := ParseRule(snat.IPv4, bad); err == nil {
 			t.Errorf("%q parsed as ours: %v", bad, r)
 		}
 	}
@@ -69,11 +70,11 @@ func TestPrecedenceMatchesTheKernelModel(t *testing.T) {
 	rng := rand.New(rand.NewPCG(3, 4))
 	natural := addr("192.0.2.250")
 	pool := []netip.Addr{addr("192.0.2.22"), addr("192.0.2.23"), addr("192.0.2.24"), natural}
-	senders := []Sender{Host(), Host(), UID(4242), UID(0), Cgroup("system.slice"), Cgroup("system.slice/postfix.service"),
-		From(pfx("10.77.0.0/16")), From(pfx("10.77.1.0/24")), From(pfx("172.30.0.0/16"))}
+	senders := []snat.Sender{snat.Host(), snat.Host(), snat.UID(4242), snat.UID(0), snat.Cgroup("system.slice"), snat.Cgroup("system.slice/postfix.service"),
+		snat.From(pfx("10.77.0.0/16")), snat.From(pfx("10.77.1.0/24")), snat.From(pfx("172.30.0.0/16"))}
 	for round := range 40 {
-		seen := map[Match]bool{}
-		var es []Entry
+		seen := map[snat.Match]bool{}
+		var es []snat.Entry
 		for range 10 + rng.IntN(60) {
 			bits := rng.IntN(33)
 			a := netip.AddrFrom4([4]byte{198, byte(rng.IntN(2)), byte(rng.IntN(4)), byte(rng.IntN(256))})
@@ -86,14 +87,14 @@ func TestPrecedenceMatchesTheKernelModel(t *testing.T) {
 			seen[e.Match] = true
 			es = append(es, e)
 		}
-		norm := Normalize(es)
-		c := Render(IPv4, norm)
+		norm := snat.Normalize(es)
+		c := Render(snat.IPv4, norm)
 		sets := map[string]Set{}
 		for _, s := range c.Sets {
 			sets[s.Name] = s
 		}
 		for range 400 {
-			p := Packet{Dst: netip.AddrFrom4([4]byte{198, byte(rng.IntN(2)), byte(rng.IntN(4)), byte(rng.IntN(256))}), Out: "eth0", Src: natural}
+			p := snat.Packet{Dst: netip.AddrFrom4([4]byte{198, byte(rng.IntN(2)), byte(rng.IntN(4)), byte(rng.IntN(256))}), Out: "eth0", Src: natural}
 			switch rng.IntN(4) {
 			case 0:
 				p.Forwarded = true
@@ -105,11 +106,11 @@ func TestPrecedenceMatchesTheKernelModel(t *testing.T) {
 				p.HasUID, p.UID = true, 4242
 			}
 			want := p.Src
-			if e := Effective(es, p); e != nil && !e.Keep() {
+			if e := snat.Effective(es, p); e != nil && !e.Keep() {
 				want = e.To[0]
 			}
 			if got := evaluatePacket(c, sets, p, map[int]int{}); got != want {
-				t.Fatalf("round %d: %+v leaves with %s, want %s (decided by %v)\nchain:\n%s", round, p, got, want, Effective(es, p), chainText(c))
+				t.Fatalf("round %d: %+v leaves with %s, want %s (decided by %v)\nchain:\n%s", round, p, got, want, snat.Effective(es, p), chainText(c))
 			}
 		}
 	}
@@ -125,26 +126,26 @@ func chainText(c Chain) string {
 
 // TestSenderRulesComeFirst: the documented precedence, case by case.
 func TestSenderRulesComeFirst(t *testing.T) {
-	es := []Entry{
+	es := []snat.Entry{
 		entry("0.0.0.0/0", "192.0.2.250", "192.0.2.23"),
 		entry("198.51.100.4", "192.0.2.250", "192.0.2.24"),
-		senderEntry(UID(4242), "0.0.0.0/0", "192.0.2.250", "192.0.2.22"),
-		senderEntry(From(pfx("10.77.0.0/24")), "198.51.100.4", "192.0.2.250", "192.0.2.22"),
+		senderEntry(snat.UID(4242), "0.0.0.0/0", "192.0.2.250", "192.0.2.22"),
+		senderEntry(snat.From(pfx("10.77.0.0/24")), "198.51.100.4", "192.0.2.250", "192.0.2.22"),
 	}
 	for _, tc := range []struct {
-		p    Packet
+		p    snat.Packet
 		want string
 	}{
-		{Packet{Dst: addr("198.51.100.4"), Out: "eth0", Src: addr("192.0.2.250")}, "192.0.2.24"},
-		{Packet{Dst: addr("203.0.113.7"), Out: "eth0", Src: addr("192.0.2.250")}, "192.0.2.23"},
+		{snat.Packet{Dst: addr("198.51.100.4"), Out: "eth0", Src: addr("192.0.2.250")}, "192.0.2.24"},
+		{snat.Packet{Dst: addr("203.0.113.7"), Out: "eth0", Src: addr("192.0.2.250")}, "192.0.2.23"},
 		// a uid rule for everything beats a destination-only /32
-		{Packet{Dst: addr("198.51.100.4"), Out: "eth0", Src: addr("192.0.2.250"), HasUID: true, UID: 4242}, "192.0.2.22"},
-		{Packet{Dst: addr("198.51.100.4"), Out: "eth0", Src: addr("10.77.0.2"), Forwarded: true}, "192.0.2.22"},
+		{snat.Packet{Dst: addr("198.51.100.4"), Out: "eth0", Src: addr("192.0.2.250"), HasUID: true, UID: 4242}, "192.0.2.22"},
+		{snat.Packet{Dst: addr("198.51.100.4"), Out: "eth0", Src: addr("10.77.0.2"), Forwarded: true}, "192.0.2.22"},
 		// forwarded traffic to a destination without a --from rule is untouched
-		{Packet{Dst: addr("203.0.113.7"), Out: "eth0", Src: addr("10.77.0.2"), Forwarded: true}, "10.77.0.2"},
+		{snat.Packet{Dst: addr("203.0.113.7"), Out: "eth0", Src: addr("10.77.0.2"), Forwarded: true}, "10.77.0.2"},
 	} {
 		got := tc.p.Src
-		if e := Effective(es, tc.p); e != nil {
+		if e := snat.Effective(es, tc.p); e != nil {
 			got = e.To[0]
 		}
 		if got.String() != tc.want {
@@ -156,16 +157,16 @@ func TestSenderRulesComeFirst(t *testing.T) {
 // TestKeepNaturalUnderAnotherSender: a uid asking for the natural source
 // needs a RETURN rule because the host-wide rule would rewrite it.
 func TestKeepNaturalUnderAnotherSender(t *testing.T) {
-	got := Normalize([]Entry{
+	got := snat.Normalize([]snat.Entry{
 		entry("0.0.0.0/0", "192.0.2.250", "192.0.2.23"),
-		senderEntry(UID(4242), "0.0.0.0/0", "192.0.2.250", "192.0.2.250"),
-		senderEntry(UID(7), "198.51.100.4", "192.0.2.250", "192.0.2.250"),
+		senderEntry(snat.UID(4242), "0.0.0.0/0", "192.0.2.250", "192.0.2.250"),
+		senderEntry(snat.UID(7), "198.51.100.4", "192.0.2.250", "192.0.2.250"),
 	})
-	c := Render(IPv4, got)
+	c := Render(snat.IPv4, got)
 	if len(c.Rules) != 3 || c.Rules[0].Target != "RETURN" || c.Rules[1].Target != "RETURN" {
 		t.Fatalf("want two RETURN rules before the host rule, got:\n%s", chainText(c))
 	}
-	alone := Normalize([]Entry{senderEntry(UID(4242), "0.0.0.0/0", "192.0.2.250", "192.0.2.250")})
+	alone := snat.Normalize([]snat.Entry{senderEntry(snat.UID(4242), "0.0.0.0/0", "192.0.2.250", "192.0.2.250")})
 	if len(alone) != 0 {
 		t.Errorf("a keep-natural uid entry with nothing to protect from was kept: %v", alone)
 	}
@@ -174,10 +175,10 @@ func TestKeepNaturalUnderAnotherSender(t *testing.T) {
 // TestTwoSendersOneDestinationCoexist: identity is the whole match.
 func TestTwoSendersOneDestinationCoexist(t *testing.T) {
 	m, _, _ := newFakeManager()
-	a := senderEntry(From(pfx("10.77.0.0/24")), "198.51.100.4", "192.0.2.250", "192.0.2.22")
-	b := senderEntry(From(pfx("10.78.0.0/24")), "198.51.100.4", "192.0.2.250", "192.0.2.23")
+	a := senderEntry(snat.From(pfx("10.77.0.0/24")), "198.51.100.4", "192.0.2.250", "192.0.2.22")
+	b := senderEntry(snat.From(pfx("10.78.0.0/24")), "198.51.100.4", "192.0.2.250", "192.0.2.23")
 	h := entry("198.51.100.4", "192.0.2.250", "192.0.2.24")
-	update(t, m, func(*State) []Entry { return []Entry{a, b, h} })
+	update(t, m, func(*snat.State) []snat.Entry { return []snat.Entry{a, b, h} })
 	st, _ := m.Read()
 	if n := len(st.Entries()); n != 3 {
 		t.Fatalf("read back %d entries, want 3: %v", n, st.Entries())
@@ -185,7 +186,7 @@ func TestTwoSendersOneDestinationCoexist(t *testing.T) {
 	// Setting one sender's destination again replaces only that one.
 	a2 := a
 	a2.To = []netip.Addr{addr("192.0.2.25")}
-	p := update(t, m, func(st *State) []Entry { return Merge(st.Entries(), []Entry{a2}) })
+	p := update(t, m, func(st *snat.State) []snat.Entry { return snat.Merge(st.Entries(), []snat.Entry{a2}) })
 	if len(p.Changes) != 1 || p.Changes[0].Op != "change" || p.Changes[0].New.Sender != a.Sender {
 		t.Errorf("changes: %v", p.Changes)
 	}
@@ -196,21 +197,21 @@ func TestTwoSendersOneDestinationCoexist(t *testing.T) {
 func TestPlanIsTheProgram(t *testing.T) {
 	m, ft, fs := newFakeManager()
 	ft.Droppable = true
-	var want []Entry
+	var want []snat.Entry
 	for i := range 10 {
 		want = append(want, entry(fmt.Sprintf("198.51.100.%d", i), "192.0.2.250", "192.0.2.22"))
 	}
+	rec := &recordingTables{FakeTables: ft}
+	m.Backend.(*Backend).Tables = rec
 	st, _ := m.Read()
-	p := MakePlan(st, want)
-	var tools []Tool
+	p := m.MakePlan(st, want)
+	var tools []snat.Tool
 	for _, s := range p.Steps {
 		tools = append(tools, s.Do.Tool)
 	}
-	if diff := cmp.Diff([]Tool{ToolIPSet, ToolIPTables}, tools); diff != "" {
+	if diff := cmp.Diff([]snat.Tool{ToolIPSet, ToolIPTables}, tools); diff != "" {
 		t.Fatalf("steps (-want +got):\n%s", diff)
 	}
-	rec := &recordingTables{FakeTables: ft}
-	m.Tables = rec
 	if err := m.Apply(p); err != nil {
 		t.Fatal(err)
 	}
@@ -222,18 +223,18 @@ func TestPlanIsTheProgram(t *testing.T) {
 	}
 	// clear: the chain, then the unused set and the empty table, as cleanup.
 	st, _ = m.Read()
-	p = MakePlan(st, nil)
+	p = m.MakePlan(st, nil)
 	tools = nil
 	for _, s := range p.Steps {
 		tools = append(tools, s.Do.Tool)
 	}
-	if diff := cmp.Diff([]Tool{ToolIPTables, ToolIPSet, ToolDropNATTable}, tools); diff != "" {
+	if diff := cmp.Diff([]snat.Tool{ToolIPTables, ToolIPSet, ToolDropNATTable}, tools); diff != "" {
 		t.Fatalf("clear steps (-want +got):\n%s", diff)
 	}
 	if err := m.Apply(p); err != nil {
 		t.Fatal(err)
 	}
-	if text, _ := ft.Save(IPv4); text != "" {
+	if text, _ := ft.Save(snat.IPv4); text != "" {
 		t.Errorf("after clear the fake still has:\n%s", text)
 	}
 }
@@ -243,7 +244,7 @@ type recordingTables struct {
 	inputs []string
 }
 
-func (r *recordingTables) Restore(f Family, payload string) error {
+func (r *recordingTables) Restore(f snat.Family, payload string) error {
 	r.inputs = append(r.inputs, payload)
 	return r.FakeTables.Restore(f, payload)
 }
@@ -252,20 +253,20 @@ func (r *recordingTables) Restore(f Family, payload string) error {
 // the new sets, from the plan's own undo steps.
 func TestFailedStepIsUndone(t *testing.T) {
 	m, ft, fs := newFakeManager()
-	update(t, m, func(*State) []Entry { return []Entry{entry("203.0.113.7", "192.0.2.250", "192.0.2.23")} })
-	v4, _ := ft.Save(IPv4)
+	update(t, m, func(*snat.State) []snat.Entry { return []snat.Entry{entry("203.0.113.7", "192.0.2.250", "192.0.2.23")} })
+	v4, _ := ft.Save(snat.IPv4)
 	sets, _ := fs.Save()
-	var want []Entry
+	var want []snat.Entry
 	for i := range 10 {
 		want = append(want, entry(fmt.Sprintf("198.51.100.%d", i), "192.0.2.250", "192.0.2.22"))
 	}
 	want = append(want, entry("2001:db8:ffff::4", "2001:db8::250", "2001:db8::22"))
-	ft.FailRestore[IPv6] = fmt.Errorf("injected")
-	_, _, err := m.Update(time.Second, false, func(*State) ([]Entry, error) { return want, nil })
+	ft.FailRestore[snat.IPv6] = fmt.Errorf("injected")
+	_, _, err := m.Update(snat.Request{LockTimeout: time.Second, Desired: func(*snat.State) ([]snat.Entry, error) { return want, nil }})
 	if err == nil || !strings.Contains(err.Error(), "nothing was changed") {
 		t.Fatalf("err = %v", err)
 	}
-	v4After, _ := ft.Save(IPv4)
+	v4After, _ := ft.Save(snat.IPv4)
 	setsAfter, _ := fs.Save()
 	if v4 != v4After || sets != setsAfter {
 		t.Errorf("a failed apply left changes:\n%s\n%s", cmp.Diff(v4, v4After), cmp.Diff(sets, setsAfter))
@@ -277,12 +278,12 @@ func TestFailedStepIsUndone(t *testing.T) {
 func TestUpdateTakesTheInjectedLock(t *testing.T) {
 	m, _, _ := newFakeManager()
 	l := m.Locker.(*countingLock)
-	update(t, m, func(*State) []Entry { return nil })
+	update(t, m, func(*snat.State) []snat.Entry { return nil })
 	if l.taken != 1 || l.held != 0 {
 		t.Errorf("lock taken %d, held %d after Update", l.taken, l.held)
 	}
 	l.held = 1
-	if _, _, err := m.Update(time.Second, false, func(*State) ([]Entry, error) { return nil, nil }); err == nil {
+	if _, _, err := m.Update(snat.Request{LockTimeout: time.Second, Desired: func(*snat.State) ([]snat.Entry, error) { return nil, nil }}); err == nil {
 		t.Error("Update ran while the lock was held")
 	}
 }
@@ -291,7 +292,7 @@ func TestUpdateTakesTheInjectedLock(t *testing.T) {
 // inside a broader destination that already keeps it needs no rule of its
 // own; one with a rewriting rule between them still does.
 func TestKeepInsideAKeepIsDropped(t *testing.T) {
-	got := Normalize([]Entry{
+	got := snat.Normalize([]snat.Entry{
 		entry("0.0.0.0/0", "192.0.2.250", "192.0.2.23"),
 		entry("198.51.100.0/24", "192.0.2.250", "192.0.2.250"),
 		entry("198.51.100.4", "192.0.2.250", "192.0.2.250"),
@@ -299,7 +300,7 @@ func TestKeepInsideAKeepIsDropped(t *testing.T) {
 	if len(got) != 2 || got[0].Dst != pfx("198.51.100.0/24") {
 		t.Errorf("want the /24 keep and the /0 rule only, got %v", got)
 	}
-	got = Normalize([]Entry{
+	got = snat.Normalize([]snat.Entry{
 		entry("0.0.0.0/0", "192.0.2.250", "192.0.2.23"),
 		entry("198.51.100.0/24", "192.0.2.250", "192.0.2.250"),
 		entry("198.51.100.0/28", "192.0.2.250", "192.0.2.22"),

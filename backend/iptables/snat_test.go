@@ -1,4 +1,4 @@
-package snat
+package iptables
 
 import (
 	"fmt"
@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/egress-snat/egress-snat/routes"
+	"github.com/egress-snat/egress-snat/snat"
 	"github.com/google/go-cmp/cmp"
 )
 
@@ -22,8 +23,8 @@ func pfx(s string) netip.Prefix {
 
 func addr(s string) netip.Addr { return netip.MustParseAddr(s) }
 
-func entry(dst, natural string, to ...string) Entry {
-	e := Entry{Match: Match{Dst: pfx(dst), Out: "eth0"}, Natural: addr(natural)}
+func entry(dst, natural string, to ...string) snat.Entry {
+	e := snat.Entry{Match: snat.Match{Dst: pfx(dst), Out: "eth0"}, Natural: addr(natural)}
 	for _, t := range to {
 		e.To = append(e.To, addr(t))
 	}
@@ -31,14 +32,14 @@ func entry(dst, natural string, to ...string) Entry {
 }
 
 func TestRestorePayloadGolden(t *testing.T) {
-	entries := Normalize([]Entry{
+	entries := snat.Normalize([]snat.Entry{
 		entry("0.0.0.0/0", "192.0.2.250", "192.0.2.23"),
 		entry("198.51.100.4", "192.0.2.250", "192.0.2.22"),
 		entry("198.51.100.5", "192.0.2.250", "192.0.2.250"), // natural under a broader rule: keep
 		entry("203.0.113.0/24", "192.0.2.250", "192.0.2.22", "192.0.2.23"),
 	})
 	jump := [][]string{{"-m", "comment", "--comment", "egress-snat", "-j", "EGRESS-SNAT"}}
-	got := RestorePayload(Render(IPv4, entries).Args(), jump)
+	got := RestorePayload(Render(snat.IPv4, entries).Args(), jump)
 	want := `*nat
 :EGRESS-SNAT - [0:0]
 -D POSTROUTING -m comment --comment egress-snat -j EGRESS-SNAT
@@ -58,32 +59,32 @@ COMMIT
 func TestNormalize(t *testing.T) {
 	tests := []struct {
 		name string
-		in   []Entry
-		want []Entry
+		in   []snat.Entry
+		want []snat.Entry
 	}{
 		{"natural alone needs no rule",
-			[]Entry{entry("198.51.100.4", "192.0.2.250", "192.0.2.250")}, []Entry{}},
+			[]snat.Entry{entry("198.51.100.4", "192.0.2.250", "192.0.2.250")}, []snat.Entry{}},
 		{"natural under a broader rule is kept",
-			[]Entry{entry("0.0.0.0/0", "192.0.2.250", "192.0.2.23"), entry("198.51.100.4", "192.0.2.250", "192.0.2.250")},
-			[]Entry{entry("198.51.100.4", "192.0.2.250"), entry("0.0.0.0/0", "192.0.2.250", "192.0.2.23")}},
+			[]snat.Entry{entry("0.0.0.0/0", "192.0.2.250", "192.0.2.23"), entry("198.51.100.4", "192.0.2.250", "192.0.2.250")},
+			[]snat.Entry{entry("198.51.100.4", "192.0.2.250"), entry("0.0.0.0/0", "192.0.2.250", "192.0.2.23")}},
 		{"keep without a broader rule is dropped",
-			[]Entry{entry("198.51.100.4", "192.0.2.250")}, []Entry{}},
+			[]snat.Entry{entry("198.51.100.4", "192.0.2.250")}, []snat.Entry{}},
 		{"a broader rule for another natural source does not cover",
-			[]Entry{entry("0.0.0.0/0", "198.18.0.10", "198.18.0.11"), entry("198.51.100.4", "192.0.2.250", "192.0.2.250")}, []Entry{entry("0.0.0.0/0", "198.18.0.10", "198.18.0.11")}},
+			[]snat.Entry{entry("0.0.0.0/0", "198.18.0.10", "198.18.0.11"), entry("198.51.100.4", "192.0.2.250", "192.0.2.250")}, []snat.Entry{entry("0.0.0.0/0", "198.18.0.10", "198.18.0.11")}},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
-			got := Normalize(tc.in)
+			got := snat.Normalize(tc.in)
 			if diff := cmp.Diff(tc.want, got, cmp.Comparer(func(a, b netip.Addr) bool { return a == b }), cmp.Comparer(func(a, b netip.Prefix) bool { return a == b })); diff != "" {
-				t.Errorf("Normalize (-want +got):\n%s", diff)
+				t.Errorf("snat.Normalize (-want +got):\n%s", diff)
 			}
 		})
 	}
 }
 
-func newFakeManager() (*Manager, *FakeTables, *FakeIPSets) {
+func newFakeManager() (*snat.Manager, *FakeTables, *FakeIPSets) {
 	ft, fs := NewFakeKernel()
-	return &Manager{Tables: ft, Sets: fs, Locker: &countingLock{}, Routing: routes.NewFake()}, ft, fs
+	return &snat.Manager{Backend: &Backend{Tables: ft, Sets: fs}, Locker: &countingLock{}, Routing: routes.NewFake()}, ft, fs
 }
 
 // countingLock stands in for the host's lock, so unit tests never take it.
@@ -91,7 +92,7 @@ type countingLock struct{ held, taken int }
 
 func (l *countingLock) Lock(time.Duration) (func(), error) {
 	if l.held > 0 {
-		return nil, ErrBusy
+		return nil, snat.ErrBusy
 	}
 	l.held++
 	l.taken++
@@ -99,9 +100,9 @@ func (l *countingLock) Lock(time.Duration) (func(), error) {
 }
 
 // update runs one write through Update, the path every command uses.
-func update(t *testing.T, m *Manager, desired func(*State) []Entry) Plan {
+func update(t *testing.T, m *snat.Manager, desired func(*snat.State) []snat.Entry) snat.Plan {
 	t.Helper()
-	_, p, err := m.Update(time.Second, false, func(st *State) ([]Entry, error) { return desired(st), nil })
+	_, p, err := m.Update(snat.Request{LockTimeout: time.Second, Desired: func(st *snat.State) ([]snat.Entry, error) { return desired(st), nil }})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -111,84 +112,84 @@ func update(t *testing.T, m *Manager, desired func(*State) []Entry) Plan {
 func TestSetIsIdempotentAndKeepsForeignRules(t *testing.T) {
 	m, ft, _ := newFakeManager()
 	foreign := "*nat\n-A POSTROUTING -s 10.66.0.0/16 -j MASQUERADE\nCOMMIT\n*filter\n-A INPUT -p tcp --dport 22 -j ACCEPT\nCOMMIT\n"
-	if err := ft.Restore(IPv4, foreign); err != nil {
+	if err := ft.Restore(snat.IPv4, foreign); err != nil {
 		t.Fatal(err)
 	}
-	before, _ := ft.Save(IPv4)
+	before, _ := ft.Save(snat.IPv4)
 
-	want := []Entry{entry("198.51.100.4", "192.0.2.250", "192.0.2.23")}
-	p := update(t, m, func(*State) []Entry { return want })
-	if p.Empty() || ft.Restores[IPv4] != 2 {
+	want := []snat.Entry{entry("198.51.100.4", "192.0.2.250", "192.0.2.23")}
+	p := update(t, m, func(*snat.State) []snat.Entry { return want })
+	if p.Empty() || ft.Restores[snat.IPv4] != 2 {
 		t.Fatalf("first set wrote nothing (plan %+v)", p.Changes)
 	}
-	if ft.Restores[IPv6] != 0 {
-		t.Errorf("an IPv4-only change wrote the IPv6 table")
+	if ft.Restores[snat.IPv6] != 0 {
+		t.Errorf("an snat.IPv4-only change wrote the snat.IPv6 table")
 	}
 	st, _ := m.Read()
 	if diff := cmp.Diff(want, st.Entries(), cmp.Comparer(func(a, b netip.Addr) bool { return a == b }), cmp.Comparer(func(a, b netip.Prefix) bool { return a == b })); diff != "" {
 		t.Errorf("read back (-want +got):\n%s", diff)
 	}
-	if in := st.Installed[IPv4]; !in.JumpFirst || len(in.Jumps) != 1 {
+	if in := snapshot(st).Installed[snat.IPv4]; !in.JumpFirst || len(in.Jumps) != 1 {
 		t.Errorf("jump first=%v count=%d, want first and one", in.JumpFirst, len(in.Jumps))
 	}
 
 	// Same desired state again: nothing is written.
-	if p := update(t, m, func(*State) []Entry { return want }); !p.Empty() {
+	if p := update(t, m, func(*snat.State) []snat.Entry { return want }); !p.Empty() {
 		t.Errorf("second identical set planned %v", p.Changes)
 	}
-	if ft.Restores[IPv4] != 2 {
+	if ft.Restores[snat.IPv4] != 2 {
 		t.Errorf("second identical set ran iptables-restore")
 	}
 
 	// Another tool inserts ahead of our jump: the next write puts it first.
-	if err := ft.Restore(IPv4, "*nat\n-I POSTROUTING 1 -o eth0 -j MASQUERADE\nCOMMIT\n"); err != nil {
+	if err := ft.Restore(snat.IPv4, "*nat\n-I POSTROUTING 1 -o eth0 -j MASQUERADE\nCOMMIT\n"); err != nil {
 		t.Fatal(err)
 	}
 	st, _ = m.Read()
-	if st.Installed[IPv4].JumpFirst {
+	if snapshot(st).Installed[snat.IPv4].JumpFirst {
 		t.Fatal("jump still first after a foreign insert")
 	}
-	update(t, m, func(*State) []Entry { return want })
+	update(t, m, func(*snat.State) []snat.Entry { return want })
 	st, _ = m.Read()
-	if in := st.Installed[IPv4]; !in.JumpFirst || len(in.Jumps) != 1 {
+	if in := snapshot(st).Installed[snat.IPv4]; !in.JumpFirst || len(in.Jumps) != 1 {
 		t.Errorf("after repair jump first=%v count=%d", in.JumpFirst, len(in.Jumps))
 	}
 
 	// Clear: only the foreign insert we made above differs from before.
-	if err := ft.Restore(IPv4, "*nat\n-D POSTROUTING -o eth0 -j MASQUERADE\nCOMMIT\n"); err != nil {
+	if err := ft.Restore(snat.IPv4, "*nat\n-D POSTROUTING -o eth0 -j MASQUERADE\nCOMMIT\n"); err != nil {
 		t.Fatal(err)
 	}
-	update(t, m, func(*State) []Entry { return nil })
-	after, _ := ft.Save(IPv4)
+	update(t, m, func(*snat.State) []snat.Entry { return nil })
+	after, _ := ft.Save(snat.IPv4)
 	if diff := cmp.Diff(before, after); diff != "" {
 		t.Errorf("clear did not restore the ruleset (-before +after):\n%s", diff)
 	}
-	if p := update(t, m, func(*State) []Entry { return nil }); !p.Empty() {
+	if p := update(t, m, func(*snat.State) []snat.Entry { return nil }); !p.Empty() {
 		t.Errorf("clearing a clean host planned %v", p.Changes)
 	}
 }
 
 func TestFailedWriteChangesNothing(t *testing.T) {
 	m, ft, fs := newFakeManager()
-	update(t, m, func(*State) []Entry {
-		return []Entry{entry("198.51.100.4", "192.0.2.250", "192.0.2.23"), entry("2001:db8:ffff::4", "2001:db8::250", "2001:db8::22")}
+	update(t, m, func(*snat.State) []snat.Entry {
+		return []snat.Entry{entry("198.51.100.4", "192.0.2.250", "192.0.2.23"), entry("2001:db8:ffff::4", "2001:db8::250", "2001:db8::22")}
 	})
-	v4, _ := ft.Save(IPv4)
-	v6, _ := ft.Save(IPv6)
+	v4, _ := ft.Save(snat.IPv4)
+	v6, _ := ft.Save(snat.IPv6)
 	sets, _ := fs.Save()
-	ft.FailRestore[IPv6] = fmt.Errorf("injected failure")
+	ft.FailRestore[snat.IPv6] = fmt.Errorf("injected failure")
 	st, _ := m.Read()
-	var many []Entry
+	var many []snat.Entry
 	for i := range 20 {
 		many = append(many, entry(fmt.Sprintf("203.0.113.%d", i), "192.0.2.250", "192.0.2.22"))
 	}
 	many = append(many, entry("2001:db8:ffff::5", "2001:db8::250", "2001:db8::23"))
-	p := MakePlan(st, many)
+	p := m.MakePlan(st, many)
 	if err := m.Apply(p); err == nil {
-		t.Fatal("apply with a failing IPv6 write succeeded")
+		t.Fatal("apply with a failing snat.IPv6 write succeeded")
 	}
-	v4After, _ := ft.Save(IPv4)
-	v6After, _ := ft.Save(IPv6)
+	v4After, _ := ft.Save(snat.IPv4)
+	v6After, _ := ft.Save(snat.IPv6)
 	setsAfter, _ := fs.Save()
 	if v4 != v4After || v6 != v6After || sets != setsAfter {
 		t.Errorf("a failed apply left changes:\nv4 %s\nv6 %s\nsets %s", cmp.Diff(v4, v4After), cmp.Diff(v6, v6After), cmp.Diff(sets, setsAfter))
@@ -198,12 +199,12 @@ func TestFailedWriteChangesNothing(t *testing.T) {
 // evaluate walks a rendered chain the way the kernel does for the first
 // packet of a connection and returns the source it leaves with.
 func evaluate(c Chain, sets map[string]Set, natural netip.Addr, out string, dst netip.Addr, nth map[int]int) netip.Addr {
-	return evaluatePacket(c, sets, Packet{Dst: dst, Out: out, Src: natural}, nth)
+	return evaluatePacket(c, sets, snat.Packet{Dst: dst, Out: out, Src: natural}, nth)
 }
 
 // evaluatePacket is evaluate for any packet: it models each match the
 // kernel applies (addrtype, owner, cgroup subtree, set, statistic).
-func evaluatePacket(c Chain, sets map[string]Set, p Packet, nth map[int]int) netip.Addr {
+func evaluatePacket(c Chain, sets map[string]Set, p snat.Packet, nth map[int]int) netip.Addr {
 	for i, r := range c.Rules {
 		if r.Out != p.Out || !r.Src.Contains(p.Src) || r.Forwarded != p.Forwarded {
 			continue
@@ -211,7 +212,7 @@ func evaluatePacket(c Chain, sets map[string]Set, p Packet, nth map[int]int) net
 		if r.HasUID && (!p.HasUID || p.UID != r.UID) {
 			continue
 		}
-		if r.Cgroup != "" && !Cgroup(r.Cgroup).Contains(Cgroup(p.Cgroup)) {
+		if r.Cgroup != "" && !snat.Cgroup(r.Cgroup).Contains(snat.Cgroup(p.Cgroup)) {
 			continue
 		}
 		if r.Set != "" {
@@ -262,7 +263,7 @@ func TestLongestPrefixWinsAcrossSetsAndRules(t *testing.T) {
 	pool := []netip.Addr{addr("192.0.2.22"), addr("192.0.2.23"), addr("192.0.2.24"), natural}
 	for round := range 30 {
 		seen := map[netip.Prefix]bool{}
-		var es []Entry
+		var es []snat.Entry
 		for range 10 + rng.IntN(60) {
 			bits := 8 + rng.IntN(25)
 			a := netip.AddrFrom4([4]byte{198, byte(rng.IntN(4)), byte(rng.IntN(256)), byte(rng.IntN(256))})
@@ -276,10 +277,10 @@ func TestLongestPrefixWinsAcrossSetsAndRules(t *testing.T) {
 			if rng.IntN(3) == 0 {
 				to = pool[rng.IntN(len(pool))]
 			}
-			es = append(es, Entry{Match: Match{Dst: p, Out: "eth0"}, Natural: natural, To: []netip.Addr{to}})
+			es = append(es, snat.Entry{Match: snat.Match{Dst: p, Out: "eth0"}, Natural: natural, To: []netip.Addr{to}})
 		}
-		norm := Normalize(es)
-		c := Render(IPv4, norm)
+		norm := snat.Normalize(es)
+		c := Render(snat.IPv4, norm)
 		sets := map[string]Set{}
 		for _, s := range c.Sets {
 			sets[s.Name] = s
@@ -287,7 +288,7 @@ func TestLongestPrefixWinsAcrossSetsAndRules(t *testing.T) {
 		for range 500 {
 			dst := netip.AddrFrom4([4]byte{198, byte(rng.IntN(4)), byte(rng.IntN(256)), byte(rng.IntN(256))})
 			want := natural
-			if e := Effective(es, Packet{Dst: dst, Out: "eth0", Src: natural}); e != nil {
+			if e := snat.Effective(es, snat.Packet{Dst: dst, Out: "eth0", Src: natural}); e != nil {
 				want = e.To[0]
 			}
 			if got := evaluate(c, sets, natural, "eth0", dst, map[int]int{}); got != want {
@@ -299,7 +300,7 @@ func TestLongestPrefixWinsAcrossSetsAndRules(t *testing.T) {
 
 func TestSpreadIsRoundRobin(t *testing.T) {
 	e := entry("203.0.113.0/24", "192.0.2.250", "192.0.2.21", "192.0.2.22", "192.0.2.23")
-	c := Render(IPv4, []Entry{e})
+	c := Render(snat.IPv4, []snat.Entry{e})
 	nth := map[int]int{}
 	count := map[netip.Addr]int{}
 	for range 300 {
@@ -314,7 +315,7 @@ func TestSpreadIsRoundRobin(t *testing.T) {
 
 func TestParseSaveReadsBackWhatRenderWrites(t *testing.T) {
 	m, _, _ := newFakeManager()
-	var want []Entry
+	var want []snat.Entry
 	for i := range 12 {
 		want = append(want, entry(fmt.Sprintf("198.51.100.%d", i), "192.0.2.250", "192.0.2.22"))
 	}
@@ -322,47 +323,47 @@ func TestParseSaveReadsBackWhatRenderWrites(t *testing.T) {
 		entry("198.51.100.0/24", "192.0.2.250", "192.0.2.23"),
 		entry("2001:db8:ffff::/48", "2001:db8::250", "2001:db8::22", "2001:db8::23"),
 	)
-	update(t, m, func(*State) []Entry { return want })
+	update(t, m, func(*snat.State) []snat.Entry { return want })
 	st, err := m.Read()
 	if err != nil {
 		t.Fatal(err)
 	}
-	SortEntries(want)
+	snat.SortEntries(want)
 	if diff := cmp.Diff(want, st.Entries(), cmp.Comparer(func(a, b netip.Addr) bool { return a == b }), cmp.Comparer(func(a, b netip.Prefix) bool { return a == b })); diff != "" {
 		t.Errorf("read back (-want +got):\n%s", diff)
 	}
-	if n := len(st.Installed[IPv4].SetNames); n != 1 {
+	if n := len(snapshot(st).Installed[snat.IPv4].SetNames); n != 1 {
 		t.Errorf("12 destinations of one source made %d sets, want 1", n)
 	}
-	if p := MakePlan(st, want); !p.Empty() {
+	if p := m.MakePlan(st, want); !p.Empty() {
 		t.Errorf("re-plan of the installed state is not empty: %v", p.Changes)
 	}
 }
 
 func TestEditedSetIsRepaired(t *testing.T) {
 	m, _, fs := newFakeManager()
-	var want []Entry
+	var want []snat.Entry
 	for i := range 10 {
 		want = append(want, entry(fmt.Sprintf("198.51.100.%d", i), "192.0.2.250", "192.0.2.22"))
 	}
-	update(t, m, func(*State) []Entry { return want })
+	update(t, m, func(*snat.State) []snat.Entry { return want })
 	st, _ := m.Read()
-	name := st.Installed[IPv4].SetNames[0]
-	fs.Put(Set{Name: name, Family: IPv4, Members: []netip.Prefix{pfx("198.51.100.1")}})
+	name := snapshot(st).Installed[snat.IPv4].SetNames[0]
+	fs.Put(Set{Name: name, Family: snat.IPv4, Members: []netip.Prefix{pfx("198.51.100.1")}})
 	st, _ = m.Read()
-	if p := MakePlan(st, want); p.Empty() {
+	if p := m.MakePlan(st, want); p.Empty() {
 		t.Fatal("a hand-edited set was not noticed")
 	}
-	update(t, m, func(*State) []Entry { return want })
+	update(t, m, func(*snat.State) []snat.Entry { return want })
 	st, _ = m.Read()
-	if got := len(st.Sets[name].Members); got != 10 {
+	if got := len(snapshot(st).Sets[name].Members); got != 10 {
 		t.Errorf("repaired set has %d members, want 10", got)
 	}
 }
 
 func TestParseSaveReportsForeignRulesInOurChain(t *testing.T) {
 	text := "*nat\n:POSTROUTING ACCEPT [0:0]\n:EGRESS-SNAT - [0:0]\n-A POSTROUTING -j MASQUERADE\n-A POSTROUTING -m comment --comment egress-snat -j EGRESS-SNAT\n-A EGRESS-SNAT -j ACCEPT\nCOMMIT\n"
-	in, err := ParseSave(IPv4, text, nil)
+	in, err := ParseSave(snat.IPv4, text, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -388,7 +389,7 @@ func TestSplitWords(t *testing.T) {
 func TestLockTimesOut(t *testing.T) {
 	// A directory of the test's own: the host's lock under /run is never
 	// taken, so a real egress-snat run on this machine never waits for us.
-	lock := FileLock{Dir: t.TempDir()}
+	lock := snat.FileLock{Dir: t.TempDir()}
 	unlock, err := lock.Lock(time.Second)
 	if err != nil {
 		t.Fatal(err)

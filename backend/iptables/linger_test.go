@@ -1,4 +1,4 @@
-package snat
+package iptables
 
 import (
 	"net/netip"
@@ -7,35 +7,36 @@ import (
 	"testing"
 
 	"github.com/egress-snat/egress-snat/routes"
+	"github.com/egress-snat/egress-snat/snat"
 )
 
 // fakeFlows is a Flows with fixed answers, counting its reads.
 type fakeFlows struct {
-	live  Liveness
+	live  snat.Liveness
 	reads int
 }
 
-func (f *fakeFlows) Live() (Liveness, error) {
+func (f *fakeFlows) Live() (snat.Liveness, error) {
 	f.reads++
 	return f.live, nil
 }
 
-func lingerManager() (*Manager, *FakeTables, *fakeFlows) {
+func lingerManager() (*snat.Manager, *FakeTables, *fakeFlows) {
 	m, ft, _ := newFakeManager()
 	ft.Droppable = true // iptables-nft with nft
-	flows := &fakeFlows{live: Liveness{Translated: map[netip.Addr]int{}, Sources: map[netip.Addr]int{}}}
+	flows := &fakeFlows{live: snat.Liveness{Translated: map[netip.Addr]int{}, Sources: map[netip.Addr]int{}}}
 	m.Flows = flows
 	return m, ft, flows
 }
 
 // keepOf reads the IPv4 keep chain from the fake tables.
-func keepOf(t *testing.T, m *Manager) []netip.Addr {
+func keepOf(t *testing.T, m *snat.Manager) []netip.Addr {
 	t.Helper()
 	st, err := m.Read()
 	if err != nil {
 		t.Fatal(err)
 	}
-	return st.Installed[IPv4].Keep
+	return snapshot(st).Installed[snat.IPv4].Keep
 }
 
 // TestKeepChainOutlivesTheLastRule: clearing the last SNAT rule while a
@@ -47,12 +48,14 @@ func TestKeepChainOutlivesTheLastRule(t *testing.T) {
 	for _, droppable := range []bool{true, false} { // iptables-nft, legacy
 		m, ft, flows := lingerManager()
 		ft.Droppable = droppable
-		update(t, m, func(*State) []Entry { return []Entry{entry("198.51.100.4", "192.0.2.250", "192.0.2.22")} })
+		update(t, m, func(*snat.State) []snat.Entry {
+			return []snat.Entry{entry("198.51.100.4", "192.0.2.250", "192.0.2.22")}
+		})
 		if flows.reads != 0 {
 			t.Errorf("adding a rule read the connections %d times, want 0", flows.reads)
 		}
 		flows.live.Translated[addr("192.0.2.22")] = 1
-		p := update(t, m, func(*State) []Entry { return nil })
+		p := update(t, m, func(*snat.State) []snat.Entry { return nil })
 		if len(p.Steps) != 1 || !strings.Contains(p.Steps[0].Do.Input, "-X EGRESS-SNAT\n") || !strings.Contains(p.Steps[0].Do.Input, "-A "+KeepChain) {
 			t.Fatalf("clear: want one transaction removing the chain and writing the keep chain, got %v", p.Steps)
 		}
@@ -62,22 +65,22 @@ func TestKeepChainOutlivesTheLastRule(t *testing.T) {
 		if !slices.ContainsFunc(p.Lingering(), func(s string) bool { return strings.Contains(s, "192.0.2.22") }) {
 			t.Errorf("Lingering() = %q, want it to name 192.0.2.22", p.Lingering())
 		}
-		if p := update(t, m, func(*State) []Entry { return nil }); !p.Empty() {
+		if p := update(t, m, func(*snat.State) []snat.Entry { return nil }); !p.Empty() {
 			t.Errorf("a run while the connection lives changed %v", p.Steps)
 		}
 		st, _ := m.Read()
 		if _, err := m.Plan(st, nil); err != nil { // as check does: reads what lives
 			t.Fatal(err)
 		}
-		if fs := Diagnose(st, nil); len(fs) != 0 {
+		if fs := m.Diagnose(st, nil); len(fs) != 0 {
 			t.Errorf("the keep chain is drift: %v", fs)
 		}
 		delete(flows.live.Translated, addr("192.0.2.22"))
-		p = update(t, m, func(*State) []Entry { return nil })
+		p = update(t, m, func(*snat.State) []snat.Entry { return nil })
 		if p.Empty() || len(keepOf(t, m)) != 0 {
 			t.Fatalf("once the connection ended: steps %v, keep chain %v", p.Steps, keepOf(t, m))
 		}
-		text, _ := ft.Save(IPv4)
+		text, _ := ft.Save(snat.IPv4)
 		if strings.Contains(text, KeepChain) {
 			t.Errorf("keep chain still declared:\n%s", text)
 		}
@@ -88,11 +91,13 @@ func TestKeepChainOutlivesTheLastRule(t *testing.T) {
 // the keep chain and writes none.
 func TestClearNowTakesTheKeepChain(t *testing.T) {
 	m, _, flows := lingerManager()
-	update(t, m, func(*State) []Entry { return []Entry{entry("198.51.100.4", "192.0.2.250", "192.0.2.22")} })
+	update(t, m, func(*snat.State) []snat.Entry {
+		return []snat.Entry{entry("198.51.100.4", "192.0.2.250", "192.0.2.22")}
+	})
 	flows.live.Translated[addr("192.0.2.22")] = 3
-	update(t, m, func(*State) []Entry { return nil })
-	update(t, m, func(st *State) []Entry {
-		st.Live = &Liveness{}
+	update(t, m, func(*snat.State) []snat.Entry { return nil })
+	update(t, m, func(st *snat.State) []snat.Entry {
+		st.Live = &snat.Liveness{}
 		return nil
 	})
 	if got := keepOf(t, m); len(got) != 0 {
@@ -104,10 +109,10 @@ func TestClearNowTakesTheKeepChain(t *testing.T) {
 // no keep chain: its own rules hold conntrack.
 func TestNoKeepChainWhereRulesRemain(t *testing.T) {
 	m, _, flows := lingerManager()
-	two := []Entry{entry("198.51.100.4", "192.0.2.250", "192.0.2.22"), entry("203.0.113.7", "192.0.2.250", "192.0.2.23")}
-	update(t, m, func(*State) []Entry { return two })
+	two := []snat.Entry{entry("198.51.100.4", "192.0.2.250", "192.0.2.22"), entry("203.0.113.7", "192.0.2.250", "192.0.2.23")}
+	update(t, m, func(*snat.State) []snat.Entry { return two })
 	flows.live.Translated[addr("192.0.2.22")] = 1
-	update(t, m, func(*State) []Entry { return two[1:] })
+	update(t, m, func(*snat.State) []snat.Entry { return two[1:] })
 	if got := keepOf(t, m); len(got) != 0 {
 		t.Errorf("a keep chain beside a remaining rule: %v", got)
 	}
@@ -119,12 +124,12 @@ func TestNoKeepChainWhereRulesRemain(t *testing.T) {
 // takes them on the first run after.
 func TestReplyRouteOutlivesItsRule(t *testing.T) {
 	m, _, flows := lingerManager()
-	other := Entry{Match: Match{Dst: pfx("198.51.100.4"), Out: "eth1"}, Natural: addr("203.0.113.130"), To: addrs("203.0.113.130"), Routed: true, Via: addr("203.0.113.129"), Replies: true}
-	update(t, m, func(*State) []Entry { return []Entry{other} })
+	other := snat.Entry{Match: snat.Match{Dst: pfx("198.51.100.4"), Out: "eth1"}, Natural: addr("203.0.113.130"), To: addrs("203.0.113.130"), Routed: true, Via: addr("203.0.113.129"), Replies: true}
+	update(t, m, func(*snat.State) []snat.Entry { return []snat.Entry{other} })
 	flows.live.Sources[addr("203.0.113.130")] = 1
-	p := update(t, m, func(*State) []Entry { return nil })
+	p := update(t, m, func(*snat.State) []snat.Entry { return nil })
 	st, _ := m.Read()
-	rs := st.Routing[IPv4]
+	rs := st.Routing[snat.IPv4]
 	hasReply := slices.ContainsFunc(rs.Rules, func(r routes.Rule) bool {
 		return r.Priority == routes.PrioReplies && r.From.Addr() == addr("203.0.113.130")
 	})
@@ -138,13 +143,13 @@ func TestReplyRouteOutlivesItsRule(t *testing.T) {
 	if _, err := m.Plan(st, nil); err != nil { // as check does: reads what lives
 		t.Fatal(err)
 	}
-	if fs := Diagnose(st, nil); len(fs) != 0 {
+	if fs := m.Diagnose(st, nil); len(fs) != 0 {
 		t.Errorf("the lingering reply route is drift: %v", fs)
 	}
 	delete(flows.live.Sources, addr("203.0.113.130"))
-	update(t, m, func(*State) []Entry { return nil })
+	update(t, m, func(*snat.State) []snat.Entry { return nil })
 	st, _ = m.Read()
-	if !st.Routing[IPv4].Empty() {
-		t.Errorf("once the socket closed, routing left: %v", st.Routing[IPv4])
+	if !st.Routing[snat.IPv4].Empty() {
+		t.Errorf("once the socket closed, routing left: %v", st.Routing[snat.IPv4])
 	}
 }

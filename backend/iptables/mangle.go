@@ -1,4 +1,4 @@
-package snat
+package iptables
 
 import (
 	"bufio"
@@ -8,6 +8,7 @@ import (
 	"strings"
 
 	"github.com/egress-snat/egress-snat/routes"
+	"github.com/egress-snat/egress-snat/snat"
 )
 
 // The mangle chains send a sender's traffic (--from, --uid, --cgroup) out
@@ -73,7 +74,7 @@ func (m MangleInstalled) inSync(want map[string][]Rule) bool {
 }
 
 // parseMangle reads the mangle table of an iptables-save text.
-func parseMangle(f Family, text string) (MangleInstalled, error) {
+func parseMangle(f snat.Family, text string) (MangleInstalled, error) {
 	m := MangleInstalled{OnlyOurs: true, Exists: map[string]bool{}, Jumps: map[string][][]string{},
 		JumpFirst: map[string]bool{}, Rules: map[string][]Rule{}, Raw: map[string][][]string{}}
 	in := false
@@ -131,18 +132,18 @@ func parseMangle(f Family, text string) (MangleInstalled, error) {
 
 // markMatch is the mangle rule matching an entry's traffic, without -o:
 // the route, and so the interface, is what the mark decides.
-func markMatch(e Entry) Rule {
-	r := rulesFor(Entry{Match: e.Match, Natural: e.Natural}, "")[0]
+func markMatch(e snat.Entry) Rule {
+	r := rulesFor(snat.Entry{Match: e.Match, Natural: e.Natural}, "")[0]
 	r.Out, r.Target = "", ""
 	return r
 }
 
 // renderMangle renders the mangle chains of one family's normalized entries
 // (sorted in chain order). tables numbers the reply tables.
-func renderMangle(f Family, entries []Entry, tables map[netip.Addr]int) map[string][]Rule {
+func renderMangle(f snat.Family, entries []snat.Entry, tables map[netip.Addr]int) map[string][]Rule {
 	out := map[string][]Rule{}
-	mine := ofFamily(entries, f)
-	var marked []Entry
+	mine := snat.OfFamily(entries, f)
+	var marked []snat.Entry
 	for _, e := range mine {
 		if e.Marked {
 			marked = append(marked, e)
@@ -171,8 +172,8 @@ func renderMangle(f Family, entries []Entry, tables map[netip.Addr]int) map[stri
 		}
 		// An entry that stays on its interface but comes first must keep
 		// the marked ones behind it from taking its traffic.
-		if slices.ContainsFunc(marked, func(o Entry) bool {
-			return compareEntries(o, e) > 0 && o.Dst.Overlaps(e.Dst) && (o.Sender.Contains(e.Sender) || e.Sender.Contains(o.Sender))
+		if slices.ContainsFunc(marked, func(o snat.Entry) bool {
+			return snat.CompareEntries(o, e) > 0 && o.Dst.Overlaps(e.Dst) && (o.Sender.Contains(e.Sender) || e.Sender.Contains(o.Sender))
 		}) {
 			r.Target = "RETURN"
 			out[chain] = append(out[chain], r)

@@ -1,4 +1,4 @@
-package snat
+package iptables
 
 import (
 	"fmt"
@@ -8,13 +8,14 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/egress-snat/egress-snat/snat"
 	"github.com/google/go-cmp/cmp"
 )
 
 // hosts gives n entries to 198.18.x.y from the natural source to to,
 // starting at the i-th address.
-func hosts(from, n int, to string) []Entry {
-	var es []Entry
+func hosts(from, n int, to string) []snat.Entry {
+	var es []snat.Entry
 	for i := from; i < from+n; i++ {
 		es = append(es, entry(fmt.Sprintf("198.18.%d.%d", i/256, i%256), "192.0.2.250", to))
 	}
@@ -36,7 +37,7 @@ func setsOf(t *testing.T, fs *FakeIPSets) map[string]Set {
 // its name; the chain is not written, and a second plan is empty.
 func TestSmallSetChangeIsInPlace(t *testing.T) {
 	m, ft, fs := newFakeManager()
-	update(t, m, func(*State) []Entry { return hosts(0, 100, "192.0.2.22") })
+	update(t, m, func(*snat.State) []snat.Entry { return hosts(0, 100, "192.0.2.22") })
 	before := setsOf(t, fs)
 	if len(before) != 1 {
 		t.Fatalf("want one set, have %v", before)
@@ -44,17 +45,17 @@ func TestSmallSetChangeIsInPlace(t *testing.T) {
 	var name string
 	for name = range before {
 	}
-	chainBefore, _ := ft.Save(IPv4)
+	chainBefore, _ := ft.Save(snat.IPv4)
 
 	changed := append(hosts(1, 99, "192.0.2.22"), entry("198.18.9.9", "192.0.2.250", "192.0.2.22"))
-	p := update(t, m, func(*State) []Entry { return changed })
+	p := update(t, m, func(*snat.State) []snat.Entry { return changed })
 	if len(p.Steps) != 1 || p.Steps[0].Do.Tool != ToolIPSet || !strings.HasPrefix(p.Steps[0].Why, "change set") {
 		t.Fatalf("want one in-place ipset step, plan:\n%v", p.Steps)
 	}
 	if want := "add " + name + " 198.18.9.9/32\ndel " + name + " 198.18.0.0/32\n"; p.Steps[0].Do.Input != want {
 		t.Errorf("in-place payload:\n%s\nwant:\n%s", p.Steps[0].Do.Input, want)
 	}
-	if after, _ := ft.Save(IPv4); after != chainBefore {
+	if after, _ := ft.Save(snat.IPv4); after != chainBefore {
 		t.Errorf("the chain was written:\n%s", cmp.Diff(chainBefore, after))
 	}
 	after := setsOf(t, fs)
@@ -62,10 +63,10 @@ func TestSmallSetChangeIsInPlace(t *testing.T) {
 		t.Fatalf("the set did not keep its name %s: %v", name, after)
 	}
 	st, _ := m.Read()
-	if d := cmp.Diff(Normalize(changed), st.Entries()); d != "" {
+	if d := cmp.Diff(snat.Normalize(changed), st.Entries()); d != "" {
 		t.Errorf("the kernel holds (-want +got):\n%s", d)
 	}
-	if again := MakePlan(st, changed); !again.Empty() {
+	if again := m.MakePlan(st, changed); !again.Empty() {
 		t.Errorf("a second plan is not empty:\n%v", again.Steps)
 	}
 }
@@ -75,10 +76,10 @@ func TestSmallSetChangeIsInPlace(t *testing.T) {
 // name and the chain is not written.
 func TestLargeSetChangeIsRebuilt(t *testing.T) {
 	m, ft, fs := newFakeManager()
-	update(t, m, func(*State) []Entry { return hosts(0, 100, "192.0.2.22") })
+	update(t, m, func(*snat.State) []snat.Entry { return hosts(0, 100, "192.0.2.22") })
 	before := setsOf(t, fs)
-	chainBefore, _ := ft.Save(IPv4)
-	p := update(t, m, func(*State) []Entry { return hosts(60, 100, "192.0.2.22") })
+	chainBefore, _ := ft.Save(snat.IPv4)
+	p := update(t, m, func(*snat.State) []snat.Entry { return hosts(60, 100, "192.0.2.22") })
 	if len(p.Steps) != 1 || !strings.Contains(p.Steps[0].Do.Input, "\nswap ") || strings.HasPrefix(p.Steps[0].Why, "change set") {
 		t.Fatalf("want one rebuild-and-swap step, plan:\n%v", p.Steps)
 	}
@@ -88,11 +89,11 @@ func TestLargeSetChangeIsRebuilt(t *testing.T) {
 			t.Errorf("the set %s did not keep its name: %v", n, after)
 		}
 	}
-	if now, _ := ft.Save(IPv4); now != chainBefore {
+	if now, _ := ft.Save(snat.IPv4); now != chainBefore {
 		t.Errorf("the chain was written:\n%s", cmp.Diff(chainBefore, now))
 	}
 	st, _ := m.Read()
-	if again := MakePlan(st, hosts(60, 100, "192.0.2.22")); !again.Empty() {
+	if again := m.MakePlan(st, hosts(60, 100, "192.0.2.22")); !again.Empty() {
 		t.Errorf("a second plan is not empty:\n%v", again.Steps)
 	}
 }
@@ -105,22 +106,22 @@ func TestLargeSetChangeIsRebuilt(t *testing.T) {
 // created afresh and switched to in the chain's one transaction.
 func TestMoveBetweenSetsIsAtomic(t *testing.T) {
 	m, _, fs := newFakeManager()
-	var wide []Entry
+	var wide []snat.Entry
 	for i := range 20 {
 		wide = append(wide, entry(fmt.Sprintf("198.18.%d.0/24", i), "192.0.2.250", "192.0.2.22"))
 	}
 	other := hosts(10000, 10, "192.0.2.23")
-	first := slices.Concat(wide, other, []Entry{entry("198.18.1.7", "192.0.2.250", "192.0.2.22")})
-	update(t, m, func(*State) []Entry { return first })
-	second := slices.Concat(wide, other, []Entry{entry("198.18.1.7", "192.0.2.250", "192.0.2.23")})
-	p := update(t, m, func(*State) []Entry { return second })
+	first := slices.Concat(wide, other, []snat.Entry{entry("198.18.1.7", "192.0.2.250", "192.0.2.22")})
+	update(t, m, func(*snat.State) []snat.Entry { return first })
+	second := slices.Concat(wide, other, []snat.Entry{entry("198.18.1.7", "192.0.2.250", "192.0.2.23")})
+	p := update(t, m, func(*snat.State) []snat.Entry { return second })
 	for _, s := range p.Steps {
 		if strings.HasPrefix(s.Why, "change set") || strings.Contains(s.Do.Input, "\nswap ") {
 			t.Errorf("a set changed ahead of the chain: %s", s.Why)
 		}
 	}
 	st, _ := m.Read()
-	if d := cmp.Diff(Normalize(second), st.Entries()); d != "" {
+	if d := cmp.Diff(snat.Normalize(second), st.Entries()); d != "" {
 		t.Errorf("the kernel holds (-want +got):\n%s", d)
 	}
 	nomatch := 0
@@ -155,10 +156,10 @@ func TestMemberChangesFlip(t *testing.T) {
 // transaction, not changed in place ahead of it.
 func TestChainChangeTakesFreshSets(t *testing.T) {
 	m, _, fs := newFakeManager()
-	update(t, m, func(*State) []Entry { return hosts(0, 100, "192.0.2.22") })
+	update(t, m, func(*snat.State) []snat.Entry { return hosts(0, 100, "192.0.2.22") })
 	before := setsOf(t, fs)
 	next := append(hosts(1, 100, "192.0.2.22"), entry("203.0.113.9", "192.0.2.250", "192.0.2.23"))
-	p := update(t, m, func(*State) []Entry { return next })
+	p := update(t, m, func(*snat.State) []snat.Entry { return next })
 	for _, s := range p.Steps {
 		if strings.HasPrefix(s.Why, "change set") || strings.Contains(s.Do.Input, "\nswap ") {
 			t.Errorf("a set changed ahead of the chain: %s", s.Why)
@@ -171,7 +172,7 @@ func TestChainChangeTakesFreshSets(t *testing.T) {
 		}
 	}
 	st, _ := m.Read()
-	if again := MakePlan(st, next); !again.Empty() {
+	if again := m.MakePlan(st, next); !again.Empty() {
 		t.Errorf("a second plan is not empty:\n%v", again.Steps)
 	}
 }
@@ -181,16 +182,16 @@ func TestChainChangeTakesFreshSets(t *testing.T) {
 func TestFailedInPlaceIsUndone(t *testing.T) {
 	m, ft, fs := newFakeManager()
 	six := entry("2001:db8:ffff::4", "2001:db8::250", "2001:db8::22")
-	update(t, m, func(*State) []Entry { return append(hosts(0, 100, "192.0.2.22"), six) })
+	update(t, m, func(*snat.State) []snat.Entry { return append(hosts(0, 100, "192.0.2.22"), six) })
 	before := setsOf(t, fs)
-	ft.FailRestore[IPv6] = fmt.Errorf("injected failure")
+	ft.FailRestore[snat.IPv6] = fmt.Errorf("injected failure")
 	st, _ := m.Read()
-	p := MakePlan(st, append(hosts(1, 100, "192.0.2.22"), entry("2001:db8:ffff::4", "2001:db8::250", "2001:db8::23")))
+	p := m.MakePlan(st, append(hosts(1, 100, "192.0.2.22"), entry("2001:db8:ffff::4", "2001:db8::250", "2001:db8::23")))
 	if !strings.HasPrefix(p.Steps[0].Why, "change set") {
 		t.Fatalf("want the in-place step first, plan:\n%v", p.Steps)
 	}
 	if err := m.Apply(p); err == nil || !strings.Contains(err.Error(), "nothing was changed") {
-		t.Fatalf("apply with a failing IPv6 write: %v", err)
+		t.Fatalf("apply with a failing snat.IPv6 write: %v", err)
 	}
 	after := setsOf(t, fs)
 	for name, s := range before {
@@ -206,18 +207,18 @@ func TestFailedInPlaceIsUndone(t *testing.T) {
 // touched.
 func TestSetNameTakenByAChangedSet(t *testing.T) {
 	m, _, fs := newFakeManager()
-	update(t, m, func(*State) []Entry { return hosts(0, 100, "192.0.2.22") })
+	update(t, m, func(*snat.State) []snat.Entry { return hosts(0, 100, "192.0.2.22") })
 	var name string
 	for name = range setsOf(t, fs) {
 	}
 	changed := hosts(1, 100, "192.0.2.22")
-	update(t, m, func(*State) []Entry { return changed })
-	var uid []Entry
+	update(t, m, func(*snat.State) []snat.Entry { return changed })
+	var uid []snat.Entry
 	for _, e := range hosts(0, 100, "192.0.2.23") {
-		uid = append(uid, senderEntry(UID(4242), e.Dst.String(), "192.0.2.250", "192.0.2.23"))
+		uid = append(uid, senderEntry(snat.UID(4242), e.Dst.String(), "192.0.2.250", "192.0.2.23"))
 	}
 	both := append(slices.Clone(changed), uid...)
-	update(t, m, func(*State) []Entry { return both })
+	update(t, m, func(*snat.State) []snat.Entry { return both })
 	sets := setsOf(t, fs)
 	if len(sets) != 2 {
 		t.Fatalf("want two sets, have %v", slices.Collect(maps.Keys(sets)))
@@ -229,10 +230,10 @@ func TestSetNameTakenByAChangedSet(t *testing.T) {
 		t.Errorf("the uid rule's set is not %s-1 with the old content: %v", name, slices.Collect(maps.Keys(sets)))
 	}
 	st, _ := m.Read()
-	if d := cmp.Diff(Normalize(both), st.Entries()); d != "" {
+	if d := cmp.Diff(snat.Normalize(both), st.Entries()); d != "" {
 		t.Errorf("the kernel holds (-want +got):\n%s", d)
 	}
-	if again := MakePlan(st, both); !again.Empty() {
+	if again := m.MakePlan(st, both); !again.Empty() {
 		t.Errorf("a second plan is not empty:\n%v", again.Steps)
 	}
 }
@@ -243,7 +244,7 @@ func TestSetNameTakenByAChangedSet(t *testing.T) {
 func TestSetOfAnOlderNameIsKept(t *testing.T) {
 	m, ft, fs := newFakeManager()
 	desired := hosts(0, 50, "192.0.2.22")
-	update(t, m, func(*State) []Entry { return desired })
+	update(t, m, func(*snat.State) []snat.Entry { return desired })
 	var name string
 	for name = range setsOf(t, fs) {
 	}
@@ -255,19 +256,19 @@ func TestSetOfAnOlderNameIsKept(t *testing.T) {
 	if err := fs.Restore(strings.ReplaceAll(text, name, old)); err != nil {
 		t.Fatal(err)
 	}
-	v4, _ := ft.Save(IPv4)
-	ft.tables[IPv4] = nil
-	if err := ft.Restore(IPv4, strings.ReplaceAll(strings.TrimPrefix(v4, "# Generated by fake\n"), name, old)); err != nil {
+	v4, _ := ft.Save(snat.IPv4)
+	ft.tables[snat.IPv4] = nil
+	if err := ft.Restore(snat.IPv4, strings.ReplaceAll(strings.TrimPrefix(v4, "# Generated by fake\n"), name, old)); err != nil {
 		t.Fatal(err)
 	}
-	if now, _ := ft.Save(IPv4); !strings.Contains(now, "--match-set "+old+" ") || len(setsOf(t, fs)[old].Members) != 50 {
+	if now, _ := ft.Save(snat.IPv4); !strings.Contains(now, "--match-set "+old+" ") || len(setsOf(t, fs)[old].Members) != 50 {
 		t.Fatalf("the older name did not take:\n%s", now)
 	}
 	st, err := m.Read()
 	if err != nil {
 		t.Fatal(err)
 	}
-	if p := MakePlan(st, desired); !p.Empty() {
+	if p := m.MakePlan(st, desired); !p.Empty() {
 		t.Errorf("the same content under an older name is rewritten:\n%v", p.Steps)
 	}
 }
