@@ -61,7 +61,7 @@ test: deps vet test-race ## deps, vet, test-race, all tests (root: namespace tes
 # detector. The e2e tests of cmd/egress-snat run a binary built without it,
 # so only its in-process tests are here; a race run of them would take the
 # whole e2e time again for nothing. About 2 minutes in all.
-RACEPKGS ?= ./snat ./selector ./config ./pending ./stats ./conntrack ./verify ./natscan ./internal/lab
+RACEPKGS ?= ./snat ./selector ./config ./pending ./stats ./conntrack ./verify ./natscan ./internal/lab ./internal/lockfile
 RACECMD  ?= TestPendingEntriesRoundTrip|TestDocs|TestVersion
 
 test-race: ## the packages with goroutines under go test -race (bounded: RACEPKGS)
