@@ -82,7 +82,7 @@ func Diagnose(st *State, desired []Entry) []Finding {
 			case !ok:
 				add(DriftSetOutOfDate, "set %s is missing", s.Name)
 			case !sameMembers(have, s):
-				add(DriftSetOutOfDate, "set %s holds %d destinations and %d exceptions, want %d and %d", s.Name, len(have.Members), len(have.NoMatch), len(s.Members), len(s.NoMatch))
+				add(DriftSetOutOfDate, "set %s holds %s and %s, want %d and %d", s.Name, plural(len(have.Members), "destination"), plural(len(have.NoMatch), "exception"), len(s.Members), len(s.NoMatch))
 			}
 		}
 		if in.ChainExists && len(in.Foreign) == 0 && !slices.Equal(in.Rules, c.Rules) && sameEntries(in.Entries, desired, f) {

@@ -240,7 +240,7 @@ func printPlan(w io.Writer, p snat.Plan, dryRun bool) {
 	}
 	for i, c := range p.Changes {
 		if i == maxPlanLines && !dryRun {
-			fmt.Fprintf(w, "... and %d more changes (--dry-run lists them all)\n", len(p.Changes)-i)
+			fmt.Fprintf(w, "... and %s (--dry-run lists them all)\n", plural(len(p.Changes)-i, "more change", "more changes"))
 			break
 		}
 		fmt.Fprintf(w, "%s%s\n", verb, c)
@@ -267,6 +267,14 @@ func printPlan(w io.Writer, p snat.Plan, dryRun bool) {
 			fmt.Fprintf(w, "# undo if a later step fails: %s\n", indentComment(st.Undo.String()))
 		}
 	}
+}
+
+// plural counts n things: "1 flow", "2 flows", "0 flows".
+func plural[N ~int | ~uint | ~uint64](n N, one, many string) string {
+	if n == 1 {
+		return "1 " + one
+	}
+	return fmt.Sprintf("%d %s", n, many)
 }
 
 // indentComment keeps a multi-line text inside a shell comment.

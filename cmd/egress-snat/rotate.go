@@ -145,7 +145,7 @@ Cron example (/etc/cron.d/egress-snat):
 		for _, m := range moves {
 			fmt.Fprintf(e.out, "%s: %s -> %s\n", m.Match, m.From, m.To)
 			if m.ConntrackDeleted != nil {
-				fmt.Fprintf(e.out, "%s: deleted %d conntrack entries bound to %s\n", m.Match, *m.ConntrackDeleted, m.From)
+				fmt.Fprintf(e.out, "%s: deleted %s bound to %s\n", m.Match, plural(*m.ConntrackDeleted, "conntrack entry", "conntrack entries"), m.From)
 			}
 		}
 		if c.Bool("dry-run") {

@@ -61,7 +61,7 @@ at boot, so the desired state survives reboots.`,
 		&cli.DurationFlag{Name: "resync", Value: 500 * time.Millisecond, Usage: "how often the canary looks (it costs no process; half a second keeps a repair under a second)"},
 		&cli.DurationFlag{Name: "settle", Value: 100 * time.Millisecond, Usage: "how long to wait for a burst of events to end before applying"},
 		&cli.DurationFlag{Name: "full-resync", Value: 5 * time.Minute, Usage: "how often to compare everything, set members included"},
-		&cli.StringFlag{Name: "log-format", Value: "text", Usage: "text or json"},
+		&cli.StringFlag{Name: "log-format", Value: "text", Usage: "text or json; durations are Go duration strings in both (\"took\":\"12ms\")"},
 		verifyEveryFlag,
 	},
 	Action: func(c *cli.Context) error {
@@ -69,14 +69,9 @@ at boot, so the desired state survives reboots.`,
 		if err != nil {
 			return err
 		}
-		var handler slog.Handler
-		switch c.String("log-format") {
-		case "text":
-			handler = slog.NewTextHandler(c.App.ErrWriter, nil)
-		case "json":
-			handler = slog.NewJSONHandler(c.App.ErrWriter, nil)
-		default:
-			return usageError("--log-format %q: want text or json", c.String("log-format"))
+		handler, err := newLogHandler(c.App.ErrWriter, c.String("log-format"))
+		if err != nil {
+			return err
 		}
 		if c.Duration("resync") <= 0 || c.Duration("settle") < 0 || c.Duration("full-resync") <= 0 {
 			return usageError("--resync and --full-resync must be positive and --settle not negative")
@@ -205,7 +200,7 @@ func (w *watcher) coalesce(ctx context.Context, trigger <-chan string, first str
 			n++
 		case <-timer.C:
 			if n > 1 {
-				return fmt.Sprintf("%s (+%d more events)", first, n-1)
+				return fmt.Sprintf("%s (+%s)", first, plural(n-1, "more event", "more events"))
 			}
 			return first
 		case <-ctx.Done():

@@ -83,7 +83,7 @@ complete -c egress-snat -n '__fish_seen_subcommand_from watch' -f -l file -s f -
 complete -c egress-snat -n '__fish_seen_subcommand_from watch' -f -l resync -r -d 'how often the canary looks (it costs no process; half a second keeps a repair under a second)'
 complete -c egress-snat -n '__fish_seen_subcommand_from watch' -f -l settle -r -d 'how long to wait for a burst of events to end before applying'
 complete -c egress-snat -n '__fish_seen_subcommand_from watch' -f -l full-resync -r -d 'how often to compare everything, set members included'
-complete -c egress-snat -n '__fish_seen_subcommand_from watch' -f -l log-format -r -d 'text or json'
+complete -c egress-snat -n '__fish_seen_subcommand_from watch' -f -l log-format -r -d 'text or json; durations are Go duration strings in both ("took":"12ms")'
 complete -c egress-snat -n '__fish_seen_subcommand_from watch' -f -l verify-every -r -d 'every `DURATION`, also start a real flow per rule (as verify does) and log a mismatch as an error; 0 never'
 complete -c egress-snat -n '__fish_seen_subcommand_from save' -f -l help -s h -d 'show help'
 complete -r -c egress-snat -n '__fish_egress-snat_no_subcommand' -a 'save' -d 'write the installed rules to the permanent file, so that they survive a reboot'
