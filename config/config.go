@@ -240,14 +240,18 @@ func Load(path string) (*File, error) {
 // its own (families, at least one source and destination). It reads no
 // dst-file.
 func Decode(r io.Reader) (*File, error) {
-	dec := yaml.NewDecoder(r)
+	doc, err := io.ReadAll(r)
+	if err != nil {
+		return nil, err
+	}
+	dec := yaml.NewDecoder(bytes.NewReader(doc))
 	dec.KnownFields(true)
 	var f File
 	if err := dec.Decode(&f); err != nil {
 		if errors.Is(err, io.EOF) {
 			return nil, errors.New("empty file: want a 'rules:' list (an empty list, 'rules: []', removes every rule)")
 		}
-		return nil, tidyYAMLError(err)
+		return nil, tidyYAMLError(problemLine(doc, err))
 	}
 	var more yaml.Node
 	if err := dec.Decode(&more); !errors.Is(err, io.EOF) {

@@ -157,10 +157,11 @@ DEMO_DEPS=(iptables=iptables ip6tables=iptables ipset=ipset ip=iproute2)
 # nsenter and setpriv (cgroup and uid tests), tcpdump (lab.Arrivals);
 # dockerd, docker and a static busybox for the Docker tests; firewalld and
 # dbus-daemon for the firewalld tests, which run both inside a lab namespace
-# on a private bus (internal/lab/firewalld.go).
+# on a private bus (internal/lab/firewalld.go); zsh and fish, whose
+# completion scripts the tests run.
 TEST_DEPS=("${DEMO_DEPS[@]}" nft=nftables conntrack=conntrack nsenter=util-linux setpriv=util-linux
   dockerd=docker.io docker=docker.io busybox=busybox-static tcpdump=tcpdump
-  firewalld=firewalld firewall-cmd=firewalld dbus-daemon=dbus)
+  firewalld=firewalld firewall-cmd=firewalld dbus-daemon=dbus zsh=zsh fish=fish)
 
 # deps demo|test [--list] [CMD=PKG...] installs, with apt-get, the package of
 # every command of DEMO_DEPS or TEST_DEPS that is missing, plus any CMD=PKG

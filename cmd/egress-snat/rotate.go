@@ -50,9 +50,9 @@ other, up to --lock-timeout.
 Cron example (/etc/cron.d/egress-snat):
    */10 * * * * root egress-snat rotate --pool 192.0.2.22,192.0.2.23 --dst 198.51.100.0/24`,
 	Flags: append([]cli.Flag{
-		&cli.StringSliceFlag{Name: "pool", Usage: "(required) source addresses to rotate over, in order (comma-separated)"},
+		&cli.StringSliceFlag{Name: "pool", Usage: "(required) the source `ADDR`s to rotate over, in order (comma-separated)"},
 		&cli.StringSliceFlag{Name: "dst", Usage: "destination `ADDR|CIDR` to rotate (repeatable; default: every destination of the pool's family)"},
-		&cli.StringFlag{Name: "order", Value: "next", Usage: "next (pool order) or random"},
+		enum(&cli.StringFlag{Name: "order", Value: "next", Usage: "next (pool order) or random"}, "next", "random"),
 		permanentFlag,
 		&cli.BoolFlag{Name: "flush-conntrack", Usage: "also delete the conntrack entries of the old address, so existing flows move too (breaks established TCP connections)"},
 		dryRunFlag,

@@ -41,7 +41,7 @@ must exist (exit 2 naming it otherwise), and run stats from cron or a
 systemd timer.`,
 	Flags: []cli.Flag{
 		jsonFlag,
-		&cli.StringFlag{Name: "prometheus", Usage: "also write the node_exporter textfile `FILE`"},
+		&cli.StringFlag{Name: "prometheus", TakesFile: true, Usage: "also write the node_exporter textfile `FILE`"},
 	},
 	Action: func(c *cli.Context) error {
 		if path := c.String("prometheus"); path != "" {

@@ -57,11 +57,11 @@ Logs go to stderr (the journal) with log/slog. SIGTERM or SIGINT stops it
 cleanly and leaves the rules in place. scripts/egress-snat.service runs it
 at boot, so the desired state survives reboots.`,
 	Flags: []cli.Flag{
-		&cli.StringFlag{Name: "file", Aliases: []string{"f"}, Usage: "desired-state YAML `FILE` (default: the permanent file, --config)"},
+		&cli.StringFlag{Name: "file", Aliases: []string{"f"}, TakesFile: true, Usage: "desired-state YAML `FILE` (default: the permanent file, --config)"},
 		&cli.DurationFlag{Name: "resync", Value: 500 * time.Millisecond, Usage: "how often the canary looks (it costs no process; half a second keeps a repair under a second)"},
 		&cli.DurationFlag{Name: "settle", Value: 100 * time.Millisecond, Usage: "how long to wait for a burst of events to end before applying"},
 		&cli.DurationFlag{Name: "full-resync", Value: 5 * time.Minute, Usage: "how often to compare everything, set members included"},
-		&cli.StringFlag{Name: "log-format", Value: "text", Usage: "text or json; durations are Go duration strings in both (\"took\":\"12ms\")"},
+		enum(&cli.StringFlag{Name: "log-format", Value: "text", Usage: "text or json; durations are Go duration strings in both (\"took\":\"12ms\")"}, "text", "json"),
 		verifyEveryFlag,
 	},
 	Action: func(c *cli.Context) error {
