@@ -55,6 +55,7 @@ func newApp() *cli.App {
 		confirmCommand,
 		revertCommand,
 		statsCommand,
+		healthCommand,
 		genDocsCommand, // hidden: make docs
 	)
 	for _, c := range commands {

@@ -315,11 +315,31 @@ func TestFishCompletion(t *testing.T) {
 			}
 		}
 	}
+	// The flags that take a file, by name, from their definitions.
+	app := newApp()
+	files := map[string]bool{}
+	for _, flags := range append([][]cli.Flag{app.Flags}, func() (out [][]cli.Flag) {
+		for _, c := range app.Commands {
+			out = append(out, c.Flags)
+		}
+		return out
+	}()...) {
+		for _, fl := range flags {
+			if sf, ok := fl.(*cli.StringFlag); ok && sf.TakesFile {
+				files[sf.Name] = true
+			}
+		}
+	}
+	for _, name := range []string{"file", "config", "prometheus", "health-file"} {
+		if !files[name] {
+			t.Errorf("--%s takes a file but does not say so (TakesFile)", name)
+		}
+	}
 	for line := range strings.Lines(fish) {
 		if !strings.Contains(line, " -l ") {
 			continue // a command, not a flag
 		}
-		isFile := strings.Contains(line, " -l file ") || strings.Contains(line, " -l config ") || strings.Contains(line, " -l prometheus ")
+		isFile := files[strings.Fields(line[strings.Index(line, " -l ")+4:])[0]]
 		if noFiles := strings.Contains(line, " -f "); isFile == noFiles && strings.Contains(line, " -r ") {
 			t.Errorf("fish: %s: want file names after exactly the flags that take a file", strings.TrimSpace(line))
 		}

@@ -25,7 +25,7 @@ import (
 var watchCommand = &cli.Command{
 	Name:      "watch",
 	Usage:     "keep the host converged on a desired-state file (run by systemd)",
-	UsageText: "egress-snat [--config PATH] watch [-f FILE] [--resync 500ms] [--settle 100ms] [--log-format text|json]",
+	UsageText: "egress-snat [--config PATH] watch [-f FILE] [--resync 500ms] [--settle 100ms] [--log-format text|json] [--health-file FILE]",
 	Description: `Applies FILE (default: the permanent file, --config) at start, then keeps
 the host converged:
 
@@ -63,6 +63,7 @@ at boot, so the desired state survives reboots.`,
 		&cli.DurationFlag{Name: "full-resync", Value: 5 * time.Minute, Usage: "how often to compare everything, set members included"},
 		enum(&cli.StringFlag{Name: "log-format", Value: "text", Usage: "text or json; durations are Go duration strings in both (\"took\":\"12ms\")"}, "text", "json"),
 		verifyEveryFlag,
+		healthFileFlag,
 	},
 	Action: func(c *cli.Context) error {
 		path, err := watchPath(c)
@@ -85,7 +86,11 @@ at boot, so the desired state survives reboots.`,
 		if err != nil {
 			return err
 		}
-		w := &watcher{e: e, path: path, file: file, log: slog.New(handler), settle: c.Duration("settle"),
+		health, err := newWatchHealth(c.String("health-file"))
+		if err != nil {
+			return err
+		}
+		w := &watcher{e: e, path: path, file: file, log: slog.New(handler), settle: c.Duration("settle"), health: health,
 			quickEvery: max(10*time.Second, c.Duration("resync")), fullEvery: c.Duration("full-resync"), verifyEvery: c.Duration("verify-every")}
 		ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 		defer stop()
@@ -101,6 +106,8 @@ type watcher struct {
 	file   *config.File
 	log    *slog.Logger
 	settle time.Duration
+	// health tells probes how the loop and the last reconcile went.
+	health *watchHealth
 	// verifyEvery is how often a real flow per rule is checked; 0: never.
 	verifyEvery time.Duration
 	// plan is the last reconcile's plan: its Desired entries and Chains
@@ -145,7 +152,9 @@ func (w *watcher) run(ctx context.Context, resync time.Duration) error {
 	watchFile(done, w.path, hup, w.log) // a changed file reloads like SIGHUP
 
 	w.log.Info("watch started", "file", w.path, "backend", w.e.backend, "resync", resync)
-	if err := w.reconcile("start"); err != nil {
+	err := w.reconcile("start")
+	w.health.reconciled(err)
+	if err != nil {
 		var inv *snat.InvalidError
 		if errors.As(err, &inv) {
 			return err
@@ -171,6 +180,7 @@ func (w *watcher) run(ctx context.Context, resync time.Duration) error {
 			w.log.Info("reload: file re-read", "trigger", sig.String(), "file", w.path, "destinations", n)
 			changed("reload (" + sig.String() + ")")
 		case <-tick.C:
+			w.health.beat()
 			if reason := w.canary(); reason != "" {
 				kick(reason)
 			}
@@ -178,7 +188,9 @@ func (w *watcher) run(ctx context.Context, resync time.Duration) error {
 			w.verifyCanary()
 		case reason := <-trigger:
 			reason = w.coalesce(ctx, trigger, reason)
-			if err := w.reconcile(reason); err != nil {
+			err := w.reconcile(reason)
+			w.health.reconciled(err)
+			if err != nil {
 				w.log.Error("reconcile failed; retrying on the next event or resync", "reason", reason, "err", err)
 			}
 		}

@@ -3,7 +3,7 @@
 
 function __fish_egress-snat_no_subcommand --description 'Test if there has been any subcommand yet'
     for i in (commandline -opc)
-        if contains -- $i explain set unset list clear apply rotate check watch save verify confirm stats help h
+        if contains -- $i explain set unset list clear apply rotate check watch save verify confirm stats health help h
             return 1
         end
     end
@@ -85,6 +85,7 @@ complete -c egress-snat -n '__fish_seen_subcommand_from watch' -f -l settle -r -
 complete -c egress-snat -n '__fish_seen_subcommand_from watch' -f -l full-resync -r -d 'how often to compare everything, set members included'
 complete -c egress-snat -n '__fish_seen_subcommand_from watch' -f -l log-format -r -a 'text json' -d 'text or json; durations are Go duration strings in both ("took":"12ms")'
 complete -c egress-snat -n '__fish_seen_subcommand_from watch' -f -l verify-every -r -d 'every `DURATION`, also start a real flow per rule (as verify does) and log a mismatch as an error; 0 never'
+complete -c egress-snat -n '__fish_seen_subcommand_from watch' -l health-file -r -d 'keep `FILE` for probes (egress-snat health): its time is the last turn of the loop, its first line "ready" when the last reconcile succeeded'
 complete -c egress-snat -n '__fish_seen_subcommand_from save' -f -l help -s h -d 'show help'
 complete -r -c egress-snat -n '__fish_egress-snat_no_subcommand' -a 'save' -d 'write the installed rules to the permanent file, so that they survive a reboot'
 complete -c egress-snat -n '__fish_seen_subcommand_from save' -f -l dry-run -d 'print the file that would be written, change nothing'
@@ -103,5 +104,10 @@ complete -c egress-snat -n '__fish_seen_subcommand_from stats' -f -l help -s h -
 complete -r -c egress-snat -n '__fish_egress-snat_no_subcommand' -a 'stats' -d 'per egress address: flows in conntrack, busiest destinations, NAT port use, rule counters'
 complete -c egress-snat -n '__fish_seen_subcommand_from stats' -f -l json -d 'print JSON for scripts instead of text'
 complete -c egress-snat -n '__fish_seen_subcommand_from stats' -l prometheus -r -d 'also write the node_exporter textfile `FILE`'
+complete -c egress-snat -n '__fish_seen_subcommand_from health' -f -l help -s h -d 'show help'
+complete -r -c egress-snat -n '__fish_egress-snat_no_subcommand' -a 'health' -d 'tell whether a watch is alive, or ready, from its --health-file (for liveness and readiness probes)'
+complete -c egress-snat -n '__fish_seen_subcommand_from health' -l file -s f -r -d '(required) the `FILE` of watch --health-file'
+complete -c egress-snat -n '__fish_seen_subcommand_from health' -f -l max-age -r -d 'how recently (`DURATION`) the loop must have turned'
+complete -c egress-snat -n '__fish_seen_subcommand_from health' -f -l ready -d 'also want the last reconcile to have succeeded'
 complete -c egress-snat -n '__fish_seen_subcommand_from help h' -f -l help -s h -d 'show help'
 complete -r -c egress-snat -n '__fish_egress-snat_no_subcommand' -a 'help h' -d 'Shows a list of commands or help for one command'
