@@ -11,7 +11,7 @@ EGRESS_SNAT_BOTH_BACKENDS ?= 1
 TESTFLAGS ?= -count=1 -p 1 -timeout 20m
 
 .DEFAULT_GOAL := help
-.PHONY: bench-gate bench-idle bench-scale help build docs deb lint fmt vet test test-race test-legacy demo bench fuzz clean
+.PHONY: bench-gate bench-idle bench-scale help build deps docs deb lint fmt vet test test-race test-legacy demo bench fuzz clean
 
 help: ## list the targets
 	@awk -F':.*## ' '/^[a-z-]+:.*## / { printf "  %-12s %s\n", $$1, $$2 }' $(MAKEFILE_LIST)
@@ -51,7 +51,7 @@ vet: ## go vet ./... (and the deploy/kubernetes module)
 	$(GO) vet ./...
 	@for m in $(SUBMODULES); do echo "cd $$m && $(GO) vet ./..."; (cd $$m && $(GO) vet ./...) || exit 1; done
 
-test: vet test-race ## vet, test-race, all tests (root: namespace tests), then test-legacy unless EGRESS_SNAT_BOTH_BACKENDS=0
+test: deps vet test-race ## deps, vet, test-race, all tests (root: namespace tests), then test-legacy unless EGRESS_SNAT_BOTH_BACKENDS=0
 	$(GO) test $(TESTFLAGS) ./...
 	@for m in $(SUBMODULES); do echo "cd $$m && $(GO) test $(TESTFLAGS) ./..."; (cd $$m && $(GO) test $(TESTFLAGS) ./...) || exit 1; done
 	@if [ "$(EGRESS_SNAT_BOTH_BACKENDS)" != "0" ]; then $(MAKE) --no-print-directory test-legacy; fi
@@ -61,7 +61,7 @@ test: vet test-race ## vet, test-race, all tests (root: namespace tests), then t
 # detector. The e2e tests of cmd/egress-snat run a binary built without it,
 # so only its in-process tests are here; a race run of them would take the
 # whole e2e time again for nothing. About 2 minutes in all.
-RACEPKGS ?= ./snat ./backend/iptables ./selector ./config ./pending ./stats ./conntrack ./verify ./natscan ./internal/lab
+RACEPKGS ?= ./snat ./backend/iptables ./selector ./config ./pending ./stats ./conntrack ./verify ./natscan ./internal/lab ./internal/lockfile
 RACECMD  ?= TestPendingEntriesRoundTrip|TestDocs|TestVersion
 
 test-race: ## the packages with goroutines under go test -race (bounded: RACEPKGS)
@@ -76,7 +76,12 @@ test-legacy: ## the namespace tests again with EGRESS_SNAT_IPTABLES=legacy
 	echo "EGRESS_SNAT_IPTABLES=legacy $(GO) test $(TESTFLAGS)" $$pkgs; \
 	EGRESS_SNAT_IPTABLES=legacy $(GO) test $(TESTFLAGS) $$pkgs
 
-demo: ## show the problem and the fix in a namespace lab (root)
+# The demo installs only what it runs (iptables, ipset, iproute2); the tests
+# also need nftables, conntrack, tcpdump, docker.io, firewalld and dbus.
+deps: ## apt-get install what the tests need, if missing (scripts/lab.sh test-deps; starts no daemon)
+	bash scripts/lab.sh test-deps
+
+demo: ## install iptables, ipset and iproute2 if missing, then show the problem and the fix in a namespace lab (root)
 	bash scripts/demo.sh
 
 bench-idle: ## CPU and memory of an idle watch at 10k and 100k destinations (scripts/bench-idle.sh)

@@ -136,15 +136,13 @@ func (p *Prefixes) UnmarshalYAML(n *yaml.Node) error {
 	return nil
 }
 
-// ruleKeys are the keys a rule may have. Node.Decode does not inherit the
-// decoder's KnownFields, so a rule checks its own keys.
-var ruleKeys = map[string]bool{"to": true, "from": true, "uid": true, "cgroup": true, "dst": true, "dst-file": true, "out": true, "spread": true, "via": true, "method": true}
-
+// UnmarshalYAML accepts the keys of RuleKeys only. Node.Decode does not
+// inherit the decoder's KnownFields, so a rule checks its own keys.
 func (r *Rule) UnmarshalYAML(n *yaml.Node) error {
 	if n.Kind == yaml.MappingNode {
 		for i := 0; i+1 < len(n.Content); i += 2 {
-			if k := n.Content[i]; !ruleKeys[k.Value] {
-				return fmt.Errorf("line %d: unknown key %s in a rule (want to, from, uid, cgroup, dst, dst-file, out, spread, via, method)", k.Line, Excerpt(k.Value))
+			if k := n.Content[i]; !isRuleKey(k.Value) {
+				return fmt.Errorf("line %d: unknown key %s in a rule (want %s)", k.Line, Excerpt(k.Value), ruleKeyList())
 			}
 		}
 	}
@@ -240,14 +238,18 @@ func Load(path string) (*File, error) {
 // its own (families, at least one source and destination). It reads no
 // dst-file.
 func Decode(r io.Reader) (*File, error) {
-	dec := yaml.NewDecoder(r)
+	doc, err := io.ReadAll(r)
+	if err != nil {
+		return nil, err
+	}
+	dec := yaml.NewDecoder(bytes.NewReader(doc))
 	dec.KnownFields(true)
 	var f File
 	if err := dec.Decode(&f); err != nil {
 		if errors.Is(err, io.EOF) {
 			return nil, errors.New("empty file: want a 'rules:' list (an empty list, 'rules: []', removes every rule)")
 		}
-		return nil, tidyYAMLError(err)
+		return nil, tidyYAMLError(problemLine(doc, err))
 	}
 	var more yaml.Node
 	if err := dec.Decode(&more); !errors.Is(err, io.EOF) {

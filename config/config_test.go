@@ -206,6 +206,29 @@ func TestConfigBlockListItemLine(t *testing.T) {
 	}
 }
 
+// TestConfigSyntaxErrorLine: a syntax error names the line of the
+// mistake. The YAML parser names the line its enclosing block starts on
+// (line 1 for a rule's key indented one space off on line 3); Decode finds
+// the real one, also after a flow list that spans lines, and leaves the
+// errors the parser already places right as they are.
+func TestConfigSyntaxErrorLine(t *testing.T) {
+	for _, tt := range []struct{ name, yaml, want string }{
+		{"key indented too little", "rules:\n  - to: 192.0.2.22\n   dst: [198.51.100.4]\n", "line 3:"},
+		{"key indented too far", "rules:\n  - to: 192.0.2.22\n     dst: [198.51.100.4]\n", "line 3:"},
+		{"key out of its rule", "rules:\n  - to: 192.0.2.22\n    dst: [198.51.100.4]\n  out: eth0\n", "line 4:"},
+		{"key in too deep", "rules:\n- to: 192.0.2.22\n  dst: [198.51.100.4]\n    out: eth0\n", "line 4:"},
+		{"after a flow list over two lines", "# the desired state\nrules:\n  - to: 192.0.2.22\n    dst: [198.51.100.4,\n          198.51.100.5]\n   out: eth0\n", "line 6:"},
+		{"second rule", "rules:\n  - to: 192.0.2.22\n    dst: [198.51.100.4]\n  - to: 192.0.2.23\n    dst: [203.0.113.7]\n     out: eth0\n", "line 6:"},
+		{"a tab", "rules:\n\t- to: 192.0.2.22\n", "line 2:"},
+		{"no newline at the end", "rules:\n  - to: 192.0.2.22\n   dst: [198.51.100.4]", "line 3:"},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			_, err := config.Decode(strings.NewReader(tt.yaml))
+			wantErrNaming(t, "Decode", err, []string{tt.want})
+		})
+	}
+}
+
 func TestConfigDecodeEmptyAndMultiDocument(t *testing.T) {
 	for _, tt := range []struct {
 		name, yaml string

@@ -24,11 +24,10 @@ import (
 	"io/fs"
 	"os"
 	"os/exec"
-	"path/filepath"
 	"syscall"
 	"time"
 
-	"golang.org/x/sys/unix"
+	"github.com/egress-snat/egress-snat/internal/lockfile"
 )
 
 // Record is one pending apply.
@@ -62,55 +61,42 @@ func (s Store) netns() (uint64, error) {
 	if s.Netns != 0 {
 		return s.Netns, nil
 	}
-	var st unix.Stat_t
-	if err := unix.Stat("/proc/self/ns/net", &st); err != nil {
-		return 0, fmt.Errorf("identifying network namespace: %w", err)
-	}
-	return st.Ino, nil
+	return lockfile.Netns()
 }
+
+// filePrefix names the record's files: pending-INODE.lock and .json.
+const filePrefix = "pending"
 
 func (s Store) path(ext string) (string, error) {
 	ino, err := s.netns()
 	if err != nil {
 		return "", err
 	}
-	return filepath.Join(s.Dir, fmt.Sprintf("pending-%d%s", ino, ext)), nil
+	return lockfile.Path(s.Dir, filePrefix, ino, ext), nil
 }
 
 // Lock takes the record's lock, waiting at most timeout. The kernel drops
-// it if the process dies.
+// it if the process dies. Once held, it removes the records and locks of
+// namespaces that are gone (lockfile.Sweep), so they do not pile up.
 func (s Store) Lock(timeout time.Duration) (unlock func(), err error) {
-	if err := os.MkdirAll(s.Dir, 0o755); err != nil {
-		return nil, fmt.Errorf("creating %s: %w", s.Dir, err)
-	}
-	path, err := s.path(".lock")
+	path, err := s.path("lock")
 	if err != nil {
 		return nil, err
 	}
-	f, err := os.OpenFile(path, os.O_CREATE|os.O_RDWR, 0o600)
+	unlock, err = lockfile.Lock(path, timeout)
+	if errors.Is(err, lockfile.ErrTimeout) {
+		return nil, fmt.Errorf("%w (%s) after %s", ErrLocked, path, timeout)
+	}
 	if err != nil {
-		return nil, fmt.Errorf("opening %s: %w", path, err)
+		return nil, err
 	}
-	deadline := time.Now().Add(timeout)
-	for {
-		err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB)
-		if err == nil {
-			return func() { _ = unix.Flock(int(f.Fd()), unix.LOCK_UN); f.Close() }, nil
-		}
-		if !errors.Is(err, unix.EWOULDBLOCK) || time.Now().After(deadline) {
-			f.Close()
-			if errors.Is(err, unix.EWOULDBLOCK) {
-				return nil, fmt.Errorf("%w (%s) after %s", ErrLocked, path, timeout)
-			}
-			return nil, fmt.Errorf("locking %s: %w", path, err)
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
+	_, _ = lockfile.Sweep(s.Dir, lockfile.LiveNetns, filePrefix)
+	return unlock, nil
 }
 
 // Load returns the record, or nil when nothing is pending.
 func (s Store) Load() (*Record, error) {
-	path, err := s.path(".json")
+	path, err := s.path("json")
 	if err != nil {
 		return nil, err
 	}
@@ -131,7 +117,7 @@ func (s Store) Load() (*Record, error) {
 // Save writes the record atomically (a temporary file renamed over it),
 // readable by root only.
 func (s Store) Save(r *Record) error {
-	path, err := s.path(".json")
+	path, err := s.path("json")
 	if err != nil {
 		return err
 	}
@@ -155,7 +141,7 @@ func (s Store) Save(r *Record) error {
 
 // Remove deletes the record; a missing one is not an error.
 func (s Store) Remove() error {
-	path, err := s.path(".json")
+	path, err := s.path("json")
 	if err != nil {
 		return err
 	}

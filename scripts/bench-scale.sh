@@ -201,7 +201,7 @@ esac
 
 [[ $(id -u) -eq 0 ]] || die "run as root: it creates network namespaces"
 command -v go >/dev/null || die "go not found (install Go into /usr/local/go)"
-bash "$ROOT/scripts/lab.sh" deps strace=strace iptables-legacy=iptables gnuplot=gnuplot-nox /usr/bin/time=time >&2
+bash "$ROOT/scripts/lab.sh" deps strace=strace iptables-legacy=iptables conntrack=conntrack gnuplot=gnuplot-nox /usr/bin/time=time >&2
 for b in $BACKENDS; do
   command -v "iptables-$b-restore" >/dev/null || die "iptables-$b-restore not found: the $b backend is not installed"
 done

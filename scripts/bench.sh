@@ -170,7 +170,7 @@ fi
 
 [[ $(id -u) -eq 0 ]] || die "run as root: it creates network namespaces"
 command -v go >/dev/null || die "go not found (install Go into /usr/local/go)"
-bash "$ROOT/scripts/lab.sh" deps strace=strace iptables-legacy=iptables >&2
+bash "$ROOT/scripts/lab.sh" deps strace=strace iptables-legacy=iptables conntrack=conntrack >&2
 for b in $BACKENDS; do
   for c in "iptables-$b" "iptables-$b-restore" "iptables-$b-save"; do
     command -v "$c" >/dev/null || die "$c not found: the $b backend is not installed"

@@ -1,5 +1,8 @@
 #!/usr/bin/env bash
 # deb-check.sh DEB: install the Debian package for real and check it.
+#   0. before the package is installed, the Ansible role in check mode
+#      (--check --diff) reports that it would install it and shows the plan,
+#      made with the binary unpacked from DEB, and leaves no trace;
 #   1. dpkg -i DEB; the installed /usr/sbin/egress-snat, the man page and
 #      the conffile are where they should be, and nothing got enabled;
 #   2. a namespace lab (scripts/lab.sh, documentation addresses, a far-side
@@ -53,6 +56,49 @@ if [[ ! -e /usr/sbin/policy-rc.d ]]; then
   chmod 0755 "$policy_rc"
 fi
 
+say "a namespace lab for the checks"
+lab down >/dev/null 2>&1 || true
+lab up
+
+# The Ansible role, as a fleet would run it on this host: install the .deb,
+# write a desired state (to a scratch path, not /etc), apply it.
+have_ansible=
+if command -v ansible-playbook >/dev/null; then
+  have_ansible=1
+  play=$(mktemp -d)
+  cleanup_play=$play
+  printf '[defaults]\n' >"$play/ansible.cfg"
+  echo 'localhost ansible_connection=local ansible_python_interpreter=/usr/bin/python3' >"$play/inventory"
+  printf -- '---\n- name: Egress\n  hosts: localhost\n  gather_facts: false\n  roles:\n    - role: egress_snat\n' >"$play/site.yml"
+  cat >"$play/vars.json" <<JSON
+{"egress_snat_install": "deb", "egress_snat_deb": "$(realpath "$deb")",
+ "egress_snat_config": "$play/egress-snat.yaml", "egress_snat_service": false,
+ "egress_snat_rules": [{"to": "192.0.2.22", "dst": ["198.51.100.4"]}]}
+JSON
+  # role [FLAG...] runs the role in the lab's host namespace and prints the
+  # play's changed count; its output is in $play/out.
+  role() {
+    lab exec host env ANSIBLE_CONFIG="$play/ansible.cfg" ANSIBLE_ROLES_PATH="$ROOT/deploy/ansible/roles" \
+      ANSIBLE_HOME="$play/home" ANSIBLE_LOCAL_TEMP="$play/tmp" ANSIBLE_NOCOLOR=1 \
+      ansible-playbook -i "$play/inventory" "$play/site.yml" -e "@$play/vars.json" "$@" >"$play/out" 2>&1 ||
+      { cat "$play/out" >&2; die "ansible-playbook $* failed"; }
+    sed -n 's/^localhost *: .* changed=\([0-9]*\) .*/\1/p' "$play/out"
+  }
+  say "the Ansible role in check mode, before the package is installed"
+  changed=$(role --check --diff)
+  ((changed > 0)) || { cat "$play/out" >&2; die "role --check on a host without egress-snat: changed=$changed, want the install reported"; }
+  for want in "would install egress-snat (deb)" "198.51.100.4/32" "1 added"; do
+    grep -qF "$want" "$play/out" || { cat "$play/out" >&2; die "role --check --diff on a host without egress-snat does not say \"$want\""; }
+  done
+  for f in /usr/sbin/egress-snat /var/cache/egress-snat.deb "$play/egress-snat.yaml"; do
+    [[ ! -e $f ]] || die "role --check created $f"
+  done
+  say "role --check: would install the package, plan shown (made with the binary unpacked from the .deb), nothing changed"
+else
+  say "ansible-playbook not installed: skipping the role checks"
+  [[ ${CI:-} != true ]] || die "CI must have ansible-core (.ci/run installs it)"
+fi
+
 say "+ dpkg -i $deb"
 dpkg -i "$deb"
 dpkg-query -L egress-snat >"$list"
@@ -70,8 +116,6 @@ if [[ -d /run/systemd/system ]] && systemctl is-enabled egress-snat.service >/de
 fi
 
 say "namespace check with the installed binary"
-lab down >/dev/null 2>&1 || true
-lab up
 # The host's rules without comments, with zeroed counters, and without
 # tables that hold nothing but built-in chains: iptables-legacy cannot
 # unload a nat table from a namespace, so after clear it stays listed, empty
@@ -106,38 +150,20 @@ seen=$(lab seen 198.51.100.4)
 [[ $seen == 192.0.2.250 ]] || die "after clear, the far side saw $seen, want 192.0.2.250"
 say "clear restored the rules; far side sees 192.0.2.250 again"
 
-# The Ansible role, as a fleet would run it on this host: install the .deb
-# (already installed: no change), write a desired state (to a scratch path,
-# not /etc), apply it; twice, the second run changing nothing.
-if command -v ansible-playbook >/dev/null; then
+# The role for real, with the package installed (no change there): it
+# writes and applies the desired state; twice, the second run changing
+# nothing, and then check mode has nothing to report either.
+if [[ -n $have_ansible ]]; then
   say "the Ansible role with the package, twice"
-  play=$(mktemp -d)
-  cleanup_play=$play
-  printf '[defaults]\n' >"$play/ansible.cfg"
-  echo 'localhost ansible_connection=local ansible_python_interpreter=/usr/bin/python3' >"$play/inventory"
-  printf -- '---\n- name: Egress\n  hosts: localhost\n  gather_facts: false\n  roles:\n    - role: egress_snat\n' >"$play/site.yml"
-  cat >"$play/vars.json" <<JSON
-{"egress_snat_install": "deb", "egress_snat_deb": "$(realpath "$deb")",
- "egress_snat_config": "$play/egress-snat.yaml", "egress_snat_service": false,
- "egress_snat_rules": [{"to": "192.0.2.22", "dst": ["198.51.100.4"]}]}
-JSON
-  role() {
-    lab exec host env ANSIBLE_CONFIG="$play/ansible.cfg" ANSIBLE_ROLES_PATH="$ROOT/deploy/ansible/roles" \
-      ANSIBLE_HOME="$play/home" ANSIBLE_LOCAL_TEMP="$play/tmp" ANSIBLE_NOCOLOR=1 \
-      ansible-playbook -i "$play/inventory" "$play/site.yml" -e "@$play/vars.json" >"$play/out" 2>&1 ||
-      { cat "$play/out" >&2; die "ansible-playbook failed"; }
-    sed -n 's/^localhost *: .* changed=\([0-9]*\) .*/\1/p' "$play/out"
-  }
   changed=$(role)
   ((changed > 0)) || { cat "$play/out" >&2; die "first run of the role: changed=$changed, want changes"; }
   seen=$(lab seen 198.51.100.4)
   [[ $seen == 192.0.2.22 ]] || die "after the role, the far side saw $seen, want 192.0.2.22"
   changed=$(role)
   ((changed == 0)) || { cat "$play/out" >&2; die "second run of the role: changed=$changed, want 0"; }
-  say "role: first run changed the host (far side sees 192.0.2.22), second run changed=0"
-else
-  say "ansible-playbook not installed: skipping the role check"
-  [[ ${CI:-} != true ]] || die "CI must have ansible-core (.ci/run installs it)"
+  changed=$(role --check)
+  ((changed == 0)) || { cat "$play/out" >&2; die "role --check after it ran: changed=$changed, want 0"; }
+  say "role: first run changed the host (far side sees 192.0.2.22), second run and --check changed=0"
 fi
 
 # Removing the package must leave the kernel's state alone.

@@ -22,7 +22,9 @@
 #   scripts/lab.sh exec host|gw CMD... run CMD inside the host or gateway namespace
 #   scripts/lab.sh seen ADDR           print the source the far side sees from the host
 #   scripts/lab.sh status              show the lab's namespaces; exit 0 if any exists
-#   scripts/lab.sh deps [CMD=PKG...]   apt-get install what the lab and tests need, if missing
+#   scripts/lab.sh deps [CMD=PKG...]   apt-get install what the lab and the demo need, if missing
+#   scripts/lab.sh test-deps [CMD=PKG...]  the same for everything the tests use (make test, CI)
+#   scripts/lab.sh deps|test-deps --list   print the CMD=PKG pairs checked, install nothing
 #
 # Environment: LAB (default esdemo) prefixes every name, so labs never collide;
 # LAB_STATE (default /run/$LAB-lab) holds the probe binary, its pid and log.
@@ -147,27 +149,46 @@ status() {
   return "$any"
 }
 
-# deps installs, with apt-get, the package of every command that is missing:
-# the lab's and the tests' (iptables, ipset, ip, nft, conntrack, nsenter,
-# setpriv, tcpdump for lab.Arrivals; dockerd, docker and a static busybox
-# for the Docker tests; firewalld and dbus-daemon for the firewalld tests,
-# which run both inside a lab namespace on a private bus,
-# internal/lab/firewalld.go; wg-quick and wireguard-go for the test of a
-# real wg-quick's ip rules, the kernel here having no wireguard module)
-# plus any CMD=PKG pairs given. apt-get update
-# runs once, and only if needed.
+# The commands the lab and the demo run, each with the Debian package that
+# has it: iptables and ip6tables, ipset, and ip (netns, link, addr, route).
+# Nothing else: the demo needs no daemon, so it installs none.
+DEMO_DEPS=(iptables=iptables ip6tables=iptables ipset=ipset ip=iproute2)
+# What the tests use besides: nft and conntrack (drift and stats tests),
+# nsenter and setpriv (cgroup and uid tests), tcpdump (lab.Arrivals);
+# dockerd, docker and a static busybox for the Docker tests; firewalld and
+# dbus-daemon for the firewalld tests, which run both inside a lab namespace
+# on a private bus (internal/lab/firewalld.go); zsh and fish, whose
+# completion scripts the tests run; wg-quick and wireguard-go for
+# the test of a real wg-quick's ip rules (the kernel here has no wireguard
+# module, so wg-quick runs wireguard-go).
+TEST_DEPS=("${DEMO_DEPS[@]}" nft=nftables conntrack=conntrack nsenter=util-linux setpriv=util-linux
+  dockerd=docker.io docker=docker.io busybox=busybox-static tcpdump=tcpdump
+  firewalld=firewalld firewall-cmd=firewalld dbus-daemon=dbus zsh=zsh fish=fish
+  wg-quick=wireguard-tools wireguard-go=wireguard-go)
+
+# deps demo|test [--list] [CMD=PKG...] installs, with apt-get, the package of
+# every command of DEMO_DEPS or TEST_DEPS that is missing, plus any CMD=PKG
+# pairs given. apt-get update runs once, and only if needed. --list prints
+# the pairs it would check and installs nothing.
 deps() {
-  local pair pkg missing=()
-  for pair in iptables=iptables ipset=ipset ip=iproute2 nft=nftables conntrack=conntrack \
-    nsenter=util-linux setpriv=util-linux dockerd=docker.io docker=docker.io busybox=busybox-static tcpdump=tcpdump \
-    firewalld=firewalld firewall-cmd=firewalld dbus-daemon=dbus \
-    wg-quick=wireguard-tools wireguard-go=wireguard-go "$@"; do
+  local set=$1 pair pkg missing=() pairs=()
+  shift
+  case $set in
+    demo) pairs=("${DEMO_DEPS[@]}") ;;
+    test) pairs=("${TEST_DEPS[@]}") ;;
+  esac
+  if [[ ${1:-} == --list ]]; then
+    shift
+    printf '%s\n' "${pairs[@]}" "$@"
+    return 0
+  fi
+  for pair in "${pairs[@]}" "$@"; do
     pkg=${pair#*=}
     command -v "${pair%%=*}" >/dev/null || [[ " ${missing[*]} " == *" $pkg "* ]] || missing+=("$pkg")
   done
   # The Docker tests' image is /bin/busybox alone, so it must be the static
   # one; Debian's busybox package is dynamically linked.
-  if command -v dpkg-query >/dev/null && [[ " ${missing[*]} " != *" busybox-static "* ]] &&
+  if [[ $set == test ]] && command -v dpkg-query >/dev/null && [[ " ${missing[*]} " != *" busybox-static "* ]] &&
     [[ $(dpkg-query -W -f='${Status}' busybox-static 2>/dev/null) != *" installed" ]]; then
     missing+=(busybox-static)
   fi
@@ -222,7 +243,8 @@ case $cmd in
   up) up ;;
   down) down ;;
   status) status ;;
-  deps) deps "$@" ;;
+  deps) deps demo "$@" ;;
+  test-deps) deps test "$@" ;;
   seen)
     (($# == 1)) || die "usage: lab.sh seen ADDR"
     seen "$1"

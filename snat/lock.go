@@ -3,17 +3,16 @@ package snat
 import (
 	"errors"
 	"fmt"
-	"os"
-	"path/filepath"
 	"time"
 
-	"golang.org/x/sys/unix"
+	"github.com/egress-snat/egress-snat/internal/lockfile"
 )
 
 // ErrBusy means another egress-snat run held the lock past the bound.
 var ErrBusy = errors.New("another egress-snat run is holding the lock")
 
-// LockDir holds one lock file per network namespace.
+// LockDir holds the lock files, one per network namespace in use (the
+// files of namespaces that are gone are removed: see lockfile.Sweep).
 const LockDir = "/run/egress-snat"
 
 // Locker serializes the writers of one network namespace. FileLock is the
@@ -42,36 +41,28 @@ func (l FileLock) Lock(timeout time.Duration) (func(), error) {
 // different namespaces do not wait for each other. It waits at most timeout
 // and returns ErrBusy after that. The lock is released by the returned
 // function, or by the kernel when the process dies, so a killed run never
-// leaves it held.
+// leaves it held. Once held, it removes the lock files of namespaces that
+// are gone, so they do not pile up.
 func Lock(timeout time.Duration) (unlock func(), err error) { return lockIn(LockDir, timeout) }
 
+// lockPrefix names the run lock's files: netns-INODE.lock.
+const lockPrefix = "netns"
+
 func lockIn(dir string, timeout time.Duration) (unlock func(), err error) {
-	var st unix.Stat_t
-	if err := unix.Stat("/proc/self/ns/net", &st); err != nil {
-		return nil, fmt.Errorf("identifying network namespace: %w", err)
-	}
-	if err := os.MkdirAll(dir, 0o755); err != nil {
-		return nil, fmt.Errorf("creating %s: %w", dir, err)
-	}
-	path := filepath.Join(dir, fmt.Sprintf("netns-%d.lock", st.Ino))
-	f, err := os.OpenFile(path, os.O_CREATE|os.O_RDWR, 0o600)
+	ino, err := lockfile.Netns()
 	if err != nil {
-		return nil, fmt.Errorf("opening lock %s: %w", path, err)
+		return nil, err
 	}
-	deadline := time.Now().Add(timeout)
-	for {
-		err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB)
-		if err == nil {
-			return func() { _ = unix.Flock(int(f.Fd()), unix.LOCK_UN); f.Close() }, nil
-		}
-		if !errors.Is(err, unix.EWOULDBLOCK) {
-			f.Close()
-			return nil, fmt.Errorf("locking %s: %w", path, err)
-		}
-		if time.Now().After(deadline) {
-			f.Close()
-			return nil, fmt.Errorf("%w (%s) after %s; try again, or raise --lock-timeout", ErrBusy, path, timeout)
-		}
-		time.Sleep(20 * time.Millisecond)
+	path := lockfile.Path(dir, lockPrefix, ino, "lock")
+	unlock, err = lockfile.Lock(path, timeout)
+	if errors.Is(err, lockfile.ErrTimeout) {
+		return nil, fmt.Errorf("%w (%s) after %s; try again, or raise --lock-timeout", ErrBusy, path, timeout)
 	}
+	if err != nil {
+		return nil, err
+	}
+	// Best effort: a file that cannot be removed now is tried again by
+	// the next run.
+	_, _ = lockfile.Sweep(dir, lockfile.LiveNetns, lockPrefix)
+	return unlock, nil
 }

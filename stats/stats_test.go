@@ -7,6 +7,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/prometheus/common/expfmt"
 	"github.com/prometheus/common/model"
@@ -103,7 +104,8 @@ func TestCompute(t *testing.T) {
 
 func TestPromTextfileParses(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "egress_snat.prom")
-	if err := WritePromFile(path, testReport(t)); err != nil {
+	at := time.Unix(1767225600, 250e6)
+	if err := WritePromFile(path, testReport(t), at); err != nil {
 		t.Fatal(err)
 	}
 	b, err := os.ReadFile(path)
@@ -135,5 +137,43 @@ func TestPromTextfileParses(t *testing.T) {
 	}
 	if entries, _ := os.ReadDir(filepath.Dir(path)); len(entries) != 1 {
 		t.Errorf("temporary files left: %v", entries)
+	}
+	last := families[LastRunMetric]
+	if last == nil || last.GetType().String() != "GAUGE" || len(last.GetMetric()) != 1 {
+		t.Fatalf("want one gauge %s, the node_exporter textfile convention, in\n%s", LastRunMetric, b)
+	}
+	if got := last.GetMetric()[0].GetGauge().GetValue(); got != 1767225600.25 {
+		t.Errorf("%s = %v, want 1767225600.25 (the time written, in Unix seconds)", LastRunMetric, got)
+	}
+	// What promtool check metrics would ask of the names.
+	for name, f := range families {
+		if !strings.HasPrefix(name, "egress_snat_") || f.GetHelp() == "" {
+			t.Errorf("%s: want the egress_snat_ prefix and a HELP line", name)
+		}
+		if isCounter := f.GetType().String() == "COUNTER"; isCounter != strings.HasSuffix(name, "_total") {
+			t.Errorf("%s is a %s: counters, and only counters, end in _total", name, f.GetType())
+		}
+	}
+}
+
+// TestPromFileMissingDirectory: a textfile path in a directory that does
+// not exist is refused with an error naming the directory, and nothing is
+// written.
+func TestPromFileMissingDirectory(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "textfile_collector")
+	path := filepath.Join(dir, "egress_snat.prom")
+	err := WritePromFile(path, testReport(t), time.Now())
+	if err == nil || !strings.Contains(err.Error(), "the directory "+dir+" does not exist") || strings.Contains(err.Error(), ".tmp") {
+		t.Errorf("WritePromFile into a missing directory: %v; want an error naming %s", err, dir)
+	}
+	if _, err := os.Stat(dir); err == nil {
+		t.Errorf("WritePromFile created %s", dir)
+	}
+	file := filepath.Join(t.TempDir(), "file")
+	if err := os.WriteFile(file, nil, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := CheckPromDir(filepath.Join(file, "egress_snat.prom")); err == nil || !strings.Contains(err.Error(), file+" is not a directory") {
+		t.Errorf("CheckPromDir under a regular file: %v, want it named as not a directory", err)
 	}
 }

@@ -1,11 +1,15 @@
 package stats
 
 import (
+	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
+	"time"
 )
 
 // MaxAddresses bounds the addresses written to the textfile, so a host
@@ -13,15 +17,22 @@ import (
 // the file holds at most a few thousand series.
 const MaxAddresses = 256
 
-// WriteProm writes the report in the Prometheus text exposition format
-// (what node_exporter's textfile collector reads). Label values are only
-// addresses, protocol names and address:port pairs, so the cardinality is
-// bounded by MaxAddresses and TopN.
-func WriteProm(w io.Writer, report []Address) error {
+// LastRunMetric is the time the file was written, in Unix seconds: the
+// node_exporter textfile convention, so that an alert can tell a stale file
+// (the cron job or timer stopped) from a fresh one that reports nothing.
+const LastRunMetric = "egress_snat_last_run_timestamp_seconds"
+
+// WriteProm writes the report, taken at the time at, in the Prometheus text
+// exposition format (what node_exporter's textfile collector reads). Label
+// values are only addresses, protocol names and address:port pairs, so the
+// cardinality is bounded by MaxAddresses and TopN.
+func WriteProm(w io.Writer, report []Address, at time.Time) error {
 	if len(report) > MaxAddresses {
 		report = report[:MaxAddresses]
 	}
 	var b strings.Builder
+	fmt.Fprintf(&b, "# HELP %s Unix time at which egress-snat stats wrote this file.\n# TYPE %s gauge\n%s %s\n",
+		LastRunMetric, LastRunMetric, LastRunMetric, strconv.FormatFloat(float64(at.UnixMilli())/1e3, 'f', 3, 64))
 	metric := func(name, typ, help string, each func(a Address)) {
 		fmt.Fprintf(&b, "# HELP %s %s\n# TYPE %s %s\n", name, help, name, typ)
 		for _, a := range report {
@@ -66,17 +77,36 @@ func WriteProm(w io.Writer, report []Address) error {
 	return err
 }
 
-// WritePromFile writes the textfile atomically: a temporary file in the
-// same directory, then a rename over path, so the collector never reads a
-// half-written file.
-func WritePromFile(path string, report []Address) error {
+// CheckPromDir refuses a textfile path whose directory does not exist or is
+// not a directory, naming it: checked before anything is read, so that a
+// typo in the path is told as such instead of as a failed temporary file.
+func CheckPromDir(path string) error {
 	dir := filepath.Dir(path)
-	tmp, err := os.CreateTemp(dir, "."+filepath.Base(path)+".*.tmp")
+	st, err := os.Stat(dir)
+	switch {
+	case errors.Is(err, fs.ErrNotExist):
+		return fmt.Errorf("the directory %s does not exist: create it, or point at node_exporter's --collector.textfile.directory", dir)
+	case err != nil:
+		return fmt.Errorf("the directory %s: %w", dir, err)
+	case !st.IsDir():
+		return fmt.Errorf("%s is not a directory", dir)
+	}
+	return nil
+}
+
+// WritePromFile writes the textfile, taken at the time at, atomically: a
+// temporary file in the same directory, then a rename over path, so the
+// collector never reads a half-written file.
+func WritePromFile(path string, report []Address, at time.Time) error {
+	if err := CheckPromDir(path); err != nil {
+		return fmt.Errorf("writing %s: %w", path, err)
+	}
+	tmp, err := os.CreateTemp(filepath.Dir(path), "."+filepath.Base(path)+".*.tmp")
 	if err != nil {
 		return fmt.Errorf("writing %s: %w", path, err)
 	}
 	defer os.Remove(tmp.Name()) // after the rename, a no-op
-	if err := WriteProm(tmp, report); err != nil {
+	if err := WriteProm(tmp, report, at); err != nil {
 		tmp.Close()
 		return fmt.Errorf("writing %s: %w", tmp.Name(), err)
 	}

@@ -52,7 +52,7 @@ func (b *Backend) Diagnose(have snat.Installation, want snat.Want, np snat.NATPl
 			case !ok:
 				add(snat.DriftSetOutOfDate, "set %s is missing", s.Name)
 			case !sameMembers(have, s):
-				add(snat.DriftSetOutOfDate, "set %s holds %d destinations and %d exceptions, want %d and %d", s.Name, len(have.Members), len(have.NoMatch), len(s.Members), len(s.NoMatch))
+				add(snat.DriftSetOutOfDate, "set %s holds %s and %s, want %d and %d", s.Name, snat.Plural(len(have.Members), "destination"), snat.Plural(len(have.NoMatch), "exception"), len(s.Members), len(s.NoMatch))
 			}
 		}
 		if in.ChainExists && len(in.Foreign) == 0 && !slices.Equal(in.Rules, c.Rules) && sameEntries(in.Entries, want.Entries, f) {

@@ -42,7 +42,7 @@ const exitStatusHelp = `EXIT STATUS:
    check uses 0 in sync, 1 drift, 2 error.`
 
 func newApp() *cli.App {
-	commands := []*cli.Command{
+	commands := freshCommands(
 		explainCommand,
 		setCommand,
 		unsetCommand,
@@ -58,11 +58,16 @@ func newApp() *cli.App {
 		confirmCommand,
 		revertCommand,
 		statsCommand,
+		healthCommand,
 		genDocsCommand, // hidden: make docs
-	}
+	)
 	for _, c := range commands {
 		c.OnUsageError = commandUsageError
 		c.Before = checkFlags
+		c.BashComplete = completeFor(c)
+		// A command has no subcommands, so no "help" subcommand either
+		// (egress-snat help set, and set --help, remain).
+		c.HideHelpCommand = true
 	}
 	return &cli.App{
 		Name:    "egress-snat",
@@ -70,6 +75,7 @@ func newApp() *cli.App {
 		Usage:   "choose the source address outgoing connections leave with",
 		// The bash and zsh completions ask the binary (contrib/completion).
 		EnableBashCompletion: true,
+		BashComplete:         completeFor(nil),
 		Description: `A host with several addresses picks the source of an outgoing connection
 itself: the address the application bound, else the matching route's src
 attribute, else an address of the outgoing interface (on the gateway's or
@@ -83,36 +89,39 @@ runtime state ("egress-snat clear" removes every trace); --permanent and
 at boot.
 
 ` + exitStatusHelp,
-		Flags: []cli.Flag{
+		Flags: cloneFlags([]cli.Flag{
 			&cli.StringFlag{Name: "netns", Usage: "run inside the network namespace `NAME` (as ip netns exec NAME would)"},
-			&cli.StringFlag{Name: "iptables-backend", Value: "auto", EnvVars: []string{"EGRESS_SNAT_IPTABLES"}, Usage: "iptables `BACKEND`: auto (what the host's iptables uses), nft or legacy"},
+			enum(&cli.StringFlag{Name: "iptables-backend", Value: "auto", EnvVars: []string{"EGRESS_SNAT_IPTABLES"}, Usage: "iptables `BACKEND`: auto (what the host's iptables uses), nft or legacy"}, "auto", "nft", "legacy"),
 			configFlag,
 			&cli.DurationFlag{Name: "lock-timeout", Value: 10 * time.Second, Usage: "how long (`DURATION`) to wait for another egress-snat run, and for the xtables lock, before giving up with nothing changed"},
-		},
+		}),
 		Before: enterNetns,
 		Action: func(c *cli.Context) error {
 			if c.Args().Present() {
-				return usageError("unknown command %q (see egress-snat --help)", c.Args().First())
+				return unknownCommand(c.App, c.Args().First())
 			}
 			_ = cli.ShowAppHelp(c)
 			return quietExit(exitUsage)
 		},
 		Commands: commands,
 		OnUsageError: func(c *cli.Context, err error, _ bool) error {
-			return cli.Exit(fmt.Sprintf("%s (see egress-snat --help)", config.OneLine(err.Error())), exitUsage)
+			return cli.Exit(fmt.Sprintf("%s%s (see egress-snat --help)", config.OneLine(err.Error()), flagHint(err, c.App.Flags, nil, "")), exitUsage)
 		},
 		ExitErrHandler: func(*cli.Context, error) {}, // main prints and exits
 	}
 }
 
 func run(args []string) error {
-	return tidyExit(newApp().Run(args))
+	app := newApp()
+	return tidyExit(app, app.Run(args))
 }
 
 // commandUsageError makes a flag error of a command exit with exitUsage
-// and point at that command's help.
+// and point at that command's help, with the nearest flag of an unknown
+// one.
 func commandUsageError(c *cli.Context, err error, _ bool) error {
-	return cli.Exit(fmt.Sprintf("%s (see egress-snat %s --help)", config.OneLine(err.Error()), c.Command.Name), exitUsage)
+	hint := flagHint(err, c.Command.Flags, c.App.Flags, c.Command.Name)
+	return cli.Exit(fmt.Sprintf("%s%s (see egress-snat %s --help)", config.OneLine(err.Error()), hint, c.Command.Name), exitUsage)
 }
 
 func exitCode(err error) int {

@@ -50,7 +50,7 @@ confirm" runs first, even if the shell that ran apply is gone (see
 "egress-snat confirm --help"). While one is pending, another apply is
 refused (exit 1).`,
 	Flags: []cli.Flag{
-		&cli.StringFlag{Name: "file", Aliases: []string{"f"}, Usage: "(required) desired-state YAML `FILE`"},
+		&cli.StringFlag{Name: "file", Aliases: []string{"f"}, TakesFile: true, Usage: "(required) desired-state YAML `FILE`"},
 		dryRunFlag,
 		confirmFlag,
 		jsonFlag,

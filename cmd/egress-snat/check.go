@@ -73,7 +73,7 @@ can be repaired.
 
 EXIT STATUS: 0 in sync, 1 drift, 2 error (bad input or a failed read).`,
 	Flags: []cli.Flag{
-		&cli.StringFlag{Name: "file", Aliases: []string{"f"}, Usage: "compare with this desired-state `FILE` (default: the permanent file, --config, when it exists; else only the installed rules)"},
+		&cli.StringFlag{Name: "file", Aliases: []string{"f"}, TakesFile: true, Usage: "compare with this desired-state `FILE` (default: the permanent file, --config, when it exists; else only the installed rules)"},
 		jsonFlag,
 	},
 	Action: func(c *cli.Context) error {

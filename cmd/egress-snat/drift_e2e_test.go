@@ -83,13 +83,28 @@ func (w *relWatch) log(t *testing.T) (converged, applies int) {
 		var rec struct {
 			Msg     string `json:"msg"`
 			Applies int    `json:"applies"`
+			// Durations are Go duration strings, never nanoseconds.
+			Resync string `json:"resync"`
+			Took   string `json:"took"`
 		}
 		if err := json.Unmarshal([]byte(line), &rec); err != nil {
-			t.Errorf("watch log line is not JSON: %q", line)
+			t.Errorf("watch log line is not JSON, or a duration in it is not a string: %q: %v", line, err)
 			continue
 		}
+		for _, d := range []string{rec.Resync, rec.Took} {
+			if _, err := time.ParseDuration(d); d != "" && err != nil {
+				t.Errorf("watch log line %q: duration %q: %v", line, d, err)
+			}
+		}
 		switch rec.Msg {
+		case "watch started":
+			if rec.Resync != "500ms" {
+				t.Errorf("watch started: resync %q, want \"500ms\" (the default, as a duration string)", rec.Resync)
+			}
 		case "converged":
+			if rec.Took == "" {
+				t.Errorf("converged without how long it took: %q", line)
+			}
 			converged++
 		case "stopping; rules stay in place":
 			applies = rec.Applies

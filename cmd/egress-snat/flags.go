@@ -32,7 +32,8 @@ func required(c *cli.Context, names ...string) error {
 // never work before the command looks at the host, so each command need
 // not repeat the checks. Every duration flag given, the command's and the
 // global ones, must be positive (unless listed in zeroDurationOK), --out must be
-// an interface name and --iptables-backend one of the backends.
+// an interface name and every enum flag (--iptables-backend, --method ...)
+// one of its values.
 func checkFlags(c *cli.Context) error {
 	for _, fl := range slices.Concat(c.App.Flags, c.Command.Flags) {
 		name := fl.Names()[0]
@@ -46,11 +47,9 @@ func checkFlags(c *cli.Context) error {
 			}
 		}
 	}
-	switch b := c.String("iptables-backend"); b {
-	case "", "auto", "nft", "legacy":
-	default:
-		// Bad input whoever runs it: judged before the privilege check.
-		return usageError("--iptables-backend %q: want auto, nft or legacy", b)
+	// Bad input whoever runs it: judged before the privilege check.
+	if err := checkEnums(c, slices.Concat(c.App.Flags, c.Command.Flags)); err != nil {
+		return err
 	}
 	if c.IsSet("out") {
 		if err := config.CheckInterface(c.String("out")); err != nil {
@@ -62,11 +61,11 @@ func checkFlags(c *cli.Context) error {
 
 // tidyExit keeps the exit status of a run to 0, 1 or 2: urfave/cli's help
 // command exits 3 for an unknown topic, echoing the topic as given, which
-// is bad input like any other.
-func tidyExit(err error) error {
+// is bad input like any other (and gets the nearest command).
+func tidyExit(app *cli.App, err error) error {
 	var ec cli.ExitCoder
 	if errors.As(err, &ec) && ec.ExitCode() > exitUsage {
-		return usageError("%s", config.OneLine(err.Error()))
+		return usageError("%s", helpTopicHint(app, config.OneLine(err.Error())))
 	}
 	return err
 }
@@ -250,7 +249,7 @@ func printPlan(w io.Writer, p snat.Plan, dryRun bool) {
 	}
 	for i, c := range p.Changes {
 		if i == maxPlanLines && !dryRun {
-			fmt.Fprintf(w, "... and %d more changes (--dry-run lists them all)\n", len(p.Changes)-i)
+			fmt.Fprintf(w, "... and %s (--dry-run lists them all)\n", plural(len(p.Changes)-i, "more change", "more changes"))
 			break
 		}
 		fmt.Fprintf(w, "%s%s\n", verb, c)
@@ -281,6 +280,14 @@ func printPlan(w io.Writer, p snat.Plan, dryRun bool) {
 			fmt.Fprintf(w, "# undo if a later step fails: %s\n", indentComment(st.Undo.String()))
 		}
 	}
+}
+
+// plural counts n things: "1 flow", "2 flows", "0 flows".
+func plural[N ~int | ~uint | ~uint64](n N, one, many string) string {
+	if n == 1 {
+		return "1 " + one
+	}
+	return fmt.Sprintf("%d %s", n, many)
 }
 
 // indentComment keeps a multi-line text inside a shell comment.

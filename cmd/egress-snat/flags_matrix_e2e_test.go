@@ -1171,7 +1171,9 @@ var jsonCases = []jsonCase{
 			t.Errorf("stats --json without rules: addresses %s, want []", top["addresses"])
 		}
 	}},
-	{name: "stats unwritable textfile", cmd: "stats", code: exitFailure,
+	// A textfile in a missing directory is a path that cannot work: bad
+	// input, told before anything is read.
+	{name: "stats textfile in a missing directory", cmd: "stats", code: exitUsage,
 		args: func(m *matrixLab) []string {
 			return []string{"--prometheus", filepath.Join(m.dir, "missing", "x.prom")}
 		}},

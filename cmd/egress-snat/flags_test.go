@@ -21,7 +21,7 @@ func runRefused(t *testing.T, args ...string) (int, string) {
 	var out bytes.Buffer
 	app.Writer, app.ErrWriter = &out, &out
 	done := make(chan error, 1)
-	go func() { done <- tidyExit(app.Run(append([]string{"egress-snat"}, args...))) }()
+	go func() { done <- tidyExit(app, app.Run(append([]string{"egress-snat"}, args...))) }()
 	select {
 	case err := <-done:
 		if err == nil {

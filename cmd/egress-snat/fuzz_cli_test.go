@@ -270,7 +270,7 @@ func (h *cliHost) run(t *testing.T, args []string) (code int, msg, stdout string
 				done <- result{panic: p}
 			}
 		}()
-		done <- result{err: tidyExit(app.Run(append([]string{"egress-snat"}, args...)))}
+		done <- result{err: tidyExit(app, app.Run(append([]string{"egress-snat"}, args...)))}
 	}()
 	var r result
 	select {

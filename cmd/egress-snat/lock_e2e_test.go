@@ -3,6 +3,7 @@ package main
 import (
 	"fmt"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -10,6 +11,8 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/egress-snat/egress-snat/internal/lab"
+	"github.com/egress-snat/egress-snat/internal/lockfile"
 	"github.com/egress-snat/egress-snat/snat"
 )
 
@@ -84,5 +87,77 @@ func TestXtablesLockIsBounded(t *testing.T) {
 	}
 	if after := legacySave(); after != before {
 		t.Errorf("a run that timed out on the xtables lock changed the legacy ruleset:\n%s", after)
+	}
+}
+
+// bareNetns creates an empty named network namespace (ip netns add) and
+// returns its name and inode; del deletes it (also done at the end).
+func bareNetns(t *testing.T, tag string) (name string, ino uint64, del func()) {
+	t.Helper()
+	name = fmt.Sprintf("es-%s-%d-%d", tag, os.Getpid(), time.Now().UnixNano()%1e9)
+	if out, err := exec.Command("ip", "netns", "add", name).CombinedOutput(); err != nil {
+		t.Fatalf("ip netns add %s: %v: %s", name, err, out)
+	}
+	deleted := false
+	del = func() {
+		if !deleted {
+			deleted = true
+			if out, err := exec.Command("ip", "netns", "del", name).CombinedOutput(); err != nil {
+				t.Errorf("ip netns del %s: %v: %s", name, err, out)
+			}
+		}
+	}
+	t.Cleanup(del)
+	var st unix.Stat_t
+	if err := unix.Stat("/run/netns/"+name, &st); err != nil {
+		t.Fatal(err)
+	}
+	return name, st.Ino, del
+}
+
+// TestLockFilesDoNotPileUp: a run in a namespace leaves its lock files
+// (netns-INODE.lock, pending-INODE.lock) in /run/egress-snat; once that
+// namespace is gone, the next run elsewhere removes them, and keeps its own.
+func TestLockFilesDoNotPileUp(t *testing.T) {
+	lab.Require(t)
+	empty := filepath.Join(t.TempDir(), "empty.yaml")
+	if err := os.WriteFile(empty, []byte("rules: []\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	files := func(ino uint64) []string {
+		var out []string
+		for _, p := range []string{"netns", "pending"} {
+			path := filepath.Join(snat.LockDir, fmt.Sprintf("%s-%d.lock", p, ino))
+			if _, err := os.Stat(path); err == nil {
+				out = append(out, path)
+			}
+		}
+		return out
+	}
+	run := func(ns string) {
+		t.Helper()
+		if out, err := exec.Command("ip", "netns", "exec", ns, bin, "apply", "-f", empty).CombinedOutput(); err != nil {
+			t.Fatalf("apply in %s: %v: %s", ns, err, out)
+		}
+	}
+
+	gone, goneIno, del := bareNetns(t, "gone")
+	run(gone)
+	if f := files(goneIno); len(f) != 2 {
+		t.Fatalf("after a run in %s, its lock files are %v, want netns- and pending-%d.lock", gone, f, goneIno)
+	}
+	del()
+
+	next, nextIno, _ := bareNetns(t, "next")
+	run(next)
+	if f := files(goneIno); len(f) != 0 {
+		// Inode numbers are reused: a namespace created since, by a test
+		// beside this one, may have this one and be live.
+		if live, _, _ := lockfile.LiveNetns(nil); !live[goneIno] {
+			t.Errorf("the lock files of the deleted namespace %s remain: %v", gone, f)
+		}
+	}
+	if f := files(nextIno); len(f) != 2 {
+		t.Errorf("the live namespace %s's lock files are %v, want both kept", next, f)
 	}
 }

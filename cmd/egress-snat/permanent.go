@@ -24,10 +24,11 @@ const defaultConfig = "/etc/egress-snat.yaml"
 
 // configFlag is the global --config.
 var configFlag = &cli.StringFlag{
-	Name:    "config",
-	Value:   defaultConfig,
-	EnvVars: []string{"EGRESS_SNAT_CONFIG"},
-	Usage:   "the permanent desired-state `PATH` (the format of apply -f): edited by --permanent and save, followed by watch and compared by check when they have no -f",
+	Name:      "config",
+	Value:     defaultConfig,
+	EnvVars:   []string{"EGRESS_SNAT_CONFIG"},
+	TakesFile: true,
+	Usage:     "the permanent desired-state `PATH` (the format of apply -f): edited by --permanent and save, followed by watch and compared by check when they have no -f",
 }
 
 // permanentFlag is --permanent of set, unset, rotate and clear.

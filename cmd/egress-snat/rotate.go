@@ -52,9 +52,9 @@ other, up to --lock-timeout.
 Cron example (/etc/cron.d/egress-snat):
    */10 * * * * root egress-snat rotate --pool 192.0.2.22,192.0.2.23 --dst 198.51.100.0/24`,
 	Flags: append([]cli.Flag{
-		&cli.StringSliceFlag{Name: "pool", Usage: "(required) source addresses to rotate over, in order (comma-separated)"},
+		&cli.StringSliceFlag{Name: "pool", Usage: "(required) the source `ADDR`s to rotate over, in order (comma-separated)"},
 		&cli.StringSliceFlag{Name: "dst", Usage: "destination `ADDR|CIDR` to rotate (repeatable; default: every destination of the pool's family)"},
-		&cli.StringFlag{Name: "order", Value: "next", Usage: "next (pool order) or random"},
+		enum(&cli.StringFlag{Name: "order", Value: "next", Usage: "next (pool order) or random"}, "next", "random"),
 		permanentFlag,
 		&cli.BoolFlag{Name: "flush-conntrack", Usage: "also delete the conntrack entries of the old address, so existing flows move too (breaks established TCP connections)"},
 		dryRunFlag,
@@ -151,7 +151,7 @@ Cron example (/etc/cron.d/egress-snat):
 		for _, m := range moves {
 			fmt.Fprintf(e.out, "%s: %s -> %s\n", m.Match, m.From, m.To)
 			if m.ConntrackDeleted != nil {
-				fmt.Fprintf(e.out, "%s: deleted %d conntrack entries bound to %s\n", m.Match, *m.ConntrackDeleted, m.From)
+				fmt.Fprintf(e.out, "%s: deleted %s bound to %s\n", m.Match, plural(*m.ConntrackDeleted, "conntrack entry", "conntrack entries"), m.From)
 			}
 		}
 		if c.Bool("dry-run") {

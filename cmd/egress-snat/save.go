@@ -72,7 +72,7 @@ instead of writing it.`,
 		if err := doc.Write(); err != nil {
 			return err
 		}
-		fmt.Fprintf(e.out, "saved %d destination(s) to %s\n", len(entries), path)
+		fmt.Fprintf(e.out, "saved %s to %s\n", plural(len(entries), "destination", "destinations"), path)
 		return nil
 	},
 }

@@ -85,7 +85,7 @@ Examples:
 		&cli.BoolFlag{Name: "spread", Usage: "spread new connections over all --to addresses in turn"},
 		permanentFlag,
 		&cli.StringFlag{Name: "via", Usage: "gateway `GW` when --to is on another interface than the destination's route (default: that interface's one gateway)"},
-		&cli.StringFlag{Name: "method", Value: "snat", Usage: "`METHOD`: snat (nat chain), route (a route with src, no NAT: the host's own traffic only) or auto"},
+		enum(&cli.StringFlag{Name: "method", Value: "snat", Usage: "`METHOD`: snat (nat chain), route (a route with src, no NAT: the host's own traffic only) or auto"}, "snat", "route", "auto"),
 		dryRunFlag,
 		jsonFlag,
 	}, senderFlags()...),

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"os/exec"
 	"strings"
+	"time"
 
 	"github.com/urfave/cli/v2"
 
@@ -32,14 +33,24 @@ and others'), reports:
 
 --prometheus FILE also writes the node_exporter textfile format, atomically
 (a temporary file renamed over FILE), with bounded cardinality: at most 256
-addresses with 10 destinations each. Point node_exporter's
---collector.textfile.directory at FILE's directory and run stats from cron
-or a systemd timer.`,
+addresses with 10 destinations each, and
+egress_snat_last_run_timestamp_seconds, the time it was written, so that a
+stale file can be told from a fresh one
+(time() - egress_snat_last_run_timestamp_seconds > 600 in an alert). Point
+node_exporter's --collector.textfile.directory at FILE's directory, which
+must exist (exit 2 naming it otherwise), and run stats from cron or a
+systemd timer.`,
 	Flags: []cli.Flag{
 		jsonFlag,
-		&cli.StringFlag{Name: "prometheus", Usage: "also write the node_exporter textfile `FILE`"},
+		&cli.StringFlag{Name: "prometheus", TakesFile: true, Usage: "also write the node_exporter textfile `FILE`"},
 	},
 	Action: func(c *cli.Context) error {
+		if path := c.String("prometheus"); path != "" {
+			// Bad input, told before anything is read.
+			if err := stats.CheckPromDir(path); err != nil {
+				return usageError("--prometheus %s: %v", path, err)
+			}
+		}
 		e, err := envFor(c)
 		if err != nil {
 			return err
@@ -67,7 +78,7 @@ or a systemd timer.`,
 		}
 		report := stats.Compute(rules, flows)
 		if path := c.String("prometheus"); path != "" {
-			if err := stats.WritePromFile(path, report); err != nil {
+			if err := stats.WritePromFile(path, report, time.Now()); err != nil {
 				return err
 			}
 		}
@@ -113,9 +124,9 @@ func printStats(e *env, report []stats.Address) {
 		fmt.Fprintf(w, "%s%s\n", a.Address, mark)
 		fmt.Fprintf(w, "  flows       %d %s\n", a.Total, strings.Join(protos, ", "))
 		fmt.Fprintf(w, "  nat ports   %d of %d in use by the busiest tuple (%.0f%%), range %s\n", a.PortsInUse, a.RangeSize, 100*a.Ratio, a.PortRange)
-		fmt.Fprintf(w, "  rules       %d packets, %d bytes\n", a.Packets, a.Bytes)
+		fmt.Fprintf(w, "  rules       %s, %s\n", plural(a.Packets, "packet", "packets"), plural(a.Bytes, "byte", "bytes"))
 		for _, d := range a.Top {
-			fmt.Fprintf(w, "  %-5s %-40s %d flows\n", d.Proto, d.Dst, d.Flows)
+			fmt.Fprintf(w, "  %-5s %-40s %s\n", d.Proto, d.Dst, plural(d.Flows, "flow", "flows"))
 		}
 	}
 }

@@ -7,13 +7,16 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/prometheus/common/expfmt"
 	"github.com/prometheus/common/model"
 
 	"github.com/egress-snat/egress-snat/internal/lab"
+	"github.com/egress-snat/egress-snat/stats"
 )
 
 // udpFlows sends one datagram from n fresh sockets of H to dst: n flows.
@@ -55,11 +58,19 @@ func TestStats(t *testing.T) {
 	// least 80% with what conntrack really took.
 	foreign(t, l, 4, "-t", "nat", "-A", "POSTROUTING", "-d", "198.51.100.5", "-p", "udp", "-j", "SNAT", "--to-source", "192.0.2.23:40000-40099")
 	udpFlows(t, l, "198.51.100.4:7001", 5)
-	udpFlows(t, l, "198.51.100.4:9", 2)
+	udpFlows(t, l, "198.51.100.4:9", 1) // "1 flow", not "1 flows"
+	udpFlows(t, l, "198.51.100.4:10", 1)
 	udpFlows(t, l, "198.51.100.5:53", 88)
 
+	missing := filepath.Join(t.TempDir(), "textfile_collector")
+	if r := es(t, l, "stats", "--prometheus", filepath.Join(missing, "egress_snat.prom")); r.code != exitUsage || !strings.Contains(r.stderr, "the directory "+missing+" does not exist") {
+		t.Errorf("stats --prometheus into a missing directory: exit %d, stderr %q; want exit %d naming the directory", r.code, r.stderr, exitUsage)
+	}
+
 	prom := filepath.Join(t.TempDir(), "egress_snat.prom")
+	before := time.Now()
 	r := es(t, l, "stats", "--json", "--prometheus", prom)
+	after := time.Now()
 	if r.code != 0 {
 		t.Fatalf("stats: exit %d\n%s%s", r.code, r.stdout, r.stderr)
 	}
@@ -118,7 +129,16 @@ func TestStats(t *testing.T) {
 	if flows != float64(7+held) {
 		t.Errorf("egress_snat_flows sums to %v, want %d\n%s", flows, 7+held, b)
 	}
-	if text := mustES(t, l, "stats"); !strings.Contains(text, "192.0.2.22 (egress-snat)") || !strings.Contains(text, fmt.Sprintf("%d of 100", held)) {
+	if m := families[stats.LastRunMetric].GetMetric(); len(m) != 1 {
+		t.Errorf("no %s in the textfile:\n%s", stats.LastRunMetric, b)
+	} else if v := m[0].GetGauge().GetValue(); v < float64(before.Unix()) || v > float64(after.Unix()+1) {
+		t.Errorf("%s = %v, want the time of the run, %d to %d", stats.LastRunMetric, v, before.Unix(), after.Unix())
+	}
+	text := mustES(t, l, "stats")
+	if !strings.Contains(text, "192.0.2.22 (egress-snat)") || !strings.Contains(text, fmt.Sprintf("%d of 100", held)) {
 		t.Errorf("stats text:\n%s", text)
+	}
+	if !regexp.MustCompile(`198\.51\.100\.4:9 +1 flow\n`).MatchString(text) || strings.Contains(text, " 1 flows") {
+		t.Errorf("stats text: want \"1 flow\" for 198.51.100.4:9, and no \"1 flows\":\n%s", text)
 	}
 }

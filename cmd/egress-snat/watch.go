@@ -28,7 +28,7 @@ import (
 var watchCommand = &cli.Command{
 	Name:      "watch",
 	Usage:     "keep the host converged on a desired-state file (run by systemd)",
-	UsageText: "egress-snat [--config PATH] watch [-f FILE] [--resync 500ms] [--settle 100ms] [--log-format text|json]",
+	UsageText: "egress-snat [--config PATH] watch [-f FILE] [--resync 500ms] [--settle 100ms] [--log-format text|json] [--health-file FILE]",
 	Description: `Applies FILE (default: the permanent file, --config) at start, then keeps
 the host converged:
 
@@ -60,27 +60,23 @@ Logs go to stderr (the journal) with log/slog. SIGTERM or SIGINT stops it
 cleanly and leaves the rules in place. scripts/egress-snat.service runs it
 at boot, so the desired state survives reboots.`,
 	Flags: []cli.Flag{
-		&cli.StringFlag{Name: "file", Aliases: []string{"f"}, Usage: "desired-state YAML `FILE` (default: the permanent file, --config)"},
+		&cli.StringFlag{Name: "file", Aliases: []string{"f"}, TakesFile: true, Usage: "desired-state YAML `FILE` (default: the permanent file, --config)"},
 		&cli.DurationFlag{Name: "resync", Value: 500 * time.Millisecond, Usage: "how often the canary looks (it costs no process; half a second keeps a repair under a second)"},
 		&cli.DurationFlag{Name: "settle", Value: 100 * time.Millisecond, Usage: "how long to wait for a burst of events to end before applying"},
 		&cli.DurationFlag{Name: "full-resync", Value: 5 * time.Minute, Usage: "how often to compare everything, set members included"},
-		&cli.StringFlag{Name: "log-format", Value: "text", Usage: "text or json"},
+		enum(&cli.StringFlag{Name: "log-format", Value: "text", Usage: "text or json; durations are Go duration strings in both (\"took\":\"12ms\")"}, "text", "json"),
 		verifyEveryFlag,
 		probeFlag,
+		healthFileFlag,
 	},
 	Action: func(c *cli.Context) error {
 		path, err := watchPath(c)
 		if err != nil {
 			return err
 		}
-		var handler slog.Handler
-		switch c.String("log-format") {
-		case "text":
-			handler = slog.NewTextHandler(c.App.ErrWriter, nil)
-		case "json":
-			handler = slog.NewJSONHandler(c.App.ErrWriter, nil)
-		default:
-			return usageError("--log-format %q: want text or json", c.String("log-format"))
+		handler, err := newLogHandler(c.App.ErrWriter, c.String("log-format"))
+		if err != nil {
+			return err
 		}
 		if c.Duration("resync") <= 0 || c.Duration("settle") < 0 || c.Duration("full-resync") <= 0 {
 			return usageError("--resync and --full-resync must be positive and --settle not negative")
@@ -98,7 +94,11 @@ at boot, so the desired state survives reboots.`,
 		if err != nil {
 			return err
 		}
-		w := &watcher{e: e, probes: probes, path: path, file: file, log: slog.New(handler), settle: c.Duration("settle"),
+		health, err := newWatchHealth(c.String("health-file"))
+		if err != nil {
+			return err
+		}
+		w := &watcher{e: e, probes: probes, path: path, file: file, log: slog.New(handler), settle: c.Duration("settle"), health: health,
 			quickEvery: max(10*time.Second, c.Duration("resync")), fullEvery: c.Duration("full-resync"), verifyEvery: c.Duration("verify-every")}
 		ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 		defer stop()
@@ -114,6 +114,8 @@ type watcher struct {
 	file   *config.File
 	log    *slog.Logger
 	settle time.Duration
+	// health tells probes how the loop and the last reconcile went.
+	health *watchHealth
 	// verifyEvery is how often a real flow per rule is checked; 0: never.
 	verifyEvery time.Duration
 	// probes are the --probe addresses verify may send to, and
@@ -162,7 +164,9 @@ func (w *watcher) run(ctx context.Context, resync time.Duration) error {
 	watchFile(done, w.path, hup, w.log) // a changed file reloads like SIGHUP
 
 	w.log.Info("watch started", "file", w.path, "backend", w.e.flavour, "resync", resync)
-	if err := w.reconcile("start"); err != nil {
+	err := w.reconcile("start")
+	w.health.reconciled(err)
+	if err != nil {
 		var inv *snat.InvalidError
 		if errors.As(err, &inv) {
 			return err
@@ -188,6 +192,7 @@ func (w *watcher) run(ctx context.Context, resync time.Duration) error {
 			w.log.Info("reload: file re-read", "trigger", sig.String(), "file", w.path, "destinations", n)
 			changed("reload (" + sig.String() + ")")
 		case <-tick.C:
+			w.health.beat()
 			if reason := w.canary(); reason != "" {
 				kick(reason)
 			}
@@ -195,7 +200,9 @@ func (w *watcher) run(ctx context.Context, resync time.Duration) error {
 			w.verifyCanary()
 		case reason := <-trigger:
 			reason = w.coalesce(ctx, trigger, reason)
-			if err := w.reconcile(reason); err != nil {
+			err := w.reconcile(reason)
+			w.health.reconciled(err)
+			if err != nil {
 				w.log.Error("reconcile failed; retrying on the next event or resync", "reason", reason, "err", err)
 			}
 		}
@@ -217,7 +224,7 @@ func (w *watcher) coalesce(ctx context.Context, trigger <-chan string, first str
 			n++
 		case <-timer.C:
 			if n > 1 {
-				return fmt.Sprintf("%s (+%d more events)", first, n-1)
+				return fmt.Sprintf("%s (+%s)", first, plural(n-1, "more event", "more events"))
 			}
 			return first
 		case <-ctx.Done():

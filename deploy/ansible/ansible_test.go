@@ -6,6 +6,7 @@ package ansible
 import (
 	"encoding/json"
 	"fmt"
+	"maps"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -93,18 +94,39 @@ type rule struct {
 // returns the play's changed count and its output.
 func (p *play) run(rules []rule, flags ...string) (int, string) {
 	p.t.Helper()
-	vars, err := json.Marshal(map[string]any{
+	code, stdout, stderr := p.try(map[string]any{"egress_snat_rules": rules}, flags...)
+	if code != 0 {
+		p.t.Fatalf("ansible-playbook %v: exit %d\n%s\n%s", flags, code, stdout, stderr)
+	}
+	m := recap.FindStringSubmatch(stdout)
+	if m == nil {
+		p.t.Fatalf("ansible-playbook %v: no PLAY RECAP for localhost in:\n%s", flags, stdout)
+	}
+	changed, _ := strconv.Atoi(m[1])
+	return changed, stdout
+}
+
+// binaryPath is where the role installs the binary (egress_snat_binary).
+func (p *play) binaryPath() string { return filepath.Join(p.dir, "sbin", "egress-snat") }
+
+// try runs the role with the test's variables, overridden by vars, and
+// returns ansible-playbook's exit status and output.
+func (p *play) try(vars map[string]any, flags ...string) (code int, stdout, stderr string) {
+	p.t.Helper()
+	all := map[string]any{
 		"egress_snat_install":    "binary",
 		"egress_snat_binary_src": bin,
-		"egress_snat_binary":     filepath.Join(p.dir, "sbin", "egress-snat"),
+		"egress_snat_binary":     p.binaryPath(),
 		"egress_snat_config":     p.conf,
 		"egress_snat_service":    false, // never touch the real host's systemd
-		"egress_snat_rules":      rules,
-	})
+		"egress_snat_rules":      []rule{},
+	}
+	maps.Copy(all, vars)
+	b, err := json.Marshal(all)
 	if err != nil {
 		p.t.Fatal(err)
 	}
-	p.write("vars.json", string(vars))
+	p.write("vars.json", string(b))
 	roles, err := filepath.Abs("roles")
 	if err != nil {
 		p.t.Fatal(err)
@@ -119,16 +141,8 @@ func (p *play) run(rules []rule, flags ...string) (int, string) {
 		"ansible-playbook", "-i", filepath.Join(p.dir, "inventory"), filepath.Join(p.dir, "site.yml"),
 		"-e", "@" + filepath.Join(p.dir, "vars.json"),
 	}
-	stdout, stderr, code := p.l.RunErr("env", append(args, flags...)...)
-	if code != 0 {
-		p.t.Fatalf("ansible-playbook %v: exit %d\n%s\n%s", flags, code, stdout, stderr)
-	}
-	m := recap.FindStringSubmatch(stdout)
-	if m == nil {
-		p.t.Fatalf("ansible-playbook %v: no PLAY RECAP for localhost in:\n%s", flags, stdout)
-	}
-	changed, _ := strconv.Atoi(m[1])
-	return changed, stdout
+	stdout, stderr, code = p.l.RunErr("env", append(args, flags...)...)
+	return code, stdout, stderr
 }
 
 var recap = regexp.MustCompile(`(?m)^localhost\s*:\s*ok=\d+\s+changed=(\d+)\s+unreachable=0\s+failed=0`)
@@ -220,5 +234,59 @@ func TestRole(t *testing.T) {
 
 	if changed, out := p.run(edited); changed != 0 {
 		t.Errorf("second run with the changed variable: changed=%d, want 0\n%s", changed, out)
+	}
+}
+
+// TestRoleCheckModeOnAFreshHost: --check --diff on a host without
+// egress-snat does not fail on the missing binary: it reports that it would
+// install it and shows the plan, made with a temporary copy of the binary,
+// and leaves the host as it was (no binary, no file, no rule, no scratch
+// left). After a real run, --check reports nothing to change. With
+// egress_snat_install none and no binary, the role fails saying so.
+func TestRoleCheckModeOnAFreshHost(t *testing.T) {
+	l := lab.New(t)
+	l.StartProbe(t)
+	p := newPlay(t, l)
+	rules := []rule{{To: "192.0.2.22", Dst: []string{"198.51.100.4"}}}
+	before := l.Ruleset(t)
+
+	changed, out := p.run(rules, "--check", "--diff")
+	t.Logf("ansible-playbook --check --diff on a fresh host:\n%s", out)
+	if changed == 0 {
+		t.Errorf("--check on a fresh host: changed=0, want the install and the rule reported")
+	}
+	for _, want := range []string{"would install egress-snat (binary)", "198.51.100.4/32", "1 added"} {
+		if !strings.Contains(out, want) {
+			t.Errorf("--check --diff on a fresh host: want %q in the output", want)
+		}
+	}
+	for _, path := range []string{p.binaryPath(), p.conf} {
+		if _, err := os.Stat(path); err == nil {
+			t.Errorf("--check created %s", path)
+		}
+	}
+	if after := l.Ruleset(t); after != before {
+		t.Errorf("--check changed the rules")
+	}
+	if left, _ := filepath.Glob(filepath.Join(p.dir, "tmp", "*.egress-snat")); len(left) > 0 {
+		t.Errorf("--check left its scratch directory: %v", left)
+	}
+	wantSeen(t, l, map[string]string{"198.51.100.4": "192.0.2.250"})
+
+	if changed, out := p.run(rules); changed == 0 {
+		t.Errorf("the real run after --check: changed=0\n%s", out)
+	}
+	wantSeen(t, l, map[string]string{"198.51.100.4": "192.0.2.22"})
+	changed, out = p.run(rules, "--check")
+	if changed != 0 || strings.Contains(out, "would install") {
+		t.Errorf("--check on the installed host: changed=%d, want 0 and no install reported\n%s", changed, out)
+	}
+
+	if err := os.Remove(p.binaryPath()); err != nil {
+		t.Fatal(err)
+	}
+	code, stdout, _ := p.try(map[string]any{"egress_snat_install": "none", "egress_snat_rules": rules}, "--check")
+	if code == 0 || !strings.Contains(stdout, "egress_snat_install is none, but "+p.binaryPath()+" does not exist") {
+		t.Errorf("install none without the binary: exit %d, want a failure saying so:\n%s", code, stdout)
 	}
 }

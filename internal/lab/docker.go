@@ -84,7 +84,7 @@ var staleDockerDir = regexp.MustCompile(`^` + dockerDirPrefix + `(\d+)-\d+$`)
 // Require checks it needs dockerd, the docker CLI, nsenter and a statically
 // linked busybox (busybox-static) for the container image. Like Require it
 // fails instead of skipping when CI is set or EGRESS_SNAT_REQUIRE_NETNS=1:
-// scripts/lab.sh deps installs all of these.
+// scripts/lab.sh test-deps installs all of these.
 func RequireDocker(t testing.TB) {
 	t.Helper()
 	Require(t)

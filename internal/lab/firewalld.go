@@ -71,7 +71,7 @@ func RequireFirewalld(t testing.TB) {
 	for _, bin := range []string{"firewalld", "firewall-cmd", "dbus-daemon", "nft"} {
 		if _, err := exec.LookPath(bin); err != nil {
 			if os.Getenv("CI") != "" || os.Getenv("EGRESS_SNAT_REQUIRE_NETNS") == "1" {
-				t.Fatalf("firewalld test needs %s (install firewalld and dbus: scripts/lab.sh deps)", bin)
+				t.Fatalf("firewalld test needs %s (install firewalld and dbus: scripts/lab.sh test-deps)", bin)
 			}
 			t.Skipf("firewalld test needs %s", bin)
 		}
