@@ -35,7 +35,14 @@ const (
 // OurPriority is the priority of the iptables nat POSTROUTING chain, the
 // one egress-snat's jump is in: NF_IP_PRI_NAT_SRC for iptables-legacy,
 // "srcnat" for iptables-nft.
-const OurPriority = 100
+const OurPriority int32 = 100
+
+// OurTable is the nftables backend's table, of family inet (backend/nft):
+// ReadNFT leaves it out, and its nat chain's priority is OurNFTPriority.
+const (
+	OurTable       = "egress-snat"
+	OurNFTPriority int32 = 90
+)
 
 // Range is an inclusive range of addresses of one family.
 type Range struct{ From, To netip.Addr }

@@ -81,6 +81,9 @@ func ReadNFT(l Lister) ([]Chain, error) {
 	var out []Chain
 	for _, c := range chains {
 		fam := familyName(c.Table.Family)
+		if c.Table.Family == nftables.TableFamilyINet && c.Table.Name == OurTable {
+			continue // ours (the nftables backend's), whose big sets are not read here
+		}
 		if fam == "" || c.Type != nftables.ChainTypeNAT || c.Hooknum == nil || *c.Hooknum != *nftables.ChainHookPostrouting || c.Priority == nil {
 			continue
 		}

@@ -19,6 +19,9 @@ type Input struct {
 	Ahead map[int][]Rule
 	// Promises are the traffic we promise a source for.
 	Promises []Traffic
+	// Priority is our nat chain's: OurPriority when 0 (the iptables
+	// backends), OurNFTPriority for the nftables backend's own chain.
+	Priority int32
 }
 
 // Scan returns one finding per foreign chain (or per family's rules ahead
@@ -27,11 +30,15 @@ type Input struct {
 // binding wins, so they never decide our traffic's source.
 func Scan(in Input) []Finding {
 	var out []Finding
+	ours := in.Priority
+	if ours == 0 {
+		ours = OurPriority
+	}
 	for _, c := range in.Chains {
-		if c.Priority > OurPriority || in.SkipIPTablesNFT && IPTablesNFT(c) {
+		if c.Priority > ours || in.SkipIPTablesNFT && IPTablesNFT(c) {
 			continue
 		}
-		f := Finding{Kind: KindChainAhead, Family: c.Family, Table: c.Table, Chain: c.Name, Priority: c.Priority, SamePriority: c.Priority == OurPriority}
+		f := Finding{Kind: KindChainAhead, Family: c.Family, Table: c.Table, Chain: c.Name, Priority: c.Priority, SamePriority: c.Priority == ours}
 		if judge(&f, c.Rules, in.Promises) {
 			out = append(out, f)
 		}

@@ -16,6 +16,7 @@ import (
 	"github.com/vishvananda/netns"
 
 	"github.com/egress-snat/egress-snat/backend/iptables"
+	"github.com/egress-snat/egress-snat/backend/nft"
 	"github.com/egress-snat/egress-snat/config"
 	"github.com/egress-snat/egress-snat/conntrack"
 	"github.com/egress-snat/egress-snat/internal/caps"
@@ -91,7 +92,9 @@ at boot.
 ` + exitStatusHelp,
 		Flags: cloneFlags([]cli.Flag{
 			&cli.StringFlag{Name: "netns", Usage: "run inside the network namespace `NAME` (as ip netns exec NAME would)"},
-			enum(&cli.StringFlag{Name: "iptables-backend", Value: "auto", EnvVars: []string{"EGRESS_SNAT_IPTABLES"}, Usage: "iptables `BACKEND`: auto (what the host's iptables uses), nft or legacy"}, "auto", "nft", "legacy"),
+			enum(&cli.StringFlag{Name: "backend", Aliases: []string{"iptables-backend"}, Value: "auto", EnvVars: []string{"EGRESS_SNAT_BACKEND", "EGRESS_SNAT_IPTABLES"},
+				Usage: "where the rules live, `BACKEND`: auto (the backend holding ours, else the one the host's iptables uses), nftables (a table of our own), iptables-nft or iptables-legacy (nft and legacy are the last two's old names)"},
+				backendNames...),
 			configFlag,
 			&cli.DurationFlag{Name: "lock-timeout", Value: 10 * time.Second, Usage: "how long (`DURATION`) to wait for another egress-snat run, and for the xtables lock, before giving up with nothing changed"},
 		}),
@@ -216,10 +219,14 @@ type env struct {
 	// nl is the netlink handle for conntrack; nil in tests with fakes.
 	nl  *netlink.Handle
 	mgr *snat.Manager
-	// flavour is the iptables flavour in use, ipt the iptables backend
-	// (nil in tests with fakes).
+	// kind names the backend in use ("nftables", "iptables-nft",
+	// "iptables-legacy"); flavour is the iptables flavour, ipt the iptables
+	// backend and nft the nftables one, the one in use not nil (both nil
+	// in tests with fakes).
+	kind        string
 	flavour     iptables.Flavour
 	ipt         *iptables.Backend
+	nft         *nft.Backend
 	lockTimeout time.Duration
 	out         io.Writer
 }
@@ -249,28 +256,25 @@ func hostEnv(c *cli.Context) (*env, error) {
 	if !caps.NetAdmin(0) {
 		return nil, errors.New("this needs root or CAP_NET_ADMIN (it reads and writes iptables rules and routes); run it with sudo")
 	}
-	flavour, err := iptables.DetectFlavour(c.String("iptables-backend"))
-	if err != nil {
-		return nil, err
-	}
-	tables, err := iptables.NewExecTables(flavour, c.Duration("lock-timeout"))
-	if err != nil {
-		return nil, err
-	}
 	h, err := netlink.NewHandle()
 	if err != nil {
 		return nil, fmt.Errorf("opening netlink: %w", err)
 	}
 	wait := c.Duration("lock-timeout")
-	ipt := &iptables.Backend{Tables: tables, Sets: iptables.ExecIPSets{}}
+	b, err := openBackend(c.String("backend"), wait)
+	if err != nil {
+		return nil, err
+	}
 	return &env{
 		sel:         selector.Excluding(h, routes.LookupMark, routes.Ours),
 		paths:       selector.New(h),
 		policy:      hostPolicy{selector.New(h), routes.System{}},
 		nl:          h,
-		mgr:         &snat.Manager{Backend: ipt, Routing: routes.System{}, Flows: hostFlows{h}},
-		flavour:     flavour,
-		ipt:         ipt,
+		mgr:         &snat.Manager{Backend: b.backend(), Routing: routes.System{}, Flows: hostFlows{h}},
+		kind:        b.kind,
+		flavour:     b.flavour,
+		ipt:         b.ipt,
+		nft:         b.nft,
 		lockTimeout: wait,
 		out:         c.App.Writer,
 	}, nil

@@ -121,7 +121,7 @@ func reverterArgv(c *cli.Context, e *env, token string) []string {
 	if err != nil {
 		exe = "/proc/self/exe"
 	}
-	return []string{exe, "--iptables-backend", string(e.flavour), "--lock-timeout", e.lockTimeout.String(), revertCommand.Name, "--token", token}
+	return []string{exe, "--backend", e.backendName(), "--lock-timeout", e.lockTimeout.String(), revertCommand.Name, "--token", token}
 }
 
 var confirmCommand = &cli.Command{

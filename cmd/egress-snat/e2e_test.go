@@ -137,10 +137,15 @@ func wantSeen(t *testing.T, l *lab.Lab, want map[string]string) {
 	}
 }
 
-// backend is the iptables backend the binary uses: EGRESS_SNAT_IPTABLES, or
-// what plain iptables is, as the binary's auto detection decides.
+// backend is the backend the binary uses, as list --json names it:
+// "nftables" with EGRESS_SNAT_BACKEND=nftables, else the iptables flavour,
+// EGRESS_SNAT_IPTABLES or what plain iptables is, as the binary's auto
+// detection decides.
 func backend(t *testing.T) string {
 	t.Helper()
+	if os.Getenv("EGRESS_SNAT_BACKEND") == "nftables" {
+		return "nftables"
+	}
 	if b := os.Getenv("EGRESS_SNAT_IPTABLES"); b != "" {
 		return b
 	}

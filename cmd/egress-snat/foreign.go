@@ -20,9 +20,12 @@ import (
 // of our jump.
 func foreignNAT(e *env, promises []natscan.Traffic) ([]natscan.Finding, error) {
 	in := natscan.Input{
-		SkipIPTablesNFT: e.flavour == iptables.FlavourNFT,
+		SkipIPTablesNFT: e.ipt != nil && e.flavour == iptables.FlavourNFT,
 		Ahead:           map[int][]natscan.Rule{},
 		Promises:        promises,
+	}
+	if e.nft != nil {
+		in.Priority = natscan.OurNFTPriority // no jump: our own chain, at 90
 	}
 	if len(promises) == 0 {
 		return nil, nil

@@ -8,6 +8,7 @@ import (
 	"github.com/urfave/cli/v2"
 
 	"github.com/egress-snat/egress-snat/backend/iptables"
+	"github.com/egress-snat/egress-snat/backend/nft"
 	"github.com/egress-snat/egress-snat/snat"
 )
 
@@ -42,11 +43,11 @@ it is in one. Warns when the chain also exists in the other iptables backend
 		}
 		if c.Bool("json") {
 			return writeJSON(e.out, struct {
-				Backend   iptables.Flavour `json:"backend"`
-				Rules     []listRow        `json:"rules"`
-				Lingering []string         `json:"lingering"`
-				Warnings  []string         `json:"warnings"`
-			}{e.flavour, rows, lingering, warnings})
+				Backend   string    `json:"backend"`
+				Rules     []listRow `json:"rules"`
+				Lingering []string  `json:"lingering"`
+				Warnings  []string  `json:"warnings"`
+			}{e.backendName(), rows, lingering, warnings})
 		}
 		for _, w := range warnings {
 			fmt.Fprintln(c.App.ErrWriter, "warning:", w)
@@ -121,14 +122,31 @@ func listRows(e *env, st *snat.State) []listRow {
 	return rows
 }
 
-// otherBackendWarnings says when our chain also lives in the backend the
-// host's iptables does not use: rules there still act on packets but are
-// invisible to operators looking with the usual commands.
+// otherBackendWarnings says when egress-snat's rules also live in a
+// backend other than the one in use: rules there still act on packets but
+// are invisible to operators looking where this run looks.
 func otherBackendWarnings(e *env) []string {
 	warnings := []string{}
-	for _, f := range snat.Families {
-		if ok, err := iptables.ChainIn(e.flavour.Other(), f, e.lockTimeout); err == nil && ok {
-			warnings = append(warnings, fmt.Sprintf("the %s chain %s also exists in the iptables-%s backend, which this host's iptables (%s) does not show; remove it with: egress-snat --iptables-backend %s clear", f, iptables.ChainName, e.flavour.Other(), e.flavour, e.flavour.Other()))
+	var others []iptables.Flavour
+	switch {
+	case e.ipt != nil:
+		others = []iptables.Flavour{e.flavour.Other()}
+	case e.nft != nil:
+		others = []iptables.Flavour{iptables.FlavourNFT, iptables.FlavourLegacy}
+	}
+	for _, fl := range others {
+		for _, f := range snat.Families {
+			if ok, err := iptables.ChainIn(fl, f, e.lockTimeout); err == nil && ok {
+				warnings = append(warnings, fmt.Sprintf("the %s chain %s also exists in the iptables-%s backend, which this run (%s) does not manage; remove it with: egress-snat --backend iptables-%s clear", f, iptables.ChainName, fl, e.backendName(), fl))
+			}
+		}
+	}
+	if e.ipt != nil && e.nl != nil {
+		if c, err := nft.Open(); err == nil {
+			if shape, _, err := c.ReadShape(); err == nil && shape != nil {
+				warnings = append(warnings, fmt.Sprintf("the nftables table inet %s of egress-snat's nftables backend also exists, which this run (%s) does not manage; remove it with: egress-snat --backend nftables clear", nft.TableName, e.backendName()))
+			}
+			c.Close()
 		}
 	}
 	return warnings

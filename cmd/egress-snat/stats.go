@@ -56,7 +56,24 @@ systemd timer.`,
 			return err
 		}
 		var rules []stats.Rule
+		if e.nft != nil {
+			counters, err := e.nft.Counters()
+			if err != nil {
+				return err
+			}
+			for _, ct := range counters {
+				// A spread rule counts its whole group: its addresses
+				// share the count evenly, as its round robin does.
+				for _, a := range ct.To {
+					n := uint64(len(ct.To))
+					rules = append(rules, stats.Rule{Address: a, Range: stats.DefaultPortRange, Packets: ct.Packets / n, Bytes: ct.Bytes / n, Ours: true})
+				}
+			}
+		}
 		for _, f := range snat.Families {
+			if e.ipt == nil {
+				break
+			}
 			text, err := saveWithCounters(e.flavour, f)
 			if err != nil {
 				return err

@@ -285,7 +285,11 @@ func (v verifier) cause(p snat.Packet, got netip.Addr) string {
 			return fmt.Sprintf("%s: %s", d.Kind, d.Detail)
 		}
 	}
-	return fmt.Sprintf("no NAT rule egress-snat can read sends it from %s: look for NAT in the other iptables backend (iptables-%s), a policy route or an application binding that address", got, v.e.flavour.Other())
+	where := "an iptables nat table"
+	if v.e.ipt != nil {
+		where = fmt.Sprintf("the other iptables backend (iptables-%s)", v.e.flavour.Other())
+	}
+	return fmt.Sprintf("no NAT rule egress-snat can read sends it from %s: look for NAT in %s, a policy route or an application binding that address", got, where)
 }
 
 // ruleProbes picks one destination of every installed entry to send to

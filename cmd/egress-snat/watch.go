@@ -163,7 +163,7 @@ func (w *watcher) run(ctx context.Context, resync time.Duration) error {
 	defer signal.Stop(hup)
 	watchFile(done, w.path, hup, w.log) // a changed file reloads like SIGHUP
 
-	w.log.Info("watch started", "file", w.path, "backend", w.e.flavour, "resync", resync)
+	w.log.Info("watch started", "file", w.path, "backend", w.e.backendName(), "resync", resync)
 	err := w.reconcile("start")
 	w.health.reconciled(err)
 	if err != nil {

@@ -1,0 +1,112 @@
+package nft
+
+import (
+	"net/netip"
+
+	"github.com/egress-snat/egress-snat/routes"
+	"github.com/egress-snat/egress-snat/snat"
+)
+
+// entries reads the table back as the entries of family f that Render
+// wrote it from: one per destination of each rule of the nat chain, marked
+// where a mark chain's rule marks the same sender and destination, with
+// the Via of that mark's reply table in routing. Routed entries have no
+// rule: routes carries them (snat reads them from there).
+func (t *Table) entries(f snat.Family, routing routes.State) []snat.Entry {
+	nat := t.Chain(ChainNAT)
+	if nat == nil {
+		return nil
+	}
+	type key struct {
+		sender snat.Sender
+		dst    netip.Prefix
+	}
+	marks := map[key]uint32{}
+	for _, name := range []string{ChainMarkOut, ChainMarkFwd} {
+		c := t.Chain(name)
+		if c == nil {
+			continue
+		}
+		for _, r := range c.Rules {
+			if r.Action.Kind != ActMark || r.Family != f {
+				continue
+			}
+			for _, d := range t.destinations(r) {
+				marks[key{ruleSender(r), d}] = r.Action.Mark
+			}
+		}
+	}
+	via := map[int]netip.Addr{}
+	for _, r := range routing.Routes {
+		if r.Table != routes.Table {
+			via[r.Table] = r.Via
+		}
+	}
+	byMark := map[uint32]int{}
+	for _, r := range routing.Rules {
+		if r.Priority == routes.PrioReplies && r.Mark != 0 {
+			byMark[r.Mark] = r.Table
+		}
+	}
+	var out []snat.Entry
+	for _, r := range nat.Rules {
+		if r.Family != f || (r.Action.Kind != ActSNAT && r.Action.Kind != ActAccept) {
+			continue
+		}
+		e := snat.Entry{Match: snat.Match{Sender: ruleSender(r), Out: r.Out}}
+		if !r.Forwarded {
+			e.Natural = r.Src.Addr()
+		}
+		if r.Action.Kind == ActSNAT {
+			e.To = r.Action.To
+		}
+		for _, d := range t.destinations(r) {
+			en := e
+			en.Dst = d
+			if m, ok := marks[key{en.Sender, d}]; ok && !en.Keep() {
+				en.Marked, en.Replies, en.Via = true, true, via[byMark[m]]
+			}
+			out = append(out, en)
+		}
+	}
+	snat.SortEntries(out)
+	return out
+}
+
+// destinations are the destination prefixes a rule matches: its one
+// destination, its set's elements masked to the set's length, or, with
+// neither, every destination of its family.
+func (t *Table) destinations(r Rule) []netip.Prefix {
+	switch {
+	case r.Dst.IsValid():
+		return []netip.Prefix{r.Dst}
+	case r.Set != "":
+		s := t.Set(r.Set)
+		if s == nil {
+			return nil
+		}
+		out := make([]netip.Prefix, 0, s.Elems.Len())
+		for a := range s.Elems.All() {
+			out = append(out, netip.PrefixFrom(a, r.SetBits))
+		}
+		return out
+	}
+	zero := netip.IPv4Unspecified()
+	if r.Family == snat.IPv6 {
+		zero = netip.IPv6Unspecified()
+	}
+	return []netip.Prefix{netip.PrefixFrom(zero, 0)}
+}
+
+// ruleSender is the sender a rule selects.
+func ruleSender(r Rule) snat.Sender {
+	switch {
+	case r.Forwarded:
+		return snat.From(r.Src)
+	case r.HasUID:
+		return snat.UID(r.UID)
+	case r.Cgroup != "":
+		return snat.Cgroup(r.Cgroup)
+	}
+	return snat.Host()
+}
