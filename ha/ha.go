@@ -68,14 +68,26 @@ type Config struct {
 	// when it returns (failback), PreemptDelay after it has seen the
 	// current master. The delay is what gives the returning node time to
 	// fetch the peer's connections (conntrackd -n in the hook) before it
-	// commits them; default 2s when Preempt is set. Without Preempt
-	// (nopreempt) a returning node stays backup until the master fails or
-	// is drained.
+	// commits them; default 2s when Preempt is set. The node of lower
+	// priority preempts at once: it only finds a master below it when
+	// that one is drained. Without Preempt (nopreempt) a returning node
+	// stays backup until the master fails or is drained.
 	Preempt      bool
 	PreemptDelay time.Duration
 
 	// Sync is the dedicated link conntrackd replicates over.
 	Sync SyncLink
+
+	// PurgeTimeout is how long after becoming backup a node flushes the
+	// connections it still holds in its kernel (conntrackd -t in the
+	// hook schedules it; becoming master again cancels it). Default 10s:
+	// long enough for every neighbour to have followed the new master's
+	// gratuitous ARPs, short enough that a node which takes the role back
+	// soon after holds no stale entry that clashes with the connections
+	// it takes over (a stale entry holding a connection's translated port
+	// makes the kernel translate the taken-over connection to another
+	// port, and the far side resets it). conntrackd's own default is 60s.
+	PurgeTimeout time.Duration
 
 	// NoSync lists further addresses or prefixes whose connections
 	// conntrackd does not replicate: the nodes' own addresses, whose
@@ -131,10 +143,11 @@ type Paths struct {
 	// WatchPIDFile holds the pid of `egress-snat watch` when it does not
 	// run under systemd (/run/egress-snat.pid); the hook signals it.
 	WatchPIDFile string
-	// DrainFile is keepalived's track file: writing a non-zero number into
-	// it drains the node (it leaves the master role at once, see the
-	// keepalived template), writing 0 returns it
-	// (/run/egress-snat-ha.drain).
+	// DrainFile is keepalived's track file: writing 1 into it drains the
+	// node, writing 0 returns it (/run/egress-snat-ha.drain). With Preempt
+	// the drained node's priority drops to 1 and the peer takes over at
+	// its next advert; without, the drained node goes to FAULT and the
+	// peer takes over when the adverts stop.
 	DrainFile string
 	// HookLog, if set, is a file the hook appends each step to, with a
 	// timestamp; empty: the hook logs to syslog with logger(1).
@@ -146,6 +159,7 @@ const (
 	DefaultAdvertInterval = 100 * time.Millisecond
 	DefaultPreemptDelay   = 2 * time.Second
 	DefaultSyncPort       = 3780
+	DefaultPurgeTimeout   = 10 * time.Second
 )
 
 // DefaultPaths are the paths of a node that runs the Debian packages.
@@ -170,6 +184,9 @@ func (c Config) withDefaults() Config {
 	}
 	if c.Sync.Port == 0 {
 		c.Sync.Port = DefaultSyncPort
+	}
+	if c.PurgeTimeout == 0 {
+		c.PurgeTimeout = DefaultPurgeTimeout
 	}
 	d := DefaultPaths
 	set := func(got *string, def string) {
@@ -291,6 +308,9 @@ func (c Config) Validate() error {
 	}
 	if !c.Preempt && c.PreemptDelay != 0 {
 		bad("preempt delay %s without Preempt: nopreempt never preempts", c.PreemptDelay)
+	}
+	if c.PurgeTimeout < time.Second || c.PurgeTimeout%time.Second != 0 {
+		bad("purge timeout %s: want whole seconds, at least 1s", c.PurgeTimeout)
 	}
 	if c.Sync.Port < 1 || c.Sync.Port > 65535 {
 		bad("sync port %d: want 1..65535", c.Sync.Port)

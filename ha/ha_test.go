@@ -48,6 +48,7 @@ func nopreemptB() Config {
 		ClientRouterID:  60,
 		EgressRouterID:  61,
 		AdvertInterval:  250 * time.Millisecond,
+		PurgeTimeout:    30 * time.Second,
 		Sync:            SyncLink{Interface: "eth2", Port: 3790},
 		NoSync:          []netip.Prefix{netip.MustParsePrefix("192.0.2.3/32"), netip.MustParsePrefix("10.50.0.0/29")},
 		Paths: Paths{
@@ -151,6 +152,21 @@ func TestPreemptModes(t *testing.T) {
 	if s, _ := Keepalived(c); strings.Count(s, "preempt_delay 3.5\n") != 2 {
 		t.Errorf("preempt delay 3.5s: want preempt_delay 3.5 twice:\n%s", s)
 	}
+	if !strings.Contains(pre, "    weight -253\n") {
+		t.Errorf("preempting node: want the drain file to lower the priority (weight -253):\n%s", pre)
+	}
+
+	// The peer of lower priority preempts at once.
+	low := labA()
+	low.Node, low.Peer = low.Peer, low.Node
+	lo, err := Keepalived(low)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if strings.Contains(lo, "preempt_delay") || strings.Contains(lo, "nopreempt") || !strings.Contains(lo, "    weight -253\n") {
+		t.Errorf("preempting node of lower priority: want neither preempt_delay nor nopreempt, and the drain by priority:\n%s", lo)
+	}
+
 	c.Preempt, c.PreemptDelay = false, 0
 	no, err := Keepalived(c)
 	if err != nil {
@@ -158,6 +174,9 @@ func TestPreemptModes(t *testing.T) {
 	}
 	if n := strings.Count(no, "\n    nopreempt\n"); n != 2 || strings.Contains(no, "preempt_delay") {
 		t.Errorf("nopreempt node: %d nopreempt lines, want 2 and no preempt_delay:\n%s", n, no)
+	}
+	if !strings.Contains(no, "    weight 0\n") {
+		t.Errorf("nopreempt node: want the drain file to mean FAULT (weight 0):\n%s", no)
 	}
 }
 
@@ -201,6 +220,7 @@ func TestValidate(t *testing.T) {
 		{"delay without preempt", func(c *Config) { c.Preempt = false; c.PreemptDelay = time.Second }, []string{"preempt delay 1s without Preempt"}},
 		{"negative delay", func(c *Config) { c.PreemptDelay = -time.Second }, []string{"preempt delay -1s"}},
 		{"port", func(c *Config) { c.Sync.Port = 70000 }, []string{"sync port 70000"}},
+		{"purge 1.5s", func(c *Config) { c.PurgeTimeout = 1500 * time.Millisecond }, []string{"purge timeout 1.5s"}},
 		{"no-sync host bits", func(c *Config) { c.NoSync = []netip.Prefix{netip.MustParsePrefix("192.0.2.3/24")} }, []string{"192.0.2.3/24 has host bits set; did you mean 192.0.2.0/24?"}},
 		{"relative path", func(c *Config) { c.Paths.Hook = "notify.sh" }, []string{`hook path "notify.sh"`}},
 		{"path with a quote", func(c *Config) { c.Paths.DrainFile = "/run/it's" }, []string{`drain file "/run/it's"`}},
@@ -239,7 +259,7 @@ func TestDefaultsDoNotLeak(t *testing.T) {
 	if _, err := Files(c); err != nil {
 		t.Fatal(err)
 	}
-	if c.AdvertInterval != 0 || c.PreemptDelay != 0 || c.Paths != (Paths{}) || c.Sync.Port != 0 {
+	if c.AdvertInterval != 0 || c.PreemptDelay != 0 || c.Paths != (Paths{}) || c.Sync.Port != 0 || c.PurgeTimeout != 0 {
 		t.Errorf("Files changed its argument: %+v", c)
 	}
 }

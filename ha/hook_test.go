@@ -101,6 +101,8 @@ func TestHookSteps(t *testing.T) {
 	}{
 		{"master", "MASTER", nil, true, conf("-c", "-f", "-R", "-B"), true,
 			[]string{"becoming MASTER", "conntrackd -c ok", "conntrackd -B ok", "SIGHUP sent to egress-snat watch"}},
+		{"split brain healed and still master", "MASTER_RX_LOWER_PRI", nil, true, conf("-c", "-f", "-R", "-B"), true,
+			[]string{"becoming MASTER_RX_LOWER_PRI", "conntrackd -c ok", "SIGHUP sent"}},
 		{"backup", "BACKUP", nil, true, conf("-t", "-n"), true,
 			[]string{"becoming BACKUP", "conntrackd -t ok", "conntrackd -n ok", "SIGHUP sent"}},
 		{"fault is as backup", "FAULT", nil, true, conf("-t", "-n"), true,

@@ -9,7 +9,10 @@
 # MASTER: take over the peer's connections with their NAT bindings, in the
 # order of conntrack-tools' primary-backup.sh, then make egress-snat install
 # the egress rules at once. BACKUP and FAULT: let the connections go to the
-# peer and make egress-snat withdraw at once.
+# peer and make egress-snat withdraw at once. MASTER_RX_LOWER_PRI (the
+# egress instance's notify_master_rx_lower_pri, when a split brain heals
+# and this node stays master): take over the connections the other master
+# made meanwhile, as on MASTER.
 set -u
 
 CONNTRACKD='/opt/conntrack/sbin/conntrackd'
@@ -70,7 +73,7 @@ reconcile_now() {
 state=${3:-}
 log "becoming $state (${1:-} ${2:-}, priority ${4:-})"
 case $state in
-MASTER)
+MASTER | MASTER_RX_LOWER_PRI)
     ct -c # commit the external cache: the peer's connections, into the kernel
     ct -f # flush the internal and external caches
     ct -R # resync the internal cache with the kernel table
@@ -78,7 +81,7 @@ MASTER)
     reconcile_now
     ;;
 BACKUP | FAULT)
-    ct -t # expire this node's entries after PurgeTimeout unless traffic returns
+    ct -t # flush this node's kernel entries after PurgeTimeout, unless it is master again by then
     ct -n # ask the master for its whole table
     reconcile_now
     ;;
