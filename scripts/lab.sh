@@ -152,13 +152,15 @@ status() {
 # setpriv, tcpdump for lab.Arrivals; dockerd, docker and a static busybox
 # for the Docker tests; firewalld and dbus-daemon for the firewalld tests,
 # which run both inside a lab namespace on a private bus,
-# internal/lab/firewalld.go) plus any CMD=PKG pairs given. apt-get update
-# runs once, and only if needed.
+# internal/lab/firewalld.go; keepalived and conntrackd for the gateway
+# pair's tests, internal/lab/ha.go, which runs them in the pair's
+# namespaces) plus any CMD=PKG pairs given. apt-get update runs once, and
+# only if needed.
 deps() {
   local pair pkg missing=()
   for pair in iptables=iptables ipset=ipset ip=iproute2 nft=nftables conntrack=conntrack \
     nsenter=util-linux setpriv=util-linux dockerd=docker.io docker=docker.io busybox=busybox-static tcpdump=tcpdump \
-    firewalld=firewalld firewall-cmd=firewalld dbus-daemon=dbus "$@"; do
+    firewalld=firewalld firewall-cmd=firewalld dbus-daemon=dbus keepalived=keepalived conntrackd=conntrackd "$@"; do
     pkg=${pair#*=}
     command -v "${pair%%=*}" >/dev/null || [[ " ${missing[*]} " == *" $pkg "* ]] || missing+=("$pkg")
   done
@@ -199,6 +201,17 @@ deps() {
       die "a firewalld runs in the root namespace after installing firewalld (policy-rc.d did not hold)"
     fi
   fi
+  local d
+  for d in keepalived conntrackd; do
+    [[ " ${missing[*]} " == *" $d "* ]] || continue
+    # Likewise: the HA tests start their own, in the gateways' namespaces.
+    if command -v systemctl >/dev/null; then
+      systemctl disable "$d.service" >/dev/null 2>&1 || true
+    fi
+    if pgrep -x "$d" >/dev/null; then
+      die "a $d runs in the root namespace after installing $d (policy-rc.d did not hold)"
+    fi
+  done
 }
 
 # no_daemons makes invoke-rc.d refuse to start any service until the script
