@@ -42,6 +42,14 @@ var (
 	undrain = scenario{"undrain", gwB, gwA,
 		func(t *testing.T, h *lab.HA) time.Time { return h.A.Undrain(t) },
 		func(t *testing.T, h *lab.HA) { h.WaitRoles(t, h.A, 20*time.Second) }}
+	// stop and start are the other graceful way out and back: keepalived
+	// stopped cleanly (adverts of priority 0), then started again.
+	stop = scenario{"stop", gwA, gwB,
+		func(t *testing.T, h *lab.HA) time.Time { return h.A.StopKeepalived(t) },
+		func(t *testing.T, h *lab.HA) { h.WaitRoles(t, h.B, 10*time.Second) }}
+	start = scenario{"start", gwB, gwA,
+		func(t *testing.T, h *lab.HA) time.Time { at := time.Now(); h.A.StartKeepalived(t); return at },
+		func(t *testing.T, h *lab.HA) { h.WaitRoles(t, h.A, 20*time.Second) }}
 	split = scenario{"split-brain", gwA, gwB,
 		func(t *testing.T, h *lab.HA) time.Time { return h.SplitBrain(t) },
 		func(t *testing.T, h *lab.HA) { h.WaitMaster(t, h.B, 10*time.Second) }}

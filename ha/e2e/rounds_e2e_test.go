@@ -34,7 +34,7 @@ func TestHARounds(t *testing.T) {
 	}
 	h := lab.NewHA(t, lab.HAOptions{StandbyRule: *standbyRule, ActivateAfterCommit: *afterCommit, LeakGuard: *leakGuard})
 	all := map[string]scenario{}
-	for _, sc := range []scenario{kill, failback, drain, undrain, split, heal} {
+	for _, sc := range []scenario{kill, failback, drain, undrain, stop, start, split, heal} {
 		all[sc.name] = sc
 	}
 	var seq []scenario

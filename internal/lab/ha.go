@@ -160,6 +160,24 @@ var (
 	staleHADir = regexp.MustCompile(`^es-ha-(\d+)-\d+$`)
 )
 
+// sweepStaleHA removes what HA labs of test processes that died without
+// cleaning up (a go test timeout panics past t.Cleanup) left behind: their
+// daemons first, which would otherwise keep the deleted namespaces alive,
+// then the namespaces and run-time folders.
+func sweepStaleHA() {
+	sweepStaleDirs("/run/netns", staleHANS, func(dir string) {
+		ns := filepath.Base(dir)
+		out, _ := exec.Command("ip", "netns", "pids", ns).Output()
+		for _, f := range strings.Fields(string(out)) {
+			if pid, err := strconv.Atoi(f); err == nil {
+				syscall.Kill(pid, syscall.SIGKILL)
+			}
+		}
+		exec.Command("ip", "netns", "delete", ns).Run()
+	})
+	sweepStaleDirs("/run", staleHADir, func(dir string) { os.RemoveAll(dir) })
+}
+
 // NewHA builds the pair, starts conntrackd, `egress-snat watch -f File` and
 // keepalived on both gateways, and returns once A is master with its egress
 // rule in place and B is backup. Every daemon is killed and every namespace
@@ -167,8 +185,7 @@ var (
 func NewHA(t testing.TB, opts HAOptions) *HA {
 	t.Helper()
 	RequireHA(t)
-	sweepStaleDirs("/run/netns", staleHANS, func(dir string) { exec.Command("ip", "netns", "delete", filepath.Base(dir)).Run() })
-	sweepStaleDirs("/run", staleHADir, func(dir string) { os.RemoveAll(dir) })
+	sweepStaleHA()
 
 	base := uniqueName()
 	h := &HA{
@@ -646,6 +663,19 @@ func (g *Gateway) Revive(t testing.TB) time.Time {
 	ipBatch(t, g.NS, []string{"route replace default via 192.0.2.1"})
 	at := time.Now()
 	g.StartKeepalived(t)
+	return at
+}
+
+// StopKeepalived stops keepalived cleanly (SIGTERM): it sends adverts of
+// priority 0, so the peer takes over at once, and removes the addresses.
+// Another graceful way out than Drain, which keeps the node in the
+// election as backup; StartKeepalived brings it back.
+func (g *Gateway) StopKeepalived(t testing.TB) time.Time {
+	t.Helper()
+	at := time.Now()
+	if err := g.keepalived.stop(10 * time.Second); err != nil {
+		t.Errorf("lab: %v", err)
+	}
 	return at
 }
 

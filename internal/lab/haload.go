@@ -136,6 +136,9 @@ type Load struct {
 	udp   *longConn // one connected UDP socket, counted like a connection
 	stop  chan struct{}
 	wg    sync.WaitGroup
+	// stopAt is when Stop was called: the final snapshot is as of then,
+	// not of when the last new connection gave up.
+	stopAt time.Time
 
 	mu   sync.Mutex
 	news []NewConn
@@ -400,6 +403,7 @@ func (l *Load) WaitFlowing(since time.Time, limit time.Duration) time.Time {
 // snapshot. Calling it again returns the same snapshot.
 func (l *Load) Stop() LoadStats {
 	if !l.stopped() {
+		l.stopAt = time.Now()
 		close(l.stop)
 		ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
 		defer cancel()
@@ -414,5 +418,7 @@ func (l *Load) Stop() LoadStats {
 		}
 		l.udp.c.Close()
 	}
-	return l.Stats()
+	s := l.Stats()
+	s.At = l.stopAt
+	return s
 }

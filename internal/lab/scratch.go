@@ -2,7 +2,6 @@ package lab
 
 import (
 	"os/exec"
-	"path/filepath"
 	"strconv"
 	"strings"
 	"testing"
@@ -17,7 +16,7 @@ import (
 func NewScratch(t testing.TB, links ...string) string {
 	t.Helper()
 	Require(t)
-	sweepStaleDirs("/run/netns", staleHANS, func(dir string) { exec.Command("ip", "netns", "delete", filepath.Base(dir)).Run() })
+	sweepStaleHA()
 	ns := uniqueName() + haSuffix + "x"
 	t.Cleanup(func() {
 		if out, err := exec.Command("ip", "netns", "delete", ns).CombinedOutput(); err != nil &&
