@@ -80,13 +80,14 @@ type Config struct {
 
 	// PurgeTimeout is how long after becoming backup a node flushes the
 	// connections it still holds in its kernel (conntrackd -t in the
-	// hook schedules it; becoming master again cancels it). Default 10s:
-	// long enough for every neighbour to have followed the new master's
-	// gratuitous ARPs, short enough that a node which takes the role back
-	// soon after holds no stale entry that clashes with the connections
-	// it takes over (a stale entry holding a connection's translated port
-	// makes the kernel translate the taken-over connection to another
-	// port, and the far side resets it). conntrackd's own default is 60s.
+	// hook schedules it; becoming master again cancels it). A stale entry
+	// that holds the translated port of a connection the node takes over
+	// later makes the commit of that connection fail and the kernel
+	// translate it to another port: the far side resets it. So the flush
+	// must come before the node can take the role back: with Preempt,
+	// PurgeTimeout must be shorter than PreemptDelay. Default 1s, which
+	// still leaves the neighbours time to follow the new master's
+	// gratuitous ARPs; conntrackd's own default is 60s.
 	PurgeTimeout time.Duration
 
 	// NoSync lists further addresses or prefixes whose connections
@@ -159,7 +160,7 @@ const (
 	DefaultAdvertInterval = 100 * time.Millisecond
 	DefaultPreemptDelay   = 2 * time.Second
 	DefaultSyncPort       = 3780
-	DefaultPurgeTimeout   = 10 * time.Second
+	DefaultPurgeTimeout   = time.Second
 )
 
 // DefaultPaths are the paths of a node that runs the Debian packages.
@@ -311,6 +312,8 @@ func (c Config) Validate() error {
 	}
 	if c.PurgeTimeout < time.Second || c.PurgeTimeout%time.Second != 0 {
 		bad("purge timeout %s: want whole seconds, at least 1s", c.PurgeTimeout)
+	} else if c.Preempt && c.PurgeTimeout >= c.PreemptDelay {
+		bad("purge timeout %s is not shorter than the preempt delay %s: a returning node would take the role back with its stale connections", c.PurgeTimeout, c.PreemptDelay)
 	}
 	if c.Sync.Port < 1 || c.Sync.Port > 65535 {
 		bad("sync port %d: want 1..65535", c.Sync.Port)

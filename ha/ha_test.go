@@ -221,6 +221,7 @@ func TestValidate(t *testing.T) {
 		{"negative delay", func(c *Config) { c.PreemptDelay = -time.Second }, []string{"preempt delay -1s"}},
 		{"port", func(c *Config) { c.Sync.Port = 70000 }, []string{"sync port 70000"}},
 		{"purge 1.5s", func(c *Config) { c.PurgeTimeout = 1500 * time.Millisecond }, []string{"purge timeout 1.5s"}},
+		{"purge after preemption", func(c *Config) { c.PurgeTimeout = 2 * time.Second }, []string{"purge timeout 2s is not shorter than the preempt delay 2s"}},
 		{"no-sync host bits", func(c *Config) { c.NoSync = []netip.Prefix{netip.MustParsePrefix("192.0.2.3/24")} }, []string{"192.0.2.3/24 has host bits set; did you mean 192.0.2.0/24?"}},
 		{"relative path", func(c *Config) { c.Paths.Hook = "notify.sh" }, []string{`hook path "notify.sh"`}},
 		{"path with a quote", func(c *Config) { c.Paths.DrainFile = "/run/it's" }, []string{`drain file "/run/it's"`}},
