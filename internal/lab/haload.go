@@ -145,9 +145,8 @@ type Load struct {
 }
 
 type longConn struct {
-	c     net.Conn
-	local netip.AddrPort
-	mu    sync.Mutex
+	c  net.Conn
+	mu sync.Mutex
 	ConnStats
 }
 
