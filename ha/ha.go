@@ -146,9 +146,9 @@ type Paths struct {
 	WatchPIDFile string
 	// DrainFile is keepalived's track file: writing 1 into it drains the
 	// node, writing 0 returns it (/run/egress-snat-ha.drain). With Preempt
-	// the drained node's priority drops to 1 and the peer takes over at
-	// its next advert; without, the drained node goes to FAULT and the
-	// peer takes over when the adverts stop.
+	// the drained node's priority drops to 1 and stays backup; without, it
+	// goes to FAULT. Either way the peer takes over when its master-down
+	// timer runs out (three adverts and a skew, ~0.35s at 100ms adverts).
 	DrainFile string
 	// HookLog, if set, is a file the hook appends each step to, with a
 	// timestamp; empty: the hook logs to syslog with logger(1).

@@ -679,8 +679,9 @@ func (g *Gateway) StopKeepalived(t testing.TB) time.Time {
 	return at
 }
 
-// Drain writes 1 into the gateway's drain file: keepalived puts the sync
-// group into FAULT, gives up the addresses and the peer takes over at once.
+// Drain writes 1 into the gateway's drain file: keepalived drops the sync
+// group's priority to 1 (with preemption; FAULT without), and the peer
+// takes over when its master-down timer runs out.
 func (g *Gateway) Drain(t testing.TB) time.Time {
 	t.Helper()
 	return g.writeDrain(t, "1")
