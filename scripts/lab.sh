@@ -160,11 +160,13 @@ DEMO_DEPS=(iptables=iptables ip6tables=iptables ipset=ipset ip=iproute2)
 # on a private bus (internal/lab/firewalld.go); zsh and fish, whose
 # completion scripts the tests run; wg-quick and wireguard-go for
 # the test of a real wg-quick's ip rules (the kernel here has no wireguard
-# module, so wg-quick runs wireguard-go).
+# module, so wg-quick runs wireguard-go); keepalived and conntrackd for the
+# gateway pair's tests (internal/lab/ha.go runs them in the pair's
+# namespaces).
 TEST_DEPS=("${DEMO_DEPS[@]}" nft=nftables conntrack=conntrack nsenter=util-linux setpriv=util-linux
   dockerd=docker.io docker=docker.io busybox=busybox-static tcpdump=tcpdump
   firewalld=firewalld firewall-cmd=firewalld dbus-daemon=dbus zsh=zsh fish=fish
-  wg-quick=wireguard-tools wireguard-go=wireguard-go)
+  wg-quick=wireguard-tools wireguard-go=wireguard-go keepalived=keepalived conntrackd=conntrackd)
 
 # deps demo|test [--list] [CMD=PKG...] installs, with apt-get, the package of
 # every command of DEMO_DEPS or TEST_DEPS that is missing, plus any CMD=PKG
@@ -223,6 +225,17 @@ deps() {
       die "a firewalld runs in the root namespace after installing firewalld (policy-rc.d did not hold)"
     fi
   fi
+  local d
+  for d in keepalived conntrackd; do
+    [[ " ${missing[*]} " == *" $d "* ]] || continue
+    # Likewise: the HA tests start their own, in the gateways' namespaces.
+    if command -v systemctl >/dev/null; then
+      systemctl disable "$d.service" >/dev/null 2>&1 || true
+    fi
+    if pgrep -x "$d" >/dev/null; then
+      die "a $d runs in the root namespace after installing $d (policy-rc.d did not hold)"
+    fi
+  done
 }
 
 # no_daemons makes invoke-rc.d refuse to start any service until the script

@@ -1,0 +1,159 @@
+// Package e2e runs an egress gateway pair for real: keepalived and
+// conntrackd with the configuration package ha generates, and
+// `egress-snat watch` on both gateways, in the namespaces of
+// internal/lab's HA lab. It kills, drains and splits the pair under load
+// and judges each move by what the far side saw.
+package e2e
+
+import (
+	"net/netip"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/egress-snat/egress-snat/internal/lab"
+)
+
+// scenario is one way of moving the egress role.
+type scenario struct {
+	name string
+	// from and to pick the gateways: the move goes from from to to.
+	from, to func(h *lab.HA) *lab.Gateway
+	// act causes the move and returns when it did.
+	act func(t *testing.T, h *lab.HA) time.Time
+	// settled waits until to holds the role.
+	settled func(t *testing.T, h *lab.HA)
+}
+
+func gwA(h *lab.HA) *lab.Gateway { return h.A }
+func gwB(h *lab.HA) *lab.Gateway { return h.B }
+
+// The scenarios of issue 22, in the order a round runs them: each starts
+// where the one before left the pair.
+var (
+	kill = scenario{"kill", gwA, gwB,
+		func(t *testing.T, h *lab.HA) time.Time { return h.A.Kill(t) },
+		func(t *testing.T, h *lab.HA) { h.WaitMaster(t, h.B, 10*time.Second) }}
+	failback = scenario{"failback", gwB, gwA,
+		func(t *testing.T, h *lab.HA) time.Time { return h.A.Revive(t) },
+		func(t *testing.T, h *lab.HA) { h.WaitRoles(t, h.A, 20*time.Second) }}
+	drain = scenario{"drain", gwA, gwB,
+		func(t *testing.T, h *lab.HA) time.Time { return h.A.Drain(t) },
+		func(t *testing.T, h *lab.HA) { h.WaitRoles(t, h.B, 10*time.Second) }}
+	undrain = scenario{"undrain", gwB, gwA,
+		func(t *testing.T, h *lab.HA) time.Time { return h.A.Undrain(t) },
+		func(t *testing.T, h *lab.HA) { h.WaitRoles(t, h.A, 20*time.Second) }}
+	// stop and start are the other graceful way out and back: keepalived
+	// stopped cleanly (adverts of priority 0), then started again.
+	stop = scenario{"stop", gwA, gwB,
+		func(t *testing.T, h *lab.HA) time.Time { return h.A.StopKeepalived(t) },
+		func(t *testing.T, h *lab.HA) { h.WaitRoles(t, h.B, 10*time.Second) }}
+	start = scenario{"start", gwB, gwA,
+		func(t *testing.T, h *lab.HA) time.Time { at := time.Now(); h.A.StartKeepalived(t); return at },
+		func(t *testing.T, h *lab.HA) { h.WaitRoles(t, h.A, 20*time.Second) }}
+	split = scenario{"split-brain", gwA, gwB,
+		func(t *testing.T, h *lab.HA) time.Time { return h.SplitBrain(t) },
+		func(t *testing.T, h *lab.HA) { h.WaitMaster(t, h.B, 10*time.Second) }}
+	heal = scenario{"heal", gwB, gwA,
+		func(t *testing.T, h *lab.HA) time.Time { return h.Heal(t) },
+		func(t *testing.T, h *lab.HA) { h.WaitRoles(t, h.A, 20*time.Second) }}
+)
+
+// move runs one scenario under load: the load starts and flows through
+// from, the scenario acts, and the move is measured once every connection
+// flows again (or 15s later) plus a second.
+func move(t *testing.T, h *lab.HA, sc scenario) lab.Move {
+	t.Helper()
+	from, to := sc.from(h), sc.to(h)
+	h.Sniffer.Reset()
+	ctFrom, ctTo := from.WatchConntrack(t), to.WatchConntrack(t)
+	load := h.StartLoad(t, lab.LoadOptions{})
+	if load.WaitFlowing(time.Now(), 10*time.Second).IsZero() {
+		t.Fatalf("%s: the load does not flow before the move: %+v", sc.name, load.Stats())
+	}
+	time.Sleep(time.Second)
+	guard := h.GuardDrops(t)
+	event := sc.act(t, h)
+	sc.settled(t, h)
+	recovered := load.WaitFlowing(time.Now(), 15*time.Second)
+	time.Sleep(time.Second)
+	st := load.Stop()
+	ct := append(ctFrom.Stop(), ctTo.Stop()...)
+	m := h.Measure(sc.name, from, to, event, recovered, h.Sniffer.Packets(), st, ct)
+	if guard != nil {
+		m.GuardDrops = h.GuardDrops(t)
+		for g, n := range guard {
+			m.GuardDrops[g] -= n
+		}
+	}
+	return m
+}
+
+// standbyInCore says whether egress-snat keeps a rule whose source address
+// the peer holds standing by (issue 22): a drop of the clients' new
+// connections while the address is away, the nat table kept, and the rule
+// activated once the hook has committed the peer's connections
+// (lab.HAOptions.ActivateAfterCommit emulates it). Until it does, the new
+// master forwards the clients' packets untranslated from the moment
+// keepalived gives it the addresses until watch has installed the rule:
+// with no rule, egress-snat leaves no nat table, so the standby's kernel
+// neither tracks nor translates. TestHAFailover then only checks that no
+// packet leaks outside that window. Set it when the core change lands: the
+// test then wants no leak at all.
+const standbyInCore = false
+
+// TestHAFailover kills the master under load once: every established
+// connection survives on the backup and no packet leaves either gateway
+// from any source but the egress address. The figures (blackouts) are
+// logged, not judged; the harness in rounds_e2e_test.go measures them.
+func TestHAFailover(t *testing.T) {
+	h := lab.NewHA(t, lab.HAOptions{})
+	m := move(t, h, kill)
+	t.Log(m.Summary())
+	if m.Kept != m.Conns {
+		t.Errorf("%d of %d established connections survived the kill:\n%s", m.Kept, m.Conns, m.Details())
+	}
+	if m.CaptureDrops != 0 {
+		t.Errorf("the far side's capture dropped %d packets: the leak count is incomplete", m.CaptureDrops)
+	}
+	if standbyInCore {
+		if len(m.Leaks) != 0 {
+			t.Errorf("%d packets left a gateway with a source other than %s:\n%s", len(m.Leaks), lab.HAEgressVIP.Addr(), m.Details())
+		}
+		return
+	}
+	// Today: leaks are expected, but only from the new master and only
+	// before its egress rule was installed.
+	var ruleAt time.Time
+	for _, e := range h.B.Events() {
+		if e.At.After(m.Event) && strings.Contains(e.What, "msg=converged") && strings.Contains(e.What, "1 added") {
+			ruleAt = e.At
+			break
+		}
+	}
+	if ruleAt.IsZero() {
+		t.Fatalf("b never logged installing its egress rule after the kill:\n%s", h.B.Logs())
+	}
+	// A flow whose first packet left before the rule may keep its
+	// untranslated binding after it (a SYN retransmitted into the entry
+	// the first one made): that is the same window, not a new leak.
+	late := 0
+	early := map[[2]netip.AddrPort]bool{}
+	for _, p := range m.Leaks {
+		flow := [2]netip.AddrPort{netip.AddrPortFrom(p.Src, p.SrcPort), netip.AddrPortFrom(p.Dst, p.DstPort)}
+		// The log line follows the restore; 20ms covers its millisecond
+		// timestamp and the packet's way to the capture.
+		switch {
+		case h.Gateway(p.SrcMAC) != h.B:
+			late++
+		case !p.At.After(ruleAt.Add(20 * time.Millisecond)):
+			early[flow] = true
+		case !early[flow]:
+			late++
+		}
+	}
+	t.Logf("%d packets leaked before b's egress rule was in place (%+.3fs after the kill); known, issue 22", len(m.Leaks), ruleAt.Sub(m.Event).Seconds())
+	if late > 0 {
+		t.Errorf("%d of %d leaked packets left after b's egress rule was in place, or from a:\n%s", late, len(m.Leaks), m.Details())
+	}
+}
