@@ -93,8 +93,8 @@ at boot.
 		Flags: cloneFlags([]cli.Flag{
 			&cli.StringFlag{Name: "netns", Usage: "run inside the network namespace `NAME` (as ip netns exec NAME would)"},
 			enum(&cli.StringFlag{Name: "backend", Aliases: []string{"iptables-backend"}, Value: "auto", EnvVars: []string{"EGRESS_SNAT_BACKEND", "EGRESS_SNAT_IPTABLES"},
-				Usage: "where the rules live, `BACKEND`: auto (the backend holding ours, else the one the host's iptables uses), nftables (a table of our own), iptables-nft or iptables-legacy (nft and legacy are the last two's old names)"},
-				backendNames...),
+				Usage: "where the rules live, `BACKEND`: auto (the backend holding ours, else the one the host's iptables uses), nftables (a table of our own), iptables-nft or iptables-legacy (nft and legacy, their older names, still work)"},
+				backendNames...).accepting("nft", "legacy"),
 			configFlag,
 			&cli.DurationFlag{Name: "lock-timeout", Value: 10 * time.Second, Usage: "how long (`DURATION`) to wait for another egress-snat run, and for the xtables lock, before giving up with nothing changed"},
 		}),

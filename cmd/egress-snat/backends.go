@@ -18,7 +18,7 @@ const (
 	backendIPTablesLegacy = "iptables-legacy"
 )
 
-var backendNames = []string{backendAuto, backendNFTables, backendIPTablesNFT, backendIPTablesLegacy, "nft", "legacy"}
+var backendNames = []string{backendAuto, backendNFTables, backendIPTablesNFT, backendIPTablesLegacy}
 
 // openedBackend is the backend a run uses.
 type openedBackend struct {
@@ -63,7 +63,7 @@ func openBackend(name string, wait time.Duration) (openedBackend, error) {
 		}
 		b.flavour = f
 	default:
-		return b, usageError("--backend %q: want %s", name, orList(backendNames))
+		return b, usageError("--backend %q: want %s (or nft, legacy)", name, orList(backendNames))
 	}
 	tables, err := iptables.NewExecTables(b.flavour, wait)
 	if err != nil {

@@ -18,11 +18,20 @@ import (
 type enumFlag struct {
 	*cli.StringFlag
 	values []string
+	// old are values still accepted but no longer offered: the names of
+	// an older release.
+	old []string
 }
 
 // enum makes f a flag of one of values.
 func enum(f *cli.StringFlag, values ...string) *enumFlag {
 	return &enumFlag{StringFlag: f, values: values}
+}
+
+// accepting makes e also accept the old values, without offering them.
+func (e *enumFlag) accepting(old ...string) *enumFlag {
+	e.old = old
+	return e
 }
 
 // checkEnums refuses a value of an enum flag of flags that is not one of
@@ -34,7 +43,7 @@ func checkEnums(c *cli.Context, flags []cli.Flag) error {
 			continue
 		}
 		v := c.String(e.Name)
-		if v == "" || slices.Contains(e.values, v) {
+		if v == "" || slices.Contains(e.values, v) || slices.Contains(e.old, v) {
 			continue
 		}
 		msg := fmt.Sprintf("--%s %s: want %s", e.Name, quoteValue(v), orList(e.values))

@@ -35,7 +35,7 @@ func TestTypoSuggestions(t *testing.T) {
 		{"global flag after the command", []string{"list", "--lock-timeout", "1s"}, []string{"--lock-timeout is a global flag: give it before the command"}, nil},
 		{"one letter: no guess", []string{"apply", "-x"}, []string{"-x"}, []string{"did you mean"}},
 		{"enum value", []string{"set", "--to", "192.0.2.22", "--method", "rout"}, []string{`--method "rout": want snat, route or auto`, "did you mean route?"}, nil},
-		{"global enum value", []string{"--iptables-backend", "nf", "list"}, []string{`--iptables-backend "nf": want auto, nft or legacy`, "did you mean nft?"}, nil},
+		{"global enum value", []string{"--backend", "nftablse", "list"}, []string{`--backend "nftablse": want auto, nftables, iptables-nft or iptables-legacy`, "did you mean nftables?"}, nil},
 		{"enum value far from any", []string{"rotate", "--pool", "192.0.2.22", "--order", "sideways"}, []string{"want next or random"}, []string{"did you mean"}},
 	} {
 		t.Run(tt.name, func(t *testing.T) {
@@ -106,7 +106,7 @@ func TestEnumFlags(t *testing.T) {
 		}
 	}
 	slices.Sort(names)
-	want := []string{"--iptables-backend", "rotate --order", "set --method", "verify --proto", "watch --log-format"}
+	want := []string{"--backend", "rotate --order", "set --method", "verify --proto", "watch --log-format"}
 	if !slices.Equal(names, want) {
 		t.Errorf("enum flags %v, want %v", names, want)
 	}
@@ -256,7 +256,7 @@ words=("$@"); CURRENT=$#; _egress-snat`
 			want  string
 		}{
 			{[]string{"egress-snat", "set", "--method", ""}, "snat route auto"},
-			{[]string{"egress-snat", "--iptables-backend", "n"}, "auto nft legacy"},
+			{[]string{"egress-snat", "--backend", "n"}, "auto nftables iptables-nft iptables-legacy"},
 			{[]string{"egress-snat", "watch", "--log-format", ""}, "text json"},
 			{[]string{"egress-snat", "apply", "-f", ""}, "(files)"},
 		} {
@@ -309,9 +309,12 @@ func TestFishCompletion(t *testing.T) {
 	fish := string(b)
 	for cmd, flags := range enumFlags() {
 		for _, e := range flags {
-			want := " -l " + e.Name + " -r -a '" + strings.Join(e.values, " ") + "' "
-			if !strings.Contains(fish, want) {
-				t.Errorf("fish: %s --%s lacks %q", cmd, e.Name, want)
+			// The flag's line: -l NAME, its long aliases as more -l, then
+			// -r and the values.
+			name := " -l " + e.Name + " "
+			want := " -r -a '" + strings.Join(e.values, " ") + "' "
+			if !slices.ContainsFunc(strings.Split(fish, "\n"), func(l string) bool { return strings.Contains(l, name) && strings.Contains(l, want) }) {
+				t.Errorf("fish: %s --%s lacks a line with %q and %q", cmd, e.Name, name, want)
 			}
 		}
 	}

@@ -11,7 +11,7 @@ function __fish_egress-snat_no_subcommand --description 'Test if there has been 
 end
 
 complete -c egress-snat -n '__fish_egress-snat_no_subcommand' -f -l netns -r -d 'run inside the network namespace `NAME` (as ip netns exec NAME would)'
-complete -c egress-snat -n '__fish_egress-snat_no_subcommand' -f -l backend -s iptables-backend -r -d 'where the rules live, `BACKEND`: auto (the backend holding ours, else the one the host\'s iptables uses), nftables (a table of our own), iptables-nft or iptables-legacy (nft and legacy are the last two\'s old names)'
+complete -c egress-snat -n '__fish_egress-snat_no_subcommand' -f -l backend -l iptables-backend -r -a 'auto nftables iptables-nft iptables-legacy' -d 'where the rules live, `BACKEND`: auto (the backend holding ours, else the one the host\'s iptables uses), nftables (a table of our own), iptables-nft or iptables-legacy (nft and legacy, their older names, still work)'
 complete -c egress-snat -n '__fish_egress-snat_no_subcommand' -l config -r -d 'the permanent desired-state `PATH` (the format of apply -f): edited by --permanent and save, followed by watch and compared by check when they have no -f'
 complete -c egress-snat -n '__fish_egress-snat_no_subcommand' -f -l lock-timeout -r -d 'how long (`DURATION`) to wait for another egress-snat run, and for the xtables lock, before giving up with nothing changed'
 complete -c egress-snat -n '__fish_egress-snat_no_subcommand' -f -l help -s h -d 'show help'
