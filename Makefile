@@ -6,12 +6,13 @@ export PATH := /usr/local/go/bin:$(PATH):/usr/sbin:/sbin
 
 GO      ?= go
 VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
-# Set to 0 to skip the second run of the namespace tests on iptables-legacy.
+# Set to 0 to skip the runs of the namespace tests on iptables-legacy and on
+# the nftables backend (after the one on the host's iptables).
 EGRESS_SNAT_BOTH_BACKENDS ?= 1
 TESTFLAGS ?= -count=1 -p 1 -timeout 20m
 
 .DEFAULT_GOAL := help
-.PHONY: bench-gate bench-idle bench-scale help build deps docs deb lint fmt vet test test-race test-legacy demo bench fuzz clean
+.PHONY: bench-gate bench-idle bench-scale help build deps docs deb lint fmt vet test test-race test-legacy test-nftables demo bench fuzz clean
 
 help: ## list the targets
 	@awk -F':.*## ' '/^[a-z-]+:.*## / { printf "  %-12s %s\n", $$1, $$2 }' $(MAKEFILE_LIST)
@@ -51,10 +52,10 @@ vet: ## go vet ./... (and the deploy/kubernetes module)
 	$(GO) vet ./...
 	@for m in $(SUBMODULES); do echo "cd $$m && $(GO) vet ./..."; (cd $$m && $(GO) vet ./...) || exit 1; done
 
-test: deps vet test-race ## deps, vet, test-race, all tests (root: namespace tests), then test-legacy unless EGRESS_SNAT_BOTH_BACKENDS=0
+test: deps vet test-race ## deps, vet, test-race, all tests (root: namespace tests), then test-legacy and test-nftables unless EGRESS_SNAT_BOTH_BACKENDS=0
 	$(GO) test $(TESTFLAGS) ./...
 	@for m in $(SUBMODULES); do echo "cd $$m && $(GO) test $(TESTFLAGS) ./..."; (cd $$m && $(GO) test $(TESTFLAGS) ./...) || exit 1; done
-	@if [ "$(EGRESS_SNAT_BOTH_BACKENDS)" != "0" ]; then $(MAKE) --no-print-directory test-legacy; fi
+	@if [ "$(EGRESS_SNAT_BOTH_BACKENDS)" != "0" ]; then $(MAKE) --no-print-directory test-legacy test-nftables; fi
 
 # The packages that start goroutines (snat's manager, watch, verify's flows,
 # the lab's probe and captures) or are shared by them, under the race
@@ -69,12 +70,19 @@ test-race: ## the packages with goroutines under go test -race (bounded: RACEPKG
 	$(GO) test -race $(TESTFLAGS) -run '$(RACECMD)' ./cmd/egress-snat
 
 # The namespace tests are the packages whose tests use internal/lab.
+NSPKGS = $$($(GO) list -f '{{.ImportPath}} {{join .TestImports " "}} {{join .XTestImports " "}}' ./... | awk '$$0 ~ /\/internal\/lab( |$$)/ { print $$1 }')
+
 test-legacy: ## the namespace tests again with EGRESS_SNAT_IPTABLES=legacy
-	@list=$$($(GO) list -f '{{.ImportPath}} {{join .TestImports " "}} {{join .XTestImports " "}}' ./...) || exit 1; \
-	pkgs=$$(echo "$$list" | awk '$$0 ~ /\/internal\/lab( |$$)/ { print $$1 }'); \
-	if [ -z "$$pkgs" ]; then echo "test-legacy: no package uses internal/lab"; exit 0; fi; \
+	@pkgs=$(NSPKGS); \
+	if [ -z "$$pkgs" ]; then echo "test-legacy: no package uses internal/lab"; exit 1; fi; \
 	echo "EGRESS_SNAT_IPTABLES=legacy $(GO) test $(TESTFLAGS)" $$pkgs; \
 	EGRESS_SNAT_IPTABLES=legacy $(GO) test $(TESTFLAGS) $$pkgs
+
+test-nftables: ## the namespace tests again on the native nftables backend (EGRESS_SNAT_BACKEND=nftables)
+	@pkgs=$(NSPKGS); \
+	if [ -z "$$pkgs" ]; then echo "test-nftables: no package uses internal/lab"; exit 1; fi; \
+	echo "EGRESS_SNAT_BACKEND=nftables $(GO) test $(TESTFLAGS)" $$pkgs; \
+	EGRESS_SNAT_BACKEND=nftables $(GO) test $(TESTFLAGS) $$pkgs
 
 # The demo installs only what it runs (iptables, ipset, iproute2); the tests
 # also need nftables, conntrack, tcpdump, docker.io, firewalld and dbus.

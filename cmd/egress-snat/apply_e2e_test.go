@@ -18,6 +18,7 @@ import (
 	"github.com/google/go-cmp/cmp"
 
 	"github.com/egress-snat/egress-snat/backend/iptables"
+	"github.com/egress-snat/egress-snat/backend/nft"
 	"github.com/egress-snat/egress-snat/internal/lab"
 	"github.com/egress-snat/egress-snat/snat"
 )
@@ -37,23 +38,40 @@ func writeConfig(t *testing.T, dir string, files ...string) string {
 	return filepath.Join(dir, files[0])
 }
 
-// chainRules returns the rules of our chain in a lab.Ruleset, both families.
+// chainRules returns the rules of our chain in a lab.Ruleset, both
+// families: the EGRESS-SNAT chain's, or the nftables backend's nat chain's
+// but for the keeper, which every such chain ends with.
 func chainRules(ruleset string) []string {
 	var out []string
+	chain := ""
 	for line := range strings.Lines(ruleset) {
+		trim := strings.TrimSpace(line)
 		if strings.HasPrefix(line, "-A "+iptables.ChainName+" ") {
-			out = append(out, strings.TrimSpace(line))
+			out = append(out, trim)
+		}
+		if name, ok := strings.CutPrefix(trim, "chain "); ok {
+			chain = strings.TrimSuffix(name, " {")
+			continue
+		}
+		if chain == nft.ChainNAT && (strings.Contains(trim, " snat ") || strings.HasSuffix(trim, " accept") || strings.Contains(trim, " accept comment")) {
+			out = append(out, trim)
 		}
 	}
 	return out
 }
 
-// ourSets returns the names of our ipsets in a lab.Ruleset.
+// ourSets returns the names of our ipsets, or of the nftables backend's
+// destination sets, in a lab.Ruleset.
 func ourSets(ruleset string) []string {
 	var out []string
 	for _, name := range lab.SetNames(ruleset) {
 		if strings.HasPrefix(name, iptables.SetPrefix) {
 			out = append(out, name)
+		}
+	}
+	for line := range strings.Lines(ruleset) {
+		if name, ok := strings.CutPrefix(strings.TrimSpace(line), "set d"); ok {
+			out = append(out, "d"+strings.TrimSuffix(name, " {"))
 		}
 	}
 	return out
@@ -63,7 +81,7 @@ func ourSets(ruleset string) []string {
 func setRules(rules []string) int {
 	n := 0
 	for _, r := range rules {
-		if strings.Contains(r, "--match-set") {
+		if strings.Contains(r, "--match-set") || strings.Contains(r, " @d") {
 			n++
 		}
 	}
@@ -131,6 +149,7 @@ func tenNets(n int) []string {
 // grow, and the switch between single rules and an ipset in both
 // directions, checking the ruleset's shape and the wire after each step.
 func TestApplyConverges(t *testing.T) {
+	iptablesOnly(t, "it counts iptables rules and ipsets (backend/nft's tests count sets per prefix length)")
 	t.Parallel()
 	l := newLab(t)
 	dir := t.TempDir()
@@ -225,6 +244,7 @@ func TestApplyConverges(t *testing.T) {
 // TestApplyLongestPrefixWins: where a set member and a single rule overlap,
 // the more specific destination decides, whichever of the two is the set.
 func TestApplyLongestPrefixWins(t *testing.T) {
+	iptablesOnly(t, "it reads ipset members and nomatch exceptions (backend/nft: longest prefix across sets)")
 	t.Parallel()
 	tests := []struct {
 		name  string
@@ -384,6 +404,7 @@ func TestApplyBadFileChangesNothing(t *testing.T) {
 // TestApplyDryRun: --dry-run changes nothing and prints the plan and the
 // exact payloads, which are then what a real run installs.
 func TestApplyDryRun(t *testing.T) {
+	iptablesOnly(t, "it reads iptables-restore and ipset payloads")
 	t.Parallel()
 	l := newLab(t)
 	mustES(t, l, "set", "--to", "192.0.2.23", "--dst", "198.51.100.5")
@@ -508,6 +529,7 @@ func TestApplyClearRestoresRuleset(t *testing.T) {
 // TestApplyLargeDstFile: a dst-file of a few hundred destinations becomes
 // one ipset, sampled on the wire; a second apply writes nothing.
 func TestApplyLargeDstFile(t *testing.T) {
+	iptablesOnly(t, "it counts iptables rules and ipsets")
 	t.Parallel()
 	l := newLab(t)
 	const n = 400
@@ -577,6 +599,7 @@ func TestApplyLargeDstFile(t *testing.T) {
 
 // TestApplyIPv6: IPv6 rules in a file, alone and in a set, next to IPv4.
 func TestApplyIPv6(t *testing.T) {
+	iptablesOnly(t, "it counts iptables rules and ipsets")
 	t.Parallel()
 	l := newLab(t)
 	gwAddrAdd(t, l, "2001:db8:ffff::5/128", "2001:db8:eeee::7/128")

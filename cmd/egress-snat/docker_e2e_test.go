@@ -146,6 +146,7 @@ func runs(samples []sample, mark time.Time) string {
 // watch must have the containers' source back within 2s of the restart.
 // Not parallel: the repair time is a latency bound, and dockerd is heavy.
 func TestDockerFrom(t *testing.T) {
+	iptablesOnly(t, "it counts the nat tables holding EGRESS-SNAT beside Docker's (TestNFTNeighbours runs Docker beside the nftables table)")
 	l := newLab(t)
 	d := lab.StartDocker(t, l)
 	const net1, net2 = "bridge", "es-net2" // Docker's default bridge, and a user-defined network

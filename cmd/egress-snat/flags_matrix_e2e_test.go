@@ -367,6 +367,7 @@ func dryVariants(flags map[string]bool) [][]string {
 // would, give exactly the kernel the real run leaves, and the real run
 // reports the same steps and changes; a second dry run plans nothing.
 func TestFlagMatrixDryRun(t *testing.T) {
+	iptablesOnly(t, "its model of the kernel plays iptables-restore, ipset and ip -batch payloads")
 	t.Parallel()
 	flags := appFlags()
 	for _, tc := range dryRunCases {
@@ -1250,6 +1251,7 @@ func wantVerify(agree bool, leftWith string) func(t *testing.T, m *matrixLab, ou
 // runtime error it prints nothing on stdout (the reason is on stderr) and
 // changes nothing.
 func TestFlagMatrixJSON(t *testing.T) {
+	iptablesOnly(t, "its cases steal a destination with an iptables rule ahead of the jump")
 	t.Parallel()
 	for _, tc := range jsonCases {
 		t.Run(tc.name, func(t *testing.T) {
@@ -1334,6 +1336,7 @@ func rootNetnsState(t *testing.T) string {
 // namespace exactly as inside it, and leave the root namespace and the
 // lab's gateway byte for byte as they were.
 func TestFlagMatrixNetns(t *testing.T) {
+	iptablesOnly(t, "its model of the kernel plays iptables-restore, ipset and ip -batch payloads")
 	t.Parallel()
 	l := newLab(t)
 	dir := t.TempDir()

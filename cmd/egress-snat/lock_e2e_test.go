@@ -65,6 +65,7 @@ func TestOwnLockIsBounded(t *testing.T) {
 // XTABLES_LOCKFILE points iptables at a lock of the test's own, so the real
 // /run/xtables.lock of the machine is never held.
 func TestXtablesLockIsBounded(t *testing.T) {
+	iptablesOnly(t, "it holds the xtables lock, which the nftables backend never takes")
 	t.Parallel()
 	l := newLab(t)
 	lock := filepath.Join(t.TempDir(), "xtables.lock")

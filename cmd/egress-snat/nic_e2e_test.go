@@ -279,6 +279,7 @@ func TestNICKeepsOtherSourcesPaths(t *testing.T) {
 // mangle table and routed by its mark; other senders and the host's own
 // traffic keep eth0; clear restores rules, routes and every table.
 func TestNICSenders(t *testing.T) {
+	iptablesOnly(t, "its drift is a flushed mangle PREROUTING")
 	t.Parallel()
 	l := newLab(t, lab.WithSecondUplink())
 	c := l.AddClient(t, lab.ClientOptions{Masquerade: true})

@@ -126,6 +126,7 @@ func TestPermanentCommands(t *testing.T) {
 // written, neither the kernel nor the file changes; when the kernel write
 // fails, the file is not written.
 func TestPermanentNothingChangesOnFailure(t *testing.T) {
+	iptablesOnly(t, "it makes iptables-restore fail")
 	l := newLab(t)
 	mustES(t, l, "set", "--to", "192.0.2.22", "--dst", "198.51.100.4")
 	dir := t.TempDir()
@@ -241,6 +242,7 @@ func TestPermanentConcurrentSetRotate(t *testing.T) {
 // TestCheckWithoutFile: with no permanent file, check says it can only
 // check what it finds; with one, a flushed chain is drift.
 func TestCheckWithoutFile(t *testing.T) {
+	iptablesOnly(t, "it wipes the iptables nat table (TestNFTDriftRepaired deletes the nftables table)")
 	l := newLab(t)
 	mustES(t, l, "set", "--to", "192.0.2.22", "--dst", "198.51.100.4")
 	missing := filepath.Join(t.TempDir(), "none.yaml")

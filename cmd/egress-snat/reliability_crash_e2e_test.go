@@ -177,6 +177,7 @@ func relLeftoverSets(s relSaved) []string {
 // may be A while the other is B; that is counted. The next apply that runs to
 // its end converges: check -f exits 0 and no set is left over.
 func TestCrashDuringApply(t *testing.T) {
+	iptablesOnly(t, "it judges kills by iptables-save and ipset save (TestNFTCrashDuringApply)")
 	t.Parallel()
 	kills := relEnvInt(t, "EGRESS_SNAT_KILLS", 20)
 	rng := relRand(t)

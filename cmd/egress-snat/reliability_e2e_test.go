@@ -492,6 +492,7 @@ func relDiff(want, got string) string {
 // the destination of every address then went into the ipset of the others,
 // which hash:net refuses (prefix length 0), so the write failed.
 func TestReliabilityEverythingJoinsASet(t *testing.T) {
+	iptablesOnly(t, "it reads ipsets")
 	t.Parallel()
 	l := newLab(t)
 	mustES(t, l, "set", "--to", "192.0.2.22", "--dst", "203.0.113.1,203.0.113.2,203.0.113.3,203.0.113.4,203.0.113.5,203.0.113.6,203.0.113.7,203.0.113.8")

@@ -19,6 +19,7 @@ import (
 // members, routes and ip rules. Whichever family is written first, the
 // failure of the other is then in the middle of the apply.
 func TestRestoreFailsMidApply(t *testing.T) {
+	iptablesOnly(t, "it injects failures into iptables-restore")
 	t.Parallel()
 	for _, failing := range []string{"iptables", "ip6tables"} {
 		t.Run(failing, func(t *testing.T) {
@@ -56,6 +57,7 @@ func TestRestoreFailsMidApply(t *testing.T) {
 // namespace with --netns act in the lab's host namespace, as they would
 // inside it. (TestNetnsFlag covers list, explain, set and clear.)
 func TestNetnsWriters(t *testing.T) {
+	iptablesOnly(t, "it injects failures into iptables-restore")
 	t.Parallel()
 	l := newLab(t)
 	rootBefore := rootSave(t)

@@ -340,6 +340,7 @@ func moves(stdout, dst string) [][2]string {
 // jump, and no lost rotation: the moves the processes report chain up from
 // the natural source to the address in force.
 func TestRotateConcurrent(t *testing.T) {
+	iptablesOnly(t, "it counts the jump and the chain's rules")
 	t.Parallel()
 	l := newLab(t)
 	const dst, pool, procs = "198.51.100.4", "192.0.2.22,192.0.2.23", 10

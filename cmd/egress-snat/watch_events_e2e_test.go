@@ -168,6 +168,7 @@ func awaitLog(w *relWatch, before int, msg string, words ...string) bool {
 //
 // Not parallel: the bound is on watch's latency.
 func TestWatchRouteChange(t *testing.T) {
+	iptablesOnly(t, "it reads the rules as iptables-save prints them")
 	l := newLab(t)
 	path := relWrite(t, t.TempDir(), "rules.yaml", `rules:
   - to: 192.0.2.22
@@ -510,6 +511,7 @@ func TestWatchVanishedFlowConntrack(t *testing.T) {
 // from the chain, now none, were all it compared with. It also finds the
 // jump deleted. Both families, one at a time.
 func TestCheckNoFileChainFlushed(t *testing.T) {
+	iptablesOnly(t, "it flushes the EGRESS-SNAT chain")
 	t.Parallel()
 	file := "rules:\n  - to: 192.0.2.22\n    dst: [198.51.100.4]\n  - to: 2001:db8::22\n    dst: [2001:db8:ffff::4]\n"
 	for _, fam := range []int{4, 6} {

@@ -262,6 +262,43 @@ func (l *Lab) Ruleset(t testing.TB) string {
 	if _, err := exec.LookPath("ipset"); err == nil {
 		b.WriteString(SortedIPSetSave(l.Run(t, "ipset", "save")))
 	}
+	// egress-snat's own nftables table (its nftables backend), when there
+	// is one: without counters, each set's elements sorted.
+	if out, _, code := runIn(l.Host, "nft", "-s", "list", "table", "inet", "egress-snat"); code == 0 {
+		b.WriteString(SortedNFTElements(out))
+	}
+	return b.String()
+}
+
+// SortedNFTElements returns nft list output with each set's elements on
+// one line, sorted: the kernel lists a hash set's elements in bucket order,
+// which a change in place may reshuffle.
+func SortedNFTElements(list string) string {
+	var b strings.Builder
+	var elems []string
+	in := false
+	for line := range strings.Lines(list) {
+		trim := strings.TrimSpace(line)
+		if rest, ok := strings.CutPrefix(trim, "elements = {"); ok {
+			in, elems = true, nil
+			trim = rest
+		} else if !in {
+			b.WriteString(line)
+			continue
+		}
+		end := strings.HasSuffix(trim, "}")
+		trim = strings.TrimSuffix(trim, "}")
+		for _, e := range strings.Split(trim, ",") {
+			if e = strings.TrimSpace(e); e != "" {
+				elems = append(elems, e)
+			}
+		}
+		if end {
+			in = false
+			slices.Sort(elems)
+			b.WriteString("\t\telements = { " + strings.Join(elems, ", ") + " }\n")
+		}
+	}
 	return b.String()
 }
 
