@@ -40,7 +40,7 @@ const OurPriority int32 = 100
 // OurTable is the nftables backend's table, of family inet (backend/nft):
 // ReadNFT leaves it out, and its nat chain's priority is OurNFTPriority.
 const (
-	OurTable       = "egress-snat"
+	OurTable             = "egress-snat"
 	OurNFTPriority int32 = 90
 )
 
