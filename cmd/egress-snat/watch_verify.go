@@ -6,6 +6,7 @@ import (
 	"github.com/urfave/cli/v2"
 
 	"github.com/egress-snat/egress-snat/conntrack"
+	"github.com/egress-snat/egress-snat/verify"
 )
 
 var verifyEveryFlag = &cli.DurationFlag{Name: "verify-every", Usage: "every `DURATION`, also start a real flow per rule (as verify does) and log a mismatch as an error; 0 never"}
@@ -30,12 +31,13 @@ func (w *watcher) verifyCanary() {
 		return
 	}
 	w.e.sel.Forget()
-	probes, skipped, err := ruleProbes(w.e, st.Entries(), w.probes)
+	host := verifyHost(w.e)
+	probes, skipped, err := verify.RuleProbes(host, st.Entries(), w.probes)
 	if err != nil {
 		w.log.Warn("verify: picking destinations failed", "err", err)
 		return
 	}
-	v := verifier{e: w.e, st: st, proto: conntrack.UDP, port: verifyPort}
+	v := verify.Verifier{Host: host, State: st, Proto: conntrack.UDP, Port: verify.DefaultPort}
 	bad := 0
 	if len(skipped) > 0 && !w.verifySkipSaid {
 		// Said once: the rules and --probe decide it, not time.
@@ -43,10 +45,10 @@ func (w *watcher) verifyCanary() {
 		w.log.Warn("verify: rules not verified: no documentation address inside them takes their route; name one with --probe", "rules", len(skipped), "first", skipped[0])
 	}
 	for _, p := range probes {
-		r, err := v.check(p)
+		r, err := v.Check(p)
 		switch {
 		case err != nil:
-			w.log.Warn("verify: could not check a flow", "sender", packetSender(p.pkt), "dst", p.pkt.Dst, "err", err)
+			w.log.Warn("verify: could not check a flow", "sender", verify.SenderName(p.Packet), "dst", p.Packet.Dst, "err", err)
 		case !r.Agree:
 			bad++
 			w.log.Error("verify: a flow left with another source than the rules promise",
