@@ -234,6 +234,23 @@ func Load(path string) (*File, error) {
 	return f, nil
 }
 
+// LoadIntents is the one loader of a desired-state file for a run: Load,
+// then Intents, which checks what Load cannot (that a uid or cgroup exists
+// here). Any problem is bad input (snat.InvalidError). apply and check use
+// the intents; a daemon keeps the file and drops them (a rule keeps its
+// destinations in 32 bytes each, an intent takes 200) until it resolves.
+func LoadIntents(path string) (*File, []snat.Intent, error) {
+	f, err := Load(path)
+	if err != nil {
+		return nil, nil, &snat.InvalidError{Err: err}
+	}
+	intents, err := f.Intents()
+	if err != nil {
+		return nil, nil, &snat.InvalidError{Err: err}
+	}
+	return f, intents, nil
+}
+
 // Decode parses a desired-state document strictly and checks each rule on
 // its own (families, at least one source and destination). It reads no
 // dst-file.

@@ -7,6 +7,8 @@ import (
 	"syscall"
 
 	"github.com/urfave/cli/v2"
+
+	"github.com/egress-snat/egress-snat/config"
 )
 
 // watchPath is the file watch follows: -f, else the permanent file, which
@@ -71,7 +73,7 @@ func (w *watcher) reloadIfChanged() bool {
 	}
 	first := w.stamp == fileStamp{}
 	w.stamp = now
-	file, n, err := loadFile(w.path)
+	file, n, err := loadWatched(w.path)
 	if err != nil {
 		w.log.Error("file replaced but does not load: keeping the previous desired state", "file", w.path, "err", err)
 		return false
@@ -81,4 +83,11 @@ func (w *watcher) reloadIfChanged() bool {
 		w.log.Info("file replaced: re-read", "file", w.path, "destinations", n)
 	}
 	return true
+}
+
+// loadWatched reads and checks the watched file: the file, kept, and the
+// number of its intents, which are dropped.
+func loadWatched(path string) (*config.File, int, error) {
+	f, intents, err := config.LoadIntents(path)
+	return f, len(intents), err
 }

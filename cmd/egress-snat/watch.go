@@ -82,7 +82,7 @@ at boot, so the desired state survives reboots.`,
 			return usageError("--resync and --full-resync must be positive and --settle not negative")
 		}
 		debug.SetGCPercent(100) // long-running: the default suits it
-		file, _, err := loadFile(path)
+		file, _, err := loadWatched(path)
 		if err != nil {
 			return err
 		}
@@ -183,7 +183,7 @@ func (w *watcher) run(ctx context.Context, resync time.Duration) error {
 			w.log.Info("stopping; rules stay in place", "applies", w.applies)
 			return nil
 		case sig := <-hup: // SIGHUP, or the file changed (watchfile.go)
-			file, n, err := loadFile(w.path)
+			file, n, err := loadWatched(w.path)
 			if err != nil {
 				w.log.Error("reload: keeping the previous desired state", "trigger", sig.String(), "err", err)
 				continue
