@@ -1,6 +1,7 @@
 package config_test
 
 import (
+	"errors"
 	"fmt"
 	"net/netip"
 	"os"
@@ -477,5 +478,33 @@ func TestConfigParseDst(t *testing.T) {
 		case tt.err != "" && (err == nil || !strings.Contains(err.Error(), tt.err)):
 			t.Errorf("ParseDst(%q) = %v, %v; want an error containing %s", tt.in, got, err, tt.err)
 		}
+	}
+}
+
+// TestConfigLoadIntents: the one loader of a run gives the file and its
+// intents, and any problem, of the file (Load) or of its intents (a uid
+// that does not exist), as bad input.
+func TestConfigLoadIntents(t *testing.T) {
+	dir := writeFiles(t, map[string]string{
+		"good.yaml":    "rules:\n  - to: 192.0.2.22\n    dst: [198.51.100.4, 203.0.113.0/24]\n",
+		"bad.yaml":     "rules:\n  - to: 192.0.2.22\n    dst: 198.51.100.300\n",
+		"nouser.yaml":  "rules:\n  - to: 192.0.2.22\n    uid: no-such-user-of-egress-snat\n",
+		"partner.yaml": "rules:\n  - to: 192.0.2.22\n    dst-file: missing.txt\n",
+	})
+	f, intents, err := config.LoadIntents(filepath.Join(dir, "good.yaml"))
+	if err != nil || f == nil || len(f.Rules) != 1 {
+		t.Fatalf("good file: %v, %v", f, err)
+	}
+	if diff := cmp.Diff([]string{"198.51.100.4/32 -> 192.0.2.22", "203.0.113.0/24 -> 192.0.2.22"}, intentStrings(intents)); diff != "" {
+		t.Errorf("intents (-want +got):\n%s", diff)
+	}
+	for name, want := range map[string]string{"bad.yaml": "198.51.100.300", "nouser.yaml": "no-such-user-of-egress-snat", "partner.yaml": "missing.txt", "none.yaml": "none.yaml"} {
+		f, intents, err := config.LoadIntents(filepath.Join(dir, name))
+		var inv *snat.InvalidError
+		if !errors.As(err, &inv) || f != nil || intents != nil {
+			t.Errorf("%s: %v, %v, %v; want bad input and nothing else", name, f, intents, err)
+			continue
+		}
+		wantErrNaming(t, name, err, []string{want})
 	}
 }

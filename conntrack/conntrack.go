@@ -272,6 +272,9 @@ func DeleteBinding(h *netlink.Handle, b Binding) (uint, error) {
 	return n, nil
 }
 
+// DeleteBinding is DeleteBinding through n's handle.
+func (n Netlink) DeleteBinding(b Binding) (uint, error) { return DeleteBinding(n.Handle, b) }
+
 // bindingFilter is a Binding as netlink's delete filter.
 type bindingFilter struct{ m *bindingMatcher }
 

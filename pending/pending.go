@@ -1,6 +1,9 @@
-// Package pending keeps the state of an `apply --confirm` that is waiting
-// for `egress-snat confirm`: what to restore, by when, and which detached
-// process will restore it.
+// Package pending owns `apply --confirm`: an apply that reverts itself
+// unless `egress-snat confirm` runs first. It keeps the record of the apply
+// that waits (what to restore, by when, and which detached process will
+// restore it), and runs the three sides of it: Store.Apply writes and
+// leaves the reverter, Store.Confirm keeps the new state, Store.Revert is
+// the reverter's work. The command line only reads flags and prints.
 //
 // The record lives in /run (volatile, root-only), one per network
 // namespace, so a reboot forgets it along with the rules it would revert.

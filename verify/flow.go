@@ -1,5 +1,12 @@
 // Package verify starts a real flow and compares the source conntrack says
-// it left with against the source egress-snat's rules promise for it.
+// it left with against the source egress-snat's rules promise for it. It
+// owns what that takes: the promise of the rules for a packet (Judge, which
+// explain prints too), the addresses a check may send to (SafeTarget: a
+// rule's own address, a documentation address or one the operator named,
+// nothing else), the flows themselves (as the host, a user, a cgroup, or
+// forwarded from a throwaway namespace) and the likely cause of a flow that
+// left with another source. The verify command and watch's verify canary
+// both check through a Verifier.
 //
 // Rules say what should happen; the first NAT binding on the hook decides
 // what does. Reading the conntrack entry of a real flow is the one check

@@ -59,7 +59,7 @@ refused (exit 1).`,
 		if err := required(c, "file"); err != nil {
 			return err
 		}
-		intents, err := loadIntents(c.String("file"))
+		_, intents, err := config.LoadIntents(c.String("file"))
 		if err != nil {
 			return err
 		}
@@ -83,33 +83,4 @@ refused (exit 1).`,
 		}
 		return reportPlan(c, e.out, plan, sourceNotes(e, plan.Desired))
 	},
-}
-
-// loadFile reads and checks a desired-state file for a daemon, which keeps
-// the file (a rule with its destinations: 32 bytes a destination) and
-// expands its intents (200 bytes each) only while it resolves them. n is
-// the number of intents.
-func loadFile(path string) (f *config.File, n int, err error) {
-	f, err = config.Load(path)
-	if err != nil {
-		return nil, 0, &snat.InvalidError{Err: err}
-	}
-	intents, err := f.Intents()
-	if err != nil {
-		return nil, 0, &snat.InvalidError{Err: err}
-	}
-	return f, len(intents), nil
-}
-
-// loadIntents reads a desired-state file; any problem is bad input.
-func loadIntents(path string) ([]snat.Intent, error) {
-	f, err := config.Load(path)
-	if err != nil {
-		return nil, &snat.InvalidError{Err: err}
-	}
-	intents, err := f.Intents()
-	if err != nil {
-		return nil, &snat.InvalidError{Err: err}
-	}
-	return intents, nil
 }

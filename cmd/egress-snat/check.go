@@ -5,6 +5,7 @@ import (
 
 	"github.com/urfave/cli/v2"
 
+	"github.com/egress-snat/egress-snat/config"
 	"github.com/egress-snat/egress-snat/snat"
 )
 
@@ -114,7 +115,7 @@ func runCheck(c *cli.Context) ([]snat.Finding, error) {
 	var intents []snat.Intent
 	if path := file; path != "" {
 		var err error
-		if intents, err = loadIntents(path); err != nil {
+		if _, intents, err = config.LoadIntents(path); err != nil {
 			return nil, err
 		}
 	}

@@ -3,6 +3,7 @@ package main
 import (
 	"github.com/urfave/cli/v2"
 
+	"github.com/egress-snat/egress-snat/permanent"
 	"github.com/egress-snat/egress-snat/snat"
 )
 
@@ -50,7 +51,7 @@ cannot be unloaded from a namespace.`,
 				st.Live = &snat.Liveness{} // as if no connection lived
 			}
 			return nil, nil
-		}, clearDoc)
+		}, permanent.Clear)
 		if err != nil {
 			return err
 		}

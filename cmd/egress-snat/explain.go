@@ -11,6 +11,7 @@ import (
 	"github.com/egress-snat/egress-snat/routes"
 	"github.com/egress-snat/egress-snat/selector"
 	"github.com/egress-snat/egress-snat/snat"
+	"github.com/egress-snat/egress-snat/verify"
 )
 
 var explainCommand = &cli.Command{
@@ -71,16 +72,16 @@ Examples:
 			return err
 		}
 		entries := st.Entries()
-		j, err := judge(e, entries, choice, pkt)
+		j, err := verify.Judge(e.policy, entries, choice, pkt)
 		if err != nil {
 			return err
 		}
-		managed := j.promised
-		effective := j.sources[0]
-		if j.broken != "" {
+		managed := j.Promised
+		effective := j.Sources[0]
+		if j.Broken != "" {
 			// The promise is not kept: what the chain does instead.
-			effective = j.pkt.Src
-			if now := snat.Effective(entries, j.pkt); now != nil && !now.Keep() {
+			effective = j.Packet.Src
+			if now := snat.Effective(entries, j.Packet); now != nil && !now.Keep() {
 				effective = now.To[0]
 			}
 		}
@@ -100,7 +101,7 @@ Examples:
 				Broken  string            `json:"broken,omitempty"`
 				Decider string            `json:"decided_by_ip_rule,omitempty"`
 				Foreign []natscan.Finding `json:"foreign_nat,omitempty"`
-			}{choice, choice.Reason.Describe(), packetSender(pkt), managed, effective, j.broken, j.decider, foreign})
+			}{choice, choice.Reason.Describe(), verify.SenderName(pkt), managed, effective, j.Broken, j.Decider, foreign})
 		}
 		w := e.out
 		fmt.Fprintf(w, "destination    %s\n", choice.Dst)
@@ -115,8 +116,8 @@ Examples:
 			route += " via " + choice.Gateway.String()
 		}
 		fmt.Fprintf(w, "route          %s dev %s table %s\n", route, choice.Interface, tableName(choice.Table))
-		if j.decider != "" {
-			fmt.Fprintf(w, "decided by     ip rule %s (another tool's, ahead of egress-snat's rules)\n", j.decider)
+		if j.Decider != "" {
+			fmt.Fprintf(w, "decided by     ip rule %s (another tool's, ahead of egress-snat's rules)\n", j.Decider)
 		}
 		fmt.Fprintf(w, "natural source %s\n", choice.Source)
 		fmt.Fprintf(w, "why            %s\n", choice.Reason.Describe())
@@ -134,20 +135,20 @@ Examples:
 		}
 		if pkt.Forwarded {
 			fmt.Fprintf(w, "forwarded from %s\n", pkt.Src)
-		} else if who := packetSender(pkt); who != "host" {
+		} else if who := verify.SenderName(pkt); who != "host" {
 			fmt.Fprintf(w, "sent by        %s\n", who)
 		}
-		if j.pkt.Out != pkt.Out {
-			fmt.Fprintf(w, "marked out of  %s (egress-snat's mark sends this sender's traffic there)\n", j.pkt.Out)
+		if j.Packet.Out != pkt.Out {
+			fmt.Fprintf(w, "marked out of  %s (egress-snat's mark sends this sender's traffic there)\n", j.Packet.Out)
 		}
 		switch {
 		case managed == nil && pkt.Forwarded:
 			fmt.Fprintf(w, "egress-snat    no rule applies: new connections leave with %s, unless another NAT rule (Docker's, libvirt's MASQUERADE) rewrites it\n", pkt.Src)
 		case managed == nil:
 			fmt.Fprintf(w, "egress-snat    no rule applies: new connections leave with %s\n", choice.Source)
-		case j.broken != "":
+		case j.Broken != "":
 			fmt.Fprintf(w, "egress-snat    rule for %s promises %s, but it does not take this traffic now: new connections leave with %s\n", managed.Match, managed.ToString(), effective)
-			fmt.Fprintf(w, "WARNING        %s\n", j.cause())
+			fmt.Fprintf(w, "WARNING        %s\n", j.Cause())
 		case managed.Keep():
 			fmt.Fprintf(w, "egress-snat    rule for %s keeps the natural source %s\n", managed.Match, choice.Source)
 		default:
@@ -197,19 +198,6 @@ func explainPacket(c *cli.Context, choice *selector.Choice) (snat.Packet, error)
 		p.Cgroup = path
 	}
 	return p, nil
-}
-
-// packetSender names who sends p: "host", "from ADDR", "uid N", "cgroup P".
-func packetSender(p snat.Packet) string {
-	switch {
-	case p.Forwarded:
-		return "from " + p.Src.String()
-	case p.HasUID:
-		return snat.UID(p.UID).String()
-	case p.Cgroup != "":
-		return snat.Cgroup(p.Cgroup).String()
-	}
-	return "host"
 }
 
 func tableName(t int) string {

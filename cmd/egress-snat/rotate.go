@@ -9,6 +9,7 @@ import (
 
 	"github.com/egress-snat/egress-snat/conntrack"
 	"github.com/egress-snat/egress-snat/internal/who"
+	"github.com/egress-snat/egress-snat/permanent"
 	"github.com/egress-snat/egress-snat/snat"
 )
 
@@ -112,7 +113,7 @@ Cron example (/etc/cron.d/egress-snat):
 				return nil, err
 			}
 			return snat.Merge(st.Entries(), resolved), nil
-		}, rotateDoc(&moves))
+		}, permanent.Rotate(&moves))
 		if err != nil {
 			return err
 		}

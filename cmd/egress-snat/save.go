@@ -5,8 +5,7 @@ import (
 
 	"github.com/urfave/cli/v2"
 
-	"github.com/egress-snat/egress-snat/config"
-	"github.com/egress-snat/egress-snat/snat"
+	"github.com/egress-snat/egress-snat/permanent"
 )
 
 var saveCommand = &cli.Command{
@@ -32,36 +31,10 @@ instead of writing it.`,
 			return err
 		}
 		path := configPath(c)
-		// Under the lock, so that a concurrent --permanent change lands
-		// before or after this save, not in between.
-		var locker snat.Locker = snat.FileLock{}
-		if e.mgr.Locker != nil {
-			locker = e.mgr.Locker
+		b, n, unsaved, err := permanent.Save(e.mgr, path, e.lockTimeout, c.Bool("dry-run"))
+		for _, en := range unsaved {
+			fmt.Fprintf(c.App.ErrWriter, "warning: %s keeps the source of forwarded traffic; the file cannot state that, so it is not saved\n", en.Match)
 		}
-		unlock, err := locker.Lock(e.lockTimeout)
-		if err != nil {
-			return err
-		}
-		defer unlock()
-		st, err := e.mgr.Read()
-		if err != nil {
-			return err
-		}
-		doc, err := config.OpenDoc(path)
-		if err != nil {
-			return &snat.InvalidError{Err: err}
-		}
-		doc.Clear()
-		entries := st.Entries()
-		for _, en := range entries {
-			s, ok := specOf(en)
-			if !ok {
-				fmt.Fprintf(c.App.ErrWriter, "warning: %s keeps the source of forwarded traffic; the file cannot state that, so it is not saved\n", en.Match)
-				continue
-			}
-			doc.Put(s)
-		}
-		b, err := doc.Bytes()
 		if err != nil {
 			return err
 		}
@@ -69,10 +42,7 @@ instead of writing it.`,
 			_, err := e.out.Write(b)
 			return err
 		}
-		if err := doc.Write(); err != nil {
-			return err
-		}
-		fmt.Fprintf(e.out, "saved %s to %s\n", plural(len(entries), "destination", "destinations"), path)
+		fmt.Fprintf(e.out, "saved %s to %s\n", plural(n, "destination", "destinations"), path)
 		return nil
 	},
 }

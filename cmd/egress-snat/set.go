@@ -6,6 +6,7 @@ import (
 
 	"github.com/urfave/cli/v2"
 
+	"github.com/egress-snat/egress-snat/permanent"
 	"github.com/egress-snat/egress-snat/snat"
 )
 
@@ -154,7 +155,7 @@ func setIntents(c *cli.Context, intents []snat.Intent) error {
 			return nil, err
 		}
 		return snat.Merge(st.Entries(), resolved), nil
-	}, putIntents(intents))
+	}, permanent.Put(intents))
 	if err != nil {
 		return err
 	}

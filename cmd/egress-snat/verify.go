@@ -5,27 +5,15 @@ import (
 	"fmt"
 	"net/netip"
 	"os"
-	"os/exec"
-	"strconv"
 	"strings"
-	"syscall"
 
 	"github.com/urfave/cli/v2"
 
 	"github.com/egress-snat/egress-snat/conntrack"
-	"github.com/egress-snat/egress-snat/internal/who"
 	"github.com/egress-snat/egress-snat/natscan"
-	"github.com/egress-snat/egress-snat/selector"
 	"github.com/egress-snat/egress-snat/snat"
 	"github.com/egress-snat/egress-snat/verify"
 )
-
-// verifyPort is the default destination port: traceroute's first, which
-// nothing is expected to serve, so the probe datagram disturbs nobody.
-const verifyPort = 33434
-
-// maxVerifyFlows bounds the flows of a verify without --dst.
-const maxVerifyFlows = 64
 
 var verifyCommand = &cli.Command{
 	Name:      "verify",
@@ -78,7 +66,7 @@ be checked, 2 bad input.`,
 		&cli.StringFlag{Name: "uid", Usage: "send as `USER|UID`"},
 		&cli.StringFlag{Name: "cgroup", Usage: "send from cgroup v2 `PATH`"},
 		enum(&cli.StringFlag{Name: "proto", Value: "udp", Usage: "`PROTO` of the flow: udp or tcp"}, "udp", "tcp"),
-		&cli.IntFlag{Name: "port", Value: verifyPort, Usage: "destination `PORT`"},
+		&cli.IntFlag{Name: "port", Value: verify.DefaultPort, Usage: "destination `PORT`"},
 		jsonFlag,
 	},
 	Action: func(c *cli.Context) error {
@@ -105,14 +93,15 @@ be checked, 2 bad input.`,
 		if err != nil {
 			return err
 		}
-		var probes []probe
+		host := verifyHost(e)
+		var probes []verify.Probe
 		var skipped []string
 		if c.IsSet("dst") {
 			dst, err := parseDst(c.String("dst"))
 			if err != nil {
 				return err
 			}
-			target, ok, err := safeTarget(e, dst, "", extra)
+			target, ok, err := verify.SafeTarget(host, dst, "", extra)
 			switch {
 			case err != nil:
 				return err
@@ -123,21 +112,21 @@ be checked, 2 bad input.`,
 			if err != nil {
 				return err
 			}
-			probes = append(probes, probe{pkt, target})
-		} else if probes, skipped, err = ruleProbes(e, st.Entries(), extra); err != nil {
+			probes = append(probes, verify.Probe{Packet: pkt, Choice: target})
+		} else if probes, skipped, err = verify.RuleProbes(host, st.Entries(), extra); err != nil {
 			return err
 		}
-		v := verifier{e: e, st: st, proto: proto, port: uint16(port)}
+		v := verify.Verifier{Host: host, State: st, Proto: proto, Port: uint16(port)}
 		results := []verify.Result{} // [] in --json when there is nothing to verify
 		failed := false
 		for _, p := range probes {
-			r, err := v.check(p)
+			r, err := v.Check(p)
 			if err != nil {
 				var inv *snat.InvalidError
 				if errors.As(err, &inv) || len(probes) == 1 {
 					return err
 				}
-				fmt.Fprintf(c.App.ErrWriter, "egress-snat: %s to %s: %v\n", packetSender(p.pkt), p.pkt.Dst, err)
+				fmt.Fprintf(c.App.ErrWriter, "egress-snat: %s to %s: %v\n", verify.SenderName(p.Packet), p.Packet.Dst, err)
 				failed = true
 				continue
 			}
@@ -186,13 +175,6 @@ func parseProbes(c *cli.Context) ([]netip.Addr, error) {
 	return parseAddrs("probe", c.StringSlice("probe"))
 }
 
-// probe is one flow verify starts: its first packet and the kernel's
-// path for it.
-type probe struct {
-	pkt    snat.Packet
-	choice *selector.Choice
-}
-
 func parseProto(s string) (uint8, error) {
 	switch strings.ToLower(s) {
 	case "udp":
@@ -203,239 +185,46 @@ func parseProto(s string) (uint8, error) {
 	return 0, usageError("--proto %q: want udp or tcp", s)
 }
 
-// verifier checks flows against one read of the rules.
-type verifier struct {
-	e     *env
-	st    *snat.State
-	proto uint8
-	port  uint16
-}
-
-// check starts p's flow and compares what left with what the rules
-// promise for it.
-func (v verifier) check(p probe) (verify.Result, error) {
-	j, err := judge(v.e, v.st.Entries(), p.choice, p.pkt)
-	if err != nil {
-		return verify.Result{}, err
-	}
-	promise := verify.Promise{Proto: v.proto, Dst: netip.AddrPortFrom(p.pkt.Dst, v.port), Sources: j.sources, By: j.by}
-	starter, err := v.starter(p.pkt)
-	if err != nil {
-		return verify.Result{}, err
-	}
-	return verify.Check(starter, conntrack.Netlink{Handle: v.e.nl}, promise, func(_, got netip.Addr) string {
-		if c := j.cause(); c != "" {
-			return c
-		}
-		return v.cause(p.pkt, got)
-	})
-}
-
-func (v verifier) starter(p snat.Packet) (verify.Starter, error) {
-	switch {
-	case p.Forwarded:
-		if _, err := v.e.sel.Owner(p.Src); err == nil {
-			return nil, snat.Invalid("--from %s is an address of this host: its traffic is not forwarded", p.Src)
-		}
-		return verify.Forwarded{From: p.Src}, nil
-	case p.Cgroup != "":
-		return verify.Child{Cmd: func(proto uint8, dst netip.AddrPort) (*exec.Cmd, error) {
-			return flowChild(p.Cgroup, proto, dst)
-		}}, nil
-	case p.HasUID:
-		uid := p.UID
-		return verify.Local{UID: &uid}, nil
-	}
-	return verify.Local{}, nil
-}
-
-// flowChild re-executes this binary in its hidden flow mode inside cgroup
-// path: a socket belongs to the cgroup of the process that creates it, and
-// only a whole process can be moved into a cgroup.
-func flowChild(path string, proto uint8, dst netip.AddrPort) (*exec.Cmd, error) {
-	exe, err := os.Executable()
-	if err != nil {
-		exe = "/proc/self/exe"
-	}
-	dir, err := who.OpenCgroup(path)
-	if err != nil {
-		return nil, err
-	}
-	cmd := exec.Command(exe, verifyFlowCommand.Name, "--proto", strconv.Itoa(int(proto)), "--dst", dst.String())
-	cmd.SysProcAttr = &syscall.SysProcAttr{UseCgroupFD: true, CgroupFD: int(dir.Fd())}
-	cmd.ExtraFiles = []*os.File{dir} // open until the child starts; it inherits it as fd 3, unused
-	return cmd, nil
-}
-
-// cause names the likely reason the flow for p left with got.
-func (v verifier) cause(p snat.Packet, got netip.Addr) string {
-	foreign, err := foreignNAT(v.e, []natscan.Traffic{packetPromise(p, p.Dst.String())})
-	if err != nil {
-		return "reading the other NAT rules failed: " + err.Error()
-	}
-	if f, exact := natscan.Explains(foreign, got); f != nil {
-		if exact {
-			return fmt.Sprintf("%s: %s", f.Kind, f.Detail())
-		}
-		return fmt.Sprintf("perhaps %s: %s", f.Kind, f.Detail())
-	}
-	for _, d := range v.e.mgr.Diagnose(v.st, v.st.Entries()) {
-		switch d.Kind {
-		case snat.DriftJumpMissing, snat.DriftJumpNotFirst, snat.DriftChainMissing, snat.DriftChainAltered, snat.DriftChainEmpty:
-			return fmt.Sprintf("%s: %s", d.Kind, d.Detail)
-		}
-	}
-	where := "an iptables nat table"
-	if v.e.ipt != nil {
-		where = fmt.Sprintf("the other iptables backend (iptables-%s)", v.e.flavour.Other())
-	}
-	return fmt.Sprintf("no NAT rule egress-snat can read sends it from %s: look for NAT in %s, a policy route or an application binding that address", got, where)
-}
-
-// ruleProbes picks one destination of every installed entry to send to
-// (see safeTarget), sent as its sender; beyond maxVerifyFlows, one per
-// source group. skipped names the entries with no address verify may send
-// to.
-func ruleProbes(e *env, entries []snat.Entry, extra []netip.Addr) (probes []probe, skipped []string, err error) {
-	type group struct {
-		sender  snat.Sender
-		out, to string
-	}
-	seen := map[group]bool{}
-	for _, en := range entries {
-		g := group{en.Sender, en.Out, en.ToString()}
-		if len(entries) > maxVerifyFlows && seen[g] {
-			continue
-		}
-		choice, ok, err := safeTarget(e, en.Dst, en.Out, extra)
-		if err != nil {
-			return nil, nil, fmt.Errorf("rule for %s: %w", en.Match, err)
-		}
-		if !ok {
-			if len(entries) <= maxVerifyFlows || !seen[g] {
-				skipped = append(skipped, fmt.Sprintf("%s -> %s: no address of it is a documentation address or one named by --probe", en.Match, en.ToString()))
+// verifyHost is what verify and watch's verify canary check flows with:
+// the env's host, and this command's reading of the foreign NAT as the
+// first cause of a flow that differs.
+func verifyHost(e *env) verify.Host {
+	return verify.Host{
+		Owners:    e.sel,
+		Paths:     e.paths,
+		Policy:    e.policy,
+		Manager:   e.mgr,
+		Conntrack: conntrack.Netlink{Handle: e.nl},
+		ForeignNAT: func(p snat.Packet, got netip.Addr) (string, error) {
+			foreign, err := foreignNAT(e, []natscan.Traffic{packetPromise(p, p.Dst.String())})
+			if err != nil {
+				return "", err
 			}
-			continue
-		}
-		seen[g] = true
-		p := snat.Packet{Dst: choice.Probe, Out: choice.Interface, Src: choice.Source}
-		switch en.Sender.Kind {
-		case snat.SenderFrom:
-			a, ok := clientIn(e, en.Sender.From)
-			if !ok {
-				continue
+			if f, exact := natscan.Explains(foreign, got); f != nil {
+				if exact {
+					return fmt.Sprintf("%s: %s", f.Kind, f.Detail()), nil
+				}
+				return fmt.Sprintf("perhaps %s: %s", f.Kind, f.Detail()), nil
 			}
-			p.Src, p.Forwarded = a, true
-		case snat.SenderUID:
-			p.HasUID, p.UID = true, en.Sender.UID
-		case snat.SenderCgroup:
-			p.Cgroup = en.Sender.Cgroup
-		}
-		probes = append(probes, probe{p, choice})
-		if len(probes) == maxVerifyFlows {
-			break
-		}
+			return "", nil
+		},
+		OtherBackend: otherNAT(e),
 	}
-	return probes, skipped, nil
 }
 
-// safeTarget picks the address verify sends to for destination dst, and
-// looks its path up: dst itself when it is one address (a destination the
-// operator named); else an address inside dst of a documentation or
-// benchmarking range (nobody's), else of extra (--probe: the operator's),
-// that leaves the way dst does (the interface and natural source the
-// rule matches). It reports false when there is none: verify never sends
-// to any other address.
-func safeTarget(e *env, dst netip.Prefix, out string, extra []netip.Addr) (*selector.Choice, bool, error) {
-	lookup := func(a netip.Addr) (*selector.Choice, error) {
-		c, err := e.paths.Lookup(netip.PrefixFrom(a, a.BitLen()), out)
-		if err != nil && selector.IsInput(err) {
-			return nil, snat.Invalid("%s: %w", a, err)
-		}
-		return c, err
+// otherNAT names where NAT rules egress-snat cannot read may be, for
+// verify's cause of a flow nothing it reads explains.
+func otherNAT(e *env) string {
+	if e.ipt != nil {
+		return fmt.Sprintf("the other iptables backend (iptables-%s)", e.flavour.Other())
 	}
-	if dst.IsSingleIP() {
-		c, err := lookup(dst.Addr())
-		return c, err == nil, err
-	}
-	whole, err := e.paths.Lookup(dst, out)
-	if err != nil {
-		if selector.IsInput(err) {
-			return nil, false, snat.Invalid("%s: %w", dst, err)
-		}
-		return nil, false, err
-	}
-	for _, a := range safeAddrs(dst, extra) {
-		c, err := lookup(a)
-		if err != nil {
-			continue // not routed as the rule's traffic is: try the next
-		}
-		if c.Interface == whole.Interface && c.Source == whole.Source && c.Table == whole.Table {
-			return c, true, nil
-		}
-	}
-	return nil, false, nil
-}
-
-// safeAddrs lists the addresses inside dst verify may send to, in the
-// order it tries them: a few of each documentation range inside dst (away
-// from the range's first and last address, which a network may give to
-// its gateway or broadcast), then the --probe addresses inside it.
-func safeAddrs(dst netip.Prefix, extra []netip.Addr) []netip.Addr {
-	var out []netip.Addr
-	for _, d := range snat.DocPrefixes {
-		if d.Addr().Is4() != dst.Addr().Is4() {
-			continue
-		}
-		inside := d
-		switch {
-		case dst.Bits() <= d.Bits() && dst.Contains(d.Addr()):
-		case d.Bits() <= dst.Bits() && d.Contains(dst.Addr()):
-			inside = dst
-		default:
-			continue
-		}
-		a := inside.Addr()
-		for range 3 {
-			if a = a.Next(); !a.IsValid() || !inside.Contains(a) {
-				break
-			}
-			out = append(out, a)
-		}
-	}
-	for _, a := range extra {
-		if dst.Contains(a) {
-			out = append(out, a)
-		}
-	}
-	return out
-}
-
-// clientIn picks a client address inside a --from prefix: from the top of
-// the prefix down, since the bottom usually holds the gateway (this host),
-// skipping the broadcast address and this host's own addresses.
-func clientIn(e *env, p netip.Prefix) (netip.Addr, bool) {
-	last := natscan.PrefixRange(p).To
-	a := last
-	if p.Bits() < p.Addr().BitLen()-1 {
-		a = a.Prev() // not the broadcast address
-	}
-	for range 16 {
-		if !p.Contains(a) {
-			break
-		}
-		if _, err := e.sel.Owner(a); err != nil {
-			return a, true
-		}
-		a = a.Prev()
-	}
-	return netip.Addr{}, false
+	return "an iptables nat table"
 }
 
 // verifyFlowCommand is verify's child for --cgroup: it starts the flow,
 // reports its tuple and holds it until its stdin closes.
 var verifyFlowCommand = &cli.Command{
-	Name:   "__verify-flow",
+	Name:   verify.FlowCommand,
 	Hidden: true,
 	Flags: []cli.Flag{
 		&cli.IntFlag{Name: "proto"},

@@ -1,4 +1,4 @@
-package main
+package pending
 
 import (
 	"net/netip"
@@ -32,12 +32,12 @@ func TestPendingEntriesRoundTrip(t *testing.T) {
 	}
 	// The record must keep every field, or a revert is not exact.
 	if n := reflect.TypeFor[snat.Entry]().NumField(); n != 7 {
-		t.Errorf("snat.Entry has %d fields: update savedEntry in confirm.go to keep them all", n)
+		t.Errorf("snat.Entry has %d fields: update savedEntry in pending/entries.go to keep them all", n)
 	}
 	if n := reflect.TypeFor[snat.Match]().NumField(); n != 3 {
-		t.Errorf("snat.Match has %d fields: update savedEntry in confirm.go to keep them all", n)
+		t.Errorf("snat.Match has %d fields: update savedEntry in pending/entries.go to keep them all", n)
 	}
 	if n := reflect.TypeFor[snat.Sender]().NumField(); n != 4 {
-		t.Errorf("snat.Sender has %d fields: update savedEntry in confirm.go to keep them all", n)
+		t.Errorf("snat.Sender has %d fields: update savedEntry in pending/entries.go to keep them all", n)
 	}
 }

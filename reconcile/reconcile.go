@@ -1,0 +1,151 @@
+package reconcile
+
+import (
+	"maps"
+	"net/netip"
+	"runtime/debug"
+	"slices"
+	"time"
+
+	"github.com/egress-snat/egress-snat/conntrack"
+	"github.com/egress-snat/egress-snat/routes"
+	"github.com/egress-snat/egress-snat/snat"
+)
+
+// reconcile resolves the desired state against the host as it is now and
+// applies it through the one write path.
+func (d *Daemon) reconcile(reason string) error {
+	var skipped []snat.Skipped
+	start := time.Now()
+	again := d.resolve.Swap(false) || d.plan.Desired == nil
+	if again {
+		d.router.Forget() // addresses and routes may have changed
+	}
+	req := snat.Request{LockTimeout: d.lockTimeout}
+	if !again {
+		// Repairing drift: what was written last is known; reading the
+		// sets' members again is most of a repair's time at 100k
+		// destinations.
+		req.Known = d.plan.NAT
+	}
+	req.Desired = func(*snat.State) ([]snat.Entry, error) {
+		// Under the lock a --permanent run's file and kernel agree: a file
+		// replaced since the last read is read now, not after the canary
+		// has undone the run with the old one.
+		if d.reloadIfChanged() {
+			again = true
+		}
+		if !again {
+			return d.plan.Desired, nil
+		}
+		intents, err := d.file.Intents()
+		if err != nil {
+			return nil, &snat.InvalidError{Err: err}
+		}
+		desired, s, err := snat.ResolveAvailable(d.router, intents)
+		skipped = s
+		return desired, err
+	}
+	_, plan, err := d.m.Update(req)
+	if err != nil {
+		if again {
+			d.resolve.Store(true)
+		}
+		return err
+	}
+	if again {
+		d.reportSkipped(skipped)
+	}
+	previous := d.plan.Desired
+	d.plan = plan
+	d.plan.Steps, d.plan.Changes = nil, nil // written; not needed again
+	d.wantRules = map[snat.Family][]routes.Rule{}
+	for _, f := range snat.Families {
+		d.wantRules[f] = plan.Routing[f].Rules
+	}
+	// Our own write moved the generations: start from them.
+	if gens, err := d.m.Generations(); err == nil {
+		d.gens = gens
+	}
+	d.lastQuick, d.lastFull = time.Now(), time.Now() // Update read everything
+	// A reconcile of a large file reads and renders far more than the
+	// daemon keeps; give that back, so an idle daemon stays small.
+	defer debug.FreeOSMemory()
+	if plan.Empty() {
+		d.log.Debug("in sync", "reason", reason)
+		return nil
+	}
+	d.applies++
+	d.log.Info("converged", "reason", reason, "summary", plan.Summary(), "took", time.Since(start).Round(time.Millisecond))
+	d.flushVanished(previous, plan.Desired)
+	return nil
+}
+
+// reportSkipped warns of each cause of rules left out (an address that
+// left the host, an interface that went down) when it first appears, with
+// the number of rules it takes out, and says when it is gone, instead of a
+// line per destination, or per resolve while the cause lasts: the log of
+// a flapping address does not grow with the number of destinations.
+func (d *Daemon) reportSkipped(skipped []snat.Skipped) {
+	now := map[string]int{}
+	first := map[string]snat.Match{}
+	for _, s := range skipped {
+		if now[s.Cause] == 0 {
+			first[s.Cause] = s.Match
+		}
+		now[s.Cause]++
+	}
+	for _, cause := range slices.Sorted(maps.Keys(now)) {
+		if d.leftOut[cause] == 0 {
+			d.log.Warn("rule left out until its address or route returns", "why", cause, "rules", now[cause], "first", first[cause].String())
+		}
+	}
+	for _, cause := range slices.Sorted(maps.Keys(d.leftOut)) {
+		if now[cause] == 0 {
+			d.log.Info("rule left out is back", "was", cause, "rules", d.leftOut[cause])
+		}
+	}
+	d.leftOut = now
+}
+
+// flushVanished deletes the conntrack entries of flows NATed to a source
+// that left the host: they would otherwise keep using it until they end.
+// One deletion (one pass over the conntrack table) and one line per
+// address, for all the destinations it served.
+func (d *Daemon) flushVanished(previous, now []snat.Entry) {
+	current := map[snat.Match]snat.Entry{}
+	for _, e := range now {
+		current[e.Match] = e
+	}
+	gone := map[netip.Addr]bool{} // by address: left the host
+	served := map[netip.Addr][]netip.Prefix{}
+	var order []netip.Addr
+	for _, old := range previous {
+		for _, a := range old.To {
+			if n, ok := current[old.Match]; ok && len(n.To) > 0 && n.To[0] == a {
+				continue
+			}
+			left, known := gone[a]
+			if !known {
+				_, err := d.router.Owner(a)
+				left = err != nil
+				gone[a] = left
+				if left {
+					order = append(order, a)
+				}
+			}
+			if left {
+				served[a] = append(served[a], old.Dst)
+			}
+		}
+	}
+	for _, a := range order {
+		dsts := served[a]
+		n, err := d.conntrack.DeleteBinding(conntrack.Binding{Dsts: dsts, To: a})
+		if err != nil {
+			d.log.Warn("deleting conntrack entries of a vanished address failed", "address", a, "rules", len(dsts), "err", err)
+			continue
+		}
+		d.log.Info("deleted conntrack entries bound to a vanished address", "address", a, "entries", n, "rules", len(dsts))
+	}
+}
