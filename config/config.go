@@ -13,6 +13,9 @@
 //	    dst-file: partners.txt    # one address or CIDR a line, '#' comments
 //	  - to: 192.0.2.23
 //	    from: [172.30.0.0/16]     # forwarded traffic from these sources
+//	  - to: 192.0.2.100
+//	    from: [10.50.0.0/24]
+//	    standby: true             # a gateway pair's address: may be on the peer
 //	  - to: 192.0.2.22
 //	    uid: postfix              # or a uid; or cgroup: system.slice/x.service
 //	    dst: [0.0.0.0/0]
@@ -77,6 +80,7 @@ type Rule struct {
 	Spread  bool     `yaml:"spread"`
 	Via     Addrs    `yaml:"via"`
 	Method  string   `yaml:"method"`
+	Standby bool     `yaml:"standby"`
 
 	line int
 	// dstFile holds the destinations read from DstFile.
@@ -313,8 +317,15 @@ func (r Rule) check() error {
 	if len(r.Via) == 1 && r.Via[0].Is4() != r.To[0].Is4() {
 		return fmt.Errorf("via %s and source %s are of different address families", r.Via[0], r.To[0])
 	}
-	if _, err := snat.ParseMethod(r.Method); err != nil {
+	m, err := snat.ParseMethod(r.Method)
+	if err != nil {
 		return err
+	}
+	if r.Standby && len(r.From) == 0 {
+		return errors.New("'standby' is for a gateway's forwarded traffic: give 'from' (the host's own connections cannot wait for an address the peer holds)")
+	}
+	if r.Standby && m == snat.MethodRoute {
+		return errors.New("'standby' needs method snat: a route's src must be an address the host has")
 	}
 	for _, p := range r.From {
 		if p.Addr().Is4() != r.To[0].Is4() {
@@ -459,7 +470,7 @@ func (f *File) Intents() ([]snat.Intent, error) {
 				via = r.Via[0]
 			}
 			for _, s := range senders {
-				out = append(out, snat.Intent{Sender: s, Dst: d, To: r.To, Out: r.Out, Spread: r.Spread, Via: via, Method: method})
+				out = append(out, snat.Intent{Sender: s, Dst: d, To: r.To, Out: r.Out, Spread: r.Spread, Via: via, Method: method, Standby: r.Standby})
 			}
 		}
 	}

@@ -85,6 +85,17 @@ var RuleKeys = []Key{
 			"auto: route where it does the same, snat elsewhere.",
 		Example: "method: route",
 	},
+	{
+		Name: "standby", Type: "true or false",
+		Meaning: "The address of to may legitimately be on the other gateway of a pair (egress-snat ha). " +
+			"While this host lacks it the rule stands by instead of being an error: its SNAT rule is " +
+			"installed, and the clients' packets that belong to no known connection are dropped, so " +
+			"nothing leaves untranslated when the address arrives. The rule is activated when the " +
+			"daemon is told (the HA hook, after conntrackd committed the peer's connections) or after " +
+			"watch --activate-after. Only with from; without standby, a missing address is an error " +
+			"(apply) or drift (check).",
+		Example: "standby: true",
+	},
 }
 
 // isRuleKey reports whether name is a key of RuleKeys.
@@ -131,4 +142,7 @@ const ExampleFile = `rules:
   - to: 192.0.2.22
     dst: [198.51.100.9]
     method: route                  # a route with src instead of SNAT
+  - to: 192.0.2.100
+    from: [10.50.0.0/24]
+    standby: true                  # a gateway pair's address: may be on the peer
 `

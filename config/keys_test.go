@@ -31,6 +31,9 @@ func TestRuleKeysAreRuleFields(t *testing.T) {
 		if k.Name != "to" && k.Name != "dst" {
 			doc += "    " + k.Example + "\n"
 		}
+		if k.Name == "standby" { // only with from
+			doc += "    from: [10.50.0.0/24]\n"
+		}
 		if _, err := Decode(strings.NewReader(doc)); err != nil {
 			t.Errorf("key %s: its example does not decode in a rule: %v\n%s", k.Name, err, doc)
 		}

@@ -24,6 +24,8 @@ type savedEntry struct {
 	Via     netip.Addr      `json:"via,omitzero"`
 	Replies bool            `json:"replies,omitempty"`
 	Marked  bool            `json:"marked,omitempty"`
+	Hold    bool            `json:"hold,omitempty"`
+	Standby bool            `json:"standby,omitempty"`
 }
 
 func encodeEntries(es []snat.Entry) ([]byte, error) {
@@ -33,6 +35,7 @@ func encodeEntries(es []snat.Entry) ([]byte, error) {
 			Sender: e.Sender.Kind, From: e.Sender.From, UID: e.Sender.UID, Cgroup: e.Sender.Cgroup,
 			Dst: e.Dst, Out: e.Out, Natural: e.Natural, To: e.To,
 			Routed: e.Routed, Via: e.Via, Replies: e.Replies, Marked: e.Marked,
+			Hold: e.Hold, Standby: e.Standby,
 		})
 	}
 	return json.Marshal(saved)
@@ -49,6 +52,7 @@ func decodeEntries(b []byte) ([]snat.Entry, error) {
 			Match:   snat.Match{Sender: snat.Sender{Kind: s.Sender, From: s.From, UID: s.UID, Cgroup: s.Cgroup}, Dst: s.Dst, Out: s.Out},
 			Natural: s.Natural, To: s.To,
 			Routed: s.Routed, Via: s.Via, Replies: s.Replies, Marked: s.Marked,
+			Hold: s.Hold, Standby: s.Standby,
 		})
 	}
 	return out, nil

@@ -140,7 +140,7 @@ func IntentsOf(entries []Entry) []Intent {
 	var out []Intent
 	for _, en := range entries {
 		if !en.Keep() {
-			in := Intent{Sender: en.Sender, Dst: en.Dst, To: en.To, Out: en.Out, Spread: len(en.To) > 1}
+			in := Intent{Sender: en.Sender, Dst: en.Dst, To: en.To, Out: en.Out, Spread: len(en.To) > 1, Standby: en.Hold}
 			switch {
 			case en.Replies || en.Marked:
 				// Another interface: resolving finds it again from To.

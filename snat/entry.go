@@ -60,6 +60,16 @@ type Entry struct {
 	// interface than its destination's route, by a mark (see mangle.go);
 	// Replies is then true too, and Via is Out's gateway.
 	Marked bool
+	// Hold says the entry is standing by (see standby.go): its SNAT rule
+	// is installed, and the clients' packets that belong to no connection
+	// the kernel knows are dropped, until the entry is activated. The
+	// backends write and read it back.
+	Hold bool
+	// Standby says the entry's rule may legitimately have its source on
+	// the peer gateway (the rule's standby: key), so an absent source
+	// holds it instead of leaving it out. It is the rule's, not the
+	// kernel's: it is never read back and takes no part in Equal.
+	Standby bool
 }
 
 // Method is how an entry is realized: "snat" (a rule in the nat chain) or
@@ -86,10 +96,12 @@ type entryJSON struct {
 	To      []netip.Addr `json:"to"`
 	Method  string       `json:"method"`
 	Via     string       `json:"via,omitempty"`
+	// Hold is true while the entry stands by (see Entry.Hold).
+	Hold bool `json:"hold,omitempty"`
 }
 
 func (e Entry) MarshalJSON() ([]byte, error) {
-	j := entryJSON{Sender: e.Sender.kind().String(), Dst: e.Dst, Out: e.Out, To: e.To, Method: e.Method()}
+	j := entryJSON{Sender: e.Sender.kind().String(), Dst: e.Dst, Out: e.Out, To: e.To, Method: e.Method(), Hold: e.Hold}
 	if e.Via.IsValid() {
 		j.Via = e.Via.String()
 	}
@@ -124,7 +136,8 @@ func (e Entry) Keep() bool { return len(e.To) == 0 }
 // Equal compares two entries field by field.
 func (e Entry) Equal(o Entry) bool {
 	return e.Match == o.Match && e.Natural == o.Natural && slices.Equal(e.To, o.To) &&
-		e.Routed == o.Routed && e.Via == o.Via && e.Replies == o.Replies && e.Marked == o.Marked
+		e.Routed == o.Routed && e.Via == o.Via && e.Replies == o.Replies && e.Marked == o.Marked &&
+		e.Hold == o.Hold
 }
 
 // ToString renders To for people: "192.0.2.23", "192.0.2.22,192.0.2.23",
@@ -155,6 +168,9 @@ func (e Entry) String() string {
 	marked := ""
 	if e.Marked {
 		marked = " (marked out of " + e.Out + " via " + e.Via.String() + ")"
+	}
+	if e.Hold {
+		marked += " (standing by)"
 	}
 	if !e.Sender.Local() {
 		return fmt.Sprintf("%s to %s via %s -> %s%s", e.Sender, e.Dst, e.Out, e.ToString(), marked)

@@ -54,6 +54,10 @@ type Intent struct {
 	Via netip.Addr
 	// Method is MethodSNAT (the default), MethodRoute or MethodAuto.
 	Method Method
+	// Standby says the source may be on the peer gateway of a pair: while
+	// the host lacks it, the rule stands by (see standby.go) instead of
+	// being an error or left out. Only for forwarded traffic, by SNAT.
+	Standby bool
 }
 
 // Method is how an intent is realized.
@@ -281,6 +285,14 @@ func resolveOne(r Router, in Intent, lenient bool) (Entry, error) {
 			return Entry{}, Invalid("--from %s has host bits set; did you mean %s?", s.From, s.From.Masked())
 		}
 	}
+	if in.Standby {
+		switch {
+		case in.Sender.kind() != SenderFrom:
+			return Entry{}, Invalid("%s: standby is for a gateway's forwarded traffic (a rule with from): the host's own connections cannot wait for an address the peer holds", describe(Match{Sender: in.Sender, Dst: dst}))
+		case in.Method == MethodRoute:
+			return Entry{}, Invalid("%s: standby needs method snat: a route's src must be an address the host has", describe(Match{Sender: in.Sender, Dst: dst}))
+		}
+	}
 	if in.Method == MethodRoute && !in.routable() {
 		return Entry{}, Invalid("%s: --method route can only choose the host's own traffic by destination, to one source (forwarded, uid, cgroup and spread traffic need --method snat or auto)", describe(Match{Sender: in.Sender, Dst: dst}))
 	}
@@ -318,13 +330,16 @@ func resolveOne(r Router, in Intent, lenient bool) (Entry, error) {
 	if in.Spread && missing == nil && len(to) == len(in.To) {
 		to = slices.Clip(in.To) // all present: share the rule's array
 	}
-	if len(to) == 0 || (missing != nil && in.Spread && !lenient) {
+	if len(to) == 0 && in.Standby {
+		return standingBy(in, dst, iface), nil
+	}
+	if len(to) == 0 || (missing != nil && in.Spread && !lenient && !in.Standby) {
 		return Entry{}, missing
 	}
 	if in.Via.IsValid() && in.Via != gw {
 		return Entry{}, Invalid("--via %s: traffic to %s leaves by %s through %s already; --via is for a source on another interface", in.Via, dst, iface, gwName(gw))
 	}
-	e := Entry{Match: Match{Sender: in.Sender, Dst: dst, Out: iface}, To: to}
+	e := Entry{Match: Match{Sender: in.Sender, Dst: dst, Out: iface}, To: to, Standby: in.Standby}
 	if in.Sender.Local() {
 		e.Natural = natural
 	}
@@ -385,7 +400,7 @@ func otherInterface(r Router, in Intent, dst netip.Prefix, a netip.Addr, owner, 
 		}
 	}
 	if !in.Sender.IsHost() {
-		e := Entry{Match: Match{Sender: in.Sender, Dst: dst, Out: owner}, To: []netip.Addr{a}, Via: gw, Replies: true, Marked: true}
+		e := Entry{Match: Match{Sender: in.Sender, Dst: dst, Out: owner}, To: []netip.Addr{a}, Via: gw, Replies: true, Marked: true, Standby: in.Standby}
 		if in.Sender.Local() {
 			e.Natural = natural
 		}
