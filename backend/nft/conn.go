@@ -318,7 +318,7 @@ var hookNames = map[uint32]string{
 }
 
 // chainOrder is the order of our chains in a Table.
-var chainOrder = []string{ChainNAT, ChainMarkOut, ChainMarkFwd}
+var chainOrder = []string{ChainNAT, ChainMarkOut, ChainMarkFwd, ChainHold}
 
 func (c *Conn) readOnce(elems bool) (*Table, error) {
 	tbl, err := c.lib.ListTableOfFamily(TableName, nftables.TableFamilyINet)
@@ -433,7 +433,7 @@ func (c *Conn) readOnce(elems bool) (*Table, error) {
 // ("d4-24-0123456789").
 func parseSetName(name string) (Set, bool) {
 	parts := strings.Split(name, "-")
-	if len(parts) != 3 || len(parts[0]) != 2 || (parts[0][0] != 'd' && parts[0][0] != 'm') {
+	if len(parts) != 3 || len(parts[0]) != 2 || !strings.ContainsRune("dmh", rune(parts[0][0])) {
 		return Set{}, false
 	}
 	var f snat.Family

@@ -93,6 +93,14 @@ func decodeRule(exprs []expr.Any, spread func(name string) ([]netip.Addr, error)
 				r.CtNew = true
 				continue
 			}
+			if e.Key == expr.CtKeySTATE && !e.SourceRegister && isBitwise(d.peek(), ctStateNew|ctStateInvalid, 0) {
+				d.i++
+				if v, ok := d.cmp32(expr.CmpOpNeq); !ok || v != 0 || r.CtNewOrInvalid {
+					return r, d.bad(start)
+				}
+				r.CtNewOrInvalid = true
+				continue
+			}
 			// ct mark & M == V meta mark set meta mark & ~M | V
 			if e.Key != expr.CtKeyMARK || e.SourceRegister || !d.ours() {
 				return r, d.bad(start)
@@ -188,6 +196,8 @@ func decodeRule(exprs []expr.Any, spread func(name string) ([]netip.Addr, error)
 				r.Action = Action{Kind: ActAccept}
 			case e.Kind == expr.VerdictReturn && d.done():
 				r.Action = Action{Kind: ActReturn}
+			case e.Kind == expr.VerdictDrop && d.done():
+				r.Action = Action{Kind: ActDrop}
 			default:
 				return r, d.bad(start)
 			}

@@ -39,6 +39,14 @@
 //	  chain mark-prerouting  type filter hook prerouting priority mangle (-150)
 //	    the same for --from senders, without the ct mark rules
 //
+//	  chain hold-forward  type filter hook forward priority filter (0)    only with
+//	    meta nfproto ipv4 ct state invalid,new oifname OUT <sender>          a rule standing
+//	      ip daddr ... counter drop                                          by (snat/standby.go)
+//
+// Why the hold drops in forward and not in the nat chain: NAT sees only a
+// connection's first packet and none that conntrack calls invalid, and a
+// drop in any base chain is final, so its priority does not matter.
+//
 // Why one inet table rather than an ip and an ip6 pair: both families are
 // one transaction, one generation to watch, and one message to delete; the
 // rules that match no address (the ct mark rules) are written once; and
@@ -102,10 +110,15 @@ const (
 	ChainMarkOut = "mark-output"
 	// ChainMarkFwd marks forwarded senders' traffic, on prerouting.
 	ChainMarkFwd = "mark-prerouting"
+	// ChainHold drops what a rule standing by must not let through, on
+	// forward.
+	ChainHold = "hold-forward"
 	// NATPriority is ChainNAT's priority: srcnat - 10.
 	NATPriority = 90
 	// MarkPriority is the mark chains' priority: mangle.
 	MarkPriority = -150
+	// HoldPriority is ChainHold's priority: filter.
+	HoldPriority = 0
 	// MarkMask holds the marks of ours (routes.MarkMask).
 	MarkMask = routes.MarkMask
 )

@@ -478,10 +478,15 @@ func ruleExprs(r Rule, mapID uint32) ([]expr.Any, error) {
 	if (r.Src.IsValid() || r.Dst.IsValid() || r.Set != "" || r.Action.Kind == ActSNAT) && r.Family == 0 {
 		return nil, fmt.Errorf("an address match or SNAT needs the rule's family")
 	}
-	if r.CtNew {
-		add(&expr.Ct{Key: expr.CtKeySTATE, Register: reg},
-			&expr.Bitwise{SourceRegister: reg, DestRegister: reg, Len: 4, Mask: native32(ctStateNew), Xor: native32(0)},
-			&expr.Cmp{Op: expr.CmpOpNeq, Register: reg, Data: native32(0)})
+	for _, c := range []struct {
+		on   bool
+		mask uint32
+	}{{r.CtNew, ctStateNew}, {r.CtNewOrInvalid, ctStateNew | ctStateInvalid}} {
+		if c.on {
+			add(&expr.Ct{Key: expr.CtKeySTATE, Register: reg},
+				&expr.Bitwise{SourceRegister: reg, DestRegister: reg, Len: 4, Mask: native32(c.mask), Xor: native32(0)},
+				&expr.Cmp{Op: expr.CmpOpNeq, Register: reg, Data: native32(0)})
+		}
 	}
 	if r.Unmarked {
 		add(&expr.Meta{Key: expr.MetaKeyMARK, Register: reg}, ours(), &expr.Cmp{Op: expr.CmpOpEq, Register: reg, Data: native32(0)})
@@ -533,6 +538,8 @@ func ruleExprs(r Rule, mapID uint32) ([]expr.Any, error) {
 		add(&expr.Verdict{Kind: expr.VerdictAccept})
 	case ActReturn:
 		add(&expr.Verdict{Kind: expr.VerdictReturn})
+	case ActDrop:
+		add(&expr.Verdict{Kind: expr.VerdictDrop})
 	case ActCount:
 	case ActMark:
 		add(&expr.Meta{Key: expr.MetaKeyMARK, Register: reg}, markBits(a.Mark), &expr.Meta{Key: expr.MetaKeyMARK, Register: reg, SourceRegister: true})
@@ -600,4 +607,5 @@ const (
 	nftaTableUserdata = 6 // NFTA_TABLE_USERDATA
 	nfAccept          = 1 // NF_ACCEPT
 	ctStateNew        = 8 // NF_CT_STATE_BIT(IP_CT_NEW)
+	ctStateInvalid    = 1 // NF_CT_STATE_INVALID_BIT
 )

@@ -36,6 +36,7 @@ func TestRuleRoundTrip(t *testing.T) {
 		{Action: Action{Kind: ActSaveMark, Mark: 0}},
 		{Action: Action{Kind: ActSaveMark, Mark: 0x02000000}},
 		keeper,
+		{Family: snat.IPv4, CtNewOrInvalid: true, Out: "eth0", Forwarded: true, Src: pfx("10.88.0.0/24"), Counter: true, Action: Action{Kind: ActDrop}},
 	}
 	for _, r := range rules {
 		exprs, err := ruleExprs(r, 1)

@@ -10,8 +10,9 @@ import (
 // entries reads the table back as the entries of family f that Render
 // wrote it from: one per destination of each rule of the nat chain, marked
 // where a mark chain's rule marks the same sender and destination, with
-// the Via of that mark's reply table in routing. Routed entries have no
-// rule: routes carries them (snat reads them from there).
+// the Via of that mark's reply table in routing, and held where the hold
+// chain drops for the same sender, destination and interface. Routed
+// entries have no rule: routes carries them (snat reads them from there).
 func (t *Table) entries(f snat.Family, routing routes.State) []snat.Entry {
 	nat := t.Chain(ChainNAT)
 	if nat == nil {
@@ -33,6 +34,21 @@ func (t *Table) entries(f snat.Family, routing routes.State) []snat.Entry {
 			}
 			for _, d := range t.destinations(r) {
 				marks[key{ruleSender(r), d}] = r.Action.Mark
+			}
+		}
+	}
+	type holdKey struct {
+		key
+		out string
+	}
+	held := map[holdKey]bool{}
+	if c := t.Chain(ChainHold); c != nil {
+		for _, r := range c.Rules {
+			if r.Action.Kind != ActDrop || r.Family != f {
+				continue
+			}
+			for _, d := range t.destinations(r) {
+				held[holdKey{key{ruleSender(r), d}, r.Out}] = true
 			}
 		}
 	}
@@ -66,6 +82,7 @@ func (t *Table) entries(f snat.Family, routing routes.State) []snat.Entry {
 			if m, ok := marks[key{en.Sender, d}]; ok && !en.Keep() {
 				en.Marked, en.Replies, en.Via = true, true, via[byMark[m]]
 			}
+			en.Hold = held[holdKey{key{en.Sender, d}, en.Out}]
 			out = append(out, en)
 		}
 	}

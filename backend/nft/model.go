@@ -13,7 +13,7 @@ import (
 )
 
 // Table is our table, typed: what Render wants and what Read found. Chains
-// are in a fixed order (ChainNAT, ChainMarkOut, ChainMarkFwd, as present),
+// are in a fixed order (ChainNAT, ChainMarkOut, ChainMarkFwd, ChainHold, as present),
 // sets sorted by name.
 type Table struct {
 	Chains []Chain
@@ -65,6 +65,9 @@ type Rule struct {
 	// nat chain, which sees no others, it matches everything: the rule
 	// is there for its conntrack expression (see keeper in render.go).
 	CtNew bool
+	// CtNewOrInvalid matches the packets of no connection conntrack knows
+	// (ct state new,invalid): what a hold drops.
+	CtNewOrInvalid bool
 	// Unmarked matches packets that carry no mark of ours yet
 	// (meta mark & MarkMask == 0): the first marking rule wins.
 	Unmarked bool
@@ -122,6 +125,8 @@ const (
 	ActCount ActionKind = "count"
 	// ActReturn ends a mark chain without marking.
 	ActReturn ActionKind = "return"
+	// ActDrop drops the packet: a hold's rule.
+	ActDrop ActionKind = "drop"
 	// ActMark sets the mark of ours to Action.Mark, keeping other bits.
 	ActMark ActionKind = "mark"
 	// ActRestoreMark: for a connection whose ct mark of ours is
@@ -139,7 +144,7 @@ func (a Action) equal(o Action) bool {
 
 // Equal compares two rules, without their counters' values.
 func (r Rule) Equal(o Rule) bool {
-	return r.Family == o.Family && r.CtNew == o.CtNew && r.Unmarked == o.Unmarked && r.Out == o.Out && r.Forwarded == o.Forwarded &&
+	return r.Family == o.Family && r.CtNew == o.CtNew && r.CtNewOrInvalid == o.CtNewOrInvalid && r.Unmarked == o.Unmarked && r.Out == o.Out && r.Forwarded == o.Forwarded &&
 		r.Src == o.Src && r.HasUID == o.HasUID && r.UID == o.UID && r.Cgroup == o.Cgroup &&
 		r.Dst == o.Dst && r.Set == o.Set && r.SetBits == o.SetBits && r.Counter == o.Counter &&
 		r.Comment == o.Comment && r.Action.equal(o.Action)
@@ -403,6 +408,9 @@ func (r Rule) String() string {
 	if r.CtNew {
 		add("ct state new")
 	}
+	if r.CtNewOrInvalid {
+		add("ct state invalid,new")
+	}
 	if r.Unmarked {
 		add(fmt.Sprintf("meta mark & %#08x == 0", MarkMask))
 	}
@@ -486,6 +494,8 @@ func (h Hook) String() string {
 		prio = "srcnat - 10"
 	case MarkPriority:
 		prio = "mangle"
+	case HoldPriority:
+		prio = "filter"
 	}
 	return fmt.Sprintf("type %s hook %s priority %s; policy accept;", h.Type, h.Hook, prio)
 }

@@ -16,6 +16,7 @@ import (
 	"github.com/vishvananda/netns"
 
 	"github.com/egress-snat/egress-snat/internal/lab"
+	"github.com/egress-snat/egress-snat/routes"
 	"github.com/egress-snat/egress-snat/snat"
 )
 
@@ -169,6 +170,38 @@ func TestWireIPv6(t *testing.T) {
 	apply(t, c, []snat.Entry{{Match: snat.Match{Dst: pfx("2001:db8:ffff::/48"), Out: "eth0"}, Natural: addr("2001:db8::250"), To: addrs("2001:db8::22")}})
 	wantSource(t, l, "2001:db8:ffff::4", "2001:db8::22")
 	wantSource(t, l, "198.51.100.4", "192.0.2.250")
+}
+
+// TestWireHold: a rule standing by translates the connections conntrack
+// knows and drops the clients' new ones; activated, it lets them through,
+// translated. The hold reads back as held entries.
+func TestWireHold(t *testing.T) {
+	l := lab.New(t)
+	l.StartProbe(t)
+	cl := l.AddClient(t, lab.ClientOptions{})
+	c := openIn(t, l)
+	held := senderEntry(snat.From(cl.Subnet4), "0.0.0.0/0", "", "192.0.2.23")
+	held.Hold = true
+	apply(t, c, []snat.Entry{held})
+	if got := cl.SourceSeen(t, "198.51.100.4"); got != "" {
+		t.Errorf("standing by, a new connection got through, from %q", got)
+	}
+	have, _, err := c.Read()
+	if err != nil {
+		t.Fatal(err)
+	}
+	es := have.entries(snat.IPv4, routes.State{})
+	if len(es) != 1 || !es[0].Hold {
+		t.Fatalf("read back %v, want the one held entry", es)
+	}
+	if r := have.Chain(ChainHold).Rules[0]; r.Packets == 0 {
+		t.Errorf("the hold counted no dropped packet")
+	}
+	held.Hold = false
+	apply(t, c, []snat.Entry{held})
+	if got := cl.SourceSeen(t, "198.51.100.4"); got != "192.0.2.23" {
+		t.Errorf("activated: %q, want 192.0.2.23", got)
+	}
 }
 
 // TestWireFrom: forwarded traffic from a client's prefix is translated;

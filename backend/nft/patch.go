@@ -11,7 +11,8 @@ import (
 // turns have, the table Render made of some entries, into the table of
 // those entries less removed and plus added, when every entry removed or
 // added is a destination of a set of have that stays a set (a group of
-// snat.SetThreshold destinations or more), and no mark chain is involved.
+// snat.SetThreshold destinations or more), and no mark or hold chain is
+// involved.
 // It then returns the program, elements deleted and added (the cost is
 // the change's and the touched sets' copies, whatever the number of
 // entries), and the new table, which shares what did not change with
@@ -22,7 +23,7 @@ import (
 // destinations among a million: Render of a million entries takes about
 // 150 ms, Patch about as long as copying the sets it touches.
 func Patch(have *Table, removed, added []snat.Entry) (p Program, want *Table, ok bool) {
-	if have == nil || have.Chain(ChainMarkOut) != nil || have.Chain(ChainMarkFwd) != nil || len(have.Foreign) > 0 {
+	if have == nil || have.Chain(ChainMarkOut) != nil || have.Chain(ChainMarkFwd) != nil || have.Chain(ChainHold) != nil || len(have.Foreign) > 0 {
 		return p, nil, false
 	}
 	type change struct{ add, del Elems }
@@ -31,7 +32,7 @@ func Patch(have *Table, removed, added []snat.Entry) (p Program, want *Table, ok
 	for k, es := range [][]snat.Entry{removed, added} {
 		for i := range es {
 			e := &es[i]
-			if check(e) != nil || e.Marked {
+			if check(e) != nil || e.Marked || e.Hold {
 				return p, nil, false
 			}
 			if e.Routed {

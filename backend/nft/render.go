@@ -49,6 +49,7 @@ func RenderSeq(entries iter.Seq[*snat.Entry]) (*Table, error) {
 	}
 	var (
 		g      grouper
+		hold   grouper
 		marked []markedEntry
 		paths  = map[snat.Family][]routes.Path{}
 		n      int
@@ -67,6 +68,9 @@ func RenderSeq(entries iter.Seq[*snat.Entry]) (*Table, error) {
 		}
 		if !e.Routed { // else a route of ours carries it: no rule
 			g.add(ChainNAT, e, natAction(e))
+		}
+		if e.Hold && !e.Routed {
+			hold.add(ChainHold, e, Action{Kind: ActDrop})
 		}
 		n++
 	}
@@ -133,6 +137,9 @@ func RenderSeq(entries iter.Seq[*snat.Entry]) (*Table, error) {
 			rules = withConnmark(rules)
 		}
 		t.Chains = append(t.Chains, Chain{Name: c.name, Hook: c.hook, Rules: rules})
+	}
+	if rules := hold.rules(t); len(rules) > 0 {
+		t.Chains = append(t.Chains, Chain{Name: ChainHold, Hook: Hook{Type: "filter", Hook: "forward", Priority: HoldPriority}, Rules: rules})
 	}
 	slices.SortFunc(t.Sets, func(a, b Set) int { return strings.Compare(a.Name, b.Name) })
 	return t, nil
@@ -320,8 +327,13 @@ func (g *grouper) rules(t *Table) []Rule {
 func (gr *group) render(t *Table) []Rule {
 	gr.elems.normalize()
 	base := Rule{Family: gr.fam, Counter: gr.chain == ChainNAT, Action: gr.action, Comment: comment(gr.sender)}
-	if gr.chain == ChainNAT {
+	switch gr.chain {
+	case ChainNAT:
 		base.Out = gr.out
+	case ChainHold:
+		// Counted: stats says how many packets standing by dropped.
+		base.Out, base.CtNewOrInvalid, base.Counter = gr.out, true, true
+		base.Comment = comment(gr.sender) + holdNote
 	}
 	if gr.action.Kind == ActMark {
 		base.Unmarked = true
@@ -362,20 +374,26 @@ const maxComment = 128
 // (the cgroup match itself lists as `xt match "cgroup"`, without its path).
 func comment(s snat.Sender) string {
 	c := s.String()
-	if len(c) > maxComment {
-		c = c[:maxComment-3] + "..."
+	if len(c) > maxComment-len(holdNote) {
+		c = c[:maxComment-len(holdNote)-3] + "..."
 	}
 	return c
 }
 
+// holdNote ends a hold rule's comment, after its sender.
+const holdNote = ", standing by"
+
 // setName derives a set's name from its group's identity, not from its
 // content: a destination that comes or goes is an element added or
 // deleted, and the rule that uses the set stays as it is. "d" sets hold
-// the nat chain's destinations, "m" sets the mark chains'.
+// the nat chain's destinations, "m" sets the mark chains', "h" the hold's.
 func (gr *group) setName() string {
-	kind := "d"
-	if gr.chain != ChainNAT {
-		kind = "m"
+	kind := "m"
+	switch gr.chain {
+	case ChainNAT:
+		kind = "d"
+	case ChainHold:
+		kind = "h"
 	}
 	h := sha256.Sum256([]byte(strings.Join([]string{gr.chain, gr.sender.String(), gr.out, gr.natural.String(), gr.actKey}, "\x00")))
 	return fmt.Sprintf("%s%d-%d-%s", kind, gr.fam, gr.bits, hex.EncodeToString(h[:])[:10])
