@@ -79,6 +79,10 @@ type Config struct {
 	VerifyEvery time.Duration
 	Verify      verify.Host
 	Probes      []netip.Addr
+	// ActivateAfter is how long a standby rule whose address arrived stays
+	// held when nobody activates it sooner (see standby.go): a pair
+	// without the HA hook still works. 0 activates at once.
+	ActivateAfter time.Duration
 	// HealthFile, when set, is kept for probes (egress-snat health): its
 	// time is the last turn of the loop, its first line "ready" or "not
 	// ready: WHY" after the last reconcile.
@@ -128,6 +132,8 @@ type Daemon struct {
 	leftOut map[string]int
 	// stamp is the version of the file that file was read from.
 	stamp fileStamp
+	// standby is what the daemon knows of the standby rules' addresses.
+	standby standby
 	// gens are the table generations the canary last saw.
 	gens                  map[snat.Family]uint64
 	resolve               atomic.Bool // the host changed since the last resolve
@@ -162,6 +168,7 @@ func New(c Config) (*Daemon, error) {
 		resync: c.Resync, settle: c.Settle, health: health,
 		verifyEvery: c.VerifyEvery, verify: c.Verify, probes: c.Probes,
 		quickEvery: max(10*time.Second, c.Resync), fullEvery: c.FullResync,
+		standby: standby{after: c.ActivateAfter},
 		trigger: make(chan string, 1), reloads: make(chan string, 1),
 	}
 	if d.log == nil {
@@ -176,11 +183,14 @@ func New(c Config) (*Daemon, error) {
 // Reconcile makes the daemon converge now, for reason: it looks the host
 // up again (its addresses and routes may have changed: an HA notify hook,
 // a request on a socket) and writes what differs. A request made while
-// one waits is served by the same reconcile. It returns that reconcile's
-// error once it ran, ctx's error when ctx ends first, or ErrStopped.
+// one waits is served by the same reconcile. Being asked from outside, it
+// also activates the standby rules whose address is here (standby.go). It
+// returns that reconcile's error once it ran, ctx's error when ctx ends
+// first, or ErrStopped.
 func (d *Daemon) Reconcile(ctx context.Context, reason string) error {
 	// Asked for before the waiter is counted: a reconcile that answers
 	// it resolves again.
+	d.standby.activate.Store(true)
 	d.resolve.Store(true)
 	done := make(chan error, 1)
 	if !d.await(&d.waiting, done) {
@@ -191,10 +201,13 @@ func (d *Daemon) Reconcile(ctx context.Context, reason string) error {
 }
 
 // Reload reads the file again, as SIGHUP does (a bad file is logged and
-// the previous desired state kept), then reconciles as Reconcile does.
-// trigger names what asked ("hangup"). It returns the reload's error, or
-// the reconcile's.
+// the previous desired state kept), then reconciles as Reconcile does,
+// activating the standby rules whose address is here: the HA hook sends
+// SIGHUP once conntrackd committed the peer's connections. trigger names
+// what asked ("hangup"). It returns the reload's error, or the
+// reconcile's.
 func (d *Daemon) Reload(ctx context.Context, trigger string) error {
+	d.standby.activate.Store(true)
 	done := make(chan error, 1)
 	if !d.await(&d.reloading, done) {
 		return ErrStopped

@@ -44,6 +44,9 @@ func (d *Daemon) reconcile(reason string) error {
 		}
 		desired, s, err := snat.ResolveAvailable(d.router, intents)
 		skipped = s
+		if err == nil {
+			d.holdArrived(desired)
+		}
 		return desired, err
 	}
 	_, plan, err := d.m.Update(req)
@@ -121,6 +124,13 @@ func (d *Daemon) flushVanished(previous, now []snat.Entry) {
 	served := map[netip.Addr][]netip.Prefix{}
 	var order []netip.Addr
 	for _, old := range previous {
+		if old.Standby {
+			// Its connections moved to the peer with the address: the
+			// peer commits them from conntrackd's cache, and deleting
+			// them here would be replicated to it as deletions racing
+			// that commit. conntrackd's purge clears them later.
+			continue
+		}
 		for _, a := range old.To {
 			if n, ok := current[old.Match]; ok && len(n.To) > 0 && n.To[0] == a {
 				continue

@@ -47,6 +47,14 @@ address of its failover list) and the conntrack entries bound to the old
 address are deleted, so no traffic keeps leaving from an address the host no
 longer has; when the address returns, the rule is restored.
 
+A rule marked standby: (a gateway pair's address, see egress-snat ha) is
+not taken out: while the peer holds its address the rule stands by, its
+SNAT rule installed and its clients' new connections dropped. When the
+address arrives the rule stays held until SIGHUP (the pair's hook sends it
+once conntrackd has committed the peer's connections) or, failing that,
+--activate-after; its flows are never deleted when the address leaves (they
+went to the peer).
+
 Logs go to stderr (the journal) with log/slog. SIGTERM or SIGINT stops it
 cleanly and leaves the rules in place. scripts/egress-snat.service runs it
 at boot, so the desired state survives reboots.`,
@@ -59,6 +67,7 @@ at boot, so the desired state survives reboots.`,
 		verifyEveryFlag,
 		probeFlag,
 		healthFileFlag,
+		&cli.DurationFlag{Name: "activate-after", Value: 2 * time.Second, Usage: "how long a standby rule whose address arrived stays held when no SIGHUP activates it sooner (0: at once)"},
 	},
 	Action: func(c *cli.Context) error {
 		path, err := watchPath(c)
@@ -69,8 +78,8 @@ at boot, so the desired state survives reboots.`,
 		if err != nil {
 			return err
 		}
-		if c.Duration("resync") <= 0 || c.Duration("settle") < 0 || c.Duration("full-resync") <= 0 {
-			return usageError("--resync and --full-resync must be positive and --settle not negative")
+		if c.Duration("resync") <= 0 || c.Duration("settle") < 0 || c.Duration("full-resync") <= 0 || c.Duration("activate-after") < 0 {
+			return usageError("--resync and --full-resync must be positive, --settle and --activate-after not negative")
 		}
 		debug.SetGCPercent(100) // long-running: the default suits it
 		file, _, err := config.LoadIntents(path)
@@ -91,14 +100,15 @@ at boot, so the desired state survives reboots.`,
 			Log: slog.New(handler), Backend: e.backendName(),
 			Resync: c.Duration("resync"), FullResync: c.Duration("full-resync"), Settle: c.Duration("settle"),
 			VerifyEvery: c.Duration("verify-every"), Verify: verifyHost(e), Probes: probes,
-			HealthFile: c.String("health-file"),
+			HealthFile: c.String("health-file"), ActivateAfter: c.Duration("activate-after"),
 		})
 		if err != nil {
 			return err
 		}
 		ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 		defer stop()
-		// SIGHUP reads the file again (systemctl reload egress-snat).
+		// SIGHUP reads the file again (systemctl reload egress-snat) and
+		// activates the standby rules whose address is here.
 		hup := make(chan os.Signal, 1)
 		signal.Notify(hup, syscall.SIGHUP)
 		defer signal.Stop(hup)
