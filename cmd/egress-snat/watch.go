@@ -19,7 +19,7 @@ import (
 var watchCommand = &cli.Command{
 	Name:      "watch",
 	Usage:     "keep the host converged on a desired-state file (run by systemd)",
-	UsageText: "egress-snat [--config PATH] watch [-f FILE] [--resync 500ms] [--settle 100ms] [--log-format text|json] [--health-file FILE]",
+	UsageText: "egress-snat [--config PATH] watch [-f FILE] [--resync 500ms] [--settle 100ms] [--log-format text|json] [--health-file FILE] [--activate-after 2s]",
 	Description: `Applies FILE (default: the permanent file, --config) at start, then keeps
 the host converged:
 
