@@ -1,6 +1,7 @@
 package iptables
 
 import (
+	"fmt"
 	"net/netip"
 	"sync"
 
@@ -124,14 +125,13 @@ func (b *Backend) build(sets map[string]Set, texts map[snat.Family]string, errs 
 		if errs[f] != nil {
 			return nil, errs[f]
 		}
-		in, err := ParseSave(f, texts[f], sets)
+		// One read of the save for both tables of ours.
+		s, err := ReadSave(texts[f], table, mangleTable)
 		if err != nil {
-			return nil, err
+			return nil, fmt.Errorf("reading %s %w", f, err)
 		}
-		st.Installed[f] = in
-		if st.Mangle[f], err = parseMangle(f, texts[f]); err != nil {
-			return nil, err
-		}
+		st.Installed[f] = readInstalled(f, s.Table(table), sets)
+		st.Mangle[f] = readMangle(f, s.Table(mangleTable))
 	}
 	return st, nil
 }

@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"os/exec"
-	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -252,26 +251,9 @@ func (t ExecTables) DropTable(f snat.Family, name string) error {
 }
 
 // tableEmpty reports whether the save text holds table name with only its
-// built-in chains, empty, policy ACCEPT.
+// built-in chains, empty, policy ACCEPT. A table it cannot read is not
+// empty.
 func tableEmpty(saveText, name string) bool {
-	in := false
-	seen := false
-	for _, line := range strings.Split(saveText, "\n") {
-		line = strings.TrimSpace(line)
-		switch {
-		case strings.HasPrefix(line, "*"):
-			in = line == "*"+name
-			seen = seen || in
-		case !in || line == "" || line == "COMMIT" || strings.HasPrefix(line, "#"):
-		case strings.HasPrefix(line, ":"):
-			f := strings.Fields(line)
-			builtin := slices.Contains(builtinChains[name], strings.TrimPrefix(f[0], ":"))
-			if !builtin || len(f) < 2 || f[1] != "ACCEPT" {
-				return false
-			}
-		default:
-			return false
-		}
-	}
-	return seen
+	s, err := ReadSave(saveText, name)
+	return err == nil && s.Table(name).empty()
 }
