@@ -10,9 +10,12 @@
 // rule in POSTROUTING ahead of the jump to EGRESS-SNAT. Chains at exactly
 // priority 100 run in an order the kernel does not promise.
 //
-// The package reads those chains and rules into a small model (Rule) and
+// The package holds a small model of those chains and rules (Rule) and
 // says, purely, which of our promises each may shadow. Reading nftables is
-// behind ReadNFT; everything else works on fixed inputs.
+// behind ReadNFT. The iptables rules ahead of our jump are read by the
+// iptables backend, which owns the reading of iptables-save
+// (backend/iptables/ahead.go), into the same model; everything else works
+// on fixed inputs.
 package natscan
 
 import (

@@ -54,9 +54,10 @@ type Lister interface {
 	GetSetElements(*nftables.Set) ([]nftables.SetElement, error)
 }
 
-// maxJumpDepth bounds how deep jumps are followed; the kernel itself
+// MaxJumpDepth bounds how deep jumps are followed, here and in the iptables
+// backend's reading of the rules ahead of our jump; the kernel itself
 // refuses loops, this only keeps a broken read from recursing forever.
-const maxJumpDepth = 16
+const MaxJumpDepth = 16
 
 // ReadNFT reads every nat chain on the postrouting hook of the ip, ip6
 // and inet families, whatever its priority, with the NAT rules it and the
@@ -87,7 +88,7 @@ func ReadNFT(l Lister) ([]Chain, error) {
 		sets := setReader(l, c.Table)
 		var walk func(ch *nftables.Chain, outer Rule, depth int, seen map[string]bool) ([]Rule, error)
 		walk = func(ch *nftables.Chain, outer Rule, depth int, seen map[string]bool) ([]Rule, error) {
-			if depth > maxJumpDepth || seen[ch.Name] {
+			if depth > MaxJumpDepth || seen[ch.Name] {
 				return nil, nil
 			}
 			seen[ch.Name] = true
@@ -100,7 +101,7 @@ func ReadNFT(l Lister) ([]Chain, error) {
 			unsure := outer.Unsure
 			for _, r := range rules {
 				d := Decode(c.Table.Family, r.Exprs, sets)
-				d.Rule = inherit(d.Rule, outer)
+				d.Rule = d.Rule.Within(outer)
 				d.Unsure = d.Unsure || unsure
 				if d.Ends {
 					if !d.Conditional {
@@ -143,9 +144,9 @@ func ReadNFT(l Lister) ([]Chain, error) {
 	return out, nil
 }
 
-// inherit narrows a rule reached by a jump with what the jumping rule
-// matched; the inner rule's own matches, usually narrower, win.
-func inherit(r, outer Rule) Rule {
+// Within narrows a rule reached by a jump with what the jumping rule
+// (outer) matched; the inner rule's own matches, usually narrower, win.
+func (r Rule) Within(outer Rule) Rule {
 	if r.Family == 0 {
 		r.Family = outer.Family
 	}

@@ -14,8 +14,8 @@ type Input struct {
 	// set when egress-snat's backend is nft, because then our jump is in
 	// them and their rules are judged by order, in Ahead.
 	SkipIPTablesNFT bool
-	// Ahead are, per family (4, 6), the iptables rules ahead of our jump
-	// (RulesAhead).
+	// Ahead are, per family (4, 6), the iptables rules ahead of our jump,
+	// which the iptables backend reads (iptables.Backend.RulesAhead).
 	Ahead map[int][]Rule
 	// Promises are the traffic we promise a source for.
 	Promises []Traffic
