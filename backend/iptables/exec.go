@@ -32,6 +32,10 @@ type Tables interface {
 	Generation(f snat.Family) (uint64, error)
 	// SaveNAT is Save of the nat table alone.
 	SaveNAT(f snat.Family) (string, error)
+	// SaveNATCounters is SaveNAT with each rule's packet and byte
+	// counters (iptables-save -c), for stats; "" when the family has no
+	// nat table.
+	SaveNATCounters(f snat.Family) (string, error)
 	// DropTable deletes the family's table name (nat or mangle) if it
 	// still holds nothing at all (checked right before deleting, so a rule
 	// another tool added meanwhile is never lost), and does nothing
@@ -162,15 +166,36 @@ func (t ExecTables) command(f snat.Family, role string) string {
 func (t ExecTables) Save(f snat.Family) (string, error) { return t.save(f) }
 
 func (t ExecTables) save(f snat.Family, args ...string) (string, error) {
+	out, path, msg, err := t.runSave(f, args...)
+	if err != nil {
+		return "", fmt.Errorf("%s: %v: %s", path, err, msg)
+	}
+	t.versionFromSave(out)
+	return out, nil
+}
+
+// SaveNATCounters returns iptables-save -c of the family's nat table: its
+// rules with their packet and byte counters, for stats. A nat table that
+// is not loaded holds no rules: "" and no error.
+func (t ExecTables) SaveNATCounters(f snat.Family) (string, error) {
+	out, path, msg, err := t.runSave(f, "-c", "-t", table)
+	if err != nil {
+		if strings.Contains(msg, "does not exist") {
+			return "", nil
+		}
+		return "", fmt.Errorf("%s -c -t %s: %v: %s", path, table, err, msg)
+	}
+	return out, nil
+}
+
+// runSave runs the family's iptables-save with args and returns its
+// output, its path, and on failure what it printed to stderr.
+func (t ExecTables) runSave(f snat.Family, args ...string) (out, path, msg string, err error) {
 	cmd := exec.Command(t.command(f, "save"), args...)
 	var stdout, stderr bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &stdout, &stderr
-	if err := cmd.Run(); err != nil {
-		return "", fmt.Errorf("%s: %v: %s", cmd.Path, err, strings.TrimSpace(stderr.String()))
-	}
-	out := stdout.String()
-	t.versionFromSave(out)
-	return out, nil
+	err = cmd.Run()
+	return stdout.String(), cmd.Path, strings.TrimSpace(stderr.String()), err
 }
 
 func (t ExecTables) Restore(f snat.Family, payload string) error {

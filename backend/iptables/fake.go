@@ -94,7 +94,14 @@ func (t *fakeTable) clone() *fakeTable {
 }
 
 // Save prints the family's tables in iptables-save format.
-func (ft *FakeTables) Save(f snat.Family) (string, error) {
+func (ft *FakeTables) Save(f snat.Family) (string, error) { return ft.save(f, false), nil }
+
+// SaveNATCounters prints the family's tables as iptables-save -c does; the
+// fake counts no packets, so every counter is zero. Readers look at the
+// nat table only.
+func (ft *FakeTables) SaveNATCounters(f snat.Family) (string, error) { return ft.save(f, true), nil }
+
+func (ft *FakeTables) save(f snat.Family, counters bool) string {
 	var b strings.Builder
 	names := slices.Sorted(maps.Keys(ft.tables[f]))
 	for _, name := range names {
@@ -109,12 +116,15 @@ func (ft *FakeTables) Save(f snat.Family) (string, error) {
 		}
 		for _, c := range t.order {
 			for _, r := range t.chains[c] {
+				if counters {
+					b.WriteString("[0:0] ")
+				}
 				fmt.Fprintf(&b, "-A %s %s\n", c, r)
 			}
 		}
 		b.WriteString("COMMIT\n")
 	}
-	return b.String(), nil
+	return b.String()
 }
 
 // Restore applies payload with --noflush semantics, all or nothing.

@@ -649,7 +649,10 @@ func (c *checkedTables) Restore(f snat.Family, payload string) error {
 	}
 	return c.fake.Restore(f, payload)
 }
-func (c *checkedTables) SaveNAT(f snat.Family) (string, error)      { return c.fake.SaveNAT(f) }
+func (c *checkedTables) SaveNAT(f snat.Family) (string, error) { return c.fake.SaveNAT(f) }
+func (c *checkedTables) SaveNATCounters(f snat.Family) (string, error) {
+	return c.fake.SaveNATCounters(f)
+}
 func (c *checkedTables) Generation(f snat.Family) (uint64, error)   { return c.fake.Generation(f) }
 func (c *checkedTables) DropTable(f snat.Family, name string) error { return c.fake.DropTable(f, name) }
 func (c *checkedTables) CanDropNATTable() bool                      { return c.fake.CanDropNATTable() }

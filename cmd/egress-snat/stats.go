@@ -1,17 +1,13 @@
 package main
 
 import (
-	"bytes"
 	"fmt"
-	"os/exec"
 	"strings"
 	"time"
 
 	"github.com/urfave/cli/v2"
 
-	"github.com/egress-snat/egress-snat/backend/iptables"
 	"github.com/egress-snat/egress-snat/conntrack"
-	"github.com/egress-snat/egress-snat/snat"
 	"github.com/egress-snat/egress-snat/stats"
 )
 
@@ -55,17 +51,9 @@ systemd timer.`,
 		if err != nil {
 			return err
 		}
-		var rules []stats.Rule
-		for _, f := range snat.Families {
-			text, err := saveWithCounters(e.flavour, f)
-			if err != nil {
-				return err
-			}
-			r, err := stats.RulesFromSave(text, iptables.Comment)
-			if err != nil {
-				return fmt.Errorf("reading the %s nat table: %w", f, err)
-			}
-			rules = append(rules, r...)
+		rules, err := e.ipt.SNATCounters()
+		if err != nil {
+			return err
 		}
 		table := conntrack.Netlink{Handle: e.nl}
 		var flows []conntrack.Flow
@@ -129,28 +117,4 @@ func printStats(e *env, report []stats.Address) {
 			fmt.Fprintf(w, "  %-5s %-40s %s\n", d.Proto, d.Dst, plural(d.Flows, "flow", "flows"))
 		}
 	}
-}
-
-// saveWithCounters returns the nat table of family f with its counters,
-// from the backend the other commands use.
-func saveWithCounters(b iptables.Flavour, f snat.Family) (string, error) {
-	base := map[snat.Family]string{snat.IPv4: "iptables", snat.IPv6: "ip6tables"}[f]
-	path, err := exec.LookPath(base + "-" + string(b) + "-save")
-	if err != nil {
-		if path, err = exec.LookPath(base + "-save"); err != nil {
-			return "", fmt.Errorf("%s-save not found: install the iptables package", base)
-		}
-	}
-	cmd := exec.Command(path, "-c", "-t", "nat")
-	var stdout, stderr bytes.Buffer
-	cmd.Stdout, cmd.Stderr = &stdout, &stderr
-	if err := cmd.Run(); err != nil {
-		msg := strings.TrimSpace(stderr.String())
-		// No nat table loaded: no rules, not an error.
-		if strings.Contains(msg, "does not exist") || strings.Contains(msg, "Table does not exist") {
-			return "", nil
-		}
-		return "", fmt.Errorf("%s -c -t nat: %v: %s", path, err, msg)
-	}
-	return stdout.String(), nil
 }
