@@ -10,7 +10,7 @@
 // rule in POSTROUTING ahead of the jump to EGRESS-SNAT. Chains at exactly
 // priority 100 run in an order the kernel does not promise.
 //
-// The package holds a small model of those chains and rules (Rule) and
+// The package holds a small model of those chains and rules (NATRule) and
 // says, purely, which of our promises each may shadow. Reading nftables is
 // behind ReadNFT. The iptables rules ahead of our jump are read by the
 // iptables backend, which owns the reading of iptables-save
@@ -112,11 +112,11 @@ func (m Match) String() string {
 	return "{ " + strings.Join(s, ", ") + " }"
 }
 
-// Rule is one foreign rule that binds a source (SNAT, MASQUERADE), with the
-// traffic it can match as far as the reader understood it. Whatever it did
-// not understand is read as "matches": a rule is reported when it MAY take
-// our traffic.
-type Rule struct {
+// NATRule is one foreign rule that binds a source (SNAT, MASQUERADE),
+// with the traffic it can match as far as the reader understood it.
+// Whatever it did not understand is read as "matches": a rule is reported
+// when it MAY take our traffic.
+type NATRule struct {
 	// Family is 4 or 6, or 0 when the rule is not restricted to one (an
 	// inet chain without an nfproto match).
 	Family int
@@ -153,7 +153,7 @@ func (t Traffic) family() int {
 }
 
 // Takes reports whether r may match (and so bind the source of) traffic t.
-func (r Rule) Takes(t Traffic) bool {
+func (r NATRule) Takes(t Traffic) bool {
 	if r.Family != 0 && r.Family != t.family() {
 		return false
 	}
@@ -167,7 +167,7 @@ func (r Rule) Takes(t Traffic) bool {
 }
 
 // describe renders the decoded match for people.
-func (r Rule) describe() string {
+func (r NATRule) describe() string {
 	var w []string
 	if r.Out != "" {
 		w = append(w, "oifname "+r.Out)

@@ -16,7 +16,7 @@ type Input struct {
 	SkipIPTablesNFT bool
 	// Ahead are, per family (4, 6), the iptables rules ahead of our jump,
 	// which the iptables backend reads (iptables.Backend.RulesAhead).
-	Ahead map[int][]Rule
+	Ahead map[int][]NATRule
 	// Promises are the traffic we promise a source for.
 	Promises []Traffic
 }
@@ -48,7 +48,7 @@ func Scan(in Input) []Finding {
 }
 
 // judge fills f with the rules that take some promise; false when none do.
-func judge(f *Finding, rules []Rule, promises []Traffic) bool {
+func judge(f *Finding, rules []NATRule, promises []Traffic) bool {
 	shadowed := map[string]bool{}
 	for _, r := range rules {
 		took := false

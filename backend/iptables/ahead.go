@@ -14,7 +14,7 @@ import (
 // and can bind a source, in natscan's model: SNAT, MASQUERADE and NETMAP,
 // and those inside user chains jumped to from there. With no jump, nothing
 // of ours runs and the result is empty. natscan.Scan judges them.
-func (b *Backend) RulesAhead(f snat.Family) ([]natscan.Rule, error) {
+func (b *Backend) RulesAhead(f snat.Family) ([]natscan.NATRule, error) {
 	text, err := b.Tables.Save(f)
 	if err != nil {
 		return nil, err
@@ -23,7 +23,7 @@ func (b *Backend) RulesAhead(f snat.Family) ([]natscan.Rule, error) {
 }
 
 // rulesAhead is RulesAhead of a save text, with the jump to chain.
-func rulesAhead(f snat.Family, saveText, chain string) ([]natscan.Rule, error) {
+func rulesAhead(f snat.Family, saveText, chain string) ([]natscan.NATRule, error) {
 	s, err := ReadSave(saveText, table)
 	if err != nil {
 		return nil, fmt.Errorf("reading the %s %w", f, err)
@@ -49,9 +49,9 @@ func rulesAhead(f snat.Family, saveText, chain string) ([]natscan.Rule, error) {
 		return nil, nil
 	}
 	family := int(f)
-	var out []natscan.Rule
-	var walk func(specs [][]string, outer natscan.Rule, where string, depth int)
-	walk = func(specs [][]string, outer natscan.Rule, where string, depth int) {
+	var out []natscan.NATRule
+	var walk func(specs [][]string, outer natscan.NATRule, where string, depth int)
+	walk = func(specs [][]string, outer natscan.NATRule, where string, depth int) {
 		unsure := outer.Unsure
 		for _, spec := range specs {
 			r := foreignRule(family, spec).Within(outer)
@@ -76,15 +76,15 @@ func rulesAhead(f snat.Family, saveText, chain string) ([]natscan.Rule, error) {
 			}
 		}
 	}
-	walk(ahead, natscan.Rule{Family: family}, hookChain, 0)
+	walk(ahead, natscan.NATRule{Family: family}, hookChain, 0)
 	return out, nil
 }
 
 // foreignRule reads the matches of another tool's rule that narrow the
 // traffic it takes. Any other match (a set, a mark, a protocol) is
 // ignored, so the rule is taken to match more, never less.
-func foreignRule(family int, spec []string) natscan.Rule {
-	r := natscan.Rule{Family: family}
+func foreignRule(family int, spec []string) natscan.NATRule {
+	r := natscan.NATRule{Family: family}
 	neg := false
 	for i := 0; i < len(spec); i++ {
 		w := spec[i]

@@ -52,7 +52,7 @@ func TestRulesAhead(t *testing.T) {
 	if !strings.Contains(rules[2].Text, "DOCKER_POSTROUTING") {
 		t.Errorf("rule in a jumped-to chain: %q", rules[2].Text)
 	}
-	got := natscan.Scan(natscan.Input{Ahead: map[int][]natscan.Rule{4: rules}, Promises: []natscan.Traffic{
+	got := natscan.Scan(natscan.Input{Ahead: map[int][]natscan.NATRule{4: rules}, Promises: []natscan.Traffic{
 		hostTraffic(t, "198.51.100.4/32", "192.0.2.250", "eth0"),
 		hostTraffic(t, "203.0.113.7/32", "192.0.2.250", "eth0"),
 		hostTraffic(t, "198.18.0.0/16", "192.0.2.250", "eth0"),

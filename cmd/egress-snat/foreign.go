@@ -21,7 +21,7 @@ import (
 func foreignNAT(e *env, promises []natscan.Traffic) ([]natscan.Finding, error) {
 	in := natscan.Input{
 		SkipIPTablesNFT: e.flavour == iptables.FlavourNFT,
-		Ahead:           map[int][]natscan.Rule{},
+		Ahead:           map[int][]natscan.NATRule{},
 		Promises:        promises,
 	}
 	if len(promises) == 0 {
