@@ -37,8 +37,9 @@ func (r PortRange) Size() int { return int(r.Hi) - int(r.Lo) + 1 }
 
 func (r PortRange) String() string { return fmt.Sprintf("%d-%d", r.Lo, r.Hi) }
 
-// Rule is what the nat table says about one egress address.
-type Rule struct {
+// RuleCounters is what the nat table's SNAT rules say about one egress
+// address: its port range and their counters.
+type RuleCounters struct {
 	Address netip.Addr
 	// Range is the SNAT port range, DefaultPortRange when the rule names
 	// none.
@@ -78,7 +79,7 @@ type Address struct {
 
 // Compute builds the report for each rule's address from the flows. A flow
 // belongs to the address its replies go to, the source it left with.
-func Compute(rules []Rule, flows []conntrack.Flow) []Address {
+func Compute(rules []RuleCounters, flows []conntrack.Flow) []Address {
 	byAddr := map[netip.Addr]*Address{}
 	tuples := map[netip.Addr]map[conntrack.Tuple]int{} // Src unset: (proto, dst)
 	var out []Address

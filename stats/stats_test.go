@@ -27,7 +27,7 @@ func testReport(t *testing.T) []Address {
 	// What the iptables backend reads from a nat table with two rules of
 	// ours to 192.0.2.22 and another tool's to 192.0.2.23:40000-40099
 	// (iptables' TestSNATCounters).
-	rules := []Rule{
+	rules := []RuleCounters{
 		{Address: netip.MustParseAddr("192.0.2.22"), Range: DefaultPortRange, Packets: 10, Bytes: 600, Ours: true},
 		{Address: netip.MustParseAddr("192.0.2.23"), Range: PortRange{40000, 40099}, Packets: 1, Bytes: 60},
 	}

@@ -10,10 +10,10 @@ import (
 )
 
 // SNATCounters reads each family's nat table with its counters and returns
-// what stats reports per egress address: one stats.Rule per --to-source
+// what stats reports per egress address: one stats.RuleCounters per --to-source
 // address of every SNAT rule, egress-snat's and others' (see snatCounters).
-func (b *Backend) SNATCounters() ([]stats.Rule, error) {
-	var out []stats.Rule
+func (b *Backend) SNATCounters() ([]stats.RuleCounters, error) {
+	var out []stats.RuleCounters
 	for _, f := range snat.Families {
 		text, err := b.Tables.SaveNATCounters(f)
 		if err != nil {
@@ -32,15 +32,15 @@ func (b *Backend) SNATCounters() ([]stats.Rule, error) {
 	return out, nil
 }
 
-// snatCounters returns one stats.Rule per --to-source address of the SNAT
+// snatCounters returns one stats.RuleCounters per --to-source address of the SNAT
 // rules of a nat table read with counters (nil: none), in the order of
 // first use: the smallest port range named for it, the counters summed. A
 // rule carrying our comment marks it as egress-snat's.
-func snatCounters(nat *SavedTable) ([]stats.Rule, error) {
+func snatCounters(nat *SavedTable) ([]stats.RuleCounters, error) {
 	if nat == nil {
 		return nil, nil
 	}
-	byAddr := map[netip.Addr]*stats.Rule{}
+	byAddr := map[netip.Addr]*stats.RuleCounters{}
 	var order []netip.Addr
 	for _, sr := range nat.Rules {
 		spec := sr.Spec
@@ -57,7 +57,7 @@ func snatCounters(nat *SavedTable) ([]stats.Rule, error) {
 		}
 		r := byAddr[ts.From]
 		if r == nil {
-			r = &stats.Rule{Address: ts.From, Range: stats.DefaultPortRange}
+			r = &stats.RuleCounters{Address: ts.From, Range: stats.DefaultPortRange}
 			byAddr[ts.From] = r
 			order = append(order, ts.From)
 		}
@@ -70,7 +70,7 @@ func snatCounters(nat *SavedTable) ([]stats.Rule, error) {
 			r.Ours = true
 		}
 	}
-	out := make([]stats.Rule, 0, len(order))
+	out := make([]stats.RuleCounters, 0, len(order))
 	for _, a := range order {
 		out = append(out, *byAddr[a])
 	}

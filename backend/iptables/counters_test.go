@@ -24,7 +24,7 @@ COMMIT
 COMMIT
 `
 
-// TestSNATCounters: one stats.Rule per --to-source address, counters
+// TestSNATCounters: one stats.RuleCounters per --to-source address, counters
 // summed, the smallest port range, ours by the comment (was stats'
 // TestRulesFromSave).
 func TestSNATCounters(t *testing.T) {
@@ -36,7 +36,7 @@ func TestSNATCounters(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	want := []stats.Rule{
+	want := []stats.RuleCounters{
 		{Address: netip.MustParseAddr("192.0.2.22"), Range: stats.DefaultPortRange, Packets: 10, Bytes: 600, Ours: true},
 		{Address: netip.MustParseAddr("192.0.2.23"), Range: stats.PortRange{Lo: 40000, Hi: 40099}, Packets: 1, Bytes: 60},
 	}
@@ -82,7 +82,7 @@ func TestBackendSNATCounters(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	want := []stats.Rule{
+	want := []stats.RuleCounters{
 		{Address: addr("192.0.2.23"), Range: stats.PortRange{Lo: 40000, Hi: 40099}},
 		{Address: addr("192.0.2.22"), Range: stats.DefaultPortRange, Ours: true},
 		{Address: addr("2001:db8::22"), Range: stats.DefaultPortRange, Ours: true},
