@@ -666,8 +666,8 @@ type checkedRouting struct {
 	bad  []string
 }
 
-func (c *checkedRouting) Read(is4 bool) (routes.State, error)   { return c.fake.Read(is4) }
-func (c *checkedRouting) Rules(is4 bool) ([]routes.Rule, error) { return c.fake.Rules(is4) }
+func (c *checkedRouting) Read(is4 bool) (routes.State, error)     { return c.fake.Read(is4) }
+func (c *checkedRouting) Rules(is4 bool) ([]routes.IPRule, error) { return c.fake.Rules(is4) }
 func (c *checkedRouting) Batch(is4 bool, input string) error {
 	if err := checkBatch(input); err != nil {
 		c.bad = append(c.bad, err.Error())
