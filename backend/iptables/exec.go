@@ -23,10 +23,9 @@ type Tables interface {
 	// Restore runs iptables-restore --noflush with payload: all of it, or
 	// nothing if any line fails.
 	Restore(f snat.Family, payload string) error
-	// CanDropNATTable reports whether DropNATTable works: with
-	// iptables-nft and the nft command. Legacy tables cannot be unloaded
-	// from a namespace.
-	CanDropNATTable() bool
+	// CanDropTable reports whether DropTable works: with iptables-nft and
+	// the nft command. Legacy tables cannot be unloaded from a namespace.
+	CanDropTable() bool
 	// Generation changes whenever the family's nat table may have
 	// changed; it costs no process (see ExecTables.Generation).
 	Generation(f snat.Family) (uint64, error)
@@ -247,8 +246,8 @@ func (ExecIPSets) Restore(payload string) error {
 	return nil
 }
 
-// CanDropNATTable is true for iptables-nft with the nft command installed.
-func (t ExecTables) CanDropNATTable() bool {
+// CanDropTable is true for iptables-nft with the nft command installed.
+func (t ExecTables) CanDropTable() bool {
 	if t.Flavour != FlavourNFT {
 		return false
 	}
@@ -256,10 +255,11 @@ func (t ExecTables) CanDropNATTable() bool {
 	return err == nil
 }
 
-// DropNATTable deletes the family's nat table when it holds nothing at all,
-// so that clear leaves iptables-save exactly as it was on a host where the
-// tool created the table. The table is left when any chain other than the
-// four empty built-ins, or any policy other than ACCEPT, is there.
+// DropTable deletes the family's table name (nat or mangle) when it holds
+// nothing at all, so that clear leaves iptables-save exactly as it was on a
+// host where the tool created the table. The table is left when any chain
+// other than its empty built-ins, or any policy other than ACCEPT, is
+// there.
 func (t ExecTables) DropTable(f snat.Family, name string) error {
 	text, err := t.Save(f)
 	if err != nil {

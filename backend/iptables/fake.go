@@ -22,7 +22,7 @@ type FakeTables struct {
 	FailRestore map[snat.Family]error
 	// Restores counts successful Restore calls per family.
 	Restores map[snat.Family]int
-	// Droppable says what CanDropNATTable answers.
+	// Droppable says what CanDropTable answers.
 	Droppable bool
 	// Sets, when set, are the sets a --match-set must name, of the rule's
 	// family, as the kernel checks (see NewFakeKernel).
@@ -410,9 +410,9 @@ func (fs *FakeIPSets) Restore(payload string) error {
 // Put replaces a set's members directly, as an operator editing it by hand.
 func (fs *FakeIPSets) Put(s Set) { fs.sets[s.Name] = s }
 
-// CanDropNATTable is the fake's Droppable: false, like iptables-legacy,
+// CanDropTable is the fake's Droppable: false, like iptables-legacy,
 // unless a test sets it.
-func (ft *FakeTables) CanDropNATTable() bool { return ft.Droppable }
+func (ft *FakeTables) CanDropTable() bool { return ft.Droppable }
 
 // DropTable deletes the family's table when it holds nothing, as
 // ExecTables does with nft.

@@ -655,7 +655,7 @@ func (c *checkedTables) SaveNATCounters(f snat.Family) (string, error) {
 }
 func (c *checkedTables) Generation(f snat.Family) (uint64, error)   { return c.fake.Generation(f) }
 func (c *checkedTables) DropTable(f snat.Family, name string) error { return c.fake.DropTable(f, name) }
-func (c *checkedTables) CanDropNATTable() bool                      { return c.fake.CanDropNATTable() }
+func (c *checkedTables) CanDropTable() bool                         { return c.fake.CanDropTable() }
 
 func (c *checkedSets) Headers() (map[string]int, error) { return c.fake.Headers() }
 
