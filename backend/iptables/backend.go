@@ -210,14 +210,6 @@ func nftFamily(f snat.Family) string {
 	return "ip"
 }
 
-// everythingOf is the prefix of every destination of f.
-func everythingOf(f snat.Family) netip.Prefix {
-	if f == snat.IPv4 {
-		return netip.PrefixFrom(netip.IPv4Unspecified(), 0)
-	}
-	return netip.PrefixFrom(netip.IPv6Unspecified(), 0)
-}
-
 // SetNames returns which set of ours holds each installed entry ("" when
 // its rule names it alone), read back from the chains' rules: what list
 // shows (snat.SetNamer).
