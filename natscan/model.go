@@ -10,9 +10,12 @@
 // rule in POSTROUTING ahead of the jump to EGRESS-SNAT. Chains at exactly
 // priority 100 run in an order the kernel does not promise.
 //
-// The package reads those chains and rules into a small model (Rule) and
+// The package holds a small model of those chains and rules (NATRule) and
 // says, purely, which of our promises each may shadow. Reading nftables is
-// behind ReadNFT; everything else works on fixed inputs.
+// behind ReadNFT. The iptables rules ahead of our jump are read by the
+// iptables backend, which owns the reading of iptables-save
+// (backend/iptables/ahead.go), into the same model; everything else works
+// on fixed inputs.
 package natscan
 
 import (
@@ -116,11 +119,11 @@ func (m Match) String() string {
 	return "{ " + strings.Join(s, ", ") + " }"
 }
 
-// Rule is one foreign rule that binds a source (SNAT, MASQUERADE), with the
-// traffic it can match as far as the reader understood it. Whatever it did
-// not understand is read as "matches": a rule is reported when it MAY take
-// our traffic.
-type Rule struct {
+// NATRule is one foreign rule that binds a source (SNAT, MASQUERADE),
+// with the traffic it can match as far as the reader understood it.
+// Whatever it did not understand is read as "matches": a rule is reported
+// when it MAY take our traffic.
+type NATRule struct {
 	// Family is 4 or 6, or 0 when the rule is not restricted to one (an
 	// inet chain without an nfproto match).
 	Family int
@@ -157,7 +160,7 @@ func (t Traffic) family() int {
 }
 
 // Takes reports whether r may match (and so bind the source of) traffic t.
-func (r Rule) Takes(t Traffic) bool {
+func (r NATRule) Takes(t Traffic) bool {
 	if r.Family != 0 && r.Family != t.family() {
 		return false
 	}
@@ -171,7 +174,7 @@ func (r Rule) Takes(t Traffic) bool {
 }
 
 // describe renders the decoded match for people.
-func (r Rule) describe() string {
+func (r NATRule) describe() string {
 	var w []string
 	if r.Out != "" {
 		w = append(w, "oifname "+r.Out)

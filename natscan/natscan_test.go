@@ -50,23 +50,23 @@ func TestDecode(t *testing.T) {
 		want   Decoded
 	}{
 		{"ip daddr host snat", nftables.TableFamilyIPv4, slices.Concat(ip4Daddr("198.51.100.4"), snatTo("192.0.2.23")),
-			Decoded{Rule: Rule{Family: 4, Dst: Match{{addr("198.51.100.4"), addr("198.51.100.4")}}, Action: "snat to 192.0.2.23"}}},
+			Decoded{NATRule: NATRule{Family: 4, Dst: Match{{addr("198.51.100.4"), addr("198.51.100.4")}}, Action: "snat to 192.0.2.23"}}},
 		{"byte-aligned prefix as a short payload", nftables.TableFamilyIPv4, []expr.Any{
 			&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: 16, Len: 3},
 			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{198, 51, 100}},
 			&expr.Masq{},
-		}, Decoded{Rule: Rule{Family: 4, Dst: Match{PrefixRange(pfx("198.51.100.0/24"))}, Action: "masquerade"}}},
+		}, Decoded{NATRule: NATRule{Family: 4, Dst: Match{PrefixRange(pfx("198.51.100.0/24"))}, Action: "masquerade"}}},
 		{"masked prefix", nftables.TableFamilyIPv4, []expr.Any{
 			&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: 12, Len: 4},
 			&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 4, Mask: []byte{255, 255, 240, 0}, Xor: []byte{0, 0, 0, 0}},
 			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{10, 66, 0, 0}},
 			&expr.Masq{},
-		}, Decoded{Rule: Rule{Family: 4, Src: Match{PrefixRange(pfx("10.66.0.0/20"))}, Action: "masquerade"}}},
+		}, Decoded{NATRule: NATRule{Family: 4, Src: Match{PrefixRange(pfx("10.66.0.0/20"))}, Action: "masquerade"}}},
 		{"negated daddr narrows nothing", nftables.TableFamilyIPv4, []expr.Any{
 			&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: 16, Len: 4},
 			&expr.Cmp{Op: expr.CmpOpNeq, Register: 1, Data: addr("198.51.100.4").AsSlice()},
 			&expr.Masq{},
-		}, Decoded{Rule: Rule{Family: 4, Action: "masquerade", Unsure: true}}},
+		}, Decoded{NATRule: NATRule{Family: 4, Action: "masquerade", Unsure: true}}},
 		{"inet with nfproto, anonymous set, oifname", nftables.TableFamilyINet, []expr.Any{
 			&expr.Meta{Key: expr.MetaKeyNFPROTO, Register: 1},
 			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{unix.NFPROTO_IPV4}},
@@ -75,36 +75,36 @@ func TestDecode(t *testing.T) {
 			&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: 16, Len: 4},
 			&expr.Lookup{SourceRegister: 1, SetName: "__set0"},
 			&expr.Masq{},
-		}, Decoded{Rule: Rule{Family: 4, Out: "eth0", Dst: Match{PrefixRange(pfx("203.0.113.0/24"))}, Action: "masquerade"}}},
+		}, Decoded{NATRule: NATRule{Family: 4, Out: "eth0", Dst: Match{PrefixRange(pfx("203.0.113.0/24"))}, Action: "masquerade"}}},
 		{"inet without nfproto: both families, addresses unknown", nftables.TableFamilyINet, []expr.Any{
 			&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: 16, Len: 4},
 			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: addr("198.51.100.4").AsSlice()},
 			&expr.Masq{},
-		}, Decoded{Rule: Rule{Action: "masquerade", Unsure: true}}},
+		}, Decoded{NATRule: NATRule{Action: "masquerade", Unsure: true}}},
 		{"wildcard oifname narrows nothing", nftables.TableFamilyIPv4, []expr.Any{
 			&expr.Meta{Key: expr.MetaKeyOIFNAME, Register: 1},
 			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte("eth")},
 			&expr.Masq{},
-		}, Decoded{Rule: Rule{Family: 4, Action: "masquerade", Unsure: true}}},
+		}, Decoded{NATRule: NATRule{Family: 4, Action: "masquerade", Unsure: true}}},
 		{"unreadable set narrows nothing", nftables.TableFamilyIPv6, []expr.Any{
 			&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: 24, Len: 16},
 			&expr.Lookup{SourceRegister: 1, SetName: "gone"},
 			&expr.Masq{},
-		}, Decoded{Rule: Rule{Family: 6, Action: "masquerade", Unsure: true}}},
+		}, Decoded{NATRule: NATRule{Family: 6, Action: "masquerade", Unsure: true}}},
 		{"range", nftables.TableFamilyIPv4, []expr.Any{
 			&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: 16, Len: 4},
 			&expr.Range{Op: expr.CmpOpEq, Register: 1, FromData: addr("198.51.100.1").AsSlice(), ToData: addr("198.51.100.9").AsSlice()},
 			&expr.Target{Name: "MASQUERADE"},
-		}, Decoded{Rule: Rule{Family: 4, Dst: Match{{addr("198.51.100.1"), addr("198.51.100.9")}}, Action: "MASQUERADE (iptables-nft rule)"}}},
+		}, Decoded{NATRule: NATRule{Family: 4, Dst: Match{{addr("198.51.100.1"), addr("198.51.100.9")}}, Action: "MASQUERADE (iptables-nft rule)"}}},
 		{"jump", nftables.TableFamilyIPv4, append(ip4Daddr("198.51.100.4"), &expr.Verdict{Kind: expr.VerdictJump, Chain: "steal"}),
-			Decoded{Rule: Rule{Family: 4, Dst: Match{{addr("198.51.100.4"), addr("198.51.100.4")}}}, Jump: "steal"}},
+			Decoded{NATRule: NATRule{Family: 4, Dst: Match{{addr("198.51.100.4"), addr("198.51.100.4")}}}, Jump: "steal"}},
 		{"a mark is not evaluated", nftables.TableFamilyIPv4, []expr.Any{
 			&expr.Meta{Key: expr.MetaKeyMARK, Register: 1},
 			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{0, 0x40, 0, 0}},
 			&expr.Verdict{Kind: expr.VerdictReturn},
-		}, Decoded{Rule: Rule{Family: 4, Unsure: true}, Ends: true}},
+		}, Decoded{NATRule: NATRule{Family: 4, Unsure: true}, Ends: true}},
 		{"dnat is not ours to judge", nftables.TableFamilyIPv4, []expr.Any{&expr.NAT{Type: expr.NATTypeDestNAT}},
-			Decoded{Rule: Rule{Family: 4}}},
+			Decoded{NATRule: NATRule{Family: 4}}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			got := Decode(tc.family, tc.exprs, sets)
@@ -149,23 +149,23 @@ func TestScanChains(t *testing.T) {
 		host(t, "203.0.113.0/24", "192.0.2.250", "eth0"),
 		host(t, "2001:db8:ffff::/48", "2001:db8::250", "eth0"),
 	}
-	steal := Rule{Family: 4, Dst: Match{PrefixRange(pfx("198.51.100.4/32"))}, Action: "snat to 192.0.2.23", Text: "daddr 198.51.100.4 snat to 192.0.2.23"}
-	everything := Rule{Family: 4, Action: "masquerade", Text: "masquerade"}
-	docker := Rule{Family: 4, Src: Match{PrefixRange(pfx("172.17.0.0/16"))}, Action: "masquerade", Text: "docker"}
-	otherIf := Rule{Family: 4, Out: "wg0", Action: "masquerade", Text: "wg0"}
-	bothFamilies := Rule{Action: "masquerade", Text: "inet masquerade"}
+	steal := NATRule{Family: 4, Dst: Match{PrefixRange(pfx("198.51.100.4/32"))}, Action: "snat to 192.0.2.23", Text: "daddr 198.51.100.4 snat to 192.0.2.23"}
+	everything := NATRule{Family: 4, Action: "masquerade", Text: "masquerade"}
+	docker := NATRule{Family: 4, Src: Match{PrefixRange(pfx("172.17.0.0/16"))}, Action: "masquerade", Text: "docker"}
+	otherIf := NATRule{Family: 4, Out: "wg0", Action: "masquerade", Text: "wg0"}
+	bothFamilies := NATRule{Action: "masquerade", Text: "inet masquerade"}
 	in := Input{
 		SkipIPTablesNFT: true,
 		Promises:        ours,
 		Chains: []Chain{
-			{Family: "ip", Table: "thief", Name: "post", Priority: 50, Rules: []Rule{steal}},
-			{Family: "ip", Table: "late", Name: "post", Priority: 101, Rules: []Rule{everything}},
-			{Family: "ip", Table: "docker", Name: "post", Priority: 100, Rules: []Rule{docker, otherIf}},
-			{Family: "ip", Table: "nat", Name: "POSTROUTING", Priority: 100, Rules: []Rule{everything}},
-			{Family: "inet", Table: "fw", Name: "srcnat", Priority: 100, Rules: []Rule{bothFamilies}},
+			{Family: "ip", Table: "thief", Name: "post", Priority: 50, Rules: []NATRule{steal}},
+			{Family: "ip", Table: "late", Name: "post", Priority: 101, Rules: []NATRule{everything}},
+			{Family: "ip", Table: "docker", Name: "post", Priority: 100, Rules: []NATRule{docker, otherIf}},
+			{Family: "ip", Table: "nat", Name: "POSTROUTING", Priority: 100, Rules: []NATRule{everything}},
+			{Family: "inet", Table: "fw", Name: "srcnat", Priority: 100, Rules: []NATRule{bothFamilies}},
 			{Family: "ip", Table: "empty", Name: "post", Priority: -100},
 			// A base chain added by hand to iptables-nft's table is not iptables-nft's.
-			{Family: "ip", Table: "nat", Name: "early", Priority: 0, Rules: []Rule{steal}},
+			{Family: "ip", Table: "nat", Name: "early", Priority: 0, Rules: []NATRule{steal}},
 		},
 	}
 	got := Scan(in)
@@ -194,82 +194,6 @@ func TestScanChains(t *testing.T) {
 	f, ok := Explains(Scan(Input{Chains: in.Chains[:1], Promises: ours}), addr("192.0.2.23"))
 	if !ok || f.Table != "thief" {
 		t.Errorf("Explains(192.0.2.23) = %+v, %v", f, ok)
-	}
-}
-
-const saveAhead = `# Generated by iptables-save
-*nat
-:PREROUTING ACCEPT [0:0]
-:POSTROUTING ACCEPT [0:0]
-:EGRESS-SNAT - [0:0]
-:DOCKER_POSTROUTING - [0:0]
--A POSTROUTING -d 198.51.100.4/32 -o eth0 -j SNAT --to-source 192.0.2.23:40000-40099
--A POSTROUTING -s 172.17.0.0/16 ! -o docker0 -j MASQUERADE
--A POSTROUTING -m comment --comment "a chain of its own" -j DOCKER_POSTROUTING
--A POSTROUTING -j EGRESS-SNAT
--A POSTROUTING -j MASQUERADE
--A DOCKER_POSTROUTING -d 203.0.113.0/25 -j MASQUERADE
--A EGRESS-SNAT -d 198.51.100.4/32 -o eth0 -s 192.0.2.250/32 -m comment --comment egress-snat -j SNAT --to-source 192.0.2.22
-COMMIT
-`
-
-func TestRulesAhead(t *testing.T) {
-	rules, err := RulesAhead(4, saveAhead, "EGRESS-SNAT")
-	if err != nil {
-		t.Fatal(err)
-	}
-	if len(rules) != 3 {
-		t.Fatalf("got %d rules ahead, want 3: %+v", len(rules), rules)
-	}
-	if a, ok := rules[0].To(); !ok || a != addr("192.0.2.23") {
-		t.Errorf("first rule SNATs to %v, want 192.0.2.23", a)
-	}
-	if rules[1].Out != "" {
-		t.Errorf("! -o docker0 narrowed the interface to %q", rules[1].Out)
-	}
-	if !strings.Contains(rules[2].Text, "DOCKER_POSTROUTING") {
-		t.Errorf("rule in a jumped-to chain: %q", rules[2].Text)
-	}
-	got := Scan(Input{Ahead: map[int][]Rule{4: rules}, Promises: []Traffic{
-		host(t, "198.51.100.4/32", "192.0.2.250", "eth0"),
-		host(t, "203.0.113.7/32", "192.0.2.250", "eth0"),
-		host(t, "198.18.0.0/16", "192.0.2.250", "eth0"),
-	}})
-	if len(got) != 1 || got[0].Kind != KindRuleAhead {
-		t.Fatalf("Scan = %+v", got)
-	}
-	if diff := cmp.Diff([]string{"198.51.100.4/32", "203.0.113.7/32"}, got[0].Shadows, addrEq); diff != "" {
-		t.Errorf("shadows (-want +got):\n%s", diff)
-	}
-	if len(got[0].Rules) != 2 {
-		t.Errorf("docker's masquerade of its own subnet must not count: %v", got[0].Rules)
-	}
-
-	if rules[0].Unsure || !rules[1].Unsure {
-		t.Errorf("unsure: %v %v, want only the negated -o to be", rules[0].Unsure, rules[1].Unsure)
-	}
-	stopped, err := RulesAhead(4, strings.Replace(saveAhead, "-A POSTROUTING -s 172.17", "-A POSTROUTING -j ACCEPT\n-A POSTROUTING -s 172.17", 1), "EGRESS-SNAT")
-	if err != nil || len(stopped) != 1 {
-		t.Errorf("an unconditional ACCEPT ends the chain: %+v, %v", stopped, err)
-	}
-	none, err := RulesAhead(4, strings.Replace(saveAhead, "-A POSTROUTING -j EGRESS-SNAT\n", "", 1), "EGRESS-SNAT")
-	if err != nil || none != nil {
-		t.Errorf("without our jump nothing is ahead of it: %v, %v", none, err)
-	}
-}
-
-func TestToSourceAddr(t *testing.T) {
-	for in, want := range map[string]string{
-		"192.0.2.23":                    "192.0.2.23",
-		"192.0.2.22-192.0.2.23":         "192.0.2.22",
-		"192.0.2.23:40000-40099":        "192.0.2.23",
-		"2001:db8::22":                  "2001:db8::22",
-		"[2001:db8::22]:40000":          "2001:db8::22",
-		"[2001:db8::22]-[2001:db8::23]": "2001:db8::22",
-	} {
-		if a, ok := toSourceAddr(in); !ok || a.String() != want {
-			t.Errorf("toSourceAddr(%q) = %v, %v; want %s", in, a, ok, want)
-		}
 	}
 }
 

@@ -20,7 +20,7 @@ type Chain struct {
 	Table    string
 	Name     string
 	Priority int32
-	Rules    []Rule
+	Rules    []NATRule
 }
 
 // IPTablesNFT reports whether a chain is iptables-nft's own nat
@@ -54,9 +54,10 @@ type Lister interface {
 	GetSetElements(*nftables.Set) ([]nftables.SetElement, error)
 }
 
-// maxJumpDepth bounds how deep jumps are followed; the kernel itself
+// MaxJumpDepth bounds how deep jumps are followed, here and in the iptables
+// backend's reading of the rules ahead of our jump; the kernel itself
 // refuses loops, this only keeps a broken read from recursing forever.
-const maxJumpDepth = 16
+const MaxJumpDepth = 16
 
 // ReadNFT reads every nat chain on the postrouting hook of the ip, ip6
 // and inet families, whatever its priority, with the NAT rules it and the
@@ -88,9 +89,9 @@ func ReadNFT(l Lister) ([]Chain, error) {
 			continue
 		}
 		sets := setReader(l, c.Table)
-		var walk func(ch *nftables.Chain, outer Rule, depth int, seen map[string]bool) ([]Rule, error)
-		walk = func(ch *nftables.Chain, outer Rule, depth int, seen map[string]bool) ([]Rule, error) {
-			if depth > maxJumpDepth || seen[ch.Name] {
+		var walk func(ch *nftables.Chain, outer NATRule, depth int, seen map[string]bool) ([]NATRule, error)
+		walk = func(ch *nftables.Chain, outer NATRule, depth int, seen map[string]bool) ([]NATRule, error) {
+			if depth > MaxJumpDepth || seen[ch.Name] {
 				return nil, nil
 			}
 			seen[ch.Name] = true
@@ -99,11 +100,11 @@ func ReadNFT(l Lister) ([]Chain, error) {
 			if err != nil {
 				return nil, fmt.Errorf("reading nftables chain %s %s %s: %w", fam, ch.Table.Name, ch.Name, err)
 			}
-			var found []Rule
+			var found []NATRule
 			unsure := outer.Unsure
 			for _, r := range rules {
 				d := Decode(c.Table.Family, r.Exprs, sets)
-				d.Rule = inherit(d.Rule, outer)
+				d.NATRule = d.NATRule.Within(outer)
 				d.Unsure = d.Unsure || unsure
 				if d.Ends {
 					if !d.Conditional {
@@ -119,22 +120,22 @@ func ReadNFT(l Lister) ([]Chain, error) {
 					if target == nil {
 						continue
 					}
-					inner, err := walk(target, d.Rule, depth+1, seen)
+					inner, err := walk(target, d.NATRule, depth+1, seen)
 					if err != nil {
 						return nil, err
 					}
 					found = append(found, inner...)
-				case d.Rule.Action != "":
-					d.Rule.Text = fmt.Sprintf("%s (handle %d)", d.Rule.describe(), r.Handle)
+				case d.NATRule.Action != "":
+					d.NATRule.Text = fmt.Sprintf("%s (handle %d)", d.NATRule.describe(), r.Handle)
 					if ch != c {
-						d.Rule.Text = fmt.Sprintf("%s, in chain %s", d.Rule.Text, ch.Name)
+						d.NATRule.Text = fmt.Sprintf("%s, in chain %s", d.NATRule.Text, ch.Name)
 					}
-					found = append(found, d.Rule)
+					found = append(found, d.NATRule)
 				}
 			}
 			return found, nil
 		}
-		rules, err := walk(c, Rule{}, 0, map[string]bool{})
+		rules, err := walk(c, NATRule{}, 0, map[string]bool{})
 		if err != nil {
 			return nil, err
 		}
@@ -146,9 +147,9 @@ func ReadNFT(l Lister) ([]Chain, error) {
 	return out, nil
 }
 
-// inherit narrows a rule reached by a jump with what the jumping rule
-// matched; the inner rule's own matches, usually narrower, win.
-func inherit(r, outer Rule) Rule {
+// Within narrows a rule reached by a jump with what the jumping rule
+// (outer) matched; the inner rule's own matches, usually narrower, win.
+func (r NATRule) Within(outer NATRule) NATRule {
 	if r.Family == 0 {
 		r.Family = outer.Family
 	}
@@ -259,7 +260,7 @@ func addrOf(b []byte) (netip.Addr, bool) {
 
 // Decoded is what one nftables rule means for source NAT.
 type Decoded struct {
-	Rule
+	NATRule
 	// Jump is the chain the rule jumps or goes to, if it does.
 	Jump string
 	// Ends is true for a rule whose verdict ends the chain for the packets
@@ -460,7 +461,7 @@ func Decode(tf nftables.TableFamily, exprs []expr.Any, sets SetFunc) Decoded {
 }
 
 // To returns the address a decoded action SNATs to, if it names one.
-func (r Rule) To() (netip.Addr, bool) {
+func (r NATRule) To() (netip.Addr, bool) {
 	s, ok := strings.CutPrefix(r.Action, "snat to ")
 	if !ok {
 		return netip.Addr{}, false

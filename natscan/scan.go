@@ -14,9 +14,9 @@ type Input struct {
 	// set when egress-snat's backend is nft, because then our jump is in
 	// them and their rules are judged by order, in Ahead.
 	SkipIPTablesNFT bool
-	// Ahead are, per family (4, 6), the iptables rules ahead of our jump
-	// (RulesAhead).
-	Ahead map[int][]Rule
+	// Ahead are, per family (4, 6), the iptables rules ahead of our jump,
+	// which the iptables backend reads (iptables.Backend.RulesAhead).
+	Ahead map[int][]NATRule
 	// Promises are the traffic we promise a source for.
 	Promises []Traffic
 	// Priority is our nat chain's: OurPriority when 0 (the iptables
@@ -55,7 +55,7 @@ func Scan(in Input) []Finding {
 }
 
 // judge fills f with the rules that take some promise; false when none do.
-func judge(f *Finding, rules []Rule, promises []Traffic) bool {
+func judge(f *Finding, rules []NATRule, promises []Traffic) bool {
 	shadowed := map[string]bool{}
 	for _, r := range rules {
 		took := false

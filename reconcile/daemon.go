@@ -126,7 +126,7 @@ type Daemon struct {
 	// are what the kernel should hold, and wantRules our ip rules, for the
 	// canary. Nothing else of a reconcile is kept.
 	plan      snat.Plan
-	wantRules map[snat.Family][]routes.Rule
+	wantRules map[snat.Family][]routes.IPRule
 	applies   int
 	// leftOut counts the rules the last resolve left out, by cause.
 	leftOut map[string]int

@@ -285,10 +285,10 @@ func (l *lockedTables) Restore(f snat.Family, payload string) error {
 	defer l.mu.Unlock()
 	return l.t.Restore(f, payload)
 }
-func (l *lockedTables) CanDropNATTable() bool {
+func (l *lockedTables) CanDropTable() bool {
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	return l.t.CanDropNATTable()
+	return l.t.CanDropTable()
 }
 func (l *lockedTables) Generation(f snat.Family) (uint64, error) {
 	l.mu.Lock()
@@ -299,6 +299,11 @@ func (l *lockedTables) SaveNAT(f snat.Family) (string, error) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	return l.t.SaveNAT(f)
+}
+func (l *lockedTables) SaveNATCounters(f snat.Family) (string, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.t.SaveNATCounters(f)
 }
 func (l *lockedTables) DropTable(f snat.Family, name string) error {
 	l.mu.Lock()

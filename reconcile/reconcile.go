@@ -62,7 +62,7 @@ func (d *Daemon) reconcile(reason string) error {
 	previous := d.plan.Desired
 	d.plan = plan
 	d.plan.Steps, d.plan.Changes = nil, nil // written; not needed again
-	d.wantRules = map[snat.Family][]routes.Rule{}
+	d.wantRules = map[snat.Family][]routes.IPRule{}
 	for _, f := range snat.Families {
 		d.wantRules[f] = plan.Routing[f].Rules
 	}

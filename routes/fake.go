@@ -146,8 +146,8 @@ func parseRoute(dst string, o map[string]string) (Route, error) {
 	return r, nil
 }
 
-func parseRule(o map[string]string) (Rule, error) {
-	r := Rule{SuppressPrefixLen: -1}
+func parseRule(o map[string]string) (IPRule, error) {
+	r := IPRule{SuppressPrefixLen: -1}
 	var err error
 	if r.Priority, err = strconv.Atoi(o["pref"]); err != nil {
 		return r, fmt.Errorf("pref %q", o["pref"])
@@ -193,7 +193,7 @@ func parseRule(o map[string]string) (Rule, error) {
 }
 
 // Rules returns the fake's rules of the family.
-func (f *Fake) Rules(is4 bool) ([]Rule, error) {
+func (f *Fake) Rules(is4 bool) ([]IPRule, error) {
 	s, err := f.Read(is4)
 	return s.Rules, err
 }

@@ -95,8 +95,8 @@ type Route struct {
 	Src netip.Addr
 }
 
-// Rule is one ip rule of ours.
-type Rule struct {
+// IPRule is one ip rule (policy routing rule) of ours.
+type IPRule struct {
 	Priority int
 	// From selects the source; invalid means all.
 	From  netip.Prefix
@@ -114,7 +114,7 @@ type Rule struct {
 
 // State is what one family holds of ours: rules and routes, sorted.
 type State struct {
-	Rules  []Rule
+	Rules  []IPRule
 	Routes []Route
 }
 
@@ -175,7 +175,7 @@ func Desired(paths []Path) State {
 		}
 	}
 	if len(dests) > 0 {
-		d := Rule{Priority: PrioDestinations, Table: Table, SuppressPrefixLen: -1}
+		d := IPRule{Priority: PrioDestinations, Table: Table, SuppressPrefixLen: -1}
 		if dests[0].Src.Is4() {
 			// IPv6 rules with a source never match a lookup without one
 			// (fib6_rule_match), so there 7420 takes every lookup:
@@ -187,12 +187,12 @@ func Desired(paths []Path) State {
 	}
 	if len(paths) > 0 {
 		s.Rules = append(s.Rules,
-			Rule{Priority: PrioExempt, Mark: LookupMark, MarkMask: 0xffffffff, Goto: PrioEnd, SuppressPrefixLen: -1},
-			Rule{Priority: PrioEnd, Nop: true, SuppressPrefixLen: -1})
+			IPRule{Priority: PrioExempt, Mark: LookupMark, MarkMask: 0xffffffff, Goto: PrioEnd, SuppressPrefixLen: -1},
+			IPRule{Priority: PrioEnd, Nop: true, SuppressPrefixLen: -1})
 	}
 	tables := ReplyTables(paths)
 	if len(tables) > 0 {
-		s.Rules = append(s.Rules, Rule{Priority: PrioSuppress, Table: 254, SuppressPrefixLen: 0})
+		s.Rules = append(s.Rules, IPRule{Priority: PrioSuppress, Table: 254, SuppressPrefixLen: 0})
 	}
 	done := map[int]bool{}
 	marked := map[int]bool{}
@@ -203,12 +203,12 @@ func Desired(paths []Path) State {
 		}
 		if !done[t] {
 			done[t] = true
-			s.Rules = append(s.Rules, Rule{Priority: PrioReplies, From: netip.PrefixFrom(p.Src, p.Src.BitLen()), Table: t, SuppressPrefixLen: -1})
+			s.Rules = append(s.Rules, IPRule{Priority: PrioReplies, From: netip.PrefixFrom(p.Src, p.Src.BitLen()), Table: t, SuppressPrefixLen: -1})
 			s.Routes = append(s.Routes, Route{Table: t, Dst: everything(p.Src), Via: p.Via, Dev: p.Dev})
 		}
 		if p.Marked && !marked[t] {
 			marked[t] = true
-			s.Rules = append(s.Rules, Rule{Priority: PrioReplies, Mark: MarkOf(t), MarkMask: MarkMask, Table: t, SuppressPrefixLen: -1})
+			s.Rules = append(s.Rules, IPRule{Priority: PrioReplies, Mark: MarkOf(t), MarkMask: MarkMask, Table: t, SuppressPrefixLen: -1})
 		}
 	}
 	s.sort()
@@ -223,7 +223,7 @@ func everything(a netip.Addr) netip.Prefix {
 }
 
 func (s *State) sort() {
-	slices.SortFunc(s.Rules, func(a, b Rule) int {
+	slices.SortFunc(s.Rules, func(a, b IPRule) int {
 		if a.Priority != b.Priority {
 			return a.Priority - b.Priority
 		}
@@ -329,7 +329,7 @@ func (r Route) delArgs() string {
 	return s + fmt.Sprintf(" table %d proto %d", r.Table, Protocol)
 }
 
-func (r Rule) args() string {
+func (r IPRule) args() string {
 	s := fmt.Sprintf("pref %d", r.Priority)
 	if r.From.IsValid() {
 		s += " from " + r.From.String()
@@ -351,5 +351,5 @@ func (r Rule) args() string {
 	return s + fmt.Sprintf(" protocol %d", Protocol)
 }
 
-func (r Route) String() string { return r.args() }
-func (r Rule) String() string  { return r.args() }
+func (r Route) String() string  { return r.args() }
+func (r IPRule) String() string { return r.args() }

@@ -20,7 +20,7 @@ type System struct{}
 // rule at one of our priorities (an ip rule added without pref lands next
 // to the first non-zero one), and such a rule is never read, rewritten or
 // deleted as ours.
-func (System) Rules(is4 bool) ([]Rule, error) {
+func (System) Rules(is4 bool) ([]IPRule, error) {
 	fam := netlink.FAMILY_V6
 	if is4 {
 		fam = netlink.FAMILY_V4
@@ -29,12 +29,12 @@ func (System) Rules(is4 bool) ([]Rule, error) {
 	if err != nil {
 		return nil, fmt.Errorf("listing ip rules: %w", err)
 	}
-	var out []Rule
+	var out []IPRule
 	for _, r := range rules {
 		if !Ours(r.Priority) || int(r.Protocol) != Protocol {
 			continue
 		}
-		rule := Rule{Priority: r.Priority, Table: r.Table, SuppressPrefixLen: r.SuppressPrefixlen, Mark: r.Mark, Goto: r.Goto}
+		rule := IPRule{Priority: r.Priority, Table: r.Table, SuppressPrefixLen: r.SuppressPrefixlen, Mark: r.Mark, Goto: r.Goto}
 		if r.Mark != 0 {
 			rule.MarkMask = 0xffffffff
 			if r.Mask != nil {

@@ -90,8 +90,7 @@ fi
 
 # ---------------------------------------------------------------------------
 
-[[ $(id -u) -eq 0 ]] || die "run as root: it creates network namespaces"
-command -v go >/dev/null || die "go not found (install Go into /usr/local/go)"
+bench_preflight
 if [[ -z ${BENCH_GATE_BACKENDS:-} ]]; then
   default=legacy
   if iptables -V 2>/dev/null | grep -q nf_tables; then default=nft; fi
@@ -104,18 +103,7 @@ for b in $BENCH_GATE_BACKENDS; do
 done
 
 START=$SECONDS
-WORK=$(mktemp -d /tmp/egress-snat-gate.XXXXXX)
-NSLIST=()
-cleanup() {
-  local rc=$? ns
-  for ns in "${NSLIST[@]}"; do
-    ip netns del "$ns" 2>/dev/null || true
-  done
-  rm -rf "$WORK"
-  exit "$rc"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
+bench_start gate
 
 (cd "$ROOT" && go build -o "$WORK/egress-snat" ./cmd/egress-snat && go build -o "$WORK/benchconn" ./scripts/benchconn)
 "$WORK/benchconn" gen -n "$N" >"$WORK/dst.txt"

@@ -12,19 +12,23 @@
 set -euo pipefail
 export PATH=/usr/local/go/bin:$PATH:/usr/sbin:/sbin
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+# shellcheck source=scripts/benchlib.sh
+source "$ROOT/scripts/benchlib.sh"
 NS=${BENCH_IDLE_N:-10000 100000}
 SECS=${BENCH_IDLE_SECS:-30}
 BACKENDS=${BENCH_BACKENDS:-nft legacy}
+
+say() { echo "bench-idle: $*" >&2; }
+die() { echo "bench-idle: $*" >&2; exit 1; }
+
+bench_preflight
 export LAB=esidle$$
-WORK=$(mktemp -d)
+# The lab's namespaces are lab.sh's, so lab.sh deletes them, after the
+# trap has stopped watch (PIDS).
+bench_on_exit() { bash "$ROOT/scripts/lab.sh" down >/dev/null 2>&1; }
+bench_start idle
 BIN=$WORK/egress-snat
 H=$LAB-host
-cleanup() {
-  [[ -n ${WPID:-} ]] && kill "$WPID" 2>/dev/null && wait "$WPID" 2>/dev/null
-  bash "$ROOT/scripts/lab.sh" down >/dev/null 2>&1 || true
-  rm -rf "$WORK"
-}
-trap cleanup EXIT
 (cd "$ROOT" && go build -o "$BIN" ./cmd/egress-snat)
 bash "$ROOT/scripts/lab.sh" up >/dev/null
 hz=$(getconf CLK_TCK)
@@ -47,6 +51,7 @@ PY
     es apply -f "$WORK/w.yaml" >/dev/null
     ip netns exec "$H" "$BIN" --iptables-backend "$b" watch -f "$WORK/w.yaml" 2>"$WORK/watch.log" &
     WPID=$!
+    PIDS=("$WPID")
     sleep 5 # the start-up apply; ip netns exec execs in place: WPID is watch
     t0=$(ticks "$WPID"); sleep "$SECS"; t1=$(ticks "$WPID")
     cpu=$(awk -v d=$((t1 - t0)) -v hz="$hz" -v s="$SECS" 'BEGIN { printf "%.2f %% of a core", 100 * d / hz / s }')
@@ -55,7 +60,7 @@ PY
     start=$(date +%s.%N)
     until es check -f "$WORK/w.yaml" >/dev/null 2>&1; do sleep 0.05; done
     repair=$(awk -v a="$start" -v b="$(date +%s.%N)" 'BEGIN { printf "%.2f s", b - a }')
-    kill "$WPID"; wait "$WPID" 2>/dev/null || true; WPID=
+    kill "$WPID"; wait "$WPID" 2>/dev/null || true; PIDS=()
     es clear >/dev/null
     echo "| $b | $n | $cpu | $rss | $repair |"
   done

@@ -199,9 +199,8 @@ esac
 # ---------------------------------------------------------------------------
 # The main run.
 
-[[ $(id -u) -eq 0 ]] || die "run as root: it creates network namespaces"
-command -v go >/dev/null || die "go not found (install Go into /usr/local/go)"
-bash "$ROOT/scripts/lab.sh" deps strace=strace iptables-legacy=iptables conntrack=conntrack gnuplot=gnuplot-nox /usr/bin/time=time >&2
+bench_preflight
+bench_deps strace=strace iptables-legacy=iptables conntrack=conntrack gnuplot=gnuplot-nox /usr/bin/time=time
 for b in $BACKENDS; do
   command -v "iptables-$b-restore" >/dev/null || die "iptables-$b-restore not found: the $b backend is not installed"
 done
@@ -209,20 +208,8 @@ done
 START=$EPOCHREALTIME
 LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
 TAG=esscale-$$
-WORK=$(mktemp -d /tmp/egress-snat-scale.XXXXXX)
-NSLIST=()
-PIDS=()
-cleanup() {
-  local rc=$? pid ns
-  for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
-  for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
-  for ns in "${NSLIST[@]}"; do ip netns del "$ns" 2>/dev/null || true; done
-  rm -rf "$WORK"
-  if ((rc)); then say "failed (exit $rc); namespaces deleted, nothing written"; fi
-  exit "$rc"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
+bench_on_exit() { if (($1)); then say "failed (exit $1); namespaces deleted, nothing written"; fi; }
+bench_start scale
 mkdir -p "$WORK/res"
 : >"$WORK/res/prog.tsv"
 : >"$WORK/res/syscalls.tsv"
@@ -301,11 +288,7 @@ for b in $BACKENDS; do
       say "$b round $r N=$n: $rate conn/s"
     done
   done
-  for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
-  for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
-  PIDS=()
-  for ns in "$h" "$g" "$h1" "$g1"; do ip netns del "$ns"; done
-  NSLIST=()
+  bench_stop # the servers, and this backend's four namespaces
 done
 
 # ---------------------------------------------------------------------------

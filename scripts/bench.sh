@@ -168,9 +168,8 @@ fi
 # ---------------------------------------------------------------------------
 # The main run.
 
-[[ $(id -u) -eq 0 ]] || die "run as root: it creates network namespaces"
-command -v go >/dev/null || die "go not found (install Go into /usr/local/go)"
-bash "$ROOT/scripts/lab.sh" deps strace=strace iptables-legacy=iptables conntrack=conntrack >&2
+bench_preflight
+bench_deps strace=strace iptables-legacy=iptables conntrack=conntrack
 for b in $BACKENDS; do
   for c in "iptables-$b" "iptables-$b-restore" "iptables-$b-save"; do
     command -v "$c" >/dev/null || die "$c not found: the $b backend is not installed"
@@ -180,27 +179,8 @@ done
 START=$EPOCHREALTIME
 LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
 TAG=esbench-$$
-WORK=$(mktemp -d /tmp/egress-snat-bench.XXXXXX)
-NSLIST=()
-PIDS=()
-
-cleanup() {
-  local rc=$? pid ns
-  for pid in "${PIDS[@]}"; do
-    kill "$pid" 2>/dev/null || true
-  done
-  for pid in "${PIDS[@]}"; do
-    wait "$pid" 2>/dev/null || true
-  done
-  for ns in "${NSLIST[@]}"; do
-    ip netns del "$ns" 2>/dev/null || true
-  done
-  rm -rf "$WORK"
-  if ((rc)); then say "failed (exit $rc); namespaces deleted, nothing written"; fi
-  exit "$rc"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
+bench_on_exit() { if (($1)); then say "failed (exit $1); namespaces deleted, nothing written"; fi; }
+bench_start bench
 
 mkdir -p "$WORK/res"
 : >"$WORK/res/prog.tsv"
@@ -333,13 +313,8 @@ for ((r = 1; r <= ROUNDS; r++)); do
   done
 done
 
-# Stop the servers and delete the namespaces now; the trap does it again
-# harmlessly.
-for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
-for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
-PIDS=()
-for ns in "${NSLIST[@]}"; do ip netns del "$ns" 2>/dev/null || true; done
-NSLIST=()
+# Stop the servers and delete the namespaces now.
+bench_stop
 
 # ---------------------------------------------------------------------------
 # The report.

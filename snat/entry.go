@@ -57,8 +57,9 @@ type Entry struct {
 	Via     netip.Addr
 	Replies bool
 	// Marked entries are a sender's traffic sent out of Out, another
-	// interface than its destination's route, by a mark (see mangle.go);
-	// Replies is then true too, and Via is Out's gateway.
+	// interface than its destination's route, by a mark (see
+	// backend/iptables/mangle.go); Replies is then true too, and Via is
+	// Out's gateway.
 	Marked bool
 	// Hold says the entry is standing by (see standby.go): its SNAT rule
 	// is installed, and the clients' packets that belong to no connection

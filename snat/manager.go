@@ -80,7 +80,7 @@ type Routing interface {
 	Read(is4 bool) (routes.State, error)
 	// Rules reads our ip rules alone: cheap, whatever the size of the
 	// host's routing tables.
-	Rules(is4 bool) ([]routes.Rule, error)
+	Rules(is4 bool) ([]routes.IPRule, error)
 	Batch(is4 bool, input string) error
 }
 

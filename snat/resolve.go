@@ -364,8 +364,8 @@ func gwName(gw netip.Addr) string {
 //
 // A sender's traffic (--from, --uid, --cgroup) cannot be told apart by a
 // route: a mark sends it to a's reply table instead, and a SNAT rule for
-// owner gives it a (see mangle.go). natural is the source local traffic
-// has before that, on iface.
+// owner gives it a (see backend/iptables/mangle.go). natural is the source
+// local traffic has before that, on iface.
 func otherInterface(r Router, in Intent, dst netip.Prefix, a netip.Addr, owner, iface string, natural netip.Addr) (Entry, error) {
 	switch {
 	case in.Method == MethodRoute:

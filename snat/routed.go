@@ -23,7 +23,7 @@ func routedEntries(s routes.State) []Entry {
 			continue
 		}
 		e := Entry{Match: Match{Dst: r.Dst, Out: r.Dev}, Natural: r.Src, To: []netip.Addr{r.Src}, Routed: true, Via: r.Via}
-		e.Replies = slices.ContainsFunc(s.Rules, func(ru routes.Rule) bool {
+		e.Replies = slices.ContainsFunc(s.Rules, func(ru routes.IPRule) bool {
 			return ru.Priority == routes.PrioReplies && ru.From.Addr() == r.Src && replyDev[ru.Table] == r.Dev
 		})
 		out = append(out, e)

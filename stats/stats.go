@@ -9,13 +9,10 @@
 package stats
 
 import (
-	"bufio"
 	"cmp"
 	"fmt"
 	"net/netip"
 	"slices"
-	"strconv"
-	"strings"
 
 	"github.com/egress-snat/egress-snat/conntrack"
 )
@@ -40,14 +37,16 @@ func (r PortRange) Size() int { return int(r.Hi) - int(r.Lo) + 1 }
 
 func (r PortRange) String() string { return fmt.Sprintf("%d-%d", r.Lo, r.Hi) }
 
-// Rule is what the nat table says about one egress address.
-type Rule struct {
+// RuleCounters is what the nat table's SNAT rules say about one egress
+// address: its port range and their counters.
+type RuleCounters struct {
 	Address netip.Addr
 	// Range is the SNAT port range, DefaultPortRange when the rule names
 	// none.
 	Range PortRange
 	// Packets and Bytes are the rules' counters (iptables-save -c), summed
-	// over the rules that SNAT to the address.
+	// over the rules that SNAT to the address. The iptables backend reads
+	// them (iptables.Backend.SNATCounters).
 	Packets, Bytes uint64
 	// Ours is true when egress-snat wrote the rule.
 	Ours bool
@@ -80,7 +79,7 @@ type Address struct {
 
 // Compute builds the report for each rule's address from the flows. A flow
 // belongs to the address its replies go to, the source it left with.
-func Compute(rules []Rule, flows []conntrack.Flow) []Address {
+func Compute(rules []RuleCounters, flows []conntrack.Flow) []Address {
 	byAddr := map[netip.Addr]*Address{}
 	tuples := map[netip.Addr]map[conntrack.Tuple]int{} // Src unset: (proto, dst)
 	var out []Address
@@ -119,106 +118,4 @@ func Compute(rules []Rule, flows []conntrack.Flow) []Address {
 	}
 	slices.SortFunc(out, func(x, y Address) int { return x.Address.Compare(y.Address) })
 	return out
-}
-
-// RulesFromSave reads the SNAT rules of a nat table saved with counters
-// (iptables-save -c) and returns one Rule per --to-source address: the
-// smallest port range named for it, the counters summed. A rule carrying
-// comment marks it as egress-snat's.
-func RulesFromSave(text, comment string) ([]Rule, error) {
-	byAddr := map[netip.Addr]*Rule{}
-	var order []netip.Addr
-	inNat := false
-	sc := bufio.NewScanner(strings.NewReader(text))
-	sc.Buffer(nil, 1<<20)
-	for sc.Scan() {
-		line := strings.TrimSpace(sc.Text())
-		if strings.HasPrefix(line, "*") {
-			inNat = line == "*nat"
-			continue
-		}
-		if !inNat {
-			continue
-		}
-		var pk, by uint64
-		if strings.HasPrefix(line, "[") {
-			c, rest, ok := strings.Cut(line[1:], "] ")
-			if !ok {
-				continue
-			}
-			p, b, _ := strings.Cut(c, ":")
-			var err1, err2 error
-			pk, err1 = strconv.ParseUint(p, 10, 64)
-			by, err2 = strconv.ParseUint(b, 10, 64)
-			if err1 != nil || err2 != nil {
-				return nil, fmt.Errorf("bad counters in %q", line)
-			}
-			line = rest
-		}
-		if !strings.HasPrefix(line, "-A ") || !strings.Contains(line, " -j SNAT") {
-			continue
-		}
-		f := strings.Fields(line)
-		i := slices.Index(f, "--to-source")
-		if i < 0 || i+1 >= len(f) {
-			continue
-		}
-		a, pr, ok := parseToSource(f[i+1])
-		if !ok {
-			return nil, fmt.Errorf("bad --to-source %q", f[i+1])
-		}
-		r := byAddr[a]
-		if r == nil {
-			r = &Rule{Address: a, Range: DefaultPortRange}
-			byAddr[a] = r
-			order = append(order, a)
-		}
-		if pr.Size() < r.Range.Size() {
-			r.Range = pr
-		}
-		r.Packets += pk
-		r.Bytes += by
-		if comment != "" && strings.Contains(line, "--comment "+comment) {
-			r.Ours = true
-		}
-	}
-	if err := sc.Err(); err != nil {
-		return nil, err
-	}
-	out := make([]Rule, 0, len(order))
-	for _, a := range order {
-		out = append(out, *byAddr[a])
-	}
-	return out, nil
-}
-
-// parseToSource reads 192.0.2.23, 192.0.2.23:40000-40099,
-// [2001:db8::22]:40000-40099 or 2001:db8::22; a range of addresses counts
-// as its first.
-func parseToSource(v string) (netip.Addr, PortRange, bool) {
-	host, ports := v, ""
-	if rest, ok := strings.CutPrefix(v, "["); ok {
-		host, ports, _ = strings.Cut(rest, "]")
-		ports = strings.TrimPrefix(ports, ":")
-	} else if strings.Count(v, ":") == 1 {
-		host, ports, _ = strings.Cut(v, ":")
-	}
-	host, _, _ = strings.Cut(host, "-")
-	a, err := netip.ParseAddr(host)
-	if err != nil {
-		return a, PortRange{}, false
-	}
-	if ports == "" {
-		return a, DefaultPortRange, true
-	}
-	lo, hi, found := strings.Cut(ports, "-")
-	if !found {
-		hi = lo
-	}
-	l, err1 := strconv.ParseUint(lo, 10, 16)
-	h, err2 := strconv.ParseUint(hi, 10, 16)
-	if err1 != nil || err2 != nil || l > h {
-		return a, PortRange{}, false
-	}
-	return a, PortRange{uint16(l), uint16(h)}, true
 }

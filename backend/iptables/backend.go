@@ -1,6 +1,7 @@
 package iptables
 
 import (
+	"fmt"
 	"net/netip"
 	"sync"
 
@@ -21,9 +22,9 @@ var _ snat.Backend = (*Backend)(nil)
 // Snapshot is what the iptables backend read of ours: one save per family
 // and one ipset save.
 type Snapshot struct {
-	// CanDropNATTable is the backend's: see Tables.
-	CanDropNATTable bool
-	Installed       map[snat.Family]Installed
+	// CanDropTable is the backend's: see Tables.
+	CanDropTable bool
+	Installed    map[snat.Family]Installed
 	// Sets are all sets with our name prefix, referenced or not.
 	Sets map[string]Set
 	// Mangle holds our mangle chains per family.
@@ -119,19 +120,18 @@ func (b *Backend) knownSets(p *Plan) (map[string]Set, bool, error) {
 
 // build parses the dumps into a Snapshot.
 func (b *Backend) build(sets map[string]Set, texts map[snat.Family]string, errs map[snat.Family]error) (*Snapshot, error) {
-	st := &Snapshot{Installed: map[snat.Family]Installed{}, Sets: sets, CanDropNATTable: b.Tables.CanDropNATTable(), Mangle: map[snat.Family]MangleInstalled{}}
+	st := &Snapshot{Installed: map[snat.Family]Installed{}, Sets: sets, CanDropTable: b.Tables.CanDropTable(), Mangle: map[snat.Family]MangleInstalled{}}
 	for _, f := range snat.Families {
 		if errs[f] != nil {
 			return nil, errs[f]
 		}
-		in, err := ParseSave(f, texts[f], sets)
+		// One read of the save for both tables of ours.
+		s, err := ReadSave(texts[f], table, mangleTable)
 		if err != nil {
-			return nil, err
+			return nil, fmt.Errorf("reading %s %w", f, err)
 		}
-		st.Installed[f] = in
-		if st.Mangle[f], err = parseMangle(f, texts[f]); err != nil {
-			return nil, err
-		}
+		st.Installed[f] = readInstalled(f, s.Table(table), sets)
+		st.Mangle[f] = readMangle(f, s.Table(mangleTable))
 	}
 	return st, nil
 }
@@ -182,17 +182,17 @@ func (a dropTable) Show() snat.Command {
 	if a.name != table {
 		input = a.name // as before: the nat table's drop names none
 	}
-	return snat.Command{Tool: ToolDropNATTable, Family: a.f, Input: input,
-		Note: string(ToolDropNATTable) + " " + nftFamily(a.f) + " " + a.name + " (only if it is still empty)"}
+	return snat.Command{Tool: ToolDropTable, Family: a.f, Input: input,
+		Note: string(ToolDropTable) + " " + nftFamily(a.f) + " " + a.name + " (only if it is still empty)"}
 }
 func (a dropTable) Run() error { return a.t.DropTable(a.f, a.name) }
 
 // The tools the iptables backend's steps run.
 const (
-	ToolIPSet        snat.Tool = "ipset restore"
-	ToolIPTables     snat.Tool = "iptables-restore --noflush"
-	ToolIP6Tables    snat.Tool = "ip6tables-restore --noflush"
-	ToolDropNATTable snat.Tool = "nft delete table"
+	ToolIPSet     snat.Tool = "ipset restore"
+	ToolIPTables  snat.Tool = "iptables-restore --noflush"
+	ToolIP6Tables snat.Tool = "ip6tables-restore --noflush"
+	ToolDropTable snat.Tool = "nft delete table"
 )
 
 // restoreTool is the family's iptables-restore.
@@ -208,14 +208,6 @@ func nftFamily(f snat.Family) string {
 		return "ip6"
 	}
 	return "ip"
-}
-
-// everythingOf is the prefix of every destination of f.
-func everythingOf(f snat.Family) netip.Prefix {
-	if f == snat.IPv4 {
-		return netip.PrefixFrom(netip.IPv4Unspecified(), 0)
-	}
-	return netip.PrefixFrom(netip.IPv6Unspecified(), 0)
 }
 
 // SetNames returns which set of ours holds each installed entry ("" when

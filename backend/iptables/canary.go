@@ -19,31 +19,29 @@ func (b *Backend) QuickDrift(np snat.NATPlan) (string, error) {
 	}
 	for _, f := range snat.Families {
 		c := p.Chains[f]
-		if anyMarked(f, p.Desired) {
-			text, err := b.Tables.Save(f)
-			if err != nil {
-				return "", err
-			}
-			mg, err := parseMangle(f, text)
-			if err != nil {
-				return "", err
-			}
-			if !mg.inSync(renderMangle(f, p.Desired, p.Tables[f])) {
-				return fmt.Sprintf("the %s mangle chains differ", f), nil
-			}
+		// The nat table alone is the smaller read; where marks are
+		// wanted, one whole save serves both tables.
+		marked := anyMarked(f, p.Desired)
+		save := b.Tables.SaveNAT
+		if marked {
+			save = b.Tables.Save
 		}
-		text, err := b.Tables.SaveNAT(f)
+		text, err := save(f)
 		if err != nil {
 			return "", err
+		}
+		s, err := ReadSave(text, table, mangleTable)
+		if err != nil {
+			return "", fmt.Errorf("reading %s %w", f, err)
+		}
+		if marked && !readMangle(f, s.Table(mangleTable)).inSync(renderMangle(f, p.Desired, p.Tables[f])) {
+			return fmt.Sprintf("the %s mangle chains differ", f), nil
 		}
 		sets := make(map[string]Set, len(c.Sets))
 		for _, s := range c.Sets {
 			sets[s.Name] = Set{Name: s.Name, Family: f}
 		}
-		in, err := ParseSave(f, text, sets)
-		if err != nil {
-			return "", err
-		}
+		in := readInstalled(f, s.Table(table), sets)
 		if !in.InSync(c) {
 			return fmt.Sprintf("the %s chain or its jump differs", f), nil
 		}

@@ -7,6 +7,11 @@
 // program: iptables-nft and iptables-legacy (Flavour). The kernel is the
 // only state: there is no state file.
 //
+// It owns every other reading of iptables-save too, into the models of
+// the packages that judge them: the foreign NAT rules ahead of our jump
+// for natscan (ahead.go), and the SNAT rules' counters for stats
+// (counters.go). Those packages never import this one.
+//
 // Layout, the same in iptables (IPv4) and ip6tables (IPv6):
 //
 //	nat POSTROUTING

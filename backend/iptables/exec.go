@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"os/exec"
-	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -24,15 +23,18 @@ type Tables interface {
 	// Restore runs iptables-restore --noflush with payload: all of it, or
 	// nothing if any line fails.
 	Restore(f snat.Family, payload string) error
-	// CanDropNATTable reports whether DropNATTable works: with
-	// iptables-nft and the nft command. Legacy tables cannot be unloaded
-	// from a namespace.
-	CanDropNATTable() bool
+	// CanDropTable reports whether DropTable works: with iptables-nft and
+	// the nft command. Legacy tables cannot be unloaded from a namespace.
+	CanDropTable() bool
 	// Generation changes whenever the family's nat table may have
 	// changed; it costs no process (see ExecTables.Generation).
 	Generation(f snat.Family) (uint64, error)
 	// SaveNAT is Save of the nat table alone.
 	SaveNAT(f snat.Family) (string, error)
+	// SaveNATCounters is SaveNAT with each rule's packet and byte
+	// counters (iptables-save -c), for stats; "" when the family has no
+	// nat table.
+	SaveNATCounters(f snat.Family) (string, error)
 	// DropTable deletes the family's table name (nat or mangle) if it
 	// still holds nothing at all (checked right before deleting, so a rule
 	// another tool added meanwhile is never lost), and does nothing
@@ -163,15 +165,36 @@ func (t ExecTables) command(f snat.Family, role string) string {
 func (t ExecTables) Save(f snat.Family) (string, error) { return t.save(f) }
 
 func (t ExecTables) save(f snat.Family, args ...string) (string, error) {
+	out, path, msg, err := t.runSave(f, args...)
+	if err != nil {
+		return "", fmt.Errorf("%s: %v: %s", path, err, msg)
+	}
+	t.versionFromSave(out)
+	return out, nil
+}
+
+// SaveNATCounters returns iptables-save -c of the family's nat table: its
+// rules with their packet and byte counters, for stats. A nat table that
+// is not loaded holds no rules: "" and no error.
+func (t ExecTables) SaveNATCounters(f snat.Family) (string, error) {
+	out, path, msg, err := t.runSave(f, "-c", "-t", table)
+	if err != nil {
+		if strings.Contains(msg, "does not exist") {
+			return "", nil
+		}
+		return "", fmt.Errorf("%s -c -t %s: %v: %s", path, table, err, msg)
+	}
+	return out, nil
+}
+
+// runSave runs the family's iptables-save with args and returns its
+// output, its path, and on failure what it printed to stderr.
+func (t ExecTables) runSave(f snat.Family, args ...string) (out, path, msg string, err error) {
 	cmd := exec.Command(t.command(f, "save"), args...)
 	var stdout, stderr bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &stdout, &stderr
-	if err := cmd.Run(); err != nil {
-		return "", fmt.Errorf("%s: %v: %s", cmd.Path, err, strings.TrimSpace(stderr.String()))
-	}
-	out := stdout.String()
-	t.versionFromSave(out)
-	return out, nil
+	err = cmd.Run()
+	return stdout.String(), cmd.Path, strings.TrimSpace(stderr.String()), err
 }
 
 func (t ExecTables) Restore(f snat.Family, payload string) error {
@@ -223,8 +246,8 @@ func (ExecIPSets) Restore(payload string) error {
 	return nil
 }
 
-// CanDropNATTable is true for iptables-nft with the nft command installed.
-func (t ExecTables) CanDropNATTable() bool {
+// CanDropTable is true for iptables-nft with the nft command installed.
+func (t ExecTables) CanDropTable() bool {
 	if t.Flavour != FlavourNFT {
 		return false
 	}
@@ -232,10 +255,11 @@ func (t ExecTables) CanDropNATTable() bool {
 	return err == nil
 }
 
-// DropNATTable deletes the family's nat table when it holds nothing at all,
-// so that clear leaves iptables-save exactly as it was on a host where the
-// tool created the table. The table is left when any chain other than the
-// four empty built-ins, or any policy other than ACCEPT, is there.
+// DropTable deletes the family's table name (nat or mangle) when it holds
+// nothing at all, so that clear leaves iptables-save exactly as it was on a
+// host where the tool created the table. The table is left when any chain
+// other than its empty built-ins, or any policy other than ACCEPT, is
+// there.
 func (t ExecTables) DropTable(f snat.Family, name string) error {
 	text, err := t.Save(f)
 	if err != nil {
@@ -252,26 +276,9 @@ func (t ExecTables) DropTable(f snat.Family, name string) error {
 }
 
 // tableEmpty reports whether the save text holds table name with only its
-// built-in chains, empty, policy ACCEPT.
+// built-in chains, empty, policy ACCEPT. A table it cannot read is not
+// empty.
 func tableEmpty(saveText, name string) bool {
-	in := false
-	seen := false
-	for _, line := range strings.Split(saveText, "\n") {
-		line = strings.TrimSpace(line)
-		switch {
-		case strings.HasPrefix(line, "*"):
-			in = line == "*"+name
-			seen = seen || in
-		case !in || line == "" || line == "COMMIT" || strings.HasPrefix(line, "#"):
-		case strings.HasPrefix(line, ":"):
-			f := strings.Fields(line)
-			builtin := slices.Contains(builtinChains[name], strings.TrimPrefix(f[0], ":"))
-			if !builtin || len(f) < 2 || f[1] != "ACCEPT" {
-				return false
-			}
-		default:
-			return false
-		}
-	}
-	return seen
+	s, err := ReadSave(saveText, name)
+	return err == nil && s.Table(name).empty()
 }

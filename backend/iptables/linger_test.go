@@ -130,7 +130,7 @@ func TestReplyRouteOutlivesItsRule(t *testing.T) {
 	p := update(t, m, func(*snat.State) []snat.Entry { return nil })
 	st, _ := m.Read()
 	rs := st.Routing[snat.IPv4]
-	hasReply := slices.ContainsFunc(rs.Rules, func(r routes.Rule) bool {
+	hasReply := slices.ContainsFunc(rs.Rules, func(r routes.IPRule) bool {
 		return r.Priority == routes.PrioReplies && r.From.Addr() == addr("203.0.113.130")
 	})
 	hasDst := slices.ContainsFunc(rs.Routes, func(r routes.Route) bool { return r.Table == routes.Table })

@@ -1,7 +1,6 @@
 package iptables
 
 import (
-	"bufio"
 	"fmt"
 	"net/netip"
 	"slices"
@@ -75,37 +74,32 @@ func (m MangleInstalled) inSync(want map[string][]Rule) bool {
 
 // parseMangle reads the mangle table of an iptables-save text.
 func parseMangle(f snat.Family, text string) (MangleInstalled, error) {
+	s, err := ReadSave(text, mangleTable)
+	if err != nil {
+		return readMangle(f, nil), fmt.Errorf("reading %s %w", f, err)
+	}
+	return readMangle(f, s.Table(mangleTable)), nil
+}
+
+// readMangle reads what a family's mangle table (nil when there is none)
+// holds of ours.
+func readMangle(f snat.Family, mangle *SavedTable) MangleInstalled {
 	m := MangleInstalled{OnlyOurs: true, Exists: map[string]bool{}, Jumps: map[string][][]string{},
 		JumpFirst: map[string]bool{}, Rules: map[string][]Rule{}, Raw: map[string][][]string{}}
-	in := false
+	if mangle == nil {
+		return m
+	}
+	m.TableExists = true
+	for _, c := range mangle.Chains {
+		if _, ours := markHooks[c.Name]; ours {
+			m.Exists[c.Name] = true
+		} else if !c.builtinAccept(mangleTable) {
+			m.OnlyOurs = false
+		}
+	}
 	count := map[string]int{}
-	sc := bufio.NewScanner(strings.NewReader(text))
-	sc.Buffer(nil, 1<<20)
-	for sc.Scan() {
-		line := strings.TrimSpace(sc.Text())
-		switch {
-		case strings.HasPrefix(line, "*"):
-			in = line == "*"+mangleTable
-			m.TableExists = m.TableExists || in
-			continue
-		case !in || line == "" || line == "COMMIT" || strings.HasPrefix(line, "#"):
-			continue
-		case strings.HasPrefix(line, ":"):
-			name, pol, _ := strings.Cut(line[1:], " ")
-			if _, ours := markHooks[name]; ours {
-				m.Exists[name] = true
-			} else if !slices.Contains(builtinChains[mangleTable], name) || !strings.HasPrefix(pol, "ACCEPT") {
-				m.OnlyOurs = false
-			}
-			continue
-		case !strings.HasPrefix(line, "-A "):
-			continue
-		}
-		words, err := splitWords(line)
-		if err != nil {
-			return m, fmt.Errorf("reading %s mangle table: %w", f, err)
-		}
-		chain, spec := words[1], words[2:]
+	for _, sr := range mangle.Rules {
+		chain, spec := sr.Chain, sr.Spec
 		if _, ours := markHooks[chain]; ours {
 			m.Raw[chain] = append(m.Raw[chain], spec)
 			r, err := ParseRule(f, spec)
@@ -127,7 +121,7 @@ func parseMangle(f snat.Family, text string) (MangleInstalled, error) {
 		}
 		m.OnlyOurs = false
 	}
-	return m, sc.Err()
+	return m
 }
 
 // markMatch is the mangle rule matching an entry's traffic, without -o:

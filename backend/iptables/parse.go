@@ -1,7 +1,6 @@
 package iptables
 
 import (
-	"bufio"
 	"fmt"
 	"net/netip"
 	"slices"
@@ -64,8 +63,31 @@ func (in Installed) InSync(c Chain) bool {
 // sets maps set names to their content, from ParseSets; entries in sets are
 // expanded to one Entry per member.
 func ParseSave(f snat.Family, text string, sets map[string]Set) (Installed, error) {
+	s, err := ReadSave(text, table)
+	if err != nil {
+		return Installed{Family: f, OnlyOurs: true}, fmt.Errorf("reading %s %w", f, err)
+	}
+	return readInstalled(f, s.Table(table), sets), nil
+}
+
+// readInstalled reads what a family's nat table (nil when there is none)
+// holds of ours.
+func readInstalled(f snat.Family, nat *SavedTable, sets map[string]Set) Installed {
 	in := Installed{Family: f, OnlyOurs: true}
-	inNat := false
+	if nat == nil {
+		return in
+	}
+	in.TableExists = true
+	for _, c := range nat.Chains {
+		switch {
+		case c.Name == ChainName:
+			in.ChainExists = true
+		case c.Name == KeepChain:
+			in.KeepExists = true
+		case !c.builtinAccept(table):
+			in.OnlyOurs = false
+		}
+	}
 	postrouting := 0
 	type ruleEntry struct {
 		snat.Entry
@@ -73,41 +95,9 @@ func ParseSave(f snat.Family, text string, sets map[string]Set) (Installed, erro
 	}
 	var found []ruleEntry
 	byMatch := map[Rule]int{} // a rule's match -> index in found
-	sc := bufio.NewScanner(strings.NewReader(text))
-	sc.Buffer(nil, 1<<20)
-	for sc.Scan() {
-		line := strings.TrimSpace(sc.Text())
-		switch {
-		case line == "" || strings.HasPrefix(line, "#"):
-			continue
-		case strings.HasPrefix(line, "*"):
-			inNat = line == "*"+table
-			if inNat {
-				in.TableExists = true
-			}
-			continue
-		case !inNat:
-			continue
-		case strings.HasPrefix(line, ":"+ChainName+" "):
-			in.ChainExists = true
-			continue
-		case strings.HasPrefix(line, ":"+KeepChain+" "):
-			in.KeepExists = true
-			continue
-		case strings.HasPrefix(line, ":"):
-			if name, pol, _ := strings.Cut(line[1:], " "); !slices.Contains(builtinChains[table], name) || !strings.HasPrefix(pol, "ACCEPT") {
-				in.OnlyOurs = false
-			}
-			continue
-		case !strings.HasPrefix(line, "-A "):
-			continue
-		}
-		words, err := splitWords(line)
-		if err != nil {
-			return in, fmt.Errorf("reading %s nat table: %w", f, err)
-		}
-		chain, spec := words[1], words[2:]
-		switch chain {
+	for _, sr := range nat.Rules {
+		spec := sr.Spec
+		switch sr.Chain {
 		case hookChain:
 			postrouting++
 			if target(spec) != ChainName {
@@ -156,9 +146,6 @@ func ParseSave(f snat.Family, text string, sets map[string]Set) (Installed, erro
 			in.OnlyOurs = false
 		}
 	}
-	if err := sc.Err(); err != nil {
-		return in, err
-	}
 	slices.SortFunc(in.Keep, netip.Addr.Compare)
 	// A set rule stands for one entry per member.
 	n := 0
@@ -188,7 +175,7 @@ func ParseSave(f snat.Family, text string, sets map[string]Set) (Installed, erro
 		}
 	}
 	snat.SortEntries(in.Entries)
-	return in, nil
+	return in
 }
 
 // everything is the prefix of every destination of f.
@@ -222,44 +209,6 @@ func parsePrefix(s string) (netip.Prefix, error) {
 		return netip.Prefix{}, err
 	}
 	return netip.PrefixFrom(a, a.BitLen()), nil
-}
-
-// splitWords splits an iptables-save line into words, honouring the double
-// quotes iptables-save puts around comments with blanks.
-func splitWords(line string) ([]string, error) {
-	var words []string
-	var cur strings.Builder
-	inWord, inQuote := false, false
-	for i := 0; i < len(line); i++ {
-		c := line[i]
-		switch {
-		case inQuote && c == '\\' && i+1 < len(line):
-			i++
-			cur.WriteByte(line[i])
-		case c == '"':
-			inQuote = !inQuote
-			inWord = true
-		case !inQuote && (c == ' ' || c == '\t'):
-			if inWord {
-				words = append(words, cur.String())
-				cur.Reset()
-				inWord = false
-			}
-		default:
-			cur.WriteByte(c)
-			inWord = true
-		}
-	}
-	if inQuote {
-		return nil, fmt.Errorf("unterminated quote in %q", line)
-	}
-	if inWord {
-		words = append(words, cur.String())
-	}
-	if len(words) < 2 {
-		return nil, fmt.Errorf("short rule %q", line)
-	}
-	return words, nil
 }
 
 // ParseSets reads `ipset save` output and returns this tool's sets by name.

@@ -130,7 +130,7 @@ func (b *Backend) Plan(have snat.Installation, want snat.Want) snat.NATPlan {
 			} else {
 				mangleLast = append(mangleLast, s)
 			}
-			if mg := st.Mangle[f]; len(s.Do.Input) > 0 && !anyMarked(f, desired) && st.CanDropNATTable && mg.TableExists && mg.OnlyOurs {
+			if mg := st.Mangle[f]; len(s.Do.Input) > 0 && !anyMarked(f, desired) && st.CanDropTable && mg.TableExists && mg.OnlyOurs {
 				drops = append(drops, snat.NewCleanup(fmt.Sprintf("delete the %s mangle table egress-snat alone used, now empty", f),
 					dropTable{b.Tables, f, mangleTable}))
 			}
@@ -139,7 +139,7 @@ func (b *Backend) Plan(have snat.Installation, want snat.Want) snat.NATPlan {
 			continue
 		}
 		writes = append(writes, b.chainStep(in, c))
-		if len(c.Rules) == 0 && len(c.Keep) == 0 && st.CanDropNATTable && in.TableExists && in.OnlyOurs {
+		if len(c.Rules) == 0 && len(c.Keep) == 0 && st.CanDropTable && in.TableExists && in.OnlyOurs {
 			drops = append(drops, snat.NewCleanup(fmt.Sprintf("delete the %s nat table egress-snat alone used, now empty", f),
 				dropTable{b.Tables, f, table}))
 		}

@@ -219,9 +219,14 @@ func ParseRule(f snat.Family, spec []string) (Rule, error) {
 		case "-j":
 			r.Target = v
 		case "--to-source":
-			if r.ToSource, err = netip.ParseAddr(strings.Trim(v, "[]")); err != nil {
+			ts, err := parseToSource(v)
+			if err != nil {
 				return r, err
 			}
+			if ts.To.IsValid() || ts.HasPorts {
+				return r, fmt.Errorf("--to-source %s: a range egress-snat does not write", v)
+			}
+			r.ToSource = ts.From
 		default:
 			return r, fmt.Errorf("option %q is not one egress-snat writes", w)
 		}

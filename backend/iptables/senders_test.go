@@ -228,7 +228,7 @@ func TestPlanIsTheProgram(t *testing.T) {
 	for _, s := range p.Steps {
 		tools = append(tools, s.Do.Tool)
 	}
-	if diff := cmp.Diff([]snat.Tool{ToolIPTables, ToolIPSet, ToolDropNATTable}, tools); diff != "" {
+	if diff := cmp.Diff([]snat.Tool{ToolIPTables, ToolIPSet, ToolDropTable}, tools); diff != "" {
 		t.Fatalf("clear steps (-want +got):\n%s", diff)
 	}
 	if err := m.Apply(p); err != nil {

@@ -372,20 +372,6 @@ func TestParseSaveReportsForeignRulesInOurChain(t *testing.T) {
 	}
 }
 
-func TestSplitWords(t *testing.T) {
-	got, err := splitWords(`-A POSTROUTING -m comment --comment "two words" -j X`)
-	if err != nil {
-		t.Fatal(err)
-	}
-	want := []string{"-A", "POSTROUTING", "-m", "comment", "--comment", "two words", "-j", "X"}
-	if diff := cmp.Diff(want, got); diff != "" {
-		t.Error(diff)
-	}
-	if _, err := splitWords(`-A X "open`); err == nil {
-		t.Error("unterminated quote accepted")
-	}
-}
-
 func TestLockTimesOut(t *testing.T) {
 	// A directory of the test's own: the host's lock under /run is never
 	// taken, so a real egress-snat run on this machine never waits for us.

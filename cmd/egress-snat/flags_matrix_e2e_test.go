@@ -329,7 +329,7 @@ func nullIn(v any, path string) string {
 func payloadsOf(steps []stepJSON) map[string]string {
 	out := map[string]string{}
 	for _, s := range steps {
-		if s.Do.Tool == string(iptables.ToolDropNATTable) {
+		if s.Do.Tool == string(iptables.ToolDropTable) {
 			continue
 		}
 		name := strings.Fields(s.Do.Tool)[0]
@@ -839,7 +839,7 @@ func (k *kernelModel) play(t *testing.T, steps []stepJSON) *kernelModel {
 			err = k.playRestore(6, s.Do.Input)
 		case string(iptables.ToolIPSet):
 			err = k.playIPSet(s.Do.Input)
-		case string(iptables.ToolDropNATTable):
+		case string(iptables.ToolDropTable):
 			table := s.Do.Input
 			if table == "" {
 				table = "nat"

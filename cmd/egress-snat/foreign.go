@@ -21,7 +21,7 @@ import (
 func foreignNAT(e *env, promises []natscan.Traffic) ([]natscan.Finding, error) {
 	in := natscan.Input{
 		SkipIPTablesNFT: e.ipt != nil && e.flavour == iptables.FlavourNFT,
-		Ahead:           map[int][]natscan.Rule{},
+		Ahead:           map[int][]natscan.NATRule{},
 		Promises:        promises,
 	}
 	if e.nft != nil {
@@ -42,11 +42,7 @@ func foreignNAT(e *env, promises []natscan.Traffic) ([]natscan.Finding, error) {
 		if e.ipt == nil {
 			continue // a test's fakes: no save to read
 		}
-		text, err := e.ipt.Tables.Save(f)
-		if err != nil {
-			return nil, err
-		}
-		rules, err := natscan.RulesAhead(int(f), text, iptables.ChainName)
+		rules, err := e.ipt.RulesAhead(f)
 		if err != nil {
 			return nil, err
 		}

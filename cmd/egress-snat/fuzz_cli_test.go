@@ -649,10 +649,13 @@ func (c *checkedTables) Restore(f snat.Family, payload string) error {
 	}
 	return c.fake.Restore(f, payload)
 }
-func (c *checkedTables) SaveNAT(f snat.Family) (string, error)      { return c.fake.SaveNAT(f) }
+func (c *checkedTables) SaveNAT(f snat.Family) (string, error) { return c.fake.SaveNAT(f) }
+func (c *checkedTables) SaveNATCounters(f snat.Family) (string, error) {
+	return c.fake.SaveNATCounters(f)
+}
 func (c *checkedTables) Generation(f snat.Family) (uint64, error)   { return c.fake.Generation(f) }
 func (c *checkedTables) DropTable(f snat.Family, name string) error { return c.fake.DropTable(f, name) }
-func (c *checkedTables) CanDropNATTable() bool                      { return c.fake.CanDropNATTable() }
+func (c *checkedTables) CanDropTable() bool                         { return c.fake.CanDropTable() }
 
 func (c *checkedSets) Headers() (map[string]int, error) { return c.fake.Headers() }
 
@@ -663,8 +666,8 @@ type checkedRouting struct {
 	bad  []string
 }
 
-func (c *checkedRouting) Read(is4 bool) (routes.State, error)   { return c.fake.Read(is4) }
-func (c *checkedRouting) Rules(is4 bool) ([]routes.Rule, error) { return c.fake.Rules(is4) }
+func (c *checkedRouting) Read(is4 bool) (routes.State, error)     { return c.fake.Read(is4) }
+func (c *checkedRouting) Rules(is4 bool) ([]routes.IPRule, error) { return c.fake.Rules(is4) }
 func (c *checkedRouting) Batch(is4 bool, input string) error {
 	if err := checkBatch(input); err != nil {
 		c.bad = append(c.bad, err.Error())

@@ -1,9 +1,7 @@
 package main
 
 import (
-	"bytes"
 	"fmt"
-	"os/exec"
 	"strings"
 	"time"
 
@@ -11,7 +9,6 @@ import (
 
 	"github.com/egress-snat/egress-snat/backend/iptables"
 	"github.com/egress-snat/egress-snat/conntrack"
-	"github.com/egress-snat/egress-snat/snat"
 	"github.com/egress-snat/egress-snat/stats"
 )
 
@@ -55,34 +52,9 @@ systemd timer.`,
 		if err != nil {
 			return err
 		}
-		var rules []stats.Rule
-		if e.nft != nil {
-			counters, err := e.nft.Counters()
-			if err != nil {
-				return err
-			}
-			for _, ct := range counters {
-				// A spread rule counts its whole group: its addresses
-				// share the count evenly, as its round robin does.
-				for _, a := range ct.To {
-					n := uint64(len(ct.To))
-					rules = append(rules, stats.Rule{Address: a, Range: stats.DefaultPortRange, Packets: ct.Packets / n, Bytes: ct.Bytes / n, Ours: true})
-				}
-			}
-		}
-		for _, f := range snat.Families {
-			if e.ipt == nil {
-				break
-			}
-			text, err := saveWithCounters(e.flavour, f)
-			if err != nil {
-				return err
-			}
-			r, err := stats.RulesFromSave(text, iptables.Comment)
-			if err != nil {
-				return fmt.Errorf("reading the %s nat table: %w", f, err)
-			}
-			rules = append(rules, r...)
+		rules, err := snatCounters(e)
+		if err != nil {
+			return err
 		}
 		table := conntrack.Netlink{Handle: e.nl}
 		var flows []conntrack.Flow
@@ -148,26 +120,38 @@ func printStats(e *env, report []stats.Address) {
 	}
 }
 
-// saveWithCounters returns the nat table of family f with its counters,
-// from the backend the other commands use.
-func saveWithCounters(b iptables.Flavour, f snat.Family) (string, error) {
-	base := map[snat.Family]string{snat.IPv4: "iptables", snat.IPv6: "ip6tables"}[f]
-	path, err := exec.LookPath(base + "-" + string(b) + "-save")
+// snatCounters are the counters of the SNAT rules of the host: ours, and
+// every other tool's in the iptables nat tables. With the native nftables
+// backend ours are its rules' counters, and the host's iptables (of the
+// flavour its iptables command uses) holds only other tools' rules.
+func snatCounters(e *env) ([]stats.RuleCounters, error) {
+	if e.nft == nil {
+		return e.ipt.SNATCounters()
+	}
+	var rules []stats.RuleCounters
+	counters, err := e.nft.Counters()
 	if err != nil {
-		if path, err = exec.LookPath(base + "-save"); err != nil {
-			return "", fmt.Errorf("%s-save not found: install the iptables package", base)
+		return nil, err
+	}
+	for _, ct := range counters {
+		// A spread rule counts its whole group: its addresses share the
+		// count evenly, as its round robin does.
+		n := uint64(len(ct.To))
+		for _, a := range ct.To {
+			rules = append(rules, stats.RuleCounters{Address: a, Range: stats.DefaultPortRange, Packets: ct.Packets / n, Bytes: ct.Bytes / n, Ours: true})
 		}
 	}
-	cmd := exec.Command(path, "-c", "-t", "nat")
-	var stdout, stderr bytes.Buffer
-	cmd.Stdout, cmd.Stderr = &stdout, &stderr
-	if err := cmd.Run(); err != nil {
-		msg := strings.TrimSpace(stderr.String())
-		// No nat table loaded: no rules, not an error.
-		if strings.Contains(msg, "does not exist") || strings.Contains(msg, "Table does not exist") {
-			return "", nil
-		}
-		return "", fmt.Errorf("%s -c -t nat: %v: %s", path, err, msg)
+	f, err := iptables.DetectFlavour("auto")
+	if err != nil {
+		return rules, nil // no iptables on the host: no other SNAT rules there
 	}
-	return stdout.String(), nil
+	tables, err := iptables.NewExecTables(f, e.lockTimeout)
+	if err != nil {
+		return nil, err
+	}
+	others, err := (&iptables.Backend{Tables: tables}).SNATCounters()
+	if err != nil {
+		return nil, err
+	}
+	return append(rules, others...), nil
 }
