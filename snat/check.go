@@ -34,6 +34,7 @@ const (
 	DriftOtherBackend   = "chain-in-other-backend"
 	DriftRoutes         = "routes-out-of-date"
 	DriftMarks          = "marks-out-of-date"
+	DriftHold           = "hold-out-of-date"
 )
 
 // Diagnose compares the installed state with the desired entries and names

@@ -29,12 +29,15 @@ type Snapshot struct {
 	Sets map[string]Set
 	// Mangle holds our mangle chains per family.
 	Mangle map[snat.Family]MangleInstalled
+	// Hold holds our hold chain per family (hold.go).
+	Hold map[snat.Family]HoldInstalled
 }
 
 // Entries are f's installed entries, sorted, marked where a mangle rule of
-// ours sends them out of another interface (see markedEntries).
+// ours sends them out of another interface (see markedEntries), and held
+// where the hold chain drops for them.
 func (s *Snapshot) Entries(f snat.Family, routing routes.State) []snat.Entry {
-	return markedEntries(s.Installed[f].Entries, s.Mangle[f], routing)
+	return heldEntries(markedEntries(s.Installed[f].Entries, s.Mangle[f], routing), s.Hold[f].held(f, s.Sets))
 }
 
 // Lingers reports whether a keep chain holds conntrack for connections
@@ -120,18 +123,20 @@ func (b *Backend) knownSets(p *Plan) (map[string]Set, bool, error) {
 
 // build parses the dumps into a Snapshot.
 func (b *Backend) build(sets map[string]Set, texts map[snat.Family]string, errs map[snat.Family]error) (*Snapshot, error) {
-	st := &Snapshot{Installed: map[snat.Family]Installed{}, Sets: sets, CanDropTable: b.Tables.CanDropTable(), Mangle: map[snat.Family]MangleInstalled{}}
+	st := &Snapshot{Installed: map[snat.Family]Installed{}, Sets: sets, CanDropTable: b.Tables.CanDropTable(),
+		Mangle: map[snat.Family]MangleInstalled{}, Hold: map[snat.Family]HoldInstalled{}}
 	for _, f := range snat.Families {
 		if errs[f] != nil {
 			return nil, errs[f]
 		}
-		// One read of the save for both tables of ours.
-		s, err := ReadSave(texts[f], table, mangleTable)
+		// One read of the save for the tables of ours.
+		s, err := ReadSave(texts[f], table, mangleTable, filterTable)
 		if err != nil {
 			return nil, fmt.Errorf("reading %s %w", f, err)
 		}
 		st.Installed[f] = readInstalled(f, s.Table(table), sets)
 		st.Mangle[f] = readMangle(f, s.Table(mangleTable))
+		st.Hold[f] = readHold(f, s.Table(filterTable))
 	}
 	return st, nil
 }

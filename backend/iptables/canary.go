@@ -19,20 +19,23 @@ func (b *Backend) QuickDrift(np snat.NATPlan) (string, error) {
 	}
 	for _, f := range snat.Families {
 		c := p.Chains[f]
-		// The nat table alone is the smaller read; where marks are
-		// wanted, one whole save serves both tables.
-		marked := anyMarked(f, p.Desired)
+		// The nat table alone is the smaller read; where marks or a hold
+		// are wanted, one whole save serves all tables.
+		marked, holding := anyMarked(f, p.Desired), len(c.Hold) > 0
 		save := b.Tables.SaveNAT
-		if marked {
+		if marked || holding {
 			save = b.Tables.Save
 		}
 		text, err := save(f)
 		if err != nil {
 			return "", err
 		}
-		s, err := ReadSave(text, table, mangleTable)
+		s, err := ReadSave(text, table, mangleTable, filterTable)
 		if err != nil {
 			return "", fmt.Errorf("reading %s %w", f, err)
+		}
+		if holding && !readHold(f, s.Table(filterTable)).inSync(c.Hold) {
+			return fmt.Sprintf("the %s hold chain differs", f), nil
 		}
 		if marked && !readMangle(f, s.Table(mangleTable)).inSync(renderMangle(f, p.Desired, p.Tables[f])) {
 			return fmt.Sprintf("the %s mangle chains differ", f), nil

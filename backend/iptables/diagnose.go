@@ -60,6 +60,9 @@ func (b *Backend) Diagnose(have snat.Installation, want snat.Want, np snat.NATPl
 		}
 	}
 	for _, f := range snat.Families {
+		if h := st.Hold[f]; !h.inSync(plan.Chains[f].Hold) {
+			out = append(out, snat.Finding{Kind: snat.DriftHold, Family: f.String(), Detail: fmt.Sprintf("the hold chain %s, which drops the new connections of rules standing by, differs or its jump is not the first FORWARD rule (%s, want %s)", HoldChain, snat.Plural(len(h.Rules), "rule"), snat.Plural(len(plan.Chains[f].Hold), "rule"))})
+		}
 		if !st.Mangle[f].inSync(renderMangle(f, want.Entries, want.Tables[f])) {
 			out = append(out, snat.Finding{Kind: snat.DriftMarks, Family: f.String(), Detail: fmt.Sprintf("the mangle chains %s and %s, which send senders out of another interface, differ (flushed, or changed by hand?)", MarkChainFwd, MarkChainOut)})
 		}

@@ -72,10 +72,12 @@ func (p *Plan) Strands() bool { return p.strands }
 //     desired set someone edited by hand is rebuilt under a temporary name
 //     and swapped in, which is atomic (all this before the routes of ours:
 //     the prepare phase);
-//  3. the mangle chains that take marks away, each family's chain, jump
-//     and keep chain in one iptables-restore transaction (readers and new
-//     connections see the old chain or the new one, never a mixture), then
-//     the mangle chains that add marks (the main phase);
+//  3. the hold chain when it holds more (hold.go), the mangle chains that
+//     take marks away, each family's chain, jump and keep chain in one
+//     iptables-restore transaction (readers and new connections see the
+//     old chain or the new one, never a mixture), then the mangle chains
+//     that add marks, and the hold chain when it holds less (the main
+//     phase);
 //  4. cleanup: sets nothing refers to any more are destroyed, and with
 //     iptables-nft a nat or mangle table left holding nothing is deleted,
 //     so clear leaves iptables-save as it was before the first run.
@@ -111,13 +113,14 @@ func (b *Backend) Plan(have snat.Installation, want snat.Want) snat.NATPlan {
 			pl = pl.freshen(st, claimed)
 		}
 		pl.Chain.Keep = keepFor(st, f, pl.Chain, want.Live)
+		pl.Chain.Hold = holdRules(pl.Chain)
 		p.Chains[f] = pl.Chain
 		place.Fresh = append(place.Fresh, pl.Fresh...)
 		place.Rebuilt = append(place.Rebuilt, pl.Rebuilt...)
 		place.Updates = append(place.Updates, pl.Updates...)
 	}
 	referenced := claimed
-	var mangleFirst, writes, mangleLast, drops []snat.Step
+	var holdFirst, mangleFirst, writes, mangleLast, holdLast, drops []snat.Step
 	for _, f := range snat.Families {
 		in := st.Installed[f]
 		c := p.Chains[f]
@@ -135,6 +138,17 @@ func (b *Backend) Plan(have snat.Installation, want snat.Want) snat.NATPlan {
 					dropTable{b.Tables, f, mangleTable}))
 			}
 		}
+		if s, first, ok := b.holdStep(f, st.Hold[f], c.Hold); ok {
+			if first {
+				holdFirst = append(holdFirst, s)
+			} else {
+				holdLast = append(holdLast, s)
+			}
+			if h := st.Hold[f]; len(c.Hold) == 0 && st.CanDropTable && h.TableExists && h.OnlyOurs {
+				drops = append(drops, snat.NewCleanup(fmt.Sprintf("delete the %s filter table egress-snat alone used, now empty", f),
+					dropTable{b.Tables, f, filterTable}))
+			}
+		}
 		if in.InSync(c) {
 			continue
 		}
@@ -145,7 +159,7 @@ func (b *Backend) Plan(have snat.Installation, want snat.Want) snat.NATPlan {
 		}
 	}
 	p.prepare = append(p.prepare, place.steps(b.Sets)...)
-	p.main = slices.Concat(mangleFirst, writes, mangleLast)
+	p.main = slices.Concat(holdFirst, mangleFirst, writes, mangleLast, holdLast)
 	var unused strings.Builder
 	for _, name := range slices.Sorted(maps.Keys(st.Sets)) {
 		if !referenced[name] && !strings.HasSuffix(name, tmpSuffix) {

@@ -25,14 +25,18 @@ type Set struct {
 	MaxElem int `json:"-"`
 }
 
-// Chain is the rendered content of one family's managed chain, and the
+// Chain is the rendered content of one family's managed chain, the
 // addresses its keep chain holds conntrack for (linger.go; set by
-// MakePlan, not Render).
+// MakePlan, not Render), and the hold chain's rules (hold.go; set by
+// MakePlan from held, once the sets have their final names).
 type Chain struct {
 	Family snat.Family
 	Rules  []Rule
 	Sets   []Set
 	Keep   []netip.Addr
+	Hold   []Rule
+	// held says, for each of Rules, whether its entries stand by.
+	held []bool
 }
 
 // Render turns one family's normalized entries into chain rules and sets.
@@ -106,22 +110,31 @@ func renderBlock(c *Chain, block []snat.Entry) {
 		slices.SortFunc(s.NoMatch, comparePrefix)
 		s.Name = setName(s)
 		c.Sets = append(c.Sets, s)
-		c.Rules = append(c.Rules, rulesFor(block[g[0]], s.Name)...)
+		c.add(rulesFor(block[g[0]], s.Name), block[g[0]].Hold)
 	}
 	// block is sorted, so sorting the positions sorts the single rules.
 	slices.Sort(singles)
 	for _, i := range singles {
-		c.Rules = append(c.Rules, rulesFor(block[i], "")...)
+		c.add(rulesFor(block[i], ""), block[i].Hold)
+	}
+}
+
+// add appends one entry's (or set group's) rules.
+func (c *Chain) add(rules []Rule, held bool) {
+	c.Rules = append(c.Rules, rules...)
+	for range rules {
+		c.held = append(c.held, held)
 	}
 }
 
 // groupKey identifies the entries that can share one set rule: same
-// sender, interface, natural source and target.
+// sender, interface, natural source and target, and standing by or not.
 type groupKey struct {
 	Sender  snat.Sender
 	Out     string
 	Natural netip.Addr
 	To      string
+	Hold    bool
 }
 
 // grouper computes group keys for many entries. Entries resolved from one
@@ -138,7 +151,7 @@ func (g *grouper) key(e *snat.Entry) groupKey {
 	if len(e.To) == 0 || unsafe.SliceData(e.To) != g.last || len(e.To) != g.lastLen {
 		g.last, g.lastLen, g.lastStr = unsafe.SliceData(e.To), len(e.To), e.ToString()
 	}
-	return groupKey{Sender: e.Sender, Out: e.Out, Natural: e.Natural, To: g.lastStr}
+	return groupKey{Sender: e.Sender, Out: e.Out, Natural: e.Natural, To: g.lastStr, Hold: e.Hold}
 }
 
 // exceptions finds, for every set group, the destinations of other entries

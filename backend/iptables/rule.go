@@ -17,9 +17,10 @@ import (
 //
 //	-s SRC [-d DST] -o OUT [-m addrtype ! --src-type LOCAL]
 //	  [-m owner --uid-owner UID] [-m cgroup --path PATH]
-//	  [-m set --match-set SET dst] -m comment --comment egress-snat
+//	  [-m set --match-set SET dst] [-m conntrack --ctstate INVALID,NEW]
+//	  -m comment --comment egress-snat
 //	  [-m statistic --mode nth --every N --packet 0]
-//	  -j SNAT --to-source TO | -j RETURN
+//	  -j SNAT --to-source TO | -j RETURN | -j DROP (the hold chain's)
 type Rule struct {
 	// Src is the natural source as a host prefix, or a --from prefix.
 	Src netip.Prefix
@@ -56,6 +57,9 @@ type Rule struct {
 	// conntrack, for the packets the kernel sends for it without its
 	// socket (the last ACK of a closed connection).
 	Connmark string
+	// NewOrInvalid matches the packets of no connection conntrack knows
+	// (-m conntrack --ctstate NEW,INVALID): what the hold chain drops.
+	NewOrInvalid bool
 }
 
 // Args renders the rule as iptables arguments, without "-A CHAIN".
@@ -84,6 +88,9 @@ func (r Rule) Args() []string {
 	}
 	if r.Unmarked {
 		a = append(a, "-m", "mark", "--mark", fmt.Sprintf("0x0/%#x", routes.MarkMask))
+	}
+	if r.NewOrInvalid {
+		a = append(a, "-m", "conntrack", "--ctstate", "INVALID,NEW") // as iptables-save prints it
 	}
 	a = append(a, "-m", "comment", "--comment", Comment)
 	if r.Every > 0 {
@@ -135,7 +142,7 @@ func ParseRule(f snat.Family, spec []string) (Rule, error) {
 				return r, err
 			}
 			switch v {
-			case "addrtype", "owner", "cgroup", "set", "comment", "statistic", "mark":
+			case "addrtype", "owner", "cgroup", "set", "comment", "statistic", "mark", "conntrack":
 			default:
 				return r, fmt.Errorf("match %q is not one egress-snat writes", v)
 			}
@@ -204,6 +211,12 @@ func ParseRule(f snat.Family, spec []string) (Rule, error) {
 				return r, fmt.Errorf("--set-xmark %q", v)
 			}
 			r.SetMark = uint32(n)
+		case "--ctstate":
+			// iptables-save orders the states its own way.
+			if !mods["conntrack"] || (v != "NEW,INVALID" && v != "INVALID,NEW") {
+				return r, fmt.Errorf("--ctstate %q", v)
+			}
+			r.NewOrInvalid = true
 		case "--mode":
 			if v != "nth" {
 				return r, fmt.Errorf("statistic mode %q", v)
@@ -254,6 +267,7 @@ func ParseRule(f snat.Family, spec []string) (Rule, error) {
 	case r.Target == "SNAT" && r.ToSource.IsValid() && snat.FamilyOf(r.ToSource) == f:
 	case r.Target == "MARK" && r.SetMark != 0 && r.Out == "":
 	case r.Target == "RETURN" && r.Out == "":
+	case r.Target == "DROP" && r.NewOrInvalid && r.Out != "" && r.Forwarded && r.Every == 0:
 	default:
 		return r, fmt.Errorf("target %q is not one egress-snat writes", r.Target)
 	}

@@ -30,6 +30,7 @@ func TestRuleRoundTrip(t *testing.T) {
 		{Src: pfx("10.77.0.0/24"), Forwarded: true, Set: "egress-snat4-abc", Out: "eth0", Every: 3, Target: "SNAT", ToSource: addr("192.0.2.23")},
 		{Src: pfx("192.0.2.250"), HasUID: true, UID: 0, Out: "eth0", Target: "SNAT", ToSource: addr("192.0.2.22")},
 		{Src: pfx("2001:db8::250"), Cgroup: "system.slice/postfix.service", Dst: pfx("2001:db8:ffff::/48"), Out: "eth0", Target: "SNAT", ToSource: addr("2001:db8::22")},
+		{Src: pfx("10.50.0.0/24"), Forwarded: true, Set: "egress-snat4-abc", Out: "eth0", NewOrInvalid: true, Target: "DROP"},
 	}
 	for _, r := range rules {
 		f := snat.FamilyOf(r.Src.Addr())
