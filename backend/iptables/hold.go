@@ -39,9 +39,9 @@ type HoldInstalled struct {
 	Jumps                 [][]string
 	// JumpFirst is true when the first FORWARD rule is a jump of ours.
 	JumpFirst bool
-	Rules                 []Rule
-	Raw                   [][]string
-	Foreign               []string
+	Rules     []Rule
+	Raw       [][]string
+	Foreign   []string
 }
 
 // inSync reports whether the hold chain is exactly want, with one jump,
