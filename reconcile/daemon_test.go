@@ -124,6 +124,85 @@ func TestDaemonReloadsFile(t *testing.T) {
 	}
 }
 
+// TestDaemonStandby: a standby rule whose address the host lacks is
+// installed and held; when the address arrives it stays held until
+// someone activates it (Reload, as the HA hook's SIGHUP) or the fallback
+// runs out; when the address leaves it is held again and no flow of it is
+// deleted (they went to the peer).
+func TestDaemonStandby(t *testing.T) {
+	h := newFakeHost(t)
+	h.activateAfter = time.Hour
+	h.write(t, "rules:\n  - to: 192.0.2.100\n    from: [10.50.0.0/24]\n    standby: true\n")
+	d := h.start(t)
+	h.awaitHealth(t)
+	h.wantHeld(t, "the peer holds the address", true)
+	if h.count("standing by: the address is not here") != 1 {
+		t.Errorf("standing by not said once\nlog:\n%s", h.log)
+	}
+
+	// The address arrives (keepalived): held until activated.
+	h.router.add("192.0.2.100")
+	h.event("test: address added")
+	if !h.await(t, "standby address arrived") {
+		t.Fatalf("arrival not seen\nlog:\n%s", h.log)
+	}
+	h.wantHeld(t, "arrived, not activated", true)
+	if err := d.Reload(t.Context(), "hangup"); err != nil {
+		t.Fatal(err)
+	}
+	h.wantHeld(t, "activated", false)
+
+	// It leaves: held again, and its flows are left to the peer.
+	h.router.remove("192.0.2.100")
+	h.event("test: address deleted")
+	for i := 0; i < 500 && h.count(`"msg":"converged"`) < 3; i++ {
+		time.Sleep(10 * time.Millisecond)
+	}
+	if h.count("standing by: the address is not here") != 2 {
+		t.Fatalf("leaving not seen\nlog:\n%s", h.log)
+	}
+	h.wantHeld(t, "left", true)
+	if got := h.flushed(); len(got) != 0 {
+		t.Errorf("conntrack deletions for a standby address: %+v, want none", got)
+	}
+	h.stop(t)
+
+	// Without anyone to activate it, the fallback does.
+	h2 := newFakeHost(t)
+	h2.activateAfter = 100 * time.Millisecond
+	h2.write(t, "rules:\n  - to: 192.0.2.100\n    from: [10.50.0.0/24]\n    standby: true\n")
+	h2.start(t)
+	h2.awaitHealth(t)
+	h2.router.add("192.0.2.100")
+	h2.event("test: address added")
+	if !h2.await(t, "standby rules activated by the fallback") {
+		t.Fatalf("the fallback did not activate\nlog:\n%s", h2.log)
+	}
+	h2.wantHeld(t, "after the fallback", false)
+
+	// A daemon that starts with the address here holds nothing.
+	h3 := newFakeHost(t)
+	h3.activateAfter = time.Hour
+	h3.router.add("192.0.2.100")
+	h3.write(t, "rules:\n  - to: 192.0.2.100\n    from: [10.50.0.0/24]\n    standby: true\n")
+	h3.start(t)
+	h3.awaitHealth(t)
+	h3.wantHeld(t, "started with the address", false)
+}
+
+// wantHeld wants the one installed entry, to 192.0.2.100, held or not.
+func (h *fakeHost) wantHeld(t *testing.T, when string, held bool) {
+	t.Helper()
+	st, err := h.mgr.Read()
+	if err != nil {
+		t.Fatal(err)
+	}
+	es := st.Entries()
+	if len(es) != 1 || es[0].ToString() != "192.0.2.100" || es[0].Hold != held {
+		t.Errorf("%s: installed %v, want one entry to 192.0.2.100, held %v\nlog:\n%s", when, es, held, h.log)
+	}
+}
+
 // fakeHost is a kernel of stateful fakes and a daemon over it.
 type fakeHost struct {
 	mgr    *snat.Manager
@@ -135,6 +214,10 @@ type fakeHost struct {
 	health string
 	done   chan error
 	cancel context.CancelFunc
+	// activateAfter is the daemon's ActivateAfter; event, once started,
+	// tells it the host changed, as netlink would.
+	activateAfter time.Duration
+	event         func(reason string)
 }
 
 func newFakeHost(t *testing.T) *fakeHost {
@@ -181,9 +264,9 @@ func (h *fakeHost) start(t *testing.T) *reconcile.Daemon {
 		Manager: h.mgr, Router: h.router, Conntrack: h.ct, LockTimeout: time.Second,
 		Log:    slog.New(slog.NewJSONHandler(h.log, &slog.HandlerOptions{Level: slog.LevelDebug})),
 		Resync: 10 * time.Millisecond, FullResync: time.Hour,
-		HealthFile: h.health,
-		// No netlink: the fakes are the host.
-		Events: func(<-chan struct{}, func(string)) error { return nil },
+		HealthFile: h.health, ActivateAfter: h.activateAfter,
+		// No netlink: the fakes are the host, and the test tells.
+		Events: func(_ <-chan struct{}, changed func(string)) error { h.event = changed; return nil },
 	})
 	if err != nil {
 		t.Fatal(err)
