@@ -348,3 +348,18 @@ func TestFishCompletion(t *testing.T) {
 		}
 	}
 }
+
+// TestOldEnumValuesSurviveCloning: the app's flags are cloned for each run
+// (fresh.go); an enum flag's old values (--backend legacy, nft) must come
+// along, or every script using them breaks.
+func TestOldEnumValuesSurviveCloning(t *testing.T) {
+	for _, fl := range newApp().Flags {
+		if e, ok := fl.(*enumFlag); ok && e.Name == "backend" {
+			if !slices.Equal(e.old, []string{"nft", "legacy"}) {
+				t.Errorf("--backend accepts %q besides its values, want nft and legacy", e.old)
+			}
+			return
+		}
+	}
+	t.Fatal("no --backend enum flag")
+}

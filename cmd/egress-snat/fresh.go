@@ -61,7 +61,7 @@ func cloneFlags(flags []cli.Flag) []cli.Flag {
 
 func cloneFlag(f cli.Flag) cli.Flag {
 	if e, ok := f.(*enumFlag); ok {
-		return &enumFlag{StringFlag: cloneFlag(e.StringFlag).(*cli.StringFlag), values: e.values}
+		return &enumFlag{StringFlag: cloneFlag(e.StringFlag).(*cli.StringFlag), values: e.values, old: e.old}
 	}
 	v := reflect.ValueOf(f)
 	if v.Kind() != reflect.Pointer || v.Elem().Kind() != reflect.Struct {
