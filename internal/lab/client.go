@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
-	"os/exec"
 	"strings"
 	"testing"
 )
@@ -78,7 +77,7 @@ func (l *Lab) AddClient(t testing.TB, opts ClientOptions) *Client {
 	gw6 := netip.MustParseAddr(fmt.Sprintf("fd00:88:%x::1", n))
 
 	t.Cleanup(func() {
-		if out, err := exec.Command("ip", "netns", "delete", c.NS).CombinedOutput(); err != nil &&
+		if out, err := deleteNetns(c.NS); err != nil &&
 			!strings.Contains(string(out), "No such file") {
 			t.Errorf("lab: delete netns %s: %v: %s", c.NS, err, out)
 		}

@@ -173,7 +173,7 @@ func sweepStaleHA() {
 				syscall.Kill(pid, syscall.SIGKILL)
 			}
 		}
-		exec.Command("ip", "netns", "delete", ns).Run()
+		deleteNetns(ns)
 	})
 	sweepStaleDirs("/run", staleHADir, func(dir string) { os.RemoveAll(dir) })
 }
@@ -201,7 +201,7 @@ func NewHA(t testing.TB, opts HAOptions) *HA {
 	// Registered first, so it runs last: after the daemons are gone.
 	t.Cleanup(func() {
 		for _, ns := range namespaces {
-			if out, err := exec.Command("ip", "netns", "delete", ns).CombinedOutput(); err != nil &&
+			if out, err := deleteNetns(ns); err != nil &&
 				!strings.Contains(string(out), "No such file") {
 				t.Errorf("lab: delete netns %s: %v: %s", ns, err, out)
 			}

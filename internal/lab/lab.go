@@ -110,7 +110,7 @@ func New(t testing.TB, opts ...Option) *Lab {
 	// Deleting a name that was never created is harmless.
 	t.Cleanup(func() {
 		for _, ns := range []string{l.Host, l.Gateway} {
-			if out, err := exec.Command("ip", "netns", "delete", ns).CombinedOutput(); err != nil &&
+			if out, err := deleteNetns(ns); err != nil &&
 				!strings.Contains(string(out), "No such file") {
 				t.Errorf("lab: delete netns %s: %v: %s", ns, err, out)
 			}
@@ -492,7 +492,7 @@ func sweepStale() {
 			continue
 		}
 		if err := syscall.Kill(pid, 0); errors.Is(err, syscall.ESRCH) {
-			exec.Command("ip", "netns", "delete", e.Name()).Run()
+			deleteNetns(e.Name())
 		}
 	}
 }

@@ -4,7 +4,9 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"runtime"
+	"syscall"
 	"testing"
 
 	"github.com/vishvananda/netns"
@@ -102,4 +104,24 @@ func Do(ns string, fn func() error) error {
 		panic(res.panic)
 	}
 	return res.err
+}
+
+// lockDir is snat.LockDir, which the lab cannot import (package lockfile's
+// tests use the lab, and snat uses lockfile).
+const lockDir = "/run/egress-snat"
+
+// deleteNetns deletes namespace ns, and first the files egress-snat keeps
+// for it under lockDir (its run lock, a pending apply --confirm
+// record): they are named by the namespace's inode, which the kernel gives
+// to a namespace created later, and a record left for this one would make
+// egress-snat refuse an apply in that one.
+func deleteNetns(ns string) ([]byte, error) {
+	var st syscall.Stat_t
+	if err := syscall.Stat(filepath.Join("/run/netns", ns), &st); err == nil {
+		files, _ := filepath.Glob(filepath.Join(lockDir, fmt.Sprintf("*-%d.*", st.Ino)))
+		for _, f := range files {
+			os.Remove(f)
+		}
+	}
+	return exec.Command("ip", "netns", "delete", ns).CombinedOutput()
 }

@@ -1,7 +1,6 @@
 package lab
 
 import (
-	"os/exec"
 	"strconv"
 	"strings"
 	"testing"
@@ -19,7 +18,7 @@ func NewScratch(t testing.TB, links ...string) string {
 	sweepStaleHA()
 	ns := uniqueName() + haSuffix + "x"
 	t.Cleanup(func() {
-		if out, err := exec.Command("ip", "netns", "delete", ns).CombinedOutput(); err != nil &&
+		if out, err := deleteNetns(ns); err != nil &&
 			!strings.Contains(string(out), "No such file") {
 			t.Errorf("lab: delete netns %s: %v: %s", ns, err, out)
 		}
