@@ -66,3 +66,31 @@ func Holding(entries []Entry) []netip.Addr {
 	slices.SortFunc(out, netip.Addr.Compare)
 	return slices.Compact(out)
 }
+
+// Standing is one address whose rules stand by, for check and list.
+type Standing struct {
+	Address netip.Addr `json:"address"`
+	// Rules counts its held entries.
+	Rules int `json:"rules"`
+	// Here says the host has the address: the rules wait to be activated
+	// (the HA hook, or watch --activate-after); else the peer holds it.
+	Here bool `json:"here"`
+}
+
+// StandingBy lists the addresses of the held entries, sorted, asking has
+// whether the host has each.
+func StandingBy(entries []Entry, has func(netip.Addr) bool) []Standing {
+	n := map[netip.Addr]int{}
+	for _, e := range entries {
+		if e.Hold && len(e.To) > 0 {
+			n[e.To[0]]++
+		}
+	}
+	out := []Standing{}
+	for _, a := range Holding(entries) {
+		if n[a] > 0 {
+			out = append(out, Standing{Address: a, Rules: n[a], Here: has(a)})
+		}
+	}
+	return out
+}

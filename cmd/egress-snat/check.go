@@ -2,6 +2,7 @@ package main
 
 import (
 	"fmt"
+	"net/netip"
 
 	"github.com/urfave/cli/v2"
 
@@ -68,6 +69,8 @@ Kinds of drift:
 
 What egress-snat keeps only for live connections after their rules went
 (the EGRESS-SNAT-KEEP chain, a reply route; see clear --help) is no drift.
+Nor is a rule marked standby: whose address the peer gateway holds: it is
+reported as standing by (exit 0).
 
 It changes nothing. "egress-snat apply -f FILE" (or "watch") repairs what
 can be repaired.
@@ -78,23 +81,28 @@ EXIT STATUS: 0 in sync, 1 drift, 2 error (bad input or a failed read).`,
 		jsonFlag,
 	},
 	Action: func(c *cli.Context) error {
-		findings, err := runCheck(c)
+		r, err := runCheck(c)
 		if err != nil {
 			return cli.Exit(err.Error(), checkError)
 		}
+		findings := r.findings
 		if c.Bool("json") {
 			if findings == nil {
 				findings = []snat.Finding{} // [], as every list of --json, not null
 			}
 			if err := writeJSON(c.App.Writer, struct {
-				InSync   bool           `json:"in_sync"`
-				Findings []snat.Finding `json:"findings"`
-			}{len(findings) == 0, findings}); err != nil {
+				InSync   bool            `json:"in_sync"`
+				Findings []snat.Finding  `json:"findings"`
+				Standby  []snat.Standing `json:"standby"`
+			}{len(findings) == 0, findings, r.standby}); err != nil {
 				return cli.Exit(err.Error(), checkError)
 			}
 		} else {
 			if len(findings) == 0 {
 				fmt.Fprintln(c.App.Writer, "in sync")
+			}
+			for _, s := range r.standby {
+				fmt.Fprintln(c.App.Writer, standingLine(s))
 			}
 			for _, f := range findings {
 				fmt.Fprintf(c.App.Writer, "DRIFT %-24s %s %s\n", f.Kind, f.Family, f.Detail)
@@ -107,53 +115,69 @@ EXIT STATUS: 0 in sync, 1 drift, 2 error (bad input or a failed read).`,
 	},
 }
 
-func runCheck(c *cli.Context) ([]snat.Finding, error) {
+// checkResult is what check found: the drift, and what stands by.
+type checkResult struct {
+	findings []snat.Finding
+	standby  []snat.Standing
+}
+
+// standingLine says what one standing-by address means, for people.
+func standingLine(s snat.Standing) string {
+	if s.Here {
+		return fmt.Sprintf("standing by: %s (%s) is here but not activated yet: its clients' new connections are dropped until the HA hook (or watch --activate-after) activates it", s.Address, snat.Plural(s.Rules, "rule"))
+	}
+	return fmt.Sprintf("standing by: %s (%s) is on the peer: its rules are installed, its clients' new connections are dropped here", s.Address, snat.Plural(s.Rules, "rule"))
+}
+
+func runCheck(c *cli.Context) (checkResult, error) {
+	var none checkResult
 	file, err := checkFile(c)
 	if err != nil {
-		return nil, err
+		return none, err
 	}
 	var intents []snat.Intent
 	if path := file; path != "" {
 		var err error
 		if _, intents, err = config.LoadIntents(path); err != nil {
-			return nil, err
+			return none, err
 		}
 	}
 	e, err := envFor(c)
 	if err != nil {
-		return nil, err
+		return none, err
 	}
 	st, err := e.mgr.Read()
 	if err != nil {
-		return nil, err
+		return none, err
 	}
 	if file == "" {
 		intents = snat.IntentsOf(st.Entries())
 	}
 	desired, findings, err := snat.DesiredNow(e.sel, st, intents)
 	if err != nil {
-		return nil, err
+		return none, err
 	}
 	// What is kept for live connections is no drift: read what they hold
 	// where the plan would take something from them.
 	if _, err := e.mgr.Plan(st, desired); err != nil {
-		return nil, err
+		return none, err
 	}
 	findings = append(findings, e.mgr.Diagnose(st, desired)...)
 	if e.policy != nil {
 		ahead, err := snat.PolicyAhead(e.policy, desired)
 		if err != nil {
-			return nil, err
+			return none, err
 		}
 		findings = append(findings, ahead...)
 	}
 	foreign, err := foreignNAT(e, promisesOf(desired))
 	if err != nil {
-		return nil, err
+		return none, err
 	}
 	findings = append(findings, foreignFindings(foreign)...)
 	for _, w := range otherBackendWarnings(e) {
 		findings = append(findings, snat.Finding{Kind: snat.DriftOtherBackend, Detail: w})
 	}
-	return findings, nil
+	has := func(a netip.Addr) bool { _, err := e.sel.Owner(a); return err == nil }
+	return checkResult{findings, snat.StandingBy(desired, has)}, nil
 }

@@ -18,8 +18,9 @@ var listCommand = &cli.Command{
 	UsageText: "egress-snat list [--json]",
 	Description: `Shows each managed destination: the source new connections get, the
 outgoing interface, the natural source the rule matches, whether the source
-is still an address of this host, and the ipset holding the destination if
-it is in one. Warns when the chain also exists in the other iptables backend
+is still an address of this host (or, for a rule marked standby:, that it
+stands by while the peer gateway holds it), and the ipset holding the
+destination if it is in one. Warns when the chain also exists in the other iptables backend
 (iptables-nft vs iptables-legacy), where the host's iptables does not show it.`,
 	Flags: []cli.Flag{jsonFlag},
 	Action: func(c *cli.Context) error {
@@ -63,7 +64,12 @@ it is in one. Warns when the chain also exists in the other iptables backend
 		fmt.Fprintln(tw, "WHO\tDESTINATION\tSOURCE\tOUT\tNATURAL\tSOURCE ON HOST\tSET")
 		for _, r := range rows {
 			present := "yes"
-			if !r.ToPresent {
+			switch {
+			case r.entry.Hold && r.ToPresent:
+				present = "yes, standing by: new connections dropped until activated"
+			case r.entry.Hold:
+				present = "no, standing by: the peer holds it, new connections dropped here"
+			case !r.ToPresent:
 				present = "NO: traffic leaves from an address the host lacks"
 			}
 			set := r.Set

@@ -168,7 +168,8 @@ func setIntents(c *cli.Context, intents []snat.Intent) error {
 	return reportPlan(c, e.out, plan, notes)
 }
 
-// sourceNotes says of each deprecated source of entries that it works.
+// sourceNotes says of each deprecated source of entries that it works,
+// and which sources stand by (a gateway pair's, on the peer).
 func sourceNotes(e *env, entries []snat.Entry) []string {
 	var notes []string
 	seen := map[netip.Addr]bool{}
@@ -179,6 +180,10 @@ func sourceNotes(e *env, entries []snat.Entry) []string {
 			}
 			seen[a] = true
 		}
+	}
+	has := func(a netip.Addr) bool { _, err := e.sel.Owner(a); return err == nil }
+	for _, s := range snat.StandingBy(entries, has) {
+		notes = append(notes, standingLine(s))
 	}
 	return notes
 }
