@@ -88,6 +88,7 @@ complete -c egress-snat -n '__fish_seen_subcommand_from watch' -f -l log-format 
 complete -c egress-snat -n '__fish_seen_subcommand_from watch' -f -l verify-every -r -d 'every `DURATION`, also start a real flow per rule (as verify does) and log a mismatch as an error; 0 never'
 complete -c egress-snat -n '__fish_seen_subcommand_from watch' -f -l probe -r -d 'also send to `ADDR` (repeatable) for a rule whose destination holds no documentation address; nothing but a rule\'s own address, a documentation address or a --probe address is ever sent to'
 complete -c egress-snat -n '__fish_seen_subcommand_from watch' -l health-file -r -d 'keep `FILE` for probes (egress-snat health): its time is the last turn of the loop, its first line "ready" when the last reconcile succeeded'
+complete -c egress-snat -n '__fish_seen_subcommand_from watch' -f -l activate-after -r -d 'how long a standby rule whose address arrived stays held when no SIGHUP activates it sooner (0: at once)'
 complete -c egress-snat -n '__fish_seen_subcommand_from save' -f -l help -s h -d 'show help'
 complete -r -c egress-snat -n '__fish_egress-snat_no_subcommand' -a 'save' -d 'write the installed rules to the permanent file, so that they survive a reboot'
 complete -c egress-snat -n '__fish_seen_subcommand_from save' -f -l dry-run -d 'print the file that would be written, change nothing'
