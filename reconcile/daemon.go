@@ -342,7 +342,12 @@ func (d *Daemon) Run(ctx context.Context) error {
 		case <-verifyTick:
 			d.verifyCanary()
 		case reason := <-d.trigger:
-			reason = d.coalesce(ctx, reason)
+			// Asked from outside (the HA hook, after conntrackd's
+			// commit), it does not settle: the clients' new
+			// connections wait on it.
+			if !d.standby.activate.Load() {
+				reason = d.coalesce(ctx, reason)
+			}
 			waiters := d.take(&d.waiting)
 			err := d.reconcile(reason)
 			d.health.reconciled(err)

@@ -6,8 +6,6 @@
 package e2e
 
 import (
-	"net/netip"
-	"strings"
 	"testing"
 	"time"
 
@@ -89,19 +87,6 @@ func move(t *testing.T, h *lab.HA, sc scenario) lab.Move {
 	return m
 }
 
-// standbyInCore says whether egress-snat keeps a rule whose source address
-// the peer holds standing by (issue 22): a drop of the clients' new
-// connections while the address is away, the nat table kept, and the rule
-// activated once the hook has committed the peer's connections
-// (lab.HAOptions.ActivateAfterCommit emulates it). Until it does, the new
-// master forwards the clients' packets untranslated from the moment
-// keepalived gives it the addresses until watch has installed the rule:
-// with no rule, egress-snat leaves no nat table, so the standby's kernel
-// neither tracks nor translates. TestHAFailover then only checks that no
-// packet leaks outside that window. Set it when the core change lands: the
-// test then wants no leak at all.
-const standbyInCore = false
-
 // TestHAFailover kills the master under load once: every established
 // connection survives on the backup and no packet leaves either gateway
 // from any source but the egress address. The figures (blackouts) are
@@ -116,44 +101,7 @@ func TestHAFailover(t *testing.T) {
 	if m.CaptureDrops != 0 {
 		t.Errorf("the far side's capture dropped %d packets: the leak count is incomplete", m.CaptureDrops)
 	}
-	if standbyInCore {
-		if len(m.Leaks) != 0 {
-			t.Errorf("%d packets left a gateway with a source other than %s:\n%s", len(m.Leaks), lab.HAEgressVIP.Addr(), m.Details())
-		}
-		return
-	}
-	// Today: leaks are expected, but only from the new master and only
-	// before its egress rule was installed.
-	var ruleAt time.Time
-	for _, e := range h.B.Events() {
-		if e.At.After(m.Event) && strings.Contains(e.What, "msg=converged") && strings.Contains(e.What, "1 added") {
-			ruleAt = e.At
-			break
-		}
-	}
-	if ruleAt.IsZero() {
-		t.Fatalf("b never logged installing its egress rule after the kill:\n%s", h.B.Logs())
-	}
-	// A flow whose first packet left before the rule may keep its
-	// untranslated binding after it (a SYN retransmitted into the entry
-	// the first one made): that is the same window, not a new leak.
-	late := 0
-	early := map[[2]netip.AddrPort]bool{}
-	for _, p := range m.Leaks {
-		flow := [2]netip.AddrPort{netip.AddrPortFrom(p.Src, p.SrcPort), netip.AddrPortFrom(p.Dst, p.DstPort)}
-		// The log line follows the restore; 20ms covers its millisecond
-		// timestamp and the packet's way to the capture.
-		switch {
-		case h.Gateway(p.SrcMAC) != h.B:
-			late++
-		case !p.At.After(ruleAt.Add(20 * time.Millisecond)):
-			early[flow] = true
-		case !early[flow]:
-			late++
-		}
-	}
-	t.Logf("%d packets leaked before b's egress rule was in place (%+.3fs after the kill); known, issue 22", len(m.Leaks), ruleAt.Sub(m.Event).Seconds())
-	if late > 0 {
-		t.Errorf("%d of %d leaked packets left after b's egress rule was in place, or from a:\n%s", late, len(m.Leaks), m.Details())
+	if len(m.Leaks) != 0 {
+		t.Errorf("%d packets left a gateway with a source other than %s:\n%s", len(m.Leaks), lab.HAEgressVIP.Addr(), m.Details())
 	}
 }

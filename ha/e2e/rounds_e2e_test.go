@@ -13,12 +13,10 @@ import (
 )
 
 var (
-	rounds      = flag.Int("rounds", 0, "TestHARounds: how many rounds of every scenario to measure (0: the test does not run)")
-	report      = flag.String("report", "", "TestHARounds: append the figures, as Markdown, to this file")
-	standbyRule = flag.Bool("standby-rule", false, "TestHARounds: emulate a standing-by rule (lab.HAOptions.StandbyRule)")
-	afterCommit = flag.Bool("activate-after-commit", false, "TestHARounds: emulate a standing-by rule behind a drop, activated after the commit (lab.HAOptions.ActivateAfterCommit)")
-	leakGuard   = flag.Bool("leak-guard", false, "TestHARounds: count and drop untranslated packets after NAT (lab.HAOptions.LeakGuard)")
-	only        = flag.String("scenarios", "kill,failback,drain,undrain,split-brain,heal", "TestHARounds: the scenarios of a round, in order (each starts where the one before left the pair)")
+	rounds    = flag.Int("rounds", 0, "TestHARounds: how many rounds of every scenario to measure (0: the test does not run)")
+	report    = flag.String("report", "", "TestHARounds: append the figures, as Markdown, to this file")
+	leakGuard = flag.Bool("leak-guard", false, "TestHARounds: count and drop untranslated packets after NAT (lab.HAOptions.LeakGuard)")
+	only      = flag.String("scenarios", "kill,failback,drain,undrain,split-brain,heal", "TestHARounds: the scenarios of a round, in order (each starts where the one before left the pair)")
 )
 
 // TestHARounds is the measurement harness of issue 22, not a test of
@@ -32,7 +30,7 @@ func TestHARounds(t *testing.T) {
 	if *rounds == 0 {
 		t.Skip("measurement harness: run with -args -rounds=N")
 	}
-	h := lab.NewHA(t, lab.HAOptions{StandbyRule: *standbyRule, ActivateAfterCommit: *afterCommit, LeakGuard: *leakGuard})
+	h := lab.NewHA(t, lab.HAOptions{LeakGuard: *leakGuard})
 	all := map[string]scenario{}
 	for _, sc := range []scenario{kill, failback, drain, undrain, stop, start, split, heal} {
 		all[sc.name] = sc

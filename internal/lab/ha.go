@@ -3,6 +3,7 @@ package lab
 import (
 	"bufio"
 	"bytes"
+	"encoding/json"
 	"fmt"
 	"net"
 	"net/netip"
@@ -117,27 +118,8 @@ type HAOptions struct {
 	// ./cmd/egress-snat once per test process (BuildEgressSNAT).
 	Binary string
 
-	// The two options below change the gateways' firewall beyond what
-	// egress-snat and the ha package do. They exist to measure proposed
-	// changes of egress-snat before they are made; a test of the product
-	// leaves them off.
-
-	// StandbyRule adds to both gateways' nat POSTROUTING, behind
-	// egress-snat's jump, the rule egress-snat installs for the file
-	// (-s 10.50.0.0/24 -o uplink -j SNAT --to-source 192.0.2.100), in the
-	// backend EGRESS_SNAT_IPTABLES selects: what the pair does if
-	// egress-snat leaves a standing-by rule in place instead of
-	// withdrawing it.
-	StandbyRule bool
-	// ActivateAfterCommit (which implies StandbyRule) keeps a drop rule
-	// for the clients' new connections in both gateways' filter FORWARD
-	// while they are not master, and has the hook remove it only once
-	// conntrackd has committed the peer's connections (and put it back
-	// first thing on BACKUP and FAULT): what the pair does if egress-snat
-	// keeps a standing-by rule behind such a drop and activates it when
-	// the hook says the commit is done. It wraps the generated hook in a
-	// script of the lab's.
-	ActivateAfterCommit bool
+	// LeakGuard changes the gateways' firewall beyond what egress-snat and
+	// the ha package do: an instrument, not a part of the product.
 	// LeakGuard adds to both gateways an nftables chain at postrouting,
 	// just after source NAT (priority srcnat + 1), that counts and drops
 	// every packet from the clients that leaves by the uplink with its
@@ -241,7 +223,7 @@ func NewHA(t testing.TB, opts HAOptions) *HA {
 	})
 
 	h.File = filepath.Join(dir, "egress-snat.yaml")
-	rules := fmt.Sprintf("# Both gateways follow this file; only the master holds %s.\nrules:\n  - to: %s\n    from: [%s]\n",
+	rules := fmt.Sprintf("# Both gateways follow this file; only the master holds %s.\nrules:\n  - to: %s\n    from: [%s]\n    standby: true\n",
 		HAEgressVIP.Addr(), HAEgressVIP.Addr(), HAClientNet)
 	if err := os.WriteFile(h.File, []byte(rules), 0o644); err != nil {
 		t.Fatalf("lab: %v", err)
@@ -263,17 +245,10 @@ func NewHA(t testing.TB, opts HAOptions) *HA {
 		}
 	})
 	for _, g := range []*Gateway{h.A, h.B} {
-		if opts.StandbyRule || opts.ActivateAfterCommit {
-			g.run(t, iptablesCmd(t, "iptables", ""), "-t", "nat", "-A", "POSTROUTING", "-s", HAClientNet.String(),
-				"-o", "uplink", "-j", "SNAT", "--to-source", HAEgressVIP.Addr().String())
-		}
 		if opts.LeakGuard {
 			g.nft(t, "add table ip es_leak_guard",
 				"add chain ip es_leak_guard post { type filter hook postrouting priority srcnat + 1; policy accept; }",
 				"add rule ip es_leak_guard post oifname uplink ip saddr "+HAClientNet.String()+" counter drop")
-		}
-		if opts.ActivateAfterCommit {
-			g.run(t, iptablesCmd(t, "iptables", ""), append([]string{"-I", "FORWARD", "1"}, standbyDrop...)...)
 		}
 		g.conntrackd = g.start(t, "conntrackd", "conntrackd", "-C", g.Config.Paths.ConntrackdConf)
 	}
@@ -434,10 +409,6 @@ func (g *Gateway) configure(t testing.TB) {
 			HookLog:          p("hook.log"),
 		},
 	}
-	if g.h.opts.ActivateAfterCommit {
-		// keepalived runs the wrapper, which runs the generated hook.
-		g.Config.Paths.Hook = p("activate-after-commit.sh")
-	}
 	files, err := ha.Files(g.Config)
 	if err != nil {
 		t.Fatalf("lab: generating gateway %s's files: %v", g.Name, err)
@@ -446,46 +417,10 @@ func (g *Gateway) configure(t testing.TB) {
 		if f.Path == ha.SysctlPath {
 			continue // set in the namespace by wire, never on the machine
 		}
-		if f.Path == g.Config.Paths.Hook && g.h.opts.ActivateAfterCommit {
-			f.Path = p("notify.sh")
-			wrapper := activateAfterCommit(t, g.Config.Paths.ConntrackdConf, f.Path)
-			if err := os.WriteFile(g.Config.Paths.Hook, []byte(wrapper), 0o755); err != nil {
-				t.Fatalf("lab: %v", err)
-			}
-		}
 		if err := os.WriteFile(f.Path, []byte(f.Content), os.FileMode(f.Mode)); err != nil {
 			t.Fatalf("lab: %v", err)
 		}
 	}
-}
-
-// standbyDrop is the rule ActivateAfterCommit keeps in FORWARD while a
-// gateway stands by: the clients' packets that belong to no connection the
-// gateway knows are dropped, so none is translated before the peer's
-// connections are committed (it would get a port of its own, not the one
-// the far side knows).
-var standbyDrop = []string{"-s", HAClientNet.String(), "-o", "uplink", "-m", "conntrack", "--ctstate", "NEW,INVALID",
-	"-m", "comment", "--comment", "es-lab-standby", "-j", "DROP"}
-
-// activateAfterCommit is the wrapper hook of HAOptions.ActivateAfterCommit.
-func activateAfterCommit(t testing.TB, conntrackdConf, hook string) string {
-	t.Helper()
-	ipt := iptablesCmd(t, "iptables", "")
-	rule := strings.Join(standbyDrop, " ")
-	return fmt.Sprintf(`#!/bin/sh
-# Lab emulation (internal/lab HAOptions.ActivateAfterCommit): activate only
-# after the commit, stand by first thing; then the generated hook.
-case "${3:-}" in
-MASTER | MASTER_RX_LOWER_PRI)
-    conntrackd -C %[1]s -c
-    while %[2]s -D FORWARD %[3]s 2>/dev/null; do :; done
-    ;;
-BACKUP | FAULT)
-    %[2]s -C FORWARD %[3]s 2>/dev/null || %[2]s -I FORWARD 1 %[3]s
-    ;;
-esac
-exec %[4]s "$@"
-`, conntrackdConf, ipt, rule, hook)
 }
 
 // start runs name in the gateway's namespace, in a process group of its
@@ -567,15 +502,30 @@ func (g *Gateway) HoldsVIPs(t testing.TB) (both, any bool) {
 	return c && e, c || e
 }
 
-// HasEgressRule reports whether the gateway's nat table holds egress-snat's
-// rule for the egress address, in the backend EGRESS_SNAT_IPTABLES selects.
+// HasEgressRule reports whether egress-snat's rule for the egress address
+// is in place and active on the gateway (installed and not standing by),
+// as egress-snat list --json says, in whichever backend the run uses.
 func (g *Gateway) HasEgressRule(t testing.TB) bool {
 	t.Helper()
-	stdout, stderr, code := runIn(g.NS, iptablesCmd(t, "iptables", "-save"), "-t", "nat")
+	stdout, stderr, code := runIn(g.NS, g.h.bin, "list", "--json")
 	if code != 0 {
-		t.Fatalf("lab: iptables-save in %s: %s", g.NS, stderr)
+		t.Fatalf("lab: egress-snat list in %s: %s", g.NS, stderr)
 	}
-	return strings.Contains(stdout, "--to-source "+HAEgressVIP.Addr().String())
+	var list struct {
+		Rules []struct {
+			To   []string `json:"to"`
+			Hold bool     `json:"hold"`
+		} `json:"rules"`
+	}
+	if err := json.Unmarshal([]byte(stdout), &list); err != nil {
+		t.Fatalf("lab: egress-snat list --json in %s: %v\n%s", g.NS, err, stdout)
+	}
+	for _, r := range list.Rules {
+		if slices.Contains(r.To, HAEgressVIP.Addr().String()) && !r.Hold {
+			return true
+		}
+	}
+	return false
 }
 
 // WaitRoles waits until master holds both virtual addresses and its egress
