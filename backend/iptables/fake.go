@@ -60,12 +60,6 @@ type fakeTable struct {
 	policy map[string]string
 }
 
-var builtinChains = map[string][]string{
-	"nat":    {"PREROUTING", "INPUT", "OUTPUT", "POSTROUTING"},
-	"filter": {"INPUT", "FORWARD", "OUTPUT"},
-	"mangle": {"PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING"},
-}
-
 // NewFakeTables returns empty tables.
 func NewFakeTables() *FakeTables {
 	return &FakeTables{
@@ -431,4 +425,18 @@ func (ft *FakeTables) DropTable(f snat.Family, name string) error {
 		delete(ft.tables[f], name)
 	}
 	return nil
+}
+
+// Generation of the fake counts its successful restores.
+func (ft *FakeTables) Generation(f snat.Family) (uint64, error) {
+	return uint64(ft.Restores[f]), nil
+}
+
+// Headers of the fake.
+func (fs *FakeIPSets) Headers() (map[string]int, error) {
+	out := map[string]int{}
+	for name, s := range fs.sets {
+		out[name] = len(s.Members) + len(s.NoMatch)
+	}
+	return out, nil
 }

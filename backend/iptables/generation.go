@@ -128,11 +128,6 @@ func getsockopt(fd, level, opt int, p unsafe.Pointer, size *uint32) unix.Errno {
 	return errno
 }
 
-// Generation of the fake counts its successful restores.
-func (ft *FakeTables) Generation(f snat.Family) (uint64, error) {
-	return uint64(ft.Restores[f]), nil
-}
-
 // SaveNAT returns iptables-save of the family's nat table alone: what the
 // daemon's periodic read needs, smaller than a whole save.
 func (t ExecTables) SaveNAT(f snat.Family) (string, error) {
@@ -167,13 +162,4 @@ func parseHeaders(text string) (map[string]int, error) {
 		}
 	}
 	return sets, nil
-}
-
-// Headers of the fake.
-func (fs *FakeIPSets) Headers() (map[string]int, error) {
-	out := map[string]int{}
-	for name, s := range fs.sets {
-		out[name] = len(s.Members) + len(s.NoMatch)
-	}
-	return out, nil
 }

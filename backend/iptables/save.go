@@ -220,3 +220,11 @@ func splitQuoted(line string) ([]string, error) {
 	}
 	return words, nil
 }
+
+// builtinChains are each table's built-in chains, as iptables-save lists
+// them: a table holding only these, empty and accepting, holds nothing.
+var builtinChains = map[string][]string{
+	"nat":    {"PREROUTING", "INPUT", "OUTPUT", "POSTROUTING"},
+	"filter": {"INPUT", "FORWARD", "OUTPUT"},
+	"mangle": {"PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING"},
+}
