@@ -30,6 +30,7 @@ import (
 
 	"github.com/egress-snat/egress-snat/config"
 	"github.com/egress-snat/egress-snat/conntrack"
+	"github.com/egress-snat/egress-snat/internal/api"
 	"github.com/egress-snat/egress-snat/routes"
 	"github.com/egress-snat/egress-snat/snat"
 	"github.com/egress-snat/egress-snat/verify"
@@ -91,6 +92,14 @@ type Config struct {
 	// calling changed with a reason for each; nil is Netlink (address,
 	// link and route changes). Unit tests give one of their own.
 	Events func(done <-chan struct{}, changed func(reason string)) error
+	// Commands, when set, serves the CLI's commands on the network
+	// namespace's socket in APIDir (snat.LockDir when empty): see
+	// api.go. AllowPeer is the peer check (nil: api.Privileged), and
+	// Refusal what a peer it refuses is told.
+	Commands  Commands
+	APIDir    string
+	AllowPeer func(api.Peer) bool
+	Refusal   string
 }
 
 // ErrStopped is what Reconcile and Reload return once the daemon stopped.
@@ -144,6 +153,22 @@ type Daemon struct {
 	// next reload of the file: one pending of each covers every request
 	// until it runs.
 	trigger, reloads chan string
+	// written is the backend's part of the last plan written, by a
+	// reconcile or by a command the daemon ran (nil: not known, the next
+	// read reads everything); commands' reads trust it (api.go).
+	written snat.NATPlan
+	// hostChanged says the host changed since the router last forgot
+	// what it cached: a command resolves against the host as it is.
+	hostChanged atomic.Bool
+	// The API: what runs a request, and the requests for the loop;
+	// loopDone is closed when the loop has ended.
+	commands  Commands
+	apiDir    string
+	allowPeer func(api.Peer) bool
+	refusal   string
+	requests  chan *job
+	loopDone  chan struct{}
+
 	// mu guards what callers of Reconcile and Reload wait on: waiting is
 	// answered by the next reconcile that starts, reloading by the next
 	// reload; stopped refuses new ones.
@@ -170,6 +195,11 @@ func New(c Config) (*Daemon, error) {
 		quickEvery: max(10*time.Second, c.Resync), fullEvery: c.FullResync,
 		standby: standby{after: c.ActivateAfter},
 		trigger: make(chan string, 1), reloads: make(chan string, 1),
+		commands: c.Commands, apiDir: c.APIDir, allowPeer: c.AllowPeer, refusal: c.Refusal,
+		requests: make(chan *job), loopDone: make(chan struct{}),
+	}
+	if d.apiDir == "" {
+		d.apiDir = snat.LockDir
 	}
 	if d.log == nil {
 		d.log = slog.New(slog.DiscardHandler)
@@ -237,7 +267,11 @@ func (d *Daemon) kick(reason string) {
 // resolved again. Drift the canary saw only needs the last desired state
 // written back, which at 100,000 destinations is most of the repair time
 // saved.
-func (d *Daemon) changed(reason string) { d.resolve.Store(true); d.kick(reason) }
+func (d *Daemon) changed(reason string) {
+	d.resolve.Store(true)
+	d.hostChanged.Store(true)
+	d.kick(reason)
+}
 
 // await adds done to a list of waiters, unless the daemon stopped.
 func (d *Daemon) await(list *[]chan<- error, done chan<- error) bool {
@@ -290,6 +324,7 @@ func (d *Daemon) stop() {
 // the first reconcile (bad input); a failed write is logged and retried.
 func (d *Daemon) Run(ctx context.Context) error {
 	defer d.stop()
+	defer close(d.loopDone)
 	done := make(chan struct{})
 	defer close(done)
 	d.resolve.Store(true)
@@ -297,6 +332,8 @@ func (d *Daemon) Run(ctx context.Context) error {
 		return err
 	}
 	watchFile(done, d.path, d.requestReload, d.log) // a changed file reloads like SIGHUP
+	stopAPI := d.serveAPI(ctx)
+	defer stopAPI()
 
 	d.log.Info("watch started", "file", d.path, "backend", d.backend, "resync", d.resync)
 	waiters := d.take(&d.waiting)
@@ -341,6 +378,8 @@ func (d *Daemon) Run(ctx context.Context) error {
 			}
 		case <-verifyTick:
 			d.verifyCanary()
+		case j := <-d.requests: // a command sent to the socket (api.go)
+			j.done <- d.serve(ctx, j)
 		case reason := <-d.trigger:
 			// Asked from outside (the HA hook, after conntrackd's
 			// commit), it does not settle: the clients' new

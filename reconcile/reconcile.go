@@ -19,6 +19,7 @@ func (d *Daemon) reconcile(reason string) error {
 	start := time.Now()
 	again := d.resolve.Swap(false) || d.plan.Desired == nil
 	if again {
+		d.hostChanged.Store(false)
 		d.router.Forget() // addresses and routes may have changed
 	}
 	req := snat.Request{LockTimeout: d.lockTimeout}
@@ -26,7 +27,7 @@ func (d *Daemon) reconcile(reason string) error {
 		// Repairing drift: what was written last is known; reading the
 		// sets' members again is most of a repair's time at 100k
 		// destinations.
-		req.Known = d.plan.NAT
+		req.Known = d.written
 	}
 	req.Desired = func(*snat.State) ([]snat.Entry, error) {
 		// Under the lock a --permanent run's file and kernel agree: a file
@@ -54,8 +55,10 @@ func (d *Daemon) reconcile(reason string) error {
 		if again {
 			d.resolve.Store(true)
 		}
+		d.written = nil // a write may have failed part way: read it all next
 		return err
 	}
+	d.written = plan.NAT
 	if again {
 		d.reportSkipped(skipped)
 	}

@@ -23,6 +23,25 @@ type Manager struct {
 	// Flows reads what live connections hold, for plans that would take
 	// something away from them (linger.go); nil: nothing is kept for them.
 	Flows Flows
+	// Memory, when set, is what a long-lived process knows of the kernel
+	// between its runs (a daemon serving commands): a read that is not
+	// told what is known (Request.Known, Read) takes what Memory knows,
+	// and Memory is told of every plan written. Nil: every read reads
+	// everything, as a one-shot run must.
+	Memory Memory
+}
+
+// Memory remembers the last plan a process wrote, for the next read to
+// trust (see Backend.Read).
+type Memory interface {
+	// Known returns the backend's part of the last plan written, nil
+	// when none is known.
+	Known() NATPlan
+	// Wrote tells that the kernel holds p's result (err nil: p was
+	// applied, or was empty against a read that trusted nothing the
+	// kernel did not show), or that what it holds is not known (err set:
+	// an apply failed part way).
+	Wrote(p Plan, err error)
 }
 
 // Backend is where the rules that give new connections their source live:
@@ -116,12 +135,16 @@ func (s *State) Entries() []Entry {
 	return out
 }
 
-// Read reads the kernel's current state.
+// Read reads the kernel's current state (trusting what Memory knows, when
+// set).
 func (m *Manager) Read() (*State, error) { return m.read(nil) }
 
-// read reads the state, the backend taking known as described at
-// Backend.Read.
+// read reads the state, the backend taking known, else what Memory knows,
+// as described at Backend.Read.
 func (m *Manager) read(known NATPlan) (*State, error) {
+	if known == nil && m.Memory != nil {
+		known = m.Memory.Known()
+	}
 	nat, err := m.Backend.Read(known)
 	if err != nil {
 		return nil, err
@@ -190,6 +213,8 @@ func (m *Manager) Update(r Request) (*State, Plan, error) {
 		if err := m.Apply(p); err != nil {
 			return st, p, err
 		}
+	} else if m.Memory != nil {
+		m.Memory.Wrote(p, nil) // the kernel holds what p leaves: what it held
 	}
 	if r.Then == nil {
 		return st, p, nil

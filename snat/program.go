@@ -278,8 +278,16 @@ func ptr(e Entry) *Entry { return &e }
 // Apply runs a plan made by MakePlan, step by step. If a step before the
 // commit fails, the steps already run are undone in reverse order, so a
 // failed Apply leaves the host as it found it. A failed cleanup step leaves
-// the new rules in place and is reported.
+// the new rules in place and is reported. Memory, when set, is told.
 func (m *Manager) Apply(p Plan) error {
+	err := m.apply(p)
+	if m.Memory != nil {
+		m.Memory.Wrote(p, err)
+	}
+	return err
+}
+
+func (m *Manager) apply(p Plan) error {
 	var done []Step
 	for _, s := range p.Steps {
 		err := s.run()

@@ -114,8 +114,11 @@ at boot.
 	}
 }
 
+// run is main's run of the app: the served commands go through the
+// daemon when one serves this namespace (served.go).
 func run(args []string) error {
 	app := newApp()
+	viaDaemon(app)
 	return tidyExit(app, app.Run(args))
 }
 
@@ -251,10 +254,14 @@ func (f hostFlows) Live() (snat.Liveness, error) {
 var envFor = hostEnv
 
 // hostEnv builds the env; it checks privileges first so that an unprivileged
-// run says exactly what it lacks instead of an iptables error.
+// run says exactly what it lacks instead of an iptables error. A command
+// run inside the daemon gets the daemon's (served.go).
 func hostEnv(c *cli.Context) (*env, error) {
+	if s := servedFrom(c); s != nil {
+		return s.env(c), nil
+	}
 	if !caps.NetAdmin(0) {
-		return nil, errors.New("this needs root or CAP_NET_ADMIN (it reads and writes iptables rules and routes); run it with sudo")
+		return nil, errors.New(needsPrivilege)
 	}
 	h, err := netlink.NewHandle()
 	if err != nil {

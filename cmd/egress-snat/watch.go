@@ -5,6 +5,7 @@ import (
 	"log/slog"
 	"os"
 	"os/signal"
+	"path/filepath"
 	"runtime/debug"
 	"syscall"
 	"time"
@@ -94,13 +95,25 @@ at boot, so the desired state survives reboots.`,
 		if err != nil {
 			return err
 		}
+		// The daemon runs the commands it serves in their clients'
+		// working directories (served.go): its own paths are absolute.
+		if path, err = filepath.Abs(path); err != nil {
+			return err
+		}
+		health := c.String("health-file")
+		if health != "" {
+			if health, err = filepath.Abs(health); err != nil {
+				return err
+			}
+		}
 		d, err := reconcile.New(reconcile.Config{
 			Path: path, File: file,
 			Manager: e.mgr, Router: e.sel, Conntrack: conntrack.Netlink{Handle: e.nl}, LockTimeout: e.lockTimeout,
 			Log: slog.New(handler), Backend: e.backendName(),
 			Resync: c.Duration("resync"), FullResync: c.Duration("full-resync"), Settle: c.Duration("settle"),
 			VerifyEvery: c.Duration("verify-every"), Verify: verifyHost(e), Probes: probes,
-			HealthFile: c.String("health-file"), ActivateAfter: c.Duration("activate-after"),
+			HealthFile: health, ActivateAfter: c.Duration("activate-after"),
+			Commands: daemonCommands(e), Refusal: needsPrivilege,
 		})
 		if err != nil {
 			return err
