@@ -10,6 +10,10 @@
 #                         behind fakes: every run ends, exits 0, 1 or 2, and
 #                         every iptables-restore, ipset and ip -batch input is of the
 #                         payload grammar (cmd/egress-snat/fuzz_cli_test.go)
+#   cmd    FuzzAPI        bytes on the daemon's socket -> its connection code and
+#                         dispatch, the kernel behind fakes: every connection is
+#                         answered well-formed or cut, never a panic or a hang;
+#                         a malformed request runs nothing (fuzz_api_test.go)
 #
 # Seeds are in the tests and under */testdata/fuzz/; new interesting inputs
 # go to Go's fuzz cache, and a failing input is written to testdata/fuzz so
@@ -33,6 +37,7 @@ targets=(
   "./backend/iptables FuzzParseSets"
   "./config FuzzDecode"
   "./cmd/egress-snat FuzzCLI"
+  "./cmd/egress-snat FuzzAPI"
 )
 
 failed=0

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"os"
 	"slices"
+	"time"
 
 	"github.com/urfave/cli/v2"
 
@@ -73,20 +74,8 @@ func sendToDaemon(c *cli.Context) error {
 	if c.Command.Name == applyCommand.Name && c.IsSet("confirm") {
 		return nil
 	}
-	cwd, err := os.Getwd()
-	if err != nil {
-		return nil
-	}
-	req := api.Request{V: api.Version, Args: os.Args[1:], Cwd: cwd, WaitMS: c.Duration("lock-timeout").Milliseconds()}
-	for _, k := range api.Env {
-		if v, ok := os.LookupEnv(k); ok {
-			if req.Env == nil {
-				req.Env = map[string]string{}
-			}
-			req.Env[k] = v
-		}
-	}
-	if !api.Representable(req) {
+	req, ok := newRequest(os.Args[1:], c.Duration("lock-timeout"))
+	if !ok {
 		return nil
 	}
 	res, err := api.Call(snat.LockDir, req, api.Greeting)
@@ -99,6 +88,27 @@ func sendToDaemon(c *cli.Context) error {
 	c.App.Writer.Write(res.Stdout)
 	c.App.ErrWriter.Write(res.Stderr)
 	return quietExit(res.Exit)
+}
+
+// newRequest is the request of a command line, args after the program's
+// name: with this process's working directory and the environment
+// variables that stand for global flags. ok is false when the line cannot
+// be sent as it is (no working directory, bytes that are not UTF-8).
+func newRequest(args []string, lockTimeout time.Duration) (req api.Request, ok bool) {
+	cwd, err := os.Getwd()
+	if err != nil {
+		return req, false
+	}
+	req = api.Request{V: api.Version, Args: args, Cwd: cwd, WaitMS: lockTimeout.Milliseconds()}
+	for _, k := range api.Env {
+		if v, ok := os.LookupEnv(k); ok {
+			if req.Env == nil {
+				req.Env = map[string]string{}
+			}
+			req.Env[k] = v
+		}
+	}
+	return req, api.Representable(req)
 }
 
 // served is what a command run inside the daemon works with: the
@@ -174,11 +184,17 @@ func runServed(ctx context.Context, s *served, r api.Request) api.Result {
 	}
 	defer os.Chdir(s.cwd)
 	app := servedApp()
+	args := append(envArgs(r.Env), r.Args...)
+	return runApp(context.WithValue(ctx, servedKey{}, s), app, args)
+}
+
+// runApp runs app with args (after the program's name) as main does, and
+// returns what it printed and its exit status, main's error line on
+// stderr: a Decline for a command the daemon leaves to the client.
+func runApp(ctx context.Context, app *cli.App, args []string) api.Result {
 	var stdout, stderr bytes.Buffer
 	app.Writer, app.ErrWriter = &stdout, &stderr
-	args := append([]string{app.Name}, envArgs(r.Env)...)
-	args = append(args, r.Args...)
-	err := tidyExit(app, app.RunContext(context.WithValue(ctx, servedKey{}, s), args))
+	err := tidyExit(app, app.RunContext(ctx, append([]string{app.Name}, args...)))
 	var d declined
 	if errors.As(err, &d) {
 		return api.Result{Decline: d.why}

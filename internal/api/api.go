@@ -155,9 +155,9 @@ type Result struct {
 type answer struct {
 	V       int    `json:"v"`
 	Ready   bool   `json:"ready,omitempty"`
-	Exit    int    `json:"exit"`
-	Stdout  int    `json:"stdout"`
-	Stderr  int    `json:"stderr"`
+	Exit    int    `json:"exit,omitempty"`
+	Stdout  int    `json:"stdout,omitempty"`
+	Stderr  int    `json:"stderr,omitempty"`
 	Decline string `json:"decline,omitempty"`
 }
 

@@ -167,6 +167,19 @@ type Server struct {
 	// the socket's backlog, where a client's greeting times out and it
 	// runs the command itself.
 	MaxConns int
+	// RequestTimeout and AnswerTimeout are those of the package when 0.
+	RequestTimeout, AnswerTimeout time.Duration
+}
+
+func (s *Server) timeouts() (req, ans time.Duration) {
+	req, ans = RequestTimeout, AnswerTimeout
+	if s.RequestTimeout > 0 {
+		req = s.RequestTimeout
+	}
+	if s.AnswerTimeout > 0 {
+		ans = s.AnswerTimeout
+	}
+	return req, ans
 }
 
 // Serve accepts connections on l until ctx ends, then closes l. Each is
@@ -233,7 +246,8 @@ func (s *Server) ServeConn(ctx context.Context, c net.Conn, p Peer) {
 			}
 		}
 	}()
-	_ = c.SetWriteDeadline(time.Now().Add(AnswerTimeout))
+	requestTimeout, answerTimeout := s.timeouts()
+	_ = c.SetWriteDeadline(time.Now().Add(answerTimeout))
 	allow := s.Allow
 	if allow == nil {
 		allow = Privileged
@@ -247,7 +261,7 @@ func (s *Server) ServeConn(ctx context.Context, c net.Conn, p Peer) {
 	if err := writeLine(c, answer{V: Version, Ready: true}); err != nil {
 		return
 	}
-	_ = c.SetReadDeadline(time.Now().Add(RequestTimeout))
+	_ = c.SetReadDeadline(time.Now().Add(requestTimeout))
 	r, err := ReadRequest(c)
 	if err != nil {
 		answered = true
@@ -264,7 +278,7 @@ func (s *Server) ServeConn(ctx context.Context, c net.Conn, p Peer) {
 		res = s.Handle(ctx, p, r)
 	}
 	answered = true
-	_ = c.SetWriteDeadline(time.Now().Add(AnswerTimeout))
+	_ = c.SetWriteDeadline(time.Now().Add(answerTimeout))
 	if err := writeAnswer(c, res); err != nil {
 		s.log().Warn("api: the client did not take its answer", "peer_pid", p.PID, "err", err)
 	}
@@ -275,10 +289,11 @@ func (s *Server) ServeConn(ctx context.Context, c net.Conn, p Peer) {
 var errCut = errors.New("the request was cut off")
 
 // ReadRequest reads and decodes one request line of at most MaxRequest
-// bytes, strictly: unknown fields, trailing data and a request Check
-// refuses are errors (wrapping ErrBadRequest), and so is a line too long.
-// A line cut off (EOF, a deadline) is errCut. It never reads past the
-// line's bound.
+// bytes, strictly: unknown fields, trailing data, no version and a
+// request Check refuses are errors (wrapping ErrBadRequest), and so is a
+// line too long. A request of another version is returned with its V
+// alone. A line cut off (EOF, a deadline) is errCut. It never reads past
+// the line's bound.
 func ReadRequest(rd io.Reader) (Request, error) {
 	br := bufio.NewReaderSize(io.LimitReader(rd, MaxRequest+1), 64<<10)
 	line, err := br.ReadSlice('\n')
@@ -294,6 +309,21 @@ func ReadRequest(rd io.Reader) (Request, error) {
 	case err != nil:
 		return Request{}, fmt.Errorf("%w: %v", errCut, err)
 	}
+	// The version first: a request of another version is declined, not
+	// judged by this version's fields.
+	var v struct {
+		V int `json:"v"`
+	}
+	if err := json.Unmarshal(buf, &v); err != nil {
+		return Request{}, fmt.Errorf("%w: %v", ErrBadRequest, err)
+	}
+	switch v.V {
+	case 0:
+		return Request{}, fmt.Errorf("%w: no protocol version", ErrBadRequest)
+	case Version:
+	default:
+		return Request{V: v.V}, nil
+	}
 	var r Request
 	dec := json.NewDecoder(bytes.NewReader(buf))
 	dec.DisallowUnknownFields()
@@ -303,10 +333,8 @@ func ReadRequest(rd io.Reader) (Request, error) {
 	if rest, _ := io.ReadAll(dec.Buffered()); len(bytes.TrimSpace(rest)) > 0 {
 		return Request{}, fmt.Errorf("%w: data after the request", ErrBadRequest)
 	}
-	if r.V == Version {
-		if err := r.Check(); err != nil {
-			return Request{}, err
-		}
+	if err := r.Check(); err != nil {
+		return Request{}, err
 	}
 	return r, nil
 }
