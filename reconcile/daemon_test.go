@@ -218,6 +218,9 @@ type fakeHost struct {
 	// tells it the host changed, as netlink would.
 	activateAfter time.Duration
 	event         func(reason string)
+	// commands and apiDir, when set, serve the API (api_test.go).
+	commands reconcile.Commands
+	apiDir   string
 }
 
 func newFakeHost(t *testing.T) *fakeHost {
@@ -265,6 +268,7 @@ func (h *fakeHost) start(t *testing.T) *reconcile.Daemon {
 		Log:    slog.New(slog.NewJSONHandler(h.log, &slog.HandlerOptions{Level: slog.LevelDebug})),
 		Resync: 10 * time.Millisecond, FullResync: time.Hour,
 		HealthFile: h.health, ActivateAfter: h.activateAfter,
+		Commands: h.commands, APIDir: h.apiDir, Refusal: "refused",
 		// No netlink: the fakes are the host, and the test tells.
 		Events: func(_ <-chan struct{}, changed func(string)) error { h.event = changed; return nil },
 	})
