@@ -7,9 +7,12 @@
 // The socket is /run/egress-snat/api-INODE.sock, named by the network
 // namespace's inode as the lock files are (package lockfile), mode 0600: a
 // peer must be root, or hold CAP_DAC_OVERRIDE, to connect at all, and the
-// server then asks SO_PEERCRED for the peer's process and refuses it unless
-// it is uid 0 or holds CAP_NET_ADMIN in its effective set (what a one-shot
-// run needs).
+// server then asks SO_PEERCRED for the peer's process and refuses it
+// unless it holds CAP_NET_ADMIN in its effective set, or is uid 0 where
+// that set cannot be read: what a one-shot run asks of itself (see
+// Privileged). The daemon reads and writes files for its clients (-f,
+// --config) as root; a peer that can connect is root or can read and
+// write any file itself.
 //
 // The protocol is one exchange per connection, each message a line of JSON:
 //

@@ -10,6 +10,8 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/egress-snat/egress-snat/internal/caps"
 )
 
 // serve starts a server on dir's socket with handle, until the test ends.
@@ -170,11 +172,20 @@ func TestRefused(t *testing.T) {
 	}
 }
 
-// TestPrivileged: root is allowed, a peer that cannot be named is not
-// unless root (its pid 0 must never be read as this process).
+// TestPrivileged: a peer's effective CAP_NET_ADMIN decides; uid 0 only
+// where its set cannot be read, and a pid of 0 is never read as this
+// process.
 func TestPrivileged(t *testing.T) {
+	self := int32(os.Getpid())
+	has, ok := caps.Read(0)
+	if !ok {
+		t.Skip("this process's capabilities cannot be read")
+	}
+	if got := Privileged(Peer{PID: self, UID: 1000}); got != has {
+		t.Errorf("this process as a peer: %v, want its CAP_NET_ADMIN, %v", got, has)
+	}
 	if !Privileged(Peer{PID: 0, UID: 0}) {
-		t.Error("root refused")
+		t.Error("root whose process cannot be named refused")
 	}
 	if Privileged(Peer{PID: 0, UID: 1000}) {
 		t.Error("an unnamed non-root peer allowed")

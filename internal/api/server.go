@@ -142,12 +142,19 @@ func PeerOf(c net.Conn) (Peer, error) {
 	return Peer{PID: cred.Pid, UID: cred.Uid, GID: cred.Gid}, nil
 }
 
-// Privileged is the default peer check: uid 0, or CAP_NET_ADMIN in the
-// effective set of its process, what a one-shot run of a command needs. A
-// peer whose process cannot be named (pid 0: another PID namespace's) must
-// be uid 0.
+// Privileged is the default peer check, the one a one-shot run makes of
+// itself (caps.NetAdmin): CAP_NET_ADMIN in the effective set of the peer's
+// process, or, when that set cannot be read (a process of another PID
+// namespace, pid 0, or gone), uid 0. Root that dropped CAP_NET_ADMIN (a
+// container's) is refused, as its own run would be; a pid of 0 is never
+// read as this process.
 func Privileged(p Peer) bool {
-	return p.UID == 0 || (p.PID > 0 && caps.NetAdmin(int(p.PID)))
+	if p.PID > 0 {
+		if has, ok := caps.Read(int(p.PID)); ok {
+			return has
+		}
+	}
+	return p.UID == 0
 }
 
 // Server serves the API on a Listener.
