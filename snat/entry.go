@@ -183,6 +183,11 @@ func (e Entry) String() string {
 	return fmt.Sprintf("%s%s via %s from %s -> %s%s", who, e.Dst, e.Out, e.Natural, e.ToString(), marked)
 }
 
+// NeedsNoRule reports whether the entry asks for the source its traffic
+// already has, the natural one: Normalize drops it, and nothing is
+// installed for it (list and explain still show it when a file asks for it).
+func (e Entry) NeedsNoRule() bool { return e.selfTarget() }
+
 // selfTarget reports whether the entry asks for the source the traffic
 // already has: such an entry needs no SNAT.
 func (e Entry) selfTarget() bool {
