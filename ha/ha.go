@@ -39,7 +39,8 @@ type Config struct {
 	// Node is the node whose files are rendered, Peer the other one. Their
 	// priorities must differ, so that the election never depends on
 	// addresses: the higher one is master when both are up.
-	Node, Peer Node
+	Node Node
+	Peer Node
 
 	// ClientVIP is the clients' default gateway, with the prefix length of
 	// their subnet (10.50.0.1/24), on ClientInterface.
@@ -58,7 +59,8 @@ type Config struct {
 	VRRPInterface string
 	// ClientRouterID and EgressRouterID are the two instances'
 	// virtual_router_ids (1..255, distinct, the same on both nodes).
-	ClientRouterID, EgressRouterID int
+	ClientRouterID int
+	EgressRouterID int
 	// AdvertInterval is VRRP's advert interval, in steps of 10ms (VRRPv3
 	// counts centiseconds). Default 100ms: a master is declared dead after
 	// three missed adverts and a skew, about 0.35s.
@@ -137,7 +139,8 @@ type Paths struct {
 	// ConntrackdLock and ConntrackdSocket are conntrackd's LockFile and
 	// UNIX socket (/var/lock/conntrack.lock, /var/run/conntrackd.ctl). Two
 	// conntrackds on one machine (a lab) need their own.
-	ConntrackdLock, ConntrackdSocket string
+	ConntrackdLock   string
+	ConntrackdSocket string
 	// Hook is the notify hook keepalived runs
 	// (/etc/keepalived/egress-snat-notify.sh).
 	Hook string
@@ -153,6 +156,12 @@ type Paths struct {
 	// HookLog, if set, is a file the hook appends each step to, with a
 	// timestamp; empty: the hook logs to syslog with logger(1).
 	HookLog string
+	// StateFile is where the hook records the state keepalived gave it
+	// last (MASTER, BACKUP, FAULT) and when, replaced whole on each
+	// transition (/run/egress-snat-ha.state): keepalived itself tells no
+	// one which role the node holds, and `egress-snat ha status` reads
+	// it. Under /run, so that a reboot leaves no stale role behind.
+	StateFile string
 }
 
 // Default values of the optional fields.
@@ -173,6 +182,7 @@ var DefaultPaths = Paths{
 	Hook:             "/etc/keepalived/egress-snat-notify.sh",
 	WatchPIDFile:     "/run/egress-snat.pid",
 	DrainFile:        "/run/egress-snat-ha.drain",
+	StateFile:        "/run/egress-snat-ha.state",
 }
 
 // withDefaults returns a copy of c with every unset optional field set.
@@ -203,6 +213,7 @@ func (c Config) withDefaults() Config {
 	set(&c.Paths.Hook, d.Hook)
 	set(&c.Paths.WatchPIDFile, d.WatchPIDFile)
 	set(&c.Paths.DrainFile, d.DrainFile)
+	set(&c.Paths.StateFile, d.StateFile)
 	return c
 }
 
@@ -334,6 +345,7 @@ func (c Config) Validate() error {
 		{"hook path", c.Paths.Hook},
 		{"watch pid file", c.Paths.WatchPIDFile},
 		{"drain file", c.Paths.DrainFile},
+		{"state file", c.Paths.StateFile},
 		{"hook log", c.Paths.HookLog},
 	} {
 		if p.path == "" && p.what == "hook log" {
