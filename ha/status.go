@@ -10,6 +10,7 @@ import (
 	"regexp"
 	"strconv"
 	"strings"
+	"syscall"
 	"time"
 )
 
@@ -484,10 +485,10 @@ func ReadState(path string) (State, error) {
 }
 
 // readSmall reads a file of at most 1 MiB: the files of a node are small,
-// and a path that names something else (a device) must not hang or fill
-// the memory.
+// and a path that names something else (a device, a named pipe) must not
+// hang or fill the memory.
 func readSmall(path string) ([]byte, error) {
-	f, err := os.Open(path)
+	f, err := os.OpenFile(path, os.O_RDONLY|syscall.O_NONBLOCK, 0)
 	if err != nil {
 		return nil, err
 	}
