@@ -29,10 +29,10 @@ func TestParseStats(t *testing.T) {
 		t.Fatal(err)
 	}
 	want := SyncStats{
-		Internal:    CacheStats{Active: 6, Created: 6, Updated: 30},
-		External:    CacheStats{Active: 6, Created: 6, Updated: 12},
-		Link:        "sync",
-		BytesSent:   1144, BytesReceived: 1128,
+		Internal:  CacheStats{Active: 6, Created: 6, Updated: 30},
+		External:  CacheStats{Active: 6, Created: 6, Updated: 12},
+		Link:      "sync",
+		BytesSent: 1144, BytesReceived: 1128,
 		PacketsSent: 22, PacketsReceived: 21,
 	}
 	if diff := cmp.Diff(want, got); diff != "" {
