@@ -7,9 +7,12 @@
 # Goes to /etc/keepalived/egress-snat-notify.sh, mode 0755, owned by root.
 #
 # MASTER: take over the peer's connections with their NAT bindings, in the
-# order of conntrack-tools' primary-backup.sh, then make egress-snat install
-# the egress rules at once. BACKUP and FAULT: let the connections go to the
-# peer and make egress-snat withdraw at once. MASTER_RX_LOWER_PRI (the
+# order of conntrack-tools' primary-backup.sh, and tell egress-snat as soon
+# as they are in the kernel (right after the commit): its standby rules
+# hold the clients' new connections until then, so that no packet of a
+# taken-over connection is translated afresh before its binding arrives.
+# BACKUP and FAULT: let the connections go to the peer and make egress-snat
+# hold at once. MASTER_RX_LOWER_PRI (the
 # egress instance's notify_master_rx_lower_pri, when a split brain heals
 # and this node stays master): take over the connections the other master
 # made meanwhile, as on MASTER.
@@ -92,10 +95,10 @@ log "becoming $state (${1:-} ${2:-}, priority ${4:-})"
 case $state in
 MASTER | MASTER_RX_LOWER_PRI)
     ct -c # commit the external cache: the peer's connections, into the kernel
+    reconcile_now # activate: the bindings are in place
     ct -f # flush the internal and external caches
     ct -R # resync the internal cache with the kernel table
     ct -B # send the whole table to the peer
-    reconcile_now
     ;;
 BACKUP | FAULT)
     ct -t # flush this node's kernel entries after PurgeTimeout, unless it is master again by then
