@@ -15,6 +15,7 @@ import (
 
 	"github.com/google/go-cmp/cmp"
 
+	"github.com/egress-snat/egress-snat/config"
 	"github.com/egress-snat/egress-snat/ha"
 )
 
@@ -580,5 +581,47 @@ func TestHAStatus(t *testing.T) {
 	}
 	if code, _, msg := haRun(t, "ha", "status", "--keepalived-conf", filepath.Join(t.TempDir(), "none.conf")); code != exitFailure || !strings.Contains(msg, "egress-snat ha config writes it") {
 		t.Errorf("status without files: exit %d, %q", code, msg)
+	}
+}
+
+// TestREADMETwoGateways: the README's "Two gateways" setup works as
+// written: its ha config line passes (with --dry-run) and its
+// /etc/egress-snat.yaml decodes, standby key and all.
+func TestREADMETwoGateways(t *testing.T) {
+	b, err := os.ReadFile(filepath.Join("..", "..", "README.md"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, section, ok := strings.Cut(string(b), "\n## Two gateways\n")
+	if !ok {
+		t.Fatal("README.md has no section Two gateways")
+	}
+	section, _, _ = strings.Cut(section, "\n## ")
+	var command, file []string
+	inFile := false
+	for _, l := range strings.Split(section, "\n") {
+		code, isCode := strings.CutPrefix(l, "    ")
+		switch {
+		case !isCode:
+		case inFile && code == "EOF":
+			inFile = false
+		case inFile:
+			file = append(file, code)
+		case strings.Contains(code, "<<'EOF'"):
+			inFile = true
+		case strings.HasPrefix(code, "egress-snat ha config") || len(command) > 0 && strings.HasSuffix(command[len(command)-1], "\\"):
+			command = append(command, code)
+		}
+	}
+	if len(command) == 0 || len(file) == 0 {
+		t.Fatalf("README's Two gateways: ha config line %q, file %q; want both", command, file)
+	}
+	args := strings.Fields(strings.ReplaceAll(strings.Join(command, " "), "\\", " "))[1:]
+	if code, _, msg := haRun(t, append(args, "--dry-run")...); code != 0 {
+		t.Errorf("README's %q --dry-run: exit %d: %s", strings.Join(args, " "), code, msg)
+	}
+	f, err := config.Decode(strings.NewReader(strings.Join(file, "\n") + "\n"))
+	if err != nil || len(f.Rules) != 1 || !f.Rules[0].Standby {
+		t.Errorf("README's /etc/egress-snat.yaml: %+v, %v; want one standby rule", f, err)
 	}
 }
