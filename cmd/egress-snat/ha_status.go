@@ -156,7 +156,7 @@ func haDrain(c *cli.Context, drain bool) error {
 
 var haStatusCommand = haSubcommand(&cli.Command{
 	Name:      "status",
-	Usage:     "show this node's VRRP role, its virtual addresses and the health of conntrackd's sync",
+	Usage:     "show this node's VRRP role, its virtual addresses and the health of conntrackd's sync (as root)",
 	UsageText: "egress-snat ha status [--keepalived-conf FILE] [--json] [--window 3s]",
 	Description: `Reads the role keepalived gave the node last (the notify hook records it),
 checks that keepalived runs in this network namespace, that the node holds
@@ -261,7 +261,9 @@ var (
 // procInThisNetns returns a check for a process called comm in the
 // network namespace of this process: /proc/PID/comm, and /proc/PID/ns/net
 // the same namespace as /proc/self/ns/net. keepalived's pid file is of
-// no help: a lab or a second instance keeps its own.
+// no help: a lab or a second instance keeps its own. Another user's
+// process's namespace can only be seen by root: one that cannot be seen is
+// an error, not an absence.
 func procInThisNetns(comm string) func() (bool, error) {
 	return func() (bool, error) {
 		self, err := os.Stat("/proc/self/ns/net")
@@ -272,6 +274,7 @@ func procInThisNetns(comm string) func() (bool, error) {
 		if err != nil {
 			return false, err
 		}
+		var hidden error
 		for _, e := range entries {
 			if _, err := strconv.Atoi(e.Name()); err != nil {
 				continue
@@ -280,11 +283,15 @@ func procInThisNetns(comm string) func() (bool, error) {
 			if err != nil || strings.TrimSpace(string(b)) != comm {
 				continue
 			}
-			if st, err := os.Stat(filepath.Join("/proc", e.Name(), "ns", "net")); err == nil && os.SameFile(st, self) {
+			st, err := os.Stat(filepath.Join("/proc", e.Name(), "ns", "net"))
+			switch {
+			case err == nil && os.SameFile(st, self):
 				return true, nil
+			case errors.Is(err, fs.ErrPermission):
+				hidden = fmt.Errorf("%s runs as pid %s, in a namespace only root may see (run ha status as root)", comm, e.Name())
 			}
 		}
-		return false, nil
+		return false, hidden
 	}
 }
 

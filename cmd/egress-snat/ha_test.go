@@ -3,10 +3,12 @@ package main
 import (
 	"bytes"
 	"context"
+	"crypto/md5"
 	"encoding/json"
 	"fmt"
 	"net/netip"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"slices"
 	"strings"
@@ -623,5 +625,57 @@ func TestREADMETwoGateways(t *testing.T) {
 	f, err := config.Decode(strings.NewReader(strings.Join(file, "\n") + "\n"))
 	if err != nil || len(f.Rules) != 1 || !f.Rules[0].Standby {
 		t.Errorf("README's /etc/egress-snat.yaml: %+v, %v; want one standby rule", f, err)
+	}
+}
+
+// TestPackagedDefault: Debian's conntrackd.conf as the package shipped it
+// is recognised by dpkg's md5 sum, and an edited one is not. On this
+// machine's own file, read only; without conntrackd installed there is
+// nothing to recognise.
+func TestPackagedDefault(t *testing.T) {
+	const path = "/etc/conntrackd/conntrackd.conf"
+	out, err := exec.Command("dpkg-query", "-W", "-f", "${Conffiles}\n", "conntrackd").Output()
+	if err != nil || !strings.Contains(string(out), path) {
+		t.Skip("conntrackd is not installed from a Debian package here")
+	}
+	b, err := os.ReadFile(path)
+	if err != nil {
+		t.Skip(err)
+	}
+	if strings.Contains(string(b), generatedMark) {
+		t.Skipf("%s here was written by egress-snat", path)
+	}
+	var sum string
+	for _, l := range strings.Split(string(out), "\n") {
+		if f := strings.Fields(l); len(f) >= 2 && f[0] == path {
+			sum = f[1]
+		}
+	}
+	if got := fmt.Sprintf("%x", md5.Sum(b)); got != sum {
+		t.Skipf("%s here was edited (md5 %s, the package's %s)", path, got, sum)
+	}
+	if !packagedDefault(path, b) {
+		t.Errorf("packagedDefault(%s as the package shipped it) = false", path)
+	}
+	if packagedDefault(path, append(b, "# edited\n"...)) {
+		t.Errorf("packagedDefault(an edited %s) = true", path)
+	}
+	if packagedDefault("/etc/keepalived/keepalived.conf", b) {
+		t.Error("packagedDefault of another path with the same content = true")
+	}
+}
+
+// TestProcInThisNetns: this test process is found in its own network
+// namespace by its name; a name no process has is not.
+func TestProcInThisNetns(t *testing.T) {
+	b, err := os.ReadFile("/proc/self/comm")
+	if err != nil {
+		t.Skip(err)
+	}
+	if ok, err := procInThisNetns(strings.TrimSpace(string(b)))(); !ok || err != nil {
+		t.Errorf("this process (%s): %v, %v; want found", strings.TrimSpace(string(b)), ok, err)
+	}
+	if ok, err := procInThisNetns("no-such-process-name")(); ok || err != nil {
+		t.Errorf("a name no process has: %v, %v; want not found", ok, err)
 	}
 }

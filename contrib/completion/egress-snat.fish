@@ -146,7 +146,7 @@ complete -c egress-snat -n '__fish_seen_subcommand_from undrain' -f -l help -s h
 complete -r -c egress-snat -n '__fish_seen_subcommand_from ha' -a 'undrain' -d 'return the node to the election after ha drain'
 complete -c egress-snat -n '__fish_seen_subcommand_from undrain' -l keepalived-conf -r -d 'the keepalived.conf that ha config wrote, `FILE`: it names the drain file, the hook, and through the hook conntrackd and the state file'
 complete -c egress-snat -n '__fish_seen_subcommand_from status' -f -l help -s h -d 'show help'
-complete -r -c egress-snat -n '__fish_seen_subcommand_from ha' -a 'status' -d 'show this node\'s VRRP role, its virtual addresses and the health of conntrackd\'s sync'
+complete -r -c egress-snat -n '__fish_seen_subcommand_from ha' -a 'status' -d 'show this node\'s VRRP role, its virtual addresses and the health of conntrackd\'s sync (as root)'
 complete -c egress-snat -n '__fish_seen_subcommand_from status' -l keepalived-conf -r -d 'the keepalived.conf that ha config wrote, `FILE`: it names the drain file, the hook, and through the hook conntrackd and the state file'
 complete -c egress-snat -n '__fish_seen_subcommand_from status' -f -l window -r -d 'how long (`DURATION`) to wait for a message from the peer'
 complete -c egress-snat -n '__fish_seen_subcommand_from status' -f -l json -d 'print JSON for scripts instead of text'
