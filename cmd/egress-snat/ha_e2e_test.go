@@ -184,6 +184,16 @@ func TestHADrainStatusE2E(t *testing.T) {
 	if code != 0 || !strings.Contains(out, "gw-a: MASTER since") || !strings.Contains(out, "sync: healthy: link sync running") {
 		t.Errorf("ha status in a: exit %d:\n%s", code, out)
 	}
+	// What the README says of the backup: list shows its rule standing
+	// by, and check is content with it.
+	if code, out := haIn(t, h.B, "list"); code != 0 || !strings.Contains(out, "standing by") {
+		t.Errorf("list in b, the backup: exit %d, want its rule standing by:\n%s", code, out)
+	}
+	for _, g := range []*lab.Gateway{h.A, h.B} {
+		if code, out := haIn(t, g, "check", "-f", h.File); code != 0 {
+			t.Errorf("check -f in %s: exit %d, want 0:\n%s", g.Name, code, out)
+		}
+	}
 
 	code, out = haIn(t, h.A, "ha", "drain", "--keepalived-conf", h.A.Config.Paths.Keepalived)
 	if code != 0 || !strings.Contains(out, "gw-a is BACKUP since") {
