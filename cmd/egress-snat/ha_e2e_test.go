@@ -127,6 +127,8 @@ func TestHAConfigRootE2E(t *testing.T) {
 func haIn(t *testing.T, g *lab.Gateway, args ...string) (int, string) {
 	t.Helper()
 	cmd := exec.Command("ip", append([]string{"netns", "exec", g.NS, bin}, args...)...)
+	// check, list and stats find the pair's files through this.
+	cmd.Env = append(os.Environ(), keepalivedConfEnv+"="+g.Config.Paths.Keepalived)
 	out, err := cmd.CombinedOutput()
 	code := exitOf(err)
 	if code < 0 {
@@ -190,10 +192,38 @@ func TestHADrainStatusE2E(t *testing.T) {
 		t.Errorf("list in b, the backup: exit %d, want its rule standing by:\n%s", code, out)
 	}
 	for _, g := range []*lab.Gateway{h.A, h.B} {
-		if code, out := haIn(t, g, "check", "-f", h.File); code != 0 {
-			t.Errorf("check -f in %s: exit %d, want 0:\n%s", g.Name, code, out)
+		role := "MASTER"
+		if g == h.B {
+			role = "BACKUP"
+		}
+		pair := "pair: " + g.Config.Node.Name + " is " + role
+		if code, out := haIn(t, g, "check", "-f", h.File); code != 0 || !strings.Contains(out, pair) {
+			t.Errorf("check -f in %s: exit %d, want 0 and %q:\n%s", g.Name, code, pair, out)
+		}
+		for _, cmd := range []string{"list", "stats"} {
+			if code, out := haIn(t, g, cmd); code != 0 || !strings.Contains(out, pair) || !strings.Contains(out, "sync healthy") {
+				t.Errorf("%s in %s: exit %d, want %q and a healthy sync:\n%s", cmd, g.Name, code, pair, out)
+			}
 		}
 	}
+
+	// A split brain: both masters, each answering ARP for the addresses;
+	// check on each says so and exits 1, and healing ends it.
+	h.SplitBrain(t)
+	for _, g := range []*lab.Gateway{h.A, h.B} {
+		var code int
+		var out string
+		for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); time.Sleep(200 * time.Millisecond) {
+			if code, out = haIn(t, g, "check", "-f", h.File, "--json"); code == 1 && strings.Contains(out, "ha-split-brain") {
+				break
+			}
+		}
+		if code != 1 || !strings.Contains(out, "ha-split-brain") {
+			t.Errorf("check in %s during a split brain: exit %d, want 1 naming ha-split-brain:\n%s\n%s", g.Name, code, out, g.Logs())
+		}
+	}
+	h.Heal(t)
+	h.WaitRoles(t, h.A, 15*time.Second)
 
 	code, out = haIn(t, h.A, "ha", "drain", "--keepalived-conf", h.A.Config.Paths.Keepalived)
 	if code != 0 || !strings.Contains(out, "gw-a is BACKUP since") {

@@ -17,10 +17,16 @@ import (
 	"github.com/urfave/cli/v2"
 
 	"github.com/egress-snat/egress-snat/ha"
+	"github.com/egress-snat/egress-snat/snat"
 )
 
-var keepalivedConfFlag = &cli.StringFlag{Name: "keepalived-conf", Value: ha.DefaultPaths.Keepalived, TakesFile: true,
+var keepalivedConfFlag = &cli.StringFlag{Name: "keepalived-conf", Value: ha.DefaultPaths.Keepalived, TakesFile: true, EnvVars: []string{keepalivedConfEnv},
 	Usage: "the keepalived.conf that ha config wrote, `FILE`: it names the drain file, the hook, and through the hook conntrackd and the state file"}
+
+// keepalivedConfEnv names the keepalived.conf of a pair whose files are
+// not in /etc (check, list and stats, which have no flag for it, read it
+// too).
+const keepalivedConfEnv = "EGRESS_SNAT_KEEPALIVED_CONF"
 
 var haDrainCommand = haSubcommand(&cli.Command{
 	Name:      "drain",
@@ -169,7 +175,11 @@ peer's connections this node holds (the external cache, committed when it
 takes over) and how many of its own it replicates.
 
 It exits 0 when all is well, 1 with the reasons when not. A split brain
-(the VRRP path between the nodes cut) shows as MASTER on both nodes.`,
+(the VRRP path between the nodes cut) shows as MASTER on both nodes; a
+master also probes its virtual addresses with ARP (sender 0.0.0.0, which
+teaches no neighbour anything) and names the other node that answers for
+them: a split brain, said on each node that sees the other answer. check,
+list and stats show the role and the sync's health too.`,
 	Flags: []cli.Flag{
 		keepalivedConfFlag,
 		&cli.DurationFlag{Name: "window", Value: 3 * time.Second, Usage: "how long (`DURATION`) to wait for a message from the peer"},
@@ -187,18 +197,24 @@ type haStatusReport struct {
 	Node string `json:"node"`
 	// Role is the state the hook recorded last: MASTER, BACKUP, FAULT,
 	// or "" when it recorded none.
-	Role              string        `json:"role"`
-	Since             *time.Time    `json:"since,omitempty"`
-	Drained           bool          `json:"drained"`
-	KeepalivedRunning bool          `json:"keepalived_running"`
-	Addresses         []haAddress   `json:"addresses"`
-	Sync              haSyncReport  `json:"sync"`
-	Files             haStatusFiles `json:"files"`
+	Role              string     `json:"role"`
+	Since             *time.Time `json:"since,omitempty"`
+	Drained           bool       `json:"drained"`
+	KeepalivedRunning bool       `json:"keepalived_running"`
+	// SplitBrain: this node is master and another answers for its
+	// addresses.
+	SplitBrain bool          `json:"split_brain"`
+	Addresses  []haAddress   `json:"addresses"`
+	Sync       haSyncReport  `json:"sync"`
+	Files      haStatusFiles `json:"files"`
 }
 
 type haAddress struct {
 	ha.VIP
 	Held bool `json:"held"`
+	// AlsoHeldBy are the hardware addresses of other hosts that answered
+	// an ARP probe for it (a master probes its addresses).
+	AlsoHeldBy []string `json:"also_held_by,omitempty"`
 }
 
 type haStatusFiles struct {
@@ -234,6 +250,8 @@ var (
 	// keepalivedRunning says whether a keepalived process runs in this
 	// process's network namespace.
 	keepalivedRunning = procInThisNetns("keepalived")
+	// otherHolders probes for other hosts answering for an address.
+	otherHolders = ha.OtherHolders
 	// holdsAddress says whether interface dev has the address p.
 	holdsAddress = func(p netip.Prefix, dev string) (bool, error) {
 		ifi, err := net.InterfaceByName(dev)
@@ -307,91 +325,7 @@ func haStatus(c *cli.Context) error {
 	if err != nil {
 		return err
 	}
-	r := haStatusReport{Node: in.Node, Problems: []string{}, Notes: []string{}, Files: haStatusFiles{
-		Keepalived: in.Keepalived, Hook: in.Hook, ConntrackdConf: in.ConntrackdConf, StateFile: in.StateFile, DrainFile: in.DrainFile,
-	}}
-	problem := func(format string, a ...any) { r.Problems = append(r.Problems, fmt.Sprintf(format, a...)) }
-
-	// The role.
-	if b, err := os.ReadFile(in.DrainFile); err == nil {
-		r.Drained = strings.TrimSpace(string(b)) == "1"
-	}
-	if r.KeepalivedRunning, err = keepalivedRunning(); err != nil {
-		problem("cannot tell whether keepalived runs: %v", err)
-	} else if !r.KeepalivedRunning {
-		problem("keepalived is not running in this network namespace: this node cannot take over (systemctl status keepalived)")
-	}
-	switch {
-	case in.StateFile == "":
-		problem("%s records no state: it was written by an older egress-snat; run egress-snat ha config again", in.Hook)
-	default:
-		st, err := ha.ReadState(in.StateFile)
-		switch {
-		case errors.Is(err, fs.ErrNotExist):
-			problem("no role recorded in %s: keepalived has not run the hook since boot", in.StateFile)
-		case err != nil:
-			problem("reading the role: %v", err)
-		default:
-			r.Role = st.State
-			since := st.Since
-			r.Since = &since
-		}
-	}
-	held := 0
-	for _, v := range in.VIPs {
-		ok, err := holdsAddress(v.Prefix, v.Interface)
-		if err != nil {
-			problem("%s: %v", v.Interface, err)
-		}
-		if ok {
-			held++
-		}
-		r.Addresses = append(r.Addresses, haAddress{VIP: v, Held: ok})
-	}
-	switch {
-	case r.Role == "MASTER" && held < len(in.VIPs):
-		problem("the hook recorded MASTER, but this node holds %d of its %d virtual addresses", held, len(in.VIPs))
-	case r.Role != "MASTER" && r.Role != "" && held > 0:
-		problem("the hook recorded %s, but this node holds %d of the virtual addresses (a MASTER that was killed keeps them)", r.Role, held)
-	case r.Role == "FAULT" && !r.Drained:
-		problem("FAULT: keepalived found a tracked interface down")
-	}
-	if r.Drained && r.Role == "MASTER" {
-		problem("drained, but still MASTER: the peer has not taken over (is it up?)")
-	}
-
-	// The sync.
-	ctx, cancel := context.WithTimeout(c.Context, window+10*time.Second)
-	defer cancel()
-	s := haSyncReport{Problems: []string{}, Notes: []string{}, Link: in.SyncInterface, Window: "0s"}
-	if in.PeerSyncAddr.IsValid() {
-		s.Peer = in.PeerSyncAddr.String()
-	}
-	h, err := ha.CheckSync(ctx, syncStats(in.Conntrackd, in.ConntrackdConf), 100*time.Millisecond, window)
-	if err != nil {
-		s.Problems = append(s.Problems, fmt.Sprintf("conntrackd does not answer: %v (systemctl status conntrackd)", err))
-	} else {
-		s = haSyncReport{
-			Healthy: h.Healthy, Problems: h.Problems, Notes: h.Notes, Link: h.Link, LinkStatus: h.LinkStatus, Peer: s.Peer,
-			ExternalCache: h.ExternalCache, InternalCache: h.InternalCache, PacketsSent: h.PacketsSent, PacketsReceived: h.PacketsReceived,
-			ReceivedInWindow: h.ReceivedInWindow, Window: h.Window.Round(10 * time.Millisecond).String(),
-			SendErrors: h.SendErrors, ReceiveErrors: h.ReceiveErrors, Lost: h.Lost, Malformed: h.Malformed, AwaitingAck: h.AwaitingAck,
-		}
-		if s.Problems == nil {
-			s.Problems = []string{}
-		}
-		if s.Notes == nil {
-			s.Notes = []string{}
-		}
-	}
-	r.Sync = s
-	for _, p := range s.Problems {
-		problem("sync: %s", p)
-	}
-	for _, n := range s.Notes {
-		r.Notes = append(r.Notes, "sync: "+n)
-	}
-	r.Healthy = len(r.Problems) == 0
+	r := readHAStatus(c.Context, in, window)
 
 	if c.Bool("json") {
 		if err := writeJSON(c.App.Writer, r); err != nil {
@@ -460,4 +394,172 @@ func printHAStatus(w io.Writer, r haStatusReport) {
 			fmt.Fprintln(w, "  -", p)
 		}
 	}
+}
+
+// readHAStatus is what ha status reports of the node in: its role, its
+// addresses (and, as master, whether another node answers for them: a
+// split brain), and conntrackd's sync, sampled for at most window.
+func readHAStatus(parent context.Context, in ha.Installed, window time.Duration) haStatusReport {
+	var err error
+	r := haStatusReport{Node: in.Node, Problems: []string{}, Notes: []string{}, Files: haStatusFiles{
+		Keepalived: in.Keepalived, Hook: in.Hook, ConntrackdConf: in.ConntrackdConf, StateFile: in.StateFile, DrainFile: in.DrainFile,
+	}}
+	problem := func(format string, a ...any) { r.Problems = append(r.Problems, fmt.Sprintf(format, a...)) }
+
+	// The role.
+	if b, err := os.ReadFile(in.DrainFile); err == nil {
+		r.Drained = strings.TrimSpace(string(b)) == "1"
+	}
+	if r.KeepalivedRunning, err = keepalivedRunning(); err != nil {
+		problem("cannot tell whether keepalived runs: %v", err)
+	} else if !r.KeepalivedRunning {
+		problem("keepalived is not running in this network namespace: this node cannot take over (systemctl status keepalived)")
+	}
+	switch {
+	case in.StateFile == "":
+		problem("%s records no state: it was written by an older egress-snat; run egress-snat ha config again", in.Hook)
+	default:
+		st, err := ha.ReadState(in.StateFile)
+		switch {
+		case errors.Is(err, fs.ErrNotExist):
+			problem("no role recorded in %s: keepalived has not run the hook since boot", in.StateFile)
+		case err != nil:
+			problem("reading the role: %v", err)
+		default:
+			r.Role = st.State
+			since := st.Since
+			r.Since = &since
+		}
+	}
+	held := 0
+	for _, v := range in.VIPs {
+		ok, err := holdsAddress(v.Prefix, v.Interface)
+		if err != nil {
+			problem("%s: %v", v.Interface, err)
+		}
+		if ok {
+			held++
+		}
+		r.Addresses = append(r.Addresses, haAddress{VIP: v, Held: ok})
+	}
+	switch {
+	case r.Role == "MASTER" && held < len(in.VIPs):
+		problem("the hook recorded MASTER, but this node holds %d of its %d virtual addresses", held, len(in.VIPs))
+	case r.Role != "MASTER" && r.Role != "" && held > 0:
+		problem("the hook recorded %s, but this node holds %d of the virtual addresses (a MASTER that was killed keeps them)", r.Role, held)
+	case r.Role == "FAULT" && !r.Drained:
+		problem("FAULT: keepalived found a tracked interface down")
+	}
+	if r.Drained && r.Role == "MASTER" {
+		problem("drained, but still MASTER: the peer has not taken over (is it up?)")
+	}
+	if r.Role == "MASTER" {
+		// A master alone answers for its addresses; another that
+		// does is the other node, master too.
+		for i, a := range r.Addresses {
+			if !a.Held || !a.Prefix.Addr().Is4() {
+				continue
+			}
+			others, err := otherHolders(a.Interface, a.Prefix.Addr(), 300*time.Millisecond)
+			if err != nil {
+				r.Notes = append(r.Notes, fmt.Sprintf("could not probe %s for another holder: %v", a.Prefix.Addr(), err))
+				continue
+			}
+			for _, mac := range others {
+				r.Addresses[i].AlsoHeldBy = append(r.Addresses[i].AlsoHeldBy, mac.String())
+			}
+			if len(others) > 0 {
+				r.SplitBrain = true
+				problem("split brain: %s on %s is also answered for by %s: the other node is master too (is the VRRP path between them cut?); its neighbours follow the last gratuitous ARP", a.Prefix.Addr(), a.Interface, strings.Join(r.Addresses[i].AlsoHeldBy, ", "))
+			}
+		}
+	}
+
+	// The sync.
+	ctx, cancel := context.WithTimeout(parent, window+10*time.Second)
+	defer cancel()
+	s := haSyncReport{Problems: []string{}, Notes: []string{}, Link: in.SyncInterface, Window: "0s"}
+	if in.PeerSyncAddr.IsValid() {
+		s.Peer = in.PeerSyncAddr.String()
+	}
+	h, err := ha.CheckSync(ctx, syncStats(in.Conntrackd, in.ConntrackdConf), 100*time.Millisecond, window)
+	if err != nil {
+		s.Problems = append(s.Problems, fmt.Sprintf("conntrackd does not answer: %v (systemctl status conntrackd)", err))
+	} else {
+		s = haSyncReport{
+			Healthy: h.Healthy, Problems: h.Problems, Notes: h.Notes, Link: h.Link, LinkStatus: h.LinkStatus, Peer: s.Peer,
+			ExternalCache: h.ExternalCache, InternalCache: h.InternalCache, PacketsSent: h.PacketsSent, PacketsReceived: h.PacketsReceived,
+			ReceivedInWindow: h.ReceivedInWindow, Window: h.Window.Round(10 * time.Millisecond).String(),
+			SendErrors: h.SendErrors, ReceiveErrors: h.ReceiveErrors, Lost: h.Lost, Malformed: h.Malformed, AwaitingAck: h.AwaitingAck,
+		}
+		if s.Problems == nil {
+			s.Problems = []string{}
+		}
+		if s.Notes == nil {
+			s.Notes = []string{}
+		}
+	}
+	r.Sync = s
+	for _, p := range s.Problems {
+		problem("sync: %s", p)
+	}
+	for _, n := range s.Notes {
+		r.Notes = append(r.Notes, "sync: "+n)
+	}
+	r.Healthy = len(r.Problems) == 0
+	return r
+}
+
+// pairWindow is how long check, list and stats wait for a message from
+// the peer's conntrackd, which sends at least one a second.
+const pairWindow = 1200 * time.Millisecond
+
+// pairStatus is the node's part of a gateway pair for check, list and
+// stats: nil when this host has no pair configuration (no keepalived.conf
+// that ha config wrote, at EGRESS_SNAT_KEEPALIVED_CONF or the Debian
+// path), which is no fault.
+func pairStatus(c *cli.Context) *haStatusReport {
+	path := os.Getenv(keepalivedConfEnv)
+	if path == "" {
+		path = ha.DefaultPaths.Keepalived
+	}
+	in, err := ha.ReadInstalled(path)
+	if err != nil {
+		return nil
+	}
+	r := readHAStatus(c.Context, in, pairWindow)
+	return &r
+}
+
+// pairLine says in one line what the node is in its pair.
+func pairLine(r *haStatusReport) string {
+	role := r.Role
+	if role == "" {
+		role = "role unknown"
+	}
+	if r.Since != nil {
+		role += " since " + r.Since.Local().Format("15:04:05")
+	}
+	sync := "sync healthy"
+	if !r.Sync.Healthy {
+		sync = "sync NOT healthy"
+	}
+	if r.Sync.LinkStatus != "" {
+		sync += fmt.Sprintf(" (%s of the peer's connections ready to commit)", plural(r.Sync.ExternalCache, "connection", "connections"))
+	}
+	return fmt.Sprintf("pair: %s is %s; %s", r.Node, role, sync)
+}
+
+// pairFindings are check's findings of the pair: a split brain, and every
+// other problem ha status names.
+func pairFindings(r *haStatusReport) []snat.Finding {
+	var out []snat.Finding
+	for _, p := range r.Problems {
+		kind := "ha-unhealthy"
+		if strings.HasPrefix(p, "split brain") {
+			kind = "ha-split-brain"
+		}
+		out = append(out, snat.Finding{Kind: kind, Detail: p})
+	}
+	return out
 }

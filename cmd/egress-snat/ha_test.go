@@ -6,6 +6,7 @@ import (
 	"crypto/md5"
 	"encoding/json"
 	"fmt"
+	"net"
 	"net/netip"
 	"os"
 	"os/exec"
@@ -372,11 +373,21 @@ type fakeHAHost struct {
 	samples       [][3]string
 	conntrackdErr error
 	calls         int
+	// others answer ARP probes for the addresses they name (a split
+	// brain's other master).
+	others map[netip.Addr]string
 }
 
 func (h *fakeHAHost) install(t *testing.T) {
-	savedK, savedH, savedS := keepalivedRunning, holdsAddress, syncStats
-	t.Cleanup(func() { keepalivedRunning, holdsAddress, syncStats = savedK, savedH, savedS })
+	savedK, savedH, savedS, savedO := keepalivedRunning, holdsAddress, syncStats, otherHolders
+	t.Cleanup(func() { keepalivedRunning, holdsAddress, syncStats, otherHolders = savedK, savedH, savedS, savedO })
+	otherHolders = func(_ string, a netip.Addr, _ time.Duration) ([]net.HardwareAddr, error) {
+		if mac, ok := h.others[a]; ok {
+			hw, err := net.ParseMAC(mac)
+			return []net.HardwareAddr{hw}, err
+		}
+		return nil, nil
+	}
 	keepalivedRunning = func() (bool, error) { return h.keepalived, nil }
 	holdsAddress = func(p netip.Prefix, dev string) (bool, error) { return h.held[p], nil }
 	syncStats = func(program, conf string) ha.Stats {
@@ -524,6 +535,9 @@ func TestHAStatus(t *testing.T) {
 			[]string{"drained, but still MASTER"}},
 		{"no state", "", false, fakeHAHost{keepalived: true, samples: [][3]string{haHealthy, haHealthyLater}}, exitFailure, nil,
 			[]string{"no role recorded in " + n.cfg.Paths.StateFile + ": keepalived has not run the hook since boot"}},
+		{"split brain", "MASTER", false, fakeHAHost{keepalived: true, held: all, samples: [][3]string{haHealthy, haHealthyLater},
+			others: map[netip.Addr]string{netip.MustParseAddr("192.0.2.100"): "02:00:00:00:0b:02"}}, exitFailure, nil,
+			[]string{"split brain: 192.0.2.100 on uplink is also answered for by 02:00:00:00:0b:02: the other node is master too"}},
 		{"peer's conntrackd gone", "MASTER", false, fakeHAHost{keepalived: true, held: all, samples: [][3]string{haPeerDead}}, exitFailure,
 			[]string{"sync: NOT healthy"}, []string{"sync: nothing received from the peer on sync in"}},
 		{"conntrackd gone", "BACKUP", false, fakeHAHost{keepalived: true, conntrackdErr: fmt.Errorf("conntrackd -C x -s: [ERROR] can't connect: is conntrackd running?")}, exitFailure,

@@ -20,7 +20,9 @@ var listCommand = &cli.Command{
 outgoing interface, the natural source the rule matches, whether the source
 is still an address of this host (or, for a rule marked standby:, that it
 stands by while the peer gateway holds it), and the ipset holding the
-destination if it is in one. A rule of the permanent file whose source is
+destination if it is in one. On a node of a gateway pair (egress-snat ha
+config) the first line is the node's role and conntrackd's sync, as ha
+status says them. A rule of the permanent file whose source is
 already the natural one installs nothing; it is shown as "natural: no rule
 needed". Warns when the chain also exists in the other iptables backend
 (iptables-nft vs iptables-legacy), where the host's iptables does not show it.`,
@@ -44,13 +46,18 @@ needed". Warns when the chain also exists in the other iptables backend
 		if lingering == nil {
 			lingering = []string{}
 		}
+		pair := pairStatus(c)
 		if c.Bool("json") {
 			return writeJSON(e.out, struct {
-				Backend   string    `json:"backend"`
-				Rules     []listRow `json:"rules"`
-				Lingering []string  `json:"lingering"`
-				Warnings  []string  `json:"warnings"`
-			}{e.backendName(), rows, lingering, warnings})
+				Backend   string          `json:"backend"`
+				Rules     []listRow       `json:"rules"`
+				Lingering []string        `json:"lingering"`
+				Warnings  []string        `json:"warnings"`
+				Pair      *haStatusReport `json:"pair,omitempty"`
+			}{e.backendName(), rows, lingering, warnings, pair})
+		}
+		if pair != nil {
+			fmt.Fprintln(e.out, pairLine(pair))
 		}
 		for _, w := range warnings {
 			fmt.Fprintln(c.App.ErrWriter, "warning:", w)
