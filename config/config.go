@@ -7,6 +7,9 @@
 //	  - to: [192.0.2.22, 192.0.2.23]
 //	    spread: true              # new connections round-robin over to
 //	    dst: [203.0.113.0/24]
+//	  - to: [192.0.2.22=3, 192.0.2.23=1]
+//	    spread: true              # three connections from .22 for each from .23
+//	    dst: [198.51.100.128/25]
 //	  - to: [192.0.2.24, 192.0.2.25] # failover: the first one on the host
 //	    dst: [198.51.100.0/24]
 //	  - to: 192.0.2.23
@@ -70,7 +73,7 @@ type File struct {
 // Rule gives destinations one source; several to spread over (Spread); or
 // an ordered failover list, of which the first address on the host is used.
 type Rule struct {
-	To      Addrs    `yaml:"to"`
+	To      Sources  `yaml:"to"`
 	From    Froms    `yaml:"from"`
 	UID     string   `yaml:"uid"`
 	Cgroup  string   `yaml:"cgroup"`
@@ -89,6 +92,54 @@ type Rule struct {
 
 // Addrs is one address or a list of them.
 type Addrs []netip.Addr
+
+// Sources is a rule's to: one address or a list of them, a failover list
+// or, with spread, the addresses to spread over, each with an optional
+// =WEIGHT (192.0.2.22=3: three connections for each of a weight of 1).
+type Sources struct {
+	// Addrs are the addresses in an entry's To form: a weighted list
+	// expanded into turns (snat.Weigh).
+	Addrs []netip.Addr
+	// Weighted says a weight was given: only a spread list takes one.
+	Weighted bool
+}
+
+// weightString renders the sources with their weights, as the file gives
+// them: "[192.0.2.22=3, 192.0.2.23=1]".
+func (s Sources) weightString() string {
+	return "[" + strings.ReplaceAll(snat.Entry{To: s.Addrs}.ToString(), ",", ", ") + "]"
+}
+
+// first is an address of the sources' family.
+func (s Sources) first() netip.Addr { return s.Addrs[0] }
+
+// empty reports whether no source is given.
+func (s Sources) empty() bool { return len(s.Addrs) == 0 }
+
+func (s *Sources) UnmarshalYAML(n *yaml.Node) error {
+	items, err := scalarOrList(n)
+	if err != nil {
+		return err
+	}
+	vals := make([]string, len(items))
+	for i, it := range items {
+		vals[i] = it.Value
+	}
+	to, weighted, err := snat.ParseSpread(vals)
+	if err != nil {
+		// The line of the item at fault when one is named, else the list's.
+		line := n.Line
+		for _, it := range items {
+			if strings.Contains(err.Error(), it.Value) || strings.Contains(err.Error(), Excerpt(it.Value)) {
+				line = it.Line
+				break
+			}
+		}
+		return fmt.Errorf("line %d: %w", line, err)
+	}
+	s.Addrs, s.Weighted = to, weighted
+	return nil
+}
 
 // Prefixes is one destination or a list; a bare address is a host.
 type Prefixes []netip.Prefix
@@ -296,8 +347,11 @@ func Decode(r io.Reader) (*File, error) {
 }
 
 func (r Rule) check() error {
-	if len(r.To) == 0 {
+	if r.To.empty() {
 		return errors.New("'to' is required")
+	}
+	if r.To.Weighted && !r.Spread {
+		return fmt.Errorf("'to' %s gives weights, which share new connections out over the addresses: add 'spread: true' (a list without it is a failover list, one address at a time)", r.To.weightString())
 	}
 	senders := 0
 	for _, set := range []bool{len(r.From) > 0, r.UID != "", r.Cgroup != ""} {
@@ -314,8 +368,8 @@ func (r Rule) check() error {
 	if len(r.Via) > 1 {
 		return errors.New("'via' is one gateway")
 	}
-	if len(r.Via) == 1 && r.Via[0].Is4() != r.To[0].Is4() {
-		return fmt.Errorf("via %s and source %s are of different address families", r.Via[0], r.To[0])
+	if len(r.Via) == 1 && r.Via[0].Is4() != r.To.first().Is4() {
+		return fmt.Errorf("via %s and source %s are of different address families", r.Via[0], r.To.first())
 	}
 	m, err := snat.ParseMethod(r.Method)
 	if err != nil {
@@ -328,8 +382,8 @@ func (r Rule) check() error {
 		return errors.New("'standby' needs method snat: a route's src must be an address the host has")
 	}
 	for _, p := range r.From {
-		if p.Addr().Is4() != r.To[0].Is4() {
-			return fmt.Errorf("from %s and source %s are of different address families", p, r.To[0])
+		if p.Addr().Is4() != r.To.first().Is4() {
+			return fmt.Errorf("from %s and source %s are of different address families", p, r.To.first())
 		}
 	}
 	if r.Out != "" {
@@ -337,14 +391,14 @@ func (r Rule) check() error {
 			return fmt.Errorf("'out': %w", err)
 		}
 	}
-	for _, a := range r.To[1:] {
-		if a.Is4() != r.To[0].Is4() {
-			return fmt.Errorf("'to' mixes address families: %s and %s", r.To[0], a)
+	for _, a := range r.To.Addrs[1:] {
+		if a.Is4() != r.To.first().Is4() {
+			return fmt.Errorf("'to' mixes address families: %s and %s", r.To.first(), a)
 		}
 	}
 	for _, d := range r.Dst {
-		if d.Addr().Is4() != r.To[0].Is4() {
-			return fmt.Errorf("destination %s and source %s are of different address families", d, r.To[0])
+		if d.Addr().Is4() != r.To.first().Is4() {
+			return fmt.Errorf("destination %s and source %s are of different address families", d, r.To.first())
 		}
 	}
 	return nil
@@ -457,11 +511,11 @@ func (f *File) Intents() ([]snat.Intent, error) {
 		}
 		dsts := slices.Concat(r.Dst, r.dstFile)
 		if len(dsts) == 0 {
-			dsts = []netip.Prefix{everything(r.To[0])}
+			dsts = []netip.Prefix{everything(r.To.first())}
 		}
 		for _, d := range dsts {
-			if d.Addr().Is4() != r.To[0].Is4() {
-				errs = append(errs, fmt.Errorf("rule %d (line %d): destination %s and source %s are of different address families", i+1, r.line, d, r.To[0]))
+			if d.Addr().Is4() != r.To.first().Is4() {
+				errs = append(errs, fmt.Errorf("rule %d (line %d): destination %s and source %s are of different address families", i+1, r.line, d, r.To.first()))
 				continue
 			}
 			method, _ := snat.ParseMethod(r.Method) // checked by Decode
@@ -470,7 +524,7 @@ func (f *File) Intents() ([]snat.Intent, error) {
 				via = r.Via[0]
 			}
 			for _, s := range senders {
-				out = append(out, snat.Intent{Sender: s, Dst: d, To: r.To, Out: r.Out, Spread: r.Spread, Via: via, Method: method, Standby: r.Standby})
+				out = append(out, snat.Intent{Sender: s, Dst: d, To: r.To.Addrs, Out: r.Out, Spread: r.Spread, Via: via, Method: method, Standby: r.Standby})
 			}
 		}
 	}

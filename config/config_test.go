@@ -133,6 +133,26 @@ func TestConfigDecodeRejects(t *testing.T) {
 			want: []string{"rule 1", "line 2", "192.0.2.22", "2001:db8::22"},
 		},
 		{
+			name: "weights without spread",
+			yaml: "rules:\n  - to: [192.0.2.22=3, 192.0.2.23=1]\n    dst: 198.51.100.4\n",
+			want: []string{"rule 1", "line 2", "192.0.2.22=3, 192.0.2.23=1", "spread: true"},
+		},
+		{
+			name: "weight zero",
+			yaml: "rules:\n  - to: [192.0.2.22, 192.0.2.23=0]\n    spread: true\n    dst: 198.51.100.4\n",
+			want: []string{"line 2", `"192.0.2.23=0"`, "weight 0"},
+		},
+		{
+			name: "weight not a number",
+			yaml: "rules:\n  - to:\n      - 192.0.2.22\n      - 192.0.2.23=heavy\n    spread: true\n    dst: 198.51.100.4\n",
+			want: []string{"line 4", `"heavy"`},
+		},
+		{
+			name: "negative weight",
+			yaml: "rules:\n  - to: [192.0.2.22=-1, 192.0.2.23]\n    spread: true\n    dst: 198.51.100.4\n",
+			want: []string{"line 2", "weight -1"},
+		},
+		{
 			name: "missing to",
 			yaml: "rules:\n  - dst: 198.51.100.4\n",
 			want: []string{"rule 1", "line 2", "'to'"},

@@ -502,14 +502,21 @@ func scalar(s string) *yaml.Node {
 	return &yaml.Node{Kind: yaml.ScalarNode, Tag: "!!str", Value: s}
 }
 
-// addrsNode is one address as a scalar, several as a flow list.
+// addrsNode is one address as a scalar, several as a flow list; a
+// weighted spread (an entry's To form, see snat.Weigh) as its addresses
+// with their weights, [192.0.2.22=3, 192.0.2.23=1].
 func addrsNode(as []netip.Addr) *yaml.Node {
 	if len(as) == 1 {
 		return scalar(as[0].String())
 	}
 	n := &yaml.Node{Kind: yaml.SequenceNode, Tag: "!!seq", Style: yaml.FlowStyle}
-	for _, a := range as {
-		n.Content = append(n.Content, scalar(a.String()))
+	addrs, weights, weighted := snat.Weights(as)
+	for i, a := range addrs {
+		v := a.String()
+		if weighted {
+			v += "=" + strconv.Itoa(weights[i])
+		}
+		n.Content = append(n.Content, scalar(v))
 	}
 	return n
 }
@@ -579,7 +586,7 @@ func sameSource(r *yaml.Node, s Spec) bool {
 	if want == "" {
 		want = snat.MethodSNAT
 	}
-	return slices.Equal(have.To, s.To) && have.Spread == s.Spread && via == s.Via && m == want
+	return slices.Equal(have.To.Addrs, s.To) && have.Spread == s.Spread && via == s.Via && m == want
 }
 
 func appendDsts(r *yaml.Node, ps []netip.Prefix) {
@@ -611,10 +618,10 @@ func dstsOf(r *yaml.Node) []netip.Prefix {
 // its family.
 func implicitDst(r *yaml.Node) (netip.Prefix, bool) {
 	var have Rule
-	if r.Decode(&have) != nil || len(have.From) == 0 || len(have.To) == 0 {
+	if r.Decode(&have) != nil || len(have.From) == 0 || have.To.empty() {
 		return netip.Prefix{}, false
 	}
-	return everything(have.To[0]), true
+	return everything(have.To.first()), true
 }
 
 func sortedDsts(r *yaml.Node) []netip.Prefix { return sortedCopy(dstsOf(r)) }

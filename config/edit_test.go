@@ -1,10 +1,12 @@
 package config_test
 
 import (
+	"bytes"
 	"flag"
 	"net/netip"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 
@@ -146,6 +148,41 @@ func TestDocEditGolden(t *testing.T) {
 				t.Errorf("folder after Write holds %d files, want only the file (no temporary left)", len(entries))
 			}
 		})
+	}
+}
+
+// TestDocWeights: a weighted spread decodes into its turns (snat.Weigh)
+// and is written back with its weights, which decode to the same turns.
+func TestDocWeights(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "egress-snat.yaml")
+	if err := os.WriteFile(path, []byte("rules:\n  - to: [192.0.2.22=3, 192.0.2.23]\n    spread: true\n    dst: [198.51.100.0/24]\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	_, intents, err := config.LoadIntents(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := addrs(t, "192.0.2.22", "192.0.2.22", "192.0.2.23", "192.0.2.22")
+	if len(intents) != 1 || !slices.Equal(intents[0].To, want) || !intents[0].Spread {
+		t.Fatalf("intents %+v, want one spread over %v", intents, want)
+	}
+	d, err := config.OpenDoc(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The same source joins the rule as it is; another Match's rule is
+	// new, and written by the edit.
+	d.Put(config.Spec{Dst: dsts(t, "203.0.113.0/24"), To: want, Spread: true})
+	d.Put(config.Spec{Match: config.Match{Out: "eth1"}, Dst: dsts(t, "203.0.113.0/24"), To: want, Spread: true})
+	b, err := d.Bytes()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(string(b), "to: [192.0.2.22=3, 192.0.2.23=1]") {
+		t.Errorf("written:\n%s\nwant the weights written", b)
+	}
+	if _, err := config.Decode(bytes.NewReader(b)); err != nil {
+		t.Errorf("what was written does not decode: %v", err)
 	}
 }
 

@@ -7,11 +7,13 @@ import (
 	"bytes"
 	"net/netip"
 	"slices"
+	"strconv"
 	"testing"
 
 	"go.yaml.in/yaml/v3"
 
 	"github.com/egress-snat/egress-snat/config"
+	"github.com/egress-snat/egress-snat/snat"
 )
 
 var decodeSeeds = []string{
@@ -27,6 +29,9 @@ var decodeSeeds = []string{
   - to: [192.0.2.22, 192.0.2.23]
     spread: true
     dst: [203.0.113.0/24]
+  - to: [192.0.2.22=3, 192.0.2.23]
+    spread: true
+    dst: [203.0.113.8]
   - to: [192.0.2.24, 192.0.2.25]
     dst: 198.18.0.0/16
 `,
@@ -65,8 +70,13 @@ func toMirror(f *config.File) mirror {
 	m := mirror{Rules: []mirrorRule{}}
 	for _, r := range f.Rules {
 		mr := mirrorRule{DstFile: r.DstFile, Out: r.Out, Spread: r.Spread}
-		for _, a := range r.To {
-			mr.To = append(mr.To, a.String())
+		addrs, weights, weighted := snat.Weights(r.To.Addrs)
+		for i, a := range addrs {
+			v := a.String()
+			if weighted {
+				v += "=" + strconv.Itoa(weights[i])
+			}
+			mr.To = append(mr.To, v)
 		}
 		for _, p := range r.Dst {
 			mr.Dst = append(mr.Dst, p.String())
@@ -93,14 +103,19 @@ func FuzzDecode(f *testing.F) {
 			return
 		}
 		for i, r := range file.Rules {
-			if len(r.To) == 0 || (len(r.Dst) == 0 && r.DstFile == "") {
+			to := r.To.Addrs
+			if len(to) == 0 || (len(r.Dst) == 0 && r.DstFile == "") {
 				t.Fatalf("rule %d accepted without a source or a destination: %+v", i+1, r)
 			}
-			for k, a := range r.To {
-				if !a.IsValid() || a.Zone() != "" || a.Is4() != r.To[0].Is4() {
-					t.Fatalf("rule %d: source %v accepted (first source %v)", i+1, a, r.To[0])
+			if r.To.Weighted && !r.Spread {
+				t.Fatalf("rule %d: weights accepted without spread", i+1)
+			}
+			distinct, _, _ := snat.Weights(to)
+			for k, a := range distinct {
+				if !a.IsValid() || a.Zone() != "" || a.Is4() != to[0].Is4() {
+					t.Fatalf("rule %d: source %v accepted (first source %v)", i+1, a, to[0])
 				}
-				if slices.Contains(r.To[:k], a) {
+				if slices.Contains(distinct[:k], a) {
 					t.Fatalf("rule %d: source %v accepted twice", i+1, a)
 				}
 			}
@@ -108,8 +123,8 @@ func FuzzDecode(f *testing.F) {
 				t.Fatalf("rule %d: out %q accepted", i+1, r.Out)
 			}
 			for _, p := range r.Dst {
-				if !p.IsValid() || p.Masked() != p || p.Addr().Zone() != "" || p.Addr().Is4() != r.To[0].Is4() {
-					t.Fatalf("rule %d: destination %v accepted for source %v", i+1, p, r.To[0])
+				if !p.IsValid() || p.Masked() != p || p.Addr().Zone() != "" || p.Addr().Is4() != to[0].Is4() {
+					t.Fatalf("rule %d: destination %v accepted for source %v", i+1, p, to[0])
 				}
 			}
 		}
@@ -131,7 +146,8 @@ func FuzzDecode(f *testing.F) {
 }
 
 func sameRule(a, b config.Rule) bool {
-	return slices.Equal(a.To, b.To) &&
+	// Weighted is not compared: equal weights (=2, =2) write back as none.
+	return slices.Equal(a.To.Addrs, b.To.Addrs) &&
 		slices.EqualFunc(a.Dst, b.Dst, func(x, y netip.Prefix) bool { return x == y }) &&
 		a.DstFile == b.DstFile && a.Out == b.Out && a.Spread == b.Spread
 }

@@ -20,10 +20,12 @@ type Key struct {
 // RuleKeys are the keys of a rule, in the order the man page lists them.
 var RuleKeys = []Key{
 	{
-		Name: "to", Type: "address, or a list of addresses of one family",
+		Name: "to", Type: "address, or a list of addresses of one family (ADDRESS=WEIGHT with spread)",
 		Meaning: "The source address new connections leave with; required. A list is a failover " +
 			"list (the first address the host has is used, the rule is left out while it has none), " +
-			"or, with spread, the addresses to spread new connections over. Each must be an address " +
+			"or, with spread, the addresses to spread new connections over; there an address may carry " +
+			"a weight, a whole number from 1 to 100 (192.0.2.22=3: three connections for each one of an " +
+			"address of weight 1, exactly, by turns; no weight is 1). Each must be an address " +
 			"of the host on the interface the traffic leaves by, or of another interface (then traffic " +
 			"leaves by that one: see via).",
 		Example: "to: [192.0.2.24, 192.0.2.25]",
@@ -67,7 +69,8 @@ var RuleKeys = []Key{
 	{
 		Name: "spread", Type: "true or false",
 		Meaning: "Spread new connections over every address of to in turn (round-robin, per " +
-			"connection) instead of using the first one the host has.",
+			"connection, in the ratio of their weights when to gives them) instead of using the first " +
+			"one the host has.",
 		Example: "spread: true",
 	},
 	{
@@ -130,6 +133,9 @@ const ExampleFile = `rules:
   - to: [192.0.2.22, 192.0.2.23]
     spread: true                   # round-robin over both
     dst: [203.0.113.0/24]
+  - to: [192.0.2.22=3, 192.0.2.23=1]
+    spread: true                   # three connections from .22 for each from .23
+    dst: [198.51.100.128/25]
   - to: [192.0.2.24, 192.0.2.25]   # failover: the first one the host has
     dst: [198.18.0.0/16]
   - to: 192.0.2.23

@@ -39,30 +39,32 @@ type Config struct {
 	// Node is the node whose files are rendered, Peer the other one. Their
 	// priorities must differ, so that the election never depends on
 	// addresses: the higher one is master when both are up.
-	Node, Peer Node
+	Node Node `yaml:"node"`
+	Peer Node `yaml:"peer"`
 
 	// ClientVIP is the clients' default gateway, with the prefix length of
 	// their subnet (10.50.0.1/24), on ClientInterface.
-	ClientVIP       netip.Prefix
-	ClientInterface string
+	ClientVIP       netip.Prefix `yaml:"client-vip"`
+	ClientInterface string       `yaml:"client-interface"`
 	// EgressVIPs are the addresses the clients' traffic leaves with
 	// (192.0.2.100/24), on EgressInterface. egress-snat's rules name them
 	// in to:.
-	EgressVIPs      []netip.Prefix
-	EgressInterface string
+	EgressVIPs      []netip.Prefix `yaml:"egress-vips"`
+	EgressInterface string         `yaml:"egress-interface"`
 	// VRRPInterface, if set, carries the adverts of both instances (for
 	// example a dedicated link); the addresses stay on their own
 	// interfaces, which the instances then track. Empty: each instance
 	// advertises on its addresses' interface, so that losing either link
 	// moves the whole group.
-	VRRPInterface string
+	VRRPInterface string `yaml:"vrrp-interface"`
 	// ClientRouterID and EgressRouterID are the two instances'
 	// virtual_router_ids (1..255, distinct, the same on both nodes).
-	ClientRouterID, EgressRouterID int
+	ClientRouterID int `yaml:"client-router-id"`
+	EgressRouterID int `yaml:"egress-router-id"`
 	// AdvertInterval is VRRP's advert interval, in steps of 10ms (VRRPv3
 	// counts centiseconds). Default 100ms: a master is declared dead after
 	// three missed adverts and a skew, about 0.35s.
-	AdvertInterval time.Duration
+	AdvertInterval time.Duration `yaml:"advert-interval"`
 
 	// Preempt makes the node with the higher priority take the role back
 	// when it returns (failback), PreemptDelay after it has seen the
@@ -72,11 +74,11 @@ type Config struct {
 	// priority preempts at once: it only finds a master below it when
 	// that one is drained. Without Preempt (nopreempt) a returning node
 	// stays backup until the master fails or is drained.
-	Preempt      bool
-	PreemptDelay time.Duration
+	Preempt      bool          `yaml:"preempt"`
+	PreemptDelay time.Duration `yaml:"preempt-delay"`
 
 	// Sync is the dedicated link conntrackd replicates over.
-	Sync SyncLink
+	Sync SyncLink `yaml:"sync"`
 
 	// PurgeTimeout is how long after becoming backup a node flushes the
 	// connections it still holds in its kernel (conntrackd -t in the
@@ -88,38 +90,38 @@ type Config struct {
 	// PurgeTimeout must be shorter than PreemptDelay. Default 1s, which
 	// still leaves the neighbours time to follow the new master's
 	// gratuitous ARPs; conntrackd's own default is 60s.
-	PurgeTimeout time.Duration
+	PurgeTimeout time.Duration `yaml:"purge-timeout"`
 
 	// NoSync lists further addresses or prefixes whose connections
 	// conntrackd does not replicate: the nodes' own addresses, whose
 	// connections end on the node itself and mean nothing to the peer.
 	// Loopback, the virtual addresses and the sync link are always left
 	// out.
-	NoSync []netip.Prefix
+	NoSync []netip.Prefix `yaml:"no-sync"`
 
 	// Paths are where the rendered files and the daemons' run-time files
 	// live on the node.
-	Paths Paths
+	Paths Paths `yaml:"paths"`
 }
 
 // Node is one gateway of the pair.
 type Node struct {
 	// Name is keepalived's router_id and names the node in the files'
 	// comments and the hook's log: letters, digits, '.', '_' and '-'.
-	Name string
+	Name string `yaml:"name"`
 	// Priority is the VRRP priority, 1..254 (255 would make the node the
 	// address owner, which cannot be preempted or drained).
-	Priority int
+	Priority int `yaml:"priority"`
 	// SyncAddr is the node's address on the dedicated sync link.
-	SyncAddr netip.Addr
+	SyncAddr netip.Addr `yaml:"sync-addr"`
 }
 
 // SyncLink is conntrackd's dedicated link between the two nodes.
 type SyncLink struct {
 	// Interface is this node's end of the link.
-	Interface string
+	Interface string `yaml:"interface"`
 	// Port is the UDP port both conntrackds use; default 3780.
-	Port int
+	Port int `yaml:"port"`
 }
 
 // Paths are the node's file locations. Every path is absolute; the
@@ -128,31 +130,38 @@ type SyncLink struct {
 type Paths struct {
 	// Keepalived is where keepalived.conf goes
 	// (/etc/keepalived/keepalived.conf); it is only named in comments.
-	Keepalived string
+	Keepalived string `yaml:"keepalived"`
 	// ConntrackdConf is conntrackd.conf (/etc/conntrackd/conntrackd.conf);
 	// the hook passes it to every conntrackd call.
-	ConntrackdConf string
+	ConntrackdConf string `yaml:"conntrackd-conf"`
 	// Conntrackd is the conntrackd program (/usr/sbin/conntrackd).
-	Conntrackd string
+	Conntrackd string `yaml:"conntrackd"`
 	// ConntrackdLock and ConntrackdSocket are conntrackd's LockFile and
 	// UNIX socket (/var/lock/conntrack.lock, /var/run/conntrackd.ctl). Two
 	// conntrackds on one machine (a lab) need their own.
-	ConntrackdLock, ConntrackdSocket string
+	ConntrackdLock   string `yaml:"conntrackd-lock"`
+	ConntrackdSocket string `yaml:"conntrackd-socket"`
 	// Hook is the notify hook keepalived runs
 	// (/etc/keepalived/egress-snat-notify.sh).
-	Hook string
+	Hook string `yaml:"hook"`
 	// WatchPIDFile holds the pid of `egress-snat watch` when it does not
 	// run under systemd (/run/egress-snat.pid); the hook signals it.
-	WatchPIDFile string
+	WatchPIDFile string `yaml:"watch-pid-file"`
 	// DrainFile is keepalived's track file: writing 1 into it drains the
 	// node, writing 0 returns it (/run/egress-snat-ha.drain). With Preempt
 	// the drained node's priority drops to 1 and stays backup; without, it
 	// goes to FAULT. Either way the peer takes over when its master-down
 	// timer runs out (three adverts and a skew, ~0.35s at 100ms adverts).
-	DrainFile string
+	DrainFile string `yaml:"drain-file"`
 	// HookLog, if set, is a file the hook appends each step to, with a
 	// timestamp; empty: the hook logs to syslog with logger(1).
-	HookLog string
+	HookLog string `yaml:"hook-log"`
+	// StateFile is where the hook records the state keepalived gave it
+	// last (MASTER, BACKUP, FAULT) and when, replaced whole on each
+	// transition (/run/egress-snat-ha.state): keepalived itself tells no
+	// one which role the node holds, and `egress-snat ha status` reads
+	// it. Under /run, so that a reboot leaves no stale role behind.
+	StateFile string `yaml:"state-file"`
 }
 
 // Default values of the optional fields.
@@ -173,6 +182,7 @@ var DefaultPaths = Paths{
 	Hook:             "/etc/keepalived/egress-snat-notify.sh",
 	WatchPIDFile:     "/run/egress-snat.pid",
 	DrainFile:        "/run/egress-snat-ha.drain",
+	StateFile:        "/run/egress-snat-ha.state",
 }
 
 // withDefaults returns a copy of c with every unset optional field set.
@@ -203,6 +213,7 @@ func (c Config) withDefaults() Config {
 	set(&c.Paths.Hook, d.Hook)
 	set(&c.Paths.WatchPIDFile, d.WatchPIDFile)
 	set(&c.Paths.DrainFile, d.DrainFile)
+	set(&c.Paths.StateFile, d.StateFile)
 	return c
 }
 
@@ -334,6 +345,7 @@ func (c Config) Validate() error {
 		{"hook path", c.Paths.Hook},
 		{"watch pid file", c.Paths.WatchPIDFile},
 		{"drain file", c.Paths.DrainFile},
+		{"state file", c.Paths.StateFile},
 		{"hook log", c.Paths.HookLog},
 	} {
 		if p.path == "" && p.what == "hook log" {

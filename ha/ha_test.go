@@ -60,6 +60,7 @@ func nopreemptB() Config {
 			Hook:             "/srv/ha/notify.sh",
 			WatchPIDFile:     "/run/ha/watch.pid",
 			DrainFile:        "/run/ha/drain",
+			StateFile:        "/run/ha/state",
 			HookLog:          "/var/log/egress-snat-ha.log",
 		},
 	}
@@ -226,6 +227,7 @@ func TestValidate(t *testing.T) {
 		{"relative path", func(c *Config) { c.Paths.Hook = "notify.sh" }, []string{`hook path "notify.sh"`}},
 		{"path with a quote", func(c *Config) { c.Paths.DrainFile = "/run/it's" }, []string{`drain file "/run/it's"`}},
 		{"unclean path", func(c *Config) { c.Paths.HookLog = "/var/log/../x" }, []string{`hook log "/var/log/../x"`}},
+		{"relative state file", func(c *Config) { c.Paths.StateFile = "run/state" }, []string{`state file "run/state"`}},
 		{"two problems", func(c *Config) { c.Node.Priority = 0; c.Sync.Port = -1 }, []string{"node gw-a priority 0", "sync port -1"}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {

@@ -19,6 +19,7 @@ type hookRun struct {
 	calls []string // conntrackd's arguments, one call a line
 	log   string   // the hook's log
 	hup   bool     // the stand-in for watch got SIGHUP
+	state string   // the state file afterwards; "" if there is none
 }
 
 func runHook(t *testing.T, state string, fail []string, withPID bool) hookRun {
@@ -41,6 +42,7 @@ func runHook(t *testing.T, state string, fail []string, withPID bool) hookRun {
 	c.Paths.WatchPIDFile = filepath.Join(dir, "watch.pid")
 	c.Paths.HookLog = filepath.Join(dir, "hook.log")
 	c.Paths.Hook = filepath.Join(dir, "notify.sh")
+	c.Paths.StateFile = filepath.Join(dir, "state")
 	hook, err := Hook(c)
 	if err != nil {
 		t.Fatal(err)
@@ -71,6 +73,8 @@ func runHook(t *testing.T, state string, fail []string, withPID bool) hookRun {
 	}
 	b, _ := os.ReadFile(c.Paths.HookLog)
 	r.log = string(b)
+	b, _ = os.ReadFile(c.Paths.StateFile)
+	r.state = string(b)
 	select {
 	case err := <-waited:
 		r.hup = err != nil && strings.Contains(err.Error(), "hangup")
@@ -135,6 +139,18 @@ func TestHookSteps(t *testing.T) {
 				if !strings.Contains(r.log, w) {
 					t.Errorf("hook log lacks %q:\n%s", w, r.log)
 				}
+			}
+			// The state file holds the state given, with the time, except
+			// for MASTER_RX_LOWER_PRI, which is no transition.
+			if tc.state == "MASTER_RX_LOWER_PRI" {
+				if r.state != "" {
+					t.Errorf("state file %q after %s, want none", r.state, tc.state)
+				}
+				return
+			}
+			st, err := ParseState(r.state)
+			if err != nil || st.State != tc.state || time.Since(st.Since) > time.Minute || time.Since(st.Since) < 0 {
+				t.Errorf("state file %q: parsed %+v, %v; want %s at about now", r.state, st, err, tc.state)
 			}
 		})
 	}

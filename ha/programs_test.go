@@ -31,6 +31,7 @@ func inDir(c ha.Config, dir string) ha.Config {
 		Hook:             p("notify.sh"),
 		WatchPIDFile:     p("watch.pid"),
 		DrainFile:        p("drain"),
+		StateFile:        p("state"),
 		HookLog:          p("hook.log"),
 	}
 	return c

@@ -393,6 +393,10 @@ func (d *Daemon) Run(ctx context.Context) error {
 			answer(waiters, err)
 			if err != nil {
 				d.log.Error("reconcile failed; retrying on the next event or resync", "reason", reason, "err", err)
+				// The canary took the generations it saw before the
+				// failed write as seen: forget them, so that it looks
+				// again on its next tick instead of the quick tier's.
+				d.gens = nil
 			}
 		}
 	}

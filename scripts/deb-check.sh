@@ -4,7 +4,9 @@
 #      (--check --diff) reports that it would install it and shows the plan,
 #      made with the binary unpacked from DEB, and leaves no trace;
 #   1. dpkg -i DEB; the installed /usr/sbin/egress-snat, the man page and
-#      the conffile are where they should be, and nothing got enabled;
+#      the conffile are where they should be, the ha examples are what the
+#      installed ha config writes from their ha.yaml, and nothing got
+#      enabled;
 #   2. a namespace lab (scripts/lab.sh, documentation addresses, a far-side
 #      TCP server that answers with the peer's address): the installed binary
 #      sets a source, the far side sees it, clear restores the rules exactly;
@@ -111,6 +113,22 @@ grep -qx /etc/egress-snat.yaml /var/lib/dpkg/info/egress-snat.conffiles || die "
 /usr/sbin/egress-snat --version
 man -l /usr/share/man/man8/egress-snat.8.gz 2>/dev/null | grep -q "choose the source address" ||
   zcat /usr/share/man/man8/egress-snat.8.gz | grep -q "choose the source address" || die "the man page does not read"
+# The example gateway pair: the installed binary's ha config writes, from
+# each node's shipped ha.yaml, exactly the files shipped beside it.
+examples=/usr/share/doc/egress-snat/examples/ha
+for node in gw-a gw-b; do
+  grep -qx "$examples/$node/keepalived.conf" "$list" || die "the package does not list $examples/$node/keepalived.conf"
+  haroot=$(mktemp -d)
+  /usr/sbin/egress-snat ha config -f "$examples/$node/ha.yaml" --root "$haroot" >/dev/null ||
+    { rm -rf "$haroot"; die "ha config -f $examples/$node/ha.yaml failed"; }
+  for f in etc/keepalived/keepalived.conf etc/conntrackd/conntrackd.conf etc/keepalived/egress-snat-notify.sh \
+    etc/sysctl.d/60-egress-snat-ha.conf; do
+    cmp -s "$haroot/$f" "$examples/$node/$(basename "$f")" ||
+      { rm -rf "$haroot"; die "$examples/$node/$(basename "$f") is not what ha config writes from $node's ha.yaml"; }
+  done
+  rm -rf "$haroot"
+done
+say "the ha examples are what the installed ha config writes from their ha.yaml"
 if [[ -d /run/systemd/system ]] && systemctl is-enabled egress-snat.service >/dev/null 2>&1; then
   die "installing enabled egress-snat.service; it must be left to the operator"
 fi

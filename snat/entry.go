@@ -95,14 +95,20 @@ type entryJSON struct {
 	Out     string       `json:"out"`
 	Natural string       `json:"natural,omitempty"`
 	To      []netip.Addr `json:"to"`
-	Method  string       `json:"method"`
-	Via     string       `json:"via,omitempty"`
+	// Weights are the shares of a weighted spread, one per address of
+	// To (which then names each address once); absent when unweighted.
+	Weights []int  `json:"weights,omitempty"`
+	Method  string `json:"method"`
+	Via     string `json:"via,omitempty"`
 	// Hold is true while the entry stands by (see Entry.Hold).
 	Hold bool `json:"hold,omitempty"`
 }
 
 func (e Entry) MarshalJSON() ([]byte, error) {
 	j := entryJSON{Sender: e.Sender.kind().String(), Dst: e.Dst, Out: e.Out, To: e.To, Method: e.Method(), Hold: e.Hold}
+	if addrs, weights, weighted := Weights(e.To); weighted {
+		j.To, j.Weights = addrs, weights
+	}
 	if e.Via.IsValid() {
 		j.Via = e.Via.String()
 	}
@@ -142,10 +148,14 @@ func (e Entry) Equal(o Entry) bool {
 }
 
 // ToString renders To for people: "192.0.2.23", "192.0.2.22,192.0.2.23",
-// or "(natural)" for a kept natural source.
+// "192.0.2.22=3,192.0.2.23=1" for a weighted spread (see Weigh), or
+// "(natural)" for a kept natural source.
 func (e Entry) ToString() string {
 	if e.Keep() {
 		return "(natural " + e.Natural.String() + ")"
+	}
+	if addrs, weights, weighted := Weights(e.To); weighted {
+		return weightList(addrs, weights)
 	}
 	s := make([]string, len(e.To))
 	for i, a := range e.To {
@@ -182,6 +192,11 @@ func (e Entry) String() string {
 	}
 	return fmt.Sprintf("%s%s via %s from %s -> %s%s", who, e.Dst, e.Out, e.Natural, e.ToString(), marked)
 }
+
+// NeedsNoRule reports whether the entry asks for the source its traffic
+// already has, the natural one: Normalize drops it, and nothing is
+// installed for it (list and explain still show it when a file asks for it).
+func (e Entry) NeedsNoRule() bool { return e.selfTarget() }
 
 // selfTarget reports whether the entry asks for the source the traffic
 // already has: such an entry needs no SNAT.

@@ -64,7 +64,7 @@ func TestCompute(t *testing.T) {
 func TestPromTextfileParses(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "egress_snat.prom")
 	at := time.Unix(1767225600, 250e6)
-	if err := WritePromFile(path, testReport(t), at); err != nil {
+	if err := WritePromFile(path, testReport(t), at, nil); err != nil {
 		t.Fatal(err)
 	}
 	b, err := os.ReadFile(path)
@@ -121,7 +121,7 @@ func TestPromTextfileParses(t *testing.T) {
 func TestPromFileMissingDirectory(t *testing.T) {
 	dir := filepath.Join(t.TempDir(), "textfile_collector")
 	path := filepath.Join(dir, "egress_snat.prom")
-	err := WritePromFile(path, testReport(t), time.Now())
+	err := WritePromFile(path, testReport(t), time.Now(), nil)
 	if err == nil || !strings.Contains(err.Error(), "the directory "+dir+" does not exist") || strings.Contains(err.Error(), ".tmp") {
 		t.Errorf("WritePromFile into a missing directory: %v; want an error naming %s", err, dir)
 	}

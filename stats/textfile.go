@@ -26,7 +26,10 @@ const LastRunMetric = "egress_snat_last_run_timestamp_seconds"
 // exposition format (what node_exporter's textfile collector reads). Label
 // values are only addresses, protocol names and address:port pairs, so the
 // cardinality is bounded by MaxAddresses and TopN.
-func WriteProm(w io.Writer, report []Address, at time.Time) error {
+//
+// pair, when the host is a node of a gateway pair, adds its role and its
+// sync's health (egress_snat_ha_*).
+func WriteProm(w io.Writer, report []Address, at time.Time, pair *Pair) error {
 	if len(report) > MaxAddresses {
 		report = report[:MaxAddresses]
 	}
@@ -73,8 +76,31 @@ func WriteProm(w io.Writer, report []Address, at time.Time) error {
 	metric("egress_snat_rule_bytes_total", "counter", "Bytes counted by the SNAT rules to the egress address.", func(a Address) {
 		fmt.Fprintf(&b, "egress_snat_rule_bytes_total{address=%q} %d\n", a.Address.String(), a.Bytes)
 	})
+	if pair != nil {
+		gauge := func(name, help string, v any) {
+			fmt.Fprintf(&b, "# HELP %s %s\n# TYPE %s gauge\n%s{node=%q} %v\n", name, help, name, name, pair.Node, v)
+		}
+		gauge("egress_snat_ha_master", "1 when this node is the pair's master (the role its notify hook recorded last).", b2i(pair.Role == "MASTER"))
+		gauge("egress_snat_ha_sync_healthy", "1 when conntrackd's sync link is up and the peer was heard.", b2i(pair.SyncHealthy))
+		gauge("egress_snat_ha_split_brain", "1 when this node is master and another host answers for its virtual addresses.", b2i(pair.SplitBrain))
+		gauge("egress_snat_ha_external_cache_connections", "The peer's connections this node holds, ready to commit when it takes over.", pair.ExternalCache)
+	}
 	_, err := io.WriteString(w, b.String())
 	return err
+}
+
+// Pair is a gateway pair node's part of the textfile.
+type Pair struct {
+	Node, Role              string
+	SyncHealthy, SplitBrain bool
+	ExternalCache           uint64
+}
+
+func b2i(b bool) int {
+	if b {
+		return 1
+	}
+	return 0
 }
 
 // CheckPromDir refuses a textfile path whose directory does not exist or is
@@ -97,7 +123,7 @@ func CheckPromDir(path string) error {
 // WritePromFile writes the textfile, taken at the time at, atomically: a
 // temporary file in the same directory, then a rename over path, so the
 // collector never reads a half-written file.
-func WritePromFile(path string, report []Address, at time.Time) error {
+func WritePromFile(path string, report []Address, at time.Time, pair *Pair) error {
 	if err := CheckPromDir(path); err != nil {
 		return fmt.Errorf("writing %s: %w", path, err)
 	}
@@ -106,7 +132,7 @@ func WritePromFile(path string, report []Address, at time.Time) error {
 		return fmt.Errorf("writing %s: %w", path, err)
 	}
 	defer os.Remove(tmp.Name()) // after the rename, a no-op
-	if err := WriteProm(tmp, report, at); err != nil {
+	if err := WriteProm(tmp, report, at, pair); err != nil {
 		tmp.Close()
 		return fmt.Errorf("writing %s: %w", tmp.Name(), err)
 	}

@@ -2,7 +2,10 @@ package iptables
 
 import (
 	"fmt"
+	"hash/fnv"
+	"maps"
 	"net/netip"
+	"slices"
 	"sync"
 
 	"github.com/egress-snat/egress-snat/routes"
@@ -142,14 +145,25 @@ func (b *Backend) build(sets map[string]Set, texts map[snat.Family]string, errs 
 }
 
 // Generations returns, per family, the number Tables.Generation gives.
+// Each is folded with the element counts of our sets (their headers,
+// over netlink): nftables' generation does not move when an ipset does,
+// and a member deleted by hand would otherwise wait for the quick tier.
 func (b *Backend) Generations() (map[snat.Family]uint64, error) {
+	sets, err := b.Sets.Headers()
+	if err != nil {
+		return nil, err
+	}
+	h := fnv.New64a()
+	for _, name := range slices.Sorted(maps.Keys(sets)) {
+		fmt.Fprintf(h, "%s %d\n", name, sets[name])
+	}
 	out := map[snat.Family]uint64{}
 	for _, f := range snat.Families {
 		g, err := b.Tables.Generation(f)
 		if err != nil {
 			return nil, err
 		}
-		out[f] = g
+		out[f] = g ^ h.Sum64()
 	}
 	return out, nil
 }

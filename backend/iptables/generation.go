@@ -135,8 +135,13 @@ func (t ExecTables) SaveNAT(f snat.Family) (string, error) {
 }
 
 // Headers returns each set of ours with its number of members and nomatch
-// exceptions, from `ipset list -t`, which prints no members.
+// exceptions: from the kernel's set headers over netlink, without a
+// process, so the daemon's canary can ask every tick; from `ipset list
+// -t` (which prints no members) on a kernel whose headers lack the count.
 func (ExecIPSets) Headers() (map[string]int, error) {
+	if sets, ok, err := netlinkHeaders(); err == nil && ok {
+		return sets, nil
+	}
 	out, err := exec.Command("ipset", "list", "-t").Output()
 	if err != nil {
 		return nil, fmt.Errorf("ipset list -t: %w", err)
@@ -163,3 +168,52 @@ func parseHeaders(text string) (map[string]int, error) {
 	}
 	return sets, nil
 }
+
+// netlinkHeaders lists every set's header (IPSET_CMD_LIST with
+// IPSET_FLAG_LIST_HEADER: no members) and returns ours with their element
+// counts. ok is false when some set of ours came without a count
+// (IPSET_ATTR_ELEMENTS, Linux 4.18 and later).
+func netlinkHeaders() (sets map[string]int, ok bool, err error) {
+	req := nl.NewNetlinkRequest(nl.IPSET_CMD_LIST|(unix.NFNL_SUBSYS_IPSET<<8), nl.GetIpsetFlags(nl.IPSET_CMD_LIST))
+	req.AddData(&nl.Nfgenmsg{NfgenFamily: uint8(unix.AF_NETLINK), Version: nl.NFNETLINK_V0})
+	req.AddData(nl.NewRtAttr(nl.IPSET_ATTR_PROTOCOL, nl.Uint8Attr(nl.IPSET_PROTOCOL)))
+	flags := make([]byte, 4)
+	binary.BigEndian.PutUint32(flags, ipsetFlagListHeader)
+	req.AddData(nl.NewRtAttr(nl.IPSET_ATTR_FLAGS|int(nl.NLA_F_NET_BYTEORDER), flags))
+	msgs, err := req.Execute(unix.NETLINK_NETFILTER, 0)
+	if err != nil {
+		return nil, false, fmt.Errorf("listing the ipset headers: %w", err)
+	}
+	sets = map[string]int{}
+	ok = true
+	for _, m := range msgs {
+		if len(m) < 4 {
+			continue
+		}
+		name, count := "", -1
+		for a := range nl.ParseAttributes(m[4:]) {
+			switch a.Type {
+			case nl.IPSET_ATTR_SETNAME:
+				name = nl.BytesToString(a.Value)
+			case nl.IPSET_ATTR_DATA | nl.NLA_F_NESTED:
+				for d := range nl.ParseAttributes(a.Value) {
+					if d.Type == nl.IPSET_ATTR_ELEMENTS|nl.NLA_F_NET_BYTEORDER && len(d.Value) >= 4 {
+						count = int(binary.BigEndian.Uint32(d.Value))
+					}
+				}
+			}
+		}
+		if !strings.HasPrefix(name, SetPrefix) {
+			continue
+		}
+		if count < 0 {
+			ok = false
+			continue
+		}
+		sets[name] = count
+	}
+	return sets, ok, nil
+}
+
+// ipsetFlagListHeader is IPSET_FLAG_LIST_HEADER: headers only, no members.
+const ipsetFlagListHeader = 1 << 2

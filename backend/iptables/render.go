@@ -149,9 +149,26 @@ type grouper struct {
 
 func (g *grouper) key(e *snat.Entry) groupKey {
 	if len(e.To) == 0 || unsafe.SliceData(e.To) != g.last || len(e.To) != g.lastLen {
-		g.last, g.lastLen, g.lastStr = unsafe.SliceData(e.To), len(e.To), e.ToString()
+		g.last, g.lastLen, g.lastStr = unsafe.SliceData(e.To), len(e.To), toKey(e)
 	}
 	return groupKey{Sender: e.Sender, Out: e.Out, Natural: e.Natural, To: g.lastStr, Hold: e.Hold}
+}
+
+// toKey is To as a group key: every address in order, as the rules give
+// them. Not ToString, which collapses a weighted spread into its weights:
+// two orders of the same weights are different rules.
+func toKey(e *snat.Entry) string {
+	if e.Keep() {
+		return ""
+	}
+	var b strings.Builder
+	for i, a := range e.To {
+		if i > 0 {
+			b.WriteByte(',')
+		}
+		b.WriteString(a.String())
+	}
+	return b.String()
 }
 
 // exceptions finds, for every set group, the destinations of other entries

@@ -313,6 +313,50 @@ func TestSpreadIsRoundRobin(t *testing.T) {
 	}
 }
 
+// TestWeightedSpreadIsExact: a weighted spread (snat.Weigh's turns) is
+// one nth rule per turn, and gives each address exactly its share; it
+// reads back as the same To, so a re-plan is empty.
+func TestWeightedSpreadIsExact(t *testing.T) {
+	to, err := snat.Weigh([]netip.Addr{addr("192.0.2.22"), addr("192.0.2.23")}, []int{3, 1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	e := entry("203.0.113.0/24", "192.0.2.250")
+	e.To = to
+	c := Render(snat.IPv4, []snat.Entry{e})
+	if len(c.Rules) != 4 {
+		t.Fatalf("3:1 rendered %d rules, want 4 (one per turn):\n%v", len(c.Rules), c.Args())
+	}
+	nth := map[int]int{}
+	count := map[netip.Addr]int{}
+	for range 4000 {
+		count[evaluate(c, nil, e.Natural, "eth0", addr("203.0.113.7"), nth)]++
+	}
+	if count[addr("192.0.2.22")] != 3000 || count[addr("192.0.2.23")] != 1000 {
+		t.Errorf("4000 connections went %v, want 3000 and 1000", count)
+	}
+	m, _, _ := newFakeManager()
+	update(t, m, func(*snat.State) []snat.Entry { return []snat.Entry{e} })
+	st, err := m.Read()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := st.Entries(); len(got) != 1 || !got[0].Equal(e) {
+		t.Fatalf("read back %v, want %v", got, e)
+	}
+	if p := m.MakePlan(st, []snat.Entry{e}); !p.Empty() {
+		t.Errorf("re-plan of the weighted entry is not empty: %v", p.Changes)
+	}
+	// The same weights in another order interleave differently: another
+	// rule, not one group.
+	other, _ := snat.Weigh([]netip.Addr{addr("192.0.2.23"), addr("192.0.2.22")}, []int{1, 3})
+	f := entry("198.51.100.0/24", "192.0.2.250")
+	f.To = other
+	if c := Render(snat.IPv4, []snat.Entry{e, f}); len(c.Rules) != 8 {
+		t.Errorf("two weighted orders rendered %d rules, want 8:\n%v", len(c.Rules), c.Args())
+	}
+}
+
 func TestParseSaveReadsBackWhatRenderWrites(t *testing.T) {
 	m, _, _ := newFakeManager()
 	var want []snat.Entry

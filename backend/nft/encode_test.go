@@ -24,6 +24,8 @@ func TestRuleRoundTrip(t *testing.T) {
 		hostRule("", "192.0.2.22"),
 		{Family: snat.IPv4, Out: "eth0", Src: pfx("192.0.2.250"), Set: "d4-24-0123456789", SetBits: 24, Counter: true, Action: Action{Kind: ActSNAT, To: spread}},
 		{Family: snat.IPv4, Out: "eth0", Src: pfx("192.0.2.250"), Set: "d4-32-0123456789", SetBits: 32, Counter: true, Action: Action{Kind: ActAccept}},
+		// A weighted spread (snat.Weigh): an address once per turn.
+		{Family: snat.IPv4, Out: "eth0", Src: pfx("192.0.2.250"), Dst: pfx("198.51.100.0/24"), Counter: true, Action: Action{Kind: ActSNAT, To: addrs("192.0.2.22", "192.0.2.22", "192.0.2.23", "192.0.2.22")}},
 		{Family: snat.IPv4, Out: "eth0", Forwarded: true, Src: pfx("10.88.0.0/24"), Dst: pfx("198.51.100.4"), Counter: true, Action: Action{Kind: ActSNAT, To: addrs("192.0.2.22")}},
 		{Family: snat.IPv4, Out: "eth0", Src: pfx("192.0.2.250"), HasUID: true, UID: 0, Counter: true, Action: Action{Kind: ActSNAT, To: addrs("192.0.2.22")}},
 		{Family: snat.IPv4, Out: "eth0", Src: pfx("192.0.2.250"), Cgroup: "system.slice/postfix.service", Counter: true, Action: Action{Kind: ActSNAT, To: addrs("192.0.2.22")}},

@@ -163,6 +163,35 @@ func TestWireSpread(t *testing.T) {
 	}
 }
 
+// TestWireWeightedSpread: a weighted spread's map gives each address its
+// turns: 3:1 over 40 connections is 30 and 10, exactly.
+func TestWireWeightedSpread(t *testing.T) {
+	l := lab.New(t)
+	l.StartProbe(t)
+	c := openIn(t, l)
+	to, err := snat.Weigh(addrs("192.0.2.22", "192.0.2.23"), []int{3, 1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	e := entry("198.51.100.4", "192.0.2.250")
+	e.To = to
+	apply(t, c, []snat.Entry{e})
+	l.ResetSeen()
+	for range 40 {
+		l.SourceSeen(t, "198.51.100.4")
+	}
+	if seen := l.Seen(); seen["192.0.2.22"] != 30 || seen["192.0.2.23"] != 10 {
+		t.Errorf("40 connections came from %v, want 30 from .22 and 10 from .23", seen)
+	}
+	have, _, err := c.Read()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if es := have.entries(snat.IPv4, routes.State{}); len(es) != 1 || !es[0].Equal(e) {
+		t.Errorf("read back %v, want %v", es, e)
+	}
+}
+
 func TestWireIPv6(t *testing.T) {
 	l := lab.New(t)
 	l.StartProbe(t)

@@ -60,6 +60,7 @@ func newApp() *cli.App {
 		revertCommand,
 		statsCommand,
 		healthCommand,
+		haCommand,
 		genDocsCommand, // hidden: make docs
 	)
 	for _, c := range commands {

@@ -70,7 +70,15 @@ Kinds of drift:
 What egress-snat keeps only for live connections after their rules went
 (the EGRESS-SNAT-KEEP chain, a reply route; see clear --help) is no drift.
 Nor is a rule marked standby: whose address the peer gateway holds: it is
-reported as standing by (exit 0).
+reported as standing by (exit 0). On a node of a gateway pair (egress-snat
+ha config), it also shows the node's role and conntrackd's sync, as ha
+status does, and reports its problems as drift:
+
+   ha-split-brain      this node is master and another host answers ARP
+                       for its virtual addresses: both nodes are master
+   ha-unhealthy        anything else ha status names (keepalived not
+                       running, the addresses held without being master,
+                       the sync link down or the peer silent)
 
 It changes nothing. "egress-snat apply -f FILE" (or "watch") repairs what
 can be repaired.
@@ -94,12 +102,16 @@ EXIT STATUS: 0 in sync, 1 drift, 2 error (bad input or a failed read).`,
 				InSync   bool            `json:"in_sync"`
 				Findings []snat.Finding  `json:"findings"`
 				Standby  []snat.Standing `json:"standby"`
-			}{len(findings) == 0, findings, r.standby}); err != nil {
+				Pair     *haStatusReport `json:"pair,omitempty"`
+			}{len(findings) == 0, findings, r.standby, r.pair}); err != nil {
 				return cli.Exit(err.Error(), checkError)
 			}
 		} else {
 			if len(findings) == 0 {
 				fmt.Fprintln(c.App.Writer, "in sync")
+			}
+			if r.pair != nil {
+				fmt.Fprintln(c.App.Writer, pairLine(r.pair))
 			}
 			for _, s := range r.standby {
 				fmt.Fprintln(c.App.Writer, standingLine(s))
@@ -119,6 +131,8 @@ EXIT STATUS: 0 in sync, 1 drift, 2 error (bad input or a failed read).`,
 type checkResult struct {
 	findings []snat.Finding
 	standby  []snat.Standing
+	// pair is the node's part of a gateway pair, nil without one.
+	pair *haStatusReport
 }
 
 // standingLine says what one standing-by address means, for people.
@@ -179,5 +193,9 @@ func runCheck(c *cli.Context) (checkResult, error) {
 		findings = append(findings, snat.Finding{Kind: snat.DriftOtherBackend, Detail: w})
 	}
 	has := func(a netip.Addr) bool { _, err := e.sel.Owner(a); return err == nil }
-	return checkResult{findings, snat.StandingBy(desired, has)}, nil
+	r := checkResult{findings: findings, standby: snat.StandingBy(desired, has), pair: pairStatus(c)}
+	if r.pair != nil {
+		r.findings = append(r.findings, pairFindings(r.pair)...)
+	}
+	return r, nil
 }

@@ -100,6 +100,15 @@ func completeFor(cmd *cli.Command) cli.BashCompleteFunc {
 					return
 				}
 			}
+			// A command with subcommands (ha) takes one of them.
+			if cmd != nil && len(cmd.Subcommands) > 0 && !strings.HasPrefix(word, "-") {
+				for _, s := range cmd.Subcommands {
+					if !s.Hidden && s.Name != "help" {
+						fmt.Fprintln(c.App.Writer, s.Name)
+					}
+				}
+				return
+			}
 			// A command takes flags and no arguments: offer the flags not
 			// given yet (urfave/cli would offer its help subcommand).
 			if cmd != nil && !strings.HasPrefix(word, "-") {

@@ -182,6 +182,11 @@ COMP_WORDS=("$@"); COMP_CWORD=$(($# - 1)); _egress_snat; printf '%s\n' "${COMPRE
 	for _, w := range [][]string{{"egress-snat", "apply", "-f", ""}, {"egress-snat", "--config", ""}, {"egress-snat", "stats", "--prometheus", ""}} {
 		want(complete(w...), w)
 	}
+	// ha's subcommands, and a subcommand's flags.
+	for w, wants := range map[string][]string{"ha ": {"config", "drain", "undrain", "status"}, "ha st": {"status"}, "ha status --w": {"--window"}} {
+		words := append([]string{"egress-snat"}, strings.Split(w, " ")...)
+		want(complete(words...), words, wants...)
+	}
 	w := []string{"egress-snat", "set", "--spread", ""}
 	if got := complete(w...); !slices.Contains(got, "--to") || slices.Contains(got, "--spread") || slices.Contains(got, "help") {
 		t.Errorf("completing %q: %q, want set's flags but --spread, given already", w, got)
@@ -324,6 +329,9 @@ func TestFishCompletion(t *testing.T) {
 	for _, flags := range append([][]cli.Flag{app.Flags}, func() (out [][]cli.Flag) {
 		for _, c := range app.Commands {
 			out = append(out, c.Flags)
+			for _, s := range c.Subcommands {
+				out = append(out, s.Flags)
+			}
 		}
 		return out
 	}()...) {

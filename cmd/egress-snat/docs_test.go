@@ -11,6 +11,7 @@ import (
 	"testing"
 
 	"github.com/google/go-cmp/cmp"
+	"github.com/urfave/cli/v2"
 
 	"github.com/egress-snat/egress-snat/config"
 )
@@ -120,15 +121,25 @@ func TestManPageMatchesHelp(t *testing.T) {
 		has("a global option", line)
 	}
 	var commands int
-	for _, c := range visibleCommands(app) {
+	var command func(path []string, c *cli.Command)
+	command = func(path []string, c *cli.Command) {
 		commands++
-		help := helpSections(t, c.Name)
-		has(c.Name+"'s usage", c.Usage)
-		has(c.Name+"'s synopsis", help["USAGE"])
-		has(c.Name+"'s description", help["DESCRIPTION"])
+		name := strings.Join(path, " ")
+		help := helpSections(t, path...)
+		has(name+"'s usage", c.Usage)
+		has(name+"'s synopsis", help["USAGE"])
+		has(name+"'s description", help["DESCRIPTION"])
 		for line := range strings.Lines(help["OPTIONS"]) {
-			has(c.Name+"'s option", line)
+			has(name+"'s option", line)
 		}
+		for _, s := range c.Subcommands {
+			if !s.Hidden && s.Name != "help" {
+				command(append(slices.Clone(path), s.Name), s)
+			}
+		}
+	}
+	for _, c := range visibleCommands(app) {
+		command([]string{c.Name}, c)
 	}
 	if commands < 10 {
 		t.Errorf("the man page documents %d commands", commands)

@@ -89,6 +89,12 @@ Examples:
 		if err != nil {
 			return err
 		}
+		// A rule of the permanent file that needs none: its source is
+		// the natural one.
+		var natural *snat.Entry
+		if managed == nil {
+			natural = snat.Effective(naturalRules(c, e, st), j.Packet)
+		}
 		if c.Bool("json") {
 			return writeJSON(e.out, struct {
 				*selector.Choice
@@ -101,7 +107,10 @@ Examples:
 				Broken  string            `json:"broken,omitempty"`
 				Decider string            `json:"decided_by_ip_rule,omitempty"`
 				Foreign []natscan.Finding `json:"foreign_nat,omitempty"`
-			}{choice, choice.Reason.Describe(), verify.SenderName(pkt), managed, effective, j.Broken, j.Decider, foreign})
+				// NoRuleNeeded is the permanent file's rule for this
+				// traffic whose source is the natural one.
+				NoRuleNeeded *snat.Entry `json:"no_rule_needed,omitempty"`
+			}{choice, choice.Reason.Describe(), verify.SenderName(pkt), managed, effective, j.Broken, j.Decider, foreign, natural})
 		}
 		w := e.out
 		fmt.Fprintf(w, "destination    %s\n", choice.Dst)
@@ -142,6 +151,8 @@ Examples:
 			fmt.Fprintf(w, "marked out of  %s (egress-snat's mark sends this sender's traffic there)\n", j.Packet.Out)
 		}
 		switch {
+		case natural != nil:
+			fmt.Fprintf(w, "egress-snat    the permanent file's rule for %s asks for %s, the natural source: no rule needed, none installed\n", natural.Match, natural.ToString())
 		case managed == nil && pkt.Forwarded:
 			fmt.Fprintf(w, "egress-snat    no rule applies: new connections leave with %s, unless another NAT rule (Docker's, libvirt's MASQUERADE) rewrites it\n", pkt.Src)
 		case managed == nil:

@@ -145,6 +145,32 @@ func parseAddrs(flag string, vals []string) ([]netip.Addr, error) {
 	return out, nil
 }
 
+// parseTo reads --to: addresses as parseAddrs takes them, each with an
+// optional =WEIGHT for --spread (192.0.2.22=3,192.0.2.23=1), in an
+// entry's To form (snat.Weigh: a weighted list expanded into turns).
+// weighted says a weight was given.
+func parseTo(vals []string) (to []netip.Addr, weighted bool, err error) {
+	var items []string
+	for _, v := range vals {
+		for _, s := range strings.Split(v, ",") {
+			items = append(items, strings.TrimSpace(s))
+		}
+	}
+	var plain []string
+	for _, it := range items {
+		a, _, _ := strings.Cut(it, "=")
+		plain = append(plain, a)
+	}
+	// The addresses alone first: their checks and messages are parseAddrs'.
+	if _, err := parseAddrs("to", plain); err != nil {
+		return nil, false, err
+	}
+	if to, weighted, err = snat.ParseSpread(items); err != nil {
+		return nil, false, usageError("--to %v", err)
+	}
+	return to, weighted, nil
+}
+
 // sameFamily checks every destination against the family of the source.
 func sameFamily(src netip.Addr, dsts []netip.Prefix) error {
 	for _, d := range dsts {

@@ -33,15 +33,15 @@ import (
 )
 
 // appFlags is, for every command of the app (hidden ones and subcommands
-// included), the names of its flags.
+// included, a subcommand as "ha config"), the names of its flags.
 func appFlags() map[string]map[string]bool {
 	out := map[string]map[string]bool{}
 	// The commands are package variables: a run of the app in this
 	// process (TestDocsUpToDate, the fuzzer) gives them urfave/cli's help
 	// subcommand, which lists itself.
 	seen := map[*cli.Command]bool{}
-	var walk func(cmds []*cli.Command)
-	walk = func(cmds []*cli.Command) {
+	var walk func(cmds []*cli.Command, prefix string)
+	walk = func(cmds []*cli.Command, prefix string) {
 		for _, c := range cmds {
 			if seen[c] {
 				continue
@@ -53,11 +53,11 @@ func appFlags() map[string]map[string]bool {
 					names[n] = true
 				}
 			}
-			out[c.Name] = names
-			walk(c.Subcommands)
+			out[prefix+c.Name] = names
+			walk(c.Subcommands, prefix+c.Name+" ")
 		}
 	}
-	walk(newApp().Commands)
+	walk(newApp().Commands, "")
 	return out
 }
 
@@ -81,7 +81,15 @@ func TestFlagMatrixCoversEveryCommand(t *testing.T) {
 		js[c.cmd] = true
 	}
 	flags := appFlags()
+	for name := range flagMatrixElsewhere {
+		if flags[name] == nil {
+			t.Errorf("flagMatrixElsewhere names %q, which is no command", name)
+		}
+	}
 	for _, name := range slices.Sorted(maps.Keys(flags)) {
+		if _, ok := flagMatrixElsewhere[name]; ok {
+			continue
+		}
 		if flags[name]["dry-run"] && !dry[name] {
 			t.Errorf("%s has --dry-run but no case in dryRunCases", name)
 		}

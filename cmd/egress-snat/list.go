@@ -20,7 +20,11 @@ var listCommand = &cli.Command{
 outgoing interface, the natural source the rule matches, whether the source
 is still an address of this host (or, for a rule marked standby:, that it
 stands by while the peer gateway holds it), and the ipset holding the
-destination if it is in one. Warns when the chain also exists in the other iptables backend
+destination if it is in one. On a node of a gateway pair (egress-snat ha
+config) the first line is the node's role and conntrackd's sync, as ha
+status says them. A rule of the permanent file whose source is
+already the natural one installs nothing; it is shown as "natural: no rule
+needed". Warns when the chain also exists in the other iptables backend
 (iptables-nft vs iptables-legacy), where the host's iptables does not show it.`,
 	Flags: []cli.Flag{jsonFlag},
 	Action: func(c *cli.Context) error {
@@ -32,7 +36,7 @@ destination if it is in one. Warns when the chain also exists in the other iptab
 		if err != nil {
 			return err
 		}
-		rows := listRows(e, st)
+		rows := listRows(e, st, naturalRules(c, e, st))
 		warnings := otherBackendWarnings(e)
 		// What is kept only for live connections, once their rules went.
 		lingering, err := e.mgr.Kept(st)
@@ -42,13 +46,18 @@ destination if it is in one. Warns when the chain also exists in the other iptab
 		if lingering == nil {
 			lingering = []string{}
 		}
+		pair := pairStatus(c)
 		if c.Bool("json") {
 			return writeJSON(e.out, struct {
-				Backend   string    `json:"backend"`
-				Rules     []listRow `json:"rules"`
-				Lingering []string  `json:"lingering"`
-				Warnings  []string  `json:"warnings"`
-			}{e.backendName(), rows, lingering, warnings})
+				Backend   string          `json:"backend"`
+				Rules     []listRow       `json:"rules"`
+				Lingering []string        `json:"lingering"`
+				Warnings  []string        `json:"warnings"`
+				Pair      *haStatusReport `json:"pair,omitempty"`
+			}{e.backendName(), rows, lingering, warnings, pair})
+		}
+		if pair != nil {
+			fmt.Fprintln(e.out, pairLine(pair))
 		}
 		for _, w := range warnings {
 			fmt.Fprintln(c.App.ErrWriter, "warning:", w)
@@ -65,6 +74,8 @@ destination if it is in one. Warns when the chain also exists in the other iptab
 		for _, r := range rows {
 			present := "yes"
 			switch {
+			case r.NoRuleNeeded:
+				present = "yes, natural: no rule needed (the permanent file asks for it)"
 			case r.entry.Hold && r.ToPresent:
 				present = "yes, standing by: new connections dropped until activated"
 			case r.entry.Hold:
@@ -94,6 +105,9 @@ type listRow struct {
 	Spread    bool   `json:"spread"`
 	ToPresent bool   `json:"to_present"`
 	Set       string `json:"set,omitempty"`
+	// NoRuleNeeded marks a rule of the permanent file whose source is
+	// the natural one: nothing is installed for it.
+	NoRuleNeeded bool `json:"no_rule_needed,omitempty"`
 }
 
 func (r listRow) MarshalJSON() ([]byte, error) {
@@ -110,7 +124,7 @@ func (r listRow) MarshalJSON() ([]byte, error) {
 	return append(append(e[:len(e)-1], ','), extra[1:]...), nil
 }
 
-func listRows(e *env, st *snat.State) []listRow {
+func listRows(e *env, st *snat.State, natural []snat.Entry) []listRow {
 	setOf := func(snat.Entry) string { return "" }
 	if n, ok := st.NAT.(snat.SetNamer); ok {
 		setOf = n.SetNames()
@@ -124,6 +138,9 @@ func listRows(e *env, st *snat.State) []listRow {
 			}
 		}
 		rows = append(rows, listRow{entry: en, Family: en.Family().String(), Spread: len(en.To) > 1, ToPresent: present, Set: setOf(en)})
+	}
+	for _, en := range natural {
+		rows = append(rows, listRow{entry: en, Family: en.Family().String(), ToPresent: true, NoRuleNeeded: true})
 	}
 	return rows
 }

@@ -48,8 +48,11 @@ func manPage(app *cli.App) (string, error) {
 	m.flags(app.VisibleFlags())
 
 	m.section("COMMANDS")
-	for _, c := range visibleCommands(app) {
-		m.line(".SS " + esc(c.Name))
+	// A command with subcommands (ha) is followed by each of them, as
+	// "ha config".
+	var command func(name string, c *cli.Command)
+	command = func(name string, c *cli.Command) {
+		m.line(".SS " + esc(name))
 		m.paragraph(c.Usage + ".")
 		if c.UsageText != "" {
 			var lines []string
@@ -61,9 +64,17 @@ func manPage(app *cli.App) (string, error) {
 		m.description(c.Description)
 		if flags := c.VisibleFlags(); len(flags) > 0 {
 			m.line(".PP")
-			m.line("Options of " + esc(c.Name) + ":")
+			m.line("Options of " + esc(name) + ":")
 			m.flags(flags)
 		}
+		for _, s := range c.VisibleCommands() {
+			if s.Name != "help" {
+				command(name+" "+s.Name, s)
+			}
+		}
+	}
+	for _, c := range visibleCommands(app) {
+		command(c.Name, c)
 	}
 
 	m.section("FILE FORMAT")

@@ -3,6 +3,7 @@ package main
 import (
 	"fmt"
 	"net/netip"
+	"strings"
 
 	"github.com/urfave/cli/v2"
 
@@ -13,7 +14,7 @@ import (
 var setCommand = &cli.Command{
 	Name:      "set",
 	Usage:     "make new connections to destinations leave with a chosen source address",
-	UsageText: "egress-snat set --to ADDR [--dst ADDR|CIDR]... [--out IFACE] [--permanent] [--dry-run]\n   egress-snat set --to ADDR --from CIDR [--from CIDR]... [--dst CIDR]...\n   egress-snat set --to ADDR --uid USER|UID [--dst CIDR]...\n   egress-snat set --to ADDR --cgroup PATH [--dst CIDR]...\n   egress-snat set --to ADDR,ADDR[,...] --spread [--dst CIDR]...\n   egress-snat set --to ADDR-ON-ANOTHER-NIC --dst CIDR... [--via GW]\n   egress-snat set --to ADDR --dst CIDR... --method route|snat|auto",
+	UsageText: "egress-snat set --to ADDR [--dst ADDR|CIDR]... [--out IFACE] [--permanent] [--dry-run]\n   egress-snat set --to ADDR --from CIDR [--from CIDR]... [--dst CIDR]...\n   egress-snat set --to ADDR --uid USER|UID [--dst CIDR]...\n   egress-snat set --to ADDR --cgroup PATH [--dst CIDR]...\n   egress-snat set --to ADDR,ADDR[,...] --spread [--dst CIDR]...\n   egress-snat set --to ADDR=WEIGHT,ADDR=WEIGHT[,...] --spread [--dst CIDR]...\n   egress-snat set --to ADDR-ON-ANOTHER-NIC --dst CIDR... [--via GW]\n   egress-snat set --to ADDR --dst CIDR... --method route|snat|auto",
 	Description: `Installs SNAT rules so that new connections to each --dst leave with --to
 instead of the kernel's natural source. Without --dst, it applies to every
 destination of --to's family (0.0.0.0/0 or ::/0: whatever uses the default
@@ -36,7 +37,14 @@ told apart on the wire and is rewritten like the rest.) Connections that already
 their NAT binding until they end.
 
 With --spread and several --to addresses, new connections are spread over
-them in turn (round-robin, per connection).
+them in turn (round-robin, per connection). A weight after an address,
+--to 192.0.2.22=3,192.0.2.23=1, shares them out in that ratio, exactly:
+three connections leave from .22 for each one from .23, by turns (for
+addresses of different reputation or uplinks). A weight is a whole number
+from 1 to 100, an address without one weighs 1, and only --spread takes
+weights. The kernel counts the turns one by one: the iptables backend
+writes a rule per turn (the weights divided by their greatest common
+divisor, added up; at most 256), the nftables backend a map element.
 
 Who sends: --from CIDR chooses the source of traffic forwarded through this
 host from those sources (Docker or libvirt networks, VPN or LAN clients);
@@ -77,13 +85,14 @@ Examples:
    egress-snat set --to 192.0.2.23                      # everything else
    egress-snat set --to 2001:db8::22 --dst 2001:db8:ffff::/48
    egress-snat set --to 192.0.2.22,192.0.2.23 --spread --dst 203.0.113.0/24
+   egress-snat set --to 192.0.2.22=3,192.0.2.23=1 --spread      # 3 of every 4 from .22
    egress-snat set --to 192.0.2.23 --from 172.17.0.0/16         # Docker's containers
    egress-snat set --to 192.0.2.22 --uid postfix --dst 0.0.0.0/0  # mail from .22`,
 	Flags: append([]cli.Flag{
-		&cli.StringSliceFlag{Name: "to", Usage: "(required) source `ADDR` new connections should leave with (several, comma-separated, with --spread)"},
+		&cli.StringSliceFlag{Name: "to", Usage: "(required) source `ADDR` new connections should leave with (several, comma-separated, with --spread; ADDR=WEIGHT shares them in that ratio)"},
 		&cli.StringSliceFlag{Name: "dst", Usage: "destination `ADDR|CIDR` (repeatable; default: every destination of --to's family)"},
 		&cli.StringFlag{Name: "out", Usage: "outgoing `IFACE` (default: the interface the kernel routes the destination by)"},
-		&cli.BoolFlag{Name: "spread", Usage: "spread new connections over all --to addresses in turn"},
+		&cli.BoolFlag{Name: "spread", Usage: "spread new connections over all --to addresses in turn (by their weights, when given)"},
 		permanentFlag,
 		&cli.StringFlag{Name: "via", Usage: "gateway `GW` when --to is on another interface than the destination's route (default: that interface's one gateway)"},
 		enum(&cli.StringFlag{Name: "method", Value: "snat", Usage: "`METHOD`: snat (nat chain), route (a route with src, no NAT: the host's own traffic only) or auto"}, "snat", "route", "auto"),
@@ -94,9 +103,12 @@ Examples:
 		if err := required(c, "to"); err != nil {
 			return err
 		}
-		to, err := parseAddrs("to", c.StringSlice("to"))
+		to, weighted, err := parseTo(c.StringSlice("to"))
 		if err != nil {
 			return err
+		}
+		if weighted && !c.Bool("spread") {
+			return usageError("--to %s gives weights, which share new connections out over the addresses: add --spread", strings.Join(c.StringSlice("to"), ","))
 		}
 		if len(to) > 1 && !c.Bool("spread") {
 			return usageError("--to %s names %d addresses: add --spread to spread connections over them, or give one", c.StringSlice("to"), len(to))

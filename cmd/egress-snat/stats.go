@@ -36,7 +36,12 @@ stale file can be told from a fresh one
 (time() - egress_snat_last_run_timestamp_seconds > 600 in an alert). Point
 node_exporter's --collector.textfile.directory at FILE's directory, which
 must exist (exit 2 naming it otherwise), and run stats from cron or a
-systemd timer.`,
+systemd timer.
+
+On a node of a gateway pair (egress-snat ha config) it also shows the node's
+role and conntrackd's sync, as ha status does (--json: pair), and the
+textfile gets egress_snat_ha_master, egress_snat_ha_sync_healthy,
+egress_snat_ha_split_brain and egress_snat_ha_external_cache_connections.`,
 	Flags: []cli.Flag{
 		jsonFlag,
 		&cli.StringFlag{Name: "prometheus", TakesFile: true, Usage: "also write the node_exporter textfile `FILE`"},
@@ -66,8 +71,9 @@ systemd timer.`,
 			flows = append(flows, fl...)
 		}
 		report := stats.Compute(rules, flows)
+		pair := pairStatus(c)
 		if path := c.String("prometheus"); path != "" {
-			if err := stats.WritePromFile(path, report, time.Now()); err != nil {
+			if err := stats.WritePromFile(path, report, time.Now(), promPair(pair)); err != nil {
 				return err
 			}
 		}
@@ -87,11 +93,23 @@ systemd timer.`,
 			}
 			return writeJSON(e.out, struct {
 				Addresses []stats.Address `json:"addresses"`
-			}{report})
+				Pair      *haStatusReport `json:"pair,omitempty"`
+			}{report, pair})
+		}
+		if pair != nil {
+			fmt.Fprintln(e.out, pairLine(pair))
 		}
 		printStats(e, report)
 		return nil
 	},
+}
+
+// promPair is the pair's part of the textfile, nil without a pair.
+func promPair(r *haStatusReport) *stats.Pair {
+	if r == nil {
+		return nil
+	}
+	return &stats.Pair{Node: r.Node, Role: r.Role, SyncHealthy: r.Sync.Healthy, SplitBrain: r.SplitBrain, ExternalCache: r.Sync.ExternalCache}
 }
 
 func printStats(e *env, report []stats.Address) {

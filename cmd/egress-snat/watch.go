@@ -28,7 +28,8 @@ the host converged:
      routes and natural sources are looked up again;
    - every --resync, a canary that costs no process: the nftables
      generation (iptables-nft) or the nat table's shape (iptables-legacy),
-     and egress-snat's ip rules. When they moved, and every 10 seconds in
+     the element counts of its ipsets (their headers, over netlink) and
+     egress-snat's ip rules. When they moved, and every 10 seconds in
      any case, it reads the nat chain, the jump and the sets' entry counts
      and re-applies when they differ (a firewalld reload or Docker restart
      that flushed POSTROUTING, a deleted chain, a rule inserted ahead of

@@ -62,9 +62,12 @@ func TestHARounds(t *testing.T) {
 			t.Fatal(err)
 		}
 		defer f.Close()
-		backend := os.Getenv("EGRESS_SNAT_IPTABLES")
-		if backend == "" {
-			backend = "the host's default"
+		backend := "iptables (the host's default flavour)"
+		if v := os.Getenv("EGRESS_SNAT_IPTABLES"); v != "" {
+			backend = "iptables-" + v
+		}
+		if v := os.Getenv("EGRESS_SNAT_BACKEND"); v != "" {
+			backend = v
 		}
 		fmt.Fprintf(f, "\n### Backend %s: %d rounds, %s\n\n%s\n<details><summary>every move</summary>\n\n```\n", backend, *rounds, time.Now().UTC().Format(time.RFC3339), md)
 		for _, m := range moves {

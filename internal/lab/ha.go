@@ -406,6 +406,7 @@ func (g *Gateway) configure(t testing.TB) {
 			Hook:             p("notify.sh"),
 			WatchPIDFile:     p("watch.pid"),
 			DrainFile:        p("drain"),
+			StateFile:        p("state"),
 			HookLog:          p("hook.log"),
 		},
 	}

@@ -22,6 +22,7 @@ CONNTRACKD='/opt/conntrack/sbin/conntrackd'
 CONNTRACKD_CONF='/srv/ha/conntrackd.conf'
 WATCH_PIDFILE='/run/ha/watch.pid'
 HOOK_LOG='/var/log/egress-snat-ha.log'
+STATE_FILE='/run/ha/state'
 NODE='gw-b'
 
 # log writes one line to HOOK_LOG, with the time in nanoseconds, or to
@@ -73,8 +74,24 @@ reconcile_now() {
     fi
 }
 
+# record_state replaces STATE_FILE with the state keepalived gave and the
+# time, "MASTER 1765043765.123456789", for egress-snat ha status: keepalived
+# itself tells no one which role the node holds. Written aside and renamed,
+# so that a reader never sees half a line.
+record_state() {
+    tmp="$STATE_FILE.$$"
+    if printf '%s %s\n' "$1" "$(date +%s.%N)" >"$tmp" 2>/dev/null && mv -f "$tmp" "$STATE_FILE"; then
+        return
+    fi
+    log "could not write $STATE_FILE"
+    rm -f "$tmp"
+}
+
 state=${3:-}
 log "becoming $state (${1:-} ${2:-}, priority ${4:-})"
+# MASTER_RX_LOWER_PRI is no transition: the node stays master, since the
+# time already recorded.
+[ "$state" = MASTER_RX_LOWER_PRI ] || record_state "$state"
 case $state in
 MASTER | MASTER_RX_LOWER_PRI)
     ct -c # commit the external cache: the peer's connections, into the kernel
