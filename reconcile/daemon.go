@@ -24,6 +24,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net/netip"
+	"runtime/debug"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -380,6 +381,11 @@ func (d *Daemon) Run(ctx context.Context) error {
 			d.verifyCanary()
 		case j := <-d.requests: // a command sent to the socket (api.go)
 			j.done <- d.serve(ctx, j)
+			// A command reads and renders the whole file as a
+			// reconcile does: give that back once it is answered, or
+			// the heap stays at the memory limit (250 MB at 100,000
+			// destinations instead of 40 when idle).
+			debug.FreeOSMemory()
 		case reason := <-d.trigger:
 			// Asked from outside (the HA hook, after conntrackd's
 			// commit), it does not settle: the clients' new
