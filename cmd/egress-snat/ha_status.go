@@ -519,7 +519,7 @@ const pairWindow = 1200 * time.Millisecond
 // that ha config wrote, at EGRESS_SNAT_KEEPALIVED_CONF or the Debian
 // path), which is no fault.
 func pairStatus(c *cli.Context) *haStatusReport {
-	path := os.Getenv(keepalivedConfEnv)
+	path := getenv(c, keepalivedConfEnv)
 	if path == "" {
 		path = ha.DefaultPaths.Keepalived
 	}

@@ -120,6 +120,18 @@ type served struct {
 	// cwd is the daemon's working directory, restored after a request
 	// ran in the client's.
 	cwd string
+	// clientEnv is the request's environment (those of api.Env the
+	// client sets), read by getenv.
+	clientEnv map[string]string
+}
+
+// getenv is os.Getenv of the run's environment: for a command run inside
+// the daemon, the client's, never the daemon's.
+func getenv(c *cli.Context, k string) string {
+	if s := servedFrom(c); s != nil {
+		return s.clientEnv[k]
+	}
+	return os.Getenv(k)
 }
 
 type servedKey struct{}
@@ -183,6 +195,7 @@ func runServed(ctx context.Context, s *served, r api.Request) api.Result {
 		return api.Result{Decline: fmt.Sprintf("its working directory: %v", err)}
 	}
 	defer os.Chdir(s.cwd)
+	s.clientEnv = r.Env
 	app := servedApp()
 	args := append(envArgs(r.Env), r.Args...)
 	return runApp(context.WithValue(ctx, servedKey{}, s), app, args)

@@ -68,9 +68,10 @@ const (
 )
 
 // Env names the environment variables a request carries: those that
-// change what a command does (the global flags' defaults). Others are
-// not sent, and refused if they are.
-var Env = []string{"EGRESS_SNAT_BACKEND", "EGRESS_SNAT_IPTABLES", "EGRESS_SNAT_CONFIG"}
+// change what a command does (the global flags' defaults, and where
+// check and list find the HA pair's keepalived.conf). Others are not
+// sent, and refused if they are.
+var Env = []string{"EGRESS_SNAT_BACKEND", "EGRESS_SNAT_IPTABLES", "EGRESS_SNAT_CONFIG", "EGRESS_SNAT_KEEPALIVED_CONF"}
 
 // Request is a command line the client was given.
 type Request struct {
