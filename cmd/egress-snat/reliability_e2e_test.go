@@ -98,8 +98,28 @@ func relWrite(t *testing.T, dir, name, content string) string {
 }
 
 // relCheck runs `check --json [-f file]` and returns its exit status and the
-// kinds of drift it found.
+// kinds of drift it found. While watch serves, it is sent to watch.
 func relCheck(t *testing.T, l *lab.Lab, file string) (int, []string) {
+	t.Helper()
+	return relCheckRun(t, l, file, es)
+}
+
+// relCheckAlone is relCheck run on its own even while watch serves: an
+// observer of the kernel that does not wait for watch to take its turn
+// (watch serves a command after the reload of a file changed before it).
+func relCheckAlone(t *testing.T, l *lab.Lab, file string) (int, []string) {
+	t.Helper()
+	return relCheckRun(t, l, file, func(t *testing.T, l *lab.Lab, args ...string) result {
+		t.Helper()
+		stdout, stderr, code := l.RunErr("env", append([]string{noDaemonEnv + "=1", bin}, args...)...)
+		if code < 0 {
+			t.Fatalf("egress-snat %s: could not run: %s", strings.Join(args, " "), stderr)
+		}
+		return result{stdout, stderr, code}
+	})
+}
+
+func relCheckRun(t *testing.T, l *lab.Lab, file string, es func(*testing.T, *lab.Lab, ...string) result) (int, []string) {
 	t.Helper()
 	args := []string{"check", "--json"}
 	if file != "" {
