@@ -104,6 +104,18 @@ func (w *apiWatch) logged(msg string) int {
 	return n
 }
 
+// awaitLogged waits up to 5s for the log to hold more than n records of
+// message msg, and reports whether it does: watch's log reaches the test
+// through a pipe, after the answer has reached the client.
+func (w *apiWatch) awaitLogged(msg string, n int) bool {
+	for deadline := time.Now().Add(5 * time.Second); w.logged(msg) <= n; time.Sleep(10 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			return false
+		}
+	}
+	return true
+}
+
 // apiDir is a directory of the lab's files: the permanent file and a
 // desired-state file with a dst-file, named relatively by the commands.
 func apiDir(t *testing.T) string {
@@ -187,7 +199,9 @@ func TestAPISameAsOneShot(t *testing.T) {
 	// Each line was served but the one refused by the flag checks before
 	// it was sent (--lock-timeout -1s). --out nope0 is a well-formed name
 	// of an interface the host lacks: the daemon finds that out.
-	if n, want := w.logged("command served"), len(lines)+1-1; n != want {
+	want := len(lines) + 1 - 1
+	w.awaitLogged("command served", want-1)
+	if n := w.logged("command served"); n != want {
 		t.Errorf("the daemon served %d commands, want %d\nlog:\n%s", n, want, w.p.stderr.String())
 	}
 	if r := apiES(t, withD, dirD, nil, "--config", "perm.yaml", "clear", "--permanent"); r.code != 0 {
@@ -251,7 +265,11 @@ func TestAPIRefusesUnprivileged(t *testing.T) {
 			if code != exitFailure || e.String() != "egress-snat: "+needsPrivilege+"\n" || o.Len() != 0 {
 				t.Errorf("%s: egress-snat %s: exit %d, stdout %q, stderr %q; want exit 1 saying it needs root or CAP_NET_ADMIN", who.name, strings.Join(args, " "), code, o.String(), e.String())
 			}
-			if refused := w.logged("api: refused a peer without root or CAP_NET_ADMIN") > refusedBefore; refused != who.refused {
+			refused := w.logged("api: refused a peer without root or CAP_NET_ADMIN") > refusedBefore
+			if who.refused {
+				refused = w.awaitLogged("api: refused a peer without root or CAP_NET_ADMIN", refusedBefore)
+			}
+			if refused != who.refused {
 				t.Errorf("%s: egress-snat %s: refused by the daemon %v, want %v\nlog:\n%s", who.name, strings.Join(args, " "), refused, who.refused, w.p.stderr.String())
 			}
 		}
@@ -262,7 +280,7 @@ func TestAPIRefusesUnprivileged(t *testing.T) {
 		if code != exitFailure || stderr != "egress-snat: "+needsPrivilege+"\n" || stdout != "" {
 			t.Errorf("root without CAP_NET_ADMIN: clear: exit %d, stdout %q, stderr %q", code, stdout, stderr)
 		}
-		if w.logged("api: refused a peer without root or CAP_NET_ADMIN") == refusedBefore {
+		if !w.awaitLogged("api: refused a peer without root or CAP_NET_ADMIN", refusedBefore) {
 			t.Errorf("root without CAP_NET_ADMIN was not refused by the daemon\nlog:\n%s", w.p.stderr.String())
 		}
 	}
