@@ -15,7 +15,7 @@ EGRESS_SNAT_BOTH_BACKENDS ?= 1
 TESTFLAGS ?= -count=1 -p 1 -timeout 45m
 
 .DEFAULT_GOAL := help
-.PHONY: bench-gate bench-idle bench-scale help build deps docs deb lint fmt vet test test-race test-legacy test-nftables demo bench fuzz clean
+.PHONY: bench-daemon bench-gate bench-idle bench-scale help build deps docs deb lint fmt vet test test-race test-legacy test-nftables demo bench fuzz clean
 
 help: ## list the targets
 	@awk -F':.*## ' '/^[a-z-]+:.*## / { printf "  %-12s %s\n", $$1, $$2 }' $(MAKEFILE_LIST)
@@ -112,6 +112,9 @@ bench: ## benchmarks (scripts/bench.sh, then scripts/bench-scale.sh): docs/BENCH
 
 bench-scale: ## issue 13's rows alone: 100 to 1M destinations, incremental changes, idle watch (scripts/bench-scale.sh)
 	bash scripts/bench-scale.sh
+
+bench-daemon: ## issue 21's rows: set, apply -f, list, check at 100k, on their own and sent to a running watch (scripts/bench-daemon.sh)
+	bash scripts/bench-daemon.sh
 
 fuzz: ## fuzz tests (scripts/fuzz.sh)
 	bash scripts/fuzz.sh
