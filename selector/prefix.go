@@ -58,7 +58,27 @@ var ProxyNDP = func(iface string) (bool, error) {
 // local table (its routes are the host's addresses) that put part of p
 // on-link: unicast, without a gateway, not through lo. A default route is
 // not counted: it names no prefix of its own.
+//
+// The answer is remembered until Forget, as the host's addresses are, so
+// that a pool given for 100,000 destinations lists the routes once; skip
+// must therefore be the same between Forgets (egress-snat passes its own
+// tables, routes.OurTable).
 func (s *Selector) PrefixUse(p netip.Prefix, skip func(table int) bool) (PrefixUse, error) {
+	if u, ok := s.prefixUse[p]; ok {
+		return u, nil
+	}
+	u, err := s.prefixUse1(p, skip)
+	if err != nil {
+		return u, err
+	}
+	if s.prefixUse == nil {
+		s.prefixUse = map[netip.Prefix]PrefixUse{}
+	}
+	s.prefixUse[p] = u
+	return u, nil
+}
+
+func (s *Selector) prefixUse1(p netip.Prefix, skip func(table int) bool) (PrefixUse, error) {
 	var u PrefixUse
 	fam := netlink.FAMILY_V6
 	if p.Addr().Is4() {
