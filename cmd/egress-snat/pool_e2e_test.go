@@ -234,7 +234,8 @@ func TestPoolFile(t *testing.T) {
 
 // TestPoolRefused: a prefix larger than a /64, one that holds an address of
 // the host, and one on-link on an interface without neighbour proxying
-// are bad input (exit 2) naming why, and change nothing.
+// are bad input (exit 2) naming why, and change nothing. With proxying
+// on, the on-link prefix is taken.
 func TestPoolRefused(t *testing.T) {
 	t.Parallel()
 	l := newLab(t)
@@ -268,4 +269,8 @@ func TestPoolRefused(t *testing.T) {
 	if diff := cmp.Diff(before, l.HostState(t)); diff != "" {
 		t.Errorf("refused runs changed the host (-before +after):\n%s", diff)
 	}
+	// With neighbour proxying on, answering for the on-link prefix is
+	// the operator's (an NDP proxy's): taken.
+	l.Run(t, "sysctl", "-qw", "net.ipv6.conf.eth0.proxy_ndp=1")
+	mustES(t, l, "set", "--to", "2001:db8:5::/64", "--dst", "2001:db8:ffff::/48")
 }
