@@ -390,9 +390,10 @@ func addrList(as []netip.Addr) string {
 
 // Counter is one SNAT rule's counter: the new connections (and their
 // first packets' bytes) it translated to To (over all of To, for a spread
-// rule), for stats.
+// rule), or to addresses of Pool, for stats.
 type Counter struct {
 	To             []netip.Addr
+	Pool           netip.Prefix
 	Packets, Bytes uint64
 }
 
@@ -409,7 +410,7 @@ func (b *Backend) Counters() ([]Counter, error) {
 	var out []Counter
 	for _, r := range c.Rules {
 		if r.Action.Kind == ActSNAT {
-			out = append(out, Counter{To: r.Action.To, Packets: r.Packets, Bytes: r.Bytes})
+			out = append(out, Counter{To: r.Action.To, Pool: r.Action.Pool, Packets: r.Packets, Bytes: r.Bytes})
 		}
 	}
 	return out, nil

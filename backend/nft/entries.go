@@ -74,7 +74,7 @@ func (t *Table) entries(f snat.Family, routing routes.State) []snat.Entry {
 			e.Natural = r.Src.Addr()
 		}
 		if r.Action.Kind == ActSNAT {
-			e.To = r.Action.To
+			e.To, e.Pool, e.Sticky = r.Action.To, r.Action.Pool, r.Action.Sticky
 		}
 		for _, d := range t.destinations(r) {
 			en := e
