@@ -185,10 +185,14 @@ idle_inner() {
   # The repair: POSTROUTING flushed (a firewall reload; on the nftables
   # backend our own chain flushed), until the jump (our rules) is back,
   # polled from outside every 10 ms; then check -f must agree.
-  local start end
+  # On nftables, nft(8) fetches every set element for any listing (over a
+  # second at 100,000, longer than the repair), so the repair is seen in
+  # watch's log: its next "converged".
+  local start end before
+  before=$(grep -c 'msg=converged' "$W/res/watch-$b.log" || true)
   repaired() {
     if [[ $b == nftables ]]; then
-      nft list chain inet egress-snat postrouting 2>/dev/null | grep -q 'snat ip to'
+      (($(grep -c 'msg=converged' "$W/res/watch-$b.log" || true) > before))
     else
       "iptables-$b" -t nat -S POSTROUTING 2>/dev/null | sed -n 2p | grep -q -- '-j EGRESS-SNAT'
     fi
