@@ -28,6 +28,9 @@
 //	  - to: 192.0.2.22
 //	    dst: [198.51.100.9]
 //	    method: route             # a route with src instead of SNAT
+//	  - to: 2001:db8:1::/64       # a pool: an IPv6 prefix routed to the host
+//	    sticky: destination       # connection (default), destination or sender
+//	    dst: [2001:db8:ffff::/48]
 //
 // A rule without from, uid or cgroup is about the host's own traffic; one
 // with from is about forwarded traffic, and without dst means every
@@ -84,6 +87,7 @@ type Rule struct {
 	Via     Addrs    `yaml:"via"`
 	Method  string   `yaml:"method"`
 	Standby bool     `yaml:"standby"`
+	Sticky  string   `yaml:"sticky"`
 
 	line int
 	// dstFile holds the destinations read from DstFile.
@@ -102,6 +106,9 @@ type Sources struct {
 	Addrs []netip.Addr
 	// Weighted says a weight was given: only a spread list takes one.
 	Weighted bool
+	// Pool is the IPv6 prefix given instead of addresses (a pool, see
+	// snat's pool.go); Addrs is then empty.
+	Pool netip.Prefix
 }
 
 // weightString renders the sources with their weights, as the file gives
@@ -111,10 +118,15 @@ func (s Sources) weightString() string {
 }
 
 // first is an address of the sources' family.
-func (s Sources) first() netip.Addr { return s.Addrs[0] }
+func (s Sources) first() netip.Addr {
+	if s.Pool.IsValid() {
+		return s.Pool.Addr()
+	}
+	return s.Addrs[0]
+}
 
 // empty reports whether no source is given.
-func (s Sources) empty() bool { return len(s.Addrs) == 0 }
+func (s Sources) empty() bool { return len(s.Addrs) == 0 && !s.Pool.IsValid() }
 
 func (s *Sources) UnmarshalYAML(n *yaml.Node) error {
 	items, err := scalarOrList(n)
@@ -124,6 +136,18 @@ func (s *Sources) UnmarshalYAML(n *yaml.Node) error {
 	vals := make([]string, len(items))
 	for i, it := range items {
 		vals[i] = it.Value
+		if !snat.IsPoolSyntax(it.Value) {
+			continue
+		}
+		if len(items) > 1 || n.Kind != yaml.ScalarNode {
+			return fmt.Errorf("line %d: a pool (%s) is one prefix, alone, not in a list", it.Line, Excerpt(it.Value))
+		}
+		p, err := snat.ParsePool(it.Value)
+		if err != nil {
+			return fmt.Errorf("line %d: %w", it.Line, err)
+		}
+		s.Pool = p
+		return nil
 	}
 	to, weighted, err := snat.ParseSpread(vals)
 	if err != nil {
@@ -375,6 +399,9 @@ func (r Rule) check() error {
 	if err != nil {
 		return err
 	}
+	if err := r.checkPool(m); err != nil {
+		return err
+	}
 	if r.Standby && len(r.From) == 0 {
 		return errors.New("'standby' is for a gateway's forwarded traffic: give 'from' (the host's own connections cannot wait for an address the peer holds)")
 	}
@@ -391,7 +418,7 @@ func (r Rule) check() error {
 			return fmt.Errorf("'out': %w", err)
 		}
 	}
-	for _, a := range r.To.Addrs[1:] {
+	for _, a := range r.To.Addrs[min(1, len(r.To.Addrs)):] {
 		if a.Is4() != r.To.first().Is4() {
 			return fmt.Errorf("'to' mixes address families: %s and %s", r.To.first(), a)
 		}
@@ -400,6 +427,32 @@ func (r Rule) check() error {
 		if d.Addr().Is4() != r.To.first().Is4() {
 			return fmt.Errorf("destination %s and source %s are of different address families", d, r.To.first())
 		}
+	}
+	return nil
+}
+
+// checkPool checks what a pool (to: PREFIX) may come with, and that sticky
+// comes only with one.
+func (r Rule) checkPool(m snat.Method) error {
+	p := r.To.Pool
+	if !p.IsValid() {
+		if r.Sticky != "" {
+			return fmt.Errorf("'sticky' is for a pool: 'to' an IPv6 prefix of /%d to /%d", snat.PoolMinBits, snat.PoolMaxBits)
+		}
+		return nil
+	}
+	if _, err := snat.ParseSticky(r.Sticky); err != nil {
+		return err
+	}
+	switch {
+	case r.Spread:
+		return fmt.Errorf("'to' %s is a pool, which spreads by itself ('sticky' says how): leave out 'spread'", p)
+	case len(r.Via) > 0:
+		return fmt.Errorf("'to' %s is a pool: traffic leaves by the destination's route; 'via' is for an address of another interface", p)
+	case m == snat.MethodRoute:
+		return fmt.Errorf("'to' %s is a pool, which needs method snat: a route's src must be an address the host has", p)
+	case r.Standby:
+		return fmt.Errorf("'to' %s is a pool: 'standby' is for an address the peer gateway may hold", p)
 	}
 	return nil
 }
@@ -524,7 +577,8 @@ func (f *File) Intents() ([]snat.Intent, error) {
 				via = r.Via[0]
 			}
 			for _, s := range senders {
-				out = append(out, snat.Intent{Sender: s, Dst: d, To: r.To.Addrs, Out: r.Out, Spread: r.Spread, Via: via, Method: method, Standby: r.Standby})
+				out = append(out, snat.Intent{Sender: s, Dst: d, To: r.To.Addrs, Out: r.Out, Spread: r.Spread, Via: via, Method: method, Standby: r.Standby,
+					Pool: r.To.Pool, Sticky: snat.Sticky(r.Sticky)})
 			}
 		}
 	}

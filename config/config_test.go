@@ -528,3 +528,34 @@ func TestConfigLoadIntents(t *testing.T) {
 		wantErrNaming(t, name, err, []string{want})
 	}
 }
+
+// TestPoolRule: to: PREFIX is a pool, with sticky; what cannot go with
+// one is refused naming the line or the key.
+func TestPoolRule(t *testing.T) {
+	f, err := config.Decode(strings.NewReader("rules:\n  - to: 2001:db8:1::/64\n    sticky: destination\n    dst: [2001:db8:ffff::/48]\n  - to: 2001:db8:2::/120\n    from: [fd00:88::/64]\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	in, err := f.Intents()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(in) != 2 || in[0].Pool != netip.MustParsePrefix("2001:db8:1::/64") || in[0].Sticky != snat.StickyDestination || len(in[0].To) != 0 ||
+		in[1].Pool != netip.MustParsePrefix("2001:db8:2::/120") || in[1].Dst != netip.MustParsePrefix("::/0") {
+		t.Errorf("intents %+v, want the /64 per destination and the /120 for every destination", in)
+	}
+	for doc, want := range map[string]string{
+		"rules:\n  - to: 2001:db8::/48\n    dst: [2001:db8:ffff::/48]\n":                         "larger than a /64",
+		"rules:\n  - to: [2001:db8:1::/64]\n    dst: [2001:db8:ffff::/48]\n":                     "line 2: a pool",
+		"rules:\n  - to: 2001:db8:1::/64\n    spread: true\n    dst: [2001:db8:ffff::/48]\n":     "leave out 'spread'",
+		"rules:\n  - to: 2001:db8::22\n    sticky: sender\n    dst: [2001:db8:ffff::/48]\n":      "'sticky' is for a pool",
+		"rules:\n  - to: 2001:db8:1::/64\n    sticky: period\n    dst: [2001:db8:ffff::/48]\n":   `sticky "period"`,
+		"rules:\n  - to: 2001:db8:1::/64\n    dst: [198.51.100.0/24]\n":                          "different address families",
+		"rules:\n  - to: 2001:db8:1::/64\n    method: route\n    dst: [2001:db8:ffff::/48]\n":    "method snat",
+		"rules:\n  - to: 2001:db8:1::/64\n    via: 2001:db8::1\n    dst: [2001:db8:ffff::/48]\n": "'via'",
+	} {
+		if _, err := config.Decode(strings.NewReader(doc)); err == nil || !strings.Contains(err.Error(), want) {
+			t.Errorf("%s: %v, want %q", doc, err, want)
+		}
+	}
+}

@@ -131,6 +131,9 @@ type Spec struct {
 	Spread bool
 	Via    netip.Addr
 	Method snat.Method
+	// Pool and Sticky: the source is a pool (To is then empty).
+	Pool   netip.Prefix
+	Sticky snat.Sticky
 }
 
 // OpenDoc reads path for editing. A missing file is an empty document
@@ -277,6 +280,7 @@ func (d *Doc) ReplaceSource(s snat.Sender, dst netip.Prefix, to netip.Addr) bool
 		if len(dsts) == 1 && mapValue(r, "dst-file") == nil && len(matchesOf(r)) == 1 {
 			mapSet(r, "to", addrsNode([]netip.Addr{to}))
 			mapDelete(r, "spread")
+			mapDelete(r, "sticky")
 			continue
 		}
 		split = append(split, matchesOf(r)[0])
@@ -549,7 +553,11 @@ func newRule(s Spec) *yaml.Node {
 // setSource gives a rule node s's source and how, in place; keys s does
 // not need are removed.
 func setSource(r *yaml.Node, s Spec) {
-	mapSet(r, "to", addrsNode(s.To))
+	if s.Pool.IsValid() {
+		mapSet(r, "to", scalar(s.Pool.String()))
+	} else {
+		mapSet(r, "to", addrsNode(s.To))
+	}
 	optional := func(key, value string, tag string) {
 		if value == "" {
 			mapDelete(r, key)
@@ -557,7 +565,10 @@ func setSource(r *yaml.Node, s Spec) {
 		}
 		mapSet(r, key, &yaml.Node{Kind: yaml.ScalarNode, Tag: tag, Value: value})
 	}
-	spread, via, method := "", "", ""
+	spread, via, method, sticky := "", "", "", ""
+	if s.Pool.IsValid() && s.Sticky != "" && s.Sticky != snat.StickyConnection {
+		sticky = string(s.Sticky)
+	}
 	if s.Spread {
 		spread = "true"
 	}
@@ -570,6 +581,7 @@ func setSource(r *yaml.Node, s Spec) {
 	optional("spread", spread, "!!bool")
 	optional("via", via, "!!str")
 	optional("method", method, "!!str")
+	optional("sticky", sticky, "!!str")
 }
 
 func sameSource(r *yaml.Node, s Spec) bool {
@@ -586,7 +598,14 @@ func sameSource(r *yaml.Node, s Spec) bool {
 	if want == "" {
 		want = snat.MethodSNAT
 	}
-	return slices.Equal(have.To.Addrs, s.To) && have.Spread == s.Spread && via == s.Via && m == want
+	sticky := func(k snat.Sticky) snat.Sticky {
+		if k == "" {
+			return snat.StickyConnection
+		}
+		return k
+	}
+	return slices.Equal(have.To.Addrs, s.To) && have.Spread == s.Spread && via == s.Via && m == want &&
+		have.To.Pool == s.Pool && (!s.Pool.IsValid() || sticky(snat.Sticky(have.Sticky)) == sticky(s.Sticky))
 }
 
 func appendDsts(r *yaml.Node, ps []netip.Prefix) {

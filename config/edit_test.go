@@ -297,3 +297,42 @@ func TestPendingAbortLeavesFile(t *testing.T) {
 		t.Errorf("folder after Abort holds %d files, want 1", len(entries))
 	}
 }
+
+// TestDocPool: a pool is written as its prefix with its sticky (none for
+// the default), joins a rule of the same pool, and reads back the same;
+// an address put over it drops sticky.
+func TestDocPool(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "egress-snat.yaml")
+	d, err := config.OpenDoc(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pool := netip.MustParsePrefix("2001:db8:1::/64")
+	d.Put(config.Spec{Dst: dsts(t, "2001:db8:ffff::/48"), Pool: pool, Sticky: snat.StickyDestination})
+	d.Put(config.Spec{Dst: dsts(t, "2001:db8:fffe::/48"), Pool: pool, Sticky: snat.StickyDestination})
+	d.Put(config.Spec{Dst: dsts(t, "2001:db8:fffd::/48"), Pool: pool, Sticky: snat.StickyConnection})
+	b, err := d.Bytes()
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := "rules:\n" +
+		"  - to: 2001:db8:1::/64\n    dst: ['2001:db8:ffff::/48', '2001:db8:fffe::/48']\n    sticky: destination\n" +
+		"  - to: 2001:db8:1::/64\n    dst: ['2001:db8:fffd::/48']\n"
+	if string(b) != want {
+		t.Errorf("written:\n%s\nwant:\n%s", b, want)
+	}
+	f, err := config.Decode(bytes.NewReader(b))
+	if err != nil {
+		t.Fatal(err)
+	}
+	in, err := f.Intents()
+	if err != nil || len(in) != 3 || in[0].Pool != pool || in[0].Sticky != snat.StickyDestination || in[2].Sticky != "" {
+		t.Errorf("read back %+v, %v", in, err)
+	}
+	if !d.ReplaceSource(snat.Host(), dsts(t, "2001:db8:fffd::/48")[0], netip.MustParseAddr("2001:db8::22")) {
+		t.Fatal("ReplaceSource found no rule")
+	}
+	if b, _ = d.Bytes(); !strings.Contains(string(b), "  - to: 2001:db8::22\n    dst: ['2001:db8:fffd::/48']\n") {
+		t.Errorf("after ReplaceSource:\n%s", b)
+	}
+}

@@ -20,15 +20,25 @@ type Key struct {
 // RuleKeys are the keys of a rule, in the order the man page lists them.
 var RuleKeys = []Key{
 	{
-		Name: "to", Type: "address, or a list of addresses of one family (ADDRESS=WEIGHT with spread)",
+		Name: "to", Type: "address, or a list of addresses of one family (ADDRESS=WEIGHT with spread), or an IPv6 prefix (a pool)",
 		Meaning: "The source address new connections leave with; required. A list is a failover " +
 			"list (the first address the host has is used, the rule is left out while it has none), " +
 			"or, with spread, the addresses to spread new connections over; there an address may carry " +
 			"a weight, a whole number from 1 to 100 (192.0.2.22=3: three connections for each one of an " +
 			"address of weight 1, exactly, by turns; no weight is 1). Each must be an address " +
 			"of the host on the interface the traffic leaves by, or of another interface (then traffic " +
-			"leaves by that one: see via).",
+			"leaves by that one: see via). An IPv6 prefix of /64 to /124, alone, is a pool: see sticky.",
 		Example: "to: [192.0.2.24, 192.0.2.25]",
+	},
+	{
+		Name: "sticky", Type: "connection, destination or sender",
+		Meaning: "When to is a pool, an IPv6 prefix of /64 to /124 that the upstream router routes to the host " +
+			"(to: 2001:db8:1::/64), which connections share an address of it: connection (the default) gives each new " +
+			"connection its own, destination the same one to the same destination from the same sender, sender the " +
+			"same one to every destination. egress-snat installs the prefix as a local route of its own (table 7420, " +
+			"proto 83) so that the host takes packets to any of its addresses; it refuses a prefix that is on-link on " +
+			"an interface without neighbour proxying, or that holds an address of the host.",
+		Example: "sticky: destination",
 	},
 	{
 		Name: "dst", Type: "address or prefix, or a list of them",
@@ -151,4 +161,7 @@ const ExampleFile = `rules:
   - to: 192.0.2.100
     from: [10.50.0.0/24]
     standby: true                  # a gateway pair's address: may be on the peer
+  - to: 2001:db8:1::/64            # a pool: a prefix routed to this host
+    sticky: destination            # one address per destination (default: per connection)
+    dst: [2001:db8:ffff::/48]
 `

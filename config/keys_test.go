@@ -34,6 +34,9 @@ func TestRuleKeysAreRuleFields(t *testing.T) {
 		if k.Name == "standby" { // only with from
 			doc += "    from: [10.50.0.0/24]\n"
 		}
+		if k.Name == "sticky" { // only with a pool
+			doc = "rules:\n  - to: 2001:db8:1::/64\n    dst: [2001:db8:ffff::/48]\n    " + k.Example + "\n"
+		}
 		if _, err := Decode(strings.NewReader(doc)); err != nil {
 			t.Errorf("key %s: its example does not decode in a rule: %v\n%s", k.Name, err, doc)
 		}

@@ -12,9 +12,9 @@ import (
 // are several: a failover list is installed as the one address in use). An
 // entry that keeps the natural source names it as its source, which apply
 // turns back into a kept natural source. A routed entry is a rule with
-// method: route (and its via). ok is false for an entry the file cannot
-// state: one keeping the source of forwarded traffic, which has no natural
-// source to name.
+// method: route (and its via). A pool's source is its prefix and sticky.
+// ok is false for an entry the file cannot state: one keeping the source
+// of forwarded traffic, which has no natural source to name.
 func SpecOf(e snat.Entry) (s config.Spec, ok bool) {
 	to := e.To
 	if e.Keep() {
@@ -29,6 +29,8 @@ func SpecOf(e snat.Entry) (s config.Spec, ok bool) {
 		To:     to,
 		Spread: len(to) > 1,
 		Via:    e.Via,
+		Pool:   e.Pool,
+		Sticky: e.Sticky,
 	}
 	if e.Routed {
 		s.Method = snat.MethodRoute
@@ -40,7 +42,7 @@ func SpecOf(e snat.Entry) (s config.Spec, ok bool) {
 // resolved interface unless --out was given).
 func intentSpec(in snat.Intent) config.Spec {
 	return config.Spec{Match: config.Match{Sender: in.Sender, Out: in.Out}, Dst: []netip.Prefix{in.Dst},
-		To: in.To, Spread: in.Spread, Via: in.Via, Method: in.Method}
+		To: in.To, Spread: in.Spread, Via: in.Via, Method: in.Method, Pool: in.Pool, Sticky: in.Sticky}
 }
 
 // Put is set's edit of the permanent file: each intent becomes the rule of

@@ -477,6 +477,10 @@ func (r *fakeRouter) OnLink(iface string, a netip.Addr) (bool, error) {
 	return netip.MustParsePrefix("192.0.2.0/24").Contains(a), nil
 }
 
+func (r *fakeRouter) PrefixUse(netip.Prefix, func(int) bool) (selector.PrefixUse, error) {
+	return selector.PrefixUse{}, nil
+}
+
 func (r *fakeRouter) Forget() {
 	r.mu.Lock()
 	defer r.mu.Unlock()

@@ -56,8 +56,8 @@ func apply(s *State, w []string) error {
 	var dst string
 	for i := 0; i < len(args); i++ {
 		switch args[i] {
-		case "nop":
-			opts["nop"] = "1"
+		case "nop", "local":
+			opts[args[i]] = "1"
 		case "via", "dev", "src", "table", "proto", "pref", "from", "lookup", "suppress_prefixlength", "protocol", "fwmark", "goto":
 			if i+1 >= len(args) {
 				return fmt.Errorf("%s without a value", args[i])
@@ -142,7 +142,7 @@ func parseRoute(dst string, o map[string]string) (Route, error) {
 			return r, err
 		}
 	}
-	r.Dev = o["dev"]
+	r.Dev, r.Local = o["dev"], o["local"] != ""
 	return r, nil
 }
 

@@ -16,6 +16,7 @@
 //	  7422: fwmark (n+1)<<24/0x7f000000 lookup 7422+n  <- senders marked for ADDR
 //	  7423: nop                                        <- 7419's target
 //	table 7420 (proto 83): DST [via GW] dev IF src ADDR   one per destination
+//	                       local POOL dev lo              one per IPv6 pool (AnyIP)
 //	table 7422+n (proto 83): default via GW dev IF        one per ADDR
 //
 // Why 7420 matches only lookups without a source: it is the lookup of a
@@ -93,6 +94,10 @@ type Route struct {
 	Dev string
 	// Src is the preferred source; invalid on reply tables' routes.
 	Src netip.Addr
+	// Local makes the route an AnyIP local route (type local, dev lo):
+	// the host takes every address of Dst as its own, a pool's (see
+	// Path.Pool).
+	Local bool
 }
 
 // IPRule is one ip rule (policy routing rule) of ours.
@@ -137,6 +142,14 @@ type Path struct {
 	// leave with Src: its reply rule and table stay (with Replies), and
 	// no destination route, until they end.
 	Linger bool
+	// Pool: Dst is an IPv6 pool of source addresses that new
+	// connections are translated to (snat's pool.go); the host takes its
+	// addresses as its own with an AnyIP local route in Table, so that a
+	// packet to one that is no connection's (a late one, a probe) ends
+	// here instead of bouncing back to the router that routes the pool
+	// to the host. (Replies of connections need no route: conntrack
+	// translates them back before routing.) Only Dst counts.
+	Pool bool
 }
 
 // MarkOf is the mark that sends traffic to reply table t.
@@ -168,15 +181,22 @@ func ReplyTables(paths []Path) map[netip.Addr]int {
 func Desired(paths []Path) State {
 	var s State
 	var dests []Path
+	pools := map[netip.Prefix]bool{}
 	for _, p := range paths {
-		if !p.Marked && !p.Linger {
+		switch {
+		case p.Pool && !pools[p.Dst.Masked()]:
+			pools[p.Dst.Masked()] = true
+			dests = append(dests, p)
+			s.Routes = append(s.Routes, Route{Table: Table, Dst: p.Dst.Masked(), Dev: "lo", Local: true})
+		case p.Pool:
+		case !p.Marked && !p.Linger:
 			dests = append(dests, p)
 			s.Routes = append(s.Routes, Route{Table: Table, Dst: p.Dst.Masked(), Via: p.Via, Dev: p.Dev, Src: p.Src})
 		}
 	}
 	if len(dests) > 0 {
 		d := IPRule{Priority: PrioDestinations, Table: Table, SuppressPrefixLen: -1}
-		if dests[0].Src.Is4() {
+		if dests[0].Dst.Addr().Is4() {
 			// IPv6 rules with a source never match a lookup without one
 			// (fib6_rule_match), so there 7420 takes every lookup:
 			// traffic that already has another source follows the
@@ -311,6 +331,9 @@ func (r Route) args() string {
 	if r.Dst.Bits() == 0 {
 		s = "default"
 	}
+	if r.Local {
+		s = "local " + s
+	}
 	if r.Via.IsValid() {
 		s += " via " + r.Via.String()
 	}
@@ -325,6 +348,9 @@ func (r Route) delArgs() string {
 	s := r.Dst.String()
 	if r.Dst.Bits() == 0 {
 		s = "default"
+	}
+	if r.Local {
+		s = "local " + s
 	}
 	return s + fmt.Sprintf(" table %d proto %d", r.Table, Protocol)
 }

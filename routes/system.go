@@ -80,7 +80,7 @@ func (sys System) Read(is4 bool) (State, error) {
 		if !OurTable(r.Table) || int(r.Protocol) != Protocol {
 			continue
 		}
-		rt := Route{Table: r.Table}
+		rt := Route{Table: r.Table, Local: r.Type == unix.RTN_LOCAL}
 		if r.Dst != nil {
 			rt.Dst, _ = prefixOf(r.Dst)
 		} else if is4 {

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # reliability.sh: the full-size reliability runs (issue 5) and their report.
 #
-# Runs, on each iptables backend, the namespace tests of the reliability
+# Runs, on each backend (both iptables flavours and nftables), the namespace tests of the reliability
 # proofs at full size (1000 random sequences with foreign rules, 100 kills
 # during apply, 20 rounds of drift under watch, 10 rounds of 20 concurrent
 # writers, the bad-input corpus), then every fuzz target (scripts/fuzz.sh),
@@ -10,8 +10,8 @@
 #
 # As root (the tests build network namespaces; the root namespace is never
 # touched). Takes about 30 minutes. Environment:
-#   BACKENDS   iptables backends to run on (default "auto legacy"; auto is
-#              what the host's iptables uses)
+#   BACKENDS   backends to run on (default "auto legacy nftables"; auto is
+#              what the host's iptables uses, nftables the native backend)
 #   SEQUENCES KILLS DRIFT_ROUNDS CONCURRENCY_ROUNDS MODEL_SEQUENCES
 #   NEIGHBOUR_ROUNDS
 #              sizes (1000 100 20 10 200 10)
@@ -28,7 +28,7 @@ set -uo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT" || exit 1
 export PATH=/usr/local/go/bin:$PATH:/usr/sbin:/sbin
-BACKENDS=${BACKENDS:-auto legacy}
+BACKENDS=${BACKENDS:-auto legacy nftables}
 SEQUENCES=${SEQUENCES:-1000}
 KILLS=${KILLS:-100}
 DRIFT_ROUNDS=${DRIFT_ROUNDS:-20}
@@ -59,7 +59,11 @@ for b in $BACKENDS; do
        EGRESS_SNAT_DRIFT_ROUNDS="$DRIFT_ROUNDS" EGRESS_SNAT_CONCURRENCY_ROUNDS="$CONCURRENCY_ROUNDS"
        EGRESS_SNAT_MODEL_SEQUENCES="$MODEL_SEQUENCES" EGRESS_SNAT_NEIGHBOUR_ROUNDS="$NEIGHBOUR_ROUNDS"
        EGRESS_SNAT_FIGURES="$figures")
-  [[ $b == auto ]] || env+=(EGRESS_SNAT_IPTABLES="$b")
+  case $b in
+  auto) ;;
+  nftables) env+=(EGRESS_SNAT_BACKEND=nftables) ;;
+  *) env+=(EGRESS_SNAT_IPTABLES="$b") ;;
+  esac
   echo "== reliability tests, backend $b =="
   start=$SECONDS
   if env "${env[@]}" go test -count=1 -timeout 120m ./cmd/egress-snat -run "$TESTS" -v >"$LOGDIR/test-$b.log" 2>&1; then
@@ -167,7 +171,7 @@ block=$work/block
   echo
   echo '    sudo bash scripts/reliability.sh'
   echo
-  echo "which runs, for each backend (\`EGRESS_SNAT_IPTABLES=legacy\` for the second):"
+  echo "which runs, for each backend (\`EGRESS_SNAT_IPTABLES=legacy\` for legacy, \`EGRESS_SNAT_BACKEND=nftables\` for nftables):"
   echo
   echo "    EGRESS_SNAT_SEQUENCES=$SEQUENCES EGRESS_SNAT_KILLS=$KILLS EGRESS_SNAT_DRIFT_ROUNDS=$DRIFT_ROUNDS \\"
   echo "    EGRESS_SNAT_CONCURRENCY_ROUNDS=$CONCURRENCY_ROUNDS EGRESS_SNAT_MODEL_SEQUENCES=$MODEL_SEQUENCES EGRESS_SNAT_NEIGHBOUR_ROUNDS=$NEIGHBOUR_ROUNDS \\"

@@ -122,6 +122,8 @@ type Selector struct {
 	addrs   map[int][]netlink.Addr // by family, all interfaces
 	fib     *fib4
 	byRoute map[routeKey]natural
+	// prefixUse remembers PrefixUse's answers (prefix.go).
+	prefixUse map[netip.Prefix]PrefixUse
 	// mark is the fwmark lookups are made with; skipped says which policy
 	// rules such a lookup never matches. See Excluding.
 	mark    uint32
@@ -152,6 +154,7 @@ func (s *Selector) Forget() {
 	s.addrs = nil
 	s.fib = nil
 	s.byRoute = nil
+	s.prefixUse = nil
 }
 
 func (s *Selector) link(index int) (netlink.Link, error) {

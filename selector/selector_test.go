@@ -510,3 +510,73 @@ func TestCandidatesSpread(t *testing.T) {
 		t.Errorf("candidates(198.51.100.0/24) do not cover both halves: %v", halves)
 	}
 }
+
+// countingNL counts the route listings the selector asks for.
+type countingNL struct {
+	*recorder
+	routeLists int
+}
+
+func (c *countingNL) RouteListFiltered(family int, filter *netlink.Route, mask uint64) ([]netlink.Route, error) {
+	c.routeLists++
+	return c.recorder.RouteListFiltered(family, filter, mask)
+}
+
+// TestPrefixUse: the host's addresses inside a prefix, and the routes that
+// put it on-link (not those through a gateway, nor those of skipped
+// tables); the answer is remembered until Forget.
+func TestPrefixUse(t *testing.T) {
+	t.Parallel()
+	_, rec := newLab(t, [][]string{
+		split("-6 route add 2001:db8:5::/64 dev eth0"),
+		split("-6 route add 2001:db8:6::/64 via 2001:db8::1"),
+		split("-6 route add 2001:db8:7::/64 dev eth0 table 7420"),
+	})
+	nl := &countingNL{recorder: rec}
+	s := New(nl)
+	skip := func(table int) bool { return table == 7420 }
+	type onLink struct {
+		Route string
+		Table int
+		Iface string
+	}
+	for _, tt := range []struct {
+		prefix string
+		addrs  []string
+		onLink []onLink
+	}{
+		{"2001:db8::/64", []string{"2001:db8::22/64", "2001:db8::23/64", "2001:db8::250/64"}, []onLink{{"2001:db8::/64", 254, "eth0"}}},
+		{"2001:db8:5::/64", nil, []onLink{{"2001:db8:5::/64", 254, "eth0"}}},
+		{"2001:db8:5::/80", nil, []onLink{{"2001:db8:5::/64", 254, "eth0"}}},
+		{"2001:db8:6::/64", nil, nil},
+		{"2001:db8:7::/64", nil, nil},
+	} {
+		u, err := s.PrefixUse(netip.MustParsePrefix(tt.prefix), skip)
+		if err != nil {
+			t.Fatalf("PrefixUse(%s): %v", tt.prefix, err)
+		}
+		var addrs []string
+		for _, a := range u.Addrs {
+			addrs = append(addrs, a.Addr.String())
+			if a.Iface != "eth0" {
+				t.Errorf("PrefixUse(%s): %s on %s, want eth0", tt.prefix, a.Addr, a.Iface)
+			}
+		}
+		slices.Sort(addrs)
+		var links []onLink
+		for _, l := range u.OnLink {
+			links = append(links, onLink{l.Route.String(), l.Table, l.Iface})
+		}
+		if !slices.Equal(addrs, tt.addrs) || !slices.Equal(links, tt.onLink) {
+			t.Errorf("PrefixUse(%s): addresses %v, on-link %v; want %v, %v", tt.prefix, addrs, links, tt.addrs, tt.onLink)
+		}
+	}
+	n := nl.routeLists
+	if _, err := s.PrefixUse(netip.MustParsePrefix("2001:db8:5::/64"), skip); err != nil || nl.routeLists != n {
+		t.Errorf("asked again: %d more route listings, %v; want it remembered", nl.routeLists-n, err)
+	}
+	s.Forget()
+	if _, err := s.PrefixUse(netip.MustParsePrefix("2001:db8:5::/64"), skip); err != nil || nl.routeLists != n+1 {
+		t.Errorf("after Forget: %d more route listings, %v; want one", nl.routeLists-n, err)
+	}
+}

@@ -71,6 +71,10 @@ type Entry struct {
 	// holds it instead of leaving it out. It is the rule's, not the
 	// kernel's: it is never read back and takes no part in Equal.
 	Standby bool
+	// Pool is the IPv6 prefix new connections take their source from
+	// (see pool.go), and Sticky how; To is then empty: the kernel picks.
+	Pool   netip.Prefix
+	Sticky Sticky
 }
 
 // Method is how an entry is realized: "snat" (a rule in the nat chain) or
@@ -102,6 +106,10 @@ type entryJSON struct {
 	Via     string `json:"via,omitempty"`
 	// Hold is true while the entry stands by (see Entry.Hold).
 	Hold bool `json:"hold,omitempty"`
+	// Pool and Sticky: a pool entry's prefix and stickiness; "to" is
+	// then [] (the kernel picks).
+	Pool   string `json:"pool,omitempty"`
+	Sticky string `json:"sticky,omitempty"`
 }
 
 func (e Entry) MarshalJSON() ([]byte, error) {
@@ -111,6 +119,12 @@ func (e Entry) MarshalJSON() ([]byte, error) {
 	}
 	if e.Via.IsValid() {
 		j.Via = e.Via.String()
+	}
+	if e.Pool.IsValid() {
+		j.Pool, j.Sticky = e.Pool.String(), string(e.Sticky)
+		if j.To == nil {
+			j.To = []netip.Addr{} // not null: null is a kept natural source
+		}
 	}
 	if e.Natural.IsValid() {
 		j.Natural = e.Natural.String()
@@ -138,13 +152,25 @@ func (s Sender) jsonFields() (from string, uid *uint32, cgroup string) {
 func (e Entry) Family() Family { return FamilyOf(e.Dst.Addr()) }
 
 // Keep reports whether the entry keeps the natural source.
-func (e Entry) Keep() bool { return len(e.To) == 0 }
+func (e Entry) Keep() bool { return len(e.To) == 0 && !e.Pool.IsValid() }
+
+// IsPool reports whether the kernel picks the entry's source from its pool.
+func (e Entry) IsPool() bool { return e.Pool.IsValid() }
+
+// Sources reports whether a is a source the entry gives: one of To, or an
+// address of its pool.
+func (e Entry) Sources(a netip.Addr) bool {
+	if e.IsPool() {
+		return InPool(e.Pool, a)
+	}
+	return slices.Contains(e.To, a)
+}
 
 // Equal compares two entries field by field.
 func (e Entry) Equal(o Entry) bool {
 	return e.Match == o.Match && e.Natural == o.Natural && slices.Equal(e.To, o.To) &&
 		e.Routed == o.Routed && e.Via == o.Via && e.Replies == o.Replies && e.Marked == o.Marked &&
-		e.Hold == o.Hold
+		e.Hold == o.Hold && e.Pool == o.Pool && e.Sticky == o.Sticky
 }
 
 // ToString renders To for people: "192.0.2.23", "192.0.2.22,192.0.2.23",
@@ -153,6 +179,9 @@ func (e Entry) Equal(o Entry) bool {
 func (e Entry) ToString() string {
 	if e.Keep() {
 		return "(natural " + e.Natural.String() + ")"
+	}
+	if e.IsPool() {
+		return poolString(e.Pool, e.Sticky)
 	}
 	if addrs, weights, weighted := Weights(e.To); weighted {
 		return weightList(addrs, weights)

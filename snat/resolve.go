@@ -35,6 +35,10 @@ type Router interface {
 	Gateways(iface string, is4 bool, exclude func(table int) bool) ([]netip.Addr, error)
 	// OnLink reports whether a is directly reachable on iface.
 	OnLink(iface string, a netip.Addr) (bool, error)
+	// PrefixUse tells what the host does with the addresses of a pool
+	// prefix already: its addresses in it, the routes (of tables skip
+	// does not name) that put part of it on-link.
+	PrefixUse(p netip.Prefix, skip func(table int) bool) (selector.PrefixUse, error)
 }
 
 var _ Router = (*selector.Selector)(nil)
@@ -58,6 +62,10 @@ type Intent struct {
 	// the host lacks it, the rule stands by (see standby.go) instead of
 	// being an error or left out. Only for forwarded traffic, by SNAT.
 	Standby bool
+	// Pool is an IPv6 prefix to take sources from instead of To (see
+	// pool.go), Sticky how; To is then empty.
+	Pool   netip.Prefix
+	Sticky Sticky
 }
 
 // Method is how an intent is realized.
@@ -231,9 +239,9 @@ func repeats(intents []Intent) ([]bool, error) {
 		k := key{in.Dst.Masked(), lastIdx}
 		if first, dup := seen[k]; dup {
 			repeated[i] = true
-			if prev := &intents[first]; !slices.Equal(prev.To, in.To) || prev.Spread != in.Spread {
+			if prev := &intents[first]; !slices.Equal(prev.To, in.To) || prev.Spread != in.Spread || prev.Pool != in.Pool || prev.Sticky != in.Sticky {
 				m := Match{Sender: in.Sender, Dst: k.Dst, Out: in.Out}
-				errs = append(errs, Invalid("%s is given twice, with sources %s and %s", describe(m), addrList(prev.To), addrList(in.To)))
+				errs = append(errs, Invalid("%s is given twice, with sources %s and %s", describe(m), prev.sources(), in.sources()))
 			}
 			continue
 		}
@@ -266,6 +274,9 @@ func resolveOne(r Router, in Intent, lenient bool) (Entry, error) {
 	dst := in.Dst.Masked()
 	if !dst.IsValid() {
 		return Entry{}, Invalid("destination %q is not a valid address or prefix", in.Dst)
+	}
+	if in.Pool.IsValid() {
+		return resolvePool(r, in, dst)
 	}
 	if len(in.To) == 0 {
 		return Entry{}, Invalid("%s: no source address given", describe(Match{Sender: in.Sender, Dst: dst}))
@@ -409,6 +420,90 @@ func otherInterface(r Router, in Intent, dst netip.Prefix, a netip.Addr, owner, 
 	return Entry{Match: Match{Sender: in.Sender, Dst: dst, Out: owner}, Natural: a, To: []netip.Addr{a}, Routed: true, Via: gw, Replies: true}, nil
 }
 
+// sources renders an intent's sources for messages: its addresses, or its
+// pool.
+func (in Intent) sources() string {
+	if in.Pool.IsValid() {
+		return poolString(in.Pool, in.Sticky)
+	}
+	return addrList(in.To)
+}
+
 func addrList(as []netip.Addr) string {
 	return Entry{To: as}.ToString()
+}
+
+// resolvePool resolves an intent whose sources are a pool (see pool.go):
+// the prefix must be one, of the destination's family; the host must not
+// use an address of it, nor have it on a link where neighbours would ask
+// for its addresses and nobody answers (no neighbour proxying there); the
+// destination's route gives the interface and natural source, as for any
+// rule. A pool is SNAT's: no route method, no standby (no peer holds a
+// prefix), no via.
+func resolvePool(r Router, in Intent, dst netip.Prefix) (Entry, error) {
+	p := in.Pool
+	what := describe(Match{Sender: in.Sender, Dst: dst})
+	if err := CheckPool(p); err != nil {
+		return Entry{}, err
+	}
+	sticky := in.Sticky
+	if sticky == "" {
+		sticky = StickyConnection
+	}
+	switch {
+	case !dst.Addr().Is6():
+		return Entry{}, Invalid("pool %s and destination %s are of different address families", p, dst)
+	case in.Sender.kind() == SenderFrom && !in.Sender.From.Addr().Is6():
+		return Entry{}, Invalid("--from %s and pool %s are of different address families", in.Sender.From, p)
+	case in.Method == MethodRoute:
+		return Entry{}, Invalid("%s: pool %s needs method snat: a route's src must be an address the host has", what, p)
+	case in.Standby:
+		return Entry{}, Invalid("%s: pool %s cannot stand by: standby is for an address the peer gateway may hold", what, p)
+	case in.Via.IsValid():
+		return Entry{}, Invalid("%s: pool %s leaves by the destination's route; --via is for an address of another interface", what, p)
+	case len(in.To) > 0:
+		return Entry{}, Invalid("%s: pool %s takes addresses of its own; give the pool or addresses, not both (%s)", what, p, addrList(in.To))
+	case in.Spread:
+		return Entry{}, Invalid("%s: pool %s spreads by itself (per %s); --spread is for a list of addresses", what, p, sticky)
+	}
+	if _, err := ParseSticky(string(sticky)); err != nil {
+		return Entry{}, err
+	}
+	if s := in.Sender; s.kind() == SenderFrom && s.From.Masked() != s.From {
+		return Entry{}, Invalid("--from %s has host bits set; did you mean %s?", s.From, s.From.Masked())
+	}
+	if err := checkPoolUse(r, p); err != nil {
+		return Entry{}, err
+	}
+	iface, _, natural, err := r.Path(dst, in.Out)
+	if err != nil {
+		return Entry{}, hostErr(err, "destination %s", dst)
+	}
+	e := Entry{Match: Match{Sender: in.Sender, Dst: dst, Out: iface}, Pool: p, Sticky: sticky}
+	if in.Sender.Local() {
+		e.Natural = natural
+	}
+	return e, nil
+}
+
+// checkPoolUse refuses a pool the host cannot take replies for, or already
+// uses: an address of the host inside it (translated connections would
+// collide with the host's own), or a route that puts it on a link without
+// neighbour proxying, where the upstream router asks for each address by
+// neighbour discovery and no one answers.
+func checkPoolUse(r Router, p netip.Prefix) error {
+	use, err := r.PrefixUse(p, routes.OurTable)
+	if err != nil {
+		return hostErr(err, "pool %s", p)
+	}
+	if len(use.Addrs) > 0 {
+		a := use.Addrs[0]
+		return Invalid("pool %s holds %s, an address of this host on %s: connections translated to the pool would collide with the host's own; choose a prefix the host does not use", p, a.Addr.Addr(), a.Iface)
+	}
+	for _, l := range use.OnLink {
+		if !l.ProxyNDP {
+			return Invalid("pool %s is on-link on %s (route %s dev %s): the neighbours there ask for each address by neighbour discovery, and nothing answers for it (net.ipv6.conf.%s.proxy_ndp is 0), so replies would never arrive; have the upstream router route the prefix to this host instead, or turn on neighbour proxying (proxy_ndp and an NDP proxy such as ndppd)", p, l.Iface, l.Route, l.Iface, l.Iface)
+		}
+	}
+	return nil
 }

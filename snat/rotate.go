@@ -58,10 +58,11 @@ func NextSource(pool []netip.Addr, current netip.Addr, usable func(netip.Addr) b
 
 // Current returns the address new connections of exactly m's sender and
 // destination leave with according to the installed entries: the managed
-// entry's first source, or natural when m has no entry of its own.
+// entry's first source, or natural when m has no entry of its own or a
+// pool's (whose addresses the kernel picks, none of them current).
 func Current(installed []Entry, m Match, natural netip.Addr) netip.Addr {
 	for _, e := range installed {
-		if e.Sender == m.Sender && e.Dst == m.Dst && (m.Out == "" || e.Out == m.Out) && !e.Keep() {
+		if e.Sender == m.Sender && e.Dst == m.Dst && (m.Out == "" || e.Out == m.Out) && !e.Keep() && !e.IsPool() {
 			return e.To[0]
 		}
 	}

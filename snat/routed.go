@@ -35,9 +35,19 @@ func routedEntries(s routes.State) []Entry {
 // ones: see pathsFor).
 func pathsOf(f Family, entries []Entry) []routes.Path {
 	var paths []routes.Path
+	var pools []netip.Prefix
 	for _, e := range entries {
-		if (e.Routed || e.Marked) && e.Family() == f {
+		if e.Family() != f {
+			continue
+		}
+		switch {
+		case e.Routed || e.Marked:
 			paths = append(paths, routes.Path{Dst: e.Dst, Dev: e.Out, Via: e.Via, Src: e.To[0], Replies: e.Replies, Marked: e.Marked})
+		case e.Pool.IsValid() && !slices.Contains(pools, e.Pool):
+			// The pool's AnyIP local route (routes.Path.Pool): one
+			// for all the entries of a pool.
+			pools = append(pools, e.Pool)
+			paths = append(paths, routes.Path{Dst: e.Pool, Pool: true})
 		}
 	}
 	return paths

@@ -30,6 +30,9 @@ func (r oneNIC) Owner(a netip.Addr) (string, error) {
 }
 func (r oneNIC) Gateways(string, bool, func(int) bool) ([]netip.Addr, error) { return nil, nil }
 func (r oneNIC) OnLink(string, netip.Addr) (bool, error)                     { return true, nil }
+func (r oneNIC) PrefixUse(netip.Prefix, func(int) bool) (selector.PrefixUse, error) {
+	return selector.PrefixUse{}, nil
+}
 
 func TestStandby(t *testing.T) {
 	vip := addr("192.0.2.100")

@@ -29,6 +29,10 @@ type Judgement struct {
 	// Sources are what the connection should leave with, and By says why.
 	Sources []netip.Addr
 	By      string
+	// Pool is the promised entry's pool (snat's pool.go): any of its
+	// addresses is what the connection should leave with; Sources is
+	// then empty.
+	Pool netip.Prefix
 }
 
 // Judge works out the judgement for pkt, whose path choice describes (the
@@ -77,7 +81,7 @@ func Judge(policy snat.PathLooker, entries []snat.Entry, choice *selector.Choice
 		}
 		j.By = "the rule for " + p.Match.String() + " keeps the natural source"
 	default:
-		j.Sources = p.To
+		j.Sources, j.Pool = p.To, p.Pool
 		j.By = "the rule for " + p.Match.String()
 	}
 	if j.Broken == "" {

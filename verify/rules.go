@@ -76,7 +76,7 @@ func (v Verifier) Check(p Probe) (Result, error) {
 	if err != nil {
 		return Result{}, err
 	}
-	promise := Promise{Proto: v.Proto, Dst: netip.AddrPortFrom(p.Packet.Dst, v.Port), Sources: j.Sources, By: j.By}
+	promise := Promise{Proto: v.Proto, Dst: netip.AddrPortFrom(p.Packet.Dst, v.Port), Sources: j.Sources, Pool: j.Pool, By: j.By}
 	starter, err := v.starter(p.Packet)
 	if err != nil {
 		return Result{}, err

@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/egress-snat/egress-snat/conntrack"
+	"github.com/egress-snat/egress-snat/snat"
 )
 
 // Promise is what the rules say a flow leaves with.
@@ -18,8 +19,15 @@ type Promise struct {
 	// of them for a spread rule), or the natural source when no rule
 	// applies.
 	Sources []netip.Addr
+	// Pool, when valid, promises any address of it (a pool's rule).
+	Pool netip.Prefix
 	// By says where the promise comes from, for people.
 	By string
+}
+
+// keeps reports whether leaving with a keeps the promise.
+func (p Promise) keeps(a netip.Addr) bool {
+	return slices.Contains(p.Sources, a) || snat.InPool(p.Pool, a)
 }
 
 // Result is one verified flow.
@@ -27,7 +35,9 @@ type Result struct {
 	Proto    string       `json:"proto"`
 	Dst      string       `json:"dst"`
 	Promised []netip.Addr `json:"promised"`
-	By       string       `json:"by"`
+	// PromisedPool is a pool's rule's prefix: any address of it agrees.
+	PromisedPool string `json:"promised_pool,omitempty"`
+	By           string `json:"by"`
 	// Sent is the flow's source before NAT, Got what it left with.
 	Sent  netip.AddrPort `json:"sent_from"`
 	Got   netip.Addr     `json:"left_with"`
@@ -52,6 +62,9 @@ const lookupWait = time.Second
 // failed.
 func Check(s Starter, t conntrack.Table, p Promise, why Explainer) (Result, error) {
 	r := Result{Proto: conntrack.ProtoName(p.Proto), Dst: p.Dst.String(), Promised: p.Sources, By: p.By}
+	if p.Pool.IsValid() {
+		r.PromisedPool = p.Pool.String()
+	}
 	orig, done, err := s.Start(p.Proto, p.Dst)
 	if err != nil {
 		return r, err
@@ -86,7 +99,7 @@ func Check(s Starter, t conntrack.Table, p Promise, why Explainer) (Result, erro
 		// carried by a route promises. (A dropped datagram fails its
 		// send instead; a TCP entry may be gone for a reset, below.)
 		r.Got, r.Untracked = orig.Src.Addr(), true
-		r.Agree = slices.Contains(p.Sources, r.Got)
+		r.Agree = p.keeps(r.Got)
 		if !r.Agree && why != nil {
 			r.Cause = why(p.Dst.Addr(), r.Got)
 		}
@@ -102,7 +115,7 @@ func Check(s Starter, t conntrack.Table, p Promise, why Explainer) (Result, erro
 		return r, err
 	}
 	r.Got = flow.TranslatedSource().Addr()
-	r.Agree = slices.Contains(p.Sources, r.Got)
+	r.Agree = p.keeps(r.Got)
 	if !r.Agree && why != nil {
 		r.Cause = why(p.Dst.Addr(), r.Got)
 	}

@@ -92,6 +92,9 @@ func readInstalled(f snat.Family, nat *SavedTable, sets map[string]Set) Installe
 	type ruleEntry struct {
 		snat.Entry
 		set string
+		// ranges are a pool's rules' (see pool.go).
+		ranges     []addrRange
+		persistent bool
 	}
 	var found []ruleEntry
 	byMatch := map[Rule]int{} // a rule's match -> index in found
@@ -123,13 +126,18 @@ func readInstalled(f snat.Family, nat *SavedTable, sets map[string]Set) Installe
 			}
 			in.Rules = append(in.Rules, r)
 			to := []netip.Addr{}
-			if r.ToSource.IsValid() {
+			var rg []addrRange
+			switch {
+			case r.ToLast.IsValid():
+				rg = []addrRange{{r.ToSource, r.ToLast}}
+			case r.ToSource.IsValid():
 				to = []netip.Addr{r.ToSource}
 			}
 			// A spread entry has one rule per address, all with one match.
 			m := r.match()
 			if i, seen := byMatch[m]; seen {
 				found[i].To = append(found[i].To, to...)
+				found[i].ranges = append(found[i].ranges, rg...)
 				continue
 			}
 			byMatch[m] = len(found)
@@ -141,12 +149,29 @@ func readInstalled(f snat.Family, nat *SavedTable, sets map[string]Set) Installe
 			if len(to) > 0 {
 				e.To = to
 			}
-			found = append(found, ruleEntry{e, r.Set})
+			found = append(found, ruleEntry{e, r.Set, rg, r.Persistent})
 		default:
 			in.OnlyOurs = false
 		}
 	}
 	slices.SortFunc(in.Keep, netip.Addr.Compare)
+	// A pool's ranges stand for its prefix and stickiness; ranges that
+	// are no pool's (mixed with addresses, or cut otherwise) are not ours.
+	found = slices.DeleteFunc(found, func(f ruleEntry) bool {
+		if len(f.ranges) == 0 {
+			return false
+		}
+		if _, _, ok := poolOf(f.ranges, f.persistent); !ok || len(f.To) > 0 {
+			in.Foreign = append(in.Foreign, fmt.Sprintf("rules for %s with --to-source ranges egress-snat does not write", f.Dst))
+			return true
+		}
+		return false
+	})
+	for i := range found {
+		if len(found[i].ranges) > 0 {
+			found[i].Pool, found[i].Sticky, _ = poolOf(found[i].ranges, found[i].persistent)
+		}
+	}
 	// A set rule stands for one entry per member.
 	n := 0
 	for _, f := range found {

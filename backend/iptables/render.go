@@ -161,6 +161,9 @@ func toKey(e *snat.Entry) string {
 	if e.Keep() {
 		return ""
 	}
+	if e.IsPool() {
+		return "pool " + e.Pool.String() + " " + string(e.Sticky)
+	}
 	var b strings.Builder
 	for i, a := range e.To {
 		if i > 0 {

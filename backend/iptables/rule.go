@@ -20,7 +20,7 @@ import (
 //	  [-m set --match-set SET dst] [-m conntrack --ctstate INVALID,NEW]
 //	  -m comment --comment egress-snat
 //	  [-m statistic --mode nth --every N --packet 0]
-//	  -j SNAT --to-source TO | -j RETURN | -j DROP (the hold chain's)
+//	  -j SNAT --to-source TO[-LAST --random [--persistent]] | -j RETURN | -j DROP (the hold chain's)
 type Rule struct {
 	// Src is the natural source as a host prefix, or a --from prefix.
 	Src netip.Prefix
@@ -48,7 +48,16 @@ type Rule struct {
 	// routes.MarkMask).
 	Target   string
 	ToSource netip.Addr
-	SetMark  uint32
+	// ToLast ends a --to-source range from ToSource (a pool's, see
+	// pool.go); invalid for one address. A range always takes --random
+	// (Random), which keeps the kernel from reusing the address of an
+	// earlier connection from the same source port (pool.go). Persistent
+	// is SNAT's --persistent: the range's address hashed from the source
+	// alone.
+	ToLast     netip.Addr
+	Random     bool
+	Persistent bool
+	SetMark    uint32
 	// Unmarked matches only packets no rule of ours marked yet
 	// (-m mark --mark 0/routes.MarkMask): the first MARK rule wins.
 	Unmarked bool
@@ -99,7 +108,19 @@ func (r Rule) Args() []string {
 	a = append(a, "-j", r.Target)
 	switch r.Target {
 	case "SNAT":
-		a = append(a, "--to-source", r.ToSource.String())
+		to := r.ToSource.String()
+		if r.ToLast.IsValid() && r.ToLast != r.ToSource {
+			// A range of one address is saved as the address alone
+			// (iptables-save): written so too, read back by Random.
+			to += "-" + r.ToLast.String()
+		}
+		a = append(a, "--to-source", to)
+		if r.Random {
+			a = append(a, "--random")
+		}
+		if r.Persistent {
+			a = append(a, "--persistent")
+		}
 	case "MARK":
 		a = append(a, "--set-xmark", fmt.Sprintf("%#x/%#x", r.SetMark, routes.MarkMask))
 	case "CONNMARK":
@@ -114,7 +135,7 @@ func (r Rule) String() string { return strings.Join(r.Args(), " ") }
 // match is the rule without what differs between the rules of one spread
 // entry: the rules of one entry share it.
 func (r Rule) match() Rule {
-	r.Every, r.Target, r.ToSource = 0, "", netip.Addr{}
+	r.Every, r.Target, r.ToSource, r.ToLast = 0, "", netip.Addr{}, netip.Addr{}
 	return r
 }
 
@@ -153,6 +174,12 @@ func ParseRule(f snat.Family, spec []string) (Rule, error) {
 			continue
 		case "--restore-mark", "--save-mark":
 			r.Connmark = strings.TrimPrefix(w, "--")
+			continue
+		case "--persistent":
+			r.Persistent = true
+			continue
+		case "--random":
+			r.Random = true
 			continue
 		case "!":
 			if i+2 >= len(spec) || spec[i+1] != "--src-type" || spec[i+2] != "LOCAL" || !mods["addrtype"] {
@@ -236,10 +263,12 @@ func ParseRule(f snat.Family, spec []string) (Rule, error) {
 			if err != nil {
 				return r, err
 			}
-			if ts.To.IsValid() || ts.HasPorts {
+			// A range is a pool's (IPv6, see pool.go); readInstalled
+			// checks it is one.
+			if ts.To.IsValid() && (!ts.From.Is6() || !ts.To.Is6() || ts.To.Compare(ts.From) < 0) || ts.HasPorts {
 				return r, fmt.Errorf("--to-source %s: a range egress-snat does not write", v)
 			}
-			r.ToSource = ts.From
+			r.ToSource, r.ToLast = ts.From, ts.To
 		default:
 			return r, fmt.Errorf("option %q is not one egress-snat writes", w)
 		}
@@ -273,6 +302,15 @@ func ParseRule(f snat.Family, spec []string) (Rule, error) {
 	}
 	if r.Set != "" && r.Dst.IsValid() {
 		return r, fmt.Errorf("both -d and a set")
+	}
+	if r.Random && r.Target == "SNAT" && r.ToSource.IsValid() && !r.ToLast.IsValid() {
+		r.ToLast = r.ToSource // a range of one address, as iptables-save prints it
+	}
+	if r.Persistent && (r.Target != "SNAT" || !r.ToLast.IsValid()) {
+		return r, fmt.Errorf("--persistent outside a --to-source range")
+	}
+	if r.Random != (r.Target == "SNAT" && r.ToLast.IsValid()) {
+		return r, fmt.Errorf("a --to-source range without --random, or --random without one: egress-snat writes --random on its ranges alone")
 	}
 	return r, nil
 }
@@ -323,6 +361,20 @@ func rulesFor(e snat.Entry, set string) []Rule {
 	if e.Keep() {
 		base.Target = "RETURN"
 		return []Rule{base}
+	}
+	if e.IsPool() {
+		ranges, persistent := poolRanges(e.Pool, e.Sticky)
+		out := make([]Rule, 0, len(ranges))
+		n := len(ranges)
+		for i, rg := range ranges {
+			r := base
+			if i < n-1 {
+				r.Every = n - i
+			}
+			r.Target, r.ToSource, r.ToLast, r.Random, r.Persistent = "SNAT", rg.lo, rg.hi, true, persistent
+			out = append(out, r)
+		}
+		return out
 	}
 	out := make([]Rule, 0, len(e.To))
 	n := len(e.To)

@@ -61,12 +61,39 @@ func (b *Backend) Read(known snat.NATPlan) (snat.Installation, error) {
 		if shapeDrift(shape, p.want) == "" && (shape == nil || len(shape.Sets) == len(p.want.Sets)) {
 			return &Snapshot{Table: p.want, Gen: gen}, nil
 		}
+		// A chain changed (flushed, edited) but every set holds what
+		// the plan wrote, by its count: the chains as read, the sets'
+		// elements as written. A repair then rewrites the chain alone
+		// and dumps no elements, which at 100,000 is most of its time.
+		if t := withKnownElements(shape, p.want); t != nil {
+			return &Snapshot{Table: t, Gen: gen}, nil
+		}
 	}
 	t, gen, err := b.Conn.Read()
 	if err != nil {
 		return nil, err
 	}
 	return &Snapshot{Table: t, Gen: gen}, nil
+}
+
+// withKnownElements is shape (a table read without elements) with each
+// set's elements taken from written, when both have the same sets, of the
+// same kind and the kernel's count of each is written's; nil otherwise.
+func withKnownElements(shape, written *Table) *Table {
+	if shape == nil || len(shape.Sets) != len(written.Sets) {
+		return nil
+	}
+	t := *shape
+	t.Sets = slices.Clone(shape.Sets)
+	for i := range t.Sets {
+		s := &t.Sets[i]
+		w := written.Set(s.Name)
+		if w == nil || w.Family != s.Family || w.Bits != s.Bits || s.Count < 0 || s.Count != w.Elems.Len() {
+			return nil
+		}
+		s.Elems = w.Elems
+	}
+	return &t
 }
 
 // Change is the nftables backend's part of a plan (snat.NATPlan): one
@@ -390,9 +417,10 @@ func addrList(as []netip.Addr) string {
 
 // Counter is one SNAT rule's counter: the new connections (and their
 // first packets' bytes) it translated to To (over all of To, for a spread
-// rule), for stats.
+// rule), or to addresses of Pool, for stats.
 type Counter struct {
 	To             []netip.Addr
+	Pool           netip.Prefix
 	Packets, Bytes uint64
 }
 
@@ -409,7 +437,7 @@ func (b *Backend) Counters() ([]Counter, error) {
 	var out []Counter
 	for _, r := range c.Rules {
 		if r.Action.Kind == ActSNAT {
-			out = append(out, Counter{To: r.Action.To, Packets: r.Packets, Bytes: r.Bytes})
+			out = append(out, Counter{To: r.Action.To, Pool: r.Action.Pool, Packets: r.Packets, Bytes: r.Bytes})
 		}
 	}
 	return out, nil

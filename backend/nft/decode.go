@@ -171,6 +171,15 @@ func decodeRule(exprs []expr.Any, spread func(name string) ([]netip.Addr, error)
 		case *expr.Counter:
 			r.Counter, r.Packets, r.Bytes = true, e.Packets, e.Bytes
 		case *expr.Immediate:
+			if _, nat := d.peek().(*expr.NAT); !nat {
+				d.i = start
+				p, sticky, err := d.decodePool(r.Family)
+				if err != nil {
+					return r, err
+				}
+				r.Action = Action{Kind: ActSNAT, Pool: p, Sticky: sticky}
+				continue
+			}
 			a, ok := netip.AddrFromSlice(e.Data)
 			if !ok || e.Register != reg || !d.snat(r.Family) {
 				return r, d.bad(start)

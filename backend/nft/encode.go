@@ -527,6 +527,14 @@ func ruleExprs(r Rule, mapID uint32) ([]expr.Any, error) {
 		nat := &expr.NAT{Type: expr.NATTypeSourceNAT, Family: uint32(nfproto(r.Family)), RegAddrMin: reg}
 		switch len(a.To) {
 		case 0:
+			if a.Pool.IsValid() {
+				if r.Family != snat.IPv6 {
+					return nil, fmt.Errorf("a pool is IPv6")
+				}
+				add(poolExprs(a.Pool, a.Sticky)...)
+				add(nat)
+				break
+			}
 			return nil, fmt.Errorf("snat without an address")
 		case 1:
 			add(&expr.Immediate{Register: reg, Data: a.To[0].AsSlice()}, nat)

@@ -38,6 +38,13 @@ func TestRuleRoundTrip(t *testing.T) {
 		{Action: Action{Kind: ActSaveMark, Mark: 0}},
 		{Action: Action{Kind: ActSaveMark, Mark: 0x02000000}},
 		keeper,
+		// Pools (pool.go): every stickiness, a host part of 64, of more
+		// than 32 and of fewer bits.
+		{Family: snat.IPv6, Out: "eth0", Src: pfx("2001:db8::250"), Counter: true, Action: Action{Kind: ActSNAT, Pool: pfx("2001:db8:1::/64"), Sticky: snat.StickyConnection}},
+		{Family: snat.IPv6, Out: "eth0", Src: pfx("2001:db8::250"), Dst: pfx("2001:db8:ffff::/48"), Counter: true, Action: Action{Kind: ActSNAT, Pool: pfx("2001:db8:1::/64"), Sticky: snat.StickyDestination}},
+		{Family: snat.IPv6, Out: "eth0", Forwarded: true, Src: pfx("fd00:88::/64"), Counter: true, Action: Action{Kind: ActSNAT, Pool: pfx("2001:db8:1::/80"), Sticky: snat.StickySender}},
+		{Family: snat.IPv6, Out: "eth0", Src: pfx("2001:db8::250"), Counter: true, Action: Action{Kind: ActSNAT, Pool: pfx("2001:db8:1::/124"), Sticky: snat.StickyConnection}},
+		{Family: snat.IPv6, Out: "eth0", Src: pfx("2001:db8::250"), Counter: true, Action: Action{Kind: ActSNAT, Pool: pfx("2001:db8:1::/100"), Sticky: snat.StickyDestination}},
 		{Family: snat.IPv4, CtNewOrInvalid: true, Out: "eth0", Forwarded: true, Src: pfx("10.88.0.0/24"), Counter: true, Action: Action{Kind: ActDrop}},
 	}
 	for _, r := range rules {

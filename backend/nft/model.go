@@ -110,6 +110,10 @@ type Action struct {
 	// Mark is the value under MarkMask that ActMark sets, and that
 	// ActRestoreMark and ActSaveMark match and copy.
 	Mark uint32
+	// Pool is the IPv6 prefix ActSNAT takes an address of, Sticky how
+	// (see pool.go); To is then empty.
+	Pool   netip.Prefix
+	Sticky snat.Sticky
 }
 
 // ActionKind names an action.
@@ -139,7 +143,7 @@ const (
 )
 
 func (a Action) equal(o Action) bool {
-	return a.Kind == o.Kind && a.Mark == o.Mark && slices.Equal(a.To, o.To)
+	return a.Kind == o.Kind && a.Mark == o.Mark && slices.Equal(a.To, o.To) && a.Pool == o.Pool && a.Sticky == o.Sticky
 }
 
 // Equal compares two rules, without their counters' values.
@@ -466,6 +470,9 @@ func (a Action) string(f snat.Family) string {
 	v := fmt.Sprintf("%#08x", a.Mark)
 	switch a.Kind {
 	case ActSNAT:
+		if a.Pool.IsValid() {
+			return fmt.Sprintf("snat %s to %s (per %s: computed, see egress-snat list)", famWord(f), a.Pool, a.Sticky)
+		}
 		if len(a.To) == 1 {
 			return "snat " + famWord(f) + " to " + a.To[0].String()
 		}

@@ -180,12 +180,20 @@ func check(e *snat.Entry) error {
 			return fmt.Errorf("entry %s: source %s is not of the destination's family", e, a)
 		}
 	}
+	if e.Pool.IsValid() {
+		if err := snat.CheckPool(e.Pool); err != nil || f != snat.IPv6 {
+			return fmt.Errorf("entry %s: pool %s is not an IPv6 pool of the destination's family", e, e.Pool)
+		}
+	}
 	return nil
 }
 
 func natAction(e *snat.Entry) Action {
 	if e.Keep() {
 		return Action{Kind: ActAccept}
+	}
+	if e.IsPool() {
+		return Action{Kind: ActSNAT, Pool: e.Pool, Sticky: e.Sticky}
 	}
 	return Action{Kind: ActSNAT, To: e.To}
 }
@@ -281,6 +289,9 @@ func (a Action) key() string {
 	}
 	for _, to := range a.To {
 		s += " " + to.String()
+	}
+	if a.Pool.IsValid() {
+		s += " pool " + a.Pool.String() + " " + string(a.Sticky)
 	}
 	return s
 }

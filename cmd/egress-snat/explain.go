@@ -77,13 +77,27 @@ Examples:
 			return err
 		}
 		managed := j.Promised
-		effective := j.Sources[0]
+		// A pool's rule has no one effective source: the kernel picks
+		// an address of the pool (effective_pool) for each connection.
+		var effective netip.Addr
+		var effectivePool string
+		if len(j.Sources) > 0 {
+			effective = j.Sources[0]
+		} else if j.Pool.IsValid() {
+			effectivePool = j.Pool.String()
+		}
 		if j.Broken != "" {
 			// The promise is not kept: what the chain does instead.
-			effective = j.Packet.Src
-			if now := snat.Effective(entries, j.Packet); now != nil && !now.Keep() {
+			effective, effectivePool = j.Packet.Src, ""
+			if now := snat.Effective(entries, j.Packet); now != nil && now.IsPool() {
+				effective, effectivePool = netip.Addr{}, now.Pool.String()
+			} else if now != nil && !now.Keep() {
 				effective = now.To[0]
 			}
+		}
+		effectiveText := effective.String()
+		if effectivePool != "" {
+			effectiveText = "an address of pool " + effectivePool
 		}
 		foreign, err := foreignNAT(e, []natscan.Traffic{packetPromise(pkt, choice.Probe.String())})
 		if err != nil {
@@ -102,6 +116,9 @@ Examples:
 				Sender    string      `json:"sender"`
 				Managed   *snat.Entry `json:"managed,omitempty"`
 				Effective netip.Addr  `json:"effective_source"`
+				// EffectivePool: the kernel picks the source from
+				// this pool (effective_source is then "").
+				EffectivePool string `json:"effective_pool,omitempty"`
 				// Broken says why the managed rule does not take this
 				// traffic now (the path or natural source changed).
 				Broken  string            `json:"broken,omitempty"`
@@ -110,7 +127,7 @@ Examples:
 				// NoRuleNeeded is the permanent file's rule for this
 				// traffic whose source is the natural one.
 				NoRuleNeeded *snat.Entry `json:"no_rule_needed,omitempty"`
-			}{choice, choice.Reason.Describe(), verify.SenderName(pkt), managed, effective, j.Broken, j.Decider, foreign, natural})
+			}{choice, choice.Reason.Describe(), verify.SenderName(pkt), managed, effective, effectivePool, j.Broken, j.Decider, foreign, natural})
 		}
 		w := e.out
 		fmt.Fprintf(w, "destination    %s\n", choice.Dst)
@@ -158,7 +175,7 @@ Examples:
 		case managed == nil:
 			fmt.Fprintf(w, "egress-snat    no rule applies: new connections leave with %s\n", choice.Source)
 		case j.Broken != "":
-			fmt.Fprintf(w, "egress-snat    rule for %s promises %s, but it does not take this traffic now: new connections leave with %s\n", managed.Match, managed.ToString(), effective)
+			fmt.Fprintf(w, "egress-snat    rule for %s promises %s, but it does not take this traffic now: new connections leave with %s\n", managed.Match, managed.ToString(), effectiveText)
 			fmt.Fprintf(w, "WARNING        %s\n", j.Cause())
 		case managed.Keep():
 			fmt.Fprintf(w, "egress-snat    rule for %s keeps the natural source %s\n", managed.Match, choice.Source)

@@ -788,6 +788,21 @@ func (r *fakeRouter) OnLink(iface string, a netip.Addr) (bool, error) {
 	return false, fmt.Errorf("interface %q: %w", iface, selector.ErrNoRoute)
 }
 
+// PrefixUse: the host uses 2001:db8::/64 on eth0 (its addresses and the
+// link), nothing else.
+func (r *fakeRouter) PrefixUse(p netip.Prefix, _ func(int) bool) (selector.PrefixUse, error) {
+	var u selector.PrefixUse
+	for a, iface := range r.owner {
+		if p.Contains(a) {
+			u.Addrs = append(u.Addrs, selector.PrefixAddr{Addr: netip.PrefixFrom(a, a.BitLen()), Iface: iface})
+		}
+	}
+	if eth0 := netip.MustParsePrefix("2001:db8::/64"); eth0.Overlaps(p) {
+		u.OnLink = append(u.OnLink, selector.OnLinkRoute{Route: eth0, Table: 254, Iface: "eth0"})
+	}
+	return u, nil
+}
+
 func (r *fakeRouter) Forget() {}
 
 func (r *fakeRouter) Deprecated(netip.Addr) bool { return false }

@@ -3,6 +3,7 @@ package main
 import (
 	"fmt"
 	"net/netip"
+	"slices"
 	"strings"
 
 	"github.com/urfave/cli/v2"
@@ -14,7 +15,7 @@ import (
 var setCommand = &cli.Command{
 	Name:      "set",
 	Usage:     "make new connections to destinations leave with a chosen source address",
-	UsageText: "egress-snat set --to ADDR [--dst ADDR|CIDR]... [--out IFACE] [--permanent] [--dry-run]\n   egress-snat set --to ADDR --from CIDR [--from CIDR]... [--dst CIDR]...\n   egress-snat set --to ADDR --uid USER|UID [--dst CIDR]...\n   egress-snat set --to ADDR --cgroup PATH [--dst CIDR]...\n   egress-snat set --to ADDR,ADDR[,...] --spread [--dst CIDR]...\n   egress-snat set --to ADDR=WEIGHT,ADDR=WEIGHT[,...] --spread [--dst CIDR]...\n   egress-snat set --to ADDR-ON-ANOTHER-NIC --dst CIDR... [--via GW]\n   egress-snat set --to ADDR --dst CIDR... --method route|snat|auto",
+	UsageText: "egress-snat set --to ADDR [--dst ADDR|CIDR]... [--out IFACE] [--permanent] [--dry-run]\n   egress-snat set --to ADDR --from CIDR [--from CIDR]... [--dst CIDR]...\n   egress-snat set --to ADDR --uid USER|UID [--dst CIDR]...\n   egress-snat set --to ADDR --cgroup PATH [--dst CIDR]...\n   egress-snat set --to ADDR,ADDR[,...] --spread [--dst CIDR]...\n   egress-snat set --to ADDR=WEIGHT,ADDR=WEIGHT[,...] --spread [--dst CIDR]...\n   egress-snat set --to IPV6-PREFIX [--sticky connection|destination|sender] [--dst CIDR]...\n   egress-snat set --to ADDR-ON-ANOTHER-NIC --dst CIDR... [--via GW]\n   egress-snat set --to ADDR --dst CIDR... --method route|snat|auto",
 	Description: `Installs SNAT rules so that new connections to each --dst leave with --to
 instead of the kernel's natural source. Without --dst, it applies to every
 destination of --to's family (0.0.0.0/0 or ::/0: whatever uses the default
@@ -45,6 +46,28 @@ from 1 to 100, an address without one weighs 1, and only --spread takes
 weights. The kernel counts the turns one by one: the iptables backend
 writes a rule per turn (the weights divided by their greatest common
 divisor, added up; at most 256), the nftables backend a map element.
+
+A pool: --to 2001:db8:1::/64, an IPv6 prefix of /64 to /124 that the
+upstream router routes to this host (not on-link: see below), gives new
+connections addresses of the whole prefix, in the kernel, for every
+application. None of them is configured on the host: egress-snat installs
+the prefix as an AnyIP route of its own (local PREFIX dev lo, table 7420,
+proto 83) so the host takes packets to any address of it, and removes it
+with the last rule of the pool. --sticky says which connections share an
+address: connection (the default) gives each new connection its own,
+destination the same one for the same sender and destination, sender the
+same one for every destination of a sender. What the kernel does, measured:
+the nftables backend draws a random address per connection (numgen) or
+hashes the addresses (jhash) over all the host bits; the iptables backends
+write SNAT to a range with --random (--persistent per sender), where the
+kernel hashes the source and destination addresses, never the ports, so
+per connection they take 16 slices of the prefix by turns: one sender
+talking to one destination gets 16 addresses in turn, not one per
+connection. Refused, with exit status 2: a prefix larger than a /64 or
+smaller than a /124, one that holds an address of this host, and one that
+is on-link on an interface without neighbour proxying (proxy_ndp), where
+the router would ask for each address by neighbour discovery and replies
+would never arrive.
 
 Who sends: --from CIDR chooses the source of traffic forwarded through this
 host from those sources (Docker or libvirt networks, VPN or LAN clients);
@@ -86,13 +109,16 @@ Examples:
    egress-snat set --to 2001:db8::22 --dst 2001:db8:ffff::/48
    egress-snat set --to 192.0.2.22,192.0.2.23 --spread --dst 203.0.113.0/24
    egress-snat set --to 192.0.2.22=3,192.0.2.23=1 --spread      # 3 of every 4 from .22
+   egress-snat set --to 2001:db8:1::/64 --dst ::/0              # a routed /64 as the pool
+   egress-snat set --to 2001:db8:1::/64 --sticky destination --dst 2001:db8:ffff::/48
    egress-snat set --to 192.0.2.23 --from 172.17.0.0/16         # Docker's containers
    egress-snat set --to 192.0.2.22 --uid postfix --dst 0.0.0.0/0  # mail from .22`,
 	Flags: append([]cli.Flag{
-		&cli.StringSliceFlag{Name: "to", Usage: "(required) source `ADDR` new connections should leave with (several, comma-separated, with --spread; ADDR=WEIGHT shares them in that ratio)"},
+		&cli.StringSliceFlag{Name: "to", Usage: "(required) source `ADDR` new connections should leave with (several, comma-separated, with --spread; ADDR=WEIGHT shares them in that ratio), or an IPv6 PREFIX (/64 to /124) routed to this host: a pool"},
 		&cli.StringSliceFlag{Name: "dst", Usage: "destination `ADDR|CIDR` (repeatable; default: every destination of --to's family)"},
 		&cli.StringFlag{Name: "out", Usage: "outgoing `IFACE` (default: the interface the kernel routes the destination by)"},
 		&cli.BoolFlag{Name: "spread", Usage: "spread new connections over all --to addresses in turn (by their weights, when given)"},
+		enum(&cli.StringFlag{Name: "sticky", Value: "connection", Usage: "with --to PREFIX: which connections share an address: connection (a new address each), destination (one per sender and destination) or sender (one per sender)"}, "connection", "destination", "sender"),
 		permanentFlag,
 		&cli.StringFlag{Name: "via", Usage: "gateway `GW` when --to is on another interface than the destination's route (default: that interface's one gateway)"},
 		enum(&cli.StringFlag{Name: "method", Value: "snat", Usage: "`METHOD`: snat (nat chain), route (a route with src, no NAT: the host's own traffic only) or auto"}, "snat", "route", "auto"),
@@ -102,6 +128,15 @@ Examples:
 	Action: func(c *cli.Context) error {
 		if err := required(c, "to"); err != nil {
 			return err
+		}
+		if pool, ok, err := parsePool(c); ok || err != nil {
+			if err != nil {
+				return err
+			}
+			return setPool(c, pool)
+		}
+		if c.IsSet("sticky") {
+			return usageError("--sticky is for a pool: --to PREFIX (an IPv6 /64 to /124)")
 		}
 		to, weighted, err := parseTo(c.StringSlice("to"))
 		if err != nil {
@@ -198,4 +233,71 @@ func sourceNotes(e *env, entries []snat.Entry) []string {
 		notes = append(notes, standingLine(s))
 	}
 	return notes
+}
+
+// parsePool reads --to as a pool when it is a prefix: ok says it is one
+// (then err is about the pool).
+func parsePool(c *cli.Context) (netip.Prefix, bool, error) {
+	vals := c.StringSlice("to")
+	var items []string
+	for _, v := range vals {
+		items = append(items, strings.Split(v, ",")...)
+	}
+	if !slices.ContainsFunc(items, snat.IsPoolSyntax) {
+		return netip.Prefix{}, false, nil
+	}
+	if len(items) > 1 {
+		return netip.Prefix{}, true, usageError("--to %s: a pool is one prefix, alone (its addresses are spread by --sticky)", strings.Join(vals, ","))
+	}
+	p, err := snat.ParsePool(items[0])
+	if err != nil {
+		return netip.Prefix{}, true, usageError("--to: %v", err)
+	}
+	return p, true, nil
+}
+
+// setPool is set with --to PREFIX: new connections to each --dst take an
+// address of the pool, as --sticky says (snat's pool.go).
+func setPool(c *cli.Context, pool netip.Prefix) error {
+	if c.Bool("spread") {
+		return usageError("--to %s is a pool, which spreads by itself (--sticky says how); --spread is for a list of addresses", pool)
+	}
+	if c.IsSet("via") {
+		return usageError("--to %s is a pool: traffic leaves by the destination's route; --via is for an address of another interface", pool)
+	}
+	sticky, err := snat.ParseSticky(c.String("sticky"))
+	if err != nil {
+		return usageError("--%v", err)
+	}
+	dsts, err := parseDsts(c.StringSlice("dst"))
+	if err != nil {
+		return err
+	}
+	if len(dsts) == 0 {
+		dsts = []netip.Prefix{everything(pool.Addr())}
+	}
+	if err := sameFamily(pool.Addr(), dsts); err != nil {
+		return err
+	}
+	senders, err := parseSenders(c)
+	if err != nil {
+		return err
+	}
+	method, err := snat.ParseMethod(c.String("method"))
+	if err != nil {
+		return usageError("--%v", err)
+	}
+	if method == snat.MethodRoute {
+		return usageError("--to %s is a pool, which needs --method snat: a route's src must be an address the host has", pool)
+	}
+	var intents []snat.Intent
+	for _, s := range senders {
+		if s.Kind == snat.SenderFrom && s.From.Addr().Is4() {
+			return usageError("--from %s and pool %s are of different address families", s.From, pool)
+		}
+		for _, d := range dsts {
+			intents = append(intents, snat.Intent{Sender: s, Dst: d, Out: c.String("out"), Pool: pool, Sticky: sticky})
+		}
+	}
+	return setIntents(c, intents)
 }

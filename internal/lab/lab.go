@@ -342,7 +342,8 @@ func SortedIPSetSave(save string) string {
 // Routing returns H's policy rules and all routing tables of both families,
 // without the routes the kernel makes by itself for local addresses
 // (local, broadcast, multicast, link-local), so that the text changes only
-// when a program changes the routing.
+// when a program changes the routing. A local route of egress-snat's own
+// (proto 83: a pool's AnyIP route) is kept.
 func (l *Lab) Routing(t testing.TB) string {
 	t.Helper()
 	var b strings.Builder
@@ -352,7 +353,7 @@ func (l *Lab) Routing(t testing.TB) string {
 	} {
 		fmt.Fprintf(&b, "# ip %s\n", strings.Join(args, " "))
 		for line := range strings.Lines(l.Run(t, "ip", args...)) {
-			if strings.HasPrefix(line, "local ") || strings.HasPrefix(line, "broadcast ") ||
+			if strings.HasPrefix(line, "local ") && !strings.Contains(line, " proto 83") || strings.HasPrefix(line, "broadcast ") ||
 				strings.HasPrefix(line, "multicast ") || strings.Contains(line, "fe80::") || strings.Contains(line, "ff00::") {
 				continue
 			}

@@ -1,0 +1,276 @@
+package main
+
+// End-to-end tests of a pool (--to 2001:db8:1::/64): G routes the prefix to
+// H, and the far side records the sources new connections arrive from.
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/google/go-cmp/cmp"
+
+	"github.com/egress-snat/egress-snat/internal/lab"
+)
+
+const testPool = "2001:db8:1::/64"
+
+// routePool has G route the pool to H, as the upstream router of a routed
+// /64 does.
+func routePool(t *testing.T, l *lab.Lab) {
+	t.Helper()
+	args := []string{"-n", l.Gateway, "-6", "route", "add", testPool, "via", "2001:db8::250", "dev", "eth0"}
+	if out, err := exec.Command("ip", args...).CombinedOutput(); err != nil {
+		t.Fatalf("ip %s: %v\n%s", strings.Join(args, " "), err, out)
+	}
+}
+
+// askUnused connects from G to port 9 of an address of the pool that no
+// connection uses: H, taking the address as its own (the AnyIP route),
+// refuses it (nothing listens); without the route H would send it back.
+func askUnused(l *lab.Lab) error {
+	return lab.Do(l.Gateway, func() error {
+		c, err := net.DialTimeout("tcp6", "[2001:db8:1::abcd]:9", 2*time.Second)
+		if err == nil {
+			c.Close()
+		}
+		return err
+	})
+}
+
+// poolSources makes n connections from H to dst and returns the sources
+// the far side saw, failing the test for a connection that failed or a
+// source outside the pool.
+func poolSources(t *testing.T, l *lab.Lab, dst string, n int) map[string]int {
+	t.Helper()
+	pool := netip.MustParsePrefix(testPool)
+	seen := map[string]int{}
+	failed := 0
+	for range n {
+		s := l.SourceSeen(t, dst)
+		if s == "" {
+			failed++
+			continue
+		}
+		if a, err := netip.ParseAddr(s); err != nil || !pool.Contains(a) || a == pool.Addr() {
+			t.Errorf("a connection to %s left from %s, not an address of pool %s", dst, s, pool)
+		}
+		seen[s]++
+	}
+	if failed > 0 {
+		t.Errorf("%d of %d connections to %s failed", failed, n, dst)
+	}
+	return seen
+}
+
+// TestPoolSpread: with --to 2001:db8:1::/64, connections leave from
+// addresses of the prefix and their replies come back. Per connection, the
+// nftables backend gives each connection its own random address; the
+// iptables backends give one sender talking to one destination 16
+// addresses in turn (the kernel hashes only the addresses of a connection
+// into an SNAT range: backend/iptables/pool.go). Per destination, each
+// destination gets one address, and destinations get different ones. The
+// pool's AnyIP local route makes H answer for every address of it, and
+// unset removes it. list and explain show the pool.
+func TestPoolSpread(t *testing.T) {
+	t.Parallel()
+	l := newLab(t)
+	routePool(t, l)
+	const conns = 300
+	dsts := make([]string, 32)
+	for i := range dsts {
+		dsts[i] = fmt.Sprintf("2001:db8:ffff::%x", 0x100+i)
+		gwAddrAdd(t, l, dsts[i]+"/128")
+	}
+
+	mustES(t, l, "set", "--to", testPool, "--dst", "2001:db8:ffff::/48")
+	seen := poolSources(t, l, "2001:db8:ffff::4", conns)
+	t.Logf("%s, per connection: %d connections from H to 2001:db8:ffff::4 left from %d distinct addresses", backend(t), conns, len(seen))
+	if backend(t) == "nftables" {
+		if len(seen) < conns*95/100 {
+			t.Errorf("per connection: %d connections left from %d addresses, want nearly each its own", conns, len(seen))
+		}
+	} else if len(seen) != 16 {
+		t.Errorf("per connection: %d connections left from %d addresses, want the 16 of the rule's slices: %v", conns, len(seen), seen)
+	}
+
+	// The local route of the pool, ours, and H answering for an address
+	// no connection uses.
+	routing := l.Routing(t)
+	if !strings.Contains(routing, "local "+testPool+" dev lo table 7420 proto 83") {
+		t.Errorf("routing:\n%s\nwant the pool's local route in table 7420, proto 83", routing)
+	}
+	if err := askUnused(l); !errors.Is(err, syscall.ECONNREFUSED) {
+		t.Errorf("a connection from G to 2001:db8:1::abcd, an unused address of the pool: %v, want it refused by H", err)
+	}
+
+	// list and explain.
+	var got struct {
+		Rules []struct {
+			Dst    string   `json:"dst"`
+			To     []string `json:"to"`
+			Pool   string   `json:"pool"`
+			Sticky string   `json:"sticky"`
+		} `json:"rules"`
+	}
+	out := mustES(t, l, "list", "--json")
+	if err := json.Unmarshal([]byte(out), &got); err != nil {
+		t.Fatalf("list --json: %v\n%s", err, out)
+	}
+	if len(got.Rules) != 1 || got.Rules[0].Pool != testPool || got.Rules[0].Sticky != "connection" || len(got.Rules[0].To) != 0 {
+		t.Errorf("list --json rules %+v, want one for pool %s per connection", got.Rules, testPool)
+	}
+	if text := mustES(t, l, "list"); !strings.Contains(text, "pool "+testPool+" (per connection)") {
+		t.Errorf("list:\n%s\nwant the pool shown", text)
+	}
+	if text := mustES(t, l, "explain", "--dst", "2001:db8:ffff::4"); !strings.Contains(text, "new connections leave with pool "+testPool+" (per connection)") {
+		t.Errorf("explain:\n%s\nwant the pool shown", text)
+	}
+	// verify reads the translated source back from conntrack: any
+	// address of the pool keeps the promise. check finds nothing wrong.
+	v := verifyOut(t, l, 0, "--dst", "2001:db8:ffff::4")
+	if len(v.Results) != 1 || !v.Results[0].Agree || !strings.HasPrefix(v.Results[0].Got, "2001:db8:1:") {
+		t.Errorf("verify: %+v, want a source of the pool, agreeing", v.Results)
+	}
+	mustES(t, l, "check")
+	if out := mustES(t, l, "set", "--to", testPool, "--dst", "2001:db8:ffff::/48"); !strings.Contains(out, "nothing to change") {
+		t.Errorf("the same set again:\n%s\nwant nothing to change", out)
+	}
+
+	// Per destination: one address each, different ones.
+	mustES(t, l, "set", "--to", testPool, "--sticky", "destination", "--dst", "2001:db8:ffff::/48")
+	byDst := map[string]string{}
+	for _, d := range dsts {
+		s := poolSources(t, l, d, 3)
+		if len(s) != 1 {
+			t.Errorf("per destination: 3 connections to %s left from %v, want one address", d, s)
+		}
+		for a := range s {
+			byDst[d] = a
+		}
+	}
+	distinct := map[string]bool{}
+	for _, a := range byDst {
+		distinct[a] = true
+	}
+	t.Logf("%s, per destination: %d destinations got %d distinct addresses", backend(t), len(dsts), len(distinct))
+	if len(distinct) < len(dsts)-2 {
+		t.Errorf("per destination: %d destinations got %d addresses, want nearly each its own: %v", len(dsts), len(distinct), byDst)
+	}
+	if text := mustES(t, l, "list"); !strings.Contains(text, "pool "+testPool+" (per destination)") {
+		t.Errorf("list:\n%s\nwant the pool per destination", text)
+	}
+	if text := mustES(t, l, "save", "--dry-run"); !strings.Contains(text, "to: "+testPool+"\n") || !strings.Contains(text, "sticky: destination\n") {
+		t.Errorf("save --dry-run:\n%s\nwant the pool and its sticky", text)
+	}
+
+	// unset takes the rule and the local route away.
+	mustES(t, l, "unset", "--dst", "2001:db8:ffff::/48")
+	if routing := l.Routing(t); strings.Contains(routing, testPool) {
+		t.Errorf("after unset, routing:\n%s\nstill has the pool's route", routing)
+	}
+	if s := l.SourceSeen(t, "2001:db8:ffff::4"); s != "2001:db8::250" {
+		t.Errorf("after unset, a connection left from %q, want the natural 2001:db8::250", s)
+	}
+}
+
+// TestPoolFile: pools in the file apply and read back as applied: per
+// sender, connections to two destinations share one address; a /124 per
+// connection uses its 15 addresses, never its zero one. clear removes the
+// pools' routes.
+func TestPoolFile(t *testing.T) {
+	t.Parallel()
+	l := newLab(t)
+	routePool(t, l)
+	cfg := writeConfig(t, t.TempDir(), "c.yaml", "rules:\n"+
+		"  - to: "+testPool+"\n    sticky: sender\n    dst: [2001:db8:ffff::/48]\n"+
+		"  - to: 2001:db8:1:0:1::/124\n    dst: [2001:db8:ffff::6]\n")
+	applyOK(t, l, cfg)
+	gwAddrAdd(t, l, "2001:db8:ffff::5/128", "2001:db8:ffff::6/128")
+	seen := poolSources(t, l, "2001:db8:ffff::4", 20)
+	for a := range poolSources(t, l, "2001:db8:ffff::5", 20) {
+		seen[a]++
+	}
+	if len(seen) != 1 {
+		t.Errorf("per sender: connections to two destinations left from %v, want one address", seen)
+	}
+	small := poolSources(t, l, "2001:db8:ffff::6", 200)
+	t.Logf("%s, a /124 per connection: 200 connections left from %d addresses", backend(t), len(small))
+	for a := range small {
+		if p := netip.MustParsePrefix("2001:db8:1:0:1::/124"); !p.Contains(netip.MustParseAddr(a)) || a == "2001:db8:1:0:1::" {
+			t.Errorf("a connection through pool %s left from %s", p, a)
+		}
+	}
+	if len(small) != 15 {
+		t.Errorf("200 connections through a /124 per connection left from %d addresses, want its 15: %v", len(small), small)
+	}
+	if out := applyOK(t, l, cfg); !strings.Contains(out, "nothing to change") {
+		t.Errorf("apply of the same file again:\n%s\nwant nothing to change", out)
+	}
+	mustES(t, l, "clear")
+	if routing := l.Routing(t); strings.Contains(routing, testPool) {
+		t.Errorf("after clear, routing:\n%s\nstill has the pool's route", routing)
+	}
+
+	// set --permanent writes the pool into the permanent file, which
+	// check then holds the host to.
+	perm := filepath.Join(t.TempDir(), "egress-snat.yaml")
+	mustES(t, l, "--config", perm, "set", "--permanent", "--to", testPool, "--sticky", "destination", "--dst", "2001:db8:fffe::/48")
+	if b, err := os.ReadFile(perm); err != nil || !strings.Contains(string(b), "to: "+testPool+"\n") || !strings.Contains(string(b), "sticky: destination\n") {
+		t.Errorf("set --permanent wrote %q, %v; want the pool and its sticky", b, err)
+	}
+	mustES(t, l, "--config", perm, "check")
+}
+
+// TestPoolRefused: a prefix larger than a /64, one that holds an address of
+// the host, and one on-link on an interface without neighbour proxying
+// are bad input (exit 2) naming why, and change nothing. With proxying
+// on, the on-link prefix is taken.
+func TestPoolRefused(t *testing.T) {
+	t.Parallel()
+	l := newLab(t)
+	// A prefix on eth0's link with no address of H in it.
+	l.Run(t, "ip", "-6", "route", "add", "2001:db8:5::/64", "dev", "eth0")
+	before := l.HostState(t)
+	for _, tt := range []struct {
+		to    string
+		extra []string
+		want  []string
+	}{
+		{"2001:db8:1::/48", nil, []string{"2001:db8:1::/48", "larger than a /64"}},
+		{"2001:db8:1::/125", nil, []string{"smaller than a /124"}},
+		{"2001:db8::/64", nil, []string{"2001:db8::/64", "an address of this host on eth0"}},
+		{"2001:db8:5::/64", nil, []string{"2001:db8:5::/64", "on-link on eth0", "proxy_ndp"}},
+		{"2001:db8:1::1/64", nil, []string{"host bits"}},
+		{"192.0.2.0/28", []string{"--dst", "198.51.100.0/24"}, []string{"IPv6"}},
+		{testPool, []string{"--spread"}, []string{"--spread"}},
+		{testPool + ",2001:db8::22", nil, []string{"one prefix"}},
+		{testPool, []string{"--sticky", "period"}, []string{"period"}},
+	} {
+		args := append([]string{"set", "--to", tt.to}, tt.extra...)
+		if !slices.Contains(tt.extra, "--dst") {
+			args = append(args, "--dst", "2001:db8:ffff::/48")
+		}
+		wantRefused(t, l, args, tt.want)
+	}
+	wantRefused(t, l, []string{"set", "--to", "2001:db8::22", "--sticky", "sender", "--dst", "2001:db8:ffff::/48"}, []string{"--sticky is for a pool"})
+	cfg := writeConfig(t, t.TempDir(), "c.yaml", "rules:\n  - to: 2001:db8:1::/48\n    dst: [2001:db8:ffff::/48]\n")
+	wantRefused(t, l, []string{"apply", "-f", cfg}, []string{"line 2", "larger than a /64"})
+	if diff := cmp.Diff(before, l.HostState(t)); diff != "" {
+		t.Errorf("refused runs changed the host (-before +after):\n%s", diff)
+	}
+	// With neighbour proxying on, answering for the on-link prefix is
+	// the operator's (an NDP proxy's): taken.
+	l.Run(t, "sysctl", "-qw", "net.ipv6.conf.eth0.proxy_ndp=1")
+	mustES(t, l, "set", "--to", "2001:db8:5::/64", "--dst", "2001:db8:ffff::/48")
+}

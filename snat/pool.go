@@ -1,0 +1,138 @@
+package snat
+
+import (
+	"encoding/binary"
+	"fmt"
+	"net/netip"
+	"strings"
+)
+
+// A pool is a whole IPv6 prefix (--to 2001:db8:1::/64, /64 to /124) that
+// new connections take their source from, in the kernel, for every
+// application: none of its addresses is on the host. The upstream router
+// routes the prefix to the host; egress-snat installs the prefix as an
+// AnyIP local route of its own (package routes), so that whatever comes
+// to an address of it ends here instead of going back upstream.
+// (Replies to translated connections do not need the route: conntrack
+// translates them back before routing. A packet that is no connection's,
+// a late one or a probe of an unused address, would otherwise bounce
+// between the host and its router until its hop limit runs out.)
+//
+// Which address a connection gets is the pool's stickiness:
+//
+//	connection   a random address for each new connection
+//	destination  the same address for the same sender and destination
+//	sender       the same address for the same sender (a --from client's
+//	             address; the host's own traffic, one natural source, is
+//	             one sender)
+//
+// The kernel picks the address (see the backends: an SNAT range, or
+// nftables' numgen and jhash), so nothing of a pool is kept but its rule.
+// (A period, one address until the next rotate, is not done yet: rotate
+// takes a list of addresses.)
+//
+// The zero address of the prefix (the subnet-router anycast address) is
+// never used: a pool's addresses are prefix::1 to its last.
+
+// Sticky is a pool's stickiness: which connections share an address.
+type Sticky string
+
+const (
+	StickyConnection  Sticky = "connection"
+	StickyDestination Sticky = "destination"
+	StickySender      Sticky = "sender"
+)
+
+// Stickies lists them in the order help names them.
+var Stickies = []Sticky{StickyConnection, StickyDestination, StickySender}
+
+// ParseSticky reads --sticky and sticky:; "" is the default, connection.
+func ParseSticky(s string) (Sticky, error) {
+	if s == "" {
+		return StickyConnection, nil
+	}
+	for _, k := range Stickies {
+		if string(k) == s {
+			return k, nil
+		}
+	}
+	return "", Invalid("sticky %q: want connection, destination or sender", s)
+}
+
+// Describe says what the stickiness does, for people: "a random address
+// for each new connection".
+func (s Sticky) Describe() string {
+	switch s {
+	case StickyDestination:
+		return "the same address for the same sender and destination"
+	case StickySender:
+		return "the same address for each sender"
+	}
+	return "a random address for each new connection"
+}
+
+// Pool prefix lengths.
+const (
+	// PoolMinBits is the largest pool, a /64: a routed /64 is what
+	// providers hand out, and a larger one is a mistake more often than
+	// a wish (and the kernel's SNAT ranges reach 64 bits at most).
+	PoolMinBits = 64
+	// PoolMaxBits is the smallest pool, a /124 (15 addresses): below,
+	// list the addresses and spread over them.
+	PoolMaxBits = 124
+)
+
+// CheckPool refuses a prefix that cannot be a pool, naming it: IPv6, /64
+// to /124, without host bits.
+func CheckPool(p netip.Prefix) error {
+	switch {
+	case !p.IsValid():
+		return Invalid("pool %s is not a valid prefix", p)
+	case p.Addr().Is4() || p.Addr().Is4In6():
+		return Invalid("pool %s: a pool is an IPv6 prefix (for IPv4, list the addresses and --spread over them)", p)
+	case p.Addr().Zone() != "":
+		return Invalid("pool %s: a prefix has no zone", p)
+	case p.Masked() != p:
+		return Invalid("pool %s has host bits set; did you mean %s?", p, p.Masked())
+	case p.Bits() < PoolMinBits:
+		return Invalid("pool %s is larger than a /%d: take a /%d of it", p, PoolMinBits, PoolMinBits)
+	case p.Bits() > PoolMaxBits:
+		return Invalid("pool %s is smaller than a /%d: list its addresses with --spread instead", p, PoolMaxBits)
+	}
+	return nil
+}
+
+// InPool reports whether a is an address of pool p: inside it, and not its
+// zero address.
+func InPool(p netip.Prefix, a netip.Addr) bool {
+	return p.IsValid() && p.Contains(a) && a != p.Addr()
+}
+
+// PoolAddr is the address at offset off of p: p's address with off in its
+// host bits (off must fit in them).
+func PoolAddr(p netip.Prefix, off uint64) netip.Addr {
+	b := p.Addr().As16()
+	hi := binary.BigEndian.Uint64(b[8:])
+	binary.BigEndian.PutUint64(b[8:], hi|off)
+	return netip.AddrFrom16(b)
+}
+
+// poolString renders a pool entry's source: "pool 2001:db8:1::/64 (per
+// connection)".
+func poolString(p netip.Prefix, s Sticky) string {
+	return fmt.Sprintf("pool %s (per %s)", p, s)
+}
+
+// IsPoolSyntax reports whether a source as given (--to, to:) is a prefix,
+// a pool, rather than an address.
+func IsPoolSyntax(s string) bool { return strings.Contains(s, "/") }
+
+// ParsePool reads a pool as given (--to 2001:db8:1::/64, to:) and checks
+// it with CheckPool.
+func ParsePool(s string) (netip.Prefix, error) {
+	p, err := netip.ParsePrefix(strings.TrimSpace(s))
+	if err != nil {
+		return netip.Prefix{}, Invalid("pool %q is not an IPv6 prefix such as 2001:db8:1::/64", s)
+	}
+	return p, CheckPool(p)
+}

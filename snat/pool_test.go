@@ -1,0 +1,114 @@
+package snat
+
+import (
+	"errors"
+	"net/netip"
+	"strings"
+	"testing"
+
+	"github.com/egress-snat/egress-snat/selector"
+)
+
+// poolHost is oneNIC with IPv6 (natural source 2001:db8::250 on eth0) and
+// what PrefixUse answers.
+type poolHost struct {
+	oneNIC
+	use selector.PrefixUse
+}
+
+func (r poolHost) Path(dst netip.Prefix, out string) (string, netip.Addr, netip.Addr, error) {
+	if dst.Addr().Is6() {
+		return "eth0", addr("2001:db8::1"), addr("2001:db8::250"), nil
+	}
+	return r.oneNIC.Path(dst, out)
+}
+
+func (r poolHost) PrefixUse(netip.Prefix, func(int) bool) (selector.PrefixUse, error) {
+	return r.use, nil
+}
+
+func TestCheckPool(t *testing.T) {
+	for _, ok := range []string{"2001:db8:1::/64", "2001:db8:1::/80", "2001:db8:1::/124"} {
+		if err := CheckPool(pfx(ok)); err != nil {
+			t.Errorf("CheckPool(%s): %v", ok, err)
+		}
+	}
+	for p, want := range map[string]string{
+		"2001:db8::/63":      "larger than a /64",
+		"2001:db8:1::/125":   "smaller than a /124",
+		"192.0.2.0/28":       "IPv6",
+		"2001:db8:1::1/64":   "host bits",
+		"2001:db8:1::/128":   "smaller",
+		"2001:db8:1:2::/127": "smaller",
+	} {
+		err := CheckPool(netip.MustParsePrefix(p))
+		var inv *InvalidError
+		if err == nil || !strings.Contains(err.Error(), want) || !strings.Contains(err.Error(), strings.Split(p, "/")[0][:8]) || !errors.As(err, &inv) {
+			t.Errorf("CheckPool(%s): %v, want bad input naming it and %q", p, err, want)
+		}
+	}
+}
+
+func TestResolvePool(t *testing.T) {
+	pool := pfx("2001:db8:1::/64")
+	in := Intent{Dst: pfx("::/0"), Pool: pool}
+	got, err := Resolve(poolHost{}, []Intent{in})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(got) != 1 || got[0].Pool != pool || got[0].Sticky != StickyConnection || len(got[0].To) != 0 || got[0].Natural != addr("2001:db8::250") || got[0].Keep() || !got[0].IsPool() {
+		t.Fatalf("resolved %+v, want a pool per connection from the natural source", got)
+	}
+	if s := got[0].ToString(); s != "pool 2001:db8:1::/64 (per connection)" {
+		t.Errorf("ToString %q", s)
+	}
+	if !got[0].Sources(addr("2001:db8:1::abcd")) || got[0].Sources(addr("2001:db8:1::")) || got[0].Sources(addr("2001:db8:2::1")) {
+		t.Error("Sources: wrong")
+	}
+
+	refused := []struct {
+		name string
+		host poolHost
+		in   Intent
+		want []string
+	}{
+		{"an IPv4 destination", poolHost{}, Intent{Dst: pfx("198.51.100.0/24"), Pool: pool}, []string{"2001:db8:1::/64", "198.51.100.0/24", "families"}},
+		{"larger than a /64", poolHost{}, Intent{Dst: pfx("::/0"), Pool: netip.MustParsePrefix("2001:db8::/48")}, []string{"2001:db8::/48", "larger"}},
+		{"method route", poolHost{}, Intent{Dst: pfx("::/0"), Pool: pool, Method: MethodRoute}, []string{"method snat"}},
+		{"an address of the host inside", poolHost{use: selector.PrefixUse{Addrs: []selector.PrefixAddr{{Addr: netip.MustParsePrefix("2001:db8:1::5/64"), Iface: "eth1"}}}},
+			Intent{Dst: pfx("::/0"), Pool: pool}, []string{"2001:db8:1::5", "eth1", "collide"}},
+		{"on-link without proxying", poolHost{use: selector.PrefixUse{OnLink: []selector.OnLinkRoute{{Route: pool, Iface: "eth1", Table: 254}}}},
+			Intent{Dst: pfx("::/0"), Pool: pool}, []string{"on-link on eth1", "proxy_ndp", "route the prefix to this host"}},
+		{"addresses and a pool", poolHost{}, Intent{Dst: pfx("::/0"), Pool: pool, To: []netip.Addr{addr("2001:db8:1::1")}}, []string{"2001:db8:1::1", "not both"}},
+		{"a pool and --spread", poolHost{}, Intent{Dst: pfx("::/0"), Pool: pool, Spread: true}, []string{"--spread"}},
+		{"a stickiness unknown", poolHost{}, Intent{Dst: pfx("::/0"), Pool: pool, Sticky: "period"}, []string{`"period"`}},
+	}
+	for _, tt := range refused {
+		_, err := Resolve(tt.host, []Intent{tt.in})
+		var inv *InvalidError
+		if err == nil || !errors.As(err, &inv) {
+			t.Errorf("%s: %v, want bad input", tt.name, err)
+			continue
+		}
+		for _, w := range tt.want {
+			if !strings.Contains(err.Error(), w) {
+				t.Errorf("%s: %q, want it to name %q", tt.name, err, w)
+			}
+		}
+	}
+	// Neighbour proxying on: the on-link prefix is the operator's to answer for.
+	proxied := poolHost{use: selector.PrefixUse{OnLink: []selector.OnLinkRoute{{Route: pool, Iface: "eth1", Table: 254, ProxyNDP: true}}}}
+	if _, err := Resolve(proxied, []Intent{in}); err != nil {
+		t.Errorf("on-link with proxy_ndp: %v", err)
+	}
+}
+
+// TestPoolIntentsOf: an installed pool turns back into the intent that
+// resolves to it, as check does.
+func TestPoolIntentsOf(t *testing.T) {
+	e := Entry{Match: Match{Dst: pfx("2001:db8:ffff::/48"), Out: "eth0"}, Natural: addr("2001:db8::250"), Pool: pfx("2001:db8:1::/64"), Sticky: StickyDestination}
+	got, err := Resolve(poolHost{}, IntentsOf([]Entry{e}))
+	if err != nil || len(got) != 1 || !got[0].Equal(e) {
+		t.Errorf("re-resolved %+v, %v; want %+v", got, err, e)
+	}
+}
