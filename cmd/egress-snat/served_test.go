@@ -102,6 +102,15 @@ func servedFiles(t *testing.T) string {
 	}
 	t.Chdir(dir)
 	t.Setenv("EGRESS_SNAT_CONFIG", filepath.Join(dir, "permanent.yaml"))
+	// The fakes are iptables-nft's, the daemon's backend: a pass of the
+	// suite on another backend (EGRESS_SNAT_IPTABLES=legacy) must not ask
+	// for that one, which the daemon rightly declines.
+	for _, v := range []string{"EGRESS_SNAT_IPTABLES", "EGRESS_SNAT_BACKEND"} {
+		if old, ok := os.LookupEnv(v); ok {
+			os.Unsetenv(v)
+			t.Cleanup(func() { os.Setenv(v, old) })
+		}
+	}
 	return dir
 }
 
