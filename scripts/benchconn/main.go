@@ -20,14 +20,14 @@
 // runs one IPTABLES process (the first rule of a chain also creates the chain
 // and inserts a jump to it first in POSTROUTING).
 //
-//	benchconn serve -ports 7100-7115
+//	benchconn serve -ports 7100-7115 [-net tcp4|tcp6|tcp]
 //
 // runs the far side (in the far namespace): on every port of the range, on
-// all IPv4 addresses, it answers each TCP connection with the address the
+// all IPv4 addresses (-net: IPv6, or both), it answers each TCP connection with the address the
 // connection came from and a newline, then closes it. It exits after
 // -max-time, or on SIGINT/SIGTERM.
 //
-//	benchconn load -addrs 203.0.113.1,... -ports 7100-7115 -duration 3s -want 192.0.2.22
+//	benchconn load -addrs 203.0.113.1,... -ports 7100-7115 -duration 3s -want 192.0.2.22 [-net tcp6] [-max N]
 //
 // opens short TCP connections from this namespace for a fixed time with
 // -conc workers, over every address and port in turn (so that one SNAT
@@ -296,6 +296,7 @@ func serve(args []string) error {
 	fs := flag.NewFlagSet("serve", flag.ExitOnError)
 	ports := fs.String("ports", "7100-7115", "TCP port range LO-HI")
 	maxTime := fs.Duration("max-time", 30*time.Minute, "exit after this long in any case")
+	network := fs.String("net", "tcp4", "tcp4, tcp6, or tcp for both families")
 	fs.Parse(args)
 	ps, err := parsePorts(*ports)
 	if err != nil {
@@ -303,7 +304,7 @@ func serve(args []string) error {
 	}
 	var served atomic.Int64
 	for _, p := range ps {
-		ln, err := net.Listen("tcp4", "0.0.0.0:"+strconv.Itoa(p))
+		ln, err := net.Listen(*network, ":"+strconv.Itoa(p))
 		if err != nil {
 			return err
 		}
@@ -354,6 +355,7 @@ func load(args []string) error {
 	conc := fs.Int("conc", 8, "concurrent workers")
 	want := fs.String("want", "", "fail unless the far side sees every connection from this address")
 	maxConns := fs.Int64("max", 2_000_000, "stop after this many connections in any case")
+	network := fs.String("net", "tcp4", "tcp4 or tcp6 (the family of -addrs)")
 	fs.Parse(args)
 	ps, err := parsePorts(*ports)
 	if err != nil {
@@ -391,7 +393,7 @@ func load(args []string) error {
 				if i > *maxConns {
 					break
 				}
-				src, err := once(&d, targets[int(i)%len(targets)], buf)
+				src, err := once(&d, *network, targets[int(i)%len(targets)], buf)
 				if err != nil {
 					if errs.Add(1) == 1 {
 						mu.Lock()
@@ -428,8 +430,8 @@ func load(args []string) error {
 // once opens one connection, reads the source address the server saw, and
 // closes with an RST (SO_LINGER 0): the client keeps no TIME_WAIT, so its
 // ephemeral ports never run out however fast it goes.
-func once(d *net.Dialer, target string, buf []byte) (string, error) {
-	c, err := d.Dial("tcp4", target)
+func once(d *net.Dialer, network, target string, buf []byte) (string, error) {
+	c, err := d.Dial(network, target)
 	if err != nil {
 		return "", err
 	}
