@@ -65,8 +65,20 @@ func (t *Table) entries(f snat.Family, routing routes.State) []snat.Entry {
 		}
 	}
 	var out []snat.Entry
+	// A port range's rules, one protocol each, come before the entry's
+	// rule without the range, which stands for the entry; the comparison
+	// of the table with the rendered one catches any that differ.
+	ported := map[string]snat.Ports{}
+	portKey := func(r Rule) string {
+		r.Proto, r.Action.Ports, r.Packets, r.Bytes = "", snat.Ports{}, 0, 0
+		return r.String()
+	}
 	for _, r := range nat.Rules {
 		if r.Family != f || (r.Action.Kind != ActSNAT && r.Action.Kind != ActAccept) {
+			continue
+		}
+		if r.Proto != "" {
+			ported[portKey(r)] = r.Action.Ports
 			continue
 		}
 		e := snat.Entry{Match: snat.Match{Sender: ruleSender(r), Out: r.Out}}
@@ -75,6 +87,7 @@ func (t *Table) entries(f snat.Family, routing routes.State) []snat.Entry {
 		}
 		if r.Action.Kind == ActSNAT {
 			e.To, e.Pool, e.Sticky = r.Action.To, r.Action.Pool, r.Action.Sticky
+			e.Ports = ported[portKey(r)]
 		}
 		for _, d := range t.destinations(r) {
 			en := e
