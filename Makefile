@@ -111,7 +111,7 @@ bench: ## benchmarks (scripts/bench.sh, scripts/bench-scale.sh, then scripts/ben
 	bash scripts/bench-scale.sh
 	bash scripts/bench-pools.sh
 
-bench-pools: ## issue 24's rows alone: a pool's spread of sources per stickiness, weight accuracy (scripts/bench-pools.sh)
+bench-pools: ## issue 24's rows alone: a pool's spread of sources, weight accuracy, a port range running out (scripts/bench-pools.sh)
 	bash scripts/bench-pools.sh
 
 bench-scale: ## issue 13's rows alone: 100 to 1M destinations, incremental changes, idle watch (scripts/bench-scale.sh)

@@ -36,6 +36,14 @@
 // completed connections, the rate, errors, and the source addresses the far
 // side reported. It fails if nothing completed or if the far side saw any
 // source other than -want.
+//
+//	benchconn hold -addr 203.0.113.1:7100 -n 12
+//
+// opens n TCP connections to one server address and port, one after the
+// other, reads the source the far side saw on each, and keeps every one
+// open until all were tried, so that each holds its NAT source port: the
+// connections of a small --to-ports range run out. It prints one JSON
+// object: tried, connected, failed, and the sources the far side reported.
 package main
 
 import (
@@ -73,6 +81,8 @@ func main() {
 		err = serve(os.Args[2:])
 	case "load":
 		err = load(os.Args[2:])
+	case "hold":
+		err = hold(os.Args[2:])
 	default:
 		usage()
 	}
@@ -83,7 +93,7 @@ func main() {
 }
 
 func usage() {
-	fmt.Fprintln(os.Stderr, "usage: benchconn gen|loop|serve|load [flags] (see the package comment)")
+	fmt.Fprintln(os.Stderr, "usage: benchconn gen|loop|serve|load|hold [flags] (see the package comment)")
 	os.Exit(2)
 }
 
@@ -450,6 +460,71 @@ func once(d *net.Dialer, network, target string, buf []byte) (string, error) {
 		}
 		if err != nil || n == len(buf) {
 			return "", fmt.Errorf("reading from %s: %v", target, err)
+		}
+	}
+}
+
+// ---- hold ----
+
+func hold(args []string) error {
+	fs := flag.NewFlagSet("hold", flag.ExitOnError)
+	addr := fs.String("addr", "203.0.113.1:7100", "server ADDRESS:PORT")
+	n := fs.Int("n", 12, "connections to try")
+	timeout := fs.Duration("timeout", time.Second, "how long one connection may take to connect and answer")
+	network := fs.String("net", "tcp4", "tcp4 or tcp6")
+	fs.Parse(args)
+	var (
+		open []net.Conn
+		res  = struct {
+			Tried     int              `json:"tried"`
+			Connected int              `json:"connected"`
+			Failed    int              `json:"failed"`
+			FirstErr  string           `json:"first_error,omitempty"`
+			Seen      map[string]int64 `json:"seen"`
+		}{Seen: map[string]int64{}}
+	)
+	defer func() {
+		for _, c := range open {
+			c.Close()
+		}
+	}()
+	d := net.Dialer{Timeout: *timeout}
+	buf := make([]byte, 64)
+	for range *n {
+		res.Tried++
+		src, c, err := ask(&d, *network, *addr, buf, *timeout)
+		if err != nil {
+			if res.Failed == 0 {
+				res.FirstErr = err.Error()
+			}
+			res.Failed++
+			continue
+		}
+		open = append(open, c)
+		res.Connected++
+		res.Seen[src]++
+	}
+	return json.NewEncoder(os.Stdout).Encode(res)
+}
+
+// ask connects, reads the source the server saw, and returns the
+// connection still open.
+func ask(d *net.Dialer, network, target string, buf []byte, timeout time.Duration) (string, net.Conn, error) {
+	c, err := d.Dial(network, target)
+	if err != nil {
+		return "", nil, err
+	}
+	c.SetReadDeadline(time.Now().Add(timeout))
+	n := 0
+	for {
+		m, err := c.Read(buf[n:])
+		n += m
+		if i := strings.IndexByte(string(buf[:n]), '\n'); i >= 0 {
+			return string(buf[:i]), c, nil
+		}
+		if err != nil || n == len(buf) {
+			c.Close()
+			return "", nil, fmt.Errorf("reading from %s: %v", target, err)
 		}
 	}
 }
