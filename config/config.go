@@ -484,15 +484,9 @@ func readDstFile(path string) ([]netip.Prefix, error) {
 		return nil, err
 	}
 	defer fh.Close()
-	// Sized from the file's length (an IPv4 address and its newline are
-	// 8 to 16 bytes): a million lines grown by append copied them some
-	// twenty times.
+	// Not sized from the file's length: watch keeps these prefixes, and
+	// a guess's spare capacity would stay with them.
 	var out []netip.Prefix
-	if b, ok := fh.(*boundedFile); ok {
-		if st, err := b.f.Stat(); err == nil {
-			out = make([]netip.Prefix, 0, st.Size()/14)
-		}
-	}
 	sc := bufio.NewScanner(fh)
 	sc.Buffer(make([]byte, 0, 4096), maxDstLine)
 	n := 1
