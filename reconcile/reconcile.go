@@ -66,13 +66,10 @@ func (d *Daemon) reconcile(reason string) error {
 	for _, f := range snat.Families {
 		d.wantRules[f] = plan.Routing[f].Rules
 	}
-	// Our own write moved the generations, but taking them now would
-	// also take as seen a change another tool made since Update read the
-	// kernel (the IPv6 half of a firewall reload, flushed just after the
-	// IPv4 half was repaired), which the quick tier would then only find
-	// ten seconds later. The canary's next tick compares against the
-	// plan instead, and takes the generations before it reads.
-	d.gens = nil
+	// Our own write moved the generations: start from them.
+	if gens, err := d.m.Generations(); err == nil {
+		d.gens = gens
+	}
 	d.lastQuick, d.lastFull = time.Now(), time.Now() // Update read everything
 	// A reconcile of a large file reads and renders far more than the
 	// daemon keeps; give that back, so an idle daemon stays small.
