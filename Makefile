@@ -15,7 +15,7 @@ EGRESS_SNAT_BOTH_BACKENDS ?= 1
 TESTFLAGS ?= -count=1 -p 1 -timeout 45m
 
 .DEFAULT_GOAL := help
-.PHONY: bench-daemon bench-gate bench-idle bench-scale help build deps docs deb lint fmt vet test test-race test-legacy test-nftables demo bench fuzz clean
+.PHONY: bench-daemon bench-gate bench-idle bench-pools bench-scale help build deps docs deb lint fmt vet test test-race test-legacy test-nftables demo bench fuzz clean
 
 help: ## list the targets
 	@awk -F':.*## ' '/^[a-z-]+:.*## / { printf "  %-12s %s\n", $$1, $$2 }' $(MAKEFILE_LIST)
@@ -106,9 +106,13 @@ bench-idle: ## CPU and memory of an idle watch at 10k and 100k destinations (scr
 bench-gate: ## CI's regression gate: apply and no-op apply of 10k destinations against a raw iptables-restore, both backends (root)
 	bash scripts/bench-gate.sh
 
-bench: ## benchmarks (scripts/bench.sh, then scripts/bench-scale.sh): docs/BENCHMARKS.md
+bench: ## benchmarks (scripts/bench.sh, scripts/bench-scale.sh, then scripts/bench-pools.sh): docs/BENCHMARKS.md
 	bash scripts/bench.sh
 	bash scripts/bench-scale.sh
+	bash scripts/bench-pools.sh
+
+bench-pools: ## issue 24's rows alone: a pool's spread of sources, weight accuracy, a port range running out (scripts/bench-pools.sh)
+	bash scripts/bench-pools.sh
 
 bench-scale: ## issue 13's rows alone: 100 to 1M destinations, incremental changes, idle watch (scripts/bench-scale.sh)
 	bash scripts/bench-scale.sh

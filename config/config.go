@@ -31,6 +31,9 @@
 //	  - to: 2001:db8:1::/64       # a pool: an IPv6 prefix routed to the host
 //	    sticky: destination       # connection (default), destination or sender
 //	    dst: [2001:db8:ffff::/48]
+//	  - to: 192.0.2.22
+//	    dst: [203.0.113.9]
+//	    to-ports: 40000-40999     # TCP and UDP source ports from this range
 //
 // A rule without from, uid or cgroup is about the host's own traffic; one
 // with from is about forwarded traffic, and without dst means every
@@ -88,6 +91,7 @@ type Rule struct {
 	Method  string   `yaml:"method"`
 	Standby bool     `yaml:"standby"`
 	Sticky  string   `yaml:"sticky"`
+	ToPorts string   `yaml:"to-ports"`
 
 	line int
 	// dstFile holds the destinations read from DstFile.
@@ -435,6 +439,18 @@ func (r Rule) check() error {
 // comes only with one.
 func (r Rule) checkPool(m snat.Method) error {
 	p := r.To.Pool
+	if r.ToPorts != "" {
+		ports, err := snat.ParsePorts(r.ToPorts)
+		if err != nil {
+			return fmt.Errorf("'to-ports': %w", err)
+		}
+		switch {
+		case p.IsValid():
+			return fmt.Errorf("'to' %s is a pool, whose addresses do not run out of ports: leave out 'to-ports'", p)
+		case m == snat.MethodRoute:
+			return fmt.Errorf("'to-ports' %s needs method snat: a route does not translate ports", ports)
+		}
+	}
 	if !p.IsValid() {
 		if r.Sticky != "" {
 			return fmt.Errorf("'sticky' is for a pool: 'to' an IPv6 prefix of /%d to /%d", snat.PoolMinBits, snat.PoolMaxBits)
@@ -468,6 +484,8 @@ func readDstFile(path string) ([]netip.Prefix, error) {
 		return nil, err
 	}
 	defer fh.Close()
+	// Not sized from the file's length: watch keeps these prefixes, and
+	// a guess's spare capacity would stay with them.
 	var out []netip.Prefix
 	sc := bufio.NewScanner(fh)
 	sc.Buffer(make([]byte, 0, 4096), maxDstLine)
@@ -572,13 +590,14 @@ func (f *File) Intents() ([]snat.Intent, error) {
 				continue
 			}
 			method, _ := snat.ParseMethod(r.Method) // checked by Decode
+			ports, _ := snat.ParsePorts(r.ToPorts)  // checked by Decode
 			var via netip.Addr
 			if len(r.Via) == 1 {
 				via = r.Via[0]
 			}
 			for _, s := range senders {
 				out = append(out, snat.Intent{Sender: s, Dst: d, To: r.To.Addrs, Out: r.Out, Spread: r.Spread, Via: via, Method: method, Standby: r.Standby,
-					Pool: r.To.Pool, Sticky: snat.Sticky(r.Sticky)})
+					Pool: r.To.Pool, Sticky: snat.Sticky(r.Sticky), Ports: ports})
 			}
 		}
 	}

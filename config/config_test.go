@@ -559,3 +559,28 @@ func TestPoolRule(t *testing.T) {
 		}
 	}
 }
+
+// TestToPorts: to-ports reads into the intents; a bad range, one on a
+// pool and one with method route are refused, naming the value.
+func TestToPorts(t *testing.T) {
+	f, err := config.Decode(strings.NewReader("rules:\n  - to: 192.0.2.22\n    dst: 203.0.113.9\n    to-ports: 40000-40007\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ins, err := f.Intents()
+	if err != nil || len(ins) != 1 || ins[0].Ports != (snat.Ports{Lo: 40000, Hi: 40007}) {
+		t.Fatalf("intents %+v, %v; want one with ports 40000-40007", ins, err)
+	}
+	for _, tc := range []struct{ rule, want string }{
+		{"to: 192.0.2.22\n    dst: 203.0.113.9\n    to-ports: 40007-40000", `"40007-40000"`},
+		{"to: 192.0.2.22\n    dst: 203.0.113.9\n    to-ports: 0-10", `"0-10"`},
+		{"to: 192.0.2.22\n    dst: 203.0.113.9\n    to-ports: lots", `"lots"`},
+		{"to: 2001:db8:1::/64\n    dst: 2001:db8:ffff::/48\n    to-ports: 40000-40007", "pool"},
+		{"to: 192.0.2.22\n    dst: 203.0.113.9\n    method: route\n    to-ports: 40000", "method snat"},
+	} {
+		_, err := config.Decode(strings.NewReader("rules:\n  - " + tc.rule + "\n"))
+		if err == nil || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("%q: %v, want an error naming %s", tc.rule, err, tc.want)
+		}
+	}
+}

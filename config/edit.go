@@ -134,6 +134,8 @@ type Spec struct {
 	// Pool and Sticky: the source is a pool (To is then empty).
 	Pool   netip.Prefix
 	Sticky snat.Sticky
+	// Ports is the source port range (to-ports), zero for none.
+	Ports snat.Ports
 }
 
 // OpenDoc reads path for editing. A missing file is an empty document
@@ -281,6 +283,7 @@ func (d *Doc) ReplaceSource(s snat.Sender, dst netip.Prefix, to netip.Addr) bool
 			mapSet(r, "to", addrsNode([]netip.Addr{to}))
 			mapDelete(r, "spread")
 			mapDelete(r, "sticky")
+			mapDelete(r, "to-ports")
 			continue
 		}
 		split = append(split, matchesOf(r)[0])
@@ -582,6 +585,11 @@ func setSource(r *yaml.Node, s Spec) {
 	optional("via", via, "!!str")
 	optional("method", method, "!!str")
 	optional("sticky", sticky, "!!str")
+	ports := ""
+	if !s.Ports.IsZero() {
+		ports = s.Ports.String()
+	}
+	optional("to-ports", ports, "!!str")
 }
 
 func sameSource(r *yaml.Node, s Spec) bool {
@@ -604,7 +612,8 @@ func sameSource(r *yaml.Node, s Spec) bool {
 		}
 		return k
 	}
-	return slices.Equal(have.To.Addrs, s.To) && have.Spread == s.Spread && via == s.Via && m == want &&
+	ports, _ := snat.ParsePorts(have.ToPorts)
+	return slices.Equal(have.To.Addrs, s.To) && have.Spread == s.Spread && via == s.Via && m == want && ports == s.Ports &&
 		have.To.Pool == s.Pool && (!s.Pool.IsValid() || sticky(snat.Sticky(have.Sticky)) == sticky(s.Sticky))
 }
 

@@ -41,6 +41,14 @@ var RuleKeys = []Key{
 		Example: "sticky: destination",
 	},
 	{
+		Name: "to-ports", Type: "port range LO-HI, or one port",
+		Meaning: "The source ports SNAT gives new TCP and UDP connections, from 1 to 65535 (default: the kernel's own " +
+			"choice). The kernel needs a free port of the range for each address, destination, destination port and " +
+			"protocol: a connection that finds none fails. For an upstream firewall that lets only some ports " +
+			"through. Other protocols (ICMP) keep the kernel's choice. Not for a pool, nor method route.",
+		Example: "to-ports: 40000-40999",
+	},
+	{
 		Name: "dst", Type: "address or prefix, or a list of them",
 		Meaning: "The destinations, of to's family; a bare address is one host. The most specific " +
 			"destination wins, as in routing. A rule about the host's own traffic needs dst or " +
@@ -164,4 +172,7 @@ const ExampleFile = `rules:
   - to: 2001:db8:1::/64            # a pool: a prefix routed to this host
     sticky: destination            # one address per destination (default: per connection)
     dst: [2001:db8:ffff::/48]
+  - to: 192.0.2.22
+    dst: [203.0.113.9]
+    to-ports: 40000-40999          # TCP and UDP source ports from this range
 `

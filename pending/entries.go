@@ -26,6 +26,10 @@ type savedEntry struct {
 	Marked  bool            `json:"marked,omitempty"`
 	Hold    bool            `json:"hold,omitempty"`
 	Standby bool            `json:"standby,omitempty"`
+	Pool    netip.Prefix    `json:"pool,omitzero"`
+	Sticky  snat.Sticky     `json:"sticky,omitempty"`
+	PortsLo uint16          `json:"ports_lo,omitempty"`
+	PortsHi uint16          `json:"ports_hi,omitempty"`
 }
 
 func encodeEntries(es []snat.Entry) ([]byte, error) {
@@ -36,6 +40,7 @@ func encodeEntries(es []snat.Entry) ([]byte, error) {
 			Dst: e.Dst, Out: e.Out, Natural: e.Natural, To: e.To,
 			Routed: e.Routed, Via: e.Via, Replies: e.Replies, Marked: e.Marked,
 			Hold: e.Hold, Standby: e.Standby,
+			Pool: e.Pool, Sticky: e.Sticky, PortsLo: e.Ports.Lo, PortsHi: e.Ports.Hi,
 		})
 	}
 	return json.Marshal(saved)
@@ -53,6 +58,7 @@ func decodeEntries(b []byte) ([]snat.Entry, error) {
 			Natural: s.Natural, To: s.To,
 			Routed: s.Routed, Via: s.Via, Replies: s.Replies, Marked: s.Marked,
 			Hold: s.Hold, Standby: s.Standby,
+			Pool: s.Pool, Sticky: s.Sticky, Ports: snat.Ports{Lo: s.PortsLo, Hi: s.PortsHi},
 		})
 	}
 	return out, nil

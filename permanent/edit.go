@@ -31,6 +31,7 @@ func SpecOf(e snat.Entry) (s config.Spec, ok bool) {
 		Via:    e.Via,
 		Pool:   e.Pool,
 		Sticky: e.Sticky,
+		Ports:  e.Ports,
 	}
 	if e.Routed {
 		s.Method = snat.MethodRoute
@@ -42,7 +43,7 @@ func SpecOf(e snat.Entry) (s config.Spec, ok bool) {
 // resolved interface unless --out was given).
 func intentSpec(in snat.Intent) config.Spec {
 	return config.Spec{Match: config.Match{Sender: in.Sender, Out: in.Out}, Dst: []netip.Prefix{in.Dst},
-		To: in.To, Spread: in.Spread, Via: in.Via, Method: in.Method, Pool: in.Pool, Sticky: in.Sticky}
+		To: in.To, Spread: in.Spread, Via: in.Via, Method: in.Method, Pool: in.Pool, Sticky: in.Sticky, Ports: in.Ports}
 }
 
 // Put is set's edit of the permanent file: each intent becomes the rule of

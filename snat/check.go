@@ -141,7 +141,7 @@ func IntentsOf(entries []Entry) []Intent {
 	var out []Intent
 	for _, en := range entries {
 		if !en.Keep() {
-			in := Intent{Sender: en.Sender, Dst: en.Dst, To: en.To, Out: en.Out, Spread: len(en.To) > 1, Standby: en.Hold, Pool: en.Pool, Sticky: en.Sticky}
+			in := Intent{Sender: en.Sender, Dst: en.Dst, To: en.To, Out: en.Out, Spread: len(en.To) > 1, Standby: en.Hold, Pool: en.Pool, Sticky: en.Sticky, Ports: en.Ports}
 			switch {
 			case en.Replies || en.Marked:
 				// Another interface: resolving finds it again from To.

@@ -75,6 +75,9 @@ type Entry struct {
 	// (see pool.go), and Sticky how; To is then empty: the kernel picks.
 	Pool   netip.Prefix
 	Sticky Sticky
+	// Ports is the range of source ports SNAT gives (see ports.go); zero:
+	// the kernel's own.
+	Ports Ports
 }
 
 // Method is how an entry is realized: "snat" (a rule in the nat chain) or
@@ -110,6 +113,8 @@ type entryJSON struct {
 	// then [] (the kernel picks).
 	Pool   string `json:"pool,omitempty"`
 	Sticky string `json:"sticky,omitempty"`
+	// Ports is the source port range, "40000-40099", when one is given.
+	Ports string `json:"ports,omitempty"`
 }
 
 func (e Entry) MarshalJSON() ([]byte, error) {
@@ -128,6 +133,9 @@ func (e Entry) MarshalJSON() ([]byte, error) {
 	}
 	if e.Natural.IsValid() {
 		j.Natural = e.Natural.String()
+	}
+	if !e.Ports.IsZero() {
+		j.Ports = e.Ports.String()
 	}
 	j.From, j.UID, j.Cgroup = e.Sender.jsonFields()
 	return json.Marshal(j)
@@ -170,13 +178,19 @@ func (e Entry) Sources(a netip.Addr) bool {
 func (e Entry) Equal(o Entry) bool {
 	return e.Match == o.Match && e.Natural == o.Natural && slices.Equal(e.To, o.To) &&
 		e.Routed == o.Routed && e.Via == o.Via && e.Replies == o.Replies && e.Marked == o.Marked &&
-		e.Hold == o.Hold && e.Pool == o.Pool && e.Sticky == o.Sticky
+		e.Hold == o.Hold && e.Pool == o.Pool && e.Sticky == o.Sticky && e.Ports == o.Ports
 }
 
 // ToString renders To for people: "192.0.2.23", "192.0.2.22,192.0.2.23",
 // "192.0.2.22=3,192.0.2.23=1" for a weighted spread (see Weigh), or
-// "(natural)" for a kept natural source.
+// "(natural)" for a kept natural source; a port range follows as
+// " ports 40000-40099".
 func (e Entry) ToString() string {
+	if !e.Ports.IsZero() && !e.Keep() {
+		p := e
+		p.Ports = Ports{}
+		return p.ToString() + " ports " + e.Ports.String()
+	}
 	if e.Keep() {
 		return "(natural " + e.Natural.String() + ")"
 	}

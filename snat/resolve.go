@@ -66,6 +66,9 @@ type Intent struct {
 	// pool.go), Sticky how; To is then empty.
 	Pool   netip.Prefix
 	Sticky Sticky
+	// Ports is the range of source ports SNAT gives (see ports.go); zero:
+	// the kernel's own. Only for SNAT to addresses.
+	Ports Ports
 }
 
 // Method is how an intent is realized.
@@ -95,7 +98,7 @@ func ParseMethod(s string) (Method, error) {
 
 // routable reports whether a route can do what in asks: the host's own
 // traffic by destination, to one source.
-func (in Intent) routable() bool { return in.Sender.IsHost() && !in.Spread }
+func (in Intent) routable() bool { return in.Sender.IsHost() && !in.Spread && in.Ports.IsZero() }
 
 // Resolve validates intents against the host and turns them into entries,
 // learning each destination's outgoing interface and natural source from
@@ -239,7 +242,7 @@ func repeats(intents []Intent) ([]bool, error) {
 		k := key{in.Dst.Masked(), lastIdx}
 		if first, dup := seen[k]; dup {
 			repeated[i] = true
-			if prev := &intents[first]; !slices.Equal(prev.To, in.To) || prev.Spread != in.Spread || prev.Pool != in.Pool || prev.Sticky != in.Sticky {
+			if prev := &intents[first]; !slices.Equal(prev.To, in.To) || prev.Spread != in.Spread || prev.Pool != in.Pool || prev.Sticky != in.Sticky || prev.Ports != in.Ports {
 				m := Match{Sender: in.Sender, Dst: k.Dst, Out: in.Out}
 				errs = append(errs, Invalid("%s is given twice, with sources %s and %s", describe(m), prev.sources(), in.sources()))
 			}
@@ -276,7 +279,13 @@ func resolveOne(r Router, in Intent, lenient bool) (Entry, error) {
 		return Entry{}, Invalid("destination %q is not a valid address or prefix", in.Dst)
 	}
 	if in.Pool.IsValid() {
+		if !in.Ports.IsZero() {
+			return Entry{}, Invalid("%s: pool %s needs no --to-ports: its addresses do not run out of ports", describe(Match{Sender: in.Sender, Dst: dst}), in.Pool)
+		}
 		return resolvePool(r, in, dst)
+	}
+	if !in.Ports.IsZero() && in.Method == MethodRoute {
+		return Entry{}, Invalid("%s: --to-ports %s needs method snat: a route does not translate ports", describe(Match{Sender: in.Sender, Dst: dst}), in.Ports)
 	}
 	if len(in.To) == 0 {
 		return Entry{}, Invalid("%s: no source address given", describe(Match{Sender: in.Sender, Dst: dst}))
@@ -324,6 +333,9 @@ func resolveOne(r Router, in Intent, lenient bool) (Entry, error) {
 		case err != nil:
 			return Entry{}, hostErr(err, "source %s", a)
 		case owner != iface:
+			if !in.Ports.IsZero() {
+				return Entry{}, Invalid("source %s is on %s, but traffic to %s leaves by %s: --to-ports is for a source of the outgoing interface", a, owner, dst, iface)
+			}
 			if in.Out != "" || len(to) > 0 {
 				return Entry{}, Invalid("source %s is on %s, but traffic to %s leaves by %s: the source must be an address of the outgoing interface", a, owner, dst, iface)
 			}
@@ -350,7 +362,7 @@ func resolveOne(r Router, in Intent, lenient bool) (Entry, error) {
 	if in.Via.IsValid() && in.Via != gw {
 		return Entry{}, Invalid("--via %s: traffic to %s leaves by %s through %s already; --via is for a source on another interface", in.Via, dst, iface, gwName(gw))
 	}
-	e := Entry{Match: Match{Sender: in.Sender, Dst: dst, Out: iface}, To: to, Standby: in.Standby}
+	e := Entry{Match: Match{Sender: in.Sender, Dst: dst, Out: iface}, To: to, Standby: in.Standby, Ports: in.Ports}
 	if in.Sender.Local() {
 		e.Natural = natural
 	}
@@ -426,7 +438,7 @@ func (in Intent) sources() string {
 	if in.Pool.IsValid() {
 		return poolString(in.Pool, in.Sticky)
 	}
-	return addrList(in.To)
+	return Entry{To: in.To, Ports: in.Ports}.ToString()
 }
 
 func addrList(as []netip.Addr) string {

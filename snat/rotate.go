@@ -110,9 +110,11 @@ func PlanRotation(r Router, st *State, pool []netip.Addr, targets []Match, order
 	var intents []Intent
 	for _, t := range targets {
 		out := t.Out
-		if out == "" {
-			for _, en := range installed {
-				if en.Sender == t.Sender && en.Dst == t.Dst {
+		var ports Ports // the installed rule's port range goes along
+		for _, en := range installed {
+			if en.Sender == t.Sender && en.Dst == t.Dst && (t.Out == "" || en.Out == t.Out) {
+				ports = en.Ports
+				if t.Out == "" {
 					out = en.Out
 				}
 			}
@@ -145,7 +147,7 @@ func PlanRotation(r Router, st *State, pool []netip.Addr, targets []Match, order
 		}
 		m.To = next
 		moves = append(moves, m)
-		intents = append(intents, Intent{Sender: t.Sender, Dst: t.Dst, To: []netip.Addr{next}, Out: out})
+		intents = append(intents, Intent{Sender: t.Sender, Dst: t.Dst, To: []netip.Addr{next}, Out: out, Ports: ports})
 	}
 	return moves, intents, nil
 }

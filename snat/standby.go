@@ -40,7 +40,7 @@ func standingBy(in Intent, dst netip.Prefix, iface string) Entry {
 	if in.Spread {
 		to = slices.Clip(in.To)
 	}
-	return Entry{Match: Match{Sender: in.Sender, Dst: dst, Out: iface}, To: to, Hold: true, Standby: true}
+	return Entry{Match: Match{Sender: in.Sender, Dst: dst, Out: iface}, To: to, Hold: true, Standby: true, Ports: in.Ports}
 }
 
 // HoldWhile holds the standby entries whose first source waiting reports

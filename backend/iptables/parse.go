@@ -130,6 +130,11 @@ func readInstalled(f snat.Family, nat *SavedTable, sets map[string]Set) Installe
 			switch {
 			case r.ToLast.IsValid():
 				rg = []addrRange{{r.ToSource, r.ToLast}}
+			case r.Proto != "":
+				// A port range's rules (one protocol each) repeat
+				// the addresses of the entry's rules without one,
+				// which give To; the chain's comparison with the
+				// rendered rules catches any that differ.
 			case r.ToSource.IsValid():
 				to = []netip.Addr{r.ToSource}
 			}
@@ -138,6 +143,9 @@ func readInstalled(f snat.Family, nat *SavedTable, sets map[string]Set) Installe
 			if i, seen := byMatch[m]; seen {
 				found[i].To = append(found[i].To, to...)
 				found[i].ranges = append(found[i].ranges, rg...)
+				if !r.Ports.IsZero() {
+					found[i].Ports = r.Ports
+				}
 				continue
 			}
 			byMatch[m] = len(found)
@@ -145,7 +153,7 @@ func readInstalled(f snat.Family, nat *SavedTable, sets map[string]Set) Installe
 			if !dst.IsValid() {
 				dst = everything(f)
 			}
-			e := snat.Entry{Match: snat.Match{Sender: r.Sender(), Dst: dst, Out: r.Out}, Natural: r.natural()}
+			e := snat.Entry{Match: snat.Match{Sender: r.Sender(), Dst: dst, Out: r.Out}, Natural: r.natural(), Ports: r.Ports}
 			if len(to) > 0 {
 				e.To = to
 			}

@@ -165,6 +165,9 @@ func toKey(e *snat.Entry) string {
 		return "pool " + e.Pool.String() + " " + string(e.Sticky)
 	}
 	var b strings.Builder
+	if !e.Ports.IsZero() {
+		b.WriteString("ports " + e.Ports.String() + " ")
+	}
 	for i, a := range e.To {
 		if i > 0 {
 			b.WriteByte(',')

@@ -3,6 +3,7 @@ package iptables
 import (
 	"fmt"
 	"net/netip"
+	"slices"
 	"strconv"
 	"strings"
 
@@ -15,12 +16,13 @@ import (
 // it back from iptables-save, and rules are compared as structs, so the
 // order in which a backend prints matches does not matter.
 //
-//	-s SRC [-d DST] -o OUT [-m addrtype ! --src-type LOCAL]
+//	-s SRC [-d DST] -o OUT [-p tcp|udp] [-m addrtype ! --src-type LOCAL]
 //	  [-m owner --uid-owner UID] [-m cgroup --path PATH]
 //	  [-m set --match-set SET dst] [-m conntrack --ctstate INVALID,NEW]
 //	  -m comment --comment egress-snat
 //	  [-m statistic --mode nth --every N --packet 0]
-//	  -j SNAT --to-source TO[-LAST --random [--persistent]] | -j RETURN | -j DROP (the hold chain's)
+//	  -j SNAT --to-source TO[-LAST --random [--persistent]] | -j SNAT --to-source TO:LO-HI (with -p)
+//	  | -j RETURN | -j DROP (the hold chain's)
 type Rule struct {
 	// Src is the natural source as a host prefix, or a --from prefix.
 	Src netip.Prefix
@@ -69,6 +71,12 @@ type Rule struct {
 	// NewOrInvalid matches the packets of no connection conntrack knows
 	// (-m conntrack --ctstate NEW,INVALID): what the hold chain drops.
 	NewOrInvalid bool
+	// Proto (-p tcp or udp) and Ports (--to-source TO:LO-HI): an entry's
+	// port range (snat.Ports), which iptables takes only in a rule that
+	// matches a protocol with ports; the entry's rules without them
+	// translate the rest (ICMP).
+	Proto string
+	Ports snat.Ports
 }
 
 // Args renders the rule as iptables arguments, without "-A CHAIN".
@@ -82,6 +90,9 @@ func (r Rule) Args() []string {
 	}
 	if r.Out != "" {
 		a = append(a, "-o", r.Out)
+	}
+	if r.Proto != "" {
+		a = append(a, "-p", r.Proto)
 	}
 	if r.Forwarded {
 		a = append(a, "-m", "addrtype", "!", "--src-type", "LOCAL")
@@ -114,6 +125,12 @@ func (r Rule) Args() []string {
 			// (iptables-save): written so too, read back by Random.
 			to += "-" + r.ToLast.String()
 		}
+		if !r.Ports.IsZero() {
+			if r.ToSource.Is6() {
+				to = "[" + to + "]"
+			}
+			to += ":" + r.Ports.String()
+		}
 		a = append(a, "--to-source", to)
 		if r.Random {
 			a = append(a, "--random")
@@ -133,9 +150,11 @@ func (r Rule) Args() []string {
 func (r Rule) String() string { return strings.Join(r.Args(), " ") }
 
 // match is the rule without what differs between the rules of one spread
-// entry: the rules of one entry share it.
+// entry, or of one entry with a port range: the rules of one entry share
+// it.
 func (r Rule) match() Rule {
 	r.Every, r.Target, r.ToSource, r.ToLast = 0, "", netip.Addr{}, netip.Addr{}
+	r.Proto, r.Ports = "", snat.Ports{}
 	return r
 }
 
@@ -203,6 +222,11 @@ func ParseRule(f snat.Family, spec []string) (Rule, error) {
 			}
 		case "-o":
 			r.Out = v
+		case "-p":
+			if v != "tcp" && v != "udp" {
+				return r, fmt.Errorf("-p %q is not a protocol egress-snat writes", v)
+			}
+			r.Proto = v
 		case "--uid-owner":
 			n, err := strconv.ParseUint(v, 10, 32)
 			if err != nil || !mods["owner"] {
@@ -265,10 +289,14 @@ func ParseRule(f snat.Family, spec []string) (Rule, error) {
 			}
 			// A range is a pool's (IPv6, see pool.go); readInstalled
 			// checks it is one.
-			if ts.To.IsValid() && (!ts.From.Is6() || !ts.To.Is6() || ts.To.Compare(ts.From) < 0) || ts.HasPorts {
+			if ts.To.IsValid() && (!ts.From.Is6() || !ts.To.Is6() || ts.To.Compare(ts.From) < 0 || ts.HasPorts) {
 				return r, fmt.Errorf("--to-source %s: a range egress-snat does not write", v)
 			}
+			if ts.HasPorts && ts.Ports.Lo == 0 {
+				return r, fmt.Errorf("--to-source %s: port 0", v)
+			}
 			r.ToSource, r.ToLast = ts.From, ts.To
+			r.Ports = snat.Ports{Lo: ts.Ports.Lo, Hi: ts.Ports.Hi}
 		default:
 			return r, fmt.Errorf("option %q is not one egress-snat writes", w)
 		}
@@ -302,6 +330,9 @@ func ParseRule(f snat.Family, spec []string) (Rule, error) {
 	}
 	if r.Set != "" && r.Dst.IsValid() {
 		return r, fmt.Errorf("both -d and a set")
+	}
+	if (r.Proto != "") != !r.Ports.IsZero() || r.Proto != "" && r.Target != "SNAT" {
+		return r, fmt.Errorf("-p without a --to-source port range, or a port range without -p: egress-snat writes them together")
 	}
 	if r.Random && r.Target == "SNAT" && r.ToSource.IsValid() && !r.ToLast.IsValid() {
 		r.ToLast = r.ToSource // a range of one address, as iptables-save prints it
@@ -376,15 +407,26 @@ func rulesFor(e snat.Entry, set string) []Rule {
 		}
 		return out
 	}
-	out := make([]Rule, 0, len(e.To))
+	// With a port range, the entry's rules once for each protocol with
+	// ports, then once without for the rest (see snat.Ports).
+	protos := []string{""}
+	if !e.Ports.IsZero() {
+		protos = append(slices.Clone(snat.PortProtocols), "")
+	}
+	out := make([]Rule, 0, len(protos)*len(e.To))
 	n := len(e.To)
-	for i, to := range e.To {
-		r := base
-		if i < n-1 {
-			r.Every = n - i
+	for _, proto := range protos {
+		for i, to := range e.To {
+			r := base
+			if i < n-1 {
+				r.Every = n - i
+			}
+			r.Target, r.ToSource = "SNAT", to
+			if proto != "" {
+				r.Proto, r.Ports = proto, e.Ports
+			}
+			out = append(out, r)
 		}
-		r.Target, r.ToSource = "SNAT", to
-		out = append(out, r)
 	}
 	return out
 }

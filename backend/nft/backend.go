@@ -421,6 +421,7 @@ func addrList(as []netip.Addr) string {
 type Counter struct {
 	To             []netip.Addr
 	Pool           netip.Prefix
+	Ports          snat.Ports
 	Packets, Bytes uint64
 }
 
@@ -437,7 +438,7 @@ func (b *Backend) Counters() ([]Counter, error) {
 	var out []Counter
 	for _, r := range c.Rules {
 		if r.Action.Kind == ActSNAT {
-			out = append(out, Counter{To: r.Action.To, Pool: r.Action.Pool, Packets: r.Packets, Bytes: r.Bytes})
+			out = append(out, Counter{To: r.Action.To, Pool: r.Action.Pool, Ports: r.Action.Ports, Packets: r.Packets, Bytes: r.Bytes})
 		}
 	}
 	return out, nil

@@ -81,6 +81,19 @@ func decodeRule(exprs []expr.Any, spread func(name string) ([]netip.Addr, error)
 					return r, d.bad(start)
 				}
 				r.HasUID, r.UID = true, v
+			case expr.MetaKeyL4PROTO:
+				c, ok := d.cmp(expr.CmpOpEq)
+				if !ok || len(c) != 1 || r.Proto != "" {
+					return r, d.bad(start)
+				}
+				for name, p := range l4protos {
+					if p == c[0] {
+						r.Proto = name
+					}
+				}
+				if r.Proto == "" {
+					return r, d.bad(start)
+				}
 			default:
 				return r, d.bad(start)
 			}
@@ -171,7 +184,7 @@ func decodeRule(exprs []expr.Any, spread func(name string) ([]netip.Addr, error)
 		case *expr.Counter:
 			r.Counter, r.Packets, r.Bytes = true, e.Packets, e.Bytes
 		case *expr.Immediate:
-			if _, nat := d.peek().(*expr.NAT); !nat {
+			if _, nat := d.peek().(*expr.NAT); !nat && !d.peekPorts() {
 				d.i = start
 				p, sticky, err := d.decodePool(r.Family)
 				if err != nil {
@@ -181,14 +194,16 @@ func decodeRule(exprs []expr.Any, spread func(name string) ([]netip.Addr, error)
 				continue
 			}
 			a, ok := netip.AddrFromSlice(e.Data)
-			if !ok || e.Register != reg || !d.snat(r.Family) {
+			ports, pok := d.ports()
+			if !ok || e.Register != reg || !pok || !d.snat(r.Family, ports) {
 				return r, d.bad(start)
 			}
-			r.Action = Action{Kind: ActSNAT, To: []netip.Addr{a}}
+			r.Action = Action{Kind: ActSNAT, To: []netip.Addr{a}, Ports: ports}
 		case *expr.Numgen:
 			l, ok := d.next().(*expr.Lookup)
+			ports, pok := d.ports()
 			if e.Register != reg || e.Type != unix.NFT_NG_INCREMENTAL || e.Offset != 0 || !ok || !l.IsDestRegSet || l.Invert ||
-				!d.snat(r.Family) {
+				!pok || !d.snat(r.Family, ports) {
 				return r, d.bad(start)
 			}
 			to, err := spread(l.SetName)
@@ -198,7 +213,7 @@ func decodeRule(exprs []expr.Any, spread func(name string) ([]netip.Addr, error)
 			if len(to) != int(e.Modulus) {
 				return r, fmt.Errorf("map %s of a spread rule has %d addresses for numgen mod %d", l.SetName, len(to), e.Modulus)
 			}
-			r.Action = Action{Kind: ActSNAT, To: to}
+			r.Action = Action{Kind: ActSNAT, To: to, Ports: ports}
 		case *expr.Verdict:
 			switch {
 			case e.Kind == expr.VerdictAccept && d.done():
@@ -318,8 +333,31 @@ func (d *decoder) peekCt() bool {
 	return ok
 }
 
-// snat takes the final `nat snat` of family f from register 1.
-func (d *decoder) snat(f snat.Family) bool {
+// peekPorts reports whether a port range's loads come next.
+func (d *decoder) peekPorts() bool {
+	i, ok := d.peek().(*expr.Immediate)
+	return ok && i.Register == regPortLo
+}
+
+// ports takes a port range's loads (portExprs), if they come next; false
+// for loads of another shape.
+func (d *decoder) ports() (snat.Ports, bool) {
+	if !d.peekPorts() {
+		return snat.Ports{}, true
+	}
+	lo, hi := d.next().(*expr.Immediate), d.peek()
+	h, ok := hi.(*expr.Immediate)
+	if !ok || h.Register != regPortHi || len(lo.Data) != 2 || len(h.Data) != 2 {
+		return snat.Ports{}, false
+	}
+	d.i++
+	p := snat.Ports{Lo: binary.BigEndian.Uint16(lo.Data), Hi: binary.BigEndian.Uint16(h.Data)}
+	return p, p.Lo != 0 && p.Lo <= p.Hi
+}
+
+// snat takes the final `nat snat` of family f from register 1, with the
+// port range p from its registers when p is not zero.
+func (d *decoder) snat(f snat.Family, p snat.Ports) bool {
 	n, ok := d.next().(*expr.NAT)
 	if !ok || f == 0 {
 		return false
@@ -330,7 +368,11 @@ func (d *decoder) snat(f snat.Family) bool {
 	if got.RegAddrMax == reg {
 		got.RegAddrMax = 0
 	}
-	return got == expr.NAT{Type: expr.NATTypeSourceNAT, Family: uint32(nfproto(f)), RegAddrMin: reg} && d.done()
+	want := expr.NAT{Type: expr.NATTypeSourceNAT, Family: uint32(nfproto(f)), RegAddrMin: reg}
+	if !p.IsZero() {
+		want.RegProtoMin, want.RegProtoMax, want.Specified = regPortLo, regPortHi, true
+	}
+	return got == want && d.done()
 }
 
 // prefixBits is the length of a prefix mask, or -1 for another mask.

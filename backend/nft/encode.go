@@ -442,6 +442,28 @@ func ifname(s string) []byte {
 
 const reg = 1 // NFT_REG_1: 16 bytes, room for an IPv6 address
 
+// regPortLo and regPortHi hold a port range's ends for SNAT (NFT_REG_2 and
+// NFT_REG_3, as nft(8) uses them), each port in network order.
+const (
+	regPortLo = 2
+	regPortHi = 3
+)
+
+// l4protos are the protocols a rule's Proto names, by their numbers.
+var l4protos = map[string]byte{"tcp": unix.IPPROTO_TCP, "udp": unix.IPPROTO_UDP}
+
+// portExprs load a port range into regPortLo and regPortHi; none for the
+// zero range.
+func portExprs(p snat.Ports) []expr.Any {
+	if p.IsZero() {
+		return nil
+	}
+	return []expr.Any{
+		&expr.Immediate{Register: regPortLo, Data: binary.BigEndian.AppendUint16(nil, p.Lo)},
+		&expr.Immediate{Register: regPortHi, Data: binary.BigEndian.AppendUint16(nil, p.Hi)},
+	}
+}
+
 // matchAddr loads an address field and compares it with p: the whole
 // address, or the masked prefix.
 func matchAddr(off uint32, p netip.Prefix) []expr.Any {
@@ -519,12 +541,28 @@ func ruleExprs(r Rule, mapID uint32) ([]expr.Any, error) {
 		}
 		add(&expr.Lookup{SourceRegister: reg, SetName: r.Set})
 	}
+	if r.Proto != "" {
+		p, ok := l4protos[r.Proto]
+		if !ok {
+			return nil, fmt.Errorf("protocol %q is not tcp or udp", r.Proto)
+		}
+		add(&expr.Meta{Key: expr.MetaKeyL4PROTO, Register: reg}, &expr.Cmp{Op: expr.CmpOpEq, Register: reg, Data: []byte{p}})
+	}
 	if r.Counter {
 		add(&expr.Counter{})
 	}
 	switch a := r.Action; a.Kind {
 	case ActSNAT:
 		nat := &expr.NAT{Type: expr.NATTypeSourceNAT, Family: uint32(nfproto(r.Family)), RegAddrMin: reg}
+		if !a.Ports.IsZero() {
+			if r.Proto == "" || a.Pool.IsValid() {
+				return nil, fmt.Errorf("a port range needs a protocol match and addresses")
+			}
+			// Loaded after the address (a spread's lookup writes
+			// register 1), each port in its own register.
+			nat.RegProtoMin, nat.RegProtoMax, nat.Specified = regPortLo, regPortHi, true
+		}
+		ports := portExprs(a.Ports)
 		switch len(a.To) {
 		case 0:
 			if a.Pool.IsValid() {
@@ -537,10 +575,14 @@ func ruleExprs(r Rule, mapID uint32) ([]expr.Any, error) {
 			}
 			return nil, fmt.Errorf("snat without an address")
 		case 1:
-			add(&expr.Immediate{Register: reg, Data: a.To[0].AsSlice()}, nat)
+			add(&expr.Immediate{Register: reg, Data: a.To[0].AsSlice()})
+			add(ports...)
+			add(nat)
 		default:
 			add(&expr.Numgen{Register: reg, Modulus: uint32(len(a.To)), Type: unix.NFT_NG_INCREMENTAL},
-				&expr.Lookup{SourceRegister: reg, DestRegister: reg, IsDestRegSet: true, SetName: "__map%d", SetID: mapID}, nat)
+				&expr.Lookup{SourceRegister: reg, DestRegister: reg, IsDestRegSet: true, SetName: "__map%d", SetID: mapID})
+			add(ports...)
+			add(nat)
 		}
 	case ActAccept:
 		add(&expr.Verdict{Kind: expr.VerdictAccept})

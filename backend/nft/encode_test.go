@@ -46,6 +46,11 @@ func TestRuleRoundTrip(t *testing.T) {
 		{Family: snat.IPv6, Out: "eth0", Src: pfx("2001:db8::250"), Counter: true, Action: Action{Kind: ActSNAT, Pool: pfx("2001:db8:1::/124"), Sticky: snat.StickyConnection}},
 		{Family: snat.IPv6, Out: "eth0", Src: pfx("2001:db8::250"), Counter: true, Action: Action{Kind: ActSNAT, Pool: pfx("2001:db8:1::/100"), Sticky: snat.StickyDestination}},
 		{Family: snat.IPv4, CtNewOrInvalid: true, Out: "eth0", Forwarded: true, Src: pfx("10.88.0.0/24"), Counter: true, Action: Action{Kind: ActDrop}},
+		// Port ranges (snat.Ports): one address, a spread, a set; TCP
+		// and UDP.
+		{Family: snat.IPv4, Out: "eth0", Src: pfx("192.0.2.250"), Dst: pfx("203.0.113.7"), Proto: "tcp", Counter: true, Action: Action{Kind: ActSNAT, To: addrs("192.0.2.22"), Ports: snat.Ports{Lo: 40000, Hi: 40007}}},
+		{Family: snat.IPv4, Out: "eth0", Src: pfx("192.0.2.250"), Dst: pfx("203.0.113.7"), Proto: "udp", Counter: true, Action: Action{Kind: ActSNAT, To: spread, Ports: snat.Ports{Lo: 40000, Hi: 40000}}},
+		{Family: snat.IPv6, Out: "eth0", Src: pfx("2001:db8::250"), Set: "d6-64-0123456789", SetBits: 64, Proto: "tcp", Counter: true, Action: Action{Kind: ActSNAT, To: addrs("2001:db8::22"), Ports: snat.Ports{Lo: 1024, Hi: 65535}}},
 	}
 	for _, r := range rules {
 		exprs, err := ruleExprs(r, 1)

@@ -68,7 +68,7 @@ func (t *Table) entries(f snat.Family, routing routes.State) []snat.Entry {
 	// 200-byte entries for most of a no-op apply's time.
 	size := 0
 	for _, r := range nat.Rules {
-		if r.Family != f || (r.Action.Kind != ActSNAT && r.Action.Kind != ActAccept) {
+		if r.Family != f || (r.Action.Kind != ActSNAT && r.Action.Kind != ActAccept) || r.Proto != "" {
 			continue
 		}
 		size++
@@ -77,8 +77,20 @@ func (t *Table) entries(f snat.Family, routing routes.State) []snat.Entry {
 		}
 	}
 	out := make([]snat.Entry, 0, size)
+	// A port range's rules, one protocol each, come before the entry's
+	// rule without the range, which stands for the entry; the comparison
+	// of the table with the rendered one catches any that differ.
+	ported := map[string]snat.Ports{}
+	portKey := func(r Rule) string {
+		r.Proto, r.Action.Ports, r.Packets, r.Bytes = "", snat.Ports{}, 0, 0
+		return r.String()
+	}
 	for _, r := range nat.Rules {
 		if r.Family != f || (r.Action.Kind != ActSNAT && r.Action.Kind != ActAccept) {
+			continue
+		}
+		if r.Proto != "" {
+			ported[portKey(r)] = r.Action.Ports
 			continue
 		}
 		e := snat.Entry{Match: snat.Match{Sender: ruleSender(r), Out: r.Out}}
@@ -87,6 +99,7 @@ func (t *Table) entries(f snat.Family, routing routes.State) []snat.Entry {
 		}
 		if r.Action.Kind == ActSNAT {
 			e.To, e.Pool, e.Sticky = r.Action.To, r.Action.Pool, r.Action.Sticky
+			e.Ports = ported[portKey(r)]
 		}
 		for _, d := range t.destinations(r) {
 			en := e

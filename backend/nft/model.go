@@ -90,6 +90,10 @@ type Rule struct {
 	Dst     netip.Prefix
 	Set     string
 	SetBits int
+	// Proto matches one transport protocol (meta l4proto tcp or udp):
+	// the rules of an entry's port range, which the kernel applies only
+	// to a protocol with ports (see snat.Ports).
+	Proto string
 	// Counter counts the packets the rule acts on: for the nat chain,
 	// new connections (NAT sees no other packet).
 	Counter bool
@@ -114,6 +118,9 @@ type Action struct {
 	// (see pool.go); To is then empty.
 	Pool   netip.Prefix
 	Sticky snat.Sticky
+	// Ports is ActSNAT's source port range (snat.Ports); zero: the
+	// kernel's own. Only in a rule with Proto.
+	Ports snat.Ports
 }
 
 // ActionKind names an action.
@@ -143,14 +150,14 @@ const (
 )
 
 func (a Action) equal(o Action) bool {
-	return a.Kind == o.Kind && a.Mark == o.Mark && slices.Equal(a.To, o.To) && a.Pool == o.Pool && a.Sticky == o.Sticky
+	return a.Kind == o.Kind && a.Mark == o.Mark && slices.Equal(a.To, o.To) && a.Pool == o.Pool && a.Sticky == o.Sticky && a.Ports == o.Ports
 }
 
 // Equal compares two rules, without their counters' values.
 func (r Rule) Equal(o Rule) bool {
 	return r.Family == o.Family && r.CtNew == o.CtNew && r.CtNewOrInvalid == o.CtNewOrInvalid && r.Unmarked == o.Unmarked && r.Out == o.Out && r.Forwarded == o.Forwarded &&
 		r.Src == o.Src && r.HasUID == o.HasUID && r.UID == o.UID && r.Cgroup == o.Cgroup &&
-		r.Dst == o.Dst && r.Set == o.Set && r.SetBits == o.SetBits && r.Counter == o.Counter &&
+		r.Dst == o.Dst && r.Set == o.Set && r.SetBits == o.SetBits && r.Proto == o.Proto && r.Counter == o.Counter &&
 		r.Comment == o.Comment && r.Action.equal(o.Action)
 }
 
@@ -452,6 +459,9 @@ func (r Rule) String() string {
 		}
 		add("@" + r.Set)
 	}
+	if r.Proto != "" {
+		add("meta l4proto", r.Proto)
+	}
 	if r.Counter {
 		add("counter")
 	}
@@ -473,14 +483,21 @@ func (a Action) string(f snat.Family) string {
 		if a.Pool.IsValid() {
 			return fmt.Sprintf("snat %s to %s (per %s: computed, see egress-snat list)", famWord(f), a.Pool, a.Sticky)
 		}
+		ports := ""
+		if !a.Ports.IsZero() {
+			ports = ":" + a.Ports.String()
+		}
 		if len(a.To) == 1 {
-			return "snat " + famWord(f) + " to " + a.To[0].String()
+			if ports != "" && f == snat.IPv6 {
+				return "snat " + famWord(f) + " to [" + a.To[0].String() + "]" + ports
+			}
+			return "snat " + famWord(f) + " to " + a.To[0].String() + ports
 		}
 		var m []string
 		for i, to := range a.To {
 			m = append(m, fmt.Sprintf("%d : %s", i, to))
 		}
-		return fmt.Sprintf("snat %s to numgen inc mod %d map { %s }", famWord(f), len(a.To), strings.Join(m, ", "))
+		return fmt.Sprintf("snat %s to numgen inc mod %d map { %s }%s", famWord(f), len(a.To), strings.Join(m, ", "), ports)
 	case ActMark:
 		return "meta mark set meta mark & " + keep + " | " + v
 	case ActRestoreMark:

@@ -169,7 +169,7 @@ func (d *decoder) decodePool(f snat.Family) (netip.Prefix, snat.Sticky, error) {
 		}
 	}
 	d.i = end
-	if !d.snat(f) {
+	if !d.snat(f, snat.Ports{}) {
 		return netip.Prefix{}, "", d.bad(end)
 	}
 	return p, sticky, nil

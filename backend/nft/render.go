@@ -195,7 +195,7 @@ func natAction(e *snat.Entry) Action {
 	if e.IsPool() {
 		return Action{Kind: ActSNAT, Pool: e.Pool, Sticky: e.Sticky}
 	}
-	return Action{Kind: ActSNAT, To: e.To}
+	return Action{Kind: ActSNAT, To: e.To, Ports: e.Ports}
 }
 
 // withConnmark surrounds the output mark chain's rules with the ct mark
@@ -263,7 +263,7 @@ type grouper struct {
 func (g *grouper) add(chain string, e *snat.Entry, a Action) {
 	bits := e.Dst.Bits()
 	if l := g.last; l != nil && l.bits == bits && l.chain == chain && l.sender == e.Sender && l.out == e.Out &&
-		l.natural == e.Natural && l.action.Kind == a.Kind && l.action.Mark == a.Mark &&
+		l.natural == e.Natural && l.action.Kind == a.Kind && l.action.Mark == a.Mark && l.action.Ports == a.Ports &&
 		unsafe.SliceData(a.To) == g.lastTo && len(a.To) == g.lastN && l.fam == e.Family() {
 		l.elems.Add(e.Dst.Masked().Addr())
 		return
@@ -292,6 +292,9 @@ func (a Action) key() string {
 	}
 	if a.Pool.IsValid() {
 		s += " pool " + a.Pool.String() + " " + string(a.Sticky)
+	}
+	if !a.Ports.IsZero() {
+		s += " ports " + a.Ports.String()
 	}
 	return s
 }
@@ -335,7 +338,28 @@ func (g *grouper) rules(t *Table) []Rule {
 }
 
 // render returns the group's rules, adding its set to t when it has one.
+// A port range's rules come once for each protocol with ports, then once
+// without the range for the rest (see snat.Ports).
 func (gr *group) render(t *Table) []Rule {
+	rules := gr.renderOnce(t)
+	if gr.action.Ports.IsZero() {
+		return rules
+	}
+	out := make([]Rule, 0, (len(snat.PortProtocols)+1)*len(rules))
+	for _, proto := range snat.PortProtocols {
+		for _, r := range rules {
+			r.Proto = proto
+			out = append(out, r)
+		}
+	}
+	for _, r := range rules {
+		r.Action.Ports = snat.Ports{}
+		out = append(out, r)
+	}
+	return out
+}
+
+func (gr *group) renderOnce(t *Table) []Rule {
 	gr.elems.normalize()
 	base := Rule{Family: gr.fam, Counter: gr.chain == ChainNAT, Action: gr.action, Comment: comment(gr.sender)}
 	switch gr.chain {

@@ -106,7 +106,7 @@ func TestEnumFlags(t *testing.T) {
 		}
 	}
 	slices.Sort(names)
-	want := []string{"--backend", "rotate --order", "set --method", "verify --proto", "watch --log-format"}
+	want := []string{"--backend", "rotate --order", "set --method", "set --sticky", "verify --proto", "watch --log-format"}
 	if !slices.Equal(names, want) {
 		t.Errorf("enum flags %v, want %v", names, want)
 	}

@@ -15,7 +15,7 @@ import (
 var setCommand = &cli.Command{
 	Name:      "set",
 	Usage:     "make new connections to destinations leave with a chosen source address",
-	UsageText: "egress-snat set --to ADDR [--dst ADDR|CIDR]... [--out IFACE] [--permanent] [--dry-run]\n   egress-snat set --to ADDR --from CIDR [--from CIDR]... [--dst CIDR]...\n   egress-snat set --to ADDR --uid USER|UID [--dst CIDR]...\n   egress-snat set --to ADDR --cgroup PATH [--dst CIDR]...\n   egress-snat set --to ADDR,ADDR[,...] --spread [--dst CIDR]...\n   egress-snat set --to ADDR=WEIGHT,ADDR=WEIGHT[,...] --spread [--dst CIDR]...\n   egress-snat set --to IPV6-PREFIX [--sticky connection|destination|sender] [--dst CIDR]...\n   egress-snat set --to ADDR-ON-ANOTHER-NIC --dst CIDR... [--via GW]\n   egress-snat set --to ADDR --dst CIDR... --method route|snat|auto",
+	UsageText: "egress-snat set --to ADDR [--dst ADDR|CIDR]... [--out IFACE] [--permanent] [--dry-run]\n   egress-snat set --to ADDR --from CIDR [--from CIDR]... [--dst CIDR]...\n   egress-snat set --to ADDR --uid USER|UID [--dst CIDR]...\n   egress-snat set --to ADDR --cgroup PATH [--dst CIDR]...\n   egress-snat set --to ADDR,ADDR[,...] --spread [--dst CIDR]...\n   egress-snat set --to ADDR=WEIGHT,ADDR=WEIGHT[,...] --spread [--dst CIDR]...\n   egress-snat set --to IPV6-PREFIX [--sticky connection|destination|sender] [--dst CIDR]...\n   egress-snat set --to ADDR-ON-ANOTHER-NIC --dst CIDR... [--via GW]\n   egress-snat set --to ADDR --dst CIDR... --method route|snat|auto\n   egress-snat set --to ADDR[,ADDR...] --dst CIDR... --to-ports LO-HI",
 	Description: `Installs SNAT rules so that new connections to each --dst leave with --to
 instead of the kernel's natural source. Without --dst, it applies to every
 destination of --to's family (0.0.0.0/0 or ::/0: whatever uses the default
@@ -69,6 +69,13 @@ is on-link on an interface without neighbour proxying (proxy_ndp), where
 the router would ask for each address by neighbour discovery and replies
 would never arrive.
 
+--to-ports 40000-40999 gives new TCP and UDP connections source ports of
+that range (default: the kernel's own choice), for an upstream firewall
+that lets only some through. The kernel needs a free port of the range for
+each address, destination, destination port and protocol: a connection
+that finds none fails (stats warns at 80% of the range). Other protocols
+(ICMP) keep the kernel's choice. Not for a pool, nor --method route.
+
 Who sends: --from CIDR chooses the source of traffic forwarded through this
 host from those sources (Docker or libvirt networks, VPN or LAN clients);
 it wins over their MASQUERADE because egress-snat's jump is first. --uid and
@@ -111,6 +118,7 @@ Examples:
    egress-snat set --to 192.0.2.22=3,192.0.2.23=1 --spread      # 3 of every 4 from .22
    egress-snat set --to 2001:db8:1::/64 --dst ::/0              # a routed /64 as the pool
    egress-snat set --to 2001:db8:1::/64 --sticky destination --dst 2001:db8:ffff::/48
+   egress-snat set --to 192.0.2.22 --dst 203.0.113.9 --to-ports 40000-40999
    egress-snat set --to 192.0.2.23 --from 172.17.0.0/16         # Docker's containers
    egress-snat set --to 192.0.2.22 --uid postfix --dst 0.0.0.0/0  # mail from .22`,
 	Flags: append([]cli.Flag{
@@ -119,6 +127,7 @@ Examples:
 		&cli.StringFlag{Name: "out", Usage: "outgoing `IFACE` (default: the interface the kernel routes the destination by)"},
 		&cli.BoolFlag{Name: "spread", Usage: "spread new connections over all --to addresses in turn (by their weights, when given)"},
 		enum(&cli.StringFlag{Name: "sticky", Value: "connection", Usage: "with --to PREFIX: which connections share an address: connection (a new address each), destination (one per sender and destination) or sender (one per sender)"}, "connection", "destination", "sender"),
+		&cli.StringFlag{Name: "to-ports", Usage: "source ports `LO-HI` SNAT gives new TCP and UDP connections (default: the kernel's choice); a connection finding none free for its destination fails"},
 		permanentFlag,
 		&cli.StringFlag{Name: "via", Usage: "gateway `GW` when --to is on another interface than the destination's route (default: that interface's one gateway)"},
 		enum(&cli.StringFlag{Name: "method", Value: "snat", Usage: "`METHOD`: snat (nat chain), route (a route with src, no NAT: the host's own traffic only) or auto"}, "snat", "route", "auto"),
@@ -129,9 +138,16 @@ Examples:
 		if err := required(c, "to"); err != nil {
 			return err
 		}
+		ports, err := snat.ParsePorts(c.String("to-ports"))
+		if err != nil {
+			return usageError("--to-%v", err)
+		}
 		if pool, ok, err := parsePool(c); ok || err != nil {
 			if err != nil {
 				return err
+			}
+			if c.IsSet("to-ports") {
+				return usageError("--to %s is a pool, whose addresses do not run out of ports: leave out --to-ports", pool)
 			}
 			return setPool(c, pool)
 		}
@@ -166,6 +182,9 @@ Examples:
 		if err != nil {
 			return usageError("--%v", err)
 		}
+		if !ports.IsZero() && method == snat.MethodRoute {
+			return usageError("--to-ports %s needs --method snat: a route does not translate ports", ports)
+		}
 		var via netip.Addr
 		if c.IsSet("via") {
 			if via, err = netip.ParseAddr(c.String("via")); err != nil || via.Zone() != "" {
@@ -181,7 +200,7 @@ Examples:
 				return usageError("--from %s and --to %s are of different address families", s.From, to[0])
 			}
 			for _, d := range dsts {
-				intents = append(intents, snat.Intent{Sender: s, Dst: d, To: to, Out: c.String("out"), Spread: c.Bool("spread"), Via: via, Method: method})
+				intents = append(intents, snat.Intent{Sender: s, Dst: d, To: to, Out: c.String("out"), Spread: c.Bool("spread"), Via: via, Method: method, Ports: ports})
 			}
 		}
 		return setIntents(c, intents)

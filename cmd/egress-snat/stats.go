@@ -2,6 +2,7 @@ package main
 
 import (
 	"fmt"
+	"net/netip"
 	"strings"
 	"time"
 
@@ -151,12 +152,30 @@ func snatCounters(e *env) ([]stats.RuleCounters, error) {
 	if err != nil {
 		return nil, err
 	}
+	// One per address, as the iptables backend's: the smallest port range
+	// named for it (a rule's --to-ports), the counters summed.
+	byAddr := map[netip.Addr]int{}
 	for _, ct := range counters {
 		// A spread rule counts its whole group: its addresses share the
 		// count evenly, as its round robin does.
 		n := uint64(len(ct.To))
+		pr := stats.DefaultPortRange
+		if !ct.Ports.IsZero() {
+			pr = stats.PortRange{Lo: ct.Ports.Lo, Hi: ct.Ports.Hi}
+		}
 		for _, a := range ct.To {
-			rules = append(rules, stats.RuleCounters{Address: a, Range: stats.DefaultPortRange, Packets: ct.Packets / n, Bytes: ct.Bytes / n, Ours: true})
+			i, seen := byAddr[a]
+			if !seen {
+				i = len(rules)
+				byAddr[a] = i
+				rules = append(rules, stats.RuleCounters{Address: a, Range: stats.DefaultPortRange, Ours: true})
+			}
+			r := &rules[i]
+			if pr.Size() < r.Range.Size() {
+				r.Range = pr
+			}
+			r.Packets += ct.Packets / n
+			r.Bytes += ct.Bytes / n
 		}
 	}
 	f, err := iptables.DetectFlavour("auto")

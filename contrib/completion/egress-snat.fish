@@ -31,6 +31,7 @@ complete -c egress-snat -n '__fish_seen_subcommand_from set' -f -l dst -r -d 'de
 complete -c egress-snat -n '__fish_seen_subcommand_from set' -f -l out -r -d 'outgoing `IFACE` (default: the interface the kernel routes the destination by)'
 complete -c egress-snat -n '__fish_seen_subcommand_from set' -f -l spread -d 'spread new connections over all --to addresses in turn (by their weights, when given)'
 complete -c egress-snat -n '__fish_seen_subcommand_from set' -f -l sticky -r -a 'connection destination sender' -d 'with --to PREFIX: which connections share an address: connection (a new address each), destination (one per sender and destination) or sender (one per sender)'
+complete -c egress-snat -n '__fish_seen_subcommand_from set' -f -l to-ports -r -d 'source ports `LO-HI` SNAT gives new TCP and UDP connections (default: the kernel\'s choice); a connection finding none free for its destination fails'
 complete -c egress-snat -n '__fish_seen_subcommand_from set' -f -l permanent -d 'also change the permanent file (--config) in the same step, so that the change survives a reboot; if the file cannot be read or written, nothing changes'
 complete -c egress-snat -n '__fish_seen_subcommand_from set' -f -l via -r -d 'gateway `GW` when --to is on another interface than the destination\'s route (default: that interface\'s one gateway)'
 complete -c egress-snat -n '__fish_seen_subcommand_from set' -f -l method -r -a 'snat route auto' -d '`METHOD`: snat (nat chain), route (a route with src, no NAT: the host\'s own traffic only) or auto'

@@ -20,14 +20,14 @@
 // runs one IPTABLES process (the first rule of a chain also creates the chain
 // and inserts a jump to it first in POSTROUTING).
 //
-//	benchconn serve -ports 7100-7115
+//	benchconn serve -ports 7100-7115 [-net tcp4|tcp6|tcp]
 //
 // runs the far side (in the far namespace): on every port of the range, on
-// all IPv4 addresses, it answers each TCP connection with the address the
+// all IPv4 addresses (-net: IPv6, or both), it answers each TCP connection with the address the
 // connection came from and a newline, then closes it. It exits after
 // -max-time, or on SIGINT/SIGTERM.
 //
-//	benchconn load -addrs 203.0.113.1,... -ports 7100-7115 -duration 3s -want 192.0.2.22
+//	benchconn load -addrs 203.0.113.1,... -ports 7100-7115 -duration 3s -want 192.0.2.22 [-net tcp6] [-max N]
 //
 // opens short TCP connections from this namespace for a fixed time with
 // -conc workers, over every address and port in turn (so that one SNAT
@@ -36,6 +36,14 @@
 // completed connections, the rate, errors, and the source addresses the far
 // side reported. It fails if nothing completed or if the far side saw any
 // source other than -want.
+//
+//	benchconn hold -addr 203.0.113.1:7100 -n 12
+//
+// opens n TCP connections to one server address and port, one after the
+// other, reads the source the far side saw on each, and keeps every one
+// open until all were tried, so that each holds its NAT source port: the
+// connections of a small --to-ports range run out. It prints one JSON
+// object: tried, connected, failed, and the sources the far side reported.
 package main
 
 import (
@@ -73,6 +81,8 @@ func main() {
 		err = serve(os.Args[2:])
 	case "load":
 		err = load(os.Args[2:])
+	case "hold":
+		err = hold(os.Args[2:])
 	default:
 		usage()
 	}
@@ -83,7 +93,7 @@ func main() {
 }
 
 func usage() {
-	fmt.Fprintln(os.Stderr, "usage: benchconn gen|loop|serve|load [flags] (see the package comment)")
+	fmt.Fprintln(os.Stderr, "usage: benchconn gen|loop|serve|load|hold [flags] (see the package comment)")
 	os.Exit(2)
 }
 
@@ -296,6 +306,7 @@ func serve(args []string) error {
 	fs := flag.NewFlagSet("serve", flag.ExitOnError)
 	ports := fs.String("ports", "7100-7115", "TCP port range LO-HI")
 	maxTime := fs.Duration("max-time", 30*time.Minute, "exit after this long in any case")
+	network := fs.String("net", "tcp4", "tcp4, tcp6, or tcp for both families")
 	fs.Parse(args)
 	ps, err := parsePorts(*ports)
 	if err != nil {
@@ -303,7 +314,7 @@ func serve(args []string) error {
 	}
 	var served atomic.Int64
 	for _, p := range ps {
-		ln, err := net.Listen("tcp4", "0.0.0.0:"+strconv.Itoa(p))
+		ln, err := net.Listen(*network, ":"+strconv.Itoa(p))
 		if err != nil {
 			return err
 		}
@@ -354,6 +365,7 @@ func load(args []string) error {
 	conc := fs.Int("conc", 8, "concurrent workers")
 	want := fs.String("want", "", "fail unless the far side sees every connection from this address")
 	maxConns := fs.Int64("max", 2_000_000, "stop after this many connections in any case")
+	network := fs.String("net", "tcp4", "tcp4 or tcp6 (the family of -addrs)")
 	fs.Parse(args)
 	ps, err := parsePorts(*ports)
 	if err != nil {
@@ -391,7 +403,7 @@ func load(args []string) error {
 				if i > *maxConns {
 					break
 				}
-				src, err := once(&d, targets[int(i)%len(targets)], buf)
+				src, err := once(&d, *network, targets[int(i)%len(targets)], buf)
 				if err != nil {
 					if errs.Add(1) == 1 {
 						mu.Lock()
@@ -428,8 +440,8 @@ func load(args []string) error {
 // once opens one connection, reads the source address the server saw, and
 // closes with an RST (SO_LINGER 0): the client keeps no TIME_WAIT, so its
 // ephemeral ports never run out however fast it goes.
-func once(d *net.Dialer, target string, buf []byte) (string, error) {
-	c, err := d.Dial("tcp4", target)
+func once(d *net.Dialer, network, target string, buf []byte) (string, error) {
+	c, err := d.Dial(network, target)
 	if err != nil {
 		return "", err
 	}
@@ -448,6 +460,71 @@ func once(d *net.Dialer, target string, buf []byte) (string, error) {
 		}
 		if err != nil || n == len(buf) {
 			return "", fmt.Errorf("reading from %s: %v", target, err)
+		}
+	}
+}
+
+// ---- hold ----
+
+func hold(args []string) error {
+	fs := flag.NewFlagSet("hold", flag.ExitOnError)
+	addr := fs.String("addr", "203.0.113.1:7100", "server ADDRESS:PORT")
+	n := fs.Int("n", 12, "connections to try")
+	timeout := fs.Duration("timeout", time.Second, "how long one connection may take to connect and answer")
+	network := fs.String("net", "tcp4", "tcp4 or tcp6")
+	fs.Parse(args)
+	var (
+		open []net.Conn
+		res  = struct {
+			Tried     int              `json:"tried"`
+			Connected int              `json:"connected"`
+			Failed    int              `json:"failed"`
+			FirstErr  string           `json:"first_error,omitempty"`
+			Seen      map[string]int64 `json:"seen"`
+		}{Seen: map[string]int64{}}
+	)
+	defer func() {
+		for _, c := range open {
+			c.Close()
+		}
+	}()
+	d := net.Dialer{Timeout: *timeout}
+	buf := make([]byte, 64)
+	for range *n {
+		res.Tried++
+		src, c, err := ask(&d, *network, *addr, buf, *timeout)
+		if err != nil {
+			if res.Failed == 0 {
+				res.FirstErr = err.Error()
+			}
+			res.Failed++
+			continue
+		}
+		open = append(open, c)
+		res.Connected++
+		res.Seen[src]++
+	}
+	return json.NewEncoder(os.Stdout).Encode(res)
+}
+
+// ask connects, reads the source the server saw, and returns the
+// connection still open.
+func ask(d *net.Dialer, network, target string, buf []byte, timeout time.Duration) (string, net.Conn, error) {
+	c, err := d.Dial(network, target)
+	if err != nil {
+		return "", nil, err
+	}
+	c.SetReadDeadline(time.Now().Add(timeout))
+	n := 0
+	for {
+		m, err := c.Read(buf[n:])
+		n += m
+		if i := strings.IndexByte(string(buf[:n]), '\n'); i >= 0 {
+			return string(buf[:i]), c, nil
+		}
+		if err != nil || n == len(buf) {
+			c.Close()
+			return "", nil, fmt.Errorf("reading from %s: %v", target, err)
 		}
 	}
 }
