@@ -499,7 +499,8 @@ func Merge(installed, updates []Entry) []Entry {
 	for _, u := range updates {
 		replaced[who{u.Sender, u.Dst}] = true
 	}
-	out := slices.Clone(updates)
+	out := make([]Entry, 0, len(updates)+len(installed))
+	out = append(out, updates...)
 	for _, e := range installed {
 		if !replaced[who{e.Sender, e.Dst}] {
 			out = append(out, e)

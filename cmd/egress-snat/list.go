@@ -129,8 +129,9 @@ func listRows(e *env, st *snat.State, natural []snat.Entry) []listRow {
 	if n, ok := st.NAT.(snat.SetNamer); ok {
 		setOf = n.SetNames()
 	}
-	rows := []listRow{}
-	for _, en := range st.Entries() {
+	entries := st.Entries()
+	rows := make([]listRow, 0, len(entries)+len(natural))
+	for _, en := range entries {
 		present := true
 		for _, a := range en.To {
 			if _, err := e.sel.Owner(a); err != nil {
