@@ -64,6 +64,7 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
+	"time"
 
 	"go.yaml.in/yaml/v3"
 
@@ -484,6 +485,13 @@ func readDstFile(path string) ([]netip.Prefix, error) {
 		return nil, err
 	}
 	defer fh.Close()
+	id, err := fh.(*boundedFile).id()
+	if err != nil {
+		return nil, err
+	}
+	if dsts, ok := dstFiles.get(id); ok {
+		return dsts, nil
+	}
 	// Not sized from the file's length: watch keeps these prefixes, and
 	// a guess's spare capacity would stay with them.
 	var out []netip.Prefix
@@ -511,6 +519,7 @@ func readDstFile(path string) ([]netip.Prefix, error) {
 	// entries resolved from them then need no sort of 200-byte entries,
 	// which at 100,000 destinations cost more than this one of prefixes.
 	sortPrefixes(out)
+	dstFiles.put(id, out, time.Now())
 	return out, nil
 }
 

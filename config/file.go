@@ -95,6 +95,15 @@ func mib(n int64) string {
 	return fmt.Sprintf("%d bytes", n)
 }
 
+// id is the open file's identity and change times (see dstCache).
+func (b *boundedFile) id() (fileID, error) {
+	var st unix.Stat_t
+	if err := unix.Fstat(int(b.f.Fd()), &st); err != nil {
+		return fileID{}, &os.PathError{Op: "stat", Path: strconv.Quote(b.path), Err: err}
+	}
+	return idOf(&st), nil
+}
+
 // boundedFile reads at most max bytes and fails on the byte after.
 type boundedFile struct {
 	f    *os.File

@@ -104,10 +104,16 @@ func (t *Table) entries(f snat.Family, routing routes.State) []snat.Entry {
 		for _, d := range t.destinations(r) {
 			en := e
 			en.Dst = d
-			if m, ok := marks[key{en.Sender, d}]; ok && !en.Keep() {
-				en.Marked, en.Replies, en.Via = true, true, via[byMark[m]]
+			// Looked up only when there are any: hashing a sender and
+			// a prefix for each of 100,000 entries was half of this.
+			if len(marks) > 0 {
+				if m, ok := marks[key{en.Sender, d}]; ok && !en.Keep() {
+					en.Marked, en.Replies, en.Via = true, true, via[byMark[m]]
+				}
 			}
-			en.Hold = held[holdKey{key{en.Sender, d}, en.Out}]
+			if len(held) > 0 {
+				en.Hold = held[holdKey{key{en.Sender, d}, en.Out}]
+			}
 			out = append(out, en)
 		}
 	}
