@@ -237,7 +237,15 @@ func (s *Snapshot) SetNames() func(snat.Entry) string {
 		who snat.Sender
 		dst netip.Prefix
 	}
-	setOf := map[key]string{}
+	n := 0
+	for _, f := range snat.Families {
+		for _, r := range s.Installed[f].Rules {
+			if r.Set != "" {
+				n += len(s.Sets[r.Set].Members)
+			}
+		}
+	}
+	setOf := make(map[key]string, n) // sized: grown, it was most of list's time at 100,000
 	for _, f := range snat.Families {
 		for _, r := range s.Installed[f].Rules {
 			if r.Set == "" {

@@ -30,8 +30,9 @@ func naturalRules(c *cli.Context, e *env, st *snat.State) []snat.Entry {
 		sender snat.Sender
 		dst    netip.Prefix
 	}
-	installed := map[key]bool{}
-	for _, en := range st.Entries() {
+	have := st.Entries()
+	installed := make(map[key]bool, len(have))
+	for _, en := range have {
 		installed[key{en.Sender, en.Dst}] = true
 	}
 	var open []snat.Intent
