@@ -128,9 +128,9 @@ type Pool struct {
 	// flows left with; TopAddresses the TopN busiest of them.
 	AddressesInUse int           `json:"addresses_in_use"`
 	TopAddresses   []PoolAddress `json:"top_addresses"`
-	// Busiest is the busiest tuple, nil without flows; PortsInUse its
-	// flows, each holding one port of PortRange.
-	Busiest    *Tuple  `json:"busiest_tuple"`
+	// Busiest is the busiest tuple, nil (left out) without flows;
+	// PortsInUse its flows, each holding one port of PortRange.
+	Busiest    *Tuple  `json:"busiest_tuple,omitempty"`
 	PortRange  string  `json:"port_range"`
 	RangeSize  int     `json:"port_range_size"`
 	PortsInUse int     `json:"ports_in_use"`

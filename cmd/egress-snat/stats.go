@@ -45,8 +45,8 @@ port_range, port_range_size, ports_in_use, port_use_ratio, warning (when
 there is one), rule_packets, rule_bytes. A pool: pool (the prefix),
 sticky (connection, destination or sender; comma-separated when its rules
 differ), managed, flows, total_flows, addresses_in_use, top_addresses
-[{address, flows}], busiest_tuple {address, proto, dst, flows} (null
-without flows), port_range, port_range_size, ports_in_use, port_use_ratio,
+[{address, flows}], busiest_tuple {address, proto, dst, flows} (left
+out without flows), port_range, port_range_size, ports_in_use, port_use_ratio,
 warning, rule_packets, rule_bytes.
 
 --prometheus FILE also writes the node_exporter textfile format, atomically
