@@ -2,7 +2,6 @@ package main
 
 import (
 	"fmt"
-	"net/netip"
 	"strings"
 	"time"
 
@@ -214,36 +213,9 @@ func snatCounters(e *env) ([]stats.RuleCounters, error) {
 	if e.nft == nil {
 		return e.ipt.SNATCounters()
 	}
-	var rules []stats.RuleCounters
-	counters, err := e.nft.Counters()
+	rules, err := e.nft.SNATCounters()
 	if err != nil {
 		return nil, err
-	}
-	// One per address, as the iptables backend's: the smallest port range
-	// named for it (a rule's --to-ports), the counters summed.
-	byAddr := map[netip.Addr]int{}
-	for _, ct := range counters {
-		// A spread rule counts its whole group: its addresses share the
-		// count evenly, as its round robin does.
-		n := uint64(len(ct.To))
-		pr := stats.DefaultPortRange
-		if !ct.Ports.IsZero() {
-			pr = stats.PortRange{Lo: ct.Ports.Lo, Hi: ct.Ports.Hi}
-		}
-		for _, a := range ct.To {
-			i, seen := byAddr[a]
-			if !seen {
-				i = len(rules)
-				byAddr[a] = i
-				rules = append(rules, stats.RuleCounters{Address: a, Range: stats.DefaultPortRange, Ours: true})
-			}
-			r := &rules[i]
-			if pr.Size() < r.Range.Size() {
-				r.Range = pr
-			}
-			r.Packets += ct.Packets / n
-			r.Bytes += ct.Bytes / n
-		}
 	}
 	f, err := iptables.DetectFlavour("auto")
 	if err != nil {
