@@ -136,7 +136,7 @@ func TestPoolStats(t *testing.T) {
 	}
 
 	text := mustES(t, l, "stats")
-	for _, want := range []string{"pool " + testPool + " (egress-snat, per connection)\n", fmt.Sprintf("  flows       %d tcp %d\n", n, n), fmt.Sprintf("  addresses   %d in use\n", p.AddressesInUse), top.Address} {
+	for _, want := range []string{"pool " + testPool + " (egress-snat, per connection)\n", fmt.Sprintf("  flows       %d tcp %d\n", n, n), fmt.Sprintf("  addresses   %d in use, the busiest:\n", p.AddressesInUse), fmt.Sprintf("  busiest     tcp %s from %s\n", wantDst, p.Busiest.Address), top.Address} {
 		if !strings.Contains(text, want) {
 			t.Errorf("stats:\n%s\nwant %q", text, want)
 		}

@@ -181,13 +181,16 @@ func printStats(e *env, report stats.Report) {
 		}
 		fmt.Fprintf(w, "pool %s%s\n", p.Pool, mark)
 		fmt.Fprintf(w, "  flows       %d %s\n", p.Total, protoCounts(p.Flows))
-		fmt.Fprintf(w, "  addresses   %d in use\n", p.AddressesInUse)
-		busiest := ""
+		fmt.Fprintf(w, "  nat ports   %d of %d in use by the busiest tuple (%.0f%%), range %s\n", p.PortsInUse, p.RangeSize, 100*p.Ratio, p.PortRange)
 		if b := p.Busiest; b != nil {
-			busiest = fmt.Sprintf(" (%s %s %s)", b.Address, b.Proto, b.Dst)
+			fmt.Fprintf(w, "  busiest     %s %s from %s\n", b.Proto, b.Dst, b.Address)
 		}
-		fmt.Fprintf(w, "  nat ports   %d of %d in use by the busiest tuple%s (%.0f%%), range %s\n", p.PortsInUse, p.RangeSize, busiest, 100*p.Ratio, p.PortRange)
 		fmt.Fprintf(w, "  rules       %s, %s\n", plural(p.Packets, "packet", "packets"), plural(p.Bytes, "byte", "bytes"))
+		list := ""
+		if len(p.TopAddresses) > 0 {
+			list = ", the busiest:"
+		}
+		fmt.Fprintf(w, "  addresses   %d in use%s\n", p.AddressesInUse, list)
 		for _, a := range p.TopAddresses {
 			fmt.Fprintf(w, "  %-46s %s\n", a.Address, plural(a.Flows, "flow", "flows"))
 		}
