@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"net/netip"
 	"slices"
+	"strings"
 
 	"github.com/egress-snat/egress-snat/snat"
 	"github.com/egress-snat/egress-snat/stats"
@@ -105,6 +106,11 @@ func poolCounters(nat *SavedTable) ([]stats.RuleCounters, map[int]int) {
 	byMatch := map[Rule]*group{}
 	for i, sr := range nat.Rules {
 		if sr.Chain != ChainName || target(sr.Spec) != "SNAT" {
+			continue
+		}
+		// Only an IPv6 range can be a pool's: the rest, all of an
+		// IPv4 table, is not parsed twice.
+		if j := slices.Index(sr.Spec, "--to-source"); j < 0 || j+1 >= len(sr.Spec) || !strings.Contains(sr.Spec[j+1], "-") || !strings.Contains(sr.Spec[j+1], ":") {
 			continue
 		}
 		r, err := ParseRule(snat.IPv6, sr.Spec)
