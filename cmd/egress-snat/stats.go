@@ -45,14 +45,17 @@ there is one), rule_packets, rule_bytes. A pool: pool (the prefix),
 sticky (connection, destination or sender; comma-separated when its rules
 differ), managed, flows, total_flows, addresses_in_use, top_addresses
 [{address, flows}], busiest_tuple {address, proto, dst, flows} (left
-out without flows), port_range, port_range_size, ports_in_use, port_use_ratio,
-warning, rule_packets, rule_bytes.
+out without flows), port_range, port_range_size, ports_in_use,
+port_use_ratio, warning, rule_packets, rule_bytes.
 
 --prometheus FILE also writes the node_exporter textfile format, atomically
 (a temporary file renamed over FILE), with bounded cardinality: at most 256
 addresses with 10 destinations each, at most 256 pools with one set of
-egress_snat_pool_* series each, labelled by the prefix and never by an
-address of it, and
+series each, labelled by the prefix and never by an address of it
+(egress_snat_pool_flows by proto, egress_snat_pool_addresses_in_use,
+egress_snat_pool_busiest_address_flows, egress_snat_pool_nat_port_range_size,
+egress_snat_pool_nat_ports_in_use, egress_snat_pool_nat_port_use_ratio,
+egress_snat_pool_rule_packets_total, egress_snat_pool_rule_bytes_total), and
 egress_snat_last_run_timestamp_seconds, the time it was written, so that a
 stale file can be told from a fresh one
 (time() - egress_snat_last_run_timestamp_seconds > 600 in an alert). Point
