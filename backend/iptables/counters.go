@@ -108,9 +108,10 @@ func poolCounters(nat *SavedTable) ([]stats.RuleCounters, map[int]int) {
 		if sr.Chain != ChainName || target(sr.Spec) != "SNAT" {
 			continue
 		}
-		// Only an IPv6 range can be a pool's: the rest, all of an
-		// IPv4 table, is not parsed twice.
-		if j := slices.Index(sr.Spec, "--to-source"); j < 0 || j+1 >= len(sr.Spec) || !strings.Contains(sr.Spec[j+1], "-") || !strings.Contains(sr.Spec[j+1], ":") {
+		// Only an IPv6 range with --random can be a pool's (a range of
+		// one address, a /124's slice, is saved as the address alone):
+		// the rest, all of an IPv4 table, is not parsed twice.
+		if j := slices.Index(sr.Spec, "--to-source"); j < 0 || j+1 >= len(sr.Spec) || !strings.Contains(sr.Spec[j+1], ":") || !slices.Contains(sr.Spec, "--random") {
 			continue
 		}
 		r, err := ParseRule(snat.IPv6, sr.Spec)

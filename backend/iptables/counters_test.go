@@ -107,6 +107,7 @@ func TestSNATCountersPools(t *testing.T) {
 		poolEntry("2001:db8:ffff::/48", "2001:db8:1::/64", snat.StickyConnection),
 		entry("2001:db8:fffe::/48", "2001:db8::250", "2001:db8::22"),
 		poolEntry("2001:db8:fffd::/48", "2001:db8:2::/124", snat.StickySender),
+		poolEntry("2001:db8:fffc::/48", "2001:db8:3::/124", snat.StickyConnection), // 15 rules of one address each
 	})
 	for i, r := range c.Rules {
 		fmt.Fprintf(&b, "[%d:%d] -A EGRESS-SNAT %s\n", i+1, 80*(i+1), r)
@@ -121,10 +122,12 @@ func TestSNATCountersPools(t *testing.T) {
 		t.Fatal(err)
 	}
 	// Render orders the entries' rules; sum what it gave each.
-	var conn, sender, addrRule stats.RuleCounters
+	var conn, sender, addrRule, small stats.RuleCounters
 	for i, r := range c.Rules {
 		n := uint64(i + 1)
 		switch {
+		case netip.MustParsePrefix("2001:db8:3::/124").Contains(r.ToSource):
+			small.Packets, small.Bytes = small.Packets+n, small.Bytes+80*n
 		case r.ToSource == addr("2001:db8::22"):
 			addrRule.Packets, addrRule.Bytes = addrRule.Packets+n, addrRule.Bytes+80*n
 		case r.Persistent:
@@ -137,6 +140,7 @@ func TestSNATCountersPools(t *testing.T) {
 		{Pool: netip.MustParsePrefix("2001:db8:1::/64"), Sticky: "connection", Range: stats.DefaultPortRange, Packets: conn.Packets, Bytes: conn.Bytes, Ours: true},
 		{Address: addr("2001:db8::22"), Range: stats.DefaultPortRange, Packets: addrRule.Packets, Bytes: addrRule.Bytes, Ours: true},
 		{Pool: netip.MustParsePrefix("2001:db8:2::/124"), Sticky: "sender", Range: stats.DefaultPortRange, Packets: sender.Packets, Bytes: sender.Bytes, Ours: true},
+		{Pool: netip.MustParsePrefix("2001:db8:3::/124"), Sticky: "connection", Range: stats.DefaultPortRange, Packets: small.Packets, Bytes: small.Bytes, Ours: true},
 		{Address: addr("2001:db8:9::1"), Range: stats.DefaultPortRange, Packets: 4, Bytes: 320},
 	}
 	opts := []gocmp.Option{gocmp.Comparer(func(a, b netip.Addr) bool { return a == b }), gocmp.Comparer(func(a, b netip.Prefix) bool { return a == b })}
@@ -151,7 +155,10 @@ func TestSNATCountersPools(t *testing.T) {
 	if diff := gocmp.Diff(want, got, opts...); diff != "" {
 		t.Errorf("snatCounters (-want +got):\n%s\n%s", diff, b.String())
 	}
-	if conn.Packets == 0 || sender.Packets == 0 || addrRule.Packets == 0 {
+	if !strings.Contains(b.String(), "--to-source 2001:db8:3::1 --random") {
+		t.Errorf("want the /124's slices saved as one address each, as iptables-save prints them:\n%s", b.String())
+	}
+	if conn.Packets == 0 || sender.Packets == 0 || addrRule.Packets == 0 || small.Packets == 0 {
 		t.Fatalf("rendered rules %v: want the three entries' rules", c.Args())
 	}
 
