@@ -77,7 +77,7 @@ func poolConntrack(t *testing.T, l *lab.Lab, pool netip.Prefix) (flows int, addr
 // tuple, the rules' n first packets, and no address row of the pool's;
 // the text and the textfile say the same, the textfile without a series
 // per address. Changed to per destination, the pool says so and keeps
-// counting its flows.
+// counting its flows. A /124 inside it keeps its own flows.
 func TestPoolStats(t *testing.T) {
 	t.Parallel()
 	l := newLab(t)
@@ -178,5 +178,33 @@ func TestPoolStats(t *testing.T) {
 	held, _ = poolConntrack(t, l, pool)
 	if len(got.Pools) != 1 || got.Pools[0].Sticky != "destination" || got.Pools[0].Total != held || held != n+5 {
 		t.Errorf("per destination, stats --json:\n%s\nwant one pool, per destination, with the %d flows conntrack lists (%d made)", out, held, n+5)
+	}
+
+	// A /124 inside the /64, per connection (on the iptables backends 15
+	// rules of one address each, which iptables-save prints without a
+	// range): its flows are its own, not the /64's.
+	const small = "2001:db8:1:0:1::/124"
+	gwAddrAdd(t, l, "2001:db8:ffff::6/128")
+	mustES(t, l, "set", "--to", small, "--dst", "2001:db8:ffff::6")
+	smallSeen := poolSources(t, l, "2001:db8:ffff::6", 30)
+	out = mustES(t, l, "stats", "--json")
+	got = poolStatsJSON{}
+	decodeJSON(t, "stats", out, &got, "addresses", "pools")
+	smallHeld, smallAddrs := poolConntrack(t, l, netip.MustParsePrefix(small))
+	t.Logf("%s: 30 connections through %s per connection: conntrack lists %d from %d addresses; the far side saw %d", backend(t), small, smallHeld, len(smallAddrs), len(smallSeen))
+	if len(got.Pools) != 2 {
+		t.Fatalf("stats --json: %d pools, want the /64 and the /124:\n%s", len(got.Pools), out)
+	}
+	big, p124 := got.Pools[0], got.Pools[1]
+	if big.Pool != testPool || big.Total != n+5 {
+		t.Errorf("the /64: %s with %d flows, want %s with %d: the /124's are not its", big.Pool, big.Total, testPool, n+5)
+	}
+	if p124.Pool != small || p124.Sticky != "connection" || p124.Total != 30 || smallHeld != 30 || p124.AddressesInUse != len(smallSeen) || p124.AddressesInUse != len(smallAddrs) || p124.AddressesInUse < 2 || p124.Packets != 30 {
+		t.Errorf("the /124: %+v; want per connection, the 30 flows conntrack lists (%d), the %d addresses the far side saw (%d in conntrack), 30 rule packets", p124, smallHeld, len(smallSeen), len(smallAddrs))
+	}
+	for _, a := range got.Addresses {
+		if ad, err := netip.ParseAddr(a.Address); err == nil && pool.Contains(ad) {
+			t.Errorf("address %s of a pool has a row of its own", a.Address)
+		}
 	}
 }
