@@ -2,6 +2,7 @@ package stats
 
 import (
 	"bytes"
+	"fmt"
 	"net/netip"
 	"os"
 	"path/filepath"
@@ -9,6 +10,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/google/go-cmp/cmp"
 	"github.com/prometheus/common/expfmt"
 	"github.com/prometheus/common/model"
 
@@ -23,7 +25,7 @@ func flow(proto uint8, src, dst, leftWith string) conntrack.Flow {
 	}
 }
 
-func testReport(t *testing.T) []Address {
+func testReport(t *testing.T) Report {
 	// What the iptables backend reads from a nat table with two rules of
 	// ours to 192.0.2.22 and another tool's to 192.0.2.23:40000-40099
 	// (iptables' TestSNATCounters).
@@ -45,7 +47,7 @@ func testReport(t *testing.T) []Address {
 }
 
 func TestCompute(t *testing.T) {
-	r := testReport(t)
+	r := testReport(t).Addresses
 	if len(r) != 2 {
 		t.Fatalf("report %+v", r)
 	}
@@ -64,7 +66,9 @@ func TestCompute(t *testing.T) {
 func TestPromTextfileParses(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "egress_snat.prom")
 	at := time.Unix(1767225600, 250e6)
-	if err := WritePromFile(path, testReport(t), at, nil); err != nil {
+	report := testReport(t)
+	report.Pools = testPools(t).Pools
+	if err := WritePromFile(path, report, at, nil); err != nil {
 		t.Fatal(err)
 	}
 	b, err := os.ReadFile(path)
@@ -134,5 +138,161 @@ func TestPromFileMissingDirectory(t *testing.T) {
 	}
 	if err := CheckPromDir(filepath.Join(file, "egress_snat.prom")); err == nil || !strings.Contains(err.Error(), file+" is not a directory") {
 		t.Errorf("CheckPromDir under a regular file: %v, want it named as not a directory", err)
+	}
+}
+
+// testPools is what the backends read for a /64 pool of two rules (two
+// destinations, per connection), a /124 pool inside it, and a rule to one
+// address of the /64 by name; and the flows that left with them.
+func testPools(t *testing.T) Report {
+	t.Helper()
+	p64, p124 := netip.MustParsePrefix("2001:db8:1::/64"), netip.MustParsePrefix("2001:db8:1:0:1::/124")
+	rules := []RuleCounters{
+		{Pool: p64, Sticky: "connection", Range: DefaultPortRange, Packets: 10, Bytes: 600, Ours: true},
+		{Pool: p124, Sticky: "destination", Range: DefaultPortRange, Packets: 2, Bytes: 120, Ours: true},
+		{Pool: p64, Sticky: "connection", Range: DefaultPortRange, Packets: 5, Bytes: 300, Ours: true},
+		{Address: netip.MustParseAddr("2001:db8:1::99"), Range: DefaultPortRange, Packets: 1, Bytes: 60, Ours: true},
+	}
+	f := func(proto uint8, port int, dst, leftWith string) conntrack.Flow {
+		return flow(proto, fmt.Sprintf("[2001:db8::250]:%d", port), dst, leftWith)
+	}
+	flows := []conntrack.Flow{
+		f(conntrack.TCP, 30001, "[2001:db8:ffff::4]:80", "2001:db8:1::a"),
+		f(conntrack.TCP, 30002, "[2001:db8:ffff::4]:80", "2001:db8:1::a"),
+		f(conntrack.TCP, 30003, "[2001:db8:ffff::4]:80", "2001:db8:1::a"),
+		f(conntrack.TCP, 30004, "[2001:db8:ffff::4]:80", "2001:db8:1::b"),
+		f(conntrack.UDP, 30005, "[2001:db8:ffff::5]:53", "2001:db8:1::b"),
+		f(conntrack.UDP, 30006, "[2001:db8:ffff::5]:53", "2001:db8:1::b"),
+		f(conntrack.TCP, 30007, "[2001:db8:ffff::4]:80", "2001:db8:1:0:1::3"), // the /124's
+		f(conntrack.TCP, 30008, "[2001:db8:ffff::4]:80", "2001:db8:1::99"),    // the address rule's
+		f(conntrack.TCP, 30009, "[2001:db8:ffff::4]:80", "2001:db8:2::1"),     // no rule's
+		flow(conntrack.TCP, "192.0.2.250:30010", "198.51.100.4:443", "192.0.2.22"),
+	}
+	return Compute(rules, flows)
+}
+
+// TestComputePools: a pool's flows, whichever of its addresses they left
+// with, make one Pool: its flows, distinct addresses, busiest addresses and
+// busiest tuple, and its rules' counters summed. A pool inside another
+// keeps its own flows; an address a rule names keeps its row.
+func TestComputePools(t *testing.T) {
+	r := testPools(t)
+	a := func(s string) netip.Addr { return netip.MustParseAddr(s) }
+	want := []Pool{
+		{
+			Pool: netip.MustParsePrefix("2001:db8:1::/64"), Sticky: "connection",
+			Flows: map[string]int{"tcp": 4, "udp": 2}, Total: 6,
+			AddressesInUse: 2,
+			TopAddresses:   []PoolAddress{{a("2001:db8:1::a"), 3}, {a("2001:db8:1::b"), 3}},
+			Busiest:        &Tuple{Address: a("2001:db8:1::a"), Proto: "tcp", Dst: netip.MustParseAddrPort("[2001:db8:ffff::4]:80"), Flows: 3},
+			PortRange:      "1024-65535", RangeSize: 64512, PortsInUse: 3, Ratio: 3.0 / 64512,
+			Packets: 15, Bytes: 900, Ours: true,
+		},
+		{
+			Pool: netip.MustParsePrefix("2001:db8:1:0:1::/124"), Sticky: "destination",
+			Flows: map[string]int{"tcp": 1}, Total: 1,
+			AddressesInUse: 1,
+			TopAddresses:   []PoolAddress{{a("2001:db8:1:0:1::3"), 1}},
+			Busiest:        &Tuple{Address: a("2001:db8:1:0:1::3"), Proto: "tcp", Dst: netip.MustParseAddrPort("[2001:db8:ffff::4]:80"), Flows: 1},
+			PortRange:      "1024-65535", RangeSize: 64512, PortsInUse: 1, Ratio: 1.0 / 64512,
+			Packets: 2, Bytes: 120, Ours: true,
+		},
+	}
+	if diff := cmp.Diff(want, r.Pools, cmp.Comparer(func(x, y netip.Addr) bool { return x == y }), cmp.Comparer(func(x, y netip.Prefix) bool { return x == y }), cmp.Comparer(func(x, y netip.AddrPort) bool { return x == y })); diff != "" {
+		t.Errorf("pools (-want +got):\n%s", diff)
+	}
+	if len(r.Addresses) != 1 || r.Addresses[0].Address != a("2001:db8:1::99") || r.Addresses[0].Total != 1 {
+		t.Errorf("addresses %+v, want 2001:db8:1::99 alone, with its one flow: the pools' addresses have no row", r.Addresses)
+	}
+}
+
+// TestComputePoolBounds: a pool's busiest addresses are bounded by TopN
+// while it counts every address; a busy tuple warns, naming the address.
+func TestComputePoolBounds(t *testing.T) {
+	pool := netip.MustParsePrefix("2001:db8:1::/64")
+	rules := []RuleCounters{{Pool: pool, Range: PortRange{40000, 40009}}}
+	var flows []conntrack.Flow
+	for i := range 25 {
+		flows = append(flows, flow(conntrack.TCP, fmt.Sprintf("[2001:db8::250]:%d", 30000+i), "[2001:db8:ffff::4]:443", fmt.Sprintf("2001:db8:1::%x", 0x100+i)))
+	}
+	for i := range 9 { // 9 of 10 ports of 2001:db8:1::7's tuple
+		flows = append(flows, flow(conntrack.UDP, fmt.Sprintf("[2001:db8::250]:%d", 31000+i), "[2001:db8:ffff::5]:53", "2001:db8:1::7"))
+	}
+	r := Compute(rules, flows)
+	if len(r.Pools) != 1 || len(r.Addresses) != 0 {
+		t.Fatalf("report %+v, want one pool and no address", r)
+	}
+	p := r.Pools[0]
+	if p.Total != 34 || p.AddressesInUse != 26 || len(p.TopAddresses) != TopN || p.TopAddresses[0] != (PoolAddress{netip.MustParseAddr("2001:db8:1::7"), 9}) {
+		t.Errorf("pool: %d flows, %d addresses, top %v; want 34 flows, 26 addresses, %d listed, 2001:db8:1::7 first with 9", p.Total, p.AddressesInUse, p.TopAddresses, TopN)
+	}
+	if p.PortsInUse != 9 || p.RangeSize != 10 || p.Ratio != 0.9 || p.Sticky != "" {
+		t.Errorf("port use %d of %d (%v), sticky %q; want 9 of 10, no sticky", p.PortsInUse, p.RangeSize, p.Ratio, p.Sticky)
+	}
+	if want := "pool 2001:db8:1::/64: 9 of 10 NAT ports (90%) of 2001:db8:1::7 in use for udp [2001:db8:ffff::5]:53"; !strings.HasPrefix(p.Warning, want) {
+		t.Errorf("warning %q, want it to start %q", p.Warning, want)
+	}
+	if r := Compute(rules, nil); len(r.Pools) != 1 || r.Pools[0].Busiest != nil || r.Pools[0].Warning != "" || r.Pools[0].AddressesInUse != 0 {
+		t.Errorf("a pool without flows: %+v", r.Pools)
+	}
+}
+
+// TestPromPoolsBounded: a pool is one set of series labelled by its
+// prefix, however many of its addresses are in use.
+func TestPromPoolsBounded(t *testing.T) {
+	pool := netip.MustParsePrefix("2001:db8:1::/64")
+	var flows []conntrack.Flow
+	for i := range 1000 {
+		flows = append(flows, flow(conntrack.TCP, fmt.Sprintf("[2001:db8::250]:%d", 30000+i), "[2001:db8:ffff::4]:443", fmt.Sprintf("2001:db8:1::%x", 0x100+i)))
+	}
+	var b bytes.Buffer
+	if err := WriteProm(&b, Compute([]RuleCounters{{Pool: pool, Range: DefaultPortRange, Packets: 1000, Ours: true}}, flows), time.Unix(0, 0), nil); err != nil {
+		t.Fatal(err)
+	}
+	parser := expfmt.NewTextParser(model.UTF8Validation)
+	families, err := parser.TextToMetricFamilies(bytes.NewReader(b.Bytes()))
+	if err != nil {
+		t.Fatalf("textfile does not parse: %v\n%s", err, b.String())
+	}
+	series := 0
+	for name, f := range families {
+		if !strings.HasPrefix(name, "egress_snat_pool_") {
+			continue
+		}
+		for _, m := range f.GetMetric() {
+			series++
+			for _, l := range m.GetLabel() {
+				if l.GetName() != "pool" && l.GetName() != "proto" {
+					t.Errorf("%s has a label %s=%s: a pool's series are labelled by pool (and proto) only", name, l.GetName(), l.GetValue())
+				}
+				if l.GetName() == "pool" && l.GetValue() != pool.String() {
+					t.Errorf("%s{pool=%q}, want %s", name, l.GetValue(), pool)
+				}
+			}
+		}
+	}
+	if series > 12 {
+		t.Errorf("%d pool series for one pool of 1000 addresses in use, want a dozen at most:\n%s", series, b.String())
+	}
+	want := map[string]float64{
+		"egress_snat_pool_addresses_in_use":      1000,
+		"egress_snat_pool_busiest_address_flows": 1,
+		"egress_snat_pool_rule_packets_total":    1000,
+		"egress_snat_pool_nat_ports_in_use":      1, // each tuple is of one address
+	}
+	for name, v := range want {
+		f := families[name]
+		if f == nil || len(f.GetMetric()) != 1 {
+			t.Errorf("want one %s:\n%s", name, b.String())
+			continue
+		}
+		m := f.GetMetric()[0]
+		got := m.GetGauge().GetValue()
+		if m.GetCounter() != nil {
+			got = m.GetCounter().GetValue()
+		}
+		if got != v {
+			t.Errorf("%s = %v, want %v", name, got, v)
+		}
 	}
 }

@@ -13,9 +13,15 @@ import (
 )
 
 // MaxAddresses bounds the addresses written to the textfile, so a host
-// with a huge pool cannot blow up the scrape: with TopN destinations each,
-// the file holds at most a few thousand series.
+// with many addresses cannot blow up the scrape: with TopN destinations
+// each, the file holds at most a few thousand series.
 const MaxAddresses = 256
+
+// MaxPools bounds the pools written to the textfile. A pool is one set of
+// series labelled by its prefix (egress_snat_pool_*), never one per
+// address of it: a /64 per connection uses as many addresses as it has
+// connections.
+const MaxPools = 256
 
 // LastRunMetric is the time the file was written, in Unix seconds: the
 // node_exporter textfile convention, so that an alert can tell a stale file
@@ -24,14 +30,20 @@ const LastRunMetric = "egress_snat_last_run_timestamp_seconds"
 
 // WriteProm writes the report, taken at the time at, in the Prometheus text
 // exposition format (what node_exporter's textfile collector reads). Label
-// values are only addresses, protocol names and address:port pairs, so the
-// cardinality is bounded by MaxAddresses and TopN.
+// values are only addresses, pools' prefixes, protocol names and
+// address:port pairs, so the cardinality is bounded by MaxAddresses, TopN
+// and MaxPools: a pool's addresses are no label.
 //
 // pair, when the host is a node of a gateway pair, adds its role and its
 // sync's health (egress_snat_ha_*).
-func WriteProm(w io.Writer, report []Address, at time.Time, pair *Pair) error {
+func WriteProm(w io.Writer, r Report, at time.Time, pair *Pair) error {
+	report := r.Addresses
 	if len(report) > MaxAddresses {
 		report = report[:MaxAddresses]
+	}
+	pools := r.Pools
+	if len(pools) > MaxPools {
+		pools = pools[:MaxPools]
 	}
 	var b strings.Builder
 	fmt.Fprintf(&b, "# HELP %s Unix time at which egress-snat stats wrote this file.\n# TYPE %s gauge\n%s %s\n",
@@ -76,6 +88,51 @@ func WriteProm(w io.Writer, report []Address, at time.Time, pair *Pair) error {
 	metric("egress_snat_rule_bytes_total", "counter", "Bytes counted by the SNAT rules to the egress address.", func(a Address) {
 		fmt.Fprintf(&b, "egress_snat_rule_bytes_total{address=%q} %d\n", a.Address.String(), a.Bytes)
 	})
+	poolMetric := func(name, typ, help string, each func(p Pool, label string)) {
+		fmt.Fprintf(&b, "# HELP %s %s\n# TYPE %s %s\n", name, help, name, typ)
+		for _, p := range pools {
+			each(p, fmt.Sprintf("pool=%q", p.Pool.String()))
+		}
+	}
+	if len(pools) > 0 {
+		poolMetric("egress_snat_pool_flows", "gauge", "Conntrack entries whose replies go to an address of the pool, by protocol.", func(p Pool, l string) {
+			other := p.Total
+			for _, proto := range []string{"tcp", "udp", "icmp", "icmpv6"} {
+				if n, ok := p.Flows[proto]; ok || proto == "tcp" || proto == "udp" {
+					fmt.Fprintf(&b, "egress_snat_pool_flows{%s,proto=%q} %d\n", l, proto, n)
+				}
+				other -= p.Flows[proto]
+			}
+			if other > 0 {
+				fmt.Fprintf(&b, "egress_snat_pool_flows{%s,proto=\"other\"} %d\n", l, other)
+			}
+		})
+		poolMetric("egress_snat_pool_addresses_in_use", "gauge", "Distinct addresses of the pool that flows in conntrack left with.", func(p Pool, l string) {
+			fmt.Fprintf(&b, "egress_snat_pool_addresses_in_use{%s} %d\n", l, p.AddressesInUse)
+		})
+		poolMetric("egress_snat_pool_busiest_address_flows", "gauge", "Flows of the pool's busiest address (the address itself is no label: see stats --json).", func(p Pool, l string) {
+			n := 0
+			if len(p.TopAddresses) > 0 {
+				n = p.TopAddresses[0].Flows
+			}
+			fmt.Fprintf(&b, "egress_snat_pool_busiest_address_flows{%s} %d\n", l, n)
+		})
+		poolMetric("egress_snat_pool_nat_port_range_size", "gauge", "Ports in the SNAT port range of the pool's rules.", func(p Pool, l string) {
+			fmt.Fprintf(&b, "egress_snat_pool_nat_port_range_size{%s} %d\n", l, p.RangeSize)
+		})
+		poolMetric("egress_snat_pool_nat_ports_in_use", "gauge", "Ports held by the pool's busiest (address, destination, port, protocol) tuple.", func(p Pool, l string) {
+			fmt.Fprintf(&b, "egress_snat_pool_nat_ports_in_use{%s} %d\n", l, p.PortsInUse)
+		})
+		poolMetric("egress_snat_pool_nat_port_use_ratio", "gauge", "ports_in_use / port_range_size of the pool; above 0.8 new flows are close to failing.", func(p Pool, l string) {
+			fmt.Fprintf(&b, "egress_snat_pool_nat_port_use_ratio{%s} %g\n", l, p.Ratio)
+		})
+		poolMetric("egress_snat_pool_rule_packets_total", "counter", "Packets counted by the pool's SNAT rules (first packets of new flows).", func(p Pool, l string) {
+			fmt.Fprintf(&b, "egress_snat_pool_rule_packets_total{%s} %d\n", l, p.Packets)
+		})
+		poolMetric("egress_snat_pool_rule_bytes_total", "counter", "Bytes counted by the pool's SNAT rules.", func(p Pool, l string) {
+			fmt.Fprintf(&b, "egress_snat_pool_rule_bytes_total{%s} %d\n", l, p.Bytes)
+		})
+	}
 	if pair != nil {
 		gauge := func(name, help string, v any) {
 			fmt.Fprintf(&b, "# HELP %s %s\n# TYPE %s gauge\n%s{node=%q} %v\n", name, help, name, name, pair.Node, v)
@@ -123,7 +180,7 @@ func CheckPromDir(path string) error {
 // WritePromFile writes the textfile, taken at the time at, atomically: a
 // temporary file in the same directory, then a rename over path, so the
 // collector never reads a half-written file.
-func WritePromFile(path string, report []Address, at time.Time, pair *Pair) error {
+func WritePromFile(path string, report Report, at time.Time, pair *Pair) error {
 	if err := CheckPromDir(path); err != nil {
 		return fmt.Errorf("writing %s: %w", path, err)
 	}

@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"net/netip"
 	"slices"
+	"strings"
 
 	"github.com/egress-snat/egress-snat/snat"
 	"github.com/egress-snat/egress-snat/stats"
@@ -35,32 +36,43 @@ func (b *Backend) SNATCounters() ([]stats.RuleCounters, error) {
 // snatCounters returns one stats.RuleCounters per --to-source address of the SNAT
 // rules of a nat table read with counters (nil: none), in the order of
 // first use: the smallest port range named for it, the counters summed. A
-// rule carrying our comment marks it as egress-snat's.
+// rule carrying our comment marks it as egress-snat's. The rules of one of
+// our pools (pool.go: one range, or poolSlices by turns) make one
+// stats.RuleCounters for its prefix instead, with their counters summed:
+// none for the first address of each range.
 func snatCounters(nat *SavedTable) ([]stats.RuleCounters, error) {
 	if nat == nil {
 		return nil, nil
 	}
-	byAddr := map[netip.Addr]*stats.RuleCounters{}
-	var order []netip.Addr
-	for _, sr := range nat.Rules {
+	pools, inPool := poolCounters(nat)
+	var out []stats.RuleCounters
+	byAddr := map[netip.Addr]int{}
+	for i, sr := range nat.Rules {
+		if g, ok := inPool[i]; ok {
+			if g >= 0 {
+				out = append(out, pools[g]) // at its first rule
+			}
+			continue
+		}
 		spec := sr.Spec
 		if target(spec) != "SNAT" {
 			continue
 		}
-		i := slices.Index(spec, "--to-source")
-		if i < 0 || i+1 >= len(spec) {
+		j := slices.Index(spec, "--to-source")
+		if j < 0 || j+1 >= len(spec) {
 			continue
 		}
-		ts, err := parseToSource(spec[i+1])
+		ts, err := parseToSource(spec[j+1])
 		if err != nil {
 			return nil, err
 		}
-		r := byAddr[ts.From]
-		if r == nil {
-			r = &stats.RuleCounters{Address: ts.From, Range: stats.DefaultPortRange}
-			byAddr[ts.From] = r
-			order = append(order, ts.From)
+		k, seen := byAddr[ts.From]
+		if !seen {
+			k = len(out)
+			byAddr[ts.From] = k
+			out = append(out, stats.RuleCounters{Address: ts.From, Range: stats.DefaultPortRange})
 		}
+		r := &out[k]
 		if pr := ts.portRange(); pr.Size() < r.Range.Size() {
 			r.Range = pr
 		}
@@ -70,11 +82,69 @@ func snatCounters(nat *SavedTable) ([]stats.RuleCounters, error) {
 			r.Ours = true
 		}
 	}
-	out := make([]stats.RuleCounters, 0, len(order))
-	for _, a := range order {
-		out = append(out, *byAddr[a])
+	if out == nil {
+		out = []stats.RuleCounters{}
 	}
 	return out, nil
+}
+
+// poolCounters finds the rules of our chain that are a pool's, read as
+// readInstalled reads them: our rules with a --to-source range, grouped by
+// their match, whose ranges are exactly a pool's. It returns one
+// stats.RuleCounters per pool rule group, and for each of their rules (by
+// index in nat.Rules) its group's index at the group's first rule, -1 at
+// the others. Ranges that are no pool's are left to the reading by
+// address, as another tool's.
+func poolCounters(nat *SavedTable) ([]stats.RuleCounters, map[int]int) {
+	type group struct {
+		ranges         []addrRange
+		persistent     bool
+		rules          []int
+		packets, bytes uint64
+	}
+	var groups []*group
+	byMatch := map[Rule]*group{}
+	for i, sr := range nat.Rules {
+		if sr.Chain != ChainName || target(sr.Spec) != "SNAT" {
+			continue
+		}
+		// Only an IPv6 range with --random can be a pool's (a range of
+		// one address, a /124's slice, is saved as the address alone):
+		// the rest, all of an IPv4 table, is not parsed twice.
+		if j := slices.Index(sr.Spec, "--to-source"); j < 0 || j+1 >= len(sr.Spec) || !strings.Contains(sr.Spec[j+1], ":") || !slices.Contains(sr.Spec, "--random") {
+			continue
+		}
+		r, err := ParseRule(snat.IPv6, sr.Spec)
+		if err != nil || !r.ToLast.IsValid() || !r.ToSource.Is6() {
+			continue
+		}
+		g := byMatch[r.match()]
+		if g == nil {
+			g = &group{persistent: r.Persistent}
+			byMatch[r.match()] = g
+			groups = append(groups, g)
+		}
+		g.ranges = append(g.ranges, addrRange{r.ToSource, r.ToLast})
+		g.rules = append(g.rules, i)
+		g.packets += sr.Counters.Packets
+		g.bytes += sr.Counters.Bytes
+	}
+	var out []stats.RuleCounters
+	inPool := map[int]int{}
+	for _, g := range groups {
+		p, sticky, ok := poolOf(g.ranges, g.persistent)
+		if !ok {
+			continue
+		}
+		for k, i := range g.rules {
+			inPool[i] = -1
+			if k == 0 {
+				inPool[i] = len(out)
+			}
+		}
+		out = append(out, stats.RuleCounters{Pool: p, Sticky: string(sticky), Range: stats.DefaultPortRange, Packets: g.packets, Bytes: g.bytes, Ours: true})
+	}
+	return out, inPool
 }
 
 // portRange is the range SNAT takes ports from: the one named, else the

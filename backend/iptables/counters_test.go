@@ -1,10 +1,14 @@
 package iptables
 
 import (
+	"cmp"
+	"fmt"
 	"net/netip"
+	"slices"
+	"strings"
 	"testing"
 
-	"github.com/google/go-cmp/cmp"
+	gocmp "github.com/google/go-cmp/cmp"
 
 	"github.com/egress-snat/egress-snat/snat"
 	"github.com/egress-snat/egress-snat/stats"
@@ -87,7 +91,97 @@ func TestBackendSNATCounters(t *testing.T) {
 		{Address: addr("192.0.2.22"), Range: stats.DefaultPortRange, Ours: true},
 		{Address: addr("2001:db8::22"), Range: stats.DefaultPortRange, Ours: true},
 	}
-	if diff := cmp.Diff(want, got, cmp.Comparer(func(a, b netip.Addr) bool { return a == b })); diff != "" {
+	if diff := gocmp.Diff(want, got, gocmp.Comparer(func(a, b netip.Addr) bool { return a == b }), gocmp.Comparer(func(a, b netip.Prefix) bool { return a == b })); diff != "" {
 		t.Errorf("SNATCounters (-want +got):\n%s", diff)
+	}
+}
+
+// TestSNATCountersPools: the rules of a pool, one range or 16 slices, make
+// one stats.RuleCounters for its prefix, at its first rule, with their
+// counters summed; a range that is no pool of ours is read by its first
+// address, as before.
+func TestSNATCountersPools(t *testing.T) {
+	var b strings.Builder
+	b.WriteString("*nat\n:POSTROUTING ACCEPT [0:0]\n:EGRESS-SNAT - [0:0]\n[0:0] -A POSTROUTING -j EGRESS-SNAT\n")
+	c := Render(snat.IPv6, []snat.Entry{
+		poolEntry("2001:db8:ffff::/48", "2001:db8:1::/64", snat.StickyConnection),
+		entry("2001:db8:fffe::/48", "2001:db8::250", "2001:db8::22"),
+		poolEntry("2001:db8:fffd::/48", "2001:db8:2::/124", snat.StickySender),
+		poolEntry("2001:db8:fffc::/48", "2001:db8:3::/124", snat.StickyConnection), // 15 rules of one address each
+	})
+	for i, r := range c.Rules {
+		fmt.Fprintf(&b, "[%d:%d] -A EGRESS-SNAT %s\n", i+1, 80*(i+1), r)
+	}
+	b.WriteString("[4:320] -A POSTROUTING -o eth1 -j SNAT --to-source 2001:db8:9::1-2001:db8:9::5\nCOMMIT\n")
+	s, err := ReadSave(b.String(), table)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got, err := snatCounters(s.Table(table))
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Render orders the entries' rules; sum what it gave each.
+	var conn, sender, addrRule, small stats.RuleCounters
+	for i, r := range c.Rules {
+		n := uint64(i + 1)
+		switch {
+		case netip.MustParsePrefix("2001:db8:3::/124").Contains(r.ToSource):
+			small.Packets, small.Bytes = small.Packets+n, small.Bytes+80*n
+		case r.ToSource == addr("2001:db8::22"):
+			addrRule.Packets, addrRule.Bytes = addrRule.Packets+n, addrRule.Bytes+80*n
+		case r.Persistent:
+			sender.Packets, sender.Bytes = sender.Packets+n, sender.Bytes+80*n
+		default:
+			conn.Packets, conn.Bytes = conn.Packets+n, conn.Bytes+80*n
+		}
+	}
+	want := []stats.RuleCounters{
+		{Pool: netip.MustParsePrefix("2001:db8:1::/64"), Sticky: "connection", Range: stats.DefaultPortRange, Packets: conn.Packets, Bytes: conn.Bytes, Ours: true},
+		{Address: addr("2001:db8::22"), Range: stats.DefaultPortRange, Packets: addrRule.Packets, Bytes: addrRule.Bytes, Ours: true},
+		{Pool: netip.MustParsePrefix("2001:db8:2::/124"), Sticky: "sender", Range: stats.DefaultPortRange, Packets: sender.Packets, Bytes: sender.Bytes, Ours: true},
+		{Pool: netip.MustParsePrefix("2001:db8:3::/124"), Sticky: "connection", Range: stats.DefaultPortRange, Packets: small.Packets, Bytes: small.Bytes, Ours: true},
+		{Address: addr("2001:db8:9::1"), Range: stats.DefaultPortRange, Packets: 4, Bytes: 320},
+	}
+	opts := []gocmp.Option{gocmp.Comparer(func(a, b netip.Addr) bool { return a == b }), gocmp.Comparer(func(a, b netip.Prefix) bool { return a == b })}
+	// The order of first use: sort both by what Render put first.
+	sortRC := func(rs []stats.RuleCounters) {
+		slices.SortFunc(rs, func(x, y stats.RuleCounters) int {
+			return cmp.Compare(x.Pool.String()+x.Address.String(), y.Pool.String()+y.Address.String())
+		})
+	}
+	sortRC(want)
+	sortRC(got)
+	if diff := gocmp.Diff(want, got, opts...); diff != "" {
+		t.Errorf("snatCounters (-want +got):\n%s\n%s", diff, b.String())
+	}
+	if !strings.Contains(b.String(), "--to-source 2001:db8:3::1 --random") {
+		t.Errorf("want the /124's slices saved as one address each, as iptables-save prints them:\n%s", b.String())
+	}
+	if conn.Packets == 0 || sender.Packets == 0 || addrRule.Packets == 0 || small.Packets == 0 {
+		t.Fatalf("rendered rules %v: want the three entries' rules", c.Args())
+	}
+
+	// Through the fake kernel: a pool per destination to 9 destinations
+	// is one rule matching a set; per connection to one, 16 rules.
+	m, _, _ := newFakeManager()
+	update(t, m, func(*snat.State) []snat.Entry {
+		es := []snat.Entry{poolEntry("2001:db8:ffff::/48", "2001:db8:1::/64", snat.StickyConnection)}
+		for i := range 9 {
+			es = append(es, poolEntry(fmt.Sprintf("2001:db8:fe%02d::/48", i), "2001:db8:2::/64", snat.StickyDestination))
+		}
+		return es
+	})
+	got, err = m.Backend.(*Backend).SNATCounters()
+	if err != nil {
+		t.Fatal(err)
+	}
+	want = []stats.RuleCounters{
+		{Pool: netip.MustParsePrefix("2001:db8:1::/64"), Sticky: "connection", Range: stats.DefaultPortRange, Ours: true},
+		{Pool: netip.MustParsePrefix("2001:db8:2::/64"), Sticky: "destination", Range: stats.DefaultPortRange, Ours: true},
+	}
+	sortRC(got)
+	if diff := gocmp.Diff(want, got, opts...); diff != "" {
+		t.Errorf("SNATCounters through the fake (-want +got):\n%s", diff)
 	}
 }

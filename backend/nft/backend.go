@@ -417,10 +417,11 @@ func addrList(as []netip.Addr) string {
 
 // Counter is one SNAT rule's counter: the new connections (and their
 // first packets' bytes) it translated to To (over all of To, for a spread
-// rule), or to addresses of Pool, for stats.
+// rule), or to addresses of Pool (taken as Sticky says), for stats.
 type Counter struct {
 	To             []netip.Addr
 	Pool           netip.Prefix
+	Sticky         snat.Sticky
 	Ports          snat.Ports
 	Packets, Bytes uint64
 }
@@ -438,7 +439,7 @@ func (b *Backend) Counters() ([]Counter, error) {
 	var out []Counter
 	for _, r := range c.Rules {
 		if r.Action.Kind == ActSNAT {
-			out = append(out, Counter{To: r.Action.To, Pool: r.Action.Pool, Ports: r.Action.Ports, Packets: r.Packets, Bytes: r.Bytes})
+			out = append(out, Counter{To: r.Action.To, Pool: r.Action.Pool, Sticky: r.Action.Sticky, Ports: r.Action.Ports, Packets: r.Packets, Bytes: r.Bytes})
 		}
 	}
 	return out, nil

@@ -1065,7 +1065,7 @@ var jsonFields = map[string][]string{
 	"list":    {"backend", "rules", "warnings"},
 	"check":   {"in_sync", "findings"},
 	"explain": {"dst", "probe", "table", "route", "interface", "source", "reason", "addresses", "why", "sender", "effective_source"},
-	"stats":   {"addresses"},
+	"stats":   {"addresses", "pools"},
 	"verify":  {"agree", "results"},
 }
 
@@ -1176,8 +1176,8 @@ var jsonCases = []jsonCase{
 		}
 	}},
 	{name: "stats none", cmd: "stats", fresh: true, args: argv(), check: func(t *testing.T, m *matrixLab, out string) {
-		if top := decodeJSON(t, "stats", out, nil); string(top["addresses"]) != "[]" {
-			t.Errorf("stats --json without rules: addresses %s, want []", top["addresses"])
+		if top := decodeJSON(t, "stats", out, nil); string(top["addresses"]) != "[]" || string(top["pools"]) != "[]" {
+			t.Errorf("stats --json without rules: addresses %s, pools %s, want [] and []", top["addresses"], top["pools"])
 		}
 	}},
 	// A textfile in a missing directory is a path that cannot work: bad

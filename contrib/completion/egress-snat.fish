@@ -107,7 +107,7 @@ complete -c egress-snat -n '__fish_seen_subcommand_from verify' -f -l json -d 'p
 complete -c egress-snat -n '__fish_seen_subcommand_from confirm' -f -l help -s h -d 'show help'
 complete -r -c egress-snat -n '__fish_egress-snat_no_subcommand' -a 'confirm' -d 'keep the state of a pending "apply --confirm" (exit 0 also when nothing is pending)'
 complete -c egress-snat -n '__fish_seen_subcommand_from stats' -f -l help -s h -d 'show help'
-complete -r -c egress-snat -n '__fish_egress-snat_no_subcommand' -a 'stats' -d 'per egress address: flows in conntrack, busiest destinations, NAT port use, rule counters'
+complete -r -c egress-snat -n '__fish_egress-snat_no_subcommand' -a 'stats' -d 'per egress address and per pool: flows in conntrack, busiest destinations, NAT port use, rule counters'
 complete -c egress-snat -n '__fish_seen_subcommand_from stats' -f -l json -d 'print JSON for scripts instead of text'
 complete -c egress-snat -n '__fish_seen_subcommand_from stats' -l prometheus -r -d 'also write the node_exporter textfile `FILE`'
 complete -c egress-snat -n '__fish_seen_subcommand_from health' -f -l help -s h -d 'show help'
