@@ -62,7 +62,10 @@ type Config struct {
 	Manager *snat.Manager
 	Router  Router
 	// Conntrack deletes the flows of an address that left the host.
-	Conntrack   Conntrack
+	Conntrack Conntrack
+	// Flows reads conntrack for the spill rules (spill.go); nil: the
+	// namespace's own table.
+	Flows       conntrack.Table
 	LockTimeout time.Duration
 	Log         *slog.Logger
 	// Backend names the backend in use, for the start line of the log.
@@ -125,7 +128,11 @@ type Daemon struct {
 	// plan is the last reconcile's plan: its Desired entries and Chains
 	// are what the kernel should hold, and wantRules our ip rules, for the
 	// canary. Nothing else of a reconcile is kept.
-	plan      snat.Plan
+	plan snat.Plan
+	// base is the file as last resolved: plan's Desired without the spill
+	// entries, which spill adds while they last (spill.go).
+	base      []snat.Entry
+	spill     spiller
 	wantRules map[snat.Family][]routes.IPRule
 	applies   int
 	// leftOut counts the rules the last resolve left out, by cause.
@@ -173,6 +180,10 @@ func New(c Config) (*Daemon, error) {
 	}
 	if d.log == nil {
 		d.log = slog.New(slog.DiscardHandler)
+	}
+	d.spill = spiller{flows: c.Flows, log: d.log}
+	if d.spill.flows == nil {
+		d.spill.flows = conntrack.Netlink{}
 	}
 	if d.events == nil {
 		d.events = d.netlinkEvents
@@ -338,6 +349,8 @@ func (d *Daemon) Run(ctx context.Context) error {
 			d.health.beat()
 			if reason := d.canary(); reason != "" {
 				d.kick(reason)
+			} else if d.spill.tick(d.base) {
+				d.kick("spill")
 			}
 		case <-verifyTick:
 			d.verifyCanary()
