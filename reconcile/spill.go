@@ -15,9 +15,9 @@ import (
 )
 
 // The spill-over of rules with spill (see snat/spill.go): on each tick the
-// daemon counts, from conntrack, the live flows of each spill rule per
+// daemon counts, from conntrack, the flows of each spill rule per
 // (translated address, destination, destination port, protocol), each of
-// which holds one source port of the address; an address whose busiest
+// which holds one source port of the address until conntrack forgets it; an address whose busiest
 // tuple passes snat.SpillHigh of the rule's port range is busy until it
 // falls below snat.SpillLow. While an address the rule gives is busy
 // toward a tuple, a spill entry for the tuple sends new connections to the
@@ -103,7 +103,7 @@ func (s *spiller) mark(k spillKey, a netip.Addr) {
 	s.busy[k][a] = true
 }
 
-// count reads conntrack and counts the live TCP and UDP flows of each
+// count reads conntrack and counts the TCP and UDP flows of each
 // tuple of rules, by the address they were translated to. A flow belongs
 // to the first rule in chain order that takes its sender and destination
 // and has its address in its list: flows on a spill entry's addresses
@@ -124,7 +124,10 @@ func (s *spiller) count(rules []snat.Entry) (map[spillKey]map[netip.Addr]int, er
 			return nil, err
 		}
 		for _, f := range flows {
-			if !f.Live() || f.Orig.Proto != conntrack.TCP && f.Orig.Proto != conntrack.UDP {
+			// Every flow, ended ones too: a TCP connection in TIME_WAIT
+			// holds its port until conntrack forgets it (stats counts
+			// so too).
+			if f.Orig.Proto != conntrack.TCP && f.Orig.Proto != conntrack.UDP {
 				continue
 			}
 			to, src, dst := f.TranslatedSource().Addr(), f.Orig.Src.Addr(), f.Orig.Dst

@@ -29,19 +29,31 @@ func spillRule() snat.Entry {
 	}
 }
 
-// flows makes n live TCP flows from the natural source to dst translated
-// to to, plus the same number of ended ones, which do not count.
+// flows makes n TCP flows from the natural source to dst translated to
+// to, every other one ended (TIME_WAIT, which holds its port all the
+// same), plus as many untranslated ones and ICMP ones, which do not count.
 func flows(n int, to netip.Addr, dst netip.AddrPort) conntrack.Fake {
 	var out conntrack.Fake
 	for i := range n {
-		for _, state := range []uint8{3, conntrack.TCPTimeWait} {
-			src := netip.AddrPortFrom(spillNat, uint16(30000+2*i+int(state%2)))
-			out = append(out, conntrack.Flow{
+		src := netip.AddrPortFrom(spillNat, uint16(30000+i))
+		state := uint8(3)
+		if i%2 == 1 {
+			state = conntrack.TCPTimeWait
+		}
+		out = append(out,
+			conntrack.Flow{
 				Orig:     conntrack.Tuple{Proto: conntrack.TCP, Src: src, Dst: dst},
 				Reply:    conntrack.Tuple{Proto: conntrack.TCP, Src: dst, Dst: netip.AddrPortFrom(to, uint16(40000+i))},
 				TCPState: state,
+			},
+			conntrack.Flow{
+				Orig:  conntrack.Tuple{Proto: conntrack.TCP, Src: src, Dst: dst},
+				Reply: conntrack.Tuple{Proto: conntrack.TCP, Src: dst, Dst: src},
+			},
+			conntrack.Flow{
+				Orig:  conntrack.Tuple{Proto: conntrack.ICMP, Src: netip.AddrPortFrom(spillNat, 0), Dst: netip.AddrPortFrom(dst.Addr(), 0)},
+				Reply: conntrack.Tuple{Proto: conntrack.ICMP, Src: netip.AddrPortFrom(dst.Addr(), 0), Dst: netip.AddrPortFrom(to, 0)},
 			})
-		}
 	}
 	return out
 }

@@ -94,3 +94,38 @@ func SpillParent(entries []Entry, s Entry) *Entry {
 	}
 	return best
 }
+
+// KeepSpills returns desired with the spill entries of installed that a
+// rule of desired spills into: check compares the host with it, so that
+// a spill watch keeps is no drift. A spill whose rule is gone, or does
+// not spill (any more) to its addresses, stays out and is drift. Without
+// a file the rules' spill lists are unknown (the kernel holds only the
+// addresses in use): then any rule of the spill's match will do (known
+// false).
+func KeepSpills(desired, installed []Entry, known bool) (out, spills []Entry) {
+	out = desired
+	for _, s := range installed {
+		if !s.IsSpill() {
+			continue
+		}
+		p := SpillParent(desired, s)
+		if p == nil || known && !allIn(s.To, p.Spill) {
+			continue
+		}
+		if s.Ports != p.Ports {
+			continue
+		}
+		out = append(slices.Clip(out), s)
+		spills = append(spills, s)
+	}
+	return out, spills
+}
+
+func allIn(as, in []netip.Addr) bool {
+	for _, a := range as {
+		if !slices.Contains(in, a) {
+			return false
+		}
+	}
+	return true
+}

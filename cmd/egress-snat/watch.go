@@ -97,7 +97,7 @@ at boot, so the desired state survives reboots.`,
 		}
 		d, err := reconcile.New(reconcile.Config{
 			Path: path, File: file,
-			Manager: e.mgr, Router: e.sel, Conntrack: conntrack.Netlink{Handle: e.nl}, LockTimeout: e.lockTimeout,
+			Manager: e.mgr, Router: e.sel, Conntrack: conntrack.Netlink{Handle: e.nl}, Flows: conntrack.Netlink{Handle: e.nl}, LockTimeout: e.lockTimeout,
 			Log: slog.New(handler), Backend: e.backendName(),
 			Resync: c.Duration("resync"), FullResync: c.Duration("full-resync"), Settle: c.Duration("settle"),
 			VerifyEvery: c.Duration("verify-every"), Verify: verifyHost(e), Probes: probes,

@@ -1,0 +1,179 @@
+package main
+
+// End-to-end test of spill: a rule's address runs out of source ports
+// toward one far port, and watch spills new connections to the next
+// address of the list before they fail.
+
+import (
+	"encoding/json"
+	"fmt"
+	"net"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/egress-snat/egress-snat/internal/lab"
+)
+
+// spillFile is the desired state of the test: 192.0.2.22 then .23 for the
+// far host, with ten source ports.
+func spillFile(spill bool) string {
+	s := "rules:\n  - to: [192.0.2.22, 192.0.2.23]\n    dst: [203.0.113.7]\n    to-ports: 40000-40009\n"
+	if spill {
+		s += "    spill: true\n"
+	}
+	return s
+}
+
+// dialHold opens n TCP connections from H to dst's flow port, one at a
+// time, and keeps those that connect open (closed at the test's end, or
+// by the caller). It returns them, the sources the far side saw, and how
+// many failed.
+func dialHold(t *testing.T, l *lab.Lab, dst string, n int) (conns []*net.TCPConn, sources map[string]int, failed int) {
+	t.Helper()
+	sources = map[string]int{}
+	addr := net.JoinHostPort(dst, fmt.Sprint(lab.TCPFlowPort))
+	for range n {
+		var c net.Conn
+		err := lab.Do(l.Host, func() (err error) {
+			c, err = net.DialTimeout("tcp", addr, time.Second)
+			return err
+		})
+		if err != nil {
+			failed++
+			continue
+		}
+		t.Cleanup(func() { c.Close() })
+		c.SetDeadline(time.Now().Add(2 * time.Second))
+		buf := make([]byte, 64)
+		if _, err := c.Write([]byte("?\n")); err != nil {
+			failed++
+			continue
+		}
+		m, err := c.Read(buf)
+		if err != nil {
+			failed++
+			continue
+		}
+		c.SetDeadline(time.Time{})
+		conns = append(conns, c.(*net.TCPConn))
+		sources[strings.TrimSpace(string(buf[:m]))]++
+	}
+	return conns, sources, failed
+}
+
+// TestSpillOnTheWire: a rule of two addresses with a range of ten source
+// ports toward one far host and port.
+//
+// Without spill, the rule is the first address's: ten connections held
+// open take the ten ports, and the next ones fail (the kernel finds no
+// free source port for the tuple), none from the second address.
+//
+// With spill and watch running, once eight of the ten ports are held
+// (80%) watch installs a spill entry for that far port, and the next
+// connections succeed from 192.0.2.23 while the first eight stay on .22;
+// list shows the spill entry as "spill of" the rule, check (with the file
+// and without) calls it no drift. When .22's connections end (reset, so
+// conntrack forgets them within seconds) the spill ends and new
+// connections leave from .22 again.
+func TestSpillOnTheWire(t *testing.T) {
+	t.Run("without spill", func(t *testing.T) {
+		l := newLab(t)
+		path := relWrite(t, t.TempDir(), "rules.yaml", spillFile(false))
+		mustES(t, l, "apply", "-f", path)
+		const tries = 14
+		_, sources, failed := dialHold(t, l, "203.0.113.7", tries)
+		t.Logf("%s, without spill: %d of %d connections held open to 203.0.113.7:%d connected, from %v; %d failed", backend(t), tries-failed, tries, lab.TCPFlowPort, sources, failed)
+		if sources["192.0.2.22"] != 10 || len(sources) != 1 || failed != tries-10 {
+			t.Errorf("without spill: sources %v, %d failed; want the 10 of the range from 192.0.2.22 and %d failures", sources, failed, tries-10)
+		}
+	})
+	t.Run("with spill", func(t *testing.T) {
+		l := newLab(t)
+		path := relWrite(t, t.TempDir(), "rules.yaml", spillFile(true))
+		w := relStartWatch(t, l, path)
+		first, sources, failed := dialHold(t, l, "203.0.113.7", 8)
+		if sources["192.0.2.22"] != 8 || failed != 0 {
+			t.Fatalf("the first 8 connections: sources %v, %d failed; want 8 from 192.0.2.22", sources, failed)
+		}
+		// Watch logs the spill when it finds it, and writes it after
+		// its settle.
+		if !awaitLogFor(w, 0, 5*time.Second, "spill started", "203.0.113.7:", "192.0.2.23") ||
+			!awaitLogFor(w, 0, 2*time.Second, "converged", `"reason":"spill"`) {
+			t.Fatalf("no spill written within 5s of 8 of 10 ports in use\nrules:\n%s\nwatch log:\n%s", l.Ruleset(t), w.p.stderr.String())
+		}
+		const more = 7
+		_, sources, failed = dialHold(t, l, "203.0.113.7", more)
+		t.Logf("%s, with spill: after 8 from 192.0.2.22, %d more connections: from %v, %d failed", backend(t), more, sources, failed)
+		if sources["192.0.2.23"] != more || failed != 0 {
+			t.Errorf("with spill: %d more connections from %v, %d failed; want all %d from 192.0.2.23\nrules:\n%s\nwatch log:\n%s", more, sources, failed, more, l.Ruleset(t), w.p.stderr.String())
+		}
+
+		text := mustES(t, l, "list")
+		if !strings.Contains(text, "(spill of 203.0.113.7/32)") || !strings.Contains(text, "tcp/"+fmt.Sprint(lab.TCPFlowPort)) {
+			t.Errorf("list:\n%s\nwant the spill entry, its port and its rule", text)
+		}
+		var got struct {
+			Rules []struct {
+				Dst     string   `json:"dst"`
+				To      []string `json:"to"`
+				DPort   int      `json:"dport"`
+				Proto   string   `json:"proto"`
+				SpillOf string   `json:"spill_of"`
+			} `json:"rules"`
+		}
+		out := mustES(t, l, "list", "--json")
+		if err := json.Unmarshal([]byte(out), &got); err != nil {
+			t.Fatalf("list --json: %v\n%s", err, out)
+		}
+		spills := 0
+		for _, r := range got.Rules {
+			if r.SpillOf != "" {
+				spills++
+				if r.SpillOf != "203.0.113.7/32" || r.DPort != lab.TCPFlowPort || r.Proto != "tcp" || strings.Join(r.To, ",") != "192.0.2.23" {
+					t.Errorf("list --json spill entry %+v; want tcp/%d to 192.0.2.23, spill of 203.0.113.7/32", r, lab.TCPFlowPort)
+				}
+			}
+		}
+		if spills != 1 {
+			t.Errorf("list --json: %d spill entries; want 1\n%s", spills, out)
+		}
+		for _, args := range [][]string{{"check", "-f", path}, {"check"}} {
+			r := es(t, l, args...)
+			if r.code != 0 || !strings.Contains(r.stdout, "spilling: ") {
+				t.Errorf("%s while watch spills: exit %d\n%s%s\nwant 0, spilling", strings.Join(args, " "), r.code, r.stdout, r.stderr)
+			}
+		}
+
+		// .22's connections end, reset: conntrack's CLOSE state keeps
+		// them 10 seconds, then the spill ends.
+		for _, c := range first {
+			c.SetLinger(0)
+			c.Close()
+		}
+		if !awaitLogFor(w, 0, 20*time.Second, "spill ended", "203.0.113.7:") ||
+			!awaitLogFor(w, 1, 2*time.Second, "converged", `"reason":"spill"`) {
+			t.Fatalf("no spill ended within 20s of .22's connections reset\nwatch log:\n%s", w.p.stderr.String())
+		}
+		_, sources, failed = dialHold(t, l, "203.0.113.7", 1)
+		if sources["192.0.2.22"] != 1 || failed != 0 {
+			t.Errorf("after the spill ended: a new connection from %v, %d failed; want 192.0.2.22", sources, failed)
+		}
+		if n := logCount(w, "spill started"); n != 1 {
+			t.Errorf("%d spill started lines; want 1 (no flapping)\n%s", n, w.p.stderr.String())
+		}
+	})
+}
+
+// awaitLogFor is awaitLog with a limit of its own: the spill is found on
+// watch's tick, and ends when conntrack forgets the flows.
+func awaitLogFor(w *relWatch, before int, limit time.Duration, msg string, words ...string) bool {
+	deadline := time.Now().Add(limit)
+	for logCount(w, msg, words...) <= before {
+		if time.Now().After(deadline) {
+			return false
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	return true
+}
