@@ -15,10 +15,19 @@ import (
 	"github.com/egress-snat/egress-snat/internal/lab"
 )
 
-// spillFile is the desired state of the test: 192.0.2.22 then .23 for the
-// far host, with ten source ports.
-func spillFile(spill bool) string {
-	s := "rules:\n  - to: [192.0.2.22, 192.0.2.23]\n    dst: [203.0.113.7]\n    to-ports: 40000-40009\n"
+// spillFam is one family's addresses of the test: the rule's two and the
+// far host.
+type spillFam struct{ a, b, far, host string }
+
+var spillFams = []spillFam{
+	{"192.0.2.22", "192.0.2.23", "203.0.113.7", "/32"},
+	{"2001:db8::22", "2001:db8::23", "2001:db8:ffff::4", "/128"},
+}
+
+// spillFile is the desired state of the test: a then b for the far host,
+// with ten source ports.
+func spillFile(f spillFam, spill bool) string {
+	s := "rules:\n  - to: [" + f.a + ", " + f.b + "]\n    dst: [" + f.far + "]\n    to-ports: 40000-40009\n"
 	if spill {
 		s += "    spill: true\n"
 	}
@@ -71,98 +80,103 @@ func dialHold(t *testing.T, l *lab.Lab, dst string, n int) (conns []*net.TCPConn
 //
 // With spill and watch running, once eight of the ten ports are held
 // (80%) watch installs a spill entry for that far port, and the next
-// connections succeed from 192.0.2.23 while the first eight stay on .22;
+// connections succeed from 192.0.2.23 while the first eight stay on .22
+// (and the same in IPv6);
 // list shows the spill entry as "spill of" the rule, check (with the file
 // and without) calls it no drift. When .22's connections end (reset, so
 // conntrack forgets them within seconds) the spill ends and new
 // connections leave from .22 again.
 func TestSpillOnTheWire(t *testing.T) {
 	t.Run("without spill", func(t *testing.T) {
+		f := spillFams[0]
 		l := newLab(t)
-		path := relWrite(t, t.TempDir(), "rules.yaml", spillFile(false))
+		path := relWrite(t, t.TempDir(), "rules.yaml", spillFile(f, false))
 		mustES(t, l, "apply", "-f", path)
 		const tries = 14
-		_, sources, failed := dialHold(t, l, "203.0.113.7", tries)
-		t.Logf("%s, without spill: %d of %d connections held open to 203.0.113.7:%d connected, from %v; %d failed", backend(t), tries-failed, tries, lab.TCPFlowPort, sources, failed)
-		if sources["192.0.2.22"] != 10 || len(sources) != 1 || failed != tries-10 {
-			t.Errorf("without spill: sources %v, %d failed; want the 10 of the range from 192.0.2.22 and %d failures", sources, failed, tries-10)
+		_, sources, failed := dialHold(t, l, f.far, tries)
+		t.Logf("%s, without spill: %d of %d connections held open to %s:%d connected, from %v; %d failed", backend(t), tries-failed, tries, f.far, lab.TCPFlowPort, sources, failed)
+		if sources[f.a] != 10 || len(sources) != 1 || failed != tries-10 {
+			t.Errorf("without spill: sources %v, %d failed; want the 10 of the range from %s and %d failures", sources, failed, f.a, tries-10)
 		}
 	})
-	t.Run("with spill", func(t *testing.T) {
-		l := newLab(t)
-		path := relWrite(t, t.TempDir(), "rules.yaml", spillFile(true))
-		w := relStartWatch(t, l, path)
-		first, sources, failed := dialHold(t, l, "203.0.113.7", 8)
-		if sources["192.0.2.22"] != 8 || failed != 0 {
-			t.Fatalf("the first 8 connections: sources %v, %d failed; want 8 from 192.0.2.22", sources, failed)
-		}
-		// Watch logs the spill when it finds it, and writes it after
-		// its settle.
-		if !awaitLogFor(w, 0, 5*time.Second, "spill started", "203.0.113.7:", "192.0.2.23") ||
-			!awaitLogFor(w, 0, 2*time.Second, "converged", `"reason":"spill"`) {
-			t.Fatalf("no spill written within 5s of 8 of 10 ports in use\nrules:\n%s\nwatch log:\n%s", l.Ruleset(t), w.p.stderr.String())
-		}
-		const more = 7
-		_, sources, failed = dialHold(t, l, "203.0.113.7", more)
-		t.Logf("%s, with spill: after 8 from 192.0.2.22, %d more connections: from %v, %d failed", backend(t), more, sources, failed)
-		if sources["192.0.2.23"] != more || failed != 0 {
-			t.Errorf("with spill: %d more connections from %v, %d failed; want all %d from 192.0.2.23\nrules:\n%s\nwatch log:\n%s", more, sources, failed, more, l.Ruleset(t), w.p.stderr.String())
-		}
+	for _, f := range spillFams {
+		t.Run("with spill to "+f.far, func(t *testing.T) {
+			l := newLab(t)
+			path := relWrite(t, t.TempDir(), "rules.yaml", spillFile(f, true))
+			w := relStartWatch(t, l, path)
+			first, sources, failed := dialHold(t, l, f.far, 8)
+			if sources[f.a] != 8 || failed != 0 {
+				t.Fatalf("the first 8 connections: sources %v, %d failed; want 8 from %s", sources, failed, f.a)
+			}
+			// Watch logs the spill when it finds it, and writes it after
+			// its settle.
+			if !awaitLogFor(w, 0, 5*time.Second, "spill started", f.b) ||
+				!awaitLogFor(w, 0, 2*time.Second, "converged", `"reason":"spill"`) {
+				t.Fatalf("no spill written within 5s of 8 of 10 ports in use\nrules:\n%s\nwatch log:\n%s", l.Ruleset(t), w.p.stderr.String())
+			}
+			const more = 7
+			_, sources, failed = dialHold(t, l, f.far, more)
+			t.Logf("%s, with spill: after 8 from %s, %d more connections: from %v, %d failed", backend(t), f.a, more, sources, failed)
+			if sources[f.b] != more || failed != 0 {
+				t.Errorf("with spill: %d more connections from %v, %d failed; want all %d from %s\nrules:\n%s\nwatch log:\n%s", more, sources, failed, more, f.b, l.Ruleset(t), w.p.stderr.String())
+			}
 
-		text := mustES(t, l, "list")
-		if !strings.Contains(text, "(spill of 203.0.113.7/32)") || !strings.Contains(text, "tcp/"+fmt.Sprint(lab.TCPFlowPort)) {
-			t.Errorf("list:\n%s\nwant the spill entry, its port and its rule", text)
-		}
-		var got struct {
-			Rules []struct {
-				Dst     string   `json:"dst"`
-				To      []string `json:"to"`
-				DPort   int      `json:"dport"`
-				Proto   string   `json:"proto"`
-				SpillOf string   `json:"spill_of"`
-			} `json:"rules"`
-		}
-		out := mustES(t, l, "list", "--json")
-		if err := json.Unmarshal([]byte(out), &got); err != nil {
-			t.Fatalf("list --json: %v\n%s", err, out)
-		}
-		spills := 0
-		for _, r := range got.Rules {
-			if r.SpillOf != "" {
-				spills++
-				if r.SpillOf != "203.0.113.7/32" || r.DPort != lab.TCPFlowPort || r.Proto != "tcp" || strings.Join(r.To, ",") != "192.0.2.23" {
-					t.Errorf("list --json spill entry %+v; want tcp/%d to 192.0.2.23, spill of 203.0.113.7/32", r, lab.TCPFlowPort)
+			rule := f.far + f.host
+			text := mustES(t, l, "list")
+			if !strings.Contains(text, "(spill of "+rule+")") || !strings.Contains(text, "tcp/"+fmt.Sprint(lab.TCPFlowPort)) {
+				t.Errorf("list:\n%s\nwant the spill entry, its port and its rule", text)
+			}
+			var got struct {
+				Rules []struct {
+					Dst     string   `json:"dst"`
+					To      []string `json:"to"`
+					DPort   int      `json:"dport"`
+					Proto   string   `json:"proto"`
+					SpillOf string   `json:"spill_of"`
+				} `json:"rules"`
+			}
+			out := mustES(t, l, "list", "--json")
+			if err := json.Unmarshal([]byte(out), &got); err != nil {
+				t.Fatalf("list --json: %v\n%s", err, out)
+			}
+			spills := 0
+			for _, r := range got.Rules {
+				if r.SpillOf != "" {
+					spills++
+					if r.SpillOf != rule || r.DPort != lab.TCPFlowPort || r.Proto != "tcp" || strings.Join(r.To, ",") != f.b {
+						t.Errorf("list --json spill entry %+v; want tcp/%d to %s, spill of %s", r, lab.TCPFlowPort, f.b, rule)
+					}
 				}
 			}
-		}
-		if spills != 1 {
-			t.Errorf("list --json: %d spill entries; want 1\n%s", spills, out)
-		}
-		for _, args := range [][]string{{"check", "-f", path}, {"check"}} {
-			r := es(t, l, args...)
-			if r.code != 0 || !strings.Contains(r.stdout, "spilling: ") {
-				t.Errorf("%s while watch spills: exit %d\n%s%s\nwant 0, spilling", strings.Join(args, " "), r.code, r.stdout, r.stderr)
+			if spills != 1 {
+				t.Errorf("list --json: %d spill entries; want 1\n%s", spills, out)
 			}
-		}
+			for _, args := range [][]string{{"check", "-f", path}, {"check"}} {
+				r := es(t, l, args...)
+				if r.code != 0 || !strings.Contains(r.stdout, "spilling: ") {
+					t.Errorf("%s while watch spills: exit %d\n%s%s\nwant 0, spilling", strings.Join(args, " "), r.code, r.stdout, r.stderr)
+				}
+			}
 
-		// .22's connections end, reset: conntrack's CLOSE state keeps
-		// them 10 seconds, then the spill ends.
-		for _, c := range first {
-			c.SetLinger(0)
-			c.Close()
-		}
-		if !awaitLogFor(w, 0, 20*time.Second, "spill ended", "203.0.113.7:") ||
-			!awaitLogFor(w, 1, 2*time.Second, "converged", `"reason":"spill"`) {
-			t.Fatalf("no spill ended within 20s of .22's connections reset\nwatch log:\n%s", w.p.stderr.String())
-		}
-		_, sources, failed = dialHold(t, l, "203.0.113.7", 1)
-		if sources["192.0.2.22"] != 1 || failed != 0 {
-			t.Errorf("after the spill ended: a new connection from %v, %d failed; want 192.0.2.22", sources, failed)
-		}
-		if n := logCount(w, "spill started"); n != 1 {
-			t.Errorf("%d spill started lines; want 1 (no flapping)\n%s", n, w.p.stderr.String())
-		}
-	})
+			// a's connections end, reset: conntrack's CLOSE state keeps
+			// them 10 seconds, then the spill ends.
+			for _, c := range first {
+				c.SetLinger(0)
+				c.Close()
+			}
+			if !awaitLogFor(w, 0, 20*time.Second, "spill ended") ||
+				!awaitLogFor(w, 1, 2*time.Second, "converged", `"reason":"spill"`) {
+				t.Fatalf("no spill ended within 20s of %s's connections reset\nwatch log:\n%s", f.a, w.p.stderr.String())
+			}
+			_, sources, failed = dialHold(t, l, f.far, 1)
+			if sources[f.a] != 1 || failed != 0 {
+				t.Errorf("after the spill ended: a new connection from %v, %d failed; want %s", sources, failed, f.a)
+			}
+			if n := logCount(w, "spill started"); n != 1 {
+				t.Errorf("%d spill started lines; want 1 (no flapping)\n%s", n, w.p.stderr.String())
+			}
+		})
+	}
 }
 
 // awaitLogFor is awaitLog with a limit of its own: the spill is found on
