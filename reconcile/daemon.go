@@ -63,9 +63,10 @@ type Config struct {
 	Router  Router
 	// Conntrack deletes the flows of an address that left the host.
 	Conntrack Conntrack
-	// Flows reads conntrack for the spill rules (spill.go); nil: the
-	// namespace's own table.
+	// Flows reads conntrack for the spill rules (spill.go), every
+	// SpillEvery (0: DefaultSpillEvery); nil: the namespace's own table.
 	Flows       conntrack.Table
+	SpillEvery  time.Duration
 	LockTimeout time.Duration
 	Log         *slog.Logger
 	// Backend names the backend in use, for the start line of the log.
@@ -95,6 +96,10 @@ type Config struct {
 	// link and route changes). Unit tests give one of their own.
 	Events func(done <-chan struct{}, changed func(reason string)) error
 }
+
+// DefaultSpillEvery is how often the daemon reads conntrack for its spill
+// rules: ports run out over seconds, and a busy host's table is large.
+const DefaultSpillEvery = time.Second
 
 // ErrStopped is what Reconcile and Reload return once the daemon stopped.
 var ErrStopped = errors.New("the daemon stopped")
@@ -181,7 +186,10 @@ func New(c Config) (*Daemon, error) {
 	if d.log == nil {
 		d.log = slog.New(slog.DiscardHandler)
 	}
-	d.spill = spiller{flows: c.Flows, log: d.log}
+	d.spill = spiller{flows: c.Flows, log: d.log, every: c.SpillEvery}
+	if d.spill.every == 0 {
+		d.spill.every = DefaultSpillEvery
+	}
 	if d.spill.flows == nil {
 		d.spill.flows = conntrack.Netlink{}
 	}

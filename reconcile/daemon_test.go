@@ -265,7 +265,7 @@ func (h *fakeHost) start(t *testing.T) *reconcile.Daemon {
 		Path: h.path, File: file,
 		Manager: h.mgr, Router: h.router, Conntrack: h.ct, Flows: h.flows, LockTimeout: time.Second,
 		Log:    slog.New(slog.NewJSONHandler(h.log, &slog.HandlerOptions{Level: slog.LevelDebug})),
-		Resync: 10 * time.Millisecond, FullResync: time.Hour,
+		Resync: 10 * time.Millisecond, FullResync: time.Hour, SpillEvery: 10 * time.Millisecond,
 		HealthFile: h.health, ActivateAfter: h.activateAfter,
 		// No netlink: the fakes are the host, and the test tells.
 		Events: func(_ <-chan struct{}, changed func(string)) error { h.event = changed; return nil },

@@ -8,6 +8,8 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"time"
+	"unsafe"
 
 	"github.com/egress-snat/egress-snat/conntrack"
 	"github.com/egress-snat/egress-snat/snat"
@@ -46,6 +48,15 @@ func (k spillKey) String() string {
 type spiller struct {
 	flows conntrack.Table
 	log   *slog.Logger
+	// every is how often conntrack is read (see tick), last when.
+	every time.Duration
+	last  time.Time
+	// rules are the spill rules of the base they were taken from (by its
+	// array and length: a base is never changed in place, only replaced),
+	// indexed by destination.
+	rules   spillIndex
+	rulesOf *snat.Entry
+	rulesN  int
 	// busy is, per tuple, the addresses found busy toward it.
 	busy map[spillKey]map[netip.Addr]bool
 	// active are the spill entries in force, by tuple.
@@ -56,16 +67,71 @@ type spiller struct {
 	stuck map[spillKey]bool
 }
 
-// spillRules are the entries of base that spill, in chain order.
-func spillRules(base []snat.Entry) []snat.Entry {
-	var out []snat.Entry
+// spillIndex is the spill rules of a base, in chain order, and where to
+// look them up by destination: a rule with a dst-file of 100,000
+// destinations is 100,000 entries, and each flow of a busy host must find
+// its own without trying them all.
+type spillIndex struct {
+	list []snat.Entry
+	// lens are the prefix lengths of list's destinations, by family;
+	// byDst the positions in list of each destination.
+	lens  map[bool][]int // keyed by Is4
+	byDst map[netip.Prefix][]int
+}
+
+// spillRules indexes the entries of base that spill.
+func spillRules(base []snat.Entry) spillIndex {
+	x := spillIndex{lens: map[bool][]int{}, byDst: map[netip.Prefix][]int{}}
 	for _, e := range base {
 		if len(e.Spill) > 0 && !e.IsSpill() && !e.Routed && !e.Keep() && !e.IsPool() {
-			out = append(out, e)
+			x.list = append(x.list, e)
 		}
 	}
-	snat.SortEntries(out)
-	return out
+	snat.SortEntries(x.list)
+	for i, e := range x.list {
+		v4 := e.Dst.Addr().Is4()
+		if !slices.Contains(x.lens[v4], e.Dst.Bits()) {
+			x.lens[v4] = append(x.lens[v4], e.Dst.Bits())
+		}
+		x.byDst[e.Dst] = append(x.byDst[e.Dst], i)
+	}
+	return x
+}
+
+// find returns the first rule in chain order that takes a flow from src
+// to dst translated to to: its destination holds dst, its sender src
+// (the natural source for the host's own traffic), and its list to.
+// Nil: none.
+func (x *spillIndex) find(src, dst, to netip.Addr) *snat.Entry {
+	best := -1
+	for _, bits := range x.lens[dst.Is4()] {
+		p, err := dst.Prefix(bits)
+		if err != nil {
+			continue
+		}
+		for _, i := range x.byDst[p] {
+			r := &x.list[i]
+			if best >= 0 && i > best || !slices.Contains(r.Spill, to) {
+				continue
+			}
+			if r.Sender.Local() && r.Natural != src || !r.Sender.Local() && !r.Sender.From.Contains(src) {
+				continue
+			}
+			best = i
+		}
+	}
+	if best < 0 {
+		return nil
+	}
+	return &x.list[best]
+}
+
+// of returns the spill rules of base, indexed once per base.
+func (s *spiller) of(base []snat.Entry) *spillIndex {
+	if p := unsafe.SliceData(base); p != s.rulesOf || len(base) != s.rulesN || s.rules.byDst == nil {
+		s.rules, s.rulesOf, s.rulesN = spillRules(base), p, len(base)
+	}
+	return &s.rules
 }
 
 // seed takes the spill entries installed (a previous daemon's) as busy
@@ -75,7 +141,7 @@ func (s *spiller) seed(installed, base []snat.Entry) {
 		return
 	}
 	s.seeded = true
-	rules := spillRules(base)
+	rules := s.of(base).list
 	for _, e := range installed {
 		if !e.IsSpill() {
 			continue
@@ -108,13 +174,11 @@ func (s *spiller) mark(k spillKey, a netip.Addr) {
 // to the first rule in chain order that takes its sender and destination
 // and has its address in its list: flows on a spill entry's addresses
 // count for the rule they spill from. Its cost is the host's flows times
-// the spill rules, paid only while a rule spills.
-func (s *spiller) count(rules []snat.Entry) (map[spillKey]map[netip.Addr]int, error) {
+// the prefix lengths of the spill rules' destinations, paid only while a
+// rule spills, once every s.every.
+func (s *spiller) count(x *spillIndex) (map[spillKey]map[netip.Addr]int, error) {
 	out := map[spillKey]map[netip.Addr]int{}
-	fams := map[int]bool{}
-	for _, r := range rules {
-		fams[int(r.Family())] = true
-	}
+	fams := map[int]bool{4: len(x.lens[true]) > 0, 6: len(x.lens[false]) > 0}
 	for _, fam := range []int{4, 6} {
 		if !fams[fam] {
 			continue
@@ -134,21 +198,15 @@ func (s *spiller) count(rules []snat.Entry) (map[spillKey]map[netip.Addr]int, er
 			if to == src {
 				continue // not translated
 			}
-			for i := range rules {
-				r := &rules[i]
-				if !r.Dst.Contains(dst.Addr()) || !slices.Contains(r.Spill, to) {
-					continue
-				}
-				if r.Sender.Local() && r.Natural != src || !r.Sender.Local() && !r.Sender.From.Contains(src) {
-					continue
-				}
-				k := spillKey{Rule: r.Match, Dst: dst.Addr(), Proto: conntrack.ProtoName(f.Orig.Proto), DPort: dst.Port()}
-				if out[k] == nil {
-					out[k] = map[netip.Addr]int{}
-				}
-				out[k][to]++
-				break
+			r := x.find(src, dst.Addr(), to)
+			if r == nil {
+				continue
 			}
+			k := spillKey{Rule: r.Match, Dst: dst.Addr(), Proto: conntrack.ProtoName(f.Orig.Proto), DPort: dst.Port()}
+			if out[k] == nil {
+				out[k] = map[netip.Addr]int{}
+			}
+			out[k][to]++
 		}
 	}
 	return out, nil
@@ -167,11 +225,12 @@ func portRange(e snat.Entry) int {
 // addresses and the spill entries, logging one line per spill that starts,
 // changes or ends. It reports whether the spill entries changed.
 func (s *spiller) sample(base []snat.Entry) (bool, error) {
-	rules := spillRules(base)
+	x := s.of(base)
+	rules := x.list
 	var counts map[spillKey]map[netip.Addr]int
 	if len(rules) > 0 {
 		var err error
-		if counts, err = s.count(rules); err != nil {
+		if counts, err = s.count(x); err != nil {
 			return false, err
 		}
 	}
@@ -288,7 +347,7 @@ func (s *spiller) withSpill(base []snat.Entry) []snat.Entry {
 	if len(s.active) == 0 {
 		return base
 	}
-	rules := spillRules(base)
+	rules := s.of(base).list
 	out := slices.Clip(base)
 	for _, e := range s.entries() {
 		if snat.SpillParent(rules, e) != nil {
@@ -299,11 +358,18 @@ func (s *spiller) withSpill(base []snat.Entry) []snat.Entry {
 }
 
 // tick samples the spill rules of base, when there are any or a spill is
-// in force, and reports whether the spill entries changed.
+// in force, at most once every s.every (the daemon's canary ticks more
+// often, and a dump of a busy host's conntrack table is not free), and
+// reports whether the spill entries changed.
 func (s *spiller) tick(base []snat.Entry) bool {
-	if len(s.active) == 0 && len(s.busy) == 0 && !slices.ContainsFunc(base, func(e snat.Entry) bool { return len(e.Spill) > 0 }) {
+	if len(s.active) == 0 && len(s.busy) == 0 && len(s.of(base).list) == 0 {
 		return false
 	}
+	now := time.Now()
+	if now.Sub(s.last) < s.every {
+		return false
+	}
+	s.last = now
 	changed, err := s.sample(base)
 	if err != nil {
 		s.log.Warn("spill: reading conntrack failed; spill entries kept as they are", "err", err)

@@ -117,7 +117,9 @@ func TestSpillThresholds(t *testing.T) {
 
 	// The rule stops spilling (the file changed): its spill ends.
 	step("8 of 10 again", flows(8, spillA, spillDst), true, spilled)
-	base[0].Spill = nil
+	r := spillRule()
+	r.Spill = nil
+	base = []snat.Entry{r} // a new base, as the daemon's resolve makes
 	table.t = flows(8, spillA, spillDst)
 	if changed, _ := s.sample(base); !changed || len(s.withSpill(base)) != 1 {
 		t.Errorf("a rule that no longer spills kept its spill: %v", s.withSpill(base))
@@ -140,6 +142,48 @@ func TestSpillSeed(t *testing.T) {
 		s.tick(base)
 		if got := len(s.withSpill(base)) - 1; got != tc.want {
 			t.Errorf("%d of 10 at start with a spill installed: %d spill entries; want %d\nlog:\n%s", tc.flows, got, tc.want, log.String())
+		}
+	}
+}
+
+// TestSpillIndex: a flow finds the first spill rule in chain order that
+// takes it, among many: the longest destination of its sender, a --from
+// sender's before the host's, only a rule whose list has the flow's
+// address, and none for a natural source of no rule.
+func TestSpillIndex(t *testing.T) {
+	var base []snat.Entry
+	for i := range 1000 {
+		e := spillRule()
+		e.Dst = netip.PrefixFrom(netip.AddrFrom4([4]byte{198, 51, byte(100 + i/250), byte(i % 250)}), 32)
+		base = append(base, e)
+	}
+	wide := spillRule()
+	other := spillRule()
+	other.Dst = netip.MustParsePrefix("203.0.113.0/25")
+	other.Spill = []netip.Addr{netip.MustParseAddr("192.0.2.30"), netip.MustParseAddr("192.0.2.31")}
+	fwd := spillRule()
+	fwd.Sender, fwd.Natural = snat.From(netip.MustParsePrefix("10.77.0.0/24")), netip.Addr{}
+	base = append(base, wide, other, fwd)
+	x := spillRules(base)
+	for _, tc := range []struct {
+		src, dst, to string
+		want         string
+	}{
+		{"192.0.2.2", "198.51.101.7", "192.0.2.22", "198.51.101.7/32"},
+		{"192.0.2.2", "203.0.113.9", "192.0.2.23", "203.0.113.0/24"},
+		{"192.0.2.2", "203.0.113.9", "192.0.2.30", "203.0.113.0/25"},
+		{"192.0.2.2", "203.0.113.200", "192.0.2.30", ""},
+		{"10.77.0.5", "203.0.113.9", "192.0.2.22", "from 10.77.0.0/24 to 203.0.113.0/24"},
+		{"192.0.2.99", "198.51.101.7", "192.0.2.22", ""},
+		{"192.0.2.2", "198.51.101.7", "192.0.2.99", ""},
+	} {
+		r := x.find(netip.MustParseAddr(tc.src), netip.MustParseAddr(tc.dst), netip.MustParseAddr(tc.to))
+		got := ""
+		if r != nil {
+			got = r.Match.String()
+		}
+		if got != tc.want {
+			t.Errorf("flow %s -> %s as %s: rule %q; want %q", tc.src, tc.dst, tc.to, got, tc.want)
 		}
 	}
 }
