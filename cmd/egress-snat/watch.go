@@ -56,6 +56,14 @@ once conntrackd has committed the peer's connections) or, failing that,
 --activate-after; its flows are never deleted when the address leaves (they
 went to the peer).
 
+A rule with spill: (set --spill) and a list of addresses is looked at every
+second: when an address it gives holds 80% of its source ports toward one
+destination, port and protocol (counted from conntrack), watch installs a
+rule of its own for that destination port ahead of it, to the list's other
+addresses, and removes it below 50%, logging "spill started" and "spill
+ended". The spill rule is part of what watch keeps; a watch that starts
+again finds it again from conntrack and the rules installed.
+
 Logs go to stderr (the journal) with log/slog. SIGTERM or SIGINT stops it
 cleanly and leaves the rules in place. scripts/egress-snat.service runs it
 at boot, so the desired state survives reboots.`,
