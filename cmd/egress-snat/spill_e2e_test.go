@@ -76,7 +76,8 @@ func dialHold(t *testing.T, l *lab.Lab, dst string, n int) (conns []*net.TCPConn
 //
 // Without spill, the rule is the first address's: ten connections held
 // open take the ten ports, and the next ones fail (the kernel finds no
-// free source port for the tuple), none from the second address.
+// free source port for the tuple), none from the second address. With
+// spill but without watch, the same.
 //
 // With spill and watch running, once eight of the ten ports are held
 // (80%) watch installs a spill entry for that far port, and the next
@@ -87,18 +88,22 @@ func dialHold(t *testing.T, l *lab.Lab, dst string, n int) (conns []*net.TCPConn
 // conntrack forgets them within seconds) the spill ends and new
 // connections leave from .22 again.
 func TestSpillOnTheWire(t *testing.T) {
-	t.Run("without spill", func(t *testing.T) {
-		f := spillFams[0]
-		l := newLab(t)
-		path := relWrite(t, t.TempDir(), "rules.yaml", spillFile(f, false))
-		mustES(t, l, "apply", "-f", path)
-		const tries = 14
-		_, sources, failed := dialHold(t, l, f.far, tries)
-		t.Logf("%s, without spill: %d of %d connections held open to %s:%d connected, from %v; %d failed", backend(t), tries-failed, tries, f.far, lab.TCPFlowPort, sources, failed)
-		if sources[f.a] != 10 || len(sources) != 1 || failed != tries-10 {
-			t.Errorf("without spill: sources %v, %d failed; want the 10 of the range from %s and %d failures", sources, failed, f.a, tries-10)
-		}
-	})
+	// Without spill, and with spill but no watch to act on it: the same.
+	for _, spill := range []bool{false, true} {
+		name := map[bool]string{false: "without spill", true: "spill without watch"}[spill]
+		t.Run(name, func(t *testing.T) {
+			f := spillFams[0]
+			l := newLab(t)
+			path := relWrite(t, t.TempDir(), "rules.yaml", spillFile(f, spill))
+			mustES(t, l, "apply", "-f", path)
+			const tries = 14
+			_, sources, failed := dialHold(t, l, f.far, tries)
+			t.Logf("%s, %s: %d of %d connections held open to %s:%d connected, from %v; %d failed", backend(t), name, tries-failed, tries, f.far, lab.TCPFlowPort, sources, failed)
+			if sources[f.a] != 10 || len(sources) != 1 || failed != tries-10 {
+				t.Errorf("%s: sources %v, %d failed; want the 10 of the range from %s and %d failures", name, sources, failed, f.a, tries-10)
+			}
+		})
+	}
 	for _, f := range spillFams {
 		t.Run("with spill to "+f.far, func(t *testing.T) {
 			l := newLab(t)
