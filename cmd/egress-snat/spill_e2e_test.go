@@ -9,8 +9,11 @@ import (
 	"fmt"
 	"net"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
+
+	"github.com/google/go-cmp/cmp"
 
 	"github.com/egress-snat/egress-snat/internal/lab"
 )
@@ -82,7 +85,8 @@ func dialHold(t *testing.T, l *lab.Lab, dst string, n int) (conns []*net.TCPConn
 // With spill and watch running, once eight of the ten ports are held
 // (80%) watch installs a spill entry for that far port, and the next
 // connections succeed from 192.0.2.23 while the first eight stay on .22
-// (and the same in IPv6);
+// (and the same in IPv6); a watch stopped and started again meanwhile
+// keeps the spill without rewriting anything;
 // list shows the spill entry as "spill of" the rule, check (with the file
 // and without) calls it no drift. When .22's connections end (reset, so
 // conntrack forgets them within seconds) the spill ends and new
@@ -108,16 +112,41 @@ func TestSpillOnTheWire(t *testing.T) {
 		t.Run("with spill to "+f.far, func(t *testing.T) {
 			l := newLab(t)
 			path := relWrite(t, t.TempDir(), "rules.yaml", spillFile(f, true))
-			w := relStartWatch(t, l, path)
+			// The first watch is stopped while it spills; the second,
+			// relStartWatch's, runs to the end.
+			w1 := &relWatch{p: relStart(t, l, "watch", "-f", path, "--log-format", "json")}
+			t.Cleanup(func() {
+				if !w1.p.exited() {
+					w1.p.cmd.Process.Kill()
+					<-w1.p.done
+				}
+			})
+			if _, ok := relWaitInSync(t, l, path, 5*time.Second); !ok {
+				t.Fatalf("watch -f %s: not in sync after 5s\nlog:\n%s", path, w1.p.stderr.String())
+			}
 			first, sources, failed := dialHold(t, l, f.far, 8)
 			if sources[f.a] != 8 || failed != 0 {
 				t.Fatalf("the first 8 connections: sources %v, %d failed; want 8 from %s", sources, failed, f.a)
 			}
 			// Watch logs the spill when it finds it, and writes it after
 			// its settle.
-			if !awaitLogFor(w, 0, 5*time.Second, "spill started", f.b) ||
-				!awaitLogFor(w, 0, 2*time.Second, "converged", `"reason":"spill"`) {
-				t.Fatalf("no spill written within 5s of 8 of 10 ports in use\nrules:\n%s\nwatch log:\n%s", l.Ruleset(t), w.p.stderr.String())
+			if !awaitLogFor(w1, 0, 5*time.Second, "spill started", f.b) ||
+				!awaitLogFor(w1, 0, 2*time.Second, "converged", `"reason":"spill"`) {
+				t.Fatalf("no spill written within 5s of 8 of 10 ports in use\nrules:\n%s\nwatch log:\n%s", l.Ruleset(t), w1.p.stderr.String())
+			}
+			// Watch stops, leaving the spill; another one starts, finds
+			// it from conntrack and the rules, and writes nothing.
+			before := l.Ruleset(t)
+			w1.p.cmd.Process.Signal(syscall.SIGTERM)
+			if code, ok := w1.p.wait(10 * time.Second); !ok || code != 0 {
+				t.Fatalf("the first watch: exit %d (ended: %v) after SIGTERM\nlog:\n%s", code, ok, w1.p.stderr.String())
+			}
+			w := relStartWatch(t, l, path)
+			if !awaitLogFor(w, 0, 5*time.Second, "spill started", f.b) {
+				t.Fatalf("the second watch found no spill within 5s\nwatch log:\n%s", w.p.stderr.String())
+			}
+			if after := l.Ruleset(t); after != before || logCount(w, "converged") != 0 {
+				t.Errorf("the second watch changed the rules at its start (-before +after):\n%s\nlog:\n%s", cmp.Diff(before, after), w.p.stderr.String())
 			}
 			const more = 7
 			_, sources, failed = dialHold(t, l, f.far, more)
@@ -170,7 +199,7 @@ func TestSpillOnTheWire(t *testing.T) {
 				c.Close()
 			}
 			if !awaitLogFor(w, 0, 20*time.Second, "spill ended") ||
-				!awaitLogFor(w, 1, 2*time.Second, "converged", `"reason":"spill"`) {
+				!awaitLogFor(w, 0, 2*time.Second, "converged", `"reason":"spill"`) {
 				t.Fatalf("no spill ended within 20s of %s's connections reset\nwatch log:\n%s", f.a, w.p.stderr.String())
 			}
 			_, sources, failed = dialHold(t, l, f.far, 1)
