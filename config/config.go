@@ -34,6 +34,9 @@
 //	  - to: 192.0.2.22
 //	    dst: [203.0.113.9]
 //	    to-ports: 40000-40999     # TCP and UDP source ports from this range
+//	  - to: [192.0.2.22, 192.0.2.23]
+//	    dst: [203.0.113.0/24]
+//	    spill: true               # watch spills a busy destination port to .23
 //
 // A rule without from, uid or cgroup is about the host's own traffic; one
 // with from is about forwarded traffic, and without dst means every
@@ -93,6 +96,7 @@ type Rule struct {
 	Standby bool     `yaml:"standby"`
 	Sticky  string   `yaml:"sticky"`
 	ToPorts string   `yaml:"to-ports"`
+	Spill   bool     `yaml:"spill"`
 
 	line int
 	// dstFile holds the destinations read from DstFile.
@@ -407,6 +411,14 @@ func (r Rule) check() error {
 	if err := r.checkPool(m); err != nil {
 		return err
 	}
+	if r.Spill {
+		if addrs, _, _ := snat.Weights(r.To.Addrs); len(addrs) < 2 {
+			return errors.New("'spill' needs a list of two addresses or more in 'to', to spill over")
+		}
+		if m == snat.MethodRoute {
+			return errors.New("'spill' needs method snat: a route does not translate ports")
+		}
+	}
 	if r.Standby && len(r.From) == 0 {
 		return errors.New("'standby' is for a gateway's forwarded traffic: give 'from' (the host's own connections cannot wait for an address the peer holds)")
 	}
@@ -606,7 +618,7 @@ func (f *File) Intents() ([]snat.Intent, error) {
 			}
 			for _, s := range senders {
 				out = append(out, snat.Intent{Sender: s, Dst: d, To: r.To.Addrs, Out: r.Out, Spread: r.Spread, Via: via, Method: method, Standby: r.Standby,
-					Pool: r.To.Pool, Sticky: snat.Sticky(r.Sticky), Ports: ports})
+					Pool: r.To.Pool, Sticky: snat.Sticky(r.Sticky), Ports: ports, Spill: r.Spill})
 			}
 		}
 	}

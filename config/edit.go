@@ -136,6 +136,8 @@ type Spec struct {
 	Sticky snat.Sticky
 	// Ports is the source port range (to-ports), zero for none.
 	Ports snat.Ports
+	// Spill lets watch spill a busy destination port (spill).
+	Spill bool
 }
 
 // OpenDoc reads path for editing. A missing file is an empty document
@@ -284,6 +286,7 @@ func (d *Doc) ReplaceSource(s snat.Sender, dst netip.Prefix, to netip.Addr) bool
 			mapDelete(r, "spread")
 			mapDelete(r, "sticky")
 			mapDelete(r, "to-ports")
+			mapDelete(r, "spill")
 			continue
 		}
 		split = append(split, matchesOf(r)[0])
@@ -590,6 +593,11 @@ func setSource(r *yaml.Node, s Spec) {
 		ports = s.Ports.String()
 	}
 	optional("to-ports", ports, "!!str")
+	spill := ""
+	if s.Spill {
+		spill = "true"
+	}
+	optional("spill", spill, "!!bool")
 }
 
 func sameSource(r *yaml.Node, s Spec) bool {
@@ -613,7 +621,7 @@ func sameSource(r *yaml.Node, s Spec) bool {
 		return k
 	}
 	ports, _ := snat.ParsePorts(have.ToPorts)
-	return slices.Equal(have.To.Addrs, s.To) && have.Spread == s.Spread && via == s.Via && m == want && ports == s.Ports &&
+	return slices.Equal(have.To.Addrs, s.To) && have.Spread == s.Spread && via == s.Via && m == want && ports == s.Ports && have.Spill == s.Spill &&
 		have.To.Pool == s.Pool && (!s.Pool.IsValid() || sticky(snat.Sticky(have.Sticky)) == sticky(s.Sticky))
 }
 

@@ -336,3 +336,47 @@ func TestDocPool(t *testing.T) {
 		t.Errorf("after ReplaceSource:\n%s", b)
 	}
 }
+
+// TestDocSpill: set --spill --permanent's edit writes spill: true on a
+// failover list, which reads back as spill intents; the same rule without
+// spill is another source (the edit drops the key); spill with one
+// address, or a pool, is refused with the key named.
+func TestDocSpill(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "egress-snat.yaml")
+	d, err := config.OpenDoc(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	to := addrs(t, "192.0.2.22", "192.0.2.23")
+	d.Put(config.Spec{Dst: dsts(t, "203.0.113.0/24"), To: to, Spill: true})
+	if err := d.Write(); err != nil {
+		t.Fatal(err)
+	}
+	b, _ := os.ReadFile(path)
+	if !strings.Contains(string(b), "spill: true") {
+		t.Errorf("written:\n%s\nwant spill: true", b)
+	}
+	_, intents, err := config.LoadIntents(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(intents) != 1 || !intents[0].Spill || intents[0].Spread || !slices.Equal(intents[0].To, to) {
+		t.Errorf("intents %+v, want one spill over %v, not spread", intents, to)
+	}
+	d, err = config.OpenDoc(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	d.Put(config.Spec{Dst: dsts(t, "203.0.113.0/24"), To: to})
+	if b, _ := d.Bytes(); strings.Contains(string(b), "spill") {
+		t.Errorf("written without spill:\n%s\nwant no spill key", b)
+	}
+	for _, bad := range []string{
+		"rules:\n  - to: 192.0.2.22\n    dst: [203.0.113.0/24]\n    spill: true\n",
+		"rules:\n  - to: 2001:db8:1::/64\n    dst: [2001:db8:ffff::/48]\n    spill: true\n",
+	} {
+		if _, err := config.Decode(strings.NewReader(bad)); err == nil || !strings.Contains(err.Error(), "'spill'") {
+			t.Errorf("%q: %v; want an error naming 'spill'", bad, err)
+		}
+	}
+}

@@ -49,6 +49,16 @@ var RuleKeys = []Key{
 		Example: "to-ports: 40000-40999",
 	},
 	{
+		Name: "spill", Type: "true or false",
+		Meaning: "With a list of addresses in to: when an address the rule gives holds 80% of its source ports " +
+			"(the to-ports range, else the kernel's 1024-65535) toward one destination, port and protocol, " +
+			"egress-snat watch sends new connections there from the list's other addresses, by a rule of " +
+			"its own for that destination port ahead of this one, until it falls below 50%. Connections " +
+			"that exist keep their address. Without watch running, the rule is as without spill: the " +
+			"first address of the list, or all of them in turn with spread.",
+		Example: "spill: true",
+	},
+	{
 		Name: "dst", Type: "address or prefix, or a list of them",
 		Meaning: "The destinations, of to's family; a bare address is one host. The most specific " +
 			"destination wins, as in routing. A rule about the host's own traffic needs dst or " +
@@ -175,4 +185,7 @@ const ExampleFile = `rules:
   - to: 192.0.2.22
     dst: [203.0.113.9]
     to-ports: 40000-40999          # TCP and UDP source ports from this range
+  - to: [192.0.2.22, 192.0.2.23]
+    dst: [203.0.113.0/24]
+    spill: true                    # watch spills a busy destination port to .23
 `

@@ -34,6 +34,9 @@ func TestRuleKeysAreRuleFields(t *testing.T) {
 		if k.Name == "standby" { // only with from
 			doc += "    from: [10.50.0.0/24]\n"
 		}
+		if k.Name == "spill" { // only with a list
+			doc = "rules:\n  - to: [192.0.2.22, 192.0.2.23]\n    dst: [198.51.100.4]\n    " + k.Example + "\n"
+		}
 		if k.Name == "sticky" { // only with a pool
 			doc = "rules:\n  - to: 2001:db8:1::/64\n    dst: [2001:db8:ffff::/48]\n    " + k.Example + "\n"
 		}

@@ -30,6 +30,9 @@ type savedEntry struct {
 	Sticky  snat.Sticky     `json:"sticky,omitempty"`
 	PortsLo uint16          `json:"ports_lo,omitempty"`
 	PortsHi uint16          `json:"ports_hi,omitempty"`
+	Proto   string          `json:"proto,omitempty"`
+	DPort   uint16          `json:"dport,omitempty"`
+	Spill   []netip.Addr    `json:"spill,omitempty"`
 }
 
 func encodeEntries(es []snat.Entry) ([]byte, error) {
@@ -41,6 +44,7 @@ func encodeEntries(es []snat.Entry) ([]byte, error) {
 			Routed: e.Routed, Via: e.Via, Replies: e.Replies, Marked: e.Marked,
 			Hold: e.Hold, Standby: e.Standby,
 			Pool: e.Pool, Sticky: e.Sticky, PortsLo: e.Ports.Lo, PortsHi: e.Ports.Hi,
+			Proto: e.Proto, DPort: e.DPort, Spill: e.Spill,
 		})
 	}
 	return json.Marshal(saved)
@@ -54,11 +58,12 @@ func decodeEntries(b []byte) ([]snat.Entry, error) {
 	out := make([]snat.Entry, 0, len(saved))
 	for _, s := range saved {
 		out = append(out, snat.Entry{
-			Match:   snat.Match{Sender: snat.Sender{Kind: s.Sender, From: s.From, UID: s.UID, Cgroup: s.Cgroup}, Dst: s.Dst, Out: s.Out},
+			Match:   snat.Match{Sender: snat.Sender{Kind: s.Sender, From: s.From, UID: s.UID, Cgroup: s.Cgroup}, Dst: s.Dst, Out: s.Out, Proto: s.Proto, DPort: s.DPort},
 			Natural: s.Natural, To: s.To,
 			Routed: s.Routed, Via: s.Via, Replies: s.Replies, Marked: s.Marked,
 			Hold: s.Hold, Standby: s.Standby,
 			Pool: s.Pool, Sticky: s.Sticky, Ports: snat.Ports{Lo: s.PortsLo, Hi: s.PortsHi},
+			Spill: s.Spill,
 		})
 	}
 	return out, nil

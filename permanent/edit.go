@@ -14,8 +14,12 @@ import (
 // turns back into a kept natural source. A routed entry is a rule with
 // method: route (and its via). A pool's source is its prefix and sticky.
 // ok is false for an entry the file cannot state: one keeping the source
-// of forwarded traffic, which has no natural source to name.
+// of forwarded traffic, which has no natural source to name, and a spill
+// entry, which watch makes and removes by itself (snat/spill.go).
 func SpecOf(e snat.Entry) (s config.Spec, ok bool) {
+	if e.IsSpill() {
+		return s, false
+	}
 	to := e.To
 	if e.Keep() {
 		if !e.Natural.IsValid() {
@@ -43,7 +47,7 @@ func SpecOf(e snat.Entry) (s config.Spec, ok bool) {
 // resolved interface unless --out was given).
 func intentSpec(in snat.Intent) config.Spec {
 	return config.Spec{Match: config.Match{Sender: in.Sender, Out: in.Out}, Dst: []netip.Prefix{in.Dst},
-		To: in.To, Spread: in.Spread, Via: in.Via, Method: in.Method, Pool: in.Pool, Sticky: in.Sticky, Ports: in.Ports}
+		To: in.To, Spread: in.Spread, Via: in.Via, Method: in.Method, Pool: in.Pool, Sticky: in.Sticky, Ports: in.Ports, Spill: in.Spill}
 }
 
 // Put is set's edit of the permanent file: each intent becomes the rule of

@@ -64,7 +64,11 @@ type Config struct {
 	Manager *snat.Manager
 	Router  Router
 	// Conntrack deletes the flows of an address that left the host.
-	Conntrack   Conntrack
+	Conntrack Conntrack
+	// Flows reads conntrack for the spill rules (spill.go), every
+	// SpillEvery (0: DefaultSpillEvery); nil: the namespace's own table.
+	Flows       conntrack.Table
+	SpillEvery  time.Duration
 	LockTimeout time.Duration
 	Log         *slog.Logger
 	// Backend names the backend in use, for the start line of the log.
@@ -103,6 +107,10 @@ type Config struct {
 	Refusal   string
 }
 
+// DefaultSpillEvery is how often the daemon reads conntrack for its spill
+// rules: ports run out over seconds, and a busy host's table is large.
+const DefaultSpillEvery = time.Second
+
 // ErrStopped is what Reconcile and Reload return once the daemon stopped.
 var ErrStopped = errors.New("the daemon stopped")
 
@@ -135,7 +143,11 @@ type Daemon struct {
 	// plan is the last reconcile's plan: its Desired entries and Chains
 	// are what the kernel should hold, and wantRules our ip rules, for the
 	// canary. Nothing else of a reconcile is kept.
-	plan      snat.Plan
+	plan snat.Plan
+	// base is the file as last resolved: plan's Desired without the spill
+	// entries, which spill adds while they last (spill.go).
+	base      []snat.Entry
+	spill     spiller
 	wantRules map[snat.Family][]routes.IPRule
 	applies   int
 	// leftOut counts the rules the last resolve left out, by cause.
@@ -204,6 +216,13 @@ func New(c Config) (*Daemon, error) {
 	}
 	if d.log == nil {
 		d.log = slog.New(slog.DiscardHandler)
+	}
+	d.spill = spiller{flows: c.Flows, log: d.log, every: c.SpillEvery}
+	if d.spill.every == 0 {
+		d.spill.every = DefaultSpillEvery
+	}
+	if d.spill.flows == nil {
+		d.spill.flows = conntrack.Netlink{}
 	}
 	if d.events == nil {
 		d.events = d.netlinkEvents
@@ -376,6 +395,8 @@ func (d *Daemon) Run(ctx context.Context) error {
 			d.health.beat()
 			if reason := d.canary(); reason != "" {
 				d.kick(reason)
+			} else if d.spill.tick(d.base) {
+				d.kick("spill")
 			}
 		case <-verifyTick:
 			d.verifyCanary()

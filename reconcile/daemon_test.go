@@ -209,6 +209,7 @@ type fakeHost struct {
 	tables *lockedTables
 	router *fakeRouter
 	ct     *fakeConntrack
+	flows  *fakeFlows
 	log    *lockedBuffer
 	path   string
 	health string
@@ -237,6 +238,7 @@ func newFakeHost(t *testing.T) *fakeHost {
 		},
 		router: newFakeRouter("192.0.2.250", "192.0.2.22", "192.0.2.23"),
 		ct:     &fakeConntrack{},
+		flows:  &fakeFlows{},
 		log:    &lockedBuffer{},
 		path:   filepath.Join(dir, "egress-snat.yaml"),
 		health: filepath.Join(dir, "health"),
@@ -264,9 +266,9 @@ func (h *fakeHost) start(t *testing.T) *reconcile.Daemon {
 	}
 	d, err := reconcile.New(reconcile.Config{
 		Path: h.path, File: file,
-		Manager: h.mgr, Router: h.router, Conntrack: h.ct, LockTimeout: time.Second,
+		Manager: h.mgr, Router: h.router, Conntrack: h.ct, Flows: h.flows, LockTimeout: time.Second,
 		Log:    slog.New(slog.NewJSONHandler(h.log, &slog.HandlerOptions{Level: slog.LevelDebug})),
-		Resync: 10 * time.Millisecond, FullResync: time.Hour,
+		Resync: 10 * time.Millisecond, FullResync: time.Hour, SpillEvery: 10 * time.Millisecond,
 		HealthFile: h.health, ActivateAfter: h.activateAfter,
 		Commands: h.commands, APIDir: h.apiDir, Refusal: "refused",
 		// No netlink: the fakes are the host, and the test tells.

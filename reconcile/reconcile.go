@@ -29,7 +29,7 @@ func (d *Daemon) reconcile(reason string) error {
 		// destinations.
 		req.Known = d.written
 	}
-	req.Desired = func(*snat.State) ([]snat.Entry, error) {
+	req.Desired = func(st *snat.State) ([]snat.Entry, error) {
 		// Under the lock a --permanent run's file and kernel agree: a file
 		// replaced since the last read is read now, not after the canary
 		// has undone the run with the old one.
@@ -37,7 +37,7 @@ func (d *Daemon) reconcile(reason string) error {
 			again = true
 		}
 		if !again {
-			return d.plan.Desired, nil
+			return d.spill.withSpill(d.base), nil
 		}
 		intents, err := d.file.Intents()
 		if err != nil {
@@ -45,10 +45,17 @@ func (d *Daemon) reconcile(reason string) error {
 		}
 		desired, s, err := snat.ResolveAvailable(d.router, intents)
 		skipped = s
-		if err == nil {
-			d.holdArrived(desired)
+		if err != nil {
+			return desired, err
 		}
-		return desired, err
+		d.holdArrived(desired)
+		d.base = desired
+		if !d.spill.seeded {
+			// A daemon that starts takes over the spills it finds.
+			d.spill.seed(st.Entries(), desired)
+			d.spill.tick(desired)
+		}
+		return d.spill.withSpill(desired), nil
 	}
 	_, plan, err := d.m.Update(req)
 	if err != nil {

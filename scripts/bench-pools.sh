@@ -10,7 +10,10 @@
 #     192.0.2.22=3,192.0.2.23=1 --spread, each address's share against
 #     3/4 and 1/4 (the issue's goal: within ±2%);
 #  3. a port range running out: connections held open to one far address
-#     and port through --to-ports 40000-40007, past the range.
+#     and port through --to-ports 40000-40007, past the range, without
+#     spill (one address: the ones past the range fail) and with it (a
+#     rule of two addresses with spill: true followed by watch, which
+#     spills the far port to the second address at 80% of the range).
 #
 # It writes its section of docs/BENCHMARKS.md between the pools markers
 # (appended when there are none), leaving the rest of the file as it is.
@@ -27,6 +30,7 @@
 #   BENCH_POOL_N       connections per stickiness [2000]
 #   BENCH_WEIGHT_N     connections over the weighted list [4000]
 #   BENCH_SPILL_N      connections held past a range of 8 ports [12]
+#   BENCH_SPILL_GAP    pause between them, for watch's tick [1s]
 #   BENCH_POOLS_OUT    report file [docs/BENCHMARKS.md]
 set -euo pipefail
 export LC_ALL=C
@@ -41,6 +45,7 @@ POOL_N=${BENCH_POOL_N:-2000}
 WEIGHT_N=${BENCH_WEIGHT_N:-4000}
 SPILL_PORTS=40000-40007
 SPILL_N=${BENCH_SPILL_N:-12}
+SPILL_GAP=${BENCH_SPILL_GAP:-1s}
 OUT=${BENCH_POOLS_OUT:-$ROOT/docs/BENCHMARKS.md}
 COMMIT=$(git -C "$ROOT" describe --always --dirty 2>/dev/null || echo unknown)
 
@@ -144,11 +149,28 @@ for b in $BACKENDS; do
   load "$h" -net tcp4 -addrs "$V4_DSTS" -max "$WEIGHT_N" >"$WORK/res/weight-$b.json"
   say "$b weights: $(jq -c '{conns, errors, seen}' "$WORK/res/weight-$b.json")"
   # A small port range runs out: held connections to one far address and
-  # port, past the range. Spill-over would give the rest further addresses.
+  # port, past the range.
   "${es[@]}" clear >/dev/null
   "${es[@]}" set --to 192.0.2.22 --dst 203.0.113.1 --to-ports "$SPILL_PORTS" >/dev/null
-  ip netns exec "$h" "$WORK/benchconn" hold -addr 203.0.113.1:7100 -n "$SPILL_N" >"$WORK/res/ports-$b.json"
+  ip netns exec "$h" "$WORK/benchconn" hold -addr 203.0.113.1:7100 -n "$SPILL_N" -gap "$SPILL_GAP" >"$WORK/res/ports-$b.json"
   say "$b --to-ports $SPILL_PORTS: $(jq -c '{tried, connected, failed, seen}' "$WORK/res/ports-$b.json")"
+  # With spill, under watch: the rest leave from .23. Another far
+  # address, whose ports the closed connections above do not hold.
+  "${es[@]}" clear >/dev/null
+  printf 'rules:\n  - to: [192.0.2.22, 192.0.2.23]\n    dst: [203.0.113.2]\n    to-ports: %s\n    spill: true\n' "$SPILL_PORTS" >"$WORK/spill-$b.yaml"
+  ip netns exec "$h" "$WORK/egress-snat" --backend "$b" watch -f "$WORK/spill-$b.yaml" --log-format json >"$WORK/watch-$b.log" 2>&1 &
+  watch_pid=$!
+  PIDS+=("$watch_pid")
+  for i in $(seq 50); do
+    "${es[@]}" check -f "$WORK/spill-$b.yaml" >/dev/null 2>&1 && break
+    ((i < 50)) || die "watch in $h did not apply $WORK/spill-$b.yaml: $(cat "$WORK/watch-$b.log")"
+    sleep 0.1
+  done
+  ip netns exec "$h" "$WORK/benchconn" hold -addr 203.0.113.2:7100 -n "$SPILL_N" -gap "$SPILL_GAP" >"$WORK/res/spill-$b.json"
+  say "$b --to-ports $SPILL_PORTS with spill: $(jq -c '{tried, connected, failed, seen}' "$WORK/res/spill-$b.json")"
+  grep -c '"msg":"spill started"' "$WORK/watch-$b.log" >"$WORK/res/spill-$b.started" || true
+  kill "$watch_pid"
+  wait "$watch_pid" || true
   "${es[@]}" clear >/dev/null
   bench_stop
 done
@@ -201,24 +223,33 @@ section() {
   echo
   echo "### Source ports running out"
   echo
-  echo "\`set --to 192.0.2.22 --dst 203.0.113.1 --to-ports $SPILL_PORTS\` (8 ports), then $SPILL_N"
-  echo "connections to 203.0.113.1:7100, one after the other, each held open: the kernel needs a free"
-  echo "source port per address, destination, destination port and protocol."
+  echo "Without spill: \`set --to 192.0.2.22 --dst 203.0.113.1 --to-ports $SPILL_PORTS\` (8 ports),"
+  echo "then $SPILL_N connections to 203.0.113.1:7100, one every $SPILL_GAP, each held open: the kernel"
+  echo "needs a free source port per address, destination, destination port and protocol. With"
+  echo "spill: \`watch -f\` a rule \`to: [192.0.2.22, 192.0.2.23]\`, \`dst: [203.0.113.2]\`,"
+  echo "\`to-ports: $SPILL_PORTS\`, \`spill: true\`, and the same connections to 203.0.113.2:7100: once"
+  echo "7 of the 8 ports (80%) are in use, watch spills the far port to .23. Spills: the spill"
+  echo "starts watch logged."
   echo
-  echo "| backend | spill | tried | connected | failed | sources |"
-  echo "|---|---|---:|---:|---:|---|"
+  echo "| backend | spill | tried | connected | failed | sources | spills |"
+  echo "|---|---|---:|---:|---:|---|---:|"
   for b in $BACKENDS; do
-    f=$WORK/res/ports-$b.json
-    printf '| %s | without | %s | %s | %s | %s |\n' "$b" "$(jq .tried "$f")" "$(jq .connected "$f")" "$(jq .failed "$f")" \
-      "$(jq -r '.seen | to_entries | map("\(.key): \(.value)") | join(", ")' "$f")"
+    for kind in ports spill; do
+      f=$WORK/res/$kind-$b.json
+      spills=-
+      with=without
+      if [[ $kind == spill ]]; then
+        with=with
+        spills=$(cat "$WORK/res/spill-$b.started")
+      fi
+      printf '| %s | %s | %s | %s | %s | %s | %s |\n' "$b" "$with" "$(jq .tried "$f")" "$(jq .connected "$f")" "$(jq .failed "$f")" \
+        "$(jq -r '.seen | to_entries | map("\(.key): \(.value)") | join(", ")' "$f")" "$spills"
+    done
   done
   echo
-  echo "Spill-over before source ports run out (issue 24, part 3) is not built yet: the rows"
-  echo "with it, connections that succeed from the next address, are still missing."
-  echo
   echo "Reproduce: \`bash scripts/bench-pools.sh\` (part of \`make bench\`; knobs BENCH_BACKENDS,"
-  echo "BENCH_POOL_N, BENCH_WEIGHT_N, BENCH_SPILL_N). This run: BACKENDS=\"$BACKENDS\", POOL_N=$POOL_N,"
-  echo "WEIGHT_N=$WEIGHT_N, SPILL_N=$SPILL_N."
+  echo "BENCH_POOL_N, BENCH_WEIGHT_N, BENCH_SPILL_N, BENCH_SPILL_GAP). This run: BACKENDS=\"$BACKENDS\","
+  echo "POOL_N=$POOL_N, WEIGHT_N=$WEIGHT_N, SPILL_N=$SPILL_N, SPILL_GAP=$SPILL_GAP."
   echo "<!-- pools:end -->"
 }
 section >"$WORK/section.md"

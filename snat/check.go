@@ -151,7 +151,7 @@ func DesiredNow(r Router, st *State, intents []Intent) ([]Entry, []Finding, erro
 func IntentsOf(entries []Entry) []Intent {
 	var out []Intent
 	for _, en := range entries {
-		if !en.Keep() {
+		if !en.Keep() && !en.IsSpill() { // a spill is watch's, kept by KeepSpills
 			in := Intent{Sender: en.Sender, Dst: en.Dst, To: en.To, Out: en.Out, Spread: len(en.To) > 1, Standby: en.Hold, Pool: en.Pool, Sticky: en.Sticky, Ports: en.Ports}
 			switch {
 			case en.Replies || en.Marked:

@@ -6,6 +6,7 @@ import (
 	"net/netip"
 	"slices"
 	"sort"
+	"strconv"
 	"strings"
 )
 
@@ -78,6 +79,12 @@ type Entry struct {
 	// Ports is the range of source ports SNAT gives (see ports.go); zero:
 	// the kernel's own.
 	Ports Ports
+	// Spill are the addresses of the rule's list that the watch daemon
+	// may spill new connections over when an address of To runs out of
+	// ports toward one destination port (see spill.go); nil: the rule
+	// does not spill. Like Standby it is the rule's, not the kernel's:
+	// never read back, no part of Equal.
+	Spill []netip.Addr
 }
 
 // Method is how an entry is realized: "snat" (a rule in the nat chain) or
@@ -115,6 +122,9 @@ type entryJSON struct {
 	Sticky string `json:"sticky,omitempty"`
 	// Ports is the source port range, "40000-40099", when one is given.
 	Ports string `json:"ports,omitempty"`
+	// Proto and DPort: a spill entry's destination port (see spill.go).
+	Proto string `json:"proto,omitempty"`
+	DPort uint16 `json:"dport,omitempty"`
 }
 
 func (e Entry) MarshalJSON() ([]byte, error) {
@@ -137,6 +147,7 @@ func (e Entry) MarshalJSON() ([]byte, error) {
 	if !e.Ports.IsZero() {
 		j.Ports = e.Ports.String()
 	}
+	j.Proto, j.DPort = e.Proto, e.DPort
 	j.From, j.UID, j.Cgroup = e.Sender.jsonFields()
 	return json.Marshal(j)
 }
@@ -226,14 +237,18 @@ func (e Entry) String() string {
 	if e.Hold {
 		marked += " (standing by)"
 	}
+	dst := e.Dst.String()
+	if e.IsSpill() {
+		dst += " " + e.Proto + "/" + strconv.Itoa(int(e.DPort))
+	}
 	if !e.Sender.Local() {
-		return fmt.Sprintf("%s to %s via %s -> %s%s", e.Sender, e.Dst, e.Out, e.ToString(), marked)
+		return fmt.Sprintf("%s to %s via %s -> %s%s", e.Sender, dst, e.Out, e.ToString(), marked)
 	}
 	who := ""
 	if !e.Sender.IsHost() {
 		who = e.Sender.String() + " "
 	}
-	return fmt.Sprintf("%s%s via %s from %s -> %s%s", who, e.Dst, e.Out, e.Natural, e.ToString(), marked)
+	return fmt.Sprintf("%s%s via %s from %s -> %s%s", who, dst, e.Out, e.Natural, e.ToString(), marked)
 }
 
 // NeedsNoRule reports whether the entry asks for the source its traffic
@@ -315,6 +330,12 @@ func compareEntryRefs(a, b *Entry) int {
 			return c
 		}
 	}
+	if a.IsSpill() != b.IsSpill() {
+		if a.IsSpill() {
+			return -1 // one port of a destination: narrower than any prefix
+		}
+		return 1
+	}
 	if a.Dst.Bits() != b.Dst.Bits() {
 		return b.Dst.Bits() - a.Dst.Bits()
 	}
@@ -324,7 +345,13 @@ func compareEntryRefs(a, b *Entry) int {
 	if c := strings.Compare(a.Out, b.Out); c != 0 {
 		return c
 	}
-	return a.Natural.Compare(b.Natural)
+	if c := a.Natural.Compare(b.Natural); c != 0 {
+		return c
+	}
+	if c := strings.Compare(a.Proto, b.Proto); c != 0 {
+		return c
+	}
+	return int(a.DPort) - int(b.DPort)
 }
 
 // Normalize returns the entries that need a rule:
@@ -436,7 +463,7 @@ func Promise(entries []Entry, p Packet) *Entry {
 	var best *Entry
 	for i := range entries {
 		e := &entries[i]
-		if !e.Dst.Contains(p.Dst) || !e.Sender.takes(p) {
+		if !e.Dst.Contains(p.Dst) || !e.Sender.takes(p) || e.IsSpill() {
 			continue
 		}
 		if best == nil || promiseBefore(e, best, p.Out) {

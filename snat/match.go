@@ -158,10 +158,23 @@ type Match struct {
 	Sender Sender
 	Dst    netip.Prefix
 	Out    string
+	// Proto ("tcp" or "udp") and DPort narrow the match to one
+	// destination port: only a spill entry has them (see spill.go), which
+	// the watch daemon installs while an address runs out of source ports
+	// toward Dst's port. Zero for every rule an operator writes.
+	Proto string
+	DPort uint16
 }
+
+// IsSpill reports whether the match is a spill entry's: one destination
+// port of one protocol.
+func (m Match) IsSpill() bool { return m.DPort != 0 }
 
 func (m Match) String() string {
 	s := m.Dst.String()
+	if m.IsSpill() {
+		s += " " + m.Proto + "/" + strconv.Itoa(int(m.DPort))
+	}
 	if !m.Sender.IsHost() {
 		s = m.Sender.String() + " to " + s
 	}
@@ -186,7 +199,7 @@ type Packet struct {
 
 // matches reports whether the entry's rule matches p.
 func (e Entry) matches(p Packet) bool {
-	if e.Out != p.Out || !e.Dst.Contains(p.Dst) {
+	if e.Out != p.Out || !e.Dst.Contains(p.Dst) || e.IsSpill() {
 		return false
 	}
 	s := e.Sender

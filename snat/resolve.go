@@ -69,6 +69,11 @@ type Intent struct {
 	// Ports is the range of source ports SNAT gives (see ports.go); zero:
 	// the kernel's own. Only for SNAT to addresses.
 	Ports Ports
+	// Spill lets the watch daemon send new connections to one destination
+	// port over the further addresses of To while an address runs out of
+	// source ports toward it (see spill.go). Without the daemon the rule
+	// is as without Spill. Only for SNAT to a list of two addresses or more.
+	Spill bool
 }
 
 // Method is how an intent is realized.
@@ -98,7 +103,9 @@ func ParseMethod(s string) (Method, error) {
 
 // routable reports whether a route can do what in asks: the host's own
 // traffic by destination, to one source.
-func (in Intent) routable() bool { return in.Sender.IsHost() && !in.Spread && in.Ports.IsZero() }
+func (in Intent) routable() bool {
+	return in.Sender.IsHost() && !in.Spread && in.Ports.IsZero() && !in.Spill
+}
 
 // Resolve validates intents against the host and turns them into entries,
 // learning each destination's outgoing interface and natural source from
@@ -242,7 +249,7 @@ func repeats(intents []Intent) ([]bool, error) {
 		k := key{in.Dst.Masked(), lastIdx}
 		if first, dup := seen[k]; dup {
 			repeated[i] = true
-			if prev := &intents[first]; !slices.Equal(prev.To, in.To) || prev.Spread != in.Spread || prev.Pool != in.Pool || prev.Sticky != in.Sticky || prev.Ports != in.Ports {
+			if prev := &intents[first]; !slices.Equal(prev.To, in.To) || prev.Spread != in.Spread || prev.Pool != in.Pool || prev.Sticky != in.Sticky || prev.Ports != in.Ports || prev.Spill != in.Spill {
 				m := Match{Sender: in.Sender, Dst: k.Dst, Out: in.Out}
 				errs = append(errs, Invalid("%s is given twice, with sources %s and %s", describe(m), prev.sources(), in.sources()))
 			}
@@ -279,6 +286,9 @@ func resolveOne(r Router, in Intent, lenient bool) (Entry, error) {
 		return Entry{}, Invalid("destination %q is not a valid address or prefix", in.Dst)
 	}
 	if in.Pool.IsValid() {
+		if in.Spill {
+			return Entry{}, Invalid("%s: pool %s needs no spill: its addresses do not run out of ports (spill is for a list of addresses)", describe(Match{Sender: in.Sender, Dst: dst}), in.Pool)
+		}
 		if !in.Ports.IsZero() {
 			return Entry{}, Invalid("%s: pool %s needs no --to-ports: its addresses do not run out of ports", describe(Match{Sender: in.Sender, Dst: dst}), in.Pool)
 		}
@@ -363,6 +373,11 @@ func resolveOne(r Router, in Intent, lenient bool) (Entry, error) {
 		return Entry{}, Invalid("--via %s: traffic to %s leaves by %s through %s already; --via is for a source on another interface", in.Via, dst, iface, gwName(gw))
 	}
 	e := Entry{Match: Match{Sender: in.Sender, Dst: dst, Out: iface}, To: to, Standby: in.Standby, Ports: in.Ports}
+	if in.Spill {
+		if e.Spill, err = spillAddrs(r, in, dst, iface); err != nil {
+			return Entry{}, err
+		}
+	}
 	if in.Sender.Local() {
 		e.Natural = natural
 	}

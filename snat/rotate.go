@@ -62,7 +62,7 @@ func NextSource(pool []netip.Addr, current netip.Addr, usable func(netip.Addr) b
 // pool's (whose addresses the kernel picks, none of them current).
 func Current(installed []Entry, m Match, natural netip.Addr) netip.Addr {
 	for _, e := range installed {
-		if e.Sender == m.Sender && e.Dst == m.Dst && (m.Out == "" || e.Out == m.Out) && !e.Keep() && !e.IsPool() {
+		if e.Sender == m.Sender && e.Dst == m.Dst && (m.Out == "" || e.Out == m.Out) && !e.Keep() && !e.IsPool() && !e.IsSpill() {
 			return e.To[0]
 		}
 	}

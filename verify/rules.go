@@ -156,6 +156,9 @@ func RuleProbes(h Host, entries []snat.Entry, extra []netip.Addr) (probes []Prob
 	}
 	seen := map[group]bool{}
 	for _, en := range entries {
+		if en.IsSpill() {
+			continue // one destination port, which a probe does not take: its rule's probe covers it
+		}
 		g := group{en.Sender, en.Out, en.ToString()}
 		if len(entries) > MaxFlows && seen[g] {
 			continue

@@ -130,7 +130,7 @@ func readInstalled(f snat.Family, nat *SavedTable, sets map[string]Set) Installe
 			switch {
 			case r.ToLast.IsValid():
 				rg = []addrRange{{r.ToSource, r.ToLast}}
-			case r.Proto != "":
+			case r.Proto != "" && r.DPort == 0:
 				// A port range's rules (one protocol each) repeat
 				// the addresses of the entry's rules without one,
 				// which give To; the chain's comparison with the
@@ -154,6 +154,9 @@ func readInstalled(f snat.Family, nat *SavedTable, sets map[string]Set) Installe
 				dst = everything(f)
 			}
 			e := snat.Entry{Match: snat.Match{Sender: r.Sender(), Dst: dst, Out: r.Out}, Natural: r.natural(), Ports: r.Ports}
+			if r.DPort != 0 {
+				e.Proto, e.DPort = r.Proto, r.DPort
+			}
 			if len(to) > 0 {
 				e.To = to
 			}

@@ -67,7 +67,21 @@ func Render(f snat.Family, entries []snat.Entry) Chain {
 }
 
 // renderBlock appends the rules and sets of one sender's sorted entries.
+// Spill entries (one destination port, see snat/spill.go) come first, as
+// single rules, ahead of the sets too: each is narrower than the rule it
+// spills from, which may be a set's, and is no set member nor exception.
 func renderBlock(c *Chain, block []snat.Entry) {
+	if slices.ContainsFunc(block, func(e snat.Entry) bool { return e.IsSpill() }) {
+		var rest []snat.Entry
+		for _, e := range block {
+			if e.IsSpill() {
+				c.add(rulesFor(e, ""), e.Hold)
+			} else {
+				rest = append(rest, e)
+			}
+		}
+		block = rest
+	}
 	// Group by position: entries are large, and a 100,000-entry group
 	// copied on every append costs more than the rest of planning.
 	groups := map[groupKey][]int{}

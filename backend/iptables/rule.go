@@ -16,7 +16,7 @@ import (
 // it back from iptables-save, and rules are compared as structs, so the
 // order in which a backend prints matches does not matter.
 //
-//	-s SRC [-d DST] -o OUT [-p tcp|udp] [-m addrtype ! --src-type LOCAL]
+//	-s SRC [-d DST] -o OUT [-p tcp|udp [-m tcp|udp --dport PORT]] [-m addrtype ! --src-type LOCAL]
 //	  [-m owner --uid-owner UID] [-m cgroup --path PATH]
 //	  [-m set --match-set SET dst] [-m conntrack --ctstate INVALID,NEW]
 //	  -m comment --comment egress-snat
@@ -77,6 +77,10 @@ type Rule struct {
 	// translate the rest (ICMP).
 	Proto string
 	Ports snat.Ports
+	// DPort (-m tcp|udp --dport, with Proto) is a spill entry's
+	// destination port (snat.Match.DPort); its rule has Proto whether or
+	// not it has Ports.
+	DPort uint16
 }
 
 // Args renders the rule as iptables arguments, without "-A CHAIN".
@@ -93,6 +97,9 @@ func (r Rule) Args() []string {
 	}
 	if r.Proto != "" {
 		a = append(a, "-p", r.Proto)
+	}
+	if r.DPort != 0 {
+		a = append(a, "-m", r.Proto, "--dport", strconv.Itoa(int(r.DPort)))
 	}
 	if r.Forwarded {
 		a = append(a, "-m", "addrtype", "!", "--src-type", "LOCAL")
@@ -154,7 +161,10 @@ func (r Rule) String() string { return strings.Join(r.Args(), " ") }
 // it.
 func (r Rule) match() Rule {
 	r.Every, r.Target, r.ToSource, r.ToLast = 0, "", netip.Addr{}, netip.Addr{}
-	r.Proto, r.Ports = "", snat.Ports{}
+	if r.DPort == 0 {
+		r.Proto = "" // a spill rule's protocol is part of its match
+	}
+	r.Ports = snat.Ports{}
 	return r
 }
 
@@ -182,7 +192,7 @@ func ParseRule(f snat.Family, spec []string) (Rule, error) {
 				return r, err
 			}
 			switch v {
-			case "addrtype", "owner", "cgroup", "set", "comment", "statistic", "mark", "conntrack":
+			case "addrtype", "owner", "cgroup", "set", "comment", "statistic", "mark", "conntrack", "tcp", "udp":
 			default:
 				return r, fmt.Errorf("match %q is not one egress-snat writes", v)
 			}
@@ -227,6 +237,12 @@ func ParseRule(f snat.Family, spec []string) (Rule, error) {
 				return r, fmt.Errorf("-p %q is not a protocol egress-snat writes", v)
 			}
 			r.Proto = v
+		case "--dport":
+			n, err := strconv.ParseUint(v, 10, 16)
+			if err != nil || n == 0 || r.Proto == "" || !mods[r.Proto] {
+				return r, fmt.Errorf("--dport %q outside -p tcp|udp -m tcp|udp", v)
+			}
+			r.DPort = uint16(n)
 		case "--uid-owner":
 			n, err := strconv.ParseUint(v, 10, 32)
 			if err != nil || !mods["owner"] {
@@ -331,8 +347,11 @@ func ParseRule(f snat.Family, spec []string) (Rule, error) {
 	if r.Set != "" && r.Dst.IsValid() {
 		return r, fmt.Errorf("both -d and a set")
 	}
-	if (r.Proto != "") != !r.Ports.IsZero() || r.Proto != "" && r.Target != "SNAT" {
-		return r, fmt.Errorf("-p without a --to-source port range, or a port range without -p: egress-snat writes them together")
+	if (r.Proto != "") != (!r.Ports.IsZero() || r.DPort != 0) || r.Proto != "" && r.Target != "SNAT" {
+		return r, fmt.Errorf("-p without a --to-source port range or --dport, or a port range without -p: egress-snat writes them together")
+	}
+	if (mods["tcp"] || mods["udp"]) && r.DPort == 0 {
+		return r, fmt.Errorf("-m tcp|udp without --dport")
 	}
 	if r.Random && r.Target == "SNAT" && r.ToSource.IsValid() && !r.ToLast.IsValid() {
 		r.ToLast = r.ToSource // a range of one address, as iptables-save prints it
@@ -408,9 +427,14 @@ func rulesFor(e snat.Entry, set string) []Rule {
 		return out
 	}
 	// With a port range, the entry's rules once for each protocol with
-	// ports, then once without for the rest (see snat.Ports).
+	// ports, then once without for the rest (see snat.Ports). A spill
+	// entry's are for its one protocol and port.
 	protos := []string{""}
-	if !e.Ports.IsZero() {
+	switch {
+	case e.IsSpill():
+		protos = []string{e.Proto}
+		base.DPort = e.DPort
+	case !e.Ports.IsZero():
 		protos = append(slices.Clone(snat.PortProtocols), "")
 	}
 	out := make([]Rule, 0, len(protos)*len(e.To))

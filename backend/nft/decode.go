@@ -134,6 +134,17 @@ func decodeRule(exprs []expr.Any, spread func(name string) ([]netip.Addr, error)
 			}
 			r.Forwarded = true
 		case *expr.Payload:
+			if e.Base == expr.PayloadBaseTransportHeader {
+				// th dport N, after meta l4proto
+				c, ok := d.cmp(expr.CmpOpEq)
+				if !ok || e.OperationType != expr.PayloadLoad || e.Offset != 2 || e.Len != 2 || len(c) != 2 || r.Proto == "" || r.DPort != 0 {
+					return r, d.bad(start)
+				}
+				if r.DPort = binary.BigEndian.Uint16(c); r.DPort == 0 {
+					return r, d.bad(start)
+				}
+				continue
+			}
 			if r.Family == 0 || e.Base != expr.PayloadBaseNetworkHeader || e.OperationType != expr.PayloadLoad ||
 				int(e.Len) != maskAddr(r.Family, 0).BitLen()/8 {
 				return r, d.bad(start)

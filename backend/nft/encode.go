@@ -548,6 +548,14 @@ func ruleExprs(r Rule, mapID uint32) ([]expr.Any, error) {
 		}
 		add(&expr.Meta{Key: expr.MetaKeyL4PROTO, Register: reg}, &expr.Cmp{Op: expr.CmpOpEq, Register: reg, Data: []byte{p}})
 	}
+	if r.DPort != 0 {
+		if r.Proto == "" {
+			return nil, fmt.Errorf("a destination port needs a protocol match")
+		}
+		// th dport: the transport header's bytes 2-3, TCP's and UDP's alike.
+		add(&expr.Payload{DestRegister: reg, Base: expr.PayloadBaseTransportHeader, Offset: 2, Len: 2},
+			&expr.Cmp{Op: expr.CmpOpEq, Register: reg, Data: binary.BigEndian.AppendUint16(nil, r.DPort)})
+	}
 	if r.Counter {
 		add(&expr.Counter{})
 	}

@@ -51,6 +51,10 @@ func TestRuleRoundTrip(t *testing.T) {
 		{Family: snat.IPv4, Out: "eth0", Src: pfx("192.0.2.250"), Dst: pfx("203.0.113.7"), Proto: "tcp", Counter: true, Action: Action{Kind: ActSNAT, To: addrs("192.0.2.22"), Ports: snat.Ports{Lo: 40000, Hi: 40007}}},
 		{Family: snat.IPv4, Out: "eth0", Src: pfx("192.0.2.250"), Dst: pfx("203.0.113.7"), Proto: "udp", Counter: true, Action: Action{Kind: ActSNAT, To: spread, Ports: snat.Ports{Lo: 40000, Hi: 40000}}},
 		{Family: snat.IPv6, Out: "eth0", Src: pfx("2001:db8::250"), Set: "d6-64-0123456789", SetBits: 64, Proto: "tcp", Counter: true, Action: Action{Kind: ActSNAT, To: addrs("2001:db8::22"), Ports: snat.Ports{Lo: 1024, Hi: 65535}}},
+		// Spill entries (snat/spill.go): a destination port, with and
+		// without a port range.
+		{Family: snat.IPv4, Out: "eth0", Src: pfx("192.0.2.250"), Dst: pfx("203.0.113.7"), Proto: "tcp", DPort: 443, Counter: true, Action: Action{Kind: ActSNAT, To: addrs("192.0.2.23"), Ports: snat.Ports{Lo: 40000, Hi: 40007}}},
+		{Family: snat.IPv6, Out: "eth0", Forwarded: true, Src: pfx("fd00:88::/64"), Dst: pfx("2001:db8:ffff::4"), Proto: "udp", DPort: 53, Counter: true, Action: Action{Kind: ActSNAT, To: addrs("2001:db8::22", "2001:db8::23")}},
 	}
 	for _, r := range rules {
 		exprs, err := ruleExprs(r, 1)

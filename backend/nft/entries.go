@@ -68,7 +68,7 @@ func (t *Table) entries(f snat.Family, routing routes.State) []snat.Entry {
 	// 200-byte entries for most of a no-op apply's time.
 	size := 0
 	for _, r := range nat.Rules {
-		if r.Family != f || (r.Action.Kind != ActSNAT && r.Action.Kind != ActAccept) || r.Proto != "" {
+		if r.Family != f || (r.Action.Kind != ActSNAT && r.Action.Kind != ActAccept) || r.Proto != "" && r.DPort == 0 {
 			continue
 		}
 		size++
@@ -89,7 +89,7 @@ func (t *Table) entries(f snat.Family, routing routes.State) []snat.Entry {
 		if r.Family != f || (r.Action.Kind != ActSNAT && r.Action.Kind != ActAccept) {
 			continue
 		}
-		if r.Proto != "" {
+		if r.Proto != "" && r.DPort == 0 {
 			ported[portKey(r)] = r.Action.Ports
 			continue
 		}
@@ -100,6 +100,9 @@ func (t *Table) entries(f snat.Family, routing routes.State) []snat.Entry {
 		if r.Action.Kind == ActSNAT {
 			e.To, e.Pool, e.Sticky = r.Action.To, r.Action.Pool, r.Action.Sticky
 			e.Ports = ported[portKey(r)]
+		}
+		if r.DPort != 0 { // a spill entry: its one rule has its ports
+			e.Proto, e.DPort, e.Ports = r.Proto, r.DPort, r.Action.Ports
 		}
 		for _, d := range t.destinations(r) {
 			en := e

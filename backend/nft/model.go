@@ -94,6 +94,9 @@ type Rule struct {
 	// the rules of an entry's port range, which the kernel applies only
 	// to a protocol with ports (see snat.Ports).
 	Proto string
+	// DPort matches one destination port (th dport, with Proto): a
+	// spill entry's (snat.Match.DPort).
+	DPort uint16
 	// Counter counts the packets the rule acts on: for the nat chain,
 	// new connections (NAT sees no other packet).
 	Counter bool
@@ -157,7 +160,7 @@ func (a Action) equal(o Action) bool {
 func (r Rule) Equal(o Rule) bool {
 	return r.Family == o.Family && r.CtNew == o.CtNew && r.CtNewOrInvalid == o.CtNewOrInvalid && r.Unmarked == o.Unmarked && r.Out == o.Out && r.Forwarded == o.Forwarded &&
 		r.Src == o.Src && r.HasUID == o.HasUID && r.UID == o.UID && r.Cgroup == o.Cgroup &&
-		r.Dst == o.Dst && r.Set == o.Set && r.SetBits == o.SetBits && r.Proto == o.Proto && r.Counter == o.Counter &&
+		r.Dst == o.Dst && r.Set == o.Set && r.SetBits == o.SetBits && r.Proto == o.Proto && r.DPort == o.DPort && r.Counter == o.Counter &&
 		r.Comment == o.Comment && r.Action.equal(o.Action)
 }
 
@@ -461,6 +464,9 @@ func (r Rule) String() string {
 	}
 	if r.Proto != "" {
 		add("meta l4proto", r.Proto)
+	}
+	if r.DPort != 0 {
+		add("th dport", strconv.Itoa(int(r.DPort)))
 	}
 	if r.Counter {
 		add("counter")

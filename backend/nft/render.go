@@ -98,7 +98,7 @@ func RenderSeq(entries iter.Seq[*snat.Entry]) (*Table, error) {
 		for e := range entries {
 			i++
 			f := e.Family()
-			if e.Sender.IsHost() || e.Routed || !slices.ContainsFunc(marked, func(m markedEntry) bool { return m.e.Family() == f }) {
+			if e.Sender.IsHost() || e.Routed || e.IsSpill() || !slices.ContainsFunc(marked, func(m markedEntry) bool { return m.e.Family() == f }) {
 				continue
 			}
 			g := out
@@ -236,6 +236,10 @@ type group struct {
 	action  Action
 	actKey  string
 	elems   Elems
+	// proto and dport are a spill entry's (snat/spill.go): one rule per
+	// destination, never a set, ahead of its sender's other rules.
+	proto string
+	dport uint16
 }
 
 type groupKey struct {
@@ -246,6 +250,8 @@ type groupKey struct {
 	out     string
 	natural netip.Addr
 	actKey  string
+	proto   string
+	dport   uint16
 }
 
 // grouper collects entries into groups. Consecutive entries usually share
@@ -264,18 +270,19 @@ func (g *grouper) add(chain string, e *snat.Entry, a Action) {
 	bits := e.Dst.Bits()
 	if l := g.last; l != nil && l.bits == bits && l.chain == chain && l.sender == e.Sender && l.out == e.Out &&
 		l.natural == e.Natural && l.action.Kind == a.Kind && l.action.Mark == a.Mark && l.action.Ports == a.Ports &&
-		unsafe.SliceData(a.To) == g.lastTo && len(a.To) == g.lastN && l.fam == e.Family() {
+		unsafe.SliceData(a.To) == g.lastTo && len(a.To) == g.lastN && l.fam == e.Family() &&
+		l.dport == e.DPort && l.proto == e.Proto {
 		l.elems.Add(e.Dst.Masked().Addr())
 		return
 	}
-	k := groupKey{chain: chain, fam: e.Family(), sender: e.Sender, bits: bits, out: e.Out, natural: e.Natural, actKey: a.key()}
+	k := groupKey{chain: chain, fam: e.Family(), sender: e.Sender, bits: bits, out: e.Out, natural: e.Natural, actKey: a.key(), proto: e.Proto, dport: e.DPort}
 	if g.groups == nil {
 		g.groups = map[groupKey]*group{}
 	}
 	gr := g.groups[k]
 	if gr == nil {
 		gr = &group{chain: chain, fam: k.fam, sender: k.sender, bits: bits, out: k.out, natural: k.natural,
-			action: a, actKey: k.actKey, elems: NewElems(k.fam)}
+			action: a, actKey: k.actKey, elems: NewElems(k.fam), proto: k.proto, dport: k.dport}
 		g.groups[k] = gr
 	}
 	gr.elems.Add(e.Dst.Masked().Addr())
@@ -319,7 +326,7 @@ func (g *grouper) rules(t *Table) []Rule {
 			if gr.fam == snat.IPv6 {
 				zero = netip.IPv6Unspecified()
 			}
-			r = &rep{e: snat.Entry{Match: snat.Match{Sender: gr.sender, Dst: netip.PrefixFrom(zero, gr.bits), Out: gr.out}, Natural: gr.natural}}
+			r = &rep{e: snat.Entry{Match: snat.Match{Sender: gr.sender, Dst: netip.PrefixFrom(zero, gr.bits), Out: gr.out, Proto: gr.proto, DPort: gr.dport}, Natural: gr.natural}}
 			reps[k] = r
 			es = append(es, r.e)
 		}
@@ -328,7 +335,7 @@ func (g *grouper) rules(t *Table) []Rule {
 	snat.SortEntries(es)
 	var out []Rule
 	for _, e := range es {
-		r := reps[groupKey{fam: e.Family(), sender: e.Sender, bits: e.Dst.Bits(), out: e.Out, natural: e.Natural}]
+		r := reps[groupKey{fam: e.Family(), sender: e.Sender, bits: e.Dst.Bits(), out: e.Out, natural: e.Natural, proto: e.Proto, dport: e.DPort}]
 		slices.SortFunc(r.groups, func(a, b *group) int { return strings.Compare(a.actKey, b.actKey) })
 		for _, gr := range r.groups {
 			out = append(out, gr.render(t)...)
@@ -342,6 +349,12 @@ func (g *grouper) rules(t *Table) []Rule {
 // without the range for the rest (see snat.Ports).
 func (gr *group) render(t *Table) []Rule {
 	rules := gr.renderOnce(t)
+	if gr.dport != 0 {
+		for i := range rules {
+			rules[i].Proto, rules[i].DPort = gr.proto, gr.dport
+		}
+		return rules
+	}
 	if gr.action.Ports.IsZero() {
 		return rules
 	}
@@ -386,7 +399,7 @@ func (gr *group) renderOnce(t *Table) []Rule {
 	if gr.bits == 0 {
 		return []Rule{base} // every destination: no match on it
 	}
-	if gr.elems.Len() < snat.SetThreshold {
+	if gr.elems.Len() < snat.SetThreshold || gr.dport != 0 {
 		var out []Rule
 		for a := range gr.elems.All() {
 			r := base

@@ -69,7 +69,9 @@ Kinds of drift:
 
 What egress-snat keeps only for live connections after their rules went
 (the EGRESS-SNAT-KEEP chain, a reply route; see clear --help) is no drift.
-Nor is a rule marked standby: whose address the peer gateway holds: it is
+Nor is a spill entry (see set --spill) of a rule that spills, which watch
+keeps while an address is busy: it is reported as spilling (exit 0). Nor
+is a rule marked standby: whose address the peer gateway holds: it is
 reported as standing by (exit 0). On a node of a gateway pair (egress-snat
 ha config), it also shows the node's role and conntrackd's sync, as ha
 status does, and reports its problems as drift:
@@ -94,6 +96,10 @@ EXIT STATUS: 0 in sync, 1 drift, 2 error (bad input or a failed read).`,
 			return cli.Exit(err.Error(), checkError)
 		}
 		findings := r.findings
+		spills := r.spills
+		if spills == nil {
+			spills = []snat.Entry{}
+		}
 		if c.Bool("json") {
 			if findings == nil {
 				findings = []snat.Finding{} // [], as every list of --json, not null
@@ -102,8 +108,9 @@ EXIT STATUS: 0 in sync, 1 drift, 2 error (bad input or a failed read).`,
 				InSync   bool            `json:"in_sync"`
 				Findings []snat.Finding  `json:"findings"`
 				Standby  []snat.Standing `json:"standby"`
+				Spills   []snat.Entry    `json:"spills"`
 				Pair     *haStatusReport `json:"pair,omitempty"`
-			}{len(findings) == 0, findings, r.standby, r.pair}); err != nil {
+			}{len(findings) == 0, findings, r.standby, spills, r.pair}); err != nil {
 				return cli.Exit(err.Error(), checkError)
 			}
 		} else {
@@ -115,6 +122,9 @@ EXIT STATUS: 0 in sync, 1 drift, 2 error (bad input or a failed read).`,
 			}
 			for _, s := range r.standby {
 				fmt.Fprintln(c.App.Writer, standingLine(s))
+			}
+			for _, s := range spills {
+				fmt.Fprintf(c.App.Writer, "spilling: %s (kept by watch while the rule's address is busy toward that port)\n", s)
 			}
 			for _, f := range findings {
 				fmt.Fprintf(c.App.Writer, "DRIFT %-24s %s %s\n", f.Kind, f.Family, f.Detail)
@@ -133,6 +143,8 @@ type checkResult struct {
 	standby  []snat.Standing
 	// pair is the node's part of a gateway pair, nil without one.
 	pair *haStatusReport
+	// spills are the spill entries watch keeps (no drift).
+	spills []snat.Entry
 }
 
 // standingLine says what one standing-by address means, for people.
@@ -171,6 +183,8 @@ func runCheck(c *cli.Context) (checkResult, error) {
 	if err != nil {
 		return none, err
 	}
+	// A spill that watch installed for a rule that spills is no drift.
+	desired, spills := snat.KeepSpills(desired, st.Entries(), file != "")
 	// What is kept for live connections is no drift: read what they hold
 	// where the plan would take something from them.
 	if _, err := e.mgr.Plan(st, desired); err != nil {
@@ -193,7 +207,7 @@ func runCheck(c *cli.Context) (checkResult, error) {
 		findings = append(findings, snat.Finding{Kind: snat.DriftOtherBackend, Detail: w})
 	}
 	has := func(a netip.Addr) bool { _, err := e.sel.Owner(a); return err == nil }
-	r := checkResult{findings: findings, standby: snat.StandingBy(desired, has), pair: pairStatus(c)}
+	r := checkResult{findings: findings, standby: snat.StandingBy(desired, has), pair: pairStatus(c), spills: spills}
 	if r.pair != nil {
 		r.findings = append(r.findings, pairFindings(r.pair)...)
 	}

@@ -89,6 +89,10 @@ func TestFlagRefusals(t *testing.T) {
 		{"newline in a command name", []string{"sett\nINJECTED"}, []string{`"sett\nINJECTED"`}, nil},
 		{"unknown help topic", []string{"help", "nope\nINJECTED"}, []string{`nope\nINJECTED`}, nil},
 		{"long --to", []string{"set", "--to", strings.Repeat("1", 100000)}, []string{`"` + strings.Repeat("1", 40) + `"…`}, nil},
+		{"--spill with one address", []string{"set", "--to", "192.0.2.22", "--spill"}, []string{"--spill needs two --to addresses", "192.0.2.22"}, nil},
+		{"--spill with a pool", []string{"set", "--to", "2001:db8:1::/64", "--spill"}, []string{"2001:db8:1::/64", "--spill"}, nil},
+		{"--spill --method route", []string{"set", "--to", "192.0.2.22,192.0.2.23", "--spill", "--method", "route"}, []string{"--spill needs --method snat"}, nil},
+		{"A,B without --spread or --spill", []string{"set", "--to", "192.0.2.22,192.0.2.23"}, []string{"--spread", "--spill"}, nil},
 	} {
 		t.Run(tt.name, func(t *testing.T) {
 			code, msg := runRefused(t, tt.args...)

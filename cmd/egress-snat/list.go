@@ -24,7 +24,9 @@ destination if it is in one. On a node of a gateway pair (egress-snat ha
 config) the first line is the node's role and conntrackd's sync, as ha
 status says them. A rule of the permanent file whose source is
 already the natural one installs nothing; it is shown as "natural: no rule
-needed". Warns when the chain also exists in the other iptables backend
+needed". A spill entry that egress-snat watch installed while an address
+of a rule with spill runs out of ports toward one destination port shows
+that port and "spill of" the rule. Warns when the chain also exists in the other iptables backend
 (iptables-nft vs iptables-legacy), where the host's iptables does not show it.`,
 	Flags: []cli.Flag{jsonFlag},
 	Action: func(c *cli.Context) error {
@@ -91,7 +93,11 @@ needed". Warns when the chain also exists in the other iptables backend
 			if r.entry.Natural.IsValid() {
 				natural = r.entry.Natural.String()
 			}
-			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\n", r.entry.Sender, r.entry.Dst, r.entry.ToString(), r.entry.Out, natural, present, set)
+			dst := r.entry.Dst.String()
+			if r.SpillOf != "" {
+				dst = fmt.Sprintf("%s %s/%d (spill of %s)", dst, r.entry.Proto, r.entry.DPort, r.SpillOf)
+			}
+			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\n", r.entry.Sender, dst, r.entry.ToString(), r.entry.Out, natural, present, set)
 		}
 		return tw.Flush()
 	},
@@ -108,6 +114,9 @@ type listRow struct {
 	// NoRuleNeeded marks a rule of the permanent file whose source is
 	// the natural one: nothing is installed for it.
 	NoRuleNeeded bool `json:"no_rule_needed,omitempty"`
+	// SpillOf names the rule a spill entry spills from (its destination,
+	// and sender); "" for every other rule.
+	SpillOf string `json:"spill_of,omitempty"`
 }
 
 func (r listRow) MarshalJSON() ([]byte, error) {
@@ -138,7 +147,14 @@ func listRows(e *env, st *snat.State, natural []snat.Entry) []listRow {
 				present = false
 			}
 		}
-		rows = append(rows, listRow{entry: en, Family: en.Family().String(), Spread: len(en.To) > 1, ToPresent: present, Set: setOf(en)})
+		row := listRow{entry: en, Family: en.Family().String(), Spread: len(en.To) > 1, ToPresent: present, Set: setOf(en)}
+		if en.IsSpill() {
+			row.SpillOf = "(no rule)"
+			if p := snat.SpillParent(entries, en); p != nil {
+				row.SpillOf = p.Match.String()
+			}
+		}
+		rows = append(rows, row)
 	}
 	for _, en := range natural {
 		rows = append(rows, listRow{entry: en, Family: en.Family().String(), ToPresent: true, NoRuleNeeded: true})

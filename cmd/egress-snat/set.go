@@ -15,7 +15,7 @@ import (
 var setCommand = &cli.Command{
 	Name:      "set",
 	Usage:     "make new connections to destinations leave with a chosen source address",
-	UsageText: "egress-snat set --to ADDR [--dst ADDR|CIDR]... [--out IFACE] [--permanent] [--dry-run]\n   egress-snat set --to ADDR --from CIDR [--from CIDR]... [--dst CIDR]...\n   egress-snat set --to ADDR --uid USER|UID [--dst CIDR]...\n   egress-snat set --to ADDR --cgroup PATH [--dst CIDR]...\n   egress-snat set --to ADDR,ADDR[,...] --spread [--dst CIDR]...\n   egress-snat set --to ADDR=WEIGHT,ADDR=WEIGHT[,...] --spread [--dst CIDR]...\n   egress-snat set --to IPV6-PREFIX [--sticky connection|destination|sender] [--dst CIDR]...\n   egress-snat set --to ADDR-ON-ANOTHER-NIC --dst CIDR... [--via GW]\n   egress-snat set --to ADDR --dst CIDR... --method route|snat|auto\n   egress-snat set --to ADDR[,ADDR...] --dst CIDR... --to-ports LO-HI",
+	UsageText: "egress-snat set --to ADDR [--dst ADDR|CIDR]... [--out IFACE] [--permanent] [--dry-run]\n   egress-snat set --to ADDR --from CIDR [--from CIDR]... [--dst CIDR]...\n   egress-snat set --to ADDR --uid USER|UID [--dst CIDR]...\n   egress-snat set --to ADDR --cgroup PATH [--dst CIDR]...\n   egress-snat set --to ADDR,ADDR[,...] --spread [--dst CIDR]...\n   egress-snat set --to ADDR=WEIGHT,ADDR=WEIGHT[,...] --spread [--dst CIDR]...\n   egress-snat set --to IPV6-PREFIX [--sticky connection|destination|sender] [--dst CIDR]...\n   egress-snat set --to ADDR-ON-ANOTHER-NIC --dst CIDR... [--via GW]\n   egress-snat set --to ADDR --dst CIDR... --method route|snat|auto\n   egress-snat set --to ADDR[,ADDR...] --dst CIDR... --to-ports LO-HI\n   egress-snat set --to ADDR,ADDR[,...] --spill [--spread] [--dst CIDR]... [--to-ports LO-HI]",
 	Description: `Installs SNAT rules so that new connections to each --dst leave with --to
 instead of the kernel's natural source. Without --dst, it applies to every
 destination of --to's family (0.0.0.0/0 or ::/0: whatever uses the default
@@ -76,6 +76,20 @@ each address, destination, destination port and protocol: a connection
 that finds none fails (stats warns at 80% of the range). Other protocols
 (ICMP) keep the kernel's choice. Not for a pool, nor --method route.
 
+--spill, with several --to addresses, lets egress-snat watch act before
+source ports run out: when an address the rule gives holds 80% of its
+ports (the --to-ports range, else the kernel's 1024-65535) toward one
+destination, destination port and protocol, watch installs a rule of its
+own for that destination port, ahead of this one, that gives new
+connections there the list's other addresses; it removes it once the
+address falls below 50%. Connections that exist keep their address, and
+other destinations keep the rule's. Without --spread the list's first
+address is the rule's and the others are only spilled to. Without watch
+running (and following a file with the rule: add --permanent), a spill
+rule is the same as without --spill: the first address, or all of them
+in turn with --spread. list shows a spill in force as "spill of" its
+rule. Not for a pool, nor --method route.
+
 Who sends: --from CIDR chooses the source of traffic forwarded through this
 host from those sources (Docker or libvirt networks, VPN or LAN clients);
 it wins over their MASQUERADE because egress-snat's jump is first. --uid and
@@ -119,6 +133,7 @@ Examples:
    egress-snat set --to 2001:db8:1::/64 --dst ::/0              # a routed /64 as the pool
    egress-snat set --to 2001:db8:1::/64 --sticky destination --dst 2001:db8:ffff::/48
    egress-snat set --to 192.0.2.22 --dst 203.0.113.9 --to-ports 40000-40999
+   egress-snat set --to 192.0.2.22,192.0.2.23 --spill --dst 203.0.113.0/24 --permanent
    egress-snat set --to 192.0.2.23 --from 172.17.0.0/16         # Docker's containers
    egress-snat set --to 192.0.2.22 --uid postfix --dst 0.0.0.0/0  # mail from .22`,
 	Flags: append([]cli.Flag{
@@ -127,6 +142,7 @@ Examples:
 		&cli.StringFlag{Name: "out", Usage: "outgoing `IFACE` (default: the interface the kernel routes the destination by)"},
 		&cli.BoolFlag{Name: "spread", Usage: "spread new connections over all --to addresses in turn (by their weights, when given)"},
 		enum(&cli.StringFlag{Name: "sticky", Value: "connection", Usage: "with --to PREFIX: which connections share an address: connection (a new address each), destination (one per sender and destination) or sender (one per sender)"}, "connection", "destination", "sender"),
+		&cli.BoolFlag{Name: "spill", Usage: "with several --to addresses: egress-snat watch sends new connections to a destination port where an address holds 80% of its source ports from the list's other addresses, until it falls below 50% (without watch: as without --spill)"},
 		&cli.StringFlag{Name: "to-ports", Usage: "source ports `LO-HI` SNAT gives new TCP and UDP connections (default: the kernel's choice); a connection finding none free for its destination fails"},
 		permanentFlag,
 		&cli.StringFlag{Name: "via", Usage: "gateway `GW` when --to is on another interface than the destination's route (default: that interface's one gateway)"},
@@ -149,6 +165,9 @@ Examples:
 			if c.IsSet("to-ports") {
 				return usageError("--to %s is a pool, whose addresses do not run out of ports: leave out --to-ports", pool)
 			}
+			if c.Bool("spill") {
+				return usageError("--to %s is a pool, whose addresses do not run out of ports: leave out --spill", pool)
+			}
 			return setPool(c, pool)
 		}
 		if c.IsSet("sticky") {
@@ -161,8 +180,11 @@ Examples:
 		if weighted && !c.Bool("spread") {
 			return usageError("--to %s gives weights, which share new connections out over the addresses: add --spread", strings.Join(c.StringSlice("to"), ","))
 		}
-		if len(to) > 1 && !c.Bool("spread") {
-			return usageError("--to %s names %d addresses: add --spread to spread connections over them, or give one", c.StringSlice("to"), len(to))
+		if len(to) > 1 && !c.Bool("spread") && !c.Bool("spill") {
+			return usageError("--to %s names %d addresses: add --spread to spread connections over them, or --spill to spill a busy destination port over them, or give one", c.StringSlice("to"), len(to))
+		}
+		if distinct, _, _ := snat.Weights(to); c.Bool("spill") && len(distinct) < 2 {
+			return usageError("--spill needs two --to addresses or more to spill over; --to %s is one", strings.Join(c.StringSlice("to"), ","))
 		}
 		dsts, err := parseDsts(c.StringSlice("dst"))
 		if err != nil {
@@ -182,6 +204,9 @@ Examples:
 		if err != nil {
 			return usageError("--%v", err)
 		}
+		if c.Bool("spill") && method == snat.MethodRoute {
+			return usageError("--spill needs --method snat: a route does not translate ports")
+		}
 		if !ports.IsZero() && method == snat.MethodRoute {
 			return usageError("--to-ports %s needs --method snat: a route does not translate ports", ports)
 		}
@@ -200,7 +225,7 @@ Examples:
 				return usageError("--from %s and --to %s are of different address families", s.From, to[0])
 			}
 			for _, d := range dsts {
-				intents = append(intents, snat.Intent{Sender: s, Dst: d, To: to, Out: c.String("out"), Spread: c.Bool("spread"), Via: via, Method: method, Ports: ports})
+				intents = append(intents, snat.Intent{Sender: s, Dst: d, To: to, Out: c.String("out"), Spread: c.Bool("spread"), Via: via, Method: method, Ports: ports, Spill: c.Bool("spill")})
 			}
 		}
 		return setIntents(c, intents)

@@ -98,7 +98,14 @@ Examples:
 			if len(found) == 0 && len(dsts) == 0 {
 				missing = append(missing, targets[0])
 			}
-			return keep, nil
+			// A spill entry goes with the rule it spills from.
+			out := keep[:0:0]
+			for _, en := range keep {
+				if !en.IsSpill() || snat.SpillParent(keep, en) != nil {
+					out = append(out, en)
+				}
+			}
+			return out, nil
 		}, func(d *config.Doc) {
 			for _, t := range targets {
 				d.RemoveSender(t.Sender, []netip.Prefix{t.Dst})

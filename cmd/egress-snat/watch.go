@@ -57,6 +57,14 @@ once conntrackd has committed the peer's connections) or, failing that,
 --activate-after; its flows are never deleted when the address leaves (they
 went to the peer).
 
+A rule with spill: (set --spill) and a list of addresses is looked at every
+second: when an address it gives holds 80% of its source ports toward one
+destination, port and protocol (counted from conntrack), watch installs a
+rule of its own for that destination port ahead of it, to the list's other
+addresses, and removes it below 50%, logging "spill started" and "spill
+ended". The spill rule is part of what watch keeps; a watch that starts
+again finds it again from conntrack and the rules installed.
+
 Logs go to stderr (the journal) with log/slog. SIGTERM or SIGINT stops it
 cleanly and leaves the rules in place. scripts/egress-snat.service runs it
 at boot, so the desired state survives reboots.`,
@@ -109,7 +117,7 @@ at boot, so the desired state survives reboots.`,
 		}
 		d, err := reconcile.New(reconcile.Config{
 			Path: path, File: file,
-			Manager: e.mgr, Router: e.sel, Conntrack: conntrack.Netlink{Handle: e.nl}, LockTimeout: e.lockTimeout,
+			Manager: e.mgr, Router: e.sel, Conntrack: conntrack.Netlink{Handle: e.nl}, Flows: conntrack.Netlink{Handle: e.nl}, LockTimeout: e.lockTimeout,
 			Log: slog.New(handler), Backend: e.backendName(),
 			Resync: c.Duration("resync"), FullResync: c.Duration("full-resync"), Settle: c.Duration("settle"),
 			VerifyEvery: c.Duration("verify-every"), Verify: verifyHost(e), Probes: probes,

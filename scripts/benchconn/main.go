@@ -472,6 +472,7 @@ func hold(args []string) error {
 	n := fs.Int("n", 12, "connections to try")
 	timeout := fs.Duration("timeout", time.Second, "how long one connection may take to connect and answer")
 	network := fs.String("net", "tcp4", "tcp4 or tcp6")
+	gap := fs.Duration("gap", 0, "pause between connections (for a daemon's tick to act, such as watch's spill)")
 	fs.Parse(args)
 	var (
 		open []net.Conn
@@ -490,7 +491,10 @@ func hold(args []string) error {
 	}()
 	d := net.Dialer{Timeout: *timeout}
 	buf := make([]byte, 64)
-	for range *n {
+	for i := range *n {
+		if i > 0 {
+			time.Sleep(*gap)
+		}
 		res.Tried++
 		src, c, err := ask(&d, *network, *addr, buf, *timeout)
 		if err != nil {
