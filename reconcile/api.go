@@ -131,7 +131,7 @@ func (m *memory) Wrote(p snat.Plan, err error) {
 		m.written = nil // part of it may be in place: read everything next
 		return
 	}
-	m.written = p.NAT
+	m.written = snat.Remembered(p.NAT)
 }
 
 // allow is the peer check: the Config's, else api.Privileged.

@@ -65,7 +65,7 @@ func (d *Daemon) reconcile(reason string) error {
 		d.written = nil // a write may have failed part way: read it all next
 		return err
 	}
-	d.written = plan.NAT
+	d.written = snat.Remembered(plan.NAT)
 	if again {
 		d.reportSkipped(skipped)
 	}

@@ -127,6 +127,23 @@ type NATPlan interface {
 	Strands() bool
 }
 
+// A Rememberer is a NATPlan that can give up what running it needed: a
+// long-lived process keeps the last plan it wrote for the next Read
+// (Backend.Read's known), and at 100,000 destinations the steps and the
+// desired entries a plan also holds were 35 MB a plan.
+type Rememberer interface {
+	// Remembered returns what Read needs of the plan once it ran.
+	Remembered() NATPlan
+}
+
+// Remembered is p's Remembered, or p itself when it has none.
+func Remembered(p NATPlan) NATPlan {
+	if r, ok := p.(Rememberer); ok && p != nil {
+		return r.Remembered()
+	}
+	return p
+}
+
 // Plan is the exact program Apply runs: its steps, in order. It is computed
 // without side effects, so --dry-run prints exactly what a real run does.
 type Plan struct {

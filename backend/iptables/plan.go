@@ -26,6 +26,15 @@ type Plan struct {
 
 var _ snat.NATPlan = (*Plan)(nil)
 
+// Remembered is the plan as Read's known uses it: its chains and the
+// members of their sets (knownSets).
+func (p *Plan) Remembered() snat.NATPlan {
+	if p == nil {
+		return nil
+	}
+	return &Plan{Chains: p.Chains}
+}
+
 // Phases returns the plan's steps around the routes of ours (see
 // snat.MakePlan).
 func (p *Plan) Phases() (prepare, main, cleanup []snat.Step) {

@@ -110,6 +110,15 @@ type Change struct {
 
 var _ snat.NATPlan = (*Change)(nil)
 
+// Remembered is the change as Read's known uses it: the table it writes,
+// without the table it was made from and its programs.
+func (p *Change) Remembered() snat.NATPlan {
+	if p == nil {
+		return nil
+	}
+	return &Change{want: p.want}
+}
+
 // Plan renders want and plans the change from have's table. When want
 // holds no rule, the table stays with its keeper alone while live
 // connections translated to the sources of the rules that went live
