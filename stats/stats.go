@@ -80,6 +80,13 @@ type Address struct {
 	Flows   map[string]int `json:"flows"` // by protocol
 	Total   int            `json:"total_flows"`
 	Top     []Destination  `json:"top_destinations"`
+	PortUse
+}
+
+// PortUse is what an Address and a Pool both report, under the same JSON
+// names: how much of the SNAT port range the busiest tuple holds, and the
+// counters of the rules.
+type PortUse struct {
 	// PortRange is the SNAT port range; PortsInUse the flows of the
 	// busiest tuple, each holding one port of it.
 	PortRange  string  `json:"port_range"`
@@ -90,6 +97,15 @@ type Address struct {
 	Packets    uint64  `json:"rule_packets"`
 	Bytes      uint64  `json:"rule_bytes"`
 	Ours       bool    `json:"managed"`
+}
+
+// crowded sets PortsInUse and Ratio from the busiest tuple's flows, and
+// reports whether they reach WarnRatio (the caller then says why in
+// Warning).
+func (u *PortUse) crowded(inUse int) bool {
+	u.PortsInUse = inUse
+	u.Ratio = float64(inUse) / float64(u.RangeSize)
+	return u.Ratio >= WarnRatio
 }
 
 // Report is the whole report: the egress addresses, then the pools.
@@ -130,15 +146,8 @@ type Pool struct {
 	TopAddresses   []PoolAddress `json:"top_addresses"`
 	// Busiest is the busiest tuple, nil (left out) without flows;
 	// PortsInUse its flows, each holding one port of PortRange.
-	Busiest    *Tuple  `json:"busiest_tuple,omitempty"`
-	PortRange  string  `json:"port_range"`
-	RangeSize  int     `json:"port_range_size"`
-	PortsInUse int     `json:"ports_in_use"`
-	Ratio      float64 `json:"port_use_ratio"`
-	Warning    string  `json:"warning,omitempty"`
-	Packets    uint64  `json:"rule_packets"`
-	Bytes      uint64  `json:"rule_bytes"`
-	Ours       bool    `json:"managed"`
+	Busiest *Tuple `json:"busiest_tuple,omitempty"`
+	PortUse
 }
 
 // Compute builds the report for each rule's address and each rule's pool
@@ -176,7 +185,7 @@ func Compute(rules []RuleCounters, flows []conntrack.Flow) Report {
 			a.Ours = a.Ours || r.Ours
 			continue
 		}
-		byAddr[r.Address] = &Address{Address: r.Address, Flows: map[string]int{}, PortRange: r.Range.String(), RangeSize: r.Range.Size(), Packets: r.Packets, Bytes: r.Bytes, Ours: r.Ours}
+		byAddr[r.Address] = &Address{Address: r.Address, Flows: map[string]int{}, PortUse: PortUse{PortRange: r.Range.String(), RangeSize: r.Range.Size(), Packets: r.Packets, Bytes: r.Bytes, Ours: r.Ours}}
 		tuples[r.Address] = map[conntrack.Tuple]int{}
 		order = append(order, r.Address)
 	}
@@ -213,12 +222,12 @@ func Compute(rules []RuleCounters, flows []conntrack.Flow) Report {
 		slices.SortFunc(a.Top, func(x, y Destination) int {
 			return cmp.Or(cmp.Compare(y.Flows, x.Flows), x.Dst.Compare(y.Dst), cmp.Compare(x.Proto, y.Proto))
 		})
+		inUse := 0
 		if len(a.Top) > 0 {
-			a.PortsInUse = a.Top[0].Flows
+			inUse = a.Top[0].Flows
 		}
 		a.Top = a.Top[:min(len(a.Top), TopN)]
-		a.Ratio = float64(a.PortsInUse) / float64(a.RangeSize)
-		if a.Ratio >= WarnRatio {
+		if a.crowded(inUse) {
 			busiest := a.Top[0]
 			a.Warning = fmt.Sprintf("%s: %d of %d NAT ports (%.0f%%) in use for %s %s; new flows to it fail when none is left",
 				a.Address, a.PortsInUse, a.RangeSize, 100*a.Ratio, busiest.Proto, busiest.Dst)
@@ -279,11 +288,11 @@ func (pa *poolAcc) finish() Pool {
 			p.Busiest = &c
 		}
 	}
+	inUse := 0
 	if p.Busiest != nil {
-		p.PortsInUse = p.Busiest.Flows
+		inUse = p.Busiest.Flows
 	}
-	p.Ratio = float64(p.PortsInUse) / float64(p.RangeSize)
-	if p.Ratio >= WarnRatio {
+	if p.crowded(inUse) {
 		b := p.Busiest
 		p.Warning = fmt.Sprintf("pool %s: %d of %d NAT ports (%.0f%%) of %s in use for %s %s; new flows to it from that address fail when none is left",
 			p.Pool, p.PortsInUse, p.RangeSize, 100*p.Ratio, b.Address, b.Proto, b.Dst)

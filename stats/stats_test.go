@@ -185,8 +185,8 @@ func TestComputePools(t *testing.T) {
 			AddressesInUse: 2,
 			TopAddresses:   []PoolAddress{{a("2001:db8:1::a"), 3}, {a("2001:db8:1::b"), 3}},
 			Busiest:        &Tuple{Address: a("2001:db8:1::a"), Proto: "tcp", Dst: netip.MustParseAddrPort("[2001:db8:ffff::4]:80"), Flows: 3},
-			PortRange:      "1024-65535", RangeSize: 64512, PortsInUse: 3, Ratio: 3.0 / 64512,
-			Packets: 15, Bytes: 900, Ours: true,
+			PortUse: PortUse{PortRange: "1024-65535", RangeSize: 64512, PortsInUse: 3, Ratio: 3.0 / 64512,
+				Packets: 15, Bytes: 900, Ours: true},
 		},
 		{
 			Pool: netip.MustParsePrefix("2001:db8:1:0:1::/124"), Sticky: "destination",
@@ -194,8 +194,8 @@ func TestComputePools(t *testing.T) {
 			AddressesInUse: 1,
 			TopAddresses:   []PoolAddress{{a("2001:db8:1:0:1::3"), 1}},
 			Busiest:        &Tuple{Address: a("2001:db8:1:0:1::3"), Proto: "tcp", Dst: netip.MustParseAddrPort("[2001:db8:ffff::4]:80"), Flows: 1},
-			PortRange:      "1024-65535", RangeSize: 64512, PortsInUse: 1, Ratio: 1.0 / 64512,
-			Packets: 2, Bytes: 120, Ours: true,
+			PortUse: PortUse{PortRange: "1024-65535", RangeSize: 64512, PortsInUse: 1, Ratio: 1.0 / 64512,
+				Packets: 2, Bytes: 120, Ours: true},
 		},
 	}
 	if diff := cmp.Diff(want, r.Pools, cmp.Comparer(func(x, y netip.Addr) bool { return x == y }), cmp.Comparer(func(x, y netip.Prefix) bool { return x == y }), cmp.Comparer(func(x, y netip.AddrPort) bool { return x == y })); diff != "" {
