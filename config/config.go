@@ -29,7 +29,7 @@
 //	    dst: [198.51.100.9]
 //	    method: route             # a route with src instead of SNAT
 //	  - to: 2001:db8:1::/64       # a pool: an IPv6 prefix routed to the host
-//	    sticky: destination       # connection (default), destination or sender
+//	    sticky: destination       # connection (default), destination, sender or period
 //	    dst: [2001:db8:ffff::/48]
 //	  - to: 192.0.2.22
 //	    dst: [203.0.113.9]

@@ -549,7 +549,7 @@ func TestPoolRule(t *testing.T) {
 		"rules:\n  - to: [2001:db8:1::/64]\n    dst: [2001:db8:ffff::/48]\n":                     "line 2: a pool",
 		"rules:\n  - to: 2001:db8:1::/64\n    spread: true\n    dst: [2001:db8:ffff::/48]\n":     "leave out 'spread'",
 		"rules:\n  - to: 2001:db8::22\n    sticky: sender\n    dst: [2001:db8:ffff::/48]\n":      "'sticky' is for a pool",
-		"rules:\n  - to: 2001:db8:1::/64\n    sticky: period\n    dst: [2001:db8:ffff::/48]\n":   `sticky "period"`,
+		"rules:\n  - to: 2001:db8:1::/64\n    sticky: hourly\n    dst: [2001:db8:ffff::/48]\n":   `sticky "hourly"`,
 		"rules:\n  - to: 2001:db8:1::/64\n    dst: [198.51.100.0/24]\n":                          "different address families",
 		"rules:\n  - to: 2001:db8:1::/64\n    method: route\n    dst: [2001:db8:ffff::/48]\n":    "method snat",
 		"rules:\n  - to: 2001:db8:1::/64\n    via: 2001:db8::1\n    dst: [2001:db8:ffff::/48]\n": "'via'",

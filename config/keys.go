@@ -31,11 +31,12 @@ var RuleKeys = []Key{
 		Example: "to: [192.0.2.24, 192.0.2.25]",
 	},
 	{
-		Name: "sticky", Type: "connection, destination or sender",
+		Name: "sticky", Type: "connection, destination, sender or period",
 		Meaning: "When to is a pool, an IPv6 prefix of /64 to /124 that the upstream router routes to the host " +
 			"(to: 2001:db8:1::/64), which connections share an address of it: connection (the default) gives each new " +
 			"connection its own, destination the same one to the same destination from the same sender, sender the " +
-			"same one to every destination. egress-snat installs the prefix as a local route of its own (table 7420, " +
+			"same one to every destination, period one for all of a sender's connections until the next rotate " +
+			"(egress-snat rotate --pool PREFIX; the address is chosen at random and kept while the rule is installed). egress-snat installs the prefix as a local route of its own (table 7420, " +
 			"proto 83) so that the host takes packets to any of its addresses; it refuses a prefix that is on-link on " +
 			"an interface without neighbour proxying, or that holds an address of the host.",
 		Example: "sticky: destination",

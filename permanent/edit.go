@@ -21,6 +21,9 @@ func SpecOf(e snat.Entry) (s config.Spec, ok bool) {
 		return s, false
 	}
 	to := e.To
+	if e.IsPool() {
+		to = nil // a period's address is the kernel's, not the file's
+	}
 	if e.Keep() {
 		if !e.Natural.IsValid() {
 			return s, false
@@ -65,11 +68,17 @@ func Clear(d *config.Doc) { d.Clear() }
 
 // Rotate is rotate's edit: each rule of a moved sender and destination
 // gets the address it moved to, so that a reboot does not undo the
-// rotation; one the file does not name yet gets a rule of its own. moves
-// is read when the edit runs, after the rotation's Desired found them.
+// rotation; one the file does not name yet gets a rule of its own. A
+// period's move makes the rule the pool's, per period: its address is the
+// kernel's (a reboot starts a new period). moves is read when the edit
+// runs, after the rotation's Desired found them.
 func Rotate(moves *[]snat.Move) func(*config.Doc) {
 	return func(d *config.Doc) {
 		for _, m := range *moves {
+			if m.Pool.IsValid() {
+				d.Put(config.Spec{Match: config.Match{Sender: m.Match.Sender}, Dst: []netip.Prefix{m.Match.Dst}, Pool: m.Pool, Sticky: snat.StickyPeriod})
+				continue
+			}
 			if !d.ReplaceSource(m.Match.Sender, m.Match.Dst, m.To) {
 				d.Put(config.Spec{Match: config.Match{Sender: m.Match.Sender}, Dst: []netip.Prefix{m.Match.Dst}, To: []netip.Addr{m.To}})
 			}

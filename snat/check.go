@@ -45,7 +45,7 @@ const (
 // connections is no difference once st.Live was read (Plan reads it where
 // it matters: call it first).
 func (m *Manager) Diagnose(st *State, desired []Entry) []Finding {
-	desired = Normalize(desired)
+	desired = settlePeriods(st.Entries(), Normalize(desired), m.rng())
 	plan := m.MakePlan(st, desired)
 	want := Want{Entries: desired, Tables: map[Family]map[netip.Addr]int{}, Live: st.Live}
 	for _, f := range Families {

@@ -73,7 +73,8 @@ type Entry struct {
 	// kernel's: it is never read back and takes no part in Equal.
 	Standby bool
 	// Pool is the IPv6 prefix new connections take their source from
-	// (see pool.go), and Sticky how; To is then empty: the kernel picks.
+	// (see pool.go), and Sticky how; To is then empty, the kernel picks,
+	// but for a period's entry, whose To is the period's one address.
 	Pool   netip.Prefix
 	Sticky Sticky
 	// Ports is the range of source ports SNAT gives (see ports.go); zero:
@@ -117,7 +118,7 @@ type entryJSON struct {
 	// Hold is true while the entry stands by (see Entry.Hold).
 	Hold bool `json:"hold,omitempty"`
 	// Pool and Sticky: a pool entry's prefix and stickiness; "to" is
-	// then [] (the kernel picks).
+	// then [] (the kernel picks), or a period's one address.
 	Pool   string `json:"pool,omitempty"`
 	Sticky string `json:"sticky,omitempty"`
 	// Ports is the source port range, "40000-40099", when one is given.
@@ -206,7 +207,7 @@ func (e Entry) ToString() string {
 		return "(natural " + e.Natural.String() + ")"
 	}
 	if e.IsPool() {
-		return poolString(e.Pool, e.Sticky)
+		return poolString(e.Pool, e.Sticky, e.To)
 	}
 	if addrs, weights, weighted := Weights(e.To); weighted {
 		return weightList(addrs, weights)

@@ -2,6 +2,7 @@ package snat
 
 import (
 	"fmt"
+	"math/rand/v2"
 	"net/netip"
 	"slices"
 	"time"
@@ -29,6 +30,17 @@ type Manager struct {
 	// and Memory is told of every plan written. Nil: every read reads
 	// everything, as a one-shot run must.
 	Memory Memory
+	// Rand picks the address of a new period (settlePeriods); nil: a
+	// source seeded at random.
+	Rand *rand.Rand
+}
+
+// rng is m.Rand, or a source seeded at random.
+func (m *Manager) rng() *rand.Rand {
+	if m.Rand != nil {
+		return m.Rand
+	}
+	return rand.New(rand.NewPCG(rand.Uint64(), rand.Uint64()))
 }
 
 // Memory remembers the last plan a process wrote, for the next read to

@@ -3,7 +3,9 @@ package snat
 import (
 	"encoding/binary"
 	"fmt"
+	"math/rand/v2"
 	"net/netip"
+	"slices"
 	"strings"
 )
 
@@ -25,11 +27,14 @@ import (
 //	sender       the same address for the same sender (a --from client's
 //	             address; the host's own traffic, one natural source, is
 //	             one sender)
+//	period       one address for every connection of the sender, until the
+//	             next rotate (the cron case)
 //
-// The kernel picks the address (see the backends: an SNAT range, or
-// nftables' numgen and jhash), so nothing of a pool is kept but its rule.
-// (A period, one address until the next rotate, is not done yet: rotate
-// takes a list of addresses.)
+// For the first three the kernel picks the address (see the backends: an
+// SNAT range, or nftables' numgen and jhash), so nothing of a pool is kept
+// but its rule. A period's address is egress-snat's choice, written into
+// the rule (To holds it, one address) and read back from it with the pool
+// it belongs to: see settlePeriods for when it changes.
 //
 // The zero address of the prefix (the subnet-router anycast address) is
 // never used: a pool's addresses are prefix::1 to its last.
@@ -41,10 +46,11 @@ const (
 	StickyConnection  Sticky = "connection"
 	StickyDestination Sticky = "destination"
 	StickySender      Sticky = "sender"
+	StickyPeriod      Sticky = "period"
 )
 
 // Stickies lists them in the order help names them.
-var Stickies = []Sticky{StickyConnection, StickyDestination, StickySender}
+var Stickies = []Sticky{StickyConnection, StickyDestination, StickySender, StickyPeriod}
 
 // ParseSticky reads --sticky and sticky:; "" is the default, connection.
 func ParseSticky(s string) (Sticky, error) {
@@ -56,7 +62,7 @@ func ParseSticky(s string) (Sticky, error) {
 			return k, nil
 		}
 	}
-	return "", Invalid("sticky %q: want connection, destination or sender", s)
+	return "", Invalid("sticky %q: want connection, destination, sender or period", s)
 }
 
 // Describe says what the stickiness does, for people: "a random address
@@ -67,6 +73,8 @@ func (s Sticky) Describe() string {
 		return "the same address for the same sender and destination"
 	case StickySender:
 		return "the same address for each sender"
+	case StickyPeriod:
+		return "one address for all connections until the next rotate"
 	}
 	return "a random address for each new connection"
 }
@@ -118,9 +126,87 @@ func PoolAddr(p netip.Prefix, off uint64) netip.Addr {
 }
 
 // poolString renders a pool entry's source: "pool 2001:db8:1::/64 (per
-// connection)".
-func poolString(p netip.Prefix, s Sticky) string {
+// connection)", or with a period's address "pool 2001:db8:1::/64 (per
+// period: 2001:db8:1::5)".
+func poolString(p netip.Prefix, s Sticky, to []netip.Addr) string {
+	if len(to) == 1 {
+		return fmt.Sprintf("pool %s (per %s: %s)", p, s, to[0])
+	}
 	return fmt.Sprintf("pool %s (per %s)", p, s)
+}
+
+// RandomPoolAddr is an address of p chosen by rng, never its zero address
+// and never avoid (the address a rotate moves away from), unless p has no
+// other.
+func RandomPoolAddr(p netip.Prefix, avoid netip.Addr, rng *rand.Rand) netip.Addr {
+	h := 128 - p.Bits()
+	last := ^uint64(0)
+	if h < 64 {
+		last = 1<<h - 1
+	}
+	for {
+		a := PoolAddr(p, rng.Uint64N(last)+1) // 1 to last
+		if a != avoid || last == 1 {
+			return a
+		}
+	}
+}
+
+// settlePeriods gives each period entry of desired without an address the
+// one its sender's period entry of the same pool has in installed, or else
+// a new address of the pool chosen by rng, shared by all its sender's
+// entries of that pool (one rule, or one set, instead of one per
+// destination). So a set, apply or drift repair that names the pool again
+// keeps the period's address, and only a rotate (whose entries come with
+// their new address) or a lost rule starts a new period. desired is not
+// changed: the entries are copied when one needs an address.
+func settlePeriods(installed, desired []Entry, rng *rand.Rand) []Entry {
+	return fillPeriods(desired, [][]Entry{installed}, rng)
+}
+
+// KeepPeriods gives each period entry of desired without an address the
+// one its sender's period entry of the same pool has in the first of
+// known that has one: a daemon passes what is installed, then what it
+// wrote last, so that a rule lost behind its back comes back with its
+// period's address. Entries it finds none for are left without (MakePlan
+// gives them a new one).
+func KeepPeriods(desired []Entry, known ...[]Entry) []Entry {
+	return fillPeriods(desired, known, nil)
+}
+
+// fillPeriods is settlePeriods and KeepPeriods: from known in order, then
+// from rng when it is not nil.
+func fillPeriods(desired []Entry, known [][]Entry, rng *rand.Rand) []Entry {
+	need := slices.IndexFunc(desired, func(e Entry) bool { return e.Sticky == StickyPeriod && len(e.To) == 0 })
+	if need < 0 {
+		return desired
+	}
+	type period struct {
+		Sender Sender
+		Pool   netip.Prefix
+	}
+	now := map[period][]netip.Addr{}
+	for _, es := range append([][]Entry{desired}, known...) {
+		for _, e := range es {
+			k := period{e.Sender, e.Pool}
+			if e.Sticky == StickyPeriod && len(e.To) == 1 && InPool(e.Pool, e.To[0]) && now[k] == nil {
+				now[k] = e.To
+			}
+		}
+	}
+	out := slices.Clone(desired)
+	for i := need; i < len(out); i++ {
+		e := &out[i]
+		if e.Sticky != StickyPeriod || len(e.To) > 0 {
+			continue
+		}
+		k := period{e.Sender, e.Pool}
+		if now[k] == nil && rng != nil {
+			now[k] = []netip.Addr{RandomPoolAddr(e.Pool, netip.Addr{}, rng)}
+		}
+		e.To = now[k]
+	}
+	return out
 }
 
 // IsPoolSyntax reports whether a source as given (--to, to:) is a prefix,

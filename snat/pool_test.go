@@ -2,7 +2,9 @@ package snat
 
 import (
 	"errors"
+	"math/rand/v2"
 	"net/netip"
+	"slices"
 	"strings"
 	"testing"
 
@@ -81,7 +83,10 @@ func TestResolvePool(t *testing.T) {
 			Intent{Dst: pfx("::/0"), Pool: pool}, []string{"on-link on eth1", "proxy_ndp", "route the prefix to this host"}},
 		{"addresses and a pool", poolHost{}, Intent{Dst: pfx("::/0"), Pool: pool, To: []netip.Addr{addr("2001:db8:1::1")}}, []string{"2001:db8:1::1", "not both"}},
 		{"a pool and --spread", poolHost{}, Intent{Dst: pfx("::/0"), Pool: pool, Spread: true}, []string{"--spread"}},
-		{"a stickiness unknown", poolHost{}, Intent{Dst: pfx("::/0"), Pool: pool, Sticky: "period"}, []string{`"period"`}},
+		{"a stickiness unknown", poolHost{}, Intent{Dst: pfx("::/0"), Pool: pool, Sticky: "hourly"}, []string{`"hourly"`, "period"}},
+		{"a period's address outside", poolHost{}, Intent{Dst: pfx("::/0"), Pool: pool, Sticky: StickyPeriod, To: []netip.Addr{addr("2001:db8:2::1")}}, []string{"2001:db8:2::1", "not an address of pool 2001:db8:1::/64"}},
+		{"a period's zero address", poolHost{}, Intent{Dst: pfx("::/0"), Pool: pool, Sticky: StickyPeriod, To: []netip.Addr{addr("2001:db8:1::")}}, []string{"2001:db8:1::", "not an address of pool"}},
+		{"a period of two addresses", poolHost{}, Intent{Dst: pfx("::/0"), Pool: pool, Sticky: StickyPeriod, To: []netip.Addr{addr("2001:db8:1::1"), addr("2001:db8:1::2")}}, []string{"not both"}},
 	}
 	for _, tt := range refused {
 		_, err := Resolve(tt.host, []Intent{tt.in})
@@ -110,5 +115,80 @@ func TestPoolIntentsOf(t *testing.T) {
 	got, err := Resolve(poolHost{}, IntentsOf([]Entry{e}))
 	if err != nil || len(got) != 1 || !got[0].Equal(e) {
 		t.Errorf("re-resolved %+v, %v; want %+v", got, err, e)
+	}
+}
+
+// TestPeriod: a period's entry keeps the address installed for its sender
+// and pool, one address for all its destinations, and takes a new one
+// only when none is installed or its intent brings one (rotate's).
+func TestPeriod(t *testing.T) {
+	pool := pfx("2001:db8:1::/64")
+	rng := rand.New(rand.NewPCG(1, 2))
+	resolve := func(ins ...Intent) []Entry {
+		t.Helper()
+		got, err := Resolve(poolHost{}, ins)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return got
+	}
+	a, b := Intent{Dst: pfx("2001:db8:ff::/48"), Pool: pool, Sticky: StickyPeriod}, Intent{Dst: pfx("2001:db8:fe::/48"), Pool: pool, Sticky: StickyPeriod}
+	fresh := settlePeriods(nil, resolve(a, b), rng)
+	if len(fresh) != 2 || len(fresh[0].To) != 1 || !InPool(pool, fresh[0].To[0]) || !slices.Equal(fresh[0].To, fresh[1].To) {
+		t.Fatalf("fresh period %v: want one address of the pool for both", fresh)
+	}
+	if s := fresh[0].ToString(); s != "pool 2001:db8:1::/64 (per period: "+fresh[0].To[0].String()+")" {
+		t.Errorf("ToString %q", s)
+	}
+	// Named again (set, apply, a repair): the installed address stays.
+	again := settlePeriods(fresh, resolve(a, b), rng)
+	if !slices.EqualFunc(again, fresh, Entry.Equal) {
+		t.Errorf("named again: %v, want the installed %v", again, fresh)
+	}
+	// Checked: the installed entry resolves back to itself.
+	back := resolve(IntentsOf(fresh)...)
+	if !slices.EqualFunc(back, fresh, Entry.Equal) {
+		t.Errorf("IntentsOf resolved to %v, want %v", back, fresh)
+	}
+	// Rotated: the intent brings the new address, and it wins.
+	next := RandomPoolAddr(pool, fresh[0].To[0], rng)
+	if next == fresh[0].To[0] || !InPool(pool, next) {
+		t.Fatalf("RandomPoolAddr gave %s (avoiding %s)", next, fresh[0].To[0])
+	}
+	ra := a
+	ra.To = []netip.Addr{next}
+	rotated := settlePeriods(fresh, resolve(ra), rng)
+	if rotated[0].To[0] != next {
+		t.Errorf("rotated to %v, want %s", rotated[0].To, next)
+	}
+	// Another sender's period of the same pool is its own.
+	other := Intent{Sender: From(pfx("2001:db8:99::/64")), Dst: a.Dst, Pool: pool, Sticky: StickyPeriod}
+	mixed := settlePeriods(fresh, resolve(a, other), rng)
+	for _, e := range mixed {
+		if e.Sender.Kind == SenderHost && e.To[0] != fresh[0].To[0] || e.Sender.Kind == SenderFrom && e.To[0] == fresh[0].To[0] {
+			t.Errorf("mixed senders: %v", mixed)
+		}
+	}
+	// KeepPeriods: the first known list with an address wins; none
+	// leaves the entry without (MakePlan gives one).
+	kept := KeepPeriods(resolve(a), rotated, fresh)
+	if kept[0].To[0] != next {
+		t.Errorf("KeepPeriods took %v, want the first list's %s", kept[0].To, next)
+	}
+	if none := KeepPeriods(resolve(a)); len(none[0].To) != 0 {
+		t.Errorf("KeepPeriods with nothing known gave %v", none[0].To)
+	}
+	// A /124's addresses are 1 to 15, all reached.
+	small := pfx("2001:db8:1::/124")
+	seen := map[netip.Addr]bool{}
+	for range 2000 {
+		x := RandomPoolAddr(small, netip.Addr{}, rng)
+		if !InPool(small, x) {
+			t.Fatalf("%s outside %s", x, small)
+		}
+		seen[x] = true
+	}
+	if len(seen) != 15 {
+		t.Errorf("a /124 gave %d addresses, want 15", len(seen))
 	}
 }

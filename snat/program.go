@@ -168,9 +168,10 @@ func (p Plan) Empty() bool { return len(p.Steps) == 0 }
 // the routes and ip rules of ours added or replaced, the backend's main
 // steps (its chains, in one transaction per family), the routes and rules
 // no longer wanted removed, and the backend's cleanup. It has no side
-// effects.
+// effects; a period's entry without an address gets the one installed, or
+// a new one (settlePeriods).
 func (m *Manager) MakePlan(st *State, desired []Entry) Plan {
-	desired = Normalize(desired)
+	desired = settlePeriods(st.Entries(), Normalize(desired), m.rng())
 	p := Plan{Desired: desired, Paths: map[Family][]routes.Path{}, Routing: map[Family]routes.State{}}
 	p.Changes = diff(st.Entries(), desired)
 	want := Want{Entries: desired, Tables: map[Family]map[netip.Addr]int{}, Live: st.Live}

@@ -451,7 +451,7 @@ func otherInterface(r Router, in Intent, dst netip.Prefix, a netip.Addr, owner, 
 // pool.
 func (in Intent) sources() string {
 	if in.Pool.IsValid() {
-		return poolString(in.Pool, in.Sticky)
+		return poolString(in.Pool, in.Sticky, in.To)
 	}
 	return Entry{To: in.To, Ports: in.Ports}.ToString()
 }
@@ -488,8 +488,10 @@ func resolvePool(r Router, in Intent, dst netip.Prefix) (Entry, error) {
 		return Entry{}, Invalid("%s: pool %s cannot stand by: standby is for an address the peer gateway may hold", what, p)
 	case in.Via.IsValid():
 		return Entry{}, Invalid("%s: pool %s leaves by the destination's route; --via is for an address of another interface", what, p)
-	case len(in.To) > 0:
+	case len(in.To) > 0 && (sticky != StickyPeriod || len(in.To) > 1):
 		return Entry{}, Invalid("%s: pool %s takes addresses of its own; give the pool or addresses, not both (%s)", what, p, addrList(in.To))
+	case len(in.To) == 1 && !InPool(p, in.To[0]):
+		return Entry{}, Invalid("%s: %s is not an address of pool %s", what, in.To[0], p)
 	case in.Spread:
 		return Entry{}, Invalid("%s: pool %s spreads by itself (per %s); --spread is for a list of addresses", what, p, sticky)
 	}
@@ -506,7 +508,9 @@ func resolvePool(r Router, in Intent, dst netip.Prefix) (Entry, error) {
 	if err != nil {
 		return Entry{}, hostErr(err, "destination %s", dst)
 	}
-	e := Entry{Match: Match{Sender: in.Sender, Dst: dst, Out: iface}, Pool: p, Sticky: sticky}
+	// A period's address, when the intent has one (rotate's, or check's
+	// of an installed entry); else settlePeriods gives it.
+	e := Entry{Match: Match{Sender: in.Sender, Dst: dst, Out: iface}, Pool: p, Sticky: sticky, To: in.To}
 	if in.Sender.Local() {
 		e.Natural = natural
 	}

@@ -73,8 +73,11 @@ func Current(installed []Entry, m Match, natural netip.Addr) netip.Addr {
 type Move struct {
 	Match Match `json:"-"`
 	// From is the address in use before, To the one after.
-	From             netip.Addr   `json:"from"`
-	To               netip.Addr   `json:"to"`
+	From netip.Addr `json:"from"`
+	To   netip.Addr `json:"to"`
+	// Pool is the pool of a period's rotation (PlanPeriodRotation): To
+	// is a new address of it.
+	Pool             netip.Prefix `json:"pool,omitempty"`
 	Skipped          []netip.Addr `json:"skipped,omitempty"`
 	ConntrackDeleted *uint        `json:"conntrack_deleted,omitempty"`
 }
@@ -92,9 +95,13 @@ func (m Move) MarshalJSON() ([]byte, error) {
 		Out              string       `json:"out"`
 		From             netip.Addr   `json:"from"`
 		To               netip.Addr   `json:"to"`
+		Pool             string       `json:"pool,omitempty"`
 		Skipped          []netip.Addr `json:"skipped,omitempty"`
 		ConntrackDeleted *uint        `json:"conntrack_deleted,omitempty"`
 	}{Sender: m.Match.Sender.kind().String(), Dst: m.Match.Dst, Out: m.Match.Out, From: m.From, To: m.To, Skipped: m.Skipped, ConntrackDeleted: m.ConntrackDeleted}
+	if m.Pool.IsValid() {
+		j.Pool = m.Pool.String()
+	}
 	j.FromPrefix, j.UID, j.Cgroup = m.Match.Sender.jsonFields()
 	return json.Marshal(j)
 }
@@ -148,6 +155,62 @@ func PlanRotation(r Router, st *State, pool []netip.Addr, targets []Match, order
 		m.To = next
 		moves = append(moves, m)
 		intents = append(intents, Intent{Sender: t.Sender, Dst: t.Dst, To: []netip.Addr{next}, Out: out, Ports: ports})
+	}
+	return moves, intents, nil
+}
+
+// PlanPeriodRotation starts a new period of pool (see pool.go) for each
+// sender: one new address of the pool, other than the one its period has
+// now, for every destination of dsts, or, when dsts is empty, for every
+// destination its period of the pool has (every destination of the
+// family when it has none yet). It returns the moves and the intents that
+// make them, which carry the new address (settlePeriods keeps it). It
+// changes nothing.
+func PlanPeriodRotation(r Router, st *State, pool netip.Prefix, senders []Sender, dsts []netip.Prefix, out string, rng *rand.Rand) ([]Move, []Intent, error) {
+	if err := CheckPool(pool); err != nil {
+		return nil, nil, err
+	}
+	installed := st.Entries()
+	ofPeriod := func(e Entry, s Sender) bool {
+		return e.Sender == s && e.Pool == pool && e.Sticky == StickyPeriod && len(e.To) == 1
+	}
+	var moves []Move
+	var intents []Intent
+	for _, s := range senders {
+		ds := dsts
+		var now netip.Addr
+		for _, e := range installed {
+			if ofPeriod(e, s) {
+				if !now.IsValid() {
+					now = e.To[0]
+				}
+				if len(dsts) == 0 {
+					ds = append(ds, e.Dst)
+				}
+			}
+		}
+		if len(ds) == 0 {
+			ds = []netip.Prefix{netip.PrefixFrom(netip.IPv6Unspecified(), 0)}
+		}
+		next := RandomPoolAddr(pool, now, rng)
+		for _, d := range ds {
+			iface, natural, err := r.Natural(d, out)
+			if err != nil {
+				return nil, nil, hostErr(err, "--dst %s", d)
+			}
+			m := Move{Match: Match{Sender: s, Dst: d, Out: iface}, To: next, Pool: pool}
+			if !s.Local() {
+				natural = netip.Addr{}
+			}
+			m.From = Current(installed, m.Match, natural)
+			for _, e := range installed {
+				if ofPeriod(e, s) && e.Dst == d {
+					m.From = e.To[0]
+				}
+			}
+			moves = append(moves, m)
+			intents = append(intents, Intent{Sender: s, Dst: d, Out: out, Pool: pool, Sticky: StickyPeriod, To: []netip.Addr{next}})
+		}
 	}
 	return moves, intents, nil
 }

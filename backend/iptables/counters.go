@@ -90,7 +90,8 @@ func snatCounters(nat *SavedTable) ([]stats.RuleCounters, error) {
 
 // poolCounters finds the rules of our chain that are a pool's, read as
 // readInstalled reads them: our rules with a --to-source range, grouped by
-// their match, whose ranges are exactly a pool's. It returns one
+// their match, whose ranges are exactly a pool's, and a period's rules
+// (one each, told by their comment). It returns one
 // stats.RuleCounters per pool rule group, and for each of their rules (by
 // index in nat.Rules) its group's index at the group's first rule, -1 at
 // the others. Ranges that are no pool's are left to the reading by
@@ -104,14 +105,25 @@ func poolCounters(nat *SavedTable) ([]stats.RuleCounters, map[int]int) {
 	}
 	var groups []*group
 	byMatch := map[Rule]*group{}
+	var out []stats.RuleCounters
+	inPool := map[int]int{}
 	for i, sr := range nat.Rules {
 		if sr.Chain != ChainName || target(sr.Spec) != "SNAT" {
 			continue
 		}
 		// Only an IPv6 range with --random can be a pool's (a range of
-		// one address, a /124's slice, is saved as the address alone):
-		// the rest, all of an IPv4 table, is not parsed twice.
-		if j := slices.Index(sr.Spec, "--to-source"); j < 0 || j+1 >= len(sr.Spec) || !strings.Contains(sr.Spec[j+1], ":") || !slices.Contains(sr.Spec, "--random") {
+		// one address, a /124's slice, is saved as the address alone),
+		// or a rule with a period's comment: the rest, all of an IPv4
+		// table, is not parsed twice.
+		if j := slices.Index(sr.Spec, "--to-source"); j < 0 || j+1 >= len(sr.Spec) || !strings.Contains(sr.Spec[j+1], ":") {
+			continue
+		}
+		if period := periodRule(sr.Spec); period.IsValid() {
+			inPool[i] = len(out)
+			out = append(out, stats.RuleCounters{Pool: period, Sticky: string(snat.StickyPeriod), Range: stats.DefaultPortRange, Packets: sr.Counters.Packets, Bytes: sr.Counters.Bytes, Ours: true})
+			continue
+		}
+		if !slices.Contains(sr.Spec, "--random") {
 			continue
 		}
 		r, err := ParseRule(snat.IPv6, sr.Spec)
@@ -129,8 +141,6 @@ func poolCounters(nat *SavedTable) ([]stats.RuleCounters, map[int]int) {
 		g.packets += sr.Counters.Packets
 		g.bytes += sr.Counters.Bytes
 	}
-	var out []stats.RuleCounters
-	inPool := map[int]int{}
 	for _, g := range groups {
 		p, sticky, ok := poolOf(g.ranges, g.persistent)
 		if !ok {
@@ -154,6 +164,20 @@ func (ts toSource) portRange() stats.PortRange {
 		return ts.Ports
 	}
 	return stats.DefaultPortRange
+}
+
+// periodRule is the pool of a period's rule (see pool.go), when spec is
+// one; else the zero prefix.
+func periodRule(spec []string) netip.Prefix {
+	i := slices.Index(spec, "--comment")
+	if i < 0 || i+1 >= len(spec) || !strings.HasPrefix(spec[i+1], periodPrefix) {
+		return netip.Prefix{}
+	}
+	r, err := ParseRule(snat.IPv6, spec)
+	if err != nil {
+		return netip.Prefix{}
+	}
+	return r.Pool
 }
 
 // hasComment reports whether a rule carries -m comment --comment c.

@@ -108,9 +108,10 @@ func TestSNATCountersPools(t *testing.T) {
 		entry("2001:db8:fffe::/48", "2001:db8::250", "2001:db8::22"),
 		poolEntry("2001:db8:fffd::/48", "2001:db8:2::/124", snat.StickySender),
 		poolEntry("2001:db8:fffc::/48", "2001:db8:3::/124", snat.StickyConnection), // 15 rules of one address each
+		period("2001:db8:fffb::/48", "2001:db8:4::/64", "2001:db8:4::77"),
 	})
 	for i, r := range c.Rules {
-		fmt.Fprintf(&b, "[%d:%d] -A EGRESS-SNAT %s\n", i+1, 80*(i+1), r)
+		fmt.Fprintf(&b, "[%d:%d] -A EGRESS-SNAT %s\n", i+1, 80*(i+1), renderSpec(r.Args()))
 	}
 	b.WriteString("[4:320] -A POSTROUTING -o eth1 -j SNAT --to-source 2001:db8:9::1-2001:db8:9::5\nCOMMIT\n")
 	s, err := ReadSave(b.String(), table)
@@ -122,10 +123,12 @@ func TestSNATCountersPools(t *testing.T) {
 		t.Fatal(err)
 	}
 	// Render orders the entries' rules; sum what it gave each.
-	var conn, sender, addrRule, small stats.RuleCounters
+	var conn, sender, addrRule, small, per stats.RuleCounters
 	for i, r := range c.Rules {
 		n := uint64(i + 1)
 		switch {
+		case r.Pool.IsValid():
+			per.Packets, per.Bytes = per.Packets+n, per.Bytes+80*n
 		case netip.MustParsePrefix("2001:db8:3::/124").Contains(r.ToSource):
 			small.Packets, small.Bytes = small.Packets+n, small.Bytes+80*n
 		case r.ToSource == addr("2001:db8::22"):
@@ -141,6 +144,7 @@ func TestSNATCountersPools(t *testing.T) {
 		{Address: addr("2001:db8::22"), Range: stats.DefaultPortRange, Packets: addrRule.Packets, Bytes: addrRule.Bytes, Ours: true},
 		{Pool: netip.MustParsePrefix("2001:db8:2::/124"), Sticky: "sender", Range: stats.DefaultPortRange, Packets: sender.Packets, Bytes: sender.Bytes, Ours: true},
 		{Pool: netip.MustParsePrefix("2001:db8:3::/124"), Sticky: "connection", Range: stats.DefaultPortRange, Packets: small.Packets, Bytes: small.Bytes, Ours: true},
+		{Pool: netip.MustParsePrefix("2001:db8:4::/64"), Sticky: "period", Range: stats.DefaultPortRange, Packets: per.Packets, Bytes: per.Bytes, Ours: true},
 		{Address: addr("2001:db8:9::1"), Range: stats.DefaultPortRange, Packets: 4, Bytes: 320},
 	}
 	opts := []gocmp.Option{gocmp.Comparer(func(a, b netip.Addr) bool { return a == b }), gocmp.Comparer(func(a, b netip.Prefix) bool { return a == b })}

@@ -160,6 +160,9 @@ func readInstalled(f snat.Family, nat *SavedTable, sets map[string]Set) Installe
 			if len(to) > 0 {
 				e.To = to
 			}
+			if r.Pool.IsValid() {
+				e.Pool, e.Sticky = r.Pool, snat.StickyPeriod
+			}
 			found = append(found, ruleEntry{e, r.Set, rg, r.Persistent})
 		default:
 			in.OnlyOurs = false

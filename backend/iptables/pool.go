@@ -5,6 +5,7 @@ import (
 	"math/bits"
 	"net/netip"
 	"slices"
+	"strings"
 
 	"github.com/egress-snat/egress-snat/snat"
 )
@@ -45,6 +46,38 @@ import (
 // bits. Its range ends at PREFIX:ffff:fffe:ffff:ffff instead, one 2^32nd
 // short, and all 64 bits vary; the slices of a connection pool span 2^28
 // in that word, and need no such care.
+
+// A period (one address of the pool until the next rotate) is one rule,
+// SNAT to that address, like any address's. What makes it the pool's is
+// its comment, "egress-snat pool 2001:db8:1::/64 per period" instead of
+// "egress-snat": without it, it would read back as a rule to an address
+// the host does not have.
+
+// periodWords frame a period rule's comment around its pool.
+const (
+	periodPrefix = Comment + " pool "
+	periodSuffix = " per period"
+)
+
+// periodComment is the comment of a period's rule for pool p.
+func periodComment(p netip.Prefix) string { return periodPrefix + p.String() + periodSuffix }
+
+// parsePeriodComment reads the pool back from a period rule's comment.
+func parsePeriodComment(c string) (netip.Prefix, bool) {
+	rest, ok := strings.CutPrefix(c, periodPrefix)
+	if !ok {
+		return netip.Prefix{}, false
+	}
+	rest, ok = strings.CutSuffix(rest, periodSuffix)
+	if !ok {
+		return netip.Prefix{}, false
+	}
+	p, err := netip.ParsePrefix(rest)
+	if err != nil || snat.CheckPool(p) != nil {
+		return netip.Prefix{}, false
+	}
+	return p, true
+}
 
 // poolSlices is how many rules a pool per connection takes.
 const poolSlices = 16

@@ -18,6 +18,13 @@ func poolEntry(dst, pool string, s snat.Sticky) snat.Entry {
 	return e
 }
 
+// period is a period's entry of pool: its address at.
+func period(dst, pool, at string) snat.Entry {
+	e := poolEntry(dst, pool, snat.StickyPeriod)
+	e.To = []netip.Addr{addr(at)}
+	return e
+}
+
 // TestPoolRules: a pool is one --to-source range (--persistent per
 // sender), or 16 slices taken by turns per connection; the /64 range ends
 // one 2^32nd short of the prefix (the kernel's overflow, pool.go).
@@ -30,6 +37,7 @@ func TestPoolRules(t *testing.T) {
 		{"2001:db8:1::/64", snat.StickyDestination, []string{"-j SNAT --to-source 2001:db8:1::1-2001:db8:1:0:ffff:fffe:ffff:ffff --random"}},
 		{"2001:db8:1::/64", snat.StickySender, []string{"-j SNAT --to-source 2001:db8:1::1-2001:db8:1:0:ffff:fffe:ffff:ffff --random --persistent"}},
 		{"2001:db8:1::/112", snat.StickyDestination, []string{"-j SNAT --to-source 2001:db8:1::1-2001:db8:1::ffff --random"}},
+		{"2001:db8:1::/64", snat.StickyPeriod, []string{`-m comment --comment egress-snat pool 2001:db8:1::/64 per period -j SNAT --to-source 2001:db8:1::abcd:1`}},
 		{"2001:db8:1::/64", snat.StickyConnection, []string{
 			"--every 16 --packet 0 -j SNAT --to-source 2001:db8:1::1-2001:db8:1:0:fff:ffff:ffff:ffff --random",
 			"--every 15 --packet 0 -j SNAT --to-source 2001:db8:1:0:1000::-2001:db8:1:0:1fff:ffff:ffff:ffff --random",
@@ -37,7 +45,11 @@ func TestPoolRules(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.pool+" "+string(tt.sticky), func(t *testing.T) {
-			c := Render(snat.IPv6, []snat.Entry{poolEntry("2001:db8:ffff::/48", tt.pool, tt.sticky)})
+			e := poolEntry("2001:db8:ffff::/48", tt.pool, tt.sticky)
+			if tt.sticky == snat.StickyPeriod {
+				e.To = []netip.Addr{addr("2001:db8:1::abcd:1")}
+			}
+			c := Render(snat.IPv6, []snat.Entry{e})
 			var got []string
 			for _, r := range c.Rules {
 				got = append(got, r.String())
@@ -77,6 +89,16 @@ func TestPoolsReadBack(t *testing.T) {
 	for i := range 9 { // enough for a set
 		want = append(want, poolEntry(fmt.Sprintf("2001:db8:fe%02d::/48", i), "2001:db8:1::/64", snat.StickyDestination))
 	}
+	// A period's rule, alone and through a set: one address of its pool,
+	// the pool in its comment.
+	for i := range 9 {
+		e := poolEntry(fmt.Sprintf("2001:db8:fd%02d::/48", i), "2001:db8:4::/64", snat.StickyPeriod)
+		e.To = []netip.Addr{addr("2001:db8:4::abcd:1")}
+		want = append(want, e)
+	}
+	single := poolEntry("2001:db8:fc00::/48", "2001:db8:5::/112", snat.StickyPeriod)
+	single.To = []netip.Addr{addr("2001:db8:5::7")}
+	want = append(want, single)
 	snat.SortEntries(want)
 	update(t, m, func(*snat.State) []snat.Entry { return want })
 	st, err := m.Read()
@@ -86,8 +108,8 @@ func TestPoolsReadBack(t *testing.T) {
 	if diff := cmp.Diff(want, st.Entries(), cmp.Comparer(func(a, b netip.Addr) bool { return a == b }), cmp.Comparer(func(a, b netip.Prefix) bool { return a == b })); diff != "" {
 		t.Errorf("read back (-want +got):\n%s", diff)
 	}
-	if len(snapshot(st).Installed[snat.IPv6].SetNames) != 1 {
-		t.Errorf("9 destinations of one pool: sets %v, want 1", snapshot(st).Installed[snat.IPv6].SetNames)
+	if len(snapshot(st).Installed[snat.IPv6].SetNames) != 2 {
+		t.Errorf("9 destinations of one pool, 9 of one period: sets %v, want 2", snapshot(st).Installed[snat.IPv6].SetNames)
 	}
 	if p := m.MakePlan(st, want); !p.Empty() {
 		t.Errorf("re-plan is not empty: %v", p.Changes)
@@ -102,8 +124,10 @@ func TestPoolsReadBack(t *testing.T) {
 	}
 	if diff := cmp.Diff([]string{
 		"local 2001:db8:3::/124 dev lo table 7420 proto 83",
+		"local 2001:db8:5::/112 dev lo table 7420 proto 83",
 		"local 2001:db8:2::/100 dev lo table 7420 proto 83",
 		"local 2001:db8:1::/64 dev lo table 7420 proto 83",
+		"local 2001:db8:4::/64 dev lo table 7420 proto 83",
 	}, local); diff != "" {
 		t.Errorf("local routes (-want +got):\n%s", diff)
 	}
@@ -121,6 +145,19 @@ func TestPoolsReadBack(t *testing.T) {
 	in, err = ParseSave(snat.IPv6, "*nat\n:EGRESS-SNAT - [0:0]\n-A EGRESS-SNAT -s 2001:db8::250/128 -o eth0 -m comment --comment egress-snat -j SNAT --to-source 2001:db8:1::1-2001:db8:1::ffff\nCOMMIT\n", nil)
 	if err != nil || len(in.Foreign) != 1 || len(in.Entries) != 0 {
 		t.Errorf("a range without --random: entries %v, foreign %v, %v", in.Entries, in.Foreign, err)
+	}
+	// A period's comment on a rule that is not SNAT to one address of
+	// its pool is not ours.
+	for _, rule := range []string{
+		`-s 2001:db8::250/128 -o eth0 -m comment --comment "egress-snat pool 2001:db8:4::/64 per period" -j SNAT --to-source 2001:db8:9::1`,
+		`-s 2001:db8::250/128 -o eth0 -m comment --comment "egress-snat pool 2001:db8:4::/64 per period" -j SNAT --to-source 2001:db8:4::`,
+		`-s 2001:db8::250/128 -o eth0 -m comment --comment "egress-snat pool 2001:db8:4::/64 per period" -j RETURN`,
+		`-s 2001:db8::250/128 -o eth0 -m comment --comment "egress-snat pool 2001:db8:4::/48 per period" -j SNAT --to-source 2001:db8:4::1`,
+	} {
+		in, err = ParseSave(snat.IPv6, "*nat\n:EGRESS-SNAT - [0:0]\n-A EGRESS-SNAT "+rule+"\nCOMMIT\n", nil)
+		if err != nil || len(in.Foreign) != 1 || len(in.Entries) != 0 {
+			t.Errorf("%s: entries %v, foreign %v, %v", rule, in.Entries, in.Foreign, err)
+		}
 	}
 	_ = ft
 }

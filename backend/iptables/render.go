@@ -176,7 +176,11 @@ func toKey(e *snat.Entry) string {
 		return ""
 	}
 	if e.IsPool() {
-		return "pool " + e.Pool.String() + " " + string(e.Sticky)
+		k := "pool " + e.Pool.String() + " " + string(e.Sticky)
+		if len(e.To) == 1 {
+			k += " " + e.To[0].String() // a period's address
+		}
+		return k
 	}
 	var b strings.Builder
 	if !e.Ports.IsZero() {

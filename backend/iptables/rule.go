@@ -19,7 +19,7 @@ import (
 //	-s SRC [-d DST] -o OUT [-p tcp|udp [-m tcp|udp --dport PORT]] [-m addrtype ! --src-type LOCAL]
 //	  [-m owner --uid-owner UID] [-m cgroup --path PATH]
 //	  [-m set --match-set SET dst] [-m conntrack --ctstate INVALID,NEW]
-//	  -m comment --comment egress-snat
+//	  -m comment --comment egress-snat | -m comment --comment "egress-snat pool PREFIX per period"
 //	  [-m statistic --mode nth --every N --packet 0]
 //	  -j SNAT --to-source TO[-LAST --random [--persistent]] | -j SNAT --to-source TO:LO-HI (with -p)
 //	  | -j RETURN | -j DROP (the hold chain's)
@@ -81,6 +81,10 @@ type Rule struct {
 	// destination port (snat.Match.DPort); its rule has Proto whether or
 	// not it has Ports.
 	DPort uint16
+	// Pool is the pool a period's rule (SNAT to one address of it, see
+	// pool.go) takes its address from, carried in the rule's comment:
+	// nothing else of the rule names it.
+	Pool netip.Prefix
 }
 
 // Args renders the rule as iptables arguments, without "-A CHAIN".
@@ -119,7 +123,11 @@ func (r Rule) Args() []string {
 	if r.NewOrInvalid {
 		a = append(a, "-m", "conntrack", "--ctstate", "INVALID,NEW") // as iptables-save prints it
 	}
-	a = append(a, "-m", "comment", "--comment", Comment)
+	if r.Pool.IsValid() {
+		a = append(a, "-m", "comment", "--comment", periodComment(r.Pool))
+	} else {
+		a = append(a, "-m", "comment", "--comment", Comment)
+	}
 	if r.Every > 0 {
 		a = append(a, "-m", "statistic", "--mode", "nth", "--every", strconv.Itoa(r.Every), "--packet", "0")
 	}
@@ -262,6 +270,9 @@ func ParseRule(f snat.Family, spec []string) (Rule, error) {
 			r.Set = v
 		case "--comment":
 			ours = v == Comment
+			if p, ok := parsePeriodComment(v); ok {
+				ours, r.Pool = true, p
+			}
 		case "--mark":
 			if !mods["mark"] || v != fmt.Sprintf("0x0/%#x", routes.MarkMask) {
 				return r, fmt.Errorf("--mark %q", v)
@@ -356,6 +367,9 @@ func ParseRule(f snat.Family, spec []string) (Rule, error) {
 	if r.Random && r.Target == "SNAT" && r.ToSource.IsValid() && !r.ToLast.IsValid() {
 		r.ToLast = r.ToSource // a range of one address, as iptables-save prints it
 	}
+	if r.Pool.IsValid() && (r.Target != "SNAT" || r.ToLast.IsValid() || r.Every > 0 || r.Proto != "" || !snat.InPool(r.Pool, r.ToSource)) {
+		return r, fmt.Errorf("a period's comment on a rule that is not SNAT to one address of its pool %s", r.Pool)
+	}
 	if r.Persistent && (r.Target != "SNAT" || !r.ToLast.IsValid()) {
 		return r, fmt.Errorf("--persistent outside a --to-source range")
 	}
@@ -410,6 +424,10 @@ func rulesFor(e snat.Entry, set string) []Rule {
 	}
 	if e.Keep() {
 		base.Target = "RETURN"
+		return []Rule{base}
+	}
+	if e.Sticky == snat.StickyPeriod && len(e.To) == 1 {
+		base.Target, base.ToSource, base.Pool = "SNAT", e.To[0], e.Pool
 		return []Rule{base}
 	}
 	if e.IsPool() {

@@ -197,11 +197,14 @@ func decodeRule(exprs []expr.Any, spread func(name string) ([]netip.Addr, error)
 		case *expr.Immediate:
 			if _, nat := d.peek().(*expr.NAT); !nat && !d.peekPorts() {
 				d.i = start
-				p, sticky, err := d.decodePool(r.Family)
+				p, sticky, at, err := d.decodePool(r.Family)
 				if err != nil {
 					return r, err
 				}
 				r.Action = Action{Kind: ActSNAT, Pool: p, Sticky: sticky}
+				if at.IsValid() {
+					r.Action.To = []netip.Addr{at}
+				}
 				continue
 			}
 			a, ok := netip.AddrFromSlice(e.Data)

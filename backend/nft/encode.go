@@ -571,16 +571,20 @@ func ruleExprs(r Rule, mapID uint32) ([]expr.Any, error) {
 			nat.RegProtoMin, nat.RegProtoMax, nat.Specified = regPortLo, regPortHi, true
 		}
 		ports := portExprs(a.Ports)
+		if a.Pool.IsValid() {
+			if r.Family != snat.IPv6 || (a.Sticky == snat.StickyPeriod) != (len(a.To) == 1) || len(a.To) > 1 {
+				return nil, fmt.Errorf("a pool is IPv6, with one address for a period and none else")
+			}
+			at := netip.Addr{}
+			if len(a.To) == 1 {
+				at = a.To[0]
+			}
+			add(poolExprs(a.Pool, a.Sticky, at)...)
+			add(nat)
+			break
+		}
 		switch len(a.To) {
 		case 0:
-			if a.Pool.IsValid() {
-				if r.Family != snat.IPv6 {
-					return nil, fmt.Errorf("a pool is IPv6")
-				}
-				add(poolExprs(a.Pool, a.Sticky)...)
-				add(nat)
-				break
-			}
 			return nil, fmt.Errorf("snat without an address")
 		case 1:
 			add(&expr.Immediate{Register: reg, Data: a.To[0].AsSlice()})

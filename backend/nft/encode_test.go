@@ -45,6 +45,8 @@ func TestRuleRoundTrip(t *testing.T) {
 		{Family: snat.IPv6, Out: "eth0", Forwarded: true, Src: pfx("fd00:88::/64"), Counter: true, Action: Action{Kind: ActSNAT, Pool: pfx("2001:db8:1::/80"), Sticky: snat.StickySender}},
 		{Family: snat.IPv6, Out: "eth0", Src: pfx("2001:db8::250"), Counter: true, Action: Action{Kind: ActSNAT, Pool: pfx("2001:db8:1::/124"), Sticky: snat.StickyConnection}},
 		{Family: snat.IPv6, Out: "eth0", Src: pfx("2001:db8::250"), Counter: true, Action: Action{Kind: ActSNAT, Pool: pfx("2001:db8:1::/100"), Sticky: snat.StickyDestination}},
+		{Family: snat.IPv6, Out: "eth0", Src: pfx("2001:db8::250"), Counter: true, Action: Action{Kind: ActSNAT, Pool: pfx("2001:db8:1::/64"), Sticky: snat.StickyPeriod, To: addrs("2001:db8:1::abcd:1")}},
+		{Family: snat.IPv6, Out: "eth0", Src: pfx("2001:db8::250"), Counter: true, Action: Action{Kind: ActSNAT, Pool: pfx("2001:db8:1::/124"), Sticky: snat.StickyPeriod, To: addrs("2001:db8:1::f")}},
 		{Family: snat.IPv4, CtNewOrInvalid: true, Out: "eth0", Forwarded: true, Src: pfx("10.88.0.0/24"), Counter: true, Action: Action{Kind: ActDrop}},
 		// Port ranges (snat.Ports): one address, a spread, a set; TCP
 		// and UDP.

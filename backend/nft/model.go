@@ -486,6 +486,9 @@ func (a Action) string(f snat.Family) string {
 	v := fmt.Sprintf("%#08x", a.Mark)
 	switch a.Kind {
 	case ActSNAT:
+		if a.Pool.IsValid() && len(a.To) == 1 {
+			return fmt.Sprintf("snat %s to %s (pool %s per %s)", famWord(f), a.To[0], a.Pool, a.Sticky)
+		}
 		if a.Pool.IsValid() {
 			return fmt.Sprintf("snat %s to %s (per %s: computed, see egress-snat list)", famWord(f), a.Pool, a.Sticky)
 		}

@@ -617,6 +617,9 @@ func TestWirePool(t *testing.T) {
 	for i, s := range snat.Stickies {
 		for j, p := range []string{"2001:db8:1::/64", "2001:db8:2::/100", "2001:db8:3::/124"} {
 			e := snat.Entry{Match: snat.Match{Dst: pfx(fmt.Sprintf("2001:db8:ff%d%d::/48", i, j)), Out: "eth0"}, Natural: addr("2001:db8::250"), Pool: pfx(p), Sticky: s}
+			if s == snat.StickyPeriod {
+				e.To = []netip.Addr{snat.PoolAddr(pfx(p), 7)}
+			}
 			entries = append(entries, e)
 		}
 	}

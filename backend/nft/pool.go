@@ -25,6 +25,14 @@ import (
 //	bitwise reg 1 = (reg 1 & HOSTMASK) ^ PREFIX
 //	snat ip6 to reg 1
 //
+// A period (one address until the next rotate) needs no generator: its
+// immediate is the period's address, and the bitwise, which leaves it as
+// it is, still names the prefix it is an address of:
+//
+//	immediate reg 1 ADDRESS
+//	bitwise reg 1 = (reg 1 & HOSTMASK) ^ PREFIX
+//	snat ip6 to reg 1
+//
 // M is 2^min(hostbits, 32) - 1, and the offset 1 keeps the last word, and
 // so the host part, from ever being zero: the pool's zero address is never
 // used. The bitwise cuts the random words to the host bits and puts the
@@ -69,11 +77,16 @@ const (
 	seedWord3 = 0x73732d73 // "ss-s"
 )
 
-// poolExprs is the pool program for p and s, from the immediate to the
-// bitwise: the snat that follows takes register 1.
-func poolExprs(p netip.Prefix, s snat.Sticky) []expr.Any {
+// poolExprs is the pool program for p and s (and a period's address at),
+// from the immediate to the bitwise: the snat that follows takes register
+// 1.
+func poolExprs(p netip.Prefix, s snat.Sticky, at netip.Addr) []expr.Any {
 	h := 128 - p.Bits()
 	prefix := p.Addr().AsSlice()
+	mask := &expr.Bitwise{SourceRegister: reg, DestRegister: reg, Len: 16, Mask: hostMask(p).AsSlice(), Xor: prefix}
+	if s == snat.StickyPeriod {
+		return []expr.Any{&expr.Immediate{Register: reg, Data: at.AsSlice()}, mask}
+	}
 	out := []expr.Any{&expr.Immediate{Register: reg, Data: prefix}}
 	keyLen := uint32(0)
 	switch s {
@@ -102,8 +115,7 @@ func poolExprs(p netip.Prefix, s snat.Sticky) []expr.Any {
 	if h < 32 {
 		out = append(out, &expr.Byteorder{SourceRegister: regWord3, DestRegister: regWord3, Op: expr.ByteorderHton, Len: 4, Size: 4})
 	}
-	out = append(out, &expr.Bitwise{SourceRegister: reg, DestRegister: reg, Len: 16, Mask: hostMask(p).AsSlice(), Xor: prefix})
-	return out
+	return append(out, mask)
 }
 
 // hostMask is the mask of p's host bits.
@@ -116,13 +128,17 @@ func hostMask(p netip.Prefix) netip.Addr {
 }
 
 // decodePool reads a pool program back, from its immediate (d's current
-// expression) to the snat: the pool and its stickiness, when the
-// expressions are exactly what poolExprs writes for them.
-func (d *decoder) decodePool(f snat.Family) (netip.Prefix, snat.Sticky, error) {
+// expression) to the snat: the pool, its stickiness and a period's
+// address, when the expressions are exactly what poolExprs writes for
+// them.
+func (d *decoder) decodePool(f snat.Family) (netip.Prefix, snat.Sticky, netip.Addr, error) {
+	none := func(err error) (netip.Prefix, snat.Sticky, netip.Addr, error) {
+		return netip.Prefix{}, "", netip.Addr{}, err
+	}
 	start := d.i
 	imm, ok := d.peek().(*expr.Immediate)
 	if !ok || f != snat.IPv6 || imm.Register != reg || len(imm.Data) != 16 {
-		return netip.Prefix{}, "", d.bad(start)
+		return none(d.bad(start))
 	}
 	end := start
 	for end < len(d.exprs) {
@@ -132,45 +148,54 @@ func (d *decoder) decodePool(f snat.Family) (netip.Prefix, snat.Sticky, error) {
 		end++
 	}
 	if end == len(d.exprs) {
-		return netip.Prefix{}, "", fmt.Errorf("a pool program without its snat")
+		return none(fmt.Errorf("a pool program without its snat"))
 	}
 	bw, ok := d.exprs[max(start, end-1)].(*expr.Bitwise)
-	if !ok || len(bw.Mask) != 16 {
-		return netip.Prefix{}, "", d.bad(end - 1)
+	if !ok || len(bw.Mask) != 16 || len(bw.Xor) != 16 {
+		return none(d.bad(end - 1))
 	}
 	inv := make([]byte, 16)
 	for i, b := range bw.Mask {
 		inv[i] = ^b
 	}
 	bits := prefixBits(inv)
-	addr, _ := netip.AddrFromSlice(imm.Data)
-	p := netip.PrefixFrom(addr, bits)
+	prefix, _ := netip.AddrFromSlice(bw.Xor)
+	p := netip.PrefixFrom(prefix, bits)
 	if bits < 0 || snat.CheckPool(p) != nil {
-		return netip.Prefix{}, "", d.bad(end - 1)
+		return none(d.bad(end - 1))
 	}
 	sticky := snat.StickyConnection
+	var at netip.Addr
 	if pl, ok := d.exprs[min(start+1, end)].(*expr.Payload); ok && start+1 < end {
 		sticky = snat.StickySender
 		if pl.Len == 32 {
 			sticky = snat.StickyDestination
 		}
 	}
-	want := poolExprs(p, sticky)
+	if end-start == 2 {
+		// The immediate and the bitwise alone: a period's address.
+		sticky = snat.StickyPeriod
+		at, _ = netip.AddrFromSlice(imm.Data)
+		if !snat.InPool(p, at) {
+			return none(d.bad(start))
+		}
+	}
+	want := poolExprs(p, sticky, at)
 	if end-start == len(want)-1 {
 		// Read by a google/nftables that skips the byteorder.
 		want = slices.DeleteFunc(want, func(e expr.Any) bool { _, ok := e.(*expr.Byteorder); return ok })
 	}
 	if end-start != len(want) {
-		return netip.Prefix{}, "", fmt.Errorf("pool program of %d expressions, want %d for %s per %s", end-start, len(want), p, sticky)
+		return none(fmt.Errorf("pool program of %d expressions, want %d for %s per %s", end-start, len(want), p, sticky))
 	}
 	for i, w := range want {
 		if !reflect.DeepEqual(d.exprs[start+i], w) {
-			return netip.Prefix{}, "", d.bad(start + i)
+			return none(d.bad(start + i))
 		}
 	}
 	d.i = end
 	if !d.snat(f, snat.Ports{}) {
-		return netip.Prefix{}, "", d.bad(end)
+		return none(d.bad(end))
 	}
-	return p, sticky, nil
+	return p, sticky, at, nil
 }

@@ -193,7 +193,7 @@ func natAction(e *snat.Entry) Action {
 		return Action{Kind: ActAccept}
 	}
 	if e.IsPool() {
-		return Action{Kind: ActSNAT, Pool: e.Pool, Sticky: e.Sticky}
+		return Action{Kind: ActSNAT, Pool: e.Pool, Sticky: e.Sticky, To: e.To} // To: a period's address
 	}
 	return Action{Kind: ActSNAT, To: e.To, Ports: e.Ports}
 }
