@@ -37,7 +37,7 @@ func (d *Daemon) reconcile(reason string) error {
 			again = true
 		}
 		if !again {
-			return d.spill.withSpill(d.base), nil
+			return d.spill.withSpill(d.keepPeriods(st, d.base)), nil
 		}
 		intents, err := d.file.Intents()
 		if err != nil {
@@ -55,7 +55,7 @@ func (d *Daemon) reconcile(reason string) error {
 			d.spill.seed(st.Entries(), desired)
 			d.spill.tick(desired)
 		}
-		return d.spill.withSpill(desired), nil
+		return d.spill.withSpill(d.keepPeriods(st, desired)), nil
 	}
 	_, plan, err := d.m.Update(req)
 	if err != nil {
@@ -92,6 +92,14 @@ func (d *Daemon) reconcile(reason string) error {
 	d.log.Info("converged", "reason", reason, "summary", plan.Summary(), "took", time.Since(start).Round(time.Millisecond))
 	d.flushVanished(previous, plan.Desired)
 	return nil
+}
+
+// keepPeriods gives a period's entry (snat's pool.go) the address
+// installed, else the one the daemon wrote last: a rule lost behind its
+// back comes back with its period's address, and a rotate by another
+// process (installed) wins over what the daemon remembers.
+func (d *Daemon) keepPeriods(st *snat.State, desired []snat.Entry) []snat.Entry {
+	return snat.KeepPeriods(desired, st.Entries(), d.plan.Desired)
 }
 
 // reportSkipped warns of each cause of rules left out (an address that

@@ -78,7 +78,8 @@ Examples:
 		}
 		managed := j.Promised
 		// A pool's rule has no one effective source: the kernel picks
-		// an address of the pool (effective_pool) for each connection.
+		// an address of the pool (effective_pool) for each connection;
+		// a period's has, its address (in Sources).
 		var effective netip.Addr
 		var effectivePool string
 		if len(j.Sources) > 0 {
@@ -89,7 +90,7 @@ Examples:
 		if j.Broken != "" {
 			// The promise is not kept: what the chain does instead.
 			effective, effectivePool = j.Packet.Src, ""
-			if now := snat.Effective(entries, j.Packet); now != nil && now.IsPool() {
+			if now := snat.Effective(entries, j.Packet); now != nil && now.IsPool() && len(now.To) == 0 {
 				effective, effectivePool = netip.Addr{}, now.Pool.String()
 			} else if now != nil && !now.Keep() {
 				effective = now.To[0]

@@ -255,7 +255,7 @@ func TestPoolRefused(t *testing.T) {
 		{"192.0.2.0/28", []string{"--dst", "198.51.100.0/24"}, []string{"IPv6"}},
 		{testPool, []string{"--spread"}, []string{"--spread"}},
 		{testPool + ",2001:db8::22", nil, []string{"one prefix"}},
-		{testPool, []string{"--sticky", "period"}, []string{"period"}},
+		{testPool, []string{"--sticky", "hourly"}, []string{"hourly", "period"}},
 	} {
 		args := append([]string{"set", "--to", tt.to}, tt.extra...)
 		if !slices.Contains(tt.extra, "--dst") {
@@ -273,4 +273,135 @@ func TestPoolRefused(t *testing.T) {
 	// the operator's (an NDP proxy's): taken.
 	l.Run(t, "sysctl", "-qw", "net.ipv6.conf.eth0.proxy_ndp=1")
 	mustES(t, l, "set", "--to", "2001:db8:5::/64", "--dst", "2001:db8:ffff::/48")
+}
+
+// TestPoolPeriod: per period, every connection leaves from one address of
+// the pool, to every destination, until rotate --pool PREFIX starts a new
+// period from another address; set and apply that name the pool again
+// keep the period's address, and list, check, stats, save and --permanent
+// know it.
+func TestPoolPeriod(t *testing.T) {
+	t.Parallel()
+	l := newLab(t)
+	routePool(t, l)
+	gwAddrAdd(t, l, "2001:db8:ffff::5/128", "2001:db8:ffff::6/128")
+	dsts := []string{"2001:db8:ffff::4", "2001:db8:ffff::5", "2001:db8:ffff::6"}
+	// one is the single address every connection to every destination
+	// left from.
+	one := func(when string) string {
+		t.Helper()
+		seen := map[string]int{}
+		for _, d := range dsts {
+			for a, n := range poolSources(t, l, d, 20) {
+				seen[a] += n
+			}
+		}
+		if len(seen) != 1 {
+			t.Fatalf("%s: connections to %v left from %v, want one address", when, dsts, seen)
+		}
+		for a := range seen {
+			return a
+		}
+		return ""
+	}
+	listed := func() (string, string) {
+		t.Helper()
+		var got struct {
+			Rules []struct {
+				To     []string `json:"to"`
+				Pool   string   `json:"pool"`
+				Sticky string   `json:"sticky"`
+			} `json:"rules"`
+		}
+		out := mustES(t, l, "list", "--json")
+		if err := json.Unmarshal([]byte(out), &got); err != nil || len(got.Rules) != 1 || len(got.Rules[0].To) != 1 || got.Rules[0].Pool != testPool {
+			t.Fatalf("list --json: %v\n%s\nwant one rule of pool %s with its address", err, out, testPool)
+		}
+		return got.Rules[0].To[0], got.Rules[0].Sticky
+	}
+
+	mustES(t, l, "set", "--to", testPool, "--sticky", "period", "--dst", "2001:db8:ffff::/48")
+	first := one("first period")
+	if to, sticky := listed(); to != first || sticky != "period" {
+		t.Errorf("list --json: to %s per %s, want %s per period", to, sticky, first)
+	}
+	if text := mustES(t, l, "list"); !strings.Contains(text, "pool "+testPool+" (per period: "+first+")") {
+		t.Errorf("list:\n%s\nwant the pool and its period's address %s", text, first)
+	}
+	if out := mustES(t, l, "set", "--to", testPool, "--sticky", "period", "--dst", "2001:db8:ffff::/48"); !strings.Contains(out, "nothing to change") {
+		t.Errorf("the same set again:\n%s\nwant nothing to change", out)
+	}
+	mustES(t, l, "check")
+	if text := mustES(t, l, "explain", "--dst", "2001:db8:ffff::4"); !strings.Contains(text, first) {
+		t.Errorf("explain:\n%s\nwant the period's address %s", text, first)
+	}
+
+	// rotate starts a new period, from another address, for every
+	// destination; a second rotate, another.
+	out := mustES(t, l, "rotate", "--pool", testPool)
+	second := one("after rotate")
+	if second == first || !strings.Contains(out, first+" -> "+second) {
+		t.Errorf("rotate printed:\n%s\nconnections now leave from %s, before from %s: want a new address, and the move shown", out, second, first)
+	}
+	var moved struct {
+		Moves []struct {
+			From, To, Pool string
+		} `json:"moves"`
+	}
+	out = mustES(t, l, "rotate", "--pool", testPool, "--json")
+	if err := json.Unmarshal([]byte(out), &moved); err != nil || len(moved.Moves) != 1 || moved.Moves[0].From != second || moved.Moves[0].Pool != testPool {
+		t.Fatalf("rotate --json: %v\n%s\nwant one move from %s in pool %s", err, out, second, testPool)
+	}
+	third := one("after the second rotate")
+	if third == second || third != moved.Moves[0].To {
+		t.Errorf("the second rotate moved to %s; connections leave from %s (before: %s)", moved.Moves[0].To, third, second)
+	}
+
+	// A file naming the pool per period keeps the rotated address: the
+	// cron rotate and apply (or watch) agree.
+	cfg := writeConfig(t, t.TempDir(), "c.yaml", "rules:\n  - to: "+testPool+"\n    sticky: period\n    dst: [2001:db8:ffff::/48]\n")
+	if out := applyOK(t, l, cfg); !strings.Contains(out, "nothing to change") {
+		t.Errorf("apply of the pool per period after a rotate:\n%s\nwant nothing to change", out)
+	}
+	if to, _ := listed(); to != third {
+		t.Errorf("after apply, the period's address is %s, want %s", to, third)
+	}
+	if text := mustES(t, l, "save", "--dry-run"); !strings.Contains(text, "to: "+testPool+"\n") || !strings.Contains(text, "sticky: period\n") || strings.Contains(text, third) {
+		t.Errorf("save --dry-run:\n%s\nwant the pool per period, without the period's address", text)
+	}
+	var stats struct {
+		Pools []struct {
+			Pool   string `json:"pool"`
+			Sticky string `json:"sticky"`
+		} `json:"pools"`
+	}
+	if out := mustES(t, l, "stats", "--json"); json.Unmarshal([]byte(out), &stats) != nil || len(stats.Pools) != 1 || stats.Pools[0].Pool != testPool || stats.Pools[0].Sticky != "period" {
+		t.Errorf("stats --json:\n%s\nwant pool %s per period", out, testPool)
+	}
+
+	// Refused, with the host unchanged: --order (no next in a /64), a
+	// prefix that is no pool.
+	before := l.HostState(t)
+	wantRefused(t, l, []string{"rotate", "--pool", testPool, "--order", "random"}, []string{"--order", testPool})
+	wantRefused(t, l, []string{"rotate", "--pool", "2001:db8:1::/48"}, []string{"2001:db8:1::/48", "larger than a /64"})
+	wantRefused(t, l, []string{"rotate", "--pool", testPool + ",2001:db8::22"}, []string{"one prefix"})
+	if diff := cmp.Diff(before, l.HostState(t)); diff != "" {
+		t.Errorf("refused rotations changed the host (-before +after):\n%s", diff)
+	}
+
+	// rotate --permanent writes the pool per period, not its address.
+	perm := filepath.Join(t.TempDir(), "egress-snat.yaml")
+	mustES(t, l, "--config", perm, "rotate", "--permanent", "--pool", testPool, "--dst", "2001:db8:ffff::/48")
+	if b, err := os.ReadFile(perm); err != nil || !strings.Contains(string(b), "to: "+testPool+"\n") || !strings.Contains(string(b), "sticky: period\n") {
+		t.Errorf("rotate --permanent wrote %q, %v; want the pool per period", b, err)
+	}
+	mustES(t, l, "--config", perm, "check")
+	if fourth := one("after rotate --permanent"); fourth == third {
+		t.Errorf("rotate --permanent kept %s", third)
+	}
+
+	mustES(t, l, "unset", "--dst", "2001:db8:ffff::/48")
+	if routing := l.Routing(t); strings.Contains(routing, testPool) {
+		t.Errorf("after unset, routing:\n%s\nstill has the pool's route", routing)
+	}
 }

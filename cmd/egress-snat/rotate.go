@@ -16,7 +16,7 @@ import (
 var rotateCommand = &cli.Command{
 	Name:      "rotate",
 	Usage:     "move destinations to the next source address of a pool (for cron)",
-	UsageText: "egress-snat rotate --pool ADDR,ADDR[,...] [--dst ADDR|CIDR]... [--from CIDR... | --uid USER | --cgroup PATH] [--order next|random] [--flush-conntrack] [--permanent] [--dry-run]",
+	UsageText: "egress-snat rotate --pool ADDR,ADDR[,...] [--dst ADDR|CIDR]... [--from CIDR... | --uid USER | --cgroup PATH] [--order next|random] [--flush-conntrack] [--permanent] [--dry-run]\n   egress-snat rotate --pool IPV6-PREFIX [--dst CIDR]... [--from CIDR... | --uid USER | --cgroup PATH] [--flush-conntrack] [--permanent] [--dry-run]",
 	Description: `Moves each --dst (default: every destination of the pool's family) to the
 pool member after the one it uses now. The address in use is read from the
 installed rule itself, or is the natural source when there is none, so there
@@ -43,6 +43,15 @@ UDP flows move over; established TCP connections break (the far side sees
 packets from an address it has no connection with, and answers with a
 reset), so use it when the old address must stop being used at once.
 
+A pool per period (set --to 2001:db8:1::/64 --sticky period): --pool
+PREFIX starts a new period, one new address of the prefix, at random and
+other than the one in use, for all of the sender's destinations of that
+pool (or for each --dst given, which then becomes the pool's per period).
+Without such a rule yet, it makes one for every destination of IPv6.
+--order does not apply: a /64 has no "next" worth keeping. --permanent
+writes the rule as the pool's per period; the address itself is not
+written (after a reboot the first write starts a new period).
+
 With --from, --uid or --cgroup, the rules of that sender rotate (each
 --from prefix on its own); other senders' rules for the same destinations
 are not touched.
@@ -51,9 +60,10 @@ Runs that overlap (cron and a manual set, or two rotations) wait for each
 other, up to --lock-timeout.
 
 Cron example (/etc/cron.d/egress-snat):
-   */10 * * * * root egress-snat rotate --pool 192.0.2.22,192.0.2.23 --dst 198.51.100.0/24`,
+   */10 * * * * root egress-snat rotate --pool 192.0.2.22,192.0.2.23 --dst 198.51.100.0/24
+   0 * * * *    root egress-snat rotate --pool 2001:db8:1::/64   # a new address each hour`,
 	Flags: append([]cli.Flag{
-		&cli.StringSliceFlag{Name: "pool", Usage: "(required) the source `ADDR`s to rotate over, in order (comma-separated)"},
+		&cli.StringSliceFlag{Name: "pool", Usage: "(required) the source `ADDR`s to rotate over, in order (comma-separated), or an IPv6 PREFIX whose period starts anew"},
 		&cli.StringSliceFlag{Name: "dst", Usage: "destination `ADDR|CIDR` to rotate (repeatable; default: every destination of the pool's family)"},
 		enum(&cli.StringFlag{Name: "order", Value: "next", Usage: "next (pool order) or random"}, "next", "random"),
 		permanentFlag,
@@ -64,6 +74,12 @@ Cron example (/etc/cron.d/egress-snat):
 	Action: func(c *cli.Context) error {
 		if err := required(c, "pool"); err != nil {
 			return err
+		}
+		if prefix, ok, err := parsePool(c, "pool"); ok || err != nil {
+			if err != nil {
+				return err
+			}
+			return rotatePeriod(c, prefix)
 		}
 		pool, err := parseAddrs("pool", c.StringSlice("pool"))
 		if err != nil {
@@ -101,22 +117,66 @@ Cron example (/etc/cron.d/egress-snat):
 			return err
 		}
 		rng := rand.New(rand.NewPCG(rand.Uint64(), rand.Uint64()))
-		var moves []snat.Move
-		_, plan, err := update(c, e, func(st *snat.State) ([]snat.Entry, error) {
-			var intents []snat.Intent
-			moves, intents, err = snat.PlanRotation(e.sel, st, pool, targets, order, rng)
-			if err != nil {
-				return nil, err
-			}
-			resolved, err := snat.Resolve(e.sel, intents)
-			if err != nil {
-				return nil, err
-			}
-			return snat.Merge(st.Entries(), resolved), nil
-		}, permanent.Rotate(&moves))
-		if err != nil {
-			return err
+		return rotateWith(c, e, func(st *snat.State) ([]snat.Move, []snat.Intent, error) {
+			return snat.PlanRotation(e.sel, st, pool, targets, order, rng)
+		})
+	},
+}
+
+// rotatePeriod is rotate --pool PREFIX: a new period of a pool per period
+// (snat's PlanPeriodRotation).
+func rotatePeriod(c *cli.Context, pool netip.Prefix) error {
+	if c.IsSet("order") {
+		return usageError("--order is for a list of addresses; a pool's next period takes a random address of %s", pool)
+	}
+	dsts, err := parseDsts(c.StringSlice("dst"))
+	if err != nil {
+		return err
+	}
+	if err := sameFamily(pool.Addr(), dsts); err != nil {
+		return err
+	}
+	senders, err := parseSenders(c)
+	if err != nil {
+		return err
+	}
+	for _, s := range senders {
+		if s.Kind == snat.SenderFrom && s.From.Addr().Is4() {
+			return usageError("--from %s and --pool %s are of different address families", s.From, pool)
 		}
+	}
+	e, err := envFor(c)
+	if err != nil {
+		return err
+	}
+	rng := rand.New(rand.NewPCG(rand.Uint64(), rand.Uint64()))
+	return rotateWith(c, e, func(st *snat.State) ([]snat.Move, []snat.Intent, error) {
+		return snat.PlanPeriodRotation(e.sel, st, pool, senders, dsts, "", rng)
+	})
+}
+
+// rotateWith writes the rotation plan gives, under the lock, and reports
+// its moves (and, with --flush-conntrack, the flows of the old addresses
+// it deleted).
+func rotateWith(c *cli.Context, e *env, rotation func(*snat.State) ([]snat.Move, []snat.Intent, error)) error {
+	var moves []snat.Move
+	_, plan, err := update(c, e, func(st *snat.State) ([]snat.Entry, error) {
+		var intents []snat.Intent
+		var err error
+		moves, intents, err = rotation(st)
+		if err != nil {
+			return nil, err
+		}
+		resolved, err := snat.Resolve(e.sel, intents)
+		if err != nil {
+			return nil, err
+		}
+		return snat.Merge(st.Entries(), resolved), nil
+	}, permanent.Rotate(&moves))
+	if err != nil {
+		return err
+	}
+	{
 		for _, m := range moves {
 			for _, w := range m.Skipped {
 				fmt.Fprintf(c.App.ErrWriter, "warning: pool member %s is not on this host any more: skipped\n", w)
@@ -124,7 +184,7 @@ Cron example (/etc/cron.d/egress-snat):
 		}
 		if c.Bool("flush-conntrack") && !c.Bool("dry-run") {
 			for i, m := range moves {
-				if m.From == m.To {
+				if m.From == m.To || !m.From.IsValid() {
 					continue
 				}
 				b, err := senderBinding(e, m)
@@ -167,7 +227,7 @@ Cron example (/etc/cron.d/egress-snat):
 			fmt.Fprintln(e.out, n)
 		}
 		return nil
-	},
+	}
 }
 
 // senderBinding selects the flows of move m's sender to its destination

@@ -15,7 +15,7 @@ import (
 var setCommand = &cli.Command{
 	Name:      "set",
 	Usage:     "make new connections to destinations leave with a chosen source address",
-	UsageText: "egress-snat set --to ADDR [--dst ADDR|CIDR]... [--out IFACE] [--permanent] [--dry-run]\n   egress-snat set --to ADDR --from CIDR [--from CIDR]... [--dst CIDR]...\n   egress-snat set --to ADDR --uid USER|UID [--dst CIDR]...\n   egress-snat set --to ADDR --cgroup PATH [--dst CIDR]...\n   egress-snat set --to ADDR,ADDR[,...] --spread [--dst CIDR]...\n   egress-snat set --to ADDR=WEIGHT,ADDR=WEIGHT[,...] --spread [--dst CIDR]...\n   egress-snat set --to IPV6-PREFIX [--sticky connection|destination|sender] [--dst CIDR]...\n   egress-snat set --to ADDR-ON-ANOTHER-NIC --dst CIDR... [--via GW]\n   egress-snat set --to ADDR --dst CIDR... --method route|snat|auto\n   egress-snat set --to ADDR[,ADDR...] --dst CIDR... --to-ports LO-HI\n   egress-snat set --to ADDR,ADDR[,...] --spill [--spread] [--dst CIDR]... [--to-ports LO-HI]",
+	UsageText: "egress-snat set --to ADDR [--dst ADDR|CIDR]... [--out IFACE] [--permanent] [--dry-run]\n   egress-snat set --to ADDR --from CIDR [--from CIDR]... [--dst CIDR]...\n   egress-snat set --to ADDR --uid USER|UID [--dst CIDR]...\n   egress-snat set --to ADDR --cgroup PATH [--dst CIDR]...\n   egress-snat set --to ADDR,ADDR[,...] --spread [--dst CIDR]...\n   egress-snat set --to ADDR=WEIGHT,ADDR=WEIGHT[,...] --spread [--dst CIDR]...\n   egress-snat set --to IPV6-PREFIX [--sticky connection|destination|sender|period] [--dst CIDR]...\n   egress-snat set --to ADDR-ON-ANOTHER-NIC --dst CIDR... [--via GW]\n   egress-snat set --to ADDR --dst CIDR... --method route|snat|auto\n   egress-snat set --to ADDR[,ADDR...] --dst CIDR... --to-ports LO-HI\n   egress-snat set --to ADDR,ADDR[,...] --spill [--spread] [--dst CIDR]... [--to-ports LO-HI]",
 	Description: `Installs SNAT rules so that new connections to each --dst leave with --to
 instead of the kernel's natural source. Without --dst, it applies to every
 destination of --to's family (0.0.0.0/0 or ::/0: whatever uses the default
@@ -56,7 +56,11 @@ proto 83) so the host takes packets to any address of it, and removes it
 with the last rule of the pool. --sticky says which connections share an
 address: connection (the default) gives each new connection its own,
 destination the same one for the same sender and destination, sender the
-same one for every destination of a sender. What the kernel does, measured:
+same one for every destination of a sender, period one address for all of
+a sender's connections until the next rotate (rotate --pool PREFIX: the
+cron case). A period's address is chosen at random when its rule is first
+written, and kept by set, apply and watch's repairs that name the pool
+again; list shows it. What the kernel does, measured:
 the nftables backend draws a random address per connection (numgen) or
 hashes the addresses (jhash) over all the host bits; the iptables backends
 write SNAT to a range with --random (--persistent per sender), where the
@@ -132,6 +136,7 @@ Examples:
    egress-snat set --to 192.0.2.22=3,192.0.2.23=1 --spread      # 3 of every 4 from .22
    egress-snat set --to 2001:db8:1::/64 --dst ::/0              # a routed /64 as the pool
    egress-snat set --to 2001:db8:1::/64 --sticky destination --dst 2001:db8:ffff::/48
+   egress-snat set --to 2001:db8:1::/64 --sticky period        # one address until the next rotate
    egress-snat set --to 192.0.2.22 --dst 203.0.113.9 --to-ports 40000-40999
    egress-snat set --to 192.0.2.22,192.0.2.23 --spill --dst 203.0.113.0/24 --permanent
    egress-snat set --to 192.0.2.23 --from 172.17.0.0/16         # Docker's containers
@@ -141,7 +146,7 @@ Examples:
 		&cli.StringSliceFlag{Name: "dst", Usage: "destination `ADDR|CIDR` (repeatable; default: every destination of --to's family)"},
 		&cli.StringFlag{Name: "out", Usage: "outgoing `IFACE` (default: the interface the kernel routes the destination by)"},
 		&cli.BoolFlag{Name: "spread", Usage: "spread new connections over all --to addresses in turn (by their weights, when given)"},
-		enum(&cli.StringFlag{Name: "sticky", Value: "connection", Usage: "with --to PREFIX: which connections share an address: connection (a new address each), destination (one per sender and destination) or sender (one per sender)"}, "connection", "destination", "sender"),
+		enum(&cli.StringFlag{Name: "sticky", Value: "connection", Usage: "with --to PREFIX: which connections share an address: connection (a new address each), destination (one per sender and destination), sender (one per sender) or period (one until the next rotate --pool PREFIX)"}, "connection", "destination", "sender", "period"),
 		&cli.BoolFlag{Name: "spill", Usage: "with several --to addresses: egress-snat watch sends new connections to a destination port where an address holds 80% of its source ports from the list's other addresses, until it falls below 50% (without watch: as without --spill)"},
 		&cli.StringFlag{Name: "to-ports", Usage: "source ports `LO-HI` SNAT gives new TCP and UDP connections (default: the kernel's choice); a connection finding none free for its destination fails"},
 		permanentFlag,
@@ -158,7 +163,7 @@ Examples:
 		if err != nil {
 			return usageError("--to-%v", err)
 		}
-		if pool, ok, err := parsePool(c); ok || err != nil {
+		if pool, ok, err := parsePool(c, "to"); ok || err != nil {
 			if err != nil {
 				return err
 			}
@@ -279,10 +284,10 @@ func sourceNotes(e *env, entries []snat.Entry) []string {
 	return notes
 }
 
-// parsePool reads --to as a pool when it is a prefix: ok says it is one
-// (then err is about the pool).
-func parsePool(c *cli.Context) (netip.Prefix, bool, error) {
-	vals := c.StringSlice("to")
+// parsePool reads flag (set's --to, rotate's --pool) as a pool when it is
+// a prefix: ok says it is one (then err is about the pool).
+func parsePool(c *cli.Context, flag string) (netip.Prefix, bool, error) {
+	vals := c.StringSlice(flag)
 	var items []string
 	for _, v := range vals {
 		items = append(items, strings.Split(v, ",")...)
@@ -291,11 +296,11 @@ func parsePool(c *cli.Context) (netip.Prefix, bool, error) {
 		return netip.Prefix{}, false, nil
 	}
 	if len(items) > 1 {
-		return netip.Prefix{}, true, usageError("--to %s: a pool is one prefix, alone (its addresses are spread by --sticky)", strings.Join(vals, ","))
+		return netip.Prefix{}, true, usageError("--%s %s: a pool is one prefix, alone", flag, strings.Join(vals, ","))
 	}
 	p, err := snat.ParsePool(items[0])
 	if err != nil {
-		return netip.Prefix{}, true, usageError("--to: %v", err)
+		return netip.Prefix{}, true, usageError("--%s: %v", flag, err)
 	}
 	return p, true, nil
 }

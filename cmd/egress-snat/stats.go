@@ -42,7 +42,7 @@ present. An address: address, managed (egress-snat's rule), flows (by
 protocol), total_flows, top_destinations [{proto, dst, flows}],
 port_range, port_range_size, ports_in_use, port_use_ratio, warning (when
 there is one), rule_packets, rule_bytes. A pool: pool (the prefix),
-sticky (connection, destination or sender; comma-separated when its rules
+sticky (connection, destination, sender or period; comma-separated when its rules
 differ), managed, flows, total_flows, addresses_in_use, top_addresses
 [{address, flows}], busiest_tuple {address, proto, dst, flows} (left
 out without flows), port_range, port_range_size, ports_in_use,
