@@ -110,6 +110,7 @@ Examples:
 		if managed == nil {
 			natural = snat.Effective(naturalRules(c, e, st), j.Packet)
 		}
+		spilling := spillsOf(entries, managed, j.Packet.Dst)
 		if c.Bool("json") {
 			return writeJSON(e.out, struct {
 				*selector.Choice
@@ -128,7 +129,11 @@ Examples:
 				// NoRuleNeeded is the permanent file's rule for this
 				// traffic whose source is the natural one.
 				NoRuleNeeded *snat.Entry `json:"no_rule_needed,omitempty"`
-			}{choice, choice.Reason.Describe(), verify.SenderName(pkt), managed, effective, effectivePool, j.Broken, j.Decider, foreign, natural})
+				// Spilling are watch's spill entries of the managed
+				// rule for this destination: its new connections to
+				// those ports leave with their addresses instead.
+				Spilling []snat.Entry `json:"spilling,omitempty"`
+			}{choice, choice.Reason.Describe(), verify.SenderName(pkt), managed, effective, effectivePool, j.Broken, j.Decider, foreign, natural, spilling})
 		}
 		w := e.out
 		fmt.Fprintf(w, "destination    %s\n", choice.Dst)
@@ -183,11 +188,32 @@ Examples:
 		default:
 			fmt.Fprintf(w, "egress-snat    rule for %s: new connections leave with %s\n", managed.Match, managed.ToString())
 		}
+		for _, s := range spilling {
+			fmt.Fprintf(w, "spilling       new %s connections to port %d leave with %s instead (watch spills them: an address of the rule is short of source ports toward that port)\n", s.Proto, s.DPort, s.ToString())
+		}
 		for _, f := range foreign {
 			fmt.Fprintf(w, "WARNING        %s\n", foreignWarning(f))
 		}
 		return nil
 	},
+}
+
+// spillsOf are the spill entries (snat's spill.go) of rule for destination
+// dst: watch's, for the ports an address of the rule is short of.
+func spillsOf(entries []snat.Entry, rule *snat.Entry, dst netip.Addr) []snat.Entry {
+	if rule == nil {
+		return nil
+	}
+	var out []snat.Entry
+	for _, s := range entries {
+		if !s.IsSpill() || !s.Dst.Contains(dst) {
+			continue
+		}
+		if p := snat.SpillParent(entries, s); p != nil && p.Match == rule.Match {
+			out = append(out, s)
+		}
+	}
+	return out
 }
 
 // explainPacket is the first packet of a new connection as explain's flags

@@ -185,6 +185,10 @@ func TestSpillOnTheWire(t *testing.T) {
 			if spills != 1 {
 				t.Errorf("list --json: %d spill entries; want 1\n%s", spills, out)
 			}
+			want := fmt.Sprintf("new tcp connections to port %d leave with %s ", lab.TCPFlowPort, f.b)
+			if text := mustES(t, l, "explain", "--dst", f.far); !strings.Contains(text, want) {
+				t.Errorf("explain --dst %s:\n%s\nwant %q", f.far, text, want)
+			}
 			for _, args := range [][]string{{"check", "-f", path}, {"check"}} {
 				r := es(t, l, args...)
 				if r.code != 0 || !strings.Contains(r.stdout, "spilling: ") {
