@@ -135,7 +135,7 @@ for b in $BACKENDS; do
     sleep 0.1
   done
 
-  for sticky in connection destination sender; do
+  for sticky in connection destination sender period; do
     "${es[@]}" clear >/dev/null
     "${es[@]}" set --to "$POOL" --sticky "$sticky" --dst 2001:db8:ffff::/48 >/dev/null
     load "$h" -net tcp6 -addrs "$V6_DSTS" -max "$POOL_N" >"$WORK/res/pool-$b-$sticky.json"
@@ -143,6 +143,10 @@ for b in $BACKENDS; do
     outside=$(jq -r '.seen | keys | map(select(startswith("2001:db8:1:") | not)) | join(" ")' "$WORK/res/pool-$b-$sticky.json")
     [[ -z $outside ]] || die "$b pool per $sticky: the far side saw sources outside $POOL: $outside"
   done
+  # Per period: a rotate starts another period, from another address.
+  "${es[@]}" rotate --pool "$POOL" >/dev/null
+  load "$h" -net tcp6 -addrs "$V6_DSTS" -max "$POOL_N" >"$WORK/res/pool-$b-period-rotated.json"
+  say "$b pool per period, rotated: $(jq -c '{conns, errors, seen}' "$WORK/res/pool-$b-period-rotated.json")"
 
   "${es[@]}" clear >/dev/null
   "${es[@]}" set --to 192.0.2.22=3,192.0.2.23=1 --spread --dst 203.0.113.0/28 >/dev/null
@@ -193,11 +197,12 @@ section() {
   echo "pool by turns (backend/iptables/pool.go: the kernel hashes only a connection's addresses"
   echo "into an SNAT range), 16 addresses per destination at most. Here the 16 turns and the 8"
   echo "destinations, both taken in order, line up, so each destination meets only some slices."
+  echo "Per period, one source in all; after \`rotate --pool $POOL\`, another one."
   echo
   echo "| backend | sticky | connections | failed | distinct sources | most connections on one source |"
   echo "|---|---|---:|---:|---:|---:|"
   for b in $BACKENDS; do
-    for s in connection destination sender; do
+    for s in connection destination sender period period-rotated; do
       f=$WORK/res/pool-$b-$s.json
       printf '| %s | %s | %s | %s | %s | %s |\n' "$b" "$s" "$(jq .conns "$f")" "$(jq .errors "$f")" \
         "$(jq '.seen | length' "$f")" "$(jq '[.seen[]] | max' "$f")"
