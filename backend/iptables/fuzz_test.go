@@ -76,6 +76,14 @@ COMMIT
 -A EGRESS-SNAT -s 192.0.2.250/32 -d 198.51.100.4/32 -o eth0 -m comment --comment "an \"other\" tool" -j SNAT --to-source 192.0.2.22
 COMMIT
 `, "", false},
+	// A pool per period: its address, its pool in the comment.
+	{`*nat
+:EGRESS-SNAT - [0:0]
+-A POSTROUTING -m comment --comment egress-snat -j EGRESS-SNAT
+-A EGRESS-SNAT -s 2001:db8::250/128 -d 2001:db8:ffff::/48 -o eth0 -m comment --comment "egress-snat pool 2001:db8:1::/64 per period" -j SNAT --to-source 2001:db8:1::abcd
+-A EGRESS-SNAT -s 2001:db8::250/128 -o eth0 -m comment --comment "egress-snat pool 2001:db8:2::/120 per period" -j SNAT --to-source 2001:db8:2::7
+COMMIT
+`, "", true},
 	{"*nat\n-A EGRESS-SNAT \"unterminated\n", "add egress-snat4-x not-a-prefix\n", false},
 	{"", "", true},
 }
