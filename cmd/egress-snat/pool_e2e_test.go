@@ -405,3 +405,59 @@ func TestPoolPeriod(t *testing.T) {
 		t.Errorf("after unset, routing:\n%s\nstill has the pool's route", routing)
 	}
 }
+
+// TestPoolPerClient: per sender, each forwarded client of one --from
+// prefix keeps one address of the pool to every destination, and two
+// clients get two; per period, each --from rule has its own period, and a
+// rotate of one client's leaves the other's address alone.
+func TestPoolPerClient(t *testing.T) {
+	t.Parallel()
+	l := newLab(t)
+	routePool(t, l)
+	gwAddrAdd(t, l, "2001:db8:ffff::5/128", "2001:db8:ffff::6/128")
+	c1 := l.AddClient(t, lab.ClientOptions{})
+	c2 := l.AddClient(t, lab.ClientOptions{})
+	pool := netip.MustParsePrefix(testPool)
+	// one is the single pool address c's connections to every
+	// destination left from.
+	one := func(c *lab.Client, when string) string {
+		t.Helper()
+		seen := map[string]int{}
+		for _, d := range []string{"2001:db8:ffff::4", "2001:db8:ffff::5", "2001:db8:ffff::6"} {
+			for range 5 {
+				s := c.SourceSeen(t, d)
+				if a, err := netip.ParseAddr(s); err != nil || !snatInPool(pool, a) {
+					t.Fatalf("%s: a connection of %s to %s left from %q, not an address of %s", when, c.NS, d, s, pool)
+				}
+				seen[s]++
+			}
+		}
+		if len(seen) != 1 {
+			t.Fatalf("%s: connections of %s left from %v, want one address", when, c.NS, seen)
+		}
+		for a := range seen {
+			return a
+		}
+		return ""
+	}
+
+	mustES(t, l, "set", "--to", testPool, "--sticky", "sender", "--from", "fd00:88::/32", "--dst", "2001:db8:ffff::/48")
+	a1, a2 := one(c1, "per sender"), one(c2, "per sender")
+	t.Logf("%s, per sender: %s from %s, %s from %s", backend(t), c1.NS, a1, c2.NS, a2)
+	if a1 == a2 {
+		t.Errorf("per sender: both clients left from %s, want one address each", a1)
+	}
+
+	mustES(t, l, "clear")
+	mustES(t, l, "set", "--to", testPool, "--sticky", "period", "--from", c1.Subnet6.String(), "--from", c2.Subnet6.String(), "--dst", "2001:db8:ffff::/48")
+	p1, p2 := one(c1, "per period"), one(c2, "per period")
+	if p1 == p2 {
+		t.Errorf("per period: both --from rules left from %s, want a period each", p1)
+	}
+	mustES(t, l, "rotate", "--pool", testPool, "--from", c1.Subnet6.String())
+	if n1, n2 := one(c1, "after c1's rotate"), one(c2, "after c1's rotate"); n1 == p1 || n2 != p2 {
+		t.Errorf("rotate --from %s: %s moved %s -> %s, %s moved %s -> %s; want the first alone to move", c1.Subnet6, c1.NS, p1, n1, c2.NS, p2, n2)
+	}
+}
+
+func snatInPool(p netip.Prefix, a netip.Addr) bool { return p.Contains(a) && a != p.Addr() }
