@@ -229,3 +229,52 @@ func awaitLogFor(w *relWatch, before int, limit time.Duration, msg string, words
 	}
 	return true
 }
+
+// TestSpillUDP: watch counts UDP flows as it counts TCP connections. Eight
+// flows to one far port hold eight of the ten source ports of 192.0.2.22;
+// watch spills that port, and the next seven flows leave from 192.0.2.23,
+// none failing, while the first eight keep .22. explain names the spill.
+func TestSpillUDP(t *testing.T) {
+	t.Parallel()
+	l := newLab(t)
+	f := spillFams[0]
+	path := relWrite(t, t.TempDir(), "rules.yaml", spillFile(f, true))
+	w := relStartWatch(t, l, path)
+	ask := func(n int) (map[string]int, []*lab.UDPFlow) {
+		t.Helper()
+		seen := map[string]int{}
+		var flows []*lab.UDPFlow
+		for range n {
+			fl := l.UDPFlow(t, f.far)
+			s, err := fl.Ask()
+			if err != nil {
+				s = "failed: " + err.Error()
+			}
+			seen[s]++
+			flows = append(flows, fl)
+		}
+		return seen, flows
+	}
+	first, flows := ask(8)
+	if first[f.a] != 8 {
+		t.Fatalf("the first 8 UDP flows: %v; want 8 from %s", first, f.a)
+	}
+	if !awaitLogFor(w, 0, 5*time.Second, "spill started", f.b, "udp") ||
+		!awaitLogFor(w, 0, 2*time.Second, "converged", `"reason":"spill"`) {
+		t.Fatalf("no UDP spill written within 5s of 8 of 10 ports in use\nrules:\n%s\nwatch log:\n%s", l.Ruleset(t), w.p.stderr.String())
+	}
+	more, _ := ask(7)
+	t.Logf("%s, UDP with spill: after 8 flows from %s, 7 more from %v", backend(t), f.a, more)
+	if more[f.b] != 7 {
+		t.Errorf("with spill: 7 more UDP flows from %v; want all from %s\nrules:\n%s", more, f.b, l.Ruleset(t))
+	}
+	for i, fl := range flows {
+		if s, err := fl.Ask(); err != nil || s != f.a {
+			t.Errorf("UDP flow %d after the spill: %q, %v; want it kept on %s", i, s, err, f.a)
+		}
+	}
+	want := fmt.Sprintf("new udp connections to port %d leave with %s ", lab.UDPPort, f.b)
+	if text := mustES(t, l, "explain", "--dst", f.far); !strings.Contains(text, want) {
+		t.Errorf("explain --dst %s:\n%s\nwant %q", f.far, text, want)
+	}
+}
