@@ -37,17 +37,17 @@ func spillFile(f spillFam, spill bool) string {
 	return s
 }
 
-// dialHold opens n TCP connections from H to dst's flow port, one at a
-// time, and keeps those that connect open (closed at the test's end, or
-// by the caller). It returns them, the sources the far side saw, and how
-// many failed.
-func dialHold(t *testing.T, l *lab.Lab, dst string, n int) (conns []*net.TCPConn, sources map[string]int, failed int) {
+// dialHold opens n TCP connections from namespace ns (H, or a client) to
+// dst's flow port, one at a time, and keeps those that connect open
+// (closed at the test's end, or by the caller). It returns them, the
+// sources the far side saw, and how many failed.
+func dialHold(t *testing.T, ns string, dst string, n int) (conns []*net.TCPConn, sources map[string]int, failed int) {
 	t.Helper()
 	sources = map[string]int{}
 	addr := net.JoinHostPort(dst, fmt.Sprint(lab.TCPFlowPort))
 	for range n {
 		var c net.Conn
-		err := lab.Do(l.Host, func() (err error) {
+		err := lab.Do(ns, func() (err error) {
 			c, err = net.DialTimeout("tcp", addr, time.Second)
 			return err
 		})
@@ -101,7 +101,7 @@ func TestSpillOnTheWire(t *testing.T) {
 			path := relWrite(t, t.TempDir(), "rules.yaml", spillFile(f, spill))
 			mustES(t, l, "apply", "-f", path)
 			const tries = 14
-			_, sources, failed := dialHold(t, l, f.far, tries)
+			_, sources, failed := dialHold(t, l.Host, f.far, tries)
 			t.Logf("%s, %s: %d of %d connections held open to %s:%d connected, from %v; %d failed", backend(t), name, tries-failed, tries, f.far, lab.TCPFlowPort, sources, failed)
 			if sources[f.a] != 10 || len(sources) != 1 || failed != tries-10 {
 				t.Errorf("%s: sources %v, %d failed; want the 10 of the range from %s and %d failures", name, sources, failed, f.a, tries-10)
@@ -124,7 +124,7 @@ func TestSpillOnTheWire(t *testing.T) {
 			if _, ok := relWaitInSync(t, l, path, 5*time.Second); !ok {
 				t.Fatalf("watch -f %s: not in sync after 5s\nlog:\n%s", path, w1.p.stderr.String())
 			}
-			first, sources, failed := dialHold(t, l, f.far, 8)
+			first, sources, failed := dialHold(t, l.Host, f.far, 8)
 			if sources[f.a] != 8 || failed != 0 {
 				t.Fatalf("the first 8 connections: sources %v, %d failed; want 8 from %s", sources, failed, f.a)
 			}
@@ -149,7 +149,7 @@ func TestSpillOnTheWire(t *testing.T) {
 				t.Errorf("the second watch changed the rules at its start (-before +after):\n%s\nlog:\n%s", cmp.Diff(before, after), w.p.stderr.String())
 			}
 			const more = 7
-			_, sources, failed = dialHold(t, l, f.far, more)
+			_, sources, failed = dialHold(t, l.Host, f.far, more)
 			t.Logf("%s, with spill: after 8 from %s, %d more connections: from %v, %d failed", backend(t), f.a, more, sources, failed)
 			if sources[f.b] != more || failed != 0 {
 				t.Errorf("with spill: %d more connections from %v, %d failed; want all %d from %s\nrules:\n%s\nwatch log:\n%s", more, sources, failed, more, f.b, l.Ruleset(t), w.p.stderr.String())
@@ -206,7 +206,7 @@ func TestSpillOnTheWire(t *testing.T) {
 				!awaitLogFor(w, 0, 2*time.Second, "converged", `"reason":"spill"`) {
 				t.Fatalf("no spill ended within 20s of %s's connections reset\nwatch log:\n%s", f.a, w.p.stderr.String())
 			}
-			_, sources, failed = dialHold(t, l, f.far, 1)
+			_, sources, failed = dialHold(t, l.Host, f.far, 1)
 			if sources[f.a] != 1 || failed != 0 {
 				t.Errorf("after the spill ended: a new connection from %v, %d failed; want %s", sources, failed, f.a)
 			}
@@ -276,5 +276,31 @@ func TestSpillUDP(t *testing.T) {
 	want := fmt.Sprintf("new udp connections to port %d leave with %s ", lab.UDPPort, f.b)
 	if text := mustES(t, l, "explain", "--dst", f.far); !strings.Contains(text, want) {
 		t.Errorf("explain --dst %s:\n%s\nwant %q", f.far, text, want)
+	}
+}
+
+// TestSpillFrom: spill counts a forwarded client's connections by their
+// original source. A --from rule of two addresses and ten source ports:
+// eight connections a client holds open to one far port crowd .22, watch
+// spills the port, and the client's next seven leave from .23.
+func TestSpillFrom(t *testing.T) {
+	t.Parallel()
+	l := newLab(t)
+	c := l.AddClient(t, lab.ClientOptions{})
+	f := spillFams[0]
+	path := relWrite(t, t.TempDir(), "rules.yaml", "rules:\n  - to: ["+f.a+", "+f.b+"]\n    from: ["+c.Subnet4.String()+"]\n    dst: ["+f.far+"]\n    to-ports: 40000-40009\n    spill: true\n")
+	w := relStartWatch(t, l, path)
+	_, sources, failed := dialHold(t, c.NS, f.far, 8)
+	if sources[f.a] != 8 || failed != 0 {
+		t.Fatalf("the client's first 8 connections: sources %v, %d failed; want 8 from %s", sources, failed, f.a)
+	}
+	if !awaitLogFor(w, 0, 5*time.Second, "spill started", f.b) ||
+		!awaitLogFor(w, 0, 2*time.Second, "converged", `"reason":"spill"`) {
+		t.Fatalf("no spill of the --from rule within 5s of 8 of 10 ports in use\nrules:\n%s\nwatch log:\n%s", l.Ruleset(t), w.p.stderr.String())
+	}
+	_, sources, failed = dialHold(t, c.NS, f.far, 7)
+	t.Logf("%s, --from with spill: after 8 from %s, 7 more from %v, %d failed", backend(t), f.a, sources, failed)
+	if sources[f.b] != 7 || failed != 0 {
+		t.Errorf("with spill: the client's 7 more connections from %v, %d failed; want all from %s\nrules:\n%s", sources, failed, f.b, l.Ruleset(t))
 	}
 }
