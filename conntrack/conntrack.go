@@ -206,6 +206,11 @@ type Binding struct {
 	// one address served.
 	Dsts []netip.Prefix
 	To   netip.Addr
+	// Pool, when valid, takes flows translated to any address of it but
+	// Except instead of To alone: a pool's flows of every earlier period
+	// (rotate --pool PREFIX --flush-conntrack), not only the last one's.
+	Pool   netip.Prefix
+	Except netip.Addr
 	// From holds the flow's original source; invalid: any.
 	From netip.Prefix
 	// Sockets, when not nil, are the only original sources (address and
@@ -241,7 +246,12 @@ type bindingMatcher struct {
 
 func (m *bindingMatcher) takes(f Flow) bool {
 	b := m.b
-	if f.TranslatedSource().Addr() != b.To {
+	switch src := f.TranslatedSource().Addr(); {
+	case b.Pool.IsValid():
+		if !b.Pool.Contains(src) || src == b.Except {
+			return false
+		}
+	case src != b.To:
 		return false
 	}
 	if dst := f.Orig.Dst.Addr(); !m.hosts[dst] && !slices.ContainsFunc(m.nets, func(p netip.Prefix) bool { return p.Contains(dst) }) {
@@ -262,7 +272,7 @@ func DeleteBinding(h *netlink.Handle, b Binding) (uint, error) {
 		return 0, errors.New("no netlink handle for conntrack")
 	}
 	family := netlink.InetFamily(unix.AF_INET)
-	if b.To.Is6() {
+	if b.To.Is6() || b.Pool.Addr().Is6() {
 		family = unix.AF_INET6
 	}
 	n, err := h.ConntrackDeleteFilters(netlink.ConntrackTable, family, bindingFilter{b.matcher()})

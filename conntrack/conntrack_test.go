@@ -32,3 +32,33 @@ func TestFind(t *testing.T) {
 		t.Errorf("missing entry: err = %v, want ErrNotFound", err)
 	}
 }
+
+// TestBindingPool: a pool's binding takes the flows translated to any
+// address of the pool but the one excepted, of its destinations and
+// sources alone; without a pool, the one address.
+func TestBindingPool(t *testing.T) {
+	flow := func(src, dst, translated string) Flow {
+		return Flow{Orig: Tuple{TCP, ap(src), ap(dst)}, Reply: Tuple{TCP, ap(dst), ap(translated)}}
+	}
+	b := Binding{Dst: netip.MustParsePrefix("2001:db8:ffff::/48"), To: netip.MustParseAddr("2001:db8:1::5"),
+		Pool: netip.MustParsePrefix("2001:db8:1::/64"), Except: netip.MustParseAddr("2001:db8:1::9")}
+	for _, tt := range []struct {
+		f    Flow
+		want bool
+	}{
+		{flow("[2001:db8::250]:40000", "[2001:db8:ffff::4]:80", "[2001:db8:1::5]:40000"), true},  // the last period
+		{flow("[2001:db8::250]:40001", "[2001:db8:ffff::4]:80", "[2001:db8:1::77]:40001"), true}, // an earlier one
+		{flow("[2001:db8::250]:40002", "[2001:db8:ffff::4]:80", "[2001:db8:1::9]:40002"), false}, // the new period's
+		{flow("[2001:db8::250]:40003", "[2001:db8:ffff::4]:80", "[2001:db8:2::5]:40003"), false}, // another prefix
+		{flow("[2001:db8::250]:40004", "[2001:db8:fffe::4]:80", "[2001:db8:1::5]:40004"), false}, // another destination
+	} {
+		if got := b.Takes(tt.f); got != tt.want {
+			t.Errorf("pool binding takes %v: %v, want %v", tt.f, got, tt.want)
+		}
+	}
+	one := Binding{Dst: b.Dst, To: b.To}
+	if !one.Takes(flow("[2001:db8::250]:40000", "[2001:db8:ffff::4]:80", "[2001:db8:1::5]:40000")) ||
+		one.Takes(flow("[2001:db8::250]:40001", "[2001:db8:ffff::4]:80", "[2001:db8:1::77]:40001")) {
+		t.Error("an address's binding: want its own address's flows alone")
+	}
+}

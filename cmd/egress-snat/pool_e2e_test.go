@@ -389,6 +389,23 @@ func TestPoolPeriod(t *testing.T) {
 		t.Errorf("refused rotations changed the host (-before +after):\n%s", diff)
 	}
 
+	// A UDP flow keeps its period's address across a rotate (conntrack
+	// holds it); with --flush-conntrack it moves to the new one.
+	flow := l.UDPFlow(t, "2001:db8:ffff::4")
+	if got, err := flow.Ask(); err != nil || got != third {
+		t.Fatalf("a UDP flow: %q, %v; want the period's %s", got, err, third)
+	}
+	mustES(t, l, "rotate", "--pool", testPool)
+	if got, err := flow.Ask(); err != nil || got != third {
+		t.Errorf("the UDP flow after rotate: %q, %v; want it kept on %s", got, err, third)
+	}
+	out = mustES(t, l, "rotate", "--pool", testPool, "--flush-conntrack")
+	now, _ := listed()
+	if got, err := flow.Ask(); err != nil || got != now || !strings.Contains(out, "deleted") {
+		t.Errorf("the UDP flow after rotate --flush-conntrack: %q, %v; want it moved to the new %s\n%s", got, err, now, out)
+	}
+	third = now
+
 	// rotate --permanent writes the pool per period, not its address.
 	perm := filepath.Join(t.TempDir(), "egress-snat.yaml")
 	mustES(t, l, "--config", perm, "rotate", "--permanent", "--pool", testPool, "--dst", "2001:db8:ffff::/48")

@@ -48,7 +48,9 @@ PREFIX starts a new period, one new address of the prefix, at random and
 other than the one in use, for all of the sender's destinations of that
 pool (or for each --dst given, which then becomes the pool's per period).
 Without such a rule yet, it makes one for every destination of IPv6.
---order does not apply: a /64 has no "next" worth keeping. --permanent
+--order does not apply: a /64 has no "next" worth keeping.
+--flush-conntrack deletes the sender's flows to those destinations bound
+to any other address of the pool, earlier periods' too. --permanent
 writes the rule as the pool's per period; the address itself is not
 written (after a reboot the first write starts a new period).
 
@@ -184,7 +186,7 @@ func rotateWith(c *cli.Context, e *env, rotation func(*snat.State) ([]snat.Move,
 		}
 		if c.Bool("flush-conntrack") && !c.Bool("dry-run") {
 			for i, m := range moves {
-				if m.From == m.To || !m.From.IsValid() {
+				if m.From == m.To || !m.From.IsValid() && !m.Pool.IsValid() {
 					continue
 				}
 				b, err := senderBinding(e, m)
@@ -212,7 +214,11 @@ func rotateWith(c *cli.Context, e *env, rotation func(*snat.State) ([]snat.Move,
 		for _, m := range moves {
 			fmt.Fprintf(e.out, "%s: %s -> %s\n", m.Match, m.From, m.To)
 			if m.ConntrackDeleted != nil {
-				fmt.Fprintf(e.out, "%s: deleted %s bound to %s\n", m.Match, plural(*m.ConntrackDeleted, "conntrack entry", "conntrack entries"), m.From)
+				bound := m.From.String()
+				if m.Pool.IsValid() {
+					bound = "other addresses of pool " + m.Pool.String()
+				}
+				fmt.Fprintf(e.out, "%s: deleted %s bound to %s\n", m.Match, plural(*m.ConntrackDeleted, "conntrack entry", "conntrack entries"), bound)
 			}
 		}
 		if c.Bool("dry-run") {
@@ -237,7 +243,11 @@ func rotateWith(c *cli.Context, e *env, rotation func(*snat.State) ([]snat.Move,
 // uid's or cgroup's by the endpoints of its sockets.
 func senderBinding(e *env, m snat.Move) (conntrack.Binding, error) {
 	b := conntrack.Binding{Dst: m.Match.Dst, To: m.From}
-	is4 := m.From.Is4()
+	if m.Pool.IsValid() {
+		// Every earlier period's flows, not only the last one's.
+		b.Pool, b.Except = m.Pool, m.To
+	}
+	is4 := m.To.Is4()
 	switch s := m.Match.Sender; s.Kind {
 	case snat.SenderFrom:
 		b.From = s.From
