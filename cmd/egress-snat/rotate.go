@@ -178,62 +178,64 @@ func rotateWith(c *cli.Context, e *env, rotation func(*snat.State) ([]snat.Move,
 	if err != nil {
 		return err
 	}
-	{
-		for _, m := range moves {
-			for _, w := range m.Skipped {
-				fmt.Fprintf(c.App.ErrWriter, "warning: pool member %s is not on this host any more: skipped\n", w)
+	for _, m := range moves {
+		for _, w := range m.Skipped {
+			fmt.Fprintf(c.App.ErrWriter, "warning: pool member %s is not on this host any more: skipped\n", w)
+		}
+	}
+	if c.Bool("flush-conntrack") && !c.Bool("dry-run") {
+		for i, m := range moves {
+			if m.From == m.To || !m.From.IsValid() && !m.Pool.IsValid() {
+				continue
 			}
-		}
-		if c.Bool("flush-conntrack") && !c.Bool("dry-run") {
-			for i, m := range moves {
-				if m.From == m.To || !m.From.IsValid() && !m.Pool.IsValid() {
-					continue
-				}
-				b, err := senderBinding(e, m)
-				if err != nil {
-					return fmt.Errorf("rules rotated, but finding the flows of %s bound to %s failed: %w", m.Match, m.From, err)
-				}
-				n, err := conntrack.DeleteBinding(e.nl, b)
-				if err != nil {
-					return fmt.Errorf("rules rotated, but deleting conntrack entries of %s for %s failed: %w", m.From, m.Match, err)
-				}
-				moves[i].ConntrackDeleted = &n
+			b, err := senderBinding(e, m)
+			if err != nil {
+				return fmt.Errorf("rules rotated, but finding the flows of %s bound to %s failed: %w", m.Match, m.From, err)
 			}
-		}
-		if c.Bool("json") {
-			if moves == nil {
-				moves = []snat.Move{}
+			n, err := conntrack.DeleteBinding(e.nl, b)
+			if err != nil {
+				return fmt.Errorf("rules rotated, but deleting conntrack entries of %s for %s failed: %w", m.From, m.Match, err)
 			}
-			// The plan's fields, as every other write reports them, and
-			// the moves.
-			return writeJSON(e.out, struct {
-				planReport
-				Moves []snat.Move `json:"moves"`
-			}{newPlanReport(plan, lingerNotes(plan), c.Bool("dry-run")), moves})
+			moves[i].ConntrackDeleted = &n
 		}
-		for _, m := range moves {
-			fmt.Fprintf(e.out, "%s: %s -> %s\n", m.Match, m.From, m.To)
-			if m.ConntrackDeleted != nil {
-				bound := m.From.String()
-				if m.Pool.IsValid() {
-					bound = "other addresses of pool " + m.Pool.String()
-				}
-				fmt.Fprintf(e.out, "%s: deleted %s bound to %s\n", m.Match, plural(*m.ConntrackDeleted, "conntrack entry", "conntrack entries"), bound)
+	}
+	if c.Bool("json") {
+		if moves == nil {
+			moves = []snat.Move{}
+		}
+		// The plan's fields, as every other write reports them, and
+		// the moves.
+		return writeJSON(e.out, struct {
+			planReport
+			Moves []snat.Move `json:"moves"`
+		}{newPlanReport(plan, lingerNotes(plan), c.Bool("dry-run")), moves})
+	}
+	for _, m := range moves {
+		from := m.From.String()
+		if !m.From.IsValid() {
+			from = "(no rule)" // a forwarded sender had none to move from
+		}
+		fmt.Fprintf(e.out, "%s: %s -> %s\n", m.Match, from, m.To)
+		if m.ConntrackDeleted != nil {
+			bound := m.From.String()
+			if m.Pool.IsValid() {
+				bound = "other addresses of pool " + m.Pool.String()
 			}
+			fmt.Fprintf(e.out, "%s: deleted %s bound to %s\n", m.Match, plural(*m.ConntrackDeleted, "conntrack entry", "conntrack entries"), bound)
 		}
-		if c.Bool("dry-run") {
-			// The exact program, as --dry-run of every other write prints it.
-			printPlan(e.out, plan, true)
-			return nil
-		}
-		if plan.Empty() {
-			fmt.Fprintln(e.out, "nothing to change")
-		}
-		for _, n := range lingerNotes(plan) {
-			fmt.Fprintln(e.out, n)
-		}
+	}
+	if c.Bool("dry-run") {
+		// The exact program, as --dry-run of every other write prints it.
+		printPlan(e.out, plan, true)
 		return nil
 	}
+	if plan.Empty() {
+		fmt.Fprintln(e.out, "nothing to change")
+	}
+	for _, n := range lingerNotes(plan) {
+		fmt.Fprintln(e.out, n)
+	}
+	return nil
 }
 
 // senderBinding selects the flows of move m's sender to its destination
