@@ -184,6 +184,9 @@ func check(e *snat.Entry) error {
 		if err := snat.CheckPool(e.Pool); err != nil || f != snat.IPv6 {
 			return fmt.Errorf("entry %s: pool %s is not an IPv6 pool of the destination's family", e, e.Pool)
 		}
+		if (e.Sticky == snat.StickyPeriod) != (len(e.To) == 1) || len(e.To) == 1 && !snat.InPool(e.Pool, e.To[0]) {
+			return fmt.Errorf("entry %s: pool %s per %s with sources %v: a period has one address of its pool, other pools none", e, e.Pool, e.Sticky, e.To)
+		}
 	}
 	return nil
 }
@@ -270,6 +273,7 @@ func (g *grouper) add(chain string, e *snat.Entry, a Action) {
 	bits := e.Dst.Bits()
 	if l := g.last; l != nil && l.bits == bits && l.chain == chain && l.sender == e.Sender && l.out == e.Out &&
 		l.natural == e.Natural && l.action.Kind == a.Kind && l.action.Mark == a.Mark && l.action.Ports == a.Ports &&
+		l.action.Pool == a.Pool && l.action.Sticky == a.Sticky &&
 		unsafe.SliceData(a.To) == g.lastTo && len(a.To) == g.lastN && l.fam == e.Family() &&
 		l.dport == e.DPort && l.proto == e.Proto {
 		l.elems.Add(e.Dst.Masked().Addr())

@@ -243,6 +243,40 @@ func TestRenderRefuses(t *testing.T) {
 	}
 }
 
+// TestRenderPoolsApart: entries of two pools, one after the other for one
+// sender, prefix length and interface, are two rules of their own pools;
+// a period without its address, or with one outside its pool, is refused.
+func TestRenderPoolsApart(t *testing.T) {
+	pool := func(dst, p string, s snat.Sticky, to ...string) snat.Entry {
+		e := snat.Entry{Match: snat.Match{Dst: pfx(dst), Out: "eth0"}, Natural: addr("2001:db8::250"), Pool: pfx(p), Sticky: s}
+		for _, a := range to {
+			e.To = append(e.To, addr(a))
+		}
+		return e
+	}
+	es := []snat.Entry{pool("2001:db8:a::/48", "2001:db8:1::/64", snat.StickyConnection), pool("2001:db8:b::/48", "2001:db8:2::/64", snat.StickySender)}
+	snat.SortEntries(es)
+	tbl, err := Render(es)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var got []string
+	for _, r := range tbl.Chain(ChainNAT).Rules {
+		if r.Action.Pool.IsValid() {
+			got = append(got, r.Action.Pool.String()+" "+string(r.Action.Sticky))
+		}
+	}
+	slices.Sort(got)
+	if want := []string{"2001:db8:1::/64 connection", "2001:db8:2::/64 sender"}; !slices.Equal(got, want) {
+		t.Errorf("pool rules %v, want %v", got, want)
+	}
+	for _, e := range []snat.Entry{pool("::/0", "2001:db8:1::/64", snat.StickyPeriod), pool("::/0", "2001:db8:1::/64", snat.StickyPeriod, "2001:db8:2::1"), pool("::/0", "2001:db8:1::/64", snat.StickySender, "2001:db8:1::1")} {
+		if _, err := Render([]snat.Entry{e}); err == nil || !strings.Contains(err.Error(), "2001:db8:1::/64") {
+			t.Errorf("Render(%v): %v, want it refused, naming the pool", e, err)
+		}
+	}
+}
+
 // TestSetNamesStay: a set's name is its group's, not its content's: a
 // destination more is an element more.
 func TestSetNamesStay(t *testing.T) {
