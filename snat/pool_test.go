@@ -192,3 +192,37 @@ func TestPeriod(t *testing.T) {
 		t.Errorf("a /124 gave %d addresses, want 15", len(seen))
 	}
 }
+
+// TestPeriodRotation: a rotate moves every destination of the sender's
+// period to one new address, a --dst given joins them, and another
+// sender's period stays.
+func TestPeriodRotation(t *testing.T) {
+	pool := pfx("2001:db8:1::/64")
+	old := addr("2001:db8:1::5")
+	other := From(pfx("2001:db8:99::/64"))
+	period := func(s Sender, dst string) Entry {
+		return Entry{Match: Match{Sender: s, Dst: pfx(dst), Out: "eth0"}, Natural: addr("2001:db8::250"), Pool: pool, Sticky: StickyPeriod, To: []netip.Addr{old}}
+	}
+	st := &State{entries: []Entry{period(Host(), "2001:db8:fe::/48"), period(Host(), "2001:db8:ff::/48"), period(other, "2001:db8:ff::/48")}, entriesMade: true}
+	rng := rand.New(rand.NewPCG(3, 4))
+	moves, intents, err := PlanPeriodRotation(poolHost{}, st, pool, []Sender{Host()}, []netip.Prefix{pfx("2001:db8:ff::/48"), pfx("2001:db8:fd::/48")}, "", rng)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var dsts []string
+	for i, m := range moves {
+		dsts = append(dsts, m.Match.Dst.String())
+		if m.To != moves[0].To || m.To == old || !InPool(pool, m.To) || m.Pool != pool || intents[i].To[0] != m.To || intents[i].Sticky != StickyPeriod || intents[i].Sender != Host() {
+			t.Errorf("move %+v, intent %+v: want every one to one new address of the pool, the host's", m, intents[i])
+		}
+	}
+	if want := []string{"2001:db8:fe::/48", "2001:db8:ff::/48", "2001:db8:fd::/48"}; !slices.Equal(dsts, want) {
+		t.Errorf("moved %v, want the period's two destinations and the --dst that joins them: %v", dsts, want)
+	}
+	if moves[0].From != old || moves[2].From == old {
+		t.Errorf("moves from %s and %s: want the period's %s, then none of it", moves[0].From, moves[2].From, old)
+	}
+	if _, _, err := PlanPeriodRotation(poolHost{}, st, pfx("2001:db8:1::/48"), []Sender{Host()}, nil, "", rng); err == nil || !strings.Contains(err.Error(), "2001:db8:1::/48") {
+		t.Errorf("a prefix that is no pool: %v, want it named", err)
+	}
+}

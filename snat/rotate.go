@@ -161,9 +161,9 @@ func PlanRotation(r Router, st *State, pool []netip.Addr, targets []Match, order
 
 // PlanPeriodRotation starts a new period of pool (see pool.go) for each
 // sender: one new address of the pool, other than the one its period has
-// now, for every destination of dsts, or, when dsts is empty, for every
-// destination its period of the pool has (every destination of the
-// family when it has none yet). It returns the moves and the intents that
+// now, for every destination its period of the pool has and every one of
+// dsts (every destination of the family when there is none): a sender's
+// period is one address, so a --dst joins it rather than splitting it. It returns the moves and the intents that
 // make them, which carry the new address (settlePeriods keeps it). It
 // changes nothing.
 func PlanPeriodRotation(r Router, st *State, pool netip.Prefix, senders []Sender, dsts []netip.Prefix, out string, rng *rand.Rand) ([]Move, []Intent, error) {
@@ -177,16 +177,19 @@ func PlanPeriodRotation(r Router, st *State, pool netip.Prefix, senders []Sender
 	var moves []Move
 	var intents []Intent
 	for _, s := range senders {
-		ds := dsts
+		var ds []netip.Prefix
 		var now netip.Addr
 		for _, e := range installed {
 			if ofPeriod(e, s) {
 				if !now.IsValid() {
 					now = e.To[0]
 				}
-				if len(dsts) == 0 {
-					ds = append(ds, e.Dst)
-				}
+				ds = append(ds, e.Dst)
+			}
+		}
+		for _, d := range dsts {
+			if d = d.Masked(); !slices.Contains(ds, d) {
+				ds = append(ds, d)
 			}
 		}
 		if len(ds) == 0 {

@@ -426,8 +426,14 @@ func rulesFor(e snat.Entry, set string) []Rule {
 		base.Target = "RETURN"
 		return []Rule{base}
 	}
-	if e.Sticky == snat.StickyPeriod && len(e.To) == 1 {
-		base.Target, base.ToSource, base.Pool = "SNAT", e.To[0], e.Pool
+	if e.Sticky == snat.StickyPeriod {
+		// A period without its address (MakePlan always gives one)
+		// renders an invalid --to-source, which iptables-restore
+		// refuses, changing nothing: never a pool of another kind.
+		base.Target, base.Pool = "SNAT", e.Pool
+		if len(e.To) == 1 {
+			base.ToSource = e.To[0]
+		}
 		return []Rule{base}
 	}
 	if e.IsPool() {

@@ -573,7 +573,7 @@ func ruleExprs(r Rule, mapID uint32) ([]expr.Any, error) {
 		ports := portExprs(a.Ports)
 		if a.Pool.IsValid() {
 			if r.Family != snat.IPv6 || (a.Sticky == snat.StickyPeriod) != (len(a.To) == 1) || len(a.To) > 1 {
-				return nil, fmt.Errorf("a pool is IPv6, with one address for a period and none else")
+				return nil, fmt.Errorf("pool %s per %s with sources %v: a pool is IPv6, with one address of it for a period and none else", a.Pool, a.Sticky, a.To)
 			}
 			at := netip.Addr{}
 			if len(a.To) == 1 {

@@ -143,6 +143,9 @@ func listRows(e *env, st *snat.State, natural []snat.Entry) []listRow {
 	for _, en := range entries {
 		present := true
 		for _, a := range en.To {
+			if en.IsPool() {
+				break // a period's address is the pool's, never the host's
+			}
 			if _, err := e.sel.Owner(a); err != nil {
 				present = false
 			}

@@ -478,3 +478,45 @@ func TestPoolPerClient(t *testing.T) {
 }
 
 func snatInPool(p netip.Prefix, a netip.Addr) bool { return p.Contains(a) && a != p.Addr() }
+
+// TestPoolPeriodWatch: watch following a file with a pool per period
+// keeps the connections of a period when its rule changes (a period's
+// address is never the host's, and never "vanishes"), and list calls the
+// period's address present.
+func TestPoolPeriodWatch(t *testing.T) {
+	t.Parallel()
+	l := newLab(t)
+	routePool(t, l)
+	dir := t.TempDir()
+	rule := func(sticky string) string {
+		return "rules:\n  - to: " + testPool + "\n    sticky: " + sticky + "\n    dst: [2001:db8:ffff::/48]\n"
+	}
+	path := relWrite(t, dir, "rules.yaml", rule("period"))
+	w := relStartWatch(t, l, path)
+	flow := l.UDPFlow(t, "2001:db8:ffff::4")
+	a, err := flow.Ask()
+	if err != nil || !snatInPool(netip.MustParsePrefix(testPool), netip.MustParseAddr(a)) {
+		t.Fatalf("a UDP flow through the period: %q, %v", a, err)
+	}
+	if text := mustES(t, l, "list"); strings.Contains(text, "NO:") {
+		t.Errorf("list:\n%s\nwant the period's address present", text)
+	}
+	var rows struct {
+		Rules []struct {
+			ToPresent bool `json:"to_present"`
+		} `json:"rules"`
+	}
+	if out := mustES(t, l, "list", "--json"); json.Unmarshal([]byte(out), &rows) != nil || len(rows.Rules) != 1 || !rows.Rules[0].ToPresent {
+		t.Errorf("list --json:\n%s\nwant one rule, to_present", out)
+	}
+
+	// The file's rule becomes the pool per destination: watch rewrites
+	// it, and the flow keeps its period's address.
+	relWrite(t, dir, "rules.yaml", rule("destination"))
+	if _, ok := relWaitInSync(t, l, path, 10*time.Second); !ok {
+		t.Fatalf("watch did not follow the file within 10s\nlog:\n%s", w.p.stderr.String())
+	}
+	if got, err := flow.Ask(); err != nil || got != a {
+		t.Errorf("the UDP flow after watch rewrote its rule: %q, %v; want it kept on %s\nlog:\n%s", got, err, a, w.p.stderr.String())
+	}
+}

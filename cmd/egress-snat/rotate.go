@@ -46,8 +46,9 @@ reset), so use it when the old address must stop being used at once.
 A pool per period (set --to 2001:db8:1::/64 --sticky period): --pool
 PREFIX starts a new period, one new address of the prefix, at random and
 other than the one in use, for all of the sender's destinations of that
-pool (or for each --dst given, which then becomes the pool's per period).
-Without such a rule yet, it makes one for every destination of IPv6.
+pool: a sender's period is one address. A --dst given joins the period
+(its rule becomes the pool's per period); with neither such a rule nor
+--dst, it makes one for every destination of IPv6.
 --order does not apply: a /64 has no "next" worth keeping.
 --flush-conntrack deletes the sender's flows to those destinations bound
 to any other address of the pool, earlier periods' too. --permanent
