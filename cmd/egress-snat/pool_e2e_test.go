@@ -20,6 +20,7 @@ import (
 
 	"github.com/google/go-cmp/cmp"
 
+	"github.com/egress-snat/egress-snat/backend/nft"
 	"github.com/egress-snat/egress-snat/internal/lab"
 )
 
@@ -480,6 +481,7 @@ func TestPoolPerClient(t *testing.T) {
 func snatInPool(p netip.Prefix, a netip.Addr) bool { return p.Contains(a) && a != p.Addr() }
 
 // TestPoolPeriodWatch: watch following a file with a pool per period
+// puts a rule flushed behind its back back with its period's address,
 // keeps the connections of a period when its rule changes (a period's
 // address is never the host's, and never "vanishes"), and list calls the
 // period's address present.
@@ -508,6 +510,20 @@ func TestPoolPeriodWatch(t *testing.T) {
 	}
 	if out := mustES(t, l, "list", "--json"); json.Unmarshal([]byte(out), &rows) != nil || len(rows.Rules) != 1 || !rows.Rules[0].ToPresent {
 		t.Errorf("list --json:\n%s\nwant one rule, to_present", out)
+	}
+
+	// The rule lost behind watch's back (its chain flushed) comes back
+	// with its period's address: the period goes on.
+	if backend(t) == "nftables" {
+		l.Run(t, "nft", "flush", "chain", "inet", nft.TableName, nft.ChainNAT)
+	} else {
+		relRestore(t, l, 6, "-F EGRESS-SNAT\n")
+	}
+	if _, ok := relWaitInSync(t, l, path, 10*time.Second); !ok {
+		t.Fatalf("watch did not repair the flushed chain within 10s\nlog:\n%s", w.p.stderr.String())
+	}
+	if text := mustES(t, l, "list"); !strings.Contains(text, "(per period: "+a+")") {
+		t.Errorf("after watch repaired the flushed chain, list:\n%s\nwant the period's address %s again", text, a)
 	}
 
 	// The file's rule becomes the pool per destination: watch rewrites
