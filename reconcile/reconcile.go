@@ -149,12 +149,9 @@ func (d *Daemon) flushVanished(previous, now []snat.Entry) {
 			// that commit. conntrackd's purge clears them later.
 			continue
 		}
-		if old.IsPool() {
-			// A period's address is never the host's: it cannot
-			// vanish, and its connections keep it, as a rotate's do.
-			continue
-		}
-		for _, a := range old.To {
+		// A period's address is never the host's (HostSources): it
+		// cannot vanish, and its connections keep it, as a rotate's do.
+		for _, a := range old.HostSources() {
 			if n, ok := current[old.Match]; ok && len(n.To) > 0 && n.To[0] == a {
 				continue
 			}

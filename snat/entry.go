@@ -177,6 +177,25 @@ func (e Entry) Keep() bool { return len(e.To) == 0 && !e.Pool.IsValid() }
 // IsPool reports whether the kernel picks the entry's source from its pool.
 func (e Entry) IsPool() bool { return e.Pool.IsValid() }
 
+// PeriodAddr is the address of a period's entry (see pool.go), when the
+// entry is one and has it.
+func (e Entry) PeriodAddr() (netip.Addr, bool) {
+	if e.Sticky != StickyPeriod || len(e.To) != 1 || !InPool(e.Pool, e.To[0]) {
+		return netip.Addr{}, false
+	}
+	return e.To[0], true
+}
+
+// HostSources are the sources the entry needs the host to have: To, but
+// none of a pool's (a period's address is the pool's, routed to the host,
+// never one of its addresses).
+func (e Entry) HostSources() []netip.Addr {
+	if e.IsPool() {
+		return nil
+	}
+	return e.To
+}
+
 // Sources reports whether a is a source the entry gives: one of To, or an
 // address of its pool.
 func (e Entry) Sources(a netip.Addr) bool {

@@ -189,7 +189,7 @@ func fillPeriods(desired []Entry, known [][]Entry, rng *rand.Rand) []Entry {
 	for _, es := range append([][]Entry{desired}, known...) {
 		for _, e := range es {
 			k := period{e.Sender, e.Pool}
-			if e.Sticky == StickyPeriod && len(e.To) == 1 && InPool(e.Pool, e.To[0]) && now[k] == nil {
+			if _, ok := e.PeriodAddr(); ok && now[k] == nil {
 				now[k] = e.To
 			}
 		}

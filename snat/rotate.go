@@ -172,7 +172,8 @@ func PlanPeriodRotation(r Router, st *State, pool netip.Prefix, senders []Sender
 	}
 	installed := st.Entries()
 	ofPeriod := func(e Entry, s Sender) bool {
-		return e.Sender == s && e.Pool == pool && e.Sticky == StickyPeriod && len(e.To) == 1
+		_, ok := e.PeriodAddr()
+		return ok && e.Sender == s && e.Pool == pool
 	}
 	var moves []Move
 	var intents []Intent

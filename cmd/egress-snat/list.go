@@ -142,10 +142,7 @@ func listRows(e *env, st *snat.State, natural []snat.Entry) []listRow {
 	rows := make([]listRow, 0, len(entries)+len(natural))
 	for _, en := range entries {
 		present := true
-		for _, a := range en.To {
-			if en.IsPool() {
-				break // a period's address is the pool's, never the host's
-			}
+		for _, a := range en.HostSources() {
 			if _, err := e.sel.Owner(a); err != nil {
 				present = false
 			}

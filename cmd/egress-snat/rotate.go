@@ -106,11 +106,11 @@ Cron example (/etc/cron.d/egress-snat):
 		if err != nil {
 			return err
 		}
+		if err := fromFamily(senders, "--pool", pool[0], pool[0].Is4()); err != nil {
+			return err
+		}
 		var targets []snat.Match
 		for _, s := range senders {
-			if s.Kind == snat.SenderFrom && s.From.Addr().Is4() != pool[0].Is4() {
-				return usageError("--from %s and --pool %s are of different address families", s.From, pool[0])
-			}
 			for _, d := range dsts {
 				targets = append(targets, snat.Match{Sender: s, Dst: d})
 			}
@@ -143,10 +143,8 @@ func rotatePeriod(c *cli.Context, pool netip.Prefix) error {
 	if err != nil {
 		return err
 	}
-	for _, s := range senders {
-		if s.Kind == snat.SenderFrom && s.From.Addr().Is4() {
-			return usageError("--from %s and --pool %s are of different address families", s.From, pool)
-		}
+	if err := fromFamily(senders, "--pool", pool, false); err != nil {
+		return err
 	}
 	e, err := envFor(c)
 	if err != nil {

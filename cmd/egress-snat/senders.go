@@ -2,6 +2,7 @@ package main
 
 import (
 	"errors"
+	"fmt"
 	"strings"
 
 	"github.com/urfave/cli/v2"
@@ -69,4 +70,15 @@ func senderError(flag string, err error) error {
 		return usageError("%s: %v", flag, err)
 	}
 	return err
+}
+
+// fromFamily refuses a --from prefix of another family than the sources
+// given by flag, naming both: source is an address, or a pool's prefix.
+func fromFamily(senders []snat.Sender, flag string, source fmt.Stringer, is4 bool) error {
+	for _, s := range senders {
+		if s.Kind == snat.SenderFrom && s.From.Addr().Is4() != is4 {
+			return usageError("--from %s and %s %s are of different address families", s.From, flag, source)
+		}
+	}
+	return nil
 }

@@ -224,11 +224,11 @@ Examples:
 				return usageError("--via %s and --to %s are of different address families", via, to[0])
 			}
 		}
+		if err := fromFamily(senders, "--to", to[0], to[0].Is4()); err != nil {
+			return err
+		}
 		var intents []snat.Intent
 		for _, s := range senders {
-			if s.Kind == snat.SenderFrom && s.From.Addr().Is4() != to[0].Is4() {
-				return usageError("--from %s and --to %s are of different address families", s.From, to[0])
-			}
 			for _, d := range dsts {
 				intents = append(intents, snat.Intent{Sender: s, Dst: d, To: to, Out: c.String("out"), Spread: c.Bool("spread"), Via: via, Method: method, Ports: ports, Spill: c.Bool("spill")})
 			}
@@ -270,7 +270,7 @@ func sourceNotes(e *env, entries []snat.Entry) []string {
 	var notes []string
 	seen := map[netip.Addr]bool{}
 	for _, en := range entries {
-		for _, a := range en.To {
+		for _, a := range en.HostSources() {
 			if !seen[a] && e.sel.Deprecated(a) {
 				notes = append(notes, fmt.Sprintf("source %s is deprecated (its preferred lifetime ended): the kernel no longer picks it by itself, but the rule gives it, and connections from it work", a))
 			}
@@ -339,11 +339,11 @@ func setPool(c *cli.Context, pool netip.Prefix) error {
 	if method == snat.MethodRoute {
 		return usageError("--to %s is a pool, which needs --method snat: a route's src must be an address the host has", pool)
 	}
+	if err := fromFamily(senders, "pool", pool, false); err != nil {
+		return err
+	}
 	var intents []snat.Intent
 	for _, s := range senders {
-		if s.Kind == snat.SenderFrom && s.From.Addr().Is4() {
-			return usageError("--from %s and pool %s are of different address families", s.From, pool)
-		}
 		for _, d := range dsts {
 			intents = append(intents, snat.Intent{Sender: s, Dst: d, Out: c.String("out"), Pool: pool, Sticky: sticky})
 		}
